@@ -1,0 +1,225 @@
+"""The daemon's configuration: upstream's ``dfdaemon.yaml`` keys (camelCase) plus ours.
+
+Loading validates everything up front and reports the first problem as one line
+naming the key, so a typo never turns into a silent default or a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+from dfdaemon.units import parse_duration, parse_size
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
+Port = Annotated[int, Field(ge=0, le=65535)]
+
+DEFAULT_STORAGE_DIR = "/var/lib/dragonfly"
+DEFAULT_SOCKET_PATH = "/var/run/dragonfly/dfdaemon.sock"
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded for a one-line message to the user."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+
+
+class HostConfig(_Section):
+    """Identity announced to the scheduler; empty values are detected at start."""
+
+    ip: str = ""
+    hostname: str = ""
+    idc: str = ""
+    location: str = ""
+
+
+class DownloadServerConfig(_Section):
+    socket_path: str = DEFAULT_SOCKET_PATH
+
+
+class DownloadConfig(_Section):
+    server: DownloadServerConfig = DownloadServerConfig()
+    piece_timeout: Duration = 120.0
+    concurrent_piece_count: Annotated[int, Field(ge=1, le=1024)] = 8
+
+
+class UploadServerConfig(_Section):
+    ip: str = "0.0.0.0"
+    port: Port = 4000
+
+
+class UploadConfig(_Section):
+    server: UploadServerConfig = UploadServerConfig()
+
+
+class SchedulerConfig(_Section):
+    """Scheduler endpoints (ours): empty means the daemon only goes back to source."""
+
+    addrs: list[str] = []
+    announce_interval: Duration = 300.0
+    schedule_timeout: Duration = 30.0
+
+
+class StorageConfig(_Section):
+    dir: str = DEFAULT_STORAGE_DIR
+    # Here the default is true: holders (use references) must survive restarts.
+    keep: bool = True
+
+
+class GCPolicyConfig(_Section):
+    task_ttl: Duration = Field(default=21600.0, alias="taskTTL")
+    disk_high_threshold_percent: Annotated[int, Field(ge=1, le=100)] = 80
+    disk_low_threshold_percent: Annotated[int, Field(ge=0, le=100)] = 60
+    # Non-zero: the cache quota in bytes over the cache's own files; zero: the filesystem is the limit.
+    disk_threshold: Size = 0
+    # Ours: how long after a task finishes or is released before it may be collected.
+    grace_period: Duration = 300.0
+
+    @model_validator(mode="after")
+    def _watermarks_ordered(self) -> GCPolicyConfig:
+        if self.disk_low_threshold_percent >= self.disk_high_threshold_percent:
+            raise ValueError("diskLowThresholdPercent must be lower than diskHighThresholdPercent")
+        return self
+
+
+class GCConfig(_Section):
+    interval: Duration = 900.0
+    policy: GCPolicyConfig = GCPolicyConfig()
+
+
+class MetricsServerConfig(_Section):
+    ip: str = "0.0.0.0"
+    port: Port = 4002
+
+
+class MetricsConfig(_Section):
+    enable: bool = False
+    server: MetricsServerConfig = MetricsServerConfig()
+
+
+class HealthServerConfig(_Section):
+    ip: str = "0.0.0.0"
+    port: Port = 4003
+
+
+class HealthConfig(_Section):
+    server: HealthServerConfig = HealthServerConfig()
+
+
+class TracingConfig(_Section):
+    protocol: Literal["", "grpc", "http", "console"] = ""
+    endpoint: str = ""
+
+
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warn", "warning", "error"] = "info"
+
+
+class Config(_Section):
+    """The whole ``dfdaemon.yaml``."""
+
+    host: HostConfig = HostConfig()
+    download: DownloadConfig = DownloadConfig()
+    upload: UploadConfig = UploadConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    storage: StorageConfig = StorageConfig()
+    gc: GCConfig = GCConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    health: HealthConfig = HealthConfig()
+    tracing: TracingConfig = TracingConfig()
+    log: LogConfig = LogConfig()
+
+    @property
+    def storage_dir(self) -> Path:
+        return Path(self.storage.dir)
+
+    @property
+    def socket_path(self) -> Path:
+        return Path(self.download.server.socket_path)
+
+    def host_ip(self) -> str:
+        """The configured IP, or the address this host reaches the network from."""
+        return self.host.ip or detect_ip()
+
+    def hostname(self) -> str:
+        return self.host.hostname or socket.gethostname()
+
+
+def detect_ip() -> str:
+    """Pick the IP of the default route's interface without sending anything."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: connect() on UDP sends no packet
+            return str(probe.getsockname()[0])
+        except OSError:
+            return "127.0.0.1"
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    key = ""
+    for part in loc:
+        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else part)
+    return key
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    key = _location(first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"unknown key {key!r}"
+    message = str(first["msg"]).removeprefix("Value error, ")
+    if not key:
+        return message
+    return f"{key}: {message}"
+
+
+def parse_config(data: Any, source: str = "config") -> Config:
+    """Validate already-parsed YAML data."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_describe(exc)}") from None
+
+
+def load_config(path: Path | None) -> Config:
+    """Read and validate a YAML file; ``None`` gives the defaults."""
+    if path is None:
+        return Config()
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {str(path)!r}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}:{where}: {problem}") from None
+    return parse_config(data, str(path))
+
+
+def check_storage_dir(config: Config) -> None:
+    """Fail early when the storage directory cannot be created or written."""
+    directory = config.storage_dir
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigError(f"storage.dir: {str(directory)!r} is not writable: {reason}") from None

@@ -1,0 +1,129 @@
+"""The daemon's lifetime: start its two gRPC servers, report where they listen, drain and clean up on stop."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from dfdaemon.config import Config, ConfigError, check_storage_dir
+from dfdaemon.rpc import download, ext, upload
+from dfdaemon.rpc.servers import HealthReporter, add_service, new_server
+
+log = logging.getLogger("dfdaemon")
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message is meant for the user as one line."""
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Where a started daemon listens."""
+
+    upload_address: str
+    upload_port: int
+    socket_path: Path
+
+
+def _socket_in_use(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def _prepare_socket_path(path: Path) -> None:
+    """Create the socket's directory and clear a stale socket file left by a crashed daemon."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StartupError(f"download.server.socketPath: cannot create {str(path.parent)!r}: {exc.strerror}") from None
+    if path.exists() or path.is_symlink():
+        if _socket_in_use(path):
+            raise StartupError(f"download.server.socketPath: {str(path)!r} is in use by another process")
+        if not path.is_socket():
+            raise StartupError(f"download.server.socketPath: {str(path)!r} exists and is not a socket")
+        path.unlink()
+
+
+class Daemon:
+    """One peer daemon: the TCP upload server and the unix-socket download server."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._upload_server: grpc.aio.Server | None = None
+        self._download_server: grpc.aio.Server | None = None
+        self._health: list[HealthReporter] = []
+        self.endpoints: Endpoints | None = None
+
+    async def start(self) -> Endpoints:
+        try:
+            check_storage_dir(self.config)
+        except ConfigError as exc:
+            raise StartupError(str(exc)) from None
+        socket_path = self.config.socket_path
+        _prepare_socket_path(socket_path)
+
+        upload_server, upload_health = new_server(
+            [upload.SERVICE.full_name],
+            lambda server: add_service(server, upload.SERVICE, upload.UploadServicer()),
+        )
+        server_cfg = self.config.upload.server
+        wanted = f"{server_cfg.ip}:{server_cfg.port}"
+        port = _bind(upload_server, wanted)
+        if port == 0:
+            raise StartupError(f"upload.server: cannot listen on {wanted} (address in use or not available)")
+
+        def register_download(server: grpc.aio.Server) -> None:
+            add_service(server, download.SERVICE, download.DownloadServicer())
+            add_service(server, ext.USE_SERVICE, ext.UseServicer())
+            add_service(server, ext.CACHE_SERVICE, ext.CacheServicer())
+
+        download_server, download_health = new_server(
+            [download.SERVICE.full_name, ext.USE_SERVICE.full_name, ext.CACHE_SERVICE.full_name], register_download
+        )
+        if _bind(download_server, f"unix:{socket_path}") == 0:
+            raise StartupError(f"download.server.socketPath: cannot listen on {str(socket_path)!r}")
+
+        await upload_server.start()
+        await download_server.start()
+        self._upload_server, self._download_server = upload_server, download_server
+        self._health = [upload_health, download_health]
+        for reporter in self._health:
+            await reporter.set_serving(True)
+
+        host = server_cfg.ip if ":" not in server_cfg.ip else f"[{server_cfg.ip}]"
+        self.endpoints = Endpoints(upload_address=f"{host}:{port}", upload_port=port, socket_path=socket_path)
+        log.info("upload server listening on %s", self.endpoints.upload_address)
+        log.info("download server listening on unix:%s", socket_path)
+        return self.endpoints
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Report NOT_SERVING, let in-flight RPCs finish within ``grace`` seconds, remove the socket."""
+        for reporter in self._health:
+            await reporter.set_serving(False)
+        for server in (self._download_server, self._upload_server):
+            if server is not None:
+                await server.stop(grace)
+        self._download_server = self._upload_server = None
+        if self.endpoints is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.endpoints.socket_path)
+            self.endpoints = None
+            log.info("stopped")
+
+
+def _bind(server: grpc.aio.Server, address: str) -> int:
+    """Bind and return the port (0 when binding failed); grpc raises on some failures and returns 0 on others."""
+    try:
+        return int(server.add_insecure_port(address))
+    except RuntimeError:
+        return 0

@@ -1,0 +1,1 @@
+"""The gRPC layer: thin servicers that translate protobuf to domain calls and back."""

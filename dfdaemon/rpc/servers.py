@@ -1,0 +1,120 @@
+"""Building blocks every gRPC server of the project shares.
+
+Message limits that fit a 64 MiB piece, health and reflection on every server,
+and a clear ``UNIMPLEMENTED`` answer for RPCs that are declared but not served.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, cast
+
+import grpc
+from google.protobuf import descriptor_pool, message_factory
+from google.protobuf.descriptor import ServiceDescriptor
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+# A 64 MiB piece plus its envelope must fit in one message.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024 + 1024 * 1024
+SERVER_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),
+]
+CHANNEL_OPTIONS = SERVER_OPTIONS[:2]
+
+_HANDLER_FACTORIES: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler[Any, Any]]] = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def _unimplemented(full_method: str) -> Callable[..., Any]:
+    async def handler(request: object, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{full_method} is not implemented by this server yet")
+
+    return handler
+
+
+def add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer: object) -> None:
+    """Register ``servicer``'s methods named after the RPCs of ``service``.
+
+    Servicers are plain classes holding only the RPCs they serve; every other RPC of the service answers
+    UNIMPLEMENTED naming the method, where grpc's generated base classes would say only "Method not implemented!".
+    """
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for method in service.methods:
+        request_class = message_factory.GetMessageClass(method.input_type)
+        response_class = message_factory.GetMessageClass(method.output_type)
+        implementation = getattr(servicer, method.name, None) or _unimplemented(f"/{service.full_name}/{method.name}")
+        factory = _HANDLER_FACTORIES[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = factory(
+            implementation,
+            request_deserializer=request_class.FromString,
+            response_serializer=response_class.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+
+
+class HealthReporter:
+    """The ``grpc.health.v1.Health`` service of one server, with the services it reports on."""
+
+    def __init__(self, services: Iterable[str]) -> None:
+        self.servicer = health.aio.HealthServicer()
+        self.services = ["", *services]
+
+    def attach(self, server: grpc.aio.Server) -> None:
+        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in self.services:
+            await self.servicer.set(name, status)
+
+
+class _MethodAwarePool:
+    """The default descriptor pool, also resolving ``pkg.Service.Method`` symbols.
+
+    The upb-backed pool cannot find a file by a method's name, which ``grpcurl describe`` asks for.
+    """
+
+    def __init__(self) -> None:
+        self._pool = descriptor_pool.Default()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+    def FindFileContainingSymbol(self, symbol: str) -> Any:
+        try:
+            return self._pool.FindFileContainingSymbol(symbol)
+        except KeyError:
+            service_name, _, method = symbol.rpartition(".")
+            try:
+                service = self._pool.FindServiceByName(service_name)
+            except KeyError:
+                raise KeyError(symbol) from None
+            if method not in service.methods_by_name:
+                raise KeyError(symbol) from None
+            return service.file
+
+
+def enable_reflection(server: grpc.aio.Server, services: Iterable[str]) -> None:
+    """Serve reflection for ``services`` plus health and reflection themselves, as grpcurl expects."""
+    names = [*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+    reflection.enable_server_reflection(names, server, pool=cast(descriptor_pool.DescriptorPool, _MethodAwarePool()))
+
+
+def new_server(
+    services: Iterable[str], register: Callable[[grpc.aio.Server], None]
+) -> tuple[grpc.aio.Server, HealthReporter]:
+    """A grpc.aio server with our options, the given services, health and reflection."""
+    names = list(services)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    register(server)
+    reporter = HealthReporter(names)
+    reporter.attach(server)
+    enable_reflection(server, names)
+    return server, reporter

@@ -1,0 +1,58 @@
+"""``dfscheduler --listen HOST:PORT``: run the scheduler stub until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from dfdaemon.logs import setup_logging
+from dfdaemon.rpc.servers import add_service, new_server
+from scheduler_stub.service import SERVICE, SchedulerServicer
+
+log = logging.getLogger("dfscheduler")
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="dfscheduler", description="Scheduler stub speaking scheduler.v2.")
+    parser.add_argument("--listen", default="127.0.0.1:8002", help="HOST:PORT to listen on; port 0 picks a free one")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warn", "error"])
+    return parser.parse_args(argv)
+
+
+async def _serve(listen: str) -> int:
+    server, health = new_server([SERVICE.full_name], lambda s: add_service(s, SERVICE, SchedulerServicer()))
+    try:
+        port = int(server.add_insecure_port(listen))
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        print(f"dfscheduler: cannot listen on {listen}", file=sys.stderr)
+        return 1
+    await server.start()
+    await health.set_serving(True)
+    host = listen.rsplit(":", 1)[0]
+    log.info("scheduler listening on %s:%d", host, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await health.set_serving(False)
+    await server.stop(5.0)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    if ":" not in args.listen:
+        print(f"dfscheduler: --listen must be HOST:PORT, got {args.listen!r}", file=sys.stderr)
+        return 2
+    setup_logging(args.log_level)
+    return asyncio.run(_serve(args.listen))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Helpers for tests that run the real programs as separate processes."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``extra`` into a copy of ``base``."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def wait_for_line(log_path: Path, pattern: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> re.Match[str]:
+    """Wait until the process logs a line matching ``pattern``; fail with its log if it exits first."""
+    regex = re.compile(pattern)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log_path.read_text() if log_path.exists() else ""
+        match = regex.search(text)
+        if match:
+            return match
+        if proc.poll() is not None:
+            raise AssertionError(f"process exited with {proc.returncode} before logging {pattern!r}:\n{text}")
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {pattern!r}:\n{log_path.read_text()}")
+
+
+@dataclass
+class DaemonProcess:
+    proc: subprocess.Popen[bytes]
+    config_path: Path
+    log_path: Path
+    storage_dir: Path
+    socket_path: Path
+    upload_port: int
+
+    @property
+    def upload_address(self) -> str:
+        return f"127.0.0.1:{self.upload_port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def daemon_config(workdir: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A config on loopback, an ephemeral port and directories under ``workdir``."""
+    base: dict[str, Any] = {
+        "host": {"ip": "127.0.0.1", "hostname": workdir.name},
+        "upload": {"server": {"ip": "127.0.0.1", "port": 0}},
+        "download": {"server": {"socketPath": str(workdir / "dfdaemon.sock")}},
+        "storage": {"dir": str(workdir / "storage")},
+    }
+    return merge(base, extra or {})
+
+
+def run_module(module: str, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m module args`` to completion, capturing text output."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60, **kwargs
+    )
+
+
+@contextmanager
+def running_daemon(workdir: Path, extra: dict[str, Any] | None = None) -> Iterator[DaemonProcess]:
+    """Start ``dfdaemon`` as its own process and stop it with SIGTERM afterwards."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = daemon_config(workdir, extra)
+    config_path = workdir / "dfdaemon.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    log_path = workdir / "dfdaemon.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dfdaemon.cli.daemon", "--config", str(config_path)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    try:
+        wait_for_line(log_path, r"download server listening on unix:", proc)
+        port = int(wait_for_line(log_path, r"upload server listening on [^\s]+:(\d+)", proc).group(1))
+        yield DaemonProcess(
+            proc=proc,
+            config_path=config_path,
+            log_path=log_path,
+            storage_dir=Path(config["storage"]["dir"]),
+            socket_path=Path(config["download"]["server"]["socketPath"]),
+            upload_port=port,
+        )
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -1,0 +1,618 @@
+"""Tests for dfdaemon.ids: task ids, URL canonicalisation, piece math and digests."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import re
+import zlib
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dfdaemon.ids import (
+    MAX_PIECE_LENGTH,
+    MIN_PIECE_LENGTH,
+    DigestMismatch,
+    FileDigester,
+    InvalidTaskId,
+    InvalidUrl,
+    PieceSpan,
+    blob_digest_from_url,
+    blob_digest_task_id,
+    crc32_update,
+    format_crc32,
+    host_id,
+    is_valid_task_id,
+    iter_pieces,
+    normalize_url,
+    parse_crc32_digest,
+    parse_file_digest,
+    peer_id,
+    piece_count,
+    piece_digest,
+    piece_length_for,
+    piece_metadata_digest,
+    pieces_for,
+    task_id,
+    validate_task_id,
+)
+
+MiB = 1024 * 1024
+SHA256_HEX = "b2c366cce7e68013d5441c6326d5a3e1b12aeb5ed58564d0fd3fa089bc29cb6e"
+SHA512_HEX = (
+    "94381a28e8c039fedfa78de025158a068226c3ccd041b22c2c8e73fc993584e9"
+    "b167d9ae32bc8b372c66701c808ab134e0768c8f16b9a3e61eec1ccf8faa9db8"
+)
+
+
+# ----------------------------------------------------------------------------- task id vectors
+
+
+def test_task_id_vector_with_piece_length_tag_and_application() -> None:
+    got = task_id("https://example.com", piece_length=1024, tag="foo", application="bar")
+    assert got == "27554d06dfc788c2c2c60e01960152ffbd4b145fc103fcb80b432b4dc238a6fe"
+
+
+def test_task_id_vector_without_piece_length() -> None:
+    got = task_id("https://example.com", tag="foo", application="bar")
+    assert got == "06408fbf247ddaca478f8cb9565fe5591c28efd0994b8fea80a6a87d3203c5ca"
+
+
+def test_task_id_vector_with_all_query_params_filtered() -> None:
+    got = task_id("https://example.com?foo=foo&bar=bar", filtered_query_params=["foo", "bar"])
+    assert got == "457b4328cde278e422c9e243f7bfd1e97f511fec43a80f535cf6b0ef6b086776"
+
+
+def test_task_id_vector_from_content() -> None:
+    got = task_id("https://example.com/ignored", content_for_calculating_task_id="This is a test file")
+    assert got == "e2d0fe1585a63ec6009c8016ff8dda8b17719a637405a4e23c0ff81339148249"
+
+
+@pytest.mark.parametrize(
+    ("tag", "application", "piece_length", "expected"),
+    [
+        ("foo", None, None, "3c3f230ef9f191dd2821510346a7bc138e4894bee9aee184ba250a3040701d2a"),
+        (None, "bar", None, "c9f9261b7305c24371244f9f149f5d4589ed601348fdf22d7f6f4b10658fdba2"),
+        (None, None, 1024, "9f7c9aafbc6f30f8f41a96ca77eeae80c5b60964b3034b0ee43ccf7b2f9e52b8"),
+    ],
+)
+def test_task_id_upstream_vectors_for_single_parts(
+    tag: str | None, application: str | None, piece_length: int | None, expected: str
+) -> None:
+    assert task_id("https://example.com", tag=tag, application=application, piece_length=piece_length) == expected
+
+
+def test_task_id_is_plain_concatenation_of_parts() -> None:
+    expected = hashlib.sha256(b"https://example.com/a?x=1" + b"t" + b"app" + b"4096" + b"STANDARD").hexdigest()
+    assert task_id("https://example.com/a?x=1", tag="t", application="app", piece_length=4096) == expected
+
+
+def test_empty_tag_and_application_are_skipped() -> None:
+    assert task_id("https://example.com", tag="", application="") == task_id("https://example.com")
+    assert task_id("https://example.com") == hashlib.sha256(b"https://example.comSTANDARD").hexdigest()
+
+
+def test_trailing_root_slash_and_default_port_do_not_change_the_task_id() -> None:
+    base = task_id("https://example.com", tag="foo", application="bar")
+    assert task_id("https://example.com/", tag="foo", application="bar") == base
+    assert task_id("HTTPS://EXAMPLE.com:443/", tag="foo", application="bar") == base
+
+
+def test_tag_changes_the_task_id() -> None:
+    assert task_id("https://example.com/f", tag="a") != task_id("https://example.com/f", tag="b")
+
+
+def test_content_wins_over_blob_digest_and_url() -> None:
+    url = f"https://r.example.com/v2/library/ubuntu/blobs/sha256:{SHA256_HEX}"
+    got = task_id(url, content_for_calculating_task_id="", enable_task_id_based_blob_digest=True)
+    assert got == hashlib.sha256(b"").hexdigest()
+
+
+def test_negative_piece_length_is_rejected() -> None:
+    with pytest.raises(ValueError, match="piece_length"):
+        task_id("https://example.com", piece_length=-1)
+
+
+def test_task_ids_are_valid_task_ids() -> None:
+    assert is_valid_task_id(task_id("https://example.com/x?y=z", tag="t"))
+
+
+# ----------------------------------------------------------------------------- URL canonicalisation
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("https://example.com", "https://example.com"),
+        ("https://example.com/", "https://example.com"),
+        ("HTTP://Example.COM:80/A/b", "http://example.com/A/b"),
+        ("https://example.com:443/file", "https://example.com/file"),
+        ("https://example.com:0443/file", "https://example.com/file"),
+        ("http://example.com:443/file", "http://example.com:443/file"),
+        ("https://example.com:80/file", "https://example.com:80/file"),
+        ("https://example.com:8443/", "https://example.com:8443"),
+        ("https://example.com/dir/", "https://example.com/dir/"),
+        ("https://example.com/?", "https://example.com"),
+        ("https://example.com/?a=1", "https://example.com/?a=1"),
+        ("https://example.com/f?b=2&a=1", "https://example.com/f?b=2&a=1"),
+        ("https://example.com/f?k=a b&m=x*y&n=c~d", "https://example.com/f?k=a+b&m=x*y&n=c%7Ed"),
+        ("https://example.com/f?k=a%20b", "https://example.com/f?k=a+b"),
+        ("https://example.com/f?p=1+1&q=%2B", "https://example.com/f?p=1+1&q=%2B"),
+        ("https://example.com/f?s=%c3%bc&t=ü", "https://example.com/f?s=%C3%BC&t=%C3%BC"),
+        ("https://example.com/f?a&b=1", "https://example.com/f?a=&b=1"),
+        ("https://example.com/f?a=&&b", "https://example.com/f?a=&b="),
+        ("https://example.com/f?x=a/b:c", "https://example.com/f?x=a%2Fb%3Ac"),
+        ("https://example.com/f?q=%zz", "https://example.com/f?q=%25zz"),
+        ("http://example.com/f#Frag", "http://example.com/f#Frag"),
+        ("http://example.com/a/./b/../c", "http://example.com/a/c"),
+        ("http://example.com/a b", "http://example.com/a%20b"),
+        ("http://example.com/%7Euser", "http://example.com/%7Euser"),
+        ("http://[0:0::1]:80/", "http://[::1]"),
+        ("http://[2001:DB8::1]:8080/x", "http://[2001:db8::1]:8080/x"),
+        ("http://127.1/", "http://127.0.0.1"),
+        ("http://user:pw@Example.com/", "http://user:pw@example.com"),
+        ("https://bücher.de/x", "https://xn--bcher-kva.de/x"),
+        ("s3://MyBucket/Key", "s3://MyBucket/Key"),
+        ("s3://bucket/", "s3://bucket"),
+    ],
+)
+def test_normalize_url(url: str, expected: str) -> None:
+    assert normalize_url(url) == expected
+
+
+@pytest.mark.parametrize(
+    ("url", "filtered", "expected"),
+    [
+        ("https://example.com?foo=foo&bar=bar", ["foo", "bar"], "https://example.com"),
+        ("https://example.com/f?foo=1", ["foo"], "https://example.com/f"),
+        ("https://example.com/f?a=1&sig=x&b=2", ["sig"], "https://example.com/f?a=1&b=2"),
+        ("http://www.xx.yy/path?u=f&x=y&m=z&x=s#size", ["x", "m"], "http://www.xx.yy/path?u=f#size"),
+        ("https://example.com/f?Foo=1&foo=2", ["foo"], "https://example.com/f?Foo=1"),
+        ("https://example.com/f?foo%20bar=1&z=2", ["foo bar"], "https://example.com/f?z=2"),
+        ("https://example.com/f?a&b=1", ["b"], "https://example.com/f?a="),
+        ("https://example.com/f?a=1", ["A"], "https://example.com/f?a=1"),
+    ],
+)
+def test_filtered_query_params(url: str, filtered: list[str], expected: str) -> None:
+    assert normalize_url(url, filtered) == expected
+
+
+def test_filtering_volatile_query_params_gives_one_task_id() -> None:
+    a = task_id(
+        "https://cdn.example.com/f.bin?Expires=1&Signature=aa&v=1", filtered_query_params=["Expires", "Signature"]
+    )
+    b = task_id(
+        "https://cdn.example.com/f.bin?Expires=2&Signature=bb&v=1", filtered_query_params=["Expires", "Signature"]
+    )
+    assert a == b == task_id("https://cdn.example.com/f.bin?v=1")
+
+
+def test_filtered_query_params_must_not_be_a_bare_string() -> None:
+    with pytest.raises(TypeError):
+        normalize_url("https://example.com/?a=1", "a")
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["", "not-a-url", "://x", "http://", "http://h:99999/", "http://h:8a/", "http://[::1/", "http://1.2.3.4.5/"],
+)
+def test_invalid_urls_raise(url: str) -> None:
+    with pytest.raises(InvalidUrl):
+        normalize_url(url)
+    with pytest.raises(ValueError):
+        task_id(url)
+
+
+# ----------------------------------------------------------------------------- blob digests
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (f"http://registry.example.com/v2/library/ubuntu/blobs/sha256:{SHA256_HEX}", SHA256_HEX),
+        (f"https://registry.example.com/v2/myorg/myrepo/blobs/sha512:{SHA512_HEX}", SHA512_HEX),
+        (f"https://registry.io/v2/org/team/project/blobs/sha256:{SHA256_HEX}", SHA256_HEX),
+        (f"http://localhost:5000/v2/myrepo/blobs/sha256:{SHA256_HEX}?ns=docker.io", SHA256_HEX),
+    ],
+)
+def test_blob_digest_task_id_from_url(url: str, expected: str) -> None:
+    assert task_id(url, enable_task_id_based_blob_digest=True) == expected
+    assert task_id(url, tag="ignored", piece_length=1, enable_task_id_based_blob_digest=True) == expected
+
+
+def test_blob_url_without_the_flag_uses_the_url() -> None:
+    url = f"http://registry.example.com/v2/library/ubuntu/blobs/sha256:{SHA256_HEX}"
+    assert task_id(url) == hashlib.sha256(url.encode() + b"STANDARD").hexdigest()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://example.com/file.txt",
+        f"http://registry.example.com/v2/repo/manifests/sha256:{SHA256_HEX}",
+        f"http://registry.example.com/v2/blobs/sha256:{SHA256_HEX}",
+        f"http://registry.example.com/blobs/sha256:{SHA256_HEX}",
+    ],
+)
+def test_non_blob_urls_fall_back_to_the_url_with_the_flag(url: str) -> None:
+    assert blob_digest_from_url(url) is None
+    assert task_id(url, enable_task_id_based_blob_digest=True) == task_id(url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://registry.example.com/v2/library/ubuntu/blobs/sha256:abc",
+        "http://registry.example.com/v2/repo/blobs/md5:8a04994a666b4e4b20a2fd9e5a44f44c",
+        "http://registry.example.com/v2/repo/blobs/invalid-digest",
+        f"http://registry.example.com/v2/repo/blobs/sha256:{SHA256_HEX.upper()}",
+        "http://registry.example.com/v2/repo/blobs/sha256:../../etc/passwd",
+    ],
+)
+def test_blob_url_with_a_bad_digest_is_refused(url: str) -> None:
+    with pytest.raises(InvalidTaskId):
+        task_id(url, enable_task_id_based_blob_digest=True)
+
+
+def test_blob_digest_task_id() -> None:
+    assert blob_digest_task_id(f"sha256:{SHA256_HEX}") == SHA256_HEX
+    assert blob_digest_task_id(f"sha512:{SHA512_HEX}") == SHA512_HEX
+
+
+@pytest.mark.parametrize(
+    "digest",
+    [
+        SHA256_HEX,
+        f"sha256:{SHA256_HEX[:-1]}",
+        f"sha256:{SHA256_HEX}0",
+        f"sha512:{SHA256_HEX}",
+        f"sha256:{SHA256_HEX.upper()}",
+        f"md5:{SHA256_HEX[:32]}",
+        "sha256:",
+        "sha256:../../etc/passwd",
+        f"sha256:{SHA256_HEX}\n",
+    ],
+)
+def test_blob_digest_task_id_rejects(digest: str) -> None:
+    with pytest.raises(InvalidTaskId):
+        blob_digest_task_id(digest)
+
+
+# ----------------------------------------------------------------------------- task id validation
+
+
+@pytest.mark.parametrize("value", ["0" * 64, "a" * 64, SHA256_HEX, SHA512_HEX])
+def test_valid_task_ids(value: str) -> None:
+    assert is_valid_task_id(value)
+    assert validate_task_id(value) == value
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        "../../etc/passwd",
+        "..",
+        "/",
+        SHA256_HEX.upper(),
+        "A" + SHA256_HEX[1:],
+        SHA256_HEX[:63],
+        SHA256_HEX + "0",
+        SHA256_HEX + "\n",
+        "\n" + SHA256_HEX,
+        SHA256_HEX[:60] + "/../",
+        "g" * 64,
+        SHA512_HEX[:127],
+        "\u0660" * 64,
+        f"sha256:{SHA256_HEX}",
+    ],
+)
+def test_invalid_task_ids(value: str) -> None:
+    assert not is_valid_task_id(value)
+    with pytest.raises(InvalidTaskId, match="invalid task id"):
+        validate_task_id(value)
+
+
+def test_invalid_task_id_is_a_value_error() -> None:
+    assert issubclass(InvalidTaskId, ValueError)
+
+
+# ----------------------------------------------------------------------------- host and peer ids
+
+
+def test_host_id() -> None:
+    assert host_id("127.0.0.1", "localhost") == "127.0.0.1-localhost"
+    assert host_id("127.0.0.1", "localhost", seed=True) == "127.0.0.1-localhost-seed"
+
+
+def test_peer_id_is_fresh_and_shaped() -> None:
+    shape = re.compile(r"127\.0\.0\.1-localhost-[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+    first, second = peer_id("127.0.0.1", "localhost"), peer_id("127.0.0.1", "localhost")
+    assert shape.fullmatch(first)
+    assert shape.fullmatch(second)
+    assert first != second
+    assert peer_id("10.0.0.1", "seed", seed=True).endswith("-seed")
+
+
+# ----------------------------------------------------------------------------- piece length
+
+
+@pytest.mark.parametrize(
+    ("content_length", "expected"),
+    [
+        (0, MIN_PIECE_LENGTH),
+        (1, MIN_PIECE_LENGTH),
+        (500 * 4 * MiB, 4 * MiB),
+        (500 * 4 * MiB + 500, 8 * MiB),
+        (500 * 8 * MiB, 8 * MiB),
+        (500 * 16 * MiB - 1, 16 * MiB),
+        (500 * 16 * MiB, 16 * MiB),
+        (500 * 16 * MiB + 499, 16 * MiB),
+        (500 * 16 * MiB + 500, 32 * MiB),
+        (500 * 64 * MiB, MAX_PIECE_LENGTH),
+        (500 * 64 * MiB + 500, MAX_PIECE_LENGTH),
+        (10**15, MAX_PIECE_LENGTH),
+        (2**64 - 1, MAX_PIECE_LENGTH),
+    ],
+)
+def test_piece_length_for(content_length: int, expected: int) -> None:
+    assert piece_length_for(content_length) == expected
+
+
+def test_piece_length_bounds() -> None:
+    assert 4 * MiB == MIN_PIECE_LENGTH
+    assert 64 * MiB == MAX_PIECE_LENGTH
+    with pytest.raises(ValueError):
+        piece_length_for(-1)
+
+
+@given(st.integers(min_value=0, max_value=2**64 - 1))
+def test_piece_length_for_is_a_clamped_power_of_two(content_length: int) -> None:
+    length = piece_length_for(content_length)
+    assert MIN_PIECE_LENGTH <= length <= MAX_PIECE_LENGTH
+    assert length & (length - 1) == 0
+    assert piece_count(content_length, length) <= max(501, -(-content_length // MAX_PIECE_LENGTH))
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def test_zero_length_content_has_no_pieces() -> None:
+    assert pieces_for(0, 4 * MiB) == []
+    assert piece_count(0, 4 * MiB) == 0
+    assert pieces_for(0, 4, 0, 10) == []
+
+
+def test_exact_multiple() -> None:
+    assert pieces_for(12, 4) == [PieceSpan(0, 0, 4), PieceSpan(1, 4, 4), PieceSpan(2, 8, 4)]
+    assert piece_count(12, 4) == 3
+
+
+def test_last_piece_is_shorter() -> None:
+    assert pieces_for(10, 4) == [PieceSpan(0, 0, 4), PieceSpan(1, 4, 4), PieceSpan(2, 8, 2)]
+    assert piece_count(10, 4) == 3
+    assert pieces_for(10, 4)[-1].end == 10
+
+
+def test_content_smaller_than_one_piece() -> None:
+    assert pieces_for(5, 4 * MiB) == [PieceSpan(0, 0, 5)]
+
+
+@pytest.mark.parametrize(
+    ("start", "length", "numbers"),
+    [
+        (0, 10, [0, 1, 2]),
+        (0, 4, [0]),
+        (0, 5, [0, 1]),
+        (3, 2, [0, 1]),
+        (4, 4, [1]),
+        (4, 5, [1, 2]),
+        (7, 1, [1]),
+        (8, 100, [2]),
+        (9, None, [2]),
+        (None, 3, [0]),
+        (5, 0, []),
+        (10, 5, []),
+        (50, 5, []),
+    ],
+)
+def test_range_selects_overlapping_pieces(start: int | None, length: int | None, numbers: list[int]) -> None:
+    assert [p.number for p in pieces_for(10, 4, start, length)] == numbers
+
+
+def test_range_pieces_keep_their_full_extent() -> None:
+    assert pieces_for(10, 4, 5, 1) == [PieceSpan(1, 4, 4)]
+
+
+def test_iter_pieces_is_lazy_and_agrees() -> None:
+    it = iter_pieces(10 * 2**40, 1)
+    assert next(it) == PieceSpan(0, 0, 1)
+    assert list(iter_pieces(10, 3, 2, 5)) == pieces_for(10, 3, 2, 5)
+
+
+@pytest.mark.parametrize(
+    ("content_length", "piece_length", "start", "length"),
+    [(-1, 4, None, None), (10, 0, None, None), (10, -4, None, None), (10, 4, -1, 2), (10, 4, 0, -1)],
+)
+def test_bad_piece_arguments(content_length: int, piece_length: int, start: int | None, length: int | None) -> None:
+    with pytest.raises(ValueError):
+        pieces_for(content_length, piece_length, start, length)
+
+
+@given(st.integers(min_value=0, max_value=10_000), st.integers(min_value=1, max_value=1_000))
+def test_pieces_tile_the_content_exactly(content_length: int, piece_length: int) -> None:
+    pieces = pieces_for(content_length, piece_length)
+    assert len(pieces) == piece_count(content_length, piece_length)
+    position = 0
+    for expected_number, piece in enumerate(pieces):
+        assert piece.number == expected_number
+        assert piece.offset == position == piece.number * piece_length
+        assert 0 < piece.length <= piece_length
+        position = piece.end
+    assert position == content_length
+    assert all(p.length == piece_length for p in pieces[:-1])
+
+
+@given(
+    st.integers(min_value=0, max_value=10_000),
+    st.integers(min_value=1, max_value=1_000),
+    st.integers(min_value=0, max_value=12_000),
+    st.integers(min_value=0, max_value=12_000),
+)
+def test_range_pieces_cover_the_range(content_length: int, piece_length: int, start: int, length: int) -> None:
+    selected = pieces_for(content_length, piece_length, start, length)
+    end = min(content_length, start + length)
+    if start >= end:
+        assert selected == []
+        return
+    assert selected[0].offset <= start
+    assert selected[-1].end >= end
+    for before, after in itertools.pairwise(selected):
+        assert after.number == before.number + 1
+        assert after.offset == before.end
+    for piece in selected:
+        assert piece.offset < end and piece.end > start
+    everything = pieces_for(content_length, piece_length)
+    overlapping = [p for p in everything if p.offset < end and p.end > start]
+    assert selected == overlapping
+
+
+# ----------------------------------------------------------------------------- piece digests
+
+
+def test_piece_digest_vector() -> None:
+    assert piece_digest(b"hello") == "crc32:907060870"
+    assert piece_digest(b"") == "crc32:0"
+
+
+def test_crc32_streaming_matches_one_shot() -> None:
+    crc = 0
+    for chunk in (b"he", b"", b"l", b"lo"):
+        crc = crc32_update(crc, chunk)
+    assert format_crc32(crc) == piece_digest(b"hello") == "crc32:907060870"
+    assert crc32_update(0, memoryview(b"hello")) == 907060870
+
+
+def test_format_crc32_range() -> None:
+    assert format_crc32(0xFFFFFFFF) == "crc32:4294967295"
+    with pytest.raises(ValueError):
+        format_crc32(-1)
+    with pytest.raises(ValueError):
+        format_crc32(2**32)
+
+
+def test_parse_crc32_digest() -> None:
+    assert parse_crc32_digest("crc32:907060870") == 907060870
+    assert parse_crc32_digest("crc32:0") == 0
+    assert parse_crc32_digest("crc32:4294967295") == 2**32 - 1
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        "crc32:",
+        "crc32:-1",
+        "crc32:+1",
+        "crc32: 1",
+        "crc32:1 ",
+        "crc32:1_000",
+        "crc32:0x10",
+        "crc32:0907060870",
+        "crc32:4294967296",
+        "crc32:99999999999",
+        "CRC32:1",
+        "sha256:1",
+        "907060870",
+        "crc32:\u0661\u0662",
+    ],
+)
+def test_parse_crc32_digest_rejects(value: str) -> None:
+    with pytest.raises(ValueError, match="invalid crc32 digest"):
+        parse_crc32_digest(value)
+
+
+def test_piece_metadata_digest_vector() -> None:
+    assert piece_metadata_digest(0, 0, 5, "crc32:907060870") == "crc32:3635890345"
+
+
+def test_piece_metadata_digest_layout() -> None:
+    raw = (7).to_bytes(4, "big") + (123).to_bytes(8, "big") + (45).to_bytes(8, "big") + b"crc32:1"
+    assert piece_metadata_digest(7, 123, 45, "crc32:1") == f"crc32:{zlib.crc32(raw)}"
+
+
+@pytest.mark.parametrize(("number", "offset", "length"), [(-1, 0, 1), (2**32, 0, 1), (0, 2**64, 1), (0, 0, -1)])
+def test_piece_metadata_digest_ranges(number: int, offset: int, length: int) -> None:
+    with pytest.raises(ValueError):
+        piece_metadata_digest(number, offset, length, "crc32:0")
+
+
+# ----------------------------------------------------------------------------- file digests
+
+
+def test_parse_file_digest() -> None:
+    assert parse_file_digest("crc32:907060870") == ("crc32", "907060870")
+    assert parse_file_digest(f"sha256:{SHA256_HEX}") == ("sha256", SHA256_HEX)
+    assert parse_file_digest(f"sha256:{SHA256_HEX.upper()}") == ("sha256", SHA256_HEX)
+    assert parse_file_digest(f"sha512:{SHA512_HEX}") == ("sha512", SHA512_HEX)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        "sha256",
+        "sha256:",
+        f"sha256:{SHA256_HEX[:-1]}",
+        f"sha256:{SHA512_HEX}",
+        f"sha512:{SHA256_HEX}",
+        f"md5:{SHA256_HEX[:32]}",
+        f"SHA256:{SHA256_HEX}",
+        f"sha256:{'g' * 64}",
+        f" sha256:{SHA256_HEX}",
+        "crc32:abc",
+    ],
+)
+def test_parse_file_digest_rejects(value: str) -> None:
+    with pytest.raises(ValueError, match="invalid"):
+        parse_file_digest(value)
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "expected"),
+    [
+        ("crc32", str(zlib.crc32(b"hello world"))),
+        ("sha256", hashlib.sha256(b"hello world").hexdigest()),
+        ("sha512", hashlib.sha512(b"hello world").hexdigest()),
+    ],
+)
+def test_file_digester_incremental(algorithm: str, expected: str) -> None:
+    digester = FileDigester(f"{algorithm}:{expected}")
+    assert not digester.matches()
+    for chunk in (b"hello", b" ", bytearray(b"wor"), memoryview(b"ld")):
+        digester.update(chunk)
+    assert digester.hexdigest() == expected
+    assert digester.digest() == f"{algorithm}:{expected}"
+    assert digester.matches()
+    digester.verify()
+
+
+def test_file_digester_accepts_uppercase_hex() -> None:
+    digester = FileDigester(f"sha256:{hashlib.sha256(b'x').hexdigest().upper()}")
+    digester.update(b"x")
+    assert digester.matches()
+
+
+def test_file_digester_mismatch() -> None:
+    digester = FileDigester("crc32:907060870")
+    digester.update(b"hellO")
+    assert not digester.matches()
+    with pytest.raises(DigestMismatch, match="expected crc32:907060870"):
+        digester.verify()
+
+
+def test_file_digester_rejects_bad_digest() -> None:
+    with pytest.raises(ValueError):
+        FileDigester("md5:abc")
