@@ -1,0 +1,309 @@
+"""Garbage collection: references first, then grace, TTL and the quota; every run recorded.
+
+A task is a candidate only when nothing references it (no holder, no download writing it, no upload
+reading it). Candidates that are failed or abandoned go first, then those idle longer than the TTL,
+then, while the cache is above its high watermark, the least recently used until it is below the low
+watermark. When data in use alone keeps the cache above the watermark, GC says so instead of
+evicting it, and downloads that cannot fit are refused early.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from dfdaemon.storage.manager import Storage
+from dfdaemon.storage.models import Hold, StorageFull, TaskRecord, TaskState, Usage
+
+log = logging.getLogger("dfdaemon.gc")
+
+
+@dataclass(frozen=True)
+class GCPolicy:
+    interval: float = 900.0
+    task_ttl: float = 21600.0
+    grace_period: float = 300.0
+    # Bytes; 0 means the filesystem holding the cache is the quota.
+    quota_bytes: int = 0
+    high_percent: int = 80
+    low_percent: int = 60
+    # An unfinished task with no writer for this long is abandoned.
+    stale_after: float = 120.0
+
+
+@dataclass(frozen=True)
+class Eviction:
+    task_id: str
+    reason: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Skip:
+    task_id: str
+    reason: str
+    holders: list[str]
+    downloads: int
+    uploads: int
+    bytes: int
+
+
+@dataclass
+class GCReport:
+    """What one run did (or, dry, would do), and why."""
+
+    id: int
+    dry_run: bool
+    trigger: str
+    started_at: float
+    finished_at: float = 0.0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    evicted: list[Eviction] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+    quota_exceeded_by_data_in_use: bool = False
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        del data["id"], data["dry_run"], data["trigger"], data["started_at"], data["finished_at"]
+        return json.dumps(data, sort_keys=True)
+
+    @classmethod
+    def from_row(cls, row: Any) -> GCReport:
+        data = json.loads(row["report"])
+        return cls(
+            id=row["id"],
+            dry_run=bool(row["dry_run"]),
+            trigger=row["trigger"],
+            started_at=row["started_at"],
+            finished_at=row["finished_at"],
+            bytes_before=data["bytes_before"],
+            bytes_after=data["bytes_after"],
+            evicted=[Eviction(**item) for item in data["evicted"]],
+            skipped=[Skip(**item) for item in data["skipped"]],
+            quota_exceeded_by_data_in_use=data["quota_exceeded_by_data_in_use"],
+        )
+
+
+@dataclass(frozen=True)
+class Limits:
+    quota: int
+    high: int
+    low: int
+    fs_total: int
+    fs_free: int
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    task: TaskRecord
+    reason: str  # "failed", "stale" or "" (only quota or TTL may take it)
+
+
+class GarbageCollector:
+    """Runs GC for one storage: periodically, on demand, and when the cache crosses its quota."""
+
+    def __init__(self, storage: Storage, policy: GCPolicy) -> None:
+        self.storage = storage
+        self.policy = policy
+        self._run_lock = asyncio.Lock()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._pressure_task: asyncio.Task[None] | None = None
+        self.quota_exceeded_by_data_in_use = False
+
+    # Lifetime
+
+    def start(self) -> None:
+        self.storage.add_growth_listener(self._on_growth)
+        self._loop_task = asyncio.create_task(self._periodic(), name="gc-periodic")
+
+    async def stop(self) -> None:
+        for task in (self._loop_task, self._pressure_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._loop_task = self._pressure_task = None
+
+    async def _periodic(self) -> None:
+        while True:
+            await asyncio.sleep(self.policy.interval)
+            try:
+                await self.run("interval")
+            except Exception:
+                log.exception("periodic GC run failed")
+
+    def _on_growth(self) -> None:
+        if self._pressure_task is None or self._pressure_task.done():
+            self._pressure_task = asyncio.create_task(self._relieve_pressure(), name="gc-quota")
+
+    async def _relieve_pressure(self) -> None:
+        limits = await self.limits()
+        if await self.storage.used_bytes() >= limits.high:
+            try:
+                await self.run("quota")
+            except Exception:
+                log.exception("quota GC run failed")
+
+    # Accounting
+
+    async def limits(self) -> Limits:
+        stat = await asyncio.to_thread(os.statvfs, self.storage.root)
+        fs_total, fs_free = stat.f_blocks * stat.f_frsize, stat.f_bavail * stat.f_frsize
+        quota = self.policy.quota_bytes or fs_total
+        return Limits(
+            quota=quota,
+            high=quota * self.policy.high_percent // 100,
+            low=quota * self.policy.low_percent // 100,
+            fs_total=fs_total,
+            fs_free=fs_free,
+        )
+
+    async def usage(self) -> Usage:
+        limits = await self.limits()
+        used = await self.storage.used_bytes()
+        holds = await self.storage.all_live_holds()
+        held = {hold.task_id for hold in holds}
+        return Usage(
+            used_bytes=used,
+            quota_bytes=limits.quota,
+            high_watermark_bytes=limits.high,
+            low_watermark_bytes=limits.low,
+            held_bytes=sum(self.storage.task_bytes(task_id) for task_id in held),
+            task_count=len(await self.storage.list_tasks()),
+            held_task_count=len(held),
+            quota_exceeded_by_data_in_use=self.quota_exceeded_by_data_in_use,
+            filesystem_total_bytes=limits.fs_total,
+            filesystem_free_bytes=limits.fs_free,
+        )
+
+    async def ensure_room(self, nbytes: int) -> None:
+        """Make room for a download of ``nbytes`` or raise StorageFull: evict candidates, never data in use."""
+        limits = await self.limits()
+        if nbytes > limits.quota:
+            raise StorageFull(f"{nbytes} bytes do not fit in a cache quota of {limits.quota} bytes")
+        if await self.storage.used_bytes() + nbytes > limits.quota:
+            await self.run("quota", reserve=nbytes)
+            used = await self.storage.used_bytes()
+            if used + nbytes > limits.quota:
+                raise StorageFull(
+                    f"{nbytes} bytes do not fit: {used} of the {limits.quota}-byte quota are held by data in use"
+                )
+        if nbytes > limits.fs_free:
+            raise StorageFull(f"{nbytes} bytes do not fit: the filesystem has {limits.fs_free} bytes free")
+
+    # Runs
+
+    async def list_runs(self, limit: int = 1) -> list[GCReport]:
+        rows = await self.storage.list_gc_runs(max(1, limit))
+        return [GCReport.from_row(row) for row in rows]
+
+    async def run(self, trigger: str = "manual", *, dry_run: bool = False, reserve: int = 0) -> GCReport:
+        """One GC pass; runs never overlap. ``reserve`` asks for that many bytes below the quota besides."""
+        async with self._run_lock:
+            report = await self._run(trigger, dry_run, reserve)
+        run_id = await self.storage.record_gc_run(
+            dry_run, trigger, report.started_at, report.finished_at, report.to_json()
+        )
+        report.id = run_id
+        return report
+
+    async def _run(self, trigger: str, dry_run: bool, reserve: int) -> GCReport:
+        storage, policy = self.storage, self.policy
+        now = storage.clock()
+        report = GCReport(id=0, dry_run=dry_run, trigger=trigger, started_at=now)
+        await storage.compact()
+        if not dry_run:
+            for hold in await storage.expire_holds():
+                log.info("lease of holder %s on task %s expired", hold.holder, hold.task_id)
+        holds_by_task: dict[str, list[Hold]] = {}
+        for hold in await storage.all_live_holds():
+            holds_by_task.setdefault(hold.task_id, []).append(hold)
+        used = report.bytes_before = await storage.used_bytes()
+
+        candidates: list[_Candidate] = []
+        for task in await storage.list_tasks():
+            skip = self._protection(task, holds_by_task.get(task.id, []), now)
+            if skip is not None:
+                report.skipped.append(skip)
+            elif task.state is TaskState.FAILED:
+                candidates.append(_Candidate(task, "failed"))
+            elif task.state is TaskState.RUNNING:
+                candidates.append(_Candidate(task, "stale"))
+            else:
+                candidates.append(_Candidate(task, ""))
+
+        async def evict(task: TaskRecord, reason: str) -> None:
+            nonlocal used
+            size = storage.task_bytes(task.id)
+            if not dry_run:
+                freed = await storage.evict(task.id, [task.state])
+                if freed is None:
+                    refs = await storage.get_references(task.id)
+                    report.skipped.append(Skip(task.id, "referenced", refs.holders, refs.downloads, refs.uploads, size))
+                    return
+                size = freed
+                log.info("evicted task %s reason=%s bytes=%d", task.id, reason, size)
+            used -= size
+            report.evicted.append(Eviction(task.id, reason, size))
+
+        remaining: list[TaskRecord] = []
+        for candidate in candidates:
+            task = candidate.task
+            if candidate.reason:
+                await evict(task, candidate.reason)
+            elif now - task.last_used_at > policy.task_ttl:
+                await evict(task, "ttl")
+            else:
+                remaining.append(task)
+
+        limits = await self.limits()
+        target = min(limits.low, limits.quota - reserve)
+        if used >= limits.high or used > limits.quota - reserve:
+            for task in sorted(remaining, key=lambda t: (t.last_used_at, t.id)):
+                if used <= target:
+                    break
+                await evict(task, "quota")
+            if used >= limits.high or used > limits.quota - reserve:
+                report.quota_exceeded_by_data_in_use = True
+        if not dry_run:
+            self.quota_exceeded_by_data_in_use = report.quota_exceeded_by_data_in_use
+            used = await storage.used_bytes()
+        if report.quota_exceeded_by_data_in_use:
+            protected = sorted({holder for skip in report.skipped for holder in skip.holders})
+            log.warning(
+                "quota exceeded by data in use: %d bytes used, high watermark %d, held by %s",
+                used,
+                limits.high,
+                ", ".join(protected) or "in-flight work",
+            )
+        report.bytes_after = used
+        report.finished_at = storage.clock()
+        return report
+
+    def _protection(self, task: TaskRecord, holds: list[Hold], now: float) -> Skip | None:
+        """Why a task may not be collected now, or None when it may."""
+        downloads, uploads = self.storage.in_flight(task.id)
+        size = self.storage.task_bytes(task.id)
+        holders = [hold.holder for hold in holds]
+        reason = ""
+        if holds:
+            reason = "held"
+        elif downloads:
+            reason = "downloading"
+        elif uploads:
+            reason = "uploading"
+        elif task.state is TaskState.RUNNING and now - task.updated_at < self.policy.stale_after:
+            reason = "downloading"
+        elif task.state is TaskState.SUCCEEDED:
+            settled = max(task.finished_at or task.created_at, task.released_at or 0.0)
+            if now - settled < self.policy.grace_period:
+                reason = "grace"
+        if not reason:
+            return None
+        return Skip(task.id, reason, holders, downloads, uploads, size)

@@ -1,0 +1,129 @@
+"""Content files: one file per task under ``content/tasks/{id[0:3]}/{id}``, pieces at their offsets.
+
+All functions block and are meant to run in a worker thread. Paths are only ever built from
+validated task ids, so nothing derived from a request escapes the storage directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from dfdaemon.ids import validate_task_id
+
+_READ_CHUNK = 1024 * 1024
+
+
+class ContentStore:
+    """The content directory of one storage root."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root / "content" / "tasks"
+
+    def path(self, task_id: str) -> Path:
+        validate_task_id(task_id)
+        return self.root / task_id[:3] / task_id
+
+    def create(self, task_id: str) -> None:
+        """Make sure the task's file exists (empty for a new task)."""
+        path = self.path(task_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        os.close(fd)
+
+    def exists(self, task_id: str) -> bool:
+        return self.path(task_id).is_file()
+
+    def size(self, task_id: str) -> int:
+        """Apparent size of the task's file (what ``du -b`` counts), 0 when it does not exist."""
+        try:
+            return self.path(task_id).stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def write_piece(self, task_id: str, offset: int, data: bytes | memoryview) -> tuple[int, int]:
+        """Write a piece at its offset durably; returns (crc32 of the bytes, file size afterwards)."""
+        crc = zlib.crc32(data)
+        fd = os.open(self.path(task_id), os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            view = memoryview(data)
+            written = 0
+            while written < len(view):
+                written += os.pwrite(fd, view[written:], offset + written)
+            os.fdatasync(fd)
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        return crc, size
+
+    def read_piece(self, task_id: str, offset: int, length: int) -> bytes:
+        """Read a piece's bytes; short reads (a truncated file) return fewer bytes for the caller's CRC check."""
+        fd = os.open(self.path(task_id), os.O_RDONLY)
+        try:
+            chunks = []
+            remaining = length
+            position = offset
+            while remaining > 0:
+                chunk = os.pread(fd, min(remaining, 16 * _READ_CHUNK), position)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                remaining -= len(chunk)
+                position += len(chunk)
+        finally:
+            os.close(fd)
+        return b"".join(chunks)
+
+    def delete(self, task_id: str) -> None:
+        path = self.path(task_id)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()  # only succeeds when the shard directory became empty
+
+    def scan(self) -> Iterator[tuple[Path, str | None]]:
+        """Every file under the content root, with the task id its name denotes (None when it is no task id)."""
+        if not self.root.is_dir():
+            return
+        for shard in self.root.iterdir():
+            if not shard.is_dir() or shard.is_symlink():
+                yield shard, None
+                continue
+            for entry in shard.iterdir():
+                name = entry.name
+                valid = entry.is_file() and not entry.is_symlink() and name[:3] == shard.name and _is_task_id(name)
+                yield entry, name if valid else None
+
+    def overhead_bytes(self) -> int:
+        """Apparent bytes of the directories themselves, as ``du -sb`` counts them."""
+        total = 0
+        for directory in (self.root.parent, self.root):
+            with contextlib.suppress(FileNotFoundError):
+                total += directory.stat().st_size
+        if self.root.is_dir():
+            for shard in self.root.iterdir():
+                with contextlib.suppress(FileNotFoundError):
+                    total += shard.lstat().st_size
+        return total
+
+
+def _is_task_id(name: str) -> bool:
+    try:
+        validate_task_id(name)
+    except ValueError:
+        return False
+    return True
+
+
+def remove_path(path: Path) -> None:
+    """Remove an orphan file or directory found by a scan."""
+    if path.is_dir() and not path.is_symlink():
+        for child in path.iterdir():
+            remove_path(child)
+        path.rmdir()
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()

@@ -1,0 +1,469 @@
+"""The storage manager: metadata, content files and references behind one asyncio API.
+
+SQLite work runs on one dedicated thread (the single writer), file work on worker threads; the
+event loop never blocks. In-flight references (downloads writing, uploads reading) live in memory
+and die with the process; use references (holds) live in SQLite. Every change of a task's
+references and its eviction take the same per-task lock, so an acquire and an eviction never
+interleave: the acquire either wins or finds the task gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import time
+import zlib
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+from dfdaemon.ids import validate_task_id
+from dfdaemon.storage.content import ContentStore, remove_path
+from dfdaemon.storage.metadata import MetadataStore
+from dfdaemon.storage.models import (
+    Hold,
+    InvalidPiece,
+    PieceCorrupt,
+    PieceNotFound,
+    PieceRecord,
+    References,
+    SyncResult,
+    TaskInfo,
+    TaskInUse,
+    TaskNotFound,
+    TaskRecord,
+    TaskState,
+    TrafficType,
+)
+
+log = logging.getLogger("dfdaemon.storage")
+
+T = TypeVar("T")
+
+METADATA_FILE = "metadata.db"
+
+# Called after a task's bytes are deleted, e.g. to tell the scheduler (DeleteTask).
+DeletionListener = Callable[[str], Awaitable[None]]
+
+
+class Storage:
+    """The cache of one daemon, rooted at ``storage.dir``."""
+
+    def __init__(self, root: Path, *, keep: bool = True, clock: Callable[[], float] = time.time) -> None:
+        self.root = root
+        self.keep = keep
+        self.clock = clock
+        self.content = ContentStore(root)
+        self._db_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dfdaemon-sqlite")
+        self._meta: MetadataStore | None = None
+        self._downloads: Counter[str] = Counter()
+        self._uploads: Counter[str] = Counter()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._content_bytes: dict[str, int] = {}
+        self._deletion_listeners: list[DeletionListener] = []
+        self._growth_listeners: list[Callable[[], None]] = []
+
+    # Lifetime
+
+    async def open(self) -> None:
+        """Create or reopen the store: migrate the schema, finish half-done evictions, reconcile with the disk."""
+        await self._io(self.root.mkdir, parents=True, exist_ok=True)
+        if not self.keep:
+            await self._io(_wipe, self.root)
+        self._meta = await self._db(MetadataStore, self.root / METADATA_FILE)
+        await self._reconcile()
+
+    async def close(self) -> None:
+        if self._meta is not None:
+            await self._db(self._meta.close)
+            self._meta = None
+        self._db_thread.shutdown(wait=True)
+
+    def add_deletion_listener(self, listener: DeletionListener) -> None:
+        self._deletion_listeners.append(listener)
+
+    def add_growth_listener(self, listener: Callable[[], None]) -> None:
+        """Called (on the loop) whenever the cache grew, so GC can react to crossing the quota."""
+        self._growth_listeners.append(listener)
+
+    @property
+    def meta(self) -> MetadataStore:
+        if self._meta is None:
+            raise RuntimeError("storage is not open")
+        return self._meta
+
+    async def _db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._db_thread, partial(fn, *args, **kwargs))
+
+    async def _io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    def _lock(self, task_id: str) -> asyncio.Lock:
+        lock = self._locks.get(task_id)
+        if lock is None:
+            lock = self._locks[task_id] = asyncio.Lock()
+        return lock
+
+    async def _reconcile(self) -> None:
+        now = self.clock()
+        for task_id in await self._db(self.meta.evicting_task_ids):
+            log.info("finishing interrupted eviction of task %s", task_id)
+            await self._io(self.content.delete, task_id)
+            await self._db(self.meta.delete_task, task_id)
+        tasks = {task.id: task for task in await self._db(self.meta.list_tasks)}
+        for path, name in await self._io(lambda: list(self.content.scan())):
+            if name is None or name not in tasks:
+                log.warning("removing orphan %s from the content directory", path.name)
+                await self._io(remove_path, path)
+        for task in tasks.values():
+            size = await self._io(self.content.size, task.id)
+            if not await self._io(self.content.exists, task.id):
+                if task.piece_count or task.state is TaskState.SUCCEEDED:
+                    log.warning("content of task %s vanished; marking it failed", task.id)
+                    await self._db(self.meta.fail_missing, task.id, now)
+                await self._io(self.content.create, task.id)
+                size = 0
+            if size != task.content_bytes:
+                await self._db(self.meta.set_content_bytes, task.id, size)
+            self._content_bytes[task.id] = size
+
+    # Accounting
+
+    @property
+    def content_bytes(self) -> int:
+        return sum(self._content_bytes.values())
+
+    def task_bytes(self, task_id: str) -> int:
+        return self._content_bytes.get(task_id, 0)
+
+    async def compact(self) -> None:
+        """Shrink the metadata's write-ahead log before space is measured for a decision."""
+        await self._db(self.meta.checkpoint)
+
+    async def used_bytes(self) -> int:
+        """The cache's own bytes: content files (kept incrementally), metadata files and directories."""
+        return self.content_bytes + await self._io(self._overhead_bytes)
+
+    def _overhead_bytes(self) -> int:
+        total = self.content.overhead_bytes()
+        for name in (METADATA_FILE, METADATA_FILE + "-wal", METADATA_FILE + "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                total += (self.root / name).stat().st_size
+        with contextlib.suppress(FileNotFoundError):
+            total += self.root.stat().st_size
+        return total
+
+    def _account(self, task_id: str, size: int) -> None:
+        before = self._content_bytes.get(task_id, 0)
+        if size > before:
+            self._content_bytes[task_id] = size
+            for listener in self._growth_listeners:
+                listener()
+
+    # Tasks
+
+    async def get_task(self, task_id: str) -> TaskRecord | None:
+        validate_task_id(task_id)
+        return await self._db(self.meta.get_task, task_id)
+
+    async def require_task(self, task_id: str) -> TaskRecord:
+        task = await self.get_task(task_id)
+        if task is None or task.state is TaskState.EVICTING:
+            raise TaskNotFound(task_id)
+        return task
+
+    async def list_tasks(self) -> list[TaskRecord]:
+        return [task for task in await self._db(self.meta.list_tasks) if task.state is not TaskState.EVICTING]
+
+    async def pieces(self, task_id: str) -> list[PieceRecord]:
+        validate_task_id(task_id)
+        return await self._db(self.meta.list_pieces, task_id)
+
+    async def touch(self, task_id: str) -> None:
+        """A download hit the cache: the task counts as used now."""
+        await self._db(self.meta.touch_task, task_id, self.clock())
+
+    def references(self, task_id: str, holds: list[Hold]) -> References:
+        return References(
+            task_id=task_id, holds=holds, downloads=self._downloads[task_id], uploads=self._uploads[task_id]
+        )
+
+    async def get_references(self, task_id: str) -> References:
+        validate_task_id(task_id)
+        holds = await self._db(self.meta.live_holds, self.clock(), task_id=task_id)
+        return self.references(task_id, holds)
+
+    def in_flight(self, task_id: str) -> tuple[int, int]:
+        """(downloads, uploads) in flight for a task."""
+        return self._downloads[task_id], self._uploads[task_id]
+
+    @contextlib.asynccontextmanager
+    async def download(self, task_id: str, info: TaskInfo) -> AsyncIterator[TaskWriter]:
+        """Write a task: holds an in-flight download reference from before the first byte until the end."""
+        validate_task_id(task_id)
+        async with self._lock(task_id):
+            self._downloads[task_id] += 1
+        try:
+            task = await self._db(self.meta.create_or_resume_task, task_id, info, self.clock())
+            await self._io(self.content.create, task_id)
+            self._content_bytes.setdefault(task_id, 0)
+            yield TaskWriter(self, task)
+        finally:
+            async with self._lock(task_id):
+                self._release_count(self._downloads, task_id)
+
+    @contextlib.asynccontextmanager
+    async def upload(self, task_id: str) -> AsyncIterator[TaskReader]:
+        """Read a task's pieces for a peer: holds an in-flight upload reference meanwhile."""
+        validate_task_id(task_id)
+        async with self._lock(task_id):
+            task = await self._db(self.meta.get_task, task_id)
+            if task is None or task.state is TaskState.EVICTING:
+                raise TaskNotFound(task_id)
+            self._uploads[task_id] += 1
+        try:
+            yield TaskReader(self, task)
+        finally:
+            async with self._lock(task_id):
+                self._release_count(self._uploads, task_id)
+
+    @staticmethod
+    def _release_count(counter: Counter[str], task_id: str) -> None:
+        counter[task_id] -= 1
+        if counter[task_id] <= 0:
+            del counter[task_id]
+
+    async def read_piece(self, task_id: str, number: int) -> tuple[PieceRecord, bytes]:
+        """Read and CRC-verify one piece; a piece whose bytes changed is forgotten and reported corrupt."""
+        piece = await self._db(self.meta.get_piece, task_id, number)
+        if piece is None:
+            raise PieceNotFound(task_id, number)
+        data = await self._io(self.content.read_piece, task_id, piece.offset, piece.length)
+        if len(data) != piece.length or zlib.crc32(data) != piece.crc:
+            log.error("piece %d of task %s failed its CRC check; dropping it", number, task_id)
+            await self._db(self.meta.remove_piece, task_id, number)
+            raise PieceCorrupt(f"piece {number} of task {task_id} is corrupt on disk and was dropped")
+        return piece, data
+
+    # Deletion and eviction
+
+    async def delete_task(self, task_id: str, *, force: bool = False) -> tuple[list[str], int]:
+        """Delete a task now. Refused while referenced; ``force`` drops its holds but never in-flight work.
+
+        Returns the holders whose holds were dropped and the bytes freed.
+        """
+        validate_task_id(task_id)
+        now = self.clock()
+        async with self._lock(task_id):
+            task = await self._db(self.meta.get_task, task_id)
+            if task is None or task.state is TaskState.EVICTING:
+                raise TaskNotFound(task_id)
+            refs = self.references(task_id, await self._db(self.meta.live_holds, now, task_id=task_id))
+            if refs.downloads or refs.uploads or (refs.holds and not force):
+                raise TaskInUse(refs)
+            if force:
+                dropped = await self._db(self.meta.force_mark_evicting, task_id, now)
+            else:
+                if not await self._db(self.meta.mark_evicting, task_id, list(TaskState), now):
+                    raise TaskInUse(self.references(task_id, await self._db(self.meta.live_holds, now, task_id)))
+                dropped = []
+            freed = await self._remove(task_id)
+        await self._notify_deleted(task_id)
+        return dropped, freed
+
+    async def evict(self, task_id: str, expected_states: Iterable[TaskState]) -> int | None:
+        """Evict an unreferenced task for GC; returns bytes freed, or None when a reference appeared meanwhile."""
+        now = self.clock()
+        async with self._lock(task_id):
+            downloads, uploads = self.in_flight(task_id)
+            if downloads or uploads:
+                return None
+            if not await self._db(self.meta.mark_evicting, task_id, list(expected_states), now):
+                return None
+            freed = await self._remove(task_id)
+        await self._notify_deleted(task_id)
+        return freed
+
+    async def _remove(self, task_id: str) -> int:
+        """Delete a task already marked evicting: file first, then rows (a crash in between is finished at start)."""
+        freed = self._content_bytes.pop(task_id, 0)
+        await self._io(self.content.delete, task_id)
+        await self._db(self.meta.delete_task, task_id)
+        self._locks.pop(task_id, None)
+        return freed
+
+    async def _notify_deleted(self, task_id: str) -> None:
+        for listener in self._deletion_listeners:
+            try:
+                await listener(task_id)
+            except Exception:
+                log.exception("deletion listener failed for task %s", task_id)
+
+    # Holds (use references)
+
+    async def acquire(self, holder: str, task_ids: list[str], ttl: float | None = None) -> list[Hold]:
+        """Hold every named task for ``holder`` (idempotent); all or nothing, NOT_FOUND for an absent task."""
+        _check_holder(holder)
+        ids = _unique([validate_task_id(task_id) for task_id in task_ids])
+        now = self.clock()
+        async with _locks_in_order(self, ids):
+            missing = await self._db(self.meta.acquire, holder, ids, ttl, now)
+        if missing:
+            raise TaskNotFound(missing[0])
+        return [hold for hold in await self._db(self.meta.live_holds, now, holder=holder) if hold.task_id in ids]
+
+    async def release(self, holder: str, task_ids: list[str]) -> list[str]:
+        _check_holder(holder)
+        ids = _unique([validate_task_id(task_id) for task_id in task_ids])
+        async with _locks_in_order(self, ids):
+            return await self._db(self.meta.release, holder, ids, self.clock())
+
+    async def keep_alive(self, holder: str, ttl: float | None = None) -> list[Hold]:
+        _check_holder(holder)
+        now = self.clock()
+        await self._db(self.meta.keep_alive, holder, ttl, now)
+        return await self._db(self.meta.live_holds, now, holder=holder)
+
+    async def sync(self, holder: str, task_ids: list[str], ttl: float | None = None) -> SyncResult:
+        """Make ``holder`` hold exactly these tasks: acquire the new ones present, release the rest."""
+        _check_holder(holder)
+        wanted = _unique([validate_task_id(task_id) for task_id in task_ids])
+        now = self.clock()
+        current = set(await self._db(self.meta.holder_task_ids, holder))
+        to_release = sorted(current - set(wanted))
+        acquired: list[str] = []
+        missing: list[str] = []
+        async with _locks_in_order(self, sorted(set(wanted) | current)):
+            for task_id in wanted:
+                if await self._db(self.meta.acquire, holder, [task_id], ttl, now):
+                    missing.append(task_id)
+                elif task_id not in current:
+                    acquired.append(task_id)
+            released = await self._db(self.meta.release, holder, to_release, now)
+        kept = [task_id for task_id in wanted if task_id in current and task_id not in missing]
+        return SyncResult(acquired=acquired, released=released, kept=kept, missing=missing)
+
+    async def list_holds(self, holder: str | None = None, task_id: str | None = None) -> list[Hold]:
+        if task_id is not None:
+            validate_task_id(task_id)
+        return await self._db(self.meta.live_holds, self.clock(), task_id=task_id, holder=holder)
+
+    async def expire_holds(self) -> list[Hold]:
+        return await self._db(self.meta.expire_holds, self.clock())
+
+    async def all_live_holds(self) -> list[Hold]:
+        return await self._db(self.meta.live_holds, self.clock())
+
+    # GC records
+
+    async def record_gc_run(
+        self, dry_run: bool, trigger: str, started_at: float, finished_at: float, report: str
+    ) -> int:
+        return await self._db(self.meta.record_gc_run, dry_run, trigger, started_at, finished_at, report)
+
+    async def list_gc_runs(self, limit: int) -> list[Any]:
+        return await self._db(self.meta.list_gc_runs, limit)
+
+
+class TaskWriter:
+    """Writes the pieces of one task; a piece becomes visible only once its bytes and its row are committed."""
+
+    def __init__(self, storage: Storage, task: TaskRecord) -> None:
+        self.storage = storage
+        self.task = task
+
+    @property
+    def task_id(self) -> str:
+        return self.task.id
+
+    async def set_lengths(self, piece_length: int, content_length: int) -> None:
+        storage = self.storage
+        await storage._db(storage.meta.set_task_lengths, self.task_id, piece_length, content_length, storage.clock())
+
+    async def write_piece(
+        self,
+        number: int,
+        offset: int,
+        data: bytes,
+        *,
+        parent_id: str | None = None,
+        traffic_type: int = TrafficType.BACK_TO_SOURCE,
+        cost: float = 0.0,
+    ) -> PieceRecord:
+        if number < 0 or offset < 0:
+            raise InvalidPiece(f"piece {number} at offset {offset} is out of range")
+        storage = self.storage
+        crc, size = await storage._io(storage.content.write_piece, self.task_id, offset, data)
+        now = storage.clock()
+        piece = PieceRecord(
+            task_id=self.task_id,
+            number=number,
+            offset=offset,
+            length=len(data),
+            crc=crc,
+            parent_id=parent_id,
+            traffic_type=traffic_type,
+            cost=cost,
+            created_at=now,
+        )
+        await storage._db(storage.meta.add_piece, piece, size, now)
+        storage._account(self.task_id, size)
+        return piece
+
+    async def finish(self) -> TaskRecord:
+        storage = self.storage
+        size = await storage._io(storage.content.size, self.task_id)
+        await storage._db(storage.meta.finish_task, self.task_id, size, storage.clock())
+        storage._account(self.task_id, size)
+        return await storage.require_task(self.task_id)
+
+    async def fail(self) -> None:
+        storage = self.storage
+        await storage._db(storage.meta.fail_task, self.task_id, storage.clock())
+
+
+class TaskReader:
+    """Reads the pieces of one task for an upload; each read is CRC-verified."""
+
+    def __init__(self, storage: Storage, task: TaskRecord) -> None:
+        self.storage = storage
+        self.task = task
+
+    async def read_piece(self, number: int) -> tuple[PieceRecord, bytes]:
+        piece, data = await self.storage.read_piece(self.task.id, number)
+        await self.storage._db(self.storage.meta.touch_task, self.task.id, self.storage.clock(), True)
+        return piece, data
+
+
+def _check_holder(holder: str) -> None:
+    if not holder or len(holder) > 512 or any(ord(ch) < 32 for ch in holder):
+        raise ValueError("holder must be 1 to 512 printable characters")
+
+
+def _unique(items: list[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+@contextlib.asynccontextmanager
+async def _locks_in_order(storage: Storage, task_ids: list[str]) -> AsyncIterator[None]:
+    """Take several per-task locks in a fixed order so two multi-task calls cannot deadlock."""
+    async with contextlib.AsyncExitStack() as stack:
+        for task_id in sorted(set(task_ids)):
+            await stack.enter_async_context(storage._lock(task_id))
+        yield
+
+
+def _wipe(root: Path) -> None:
+    """``storage.keep: false``: start from an empty cache, as upstream does."""
+    for name in ("content", METADATA_FILE, METADATA_FILE + "-wal", METADATA_FILE + "-shm"):
+        path = root / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            os.unlink(path)

@@ -1,0 +1,66 @@
+"""Helpers for storage and GC tests: a controllable clock and filling tasks through the storage API."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from pathlib import Path
+
+from dfdaemon.ids import pieces_for, task_id
+from dfdaemon.storage import Storage, TaskInfo, TaskRecord
+
+
+class FakeClock:
+    """Wall-clock seconds that only move when the test says so."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def make_id(name: str) -> str:
+    return task_id(f"http://origin.test/{name}")
+
+
+def payload(name: str, size: int) -> bytes:
+    """Deterministic bytes that differ per name."""
+    seed = hashlib.sha256(name.encode()).digest()
+    return (seed * (size // len(seed) + 1))[:size]
+
+
+async def fill(
+    storage: Storage, name: str, size: int, piece_length: int = 64 * 1024, finish: bool = True
+) -> TaskRecord:
+    """Download ``name`` into the cache piece by piece, the way the download path writes."""
+    data = payload(name, size)
+    tid = make_id(name)
+    info = TaskInfo(url=f"http://origin.test/{name}", piece_length=piece_length, content_length=size)
+    async with storage.download(tid, info) as writer:
+        for piece in pieces_for(size, piece_length):
+            await writer.write_piece(piece.number, piece.offset, data[piece.offset : piece.end])
+        if finish:
+            return await writer.finish()
+    task = await storage.get_task(tid)
+    assert task is not None
+    return task
+
+
+async def read_all(storage: Storage, tid: str) -> bytes:
+    pieces = await storage.pieces(tid)
+    out = b""
+    async with storage.upload(tid) as reader:
+        for piece in pieces:
+            _, data = await reader.read_piece(piece.number)
+            out += data
+    return out
+
+
+def du_bytes(path: Path) -> int:
+    """What ``du -sb`` says about a directory."""
+    out = subprocess.run(["du", "-sb", str(path)], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[0])

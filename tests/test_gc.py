@@ -1,0 +1,319 @@
+"""Garbage collection never evicts data in use, and says what it did and why."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dfdaemon.gc import GarbageCollector, GCPolicy
+from dfdaemon.storage import Storage, StorageFull, TaskInfo, TaskNotFound, TaskState
+from tests.storage_support import FakeClock, fill, make_id, payload, read_all
+
+KB = 1000
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def storage(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Storage]:
+    store = Storage(tmp_path / "cache", clock=clock)
+    await store.open()
+    yield store
+    await store.close()
+
+
+def collector(storage: Storage, **policy: float) -> GarbageCollector:
+    defaults: dict[str, float] = {"grace_period": 60, "task_ttl": 86400, "quota_bytes": 0, "stale_after": 120}
+    defaults.update(policy)
+    return GarbageCollector(
+        storage,
+        GCPolicy(
+            grace_period=defaults["grace_period"],
+            task_ttl=defaults["task_ttl"],
+            quota_bytes=int(defaults["quota_bytes"]),
+            stale_after=defaults["stale_after"],
+        ),
+    )
+
+
+async def test_seed_scenario_held_image_survives_quota_pressure(storage: Storage, clock: FakeClock) -> None:
+    """The upstream bug: a small quota, a running container's image, other pulls. Ours keeps the image."""
+    layer = 1500 * KB
+    busybox = [await fill(storage, f"busybox-layer-{i}", layer, piece_length=512 * 1024) for i in range(2)]
+    await storage.acquire("container:default/busybox", [t.id for t in busybox])
+    clock.advance(10)
+    others = []
+    for i in range(6):
+        others.append(await fill(storage, f"other-{i}", layer, piece_length=512 * 1024))
+        clock.advance(10)
+    clock.advance(120)  # past the grace period for everything
+    # 12 MB of content against a quota of 11 MB (low watermark 6.6 MB): four of the six others must go.
+    gc = collector(storage, quota_bytes=11_000 * KB)
+    report = await gc.run("quota")
+
+    for task in busybox:
+        assert await read_all(storage, task.id) == payload(task.url.rsplit("/", 1)[1], layer)
+    evicted = [e.task_id for e in report.evicted]
+    assert evicted == [others[0].id, others[1].id, others[2].id, others[3].id]  # least recently used first
+    assert {e.reason for e in report.evicted} == {"quota"}
+    held = {s.task_id: s for s in report.skipped}
+    assert {t.id for t in busybox} <= set(held)
+    assert all(held[t.id].holders == ["container:default/busybox"] for t in busybox)
+    assert all(held[t.id].reason == "held" for t in busybox)
+    assert report.bytes_after <= 6_600 * KB < report.bytes_before
+    assert not report.quota_exceeded_by_data_in_use
+
+
+async def test_released_image_can_go_after_the_grace_period(storage: Storage, clock: FakeClock) -> None:
+    task = await fill(storage, "busybox", 500 * KB)
+    await storage.acquire("container:default/busybox", [task.id])
+    clock.advance(1000)
+    gc = collector(storage, quota_bytes=400 * KB)
+    assert (await gc.run()).evicted == []
+    await storage.release("container:default/busybox", [task.id])
+    report = await gc.run()
+    assert report.evicted == []
+    assert [s.reason for s in report.skipped] == ["grace"]
+    clock.advance(61)
+    report = await gc.run()
+    assert [(e.task_id, e.reason) for e in report.evicted] == [(task.id, "quota")]
+    assert await storage.get_task(task.id) is None
+
+
+async def test_freshly_finished_task_is_protected_by_grace(storage: Storage, clock: FakeClock) -> None:
+    task = await fill(storage, "fresh", 500 * KB)
+    gc = collector(storage, quota_bytes=100 * KB, grace_period=300)
+    report = await gc.run()
+    assert report.evicted == []
+    assert [(s.task_id, s.reason) for s in report.skipped] == [(task.id, "grace")]
+    assert report.quota_exceeded_by_data_in_use
+
+
+async def test_ttl_evicts_idle_tasks_only(storage: Storage, clock: FakeClock) -> None:
+    idle = await fill(storage, "idle", 10 * KB)
+    clock.advance(100)
+    busy = await fill(storage, "busy", 10 * KB)
+    clock.advance(100)
+    await storage.touch(busy.id)
+    clock.advance(3500)
+    report = await collector(storage, task_ttl=3600).run()
+    assert [(e.task_id, e.reason) for e in report.evicted] == [(idle.id, "ttl")]
+    assert await storage.get_task(busy.id) is not None
+
+
+async def test_ttl_never_takes_a_held_task(storage: Storage, clock: FakeClock) -> None:
+    task = await fill(storage, "pinned", 10 * KB)
+    await storage.acquire("pinned:sandbox", [task.id])
+    clock.advance(10 * 86400)
+    report = await collector(storage, task_ttl=60).run()
+    assert report.evicted == []
+    assert report.skipped[0].holders == ["pinned:sandbox"]
+
+
+async def test_failed_and_abandoned_tasks_go(storage: Storage, clock: FakeClock) -> None:
+    failed_id = make_id("failed")
+    async with storage.download(failed_id, TaskInfo(url="x")) as writer:
+        await writer.write_piece(0, 0, b"abc")
+        await writer.fail()
+    abandoned = await fill(storage, "abandoned", 10 * KB, finish=False)
+    running = await fill(storage, "running", 10 * KB, finish=False)
+    clock.advance(200)
+    async with storage.download(running.id, TaskInfo(url="x")):
+        report = await collector(storage, stale_after=120).run()
+    assert sorted((e.task_id, e.reason) for e in report.evicted) == sorted(
+        [(failed_id, "failed"), (abandoned.id, "stale")]
+    )
+    assert [(s.task_id, s.reason, s.downloads) for s in report.skipped] == [(running.id, "downloading", 1)]
+
+
+async def test_in_flight_upload_protects_a_task(storage: Storage, clock: FakeClock) -> None:
+    task = await fill(storage, "served", 100 * KB)
+    clock.advance(10_000)
+    gc = collector(storage, task_ttl=60)
+    async with storage.upload(task.id):
+        report = await gc.run()
+        assert report.evicted == []
+        assert report.skipped[0].reason == "uploading"
+        assert report.skipped[0].uploads == 1
+    assert [e.task_id for e in (await gc.run()).evicted] == [task.id]
+
+
+async def test_quota_exceeded_by_data_in_use_is_reported_not_violated(storage: Storage, clock: FakeClock) -> None:
+    held = [await fill(storage, f"held-{i}", 300 * KB) for i in range(3)]
+    await storage.acquire("container:default/db", [t.id for t in held])
+    loose = await fill(storage, "loose", 100 * KB)
+    clock.advance(1000)
+    gc = collector(storage, quota_bytes=500 * KB)
+    report = await gc.run("quota")
+    assert [e.task_id for e in report.evicted] == [loose.id]
+    assert report.quota_exceeded_by_data_in_use
+    usage = await gc.usage()
+    assert usage.quota_exceeded_by_data_in_use
+    assert usage.held_task_count == 3
+    assert usage.held_bytes == 900 * KB
+    for task in held:
+        assert await storage.get_task(task.id) is not None
+    with pytest.raises(StorageFull, match="held by data in use"):
+        await gc.ensure_room(200 * KB)
+    with pytest.raises(StorageFull, match="quota"):
+        await gc.ensure_room(600 * KB)
+
+
+async def test_ensure_room_evicts_candidates_to_fit(storage: Storage, clock: FakeClock) -> None:
+    old = await fill(storage, "old", 400 * KB)
+    clock.advance(1000)
+    gc = collector(storage, quota_bytes=1000 * KB)
+    await gc.ensure_room(500 * KB)  # fits without eviction
+    assert await storage.get_task(old.id) is not None
+    await gc.ensure_room(700 * KB)
+    assert await storage.get_task(old.id) is None
+    runs = await gc.list_runs(5)
+    assert runs[0].trigger == "quota"
+    assert [e.task_id for e in runs[0].evicted] == [old.id]
+
+
+async def test_dry_run_reports_without_deleting(storage: Storage, clock: FakeClock) -> None:
+    tasks = [await fill(storage, f"d{i}", 300 * KB) for i in range(3)]
+    clock.advance(1000)
+    gc = collector(storage, quota_bytes=700 * KB)  # low watermark 420 KB: two of three must go
+    report = await gc.run(dry_run=True)
+    assert report.dry_run
+    assert len(report.evicted) == 2
+    assert report.bytes_after < report.bytes_before
+    for task in tasks:
+        assert await storage.get_task(task.id) is not None
+    stored = (await gc.list_runs(1))[0]
+    assert stored.dry_run and stored.id == report.id
+    assert [e.task_id for e in stored.evicted] == [e.task_id for e in report.evicted]
+
+
+async def test_every_run_is_recorded(storage: Storage, clock: FakeClock) -> None:
+    gc = collector(storage)
+    first = await gc.run("manual")
+    second = await gc.run("interval")
+    runs = await gc.list_runs(10)
+    assert [r.id for r in runs] == [second.id, first.id]
+    assert [r.trigger for r in runs] == ["interval", "manual"]
+
+
+async def test_eviction_tells_the_deletion_listeners(storage: Storage, clock: FakeClock) -> None:
+    task = await fill(storage, "told", 10 * KB)
+    told: list[str] = []
+
+    async def listener(tid: str) -> None:
+        told.append(tid)
+
+    storage.add_deletion_listener(listener)
+    clock.advance(1000)
+    await collector(storage, task_ttl=1).run()
+    assert told == [task.id]
+
+
+async def test_acquire_racing_eviction_wins_or_gets_not_found(storage: Storage, clock: FakeClock) -> None:
+    """Either the acquire wins (the bytes stay) or it is told NOT_FOUND (the bytes are gone); never in between."""
+    outcomes = set()
+    for i in range(40):
+        task = await fill(storage, f"race-{i}", 2 * KB)
+        clock.advance(1000)
+        evict = asyncio.create_task(storage.evict(task.id, [TaskState.SUCCEEDED]))
+        if i % 2:
+            await asyncio.sleep(0)
+        try:
+            await storage.acquire("container:racer", [task.id])
+        except TaskNotFound:
+            outcomes.add("not-found")
+            assert await evict is not None
+            assert await storage.get_task(task.id) is None
+            continue
+        freed = await evict
+        if freed is None:
+            outcomes.add("acquire-won")
+            assert await read_all(storage, task.id) == payload(f"race-{i}", 2 * KB)
+            await storage.release("container:racer", [task.id])
+        else:
+            outcomes.add("evicted-first")
+            pytest.fail("acquire succeeded on a task whose eviction also succeeded")
+    assert outcomes  # at least one of the legal outcomes happened each time
+
+
+async def test_growth_past_the_high_watermark_triggers_gc(storage: Storage, clock: FakeClock) -> None:
+    gc = collector(storage, quota_bytes=1000 * KB)
+    gc.start()
+    try:
+        old = await fill(storage, "old", 600 * KB)
+        clock.advance(1000)
+        await fill(storage, "new", 300 * KB)
+        for _ in range(100):
+            if await storage.get_task(old.id) is None:
+                break
+            await asyncio.sleep(0.02)
+        assert await storage.get_task(old.id) is None
+        assert (await gc.list_runs(1))[0].trigger == "quota"
+    finally:
+        await gc.stop()
+
+
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("fill"), st.integers(0, 5), st.integers(1, 200)),
+        st.tuples(st.just("acquire"), st.integers(0, 5), st.integers(0, 2)),
+        st.tuples(st.just("release"), st.integers(0, 5), st.integers(0, 2)),
+        st.tuples(st.just("advance"), st.integers(0, 400), st.just(0)),
+        st.tuples(st.just("gc"), st.integers(0, 1), st.just(0)),
+    ),
+    max_size=30,
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=_OPS)
+def test_property_gc_never_evicts_a_held_task(ops: list[tuple[str, int, int]]) -> None:
+    """Whatever the sequence of fills, holds, releases, time and GC runs: every held task keeps its bytes."""
+
+    async def scenario(root: Path) -> None:
+        clock = FakeClock()
+        storage = Storage(root, clock=clock)
+        await storage.open()
+        gc = collector(storage, quota_bytes=300 * KB, grace_period=30, task_ttl=600)
+        holds: set[tuple[str, str]] = set()
+        sizes: dict[str, int] = {}
+        try:
+            for op, a, b in ops:
+                name = f"task-{a}"
+                if op == "fill":
+                    task = await storage.get_task(make_id(name))
+                    if task is None:
+                        await fill(storage, name, b * KB, piece_length=16 * KB)
+                        sizes[make_id(name)] = b * KB
+                elif op == "acquire":
+                    try:
+                        await storage.acquire(f"holder-{b}", [make_id(name)])
+                        holds.add((f"holder-{b}", make_id(name)))
+                    except TaskNotFound:
+                        pass
+                elif op == "release":
+                    await storage.release(f"holder-{b}", [make_id(name)])
+                    holds.discard((f"holder-{b}", make_id(name)))
+                elif op == "advance":
+                    clock.advance(a)
+                else:
+                    await gc.run(dry_run=bool(a))
+                for _, tid in holds:
+                    task = await storage.get_task(tid)
+                    assert task is not None, "a held task was evicted"
+                    data = await read_all(storage, tid)
+                    assert len(data) == sizes[tid]
+        finally:
+            await storage.close()
+
+    with tempfile.TemporaryDirectory() as root:
+        asyncio.run(scenario(Path(root)))
