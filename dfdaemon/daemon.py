@@ -6,14 +6,18 @@ import contextlib
 import logging
 import os
 import socket
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
 from dfdaemon.config import Config, ConfigError, check_storage_dir
+from dfdaemon.gc import GarbageCollector, GCPolicy
 from dfdaemon.rpc import download, ext, upload
 from dfdaemon.rpc.servers import HealthReporter, add_service, new_server
+from dfdaemon.storage import Storage
+from dfdaemon.storage.metadata import SchemaTooNew
 
 log = logging.getLogger("dfdaemon")
 
@@ -63,6 +67,9 @@ class Daemon:
         self._download_server: grpc.aio.Server | None = None
         self._health: list[HealthReporter] = []
         self.endpoints: Endpoints | None = None
+        self.storage = Storage(config.storage_dir, keep=config.storage.keep)
+        self.gc = GarbageCollector(self.storage, gc_policy(config))
+        self._storage_open = False
 
     async def start(self) -> Endpoints:
         try:
@@ -71,10 +78,17 @@ class Daemon:
             raise StartupError(str(exc)) from None
         socket_path = self.config.socket_path
         _prepare_socket_path(socket_path)
+        try:
+            await self.storage.open()
+        except (sqlite3.DatabaseError, SchemaTooNew) as exc:
+            raise StartupError(f"storage.dir: cannot open the metadata store: {exc}") from None
+        self._storage_open = True
+        self.gc.start()
+        storage = self.storage
 
         upload_server, upload_health = new_server(
             [upload.SERVICE.full_name],
-            lambda server: add_service(server, upload.SERVICE, upload.UploadServicer()),
+            lambda server: add_service(server, upload.SERVICE, upload.UploadServicer(storage)),
         )
         server_cfg = self.config.upload.server
         wanted = f"{server_cfg.ip}:{server_cfg.port}"
@@ -83,9 +97,9 @@ class Daemon:
             raise StartupError(f"upload.server: cannot listen on {wanted} (address in use or not available)")
 
         def register_download(server: grpc.aio.Server) -> None:
-            add_service(server, download.SERVICE, download.DownloadServicer())
-            add_service(server, ext.USE_SERVICE, ext.UseServicer())
-            add_service(server, ext.CACHE_SERVICE, ext.CacheServicer())
+            add_service(server, download.SERVICE, download.DownloadServicer(storage))
+            add_service(server, ext.USE_SERVICE, ext.UseServicer(storage))
+            add_service(server, ext.CACHE_SERVICE, ext.CacheServicer(storage, self.gc))
 
         download_server, download_health = new_server(
             [download.SERVICE.full_name, ext.USE_SERVICE.full_name, ext.CACHE_SERVICE.full_name], register_download
@@ -114,11 +128,28 @@ class Daemon:
             if server is not None:
                 await server.stop(grace)
         self._download_server = self._upload_server = None
+        await self.gc.stop()
+        if self._storage_open:
+            await self.storage.close()
+            self._storage_open = False
         if self.endpoints is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.endpoints.socket_path)
             self.endpoints = None
             log.info("stopped")
+
+
+def gc_policy(config: Config) -> GCPolicy:
+    policy = config.gc.policy
+    return GCPolicy(
+        interval=config.gc.interval,
+        task_ttl=policy.task_ttl,
+        grace_period=policy.grace_period,
+        quota_bytes=policy.disk_threshold,
+        high_percent=policy.disk_high_threshold_percent,
+        low_percent=policy.disk_low_threshold_percent,
+        stale_after=config.download.piece_timeout,
+    )
 
 
 def _bind(server: grpc.aio.Server, address: str) -> int:

@@ -27,7 +27,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x64\x66\x64\x61\x65mon_ext.proto\x12\x0f\x64\x66\x64\x61\x65mon.ext.v1\x1a\x0c\x63ommon.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"c\n\x07TaskRef\x12\x11\n\x07task_id\x18\x01 \x01(\tH\x00\x12\'\n\x08\x64ownload\x18\x02 \x01(\x0b\x32\x13.common.v2.DownloadH\x00\x12\x15\n\x0b\x62lob_digest\x18\x03 \x01(\tH\x00\x42\x05\n\x03ref\"\x9c\x01\n\x04Hold\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06holder\x18\x02 \x01(\t\x12/\n\x0b\x61\x63quired_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x00\x88\x01\x01\x42\r\n\x0b_expires_at\"~\n\x0e\x41\x63quireRequest\x12\x0e\n\x06holder\x18\x01 \x01(\t\x12\'\n\x05tasks\x18\x02 \x03(\x0b\x32\x18.dfdaemon.ext.v1.TaskRef\x12+\n\x03ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.DurationH\x00\x88\x01\x01\x42\x06\n\x04_ttl\"7\n\x0f\x41\x63quireResponse\x12$\n\x05holds\x18\x01 \x03(\x0b\x32\x15.dfdaemon.ext.v1.Hold\"I\n\x0eReleaseRequest\x12\x0e\n\x06holder\x18\x01 \x01(\t\x12\'\n\x05tasks\x18\x02 \x03(\x0b\x32\x18.dfdaemon.ext.v1.TaskRef\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x03(\t\"W\n\x10KeepAliveRequest\x12\x0e\n\x06holder\x18\x01 \x01(\t\x12+\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.DurationH\x00\x88\x01\x01\x42\x06\n\x04_ttl\"9\n\x11KeepAliveResponse\x12$\n\x05holds\x18\x01 \x03(\x0b\x32\x15.dfdaemon.ext.v1.Hold\"{\n\x0bSyncRequest\x12\x0e\n\x06holder\x18\x01 \x01(\t\x12\'\n\x05tasks\x18\x02 \x03(\x0b\x32\x18.dfdaemon.ext.v1.TaskRef\x12+\n\x03ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.DurationH\x00\x88\x01\x01\x42\x06\n\x04_ttl\"@\n\x0cSyncResponse\x12\x10\n\x08\x61\x63quired\x18\x01 \x03(\t\x12\x10\n\x08released\x18\x02 \x03(\t\x12\x0c\n\x04kept\x18\x03 \x03(\t\"T\n\x10ListHoldsRequest\x12\x13\n\x06holder\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x14\n\x07task_id\x18\x02 \x01(\tH\x01\x88\x01\x01\x42\t\n\x07_holderB\n\n\x08_task_id\"9\n\x11ListHoldsResponse\x12$\n\x05holds\x18\x01 \x03(\x0b\x32\x15.dfdaemon.ext.v1.Hold\"\'\n\x14GetReferencesRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"}\n\x0eTaskReferences\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12$\n\x05holds\x18\x02 \x03(\x0b\x32\x15.dfdaemon.ext.v1.Hold\x12\x11\n\tdownloads\x18\x03 \x01(\r\x12\x0f\n\x07uploads\x18\x04 \x01(\r\x12\x10\n\x08refcount\x18\x05 \x01(\x04\"\x11\n\x0fGetUsageRequest\"\x92\x02\n\x05Usage\x12\x12\n\nused_bytes\x18\x01 \x01(\x04\x12\x13\n\x0bquota_bytes\x18\x02 \x01(\x04\x12\x1c\n\x14high_watermark_bytes\x18\x03 \x01(\x04\x12\x1b\n\x13low_watermark_bytes\x18\x04 \x01(\x04\x12\x12\n\nheld_bytes\x18\x05 \x01(\x04\x12\x12\n\ntask_count\x18\x06 \x01(\x04\x12\x17\n\x0fheld_task_count\x18\x07 \x01(\x04\x12%\n\x1dquota_exceeded_by_data_in_use\x18\x08 \x01(\x08\x12\x1e\n\x16\x66ilesystem_total_bytes\x18\t \x01(\x04\x12\x1d\n\x15\x66ilesystem_free_bytes\x18\n \x01(\x04\"\x1f\n\x0cRunGCRequest\x12\x0f\n\x07\x64ry_run\x18\x01 \x01(\x08\"<\n\nGCEviction\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\"m\n\x06GCSkip\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07holders\x18\x03 \x03(\t\x12\x11\n\tdownloads\x18\x04 \x01(\r\x12\x0f\n\x07uploads\x18\x05 \x01(\r\x12\r\n\x05\x62ytes\x18\x06 \x01(\x04\"\xc0\x02\n\x05GCRun\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\x12\x0f\n\x07trigger\x18\x03 \x01(\t\x12.\n\nstarted_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x62ytes_before\x18\x06 \x01(\x04\x12\x13\n\x0b\x62ytes_after\x18\x07 \x01(\x04\x12,\n\x07\x65victed\x18\x08 \x03(\x0b\x32\x1b.dfdaemon.ext.v1.GCEviction\x12(\n\x07skipped\x18\t \x03(\x0b\x32\x17.dfdaemon.ext.v1.GCSkip\x12%\n\x1dquota_exceeded_by_data_in_use\x18\n \x01(\x08\"\"\n\x11ListGCRunsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\":\n\x12ListGCRunsResponse\x12$\n\x04runs\x18\x01 \x03(\x0b\x32\x16.dfdaemon.ext.v1.GCRun\"2\n\x10\x45victTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"<\n\x11\x45victTaskResponse\x12\x18\n\x10released_holders\x18\x01 \x03(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x32\xe7\x03\n\x03Use\x12L\n\x07\x41\x63quire\x12\x1f.dfdaemon.ext.v1.AcquireRequest\x1a .dfdaemon.ext.v1.AcquireResponse\x12L\n\x07Release\x12\x1f.dfdaemon.ext.v1.ReleaseRequest\x1a .dfdaemon.ext.v1.ReleaseResponse\x12R\n\tKeepAlive\x12!.dfdaemon.ext.v1.KeepAliveRequest\x1a\".dfdaemon.ext.v1.KeepAliveResponse\x12\x43\n\x04Sync\x12\x1c.dfdaemon.ext.v1.SyncRequest\x1a\x1d.dfdaemon.ext.v1.SyncResponse\x12R\n\tListHolds\x12!.dfdaemon.ext.v1.ListHoldsRequest\x1a\".dfdaemon.ext.v1.ListHoldsResponse\x12W\n\rGetReferences\x12%.dfdaemon.ext.v1.GetReferencesRequest\x1a\x1f.dfdaemon.ext.v1.TaskReferences2\xb8\x02\n\x05\x43\x61\x63he\x12\x44\n\x08GetUsage\x12 .dfdaemon.ext.v1.GetUsageRequest\x1a\x16.dfdaemon.ext.v1.Usage\x12>\n\x05RunGC\x12\x1d.dfdaemon.ext.v1.RunGCRequest\x1a\x16.dfdaemon.ext.v1.GCRun\x12U\n\nListGCRuns\x12\".dfdaemon.ext.v1.ListGCRunsRequest\x1a#.dfdaemon.ext.v1.ListGCRunsResponse\x12R\n\tEvictTask\x12!.dfdaemon.ext.v1.EvictTaskRequest\x1a\".dfdaemon.ext.v1.EvictTaskResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x64\x66\x64\x61\x65mon_ext.proto\x12\x0f\x64\x66\x64\x61\x65mon.ext.v1\x1a\x0c\x63ommon.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"c\n\x07TaskRef\x12\x11\n\x07task_id\x18\x01 \x01(\tH\x00\x12\'\n\x08\x64ownload\x18\x02 \x01(\x0b\x32\x13.common.v2.DownloadH\x00\x12\x15\n\x0b\x62lob_digest\x18\x03 \x01(\tH\x00\x42\x05\n\x03ref\"\x9c\x01\n\x04Hold\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06holder\x18\x02 \x01(\t\x12/\n\x0b\x61\x63quired_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x00\x88\x01\x01\x42\r\n\x0b_expires_at\"~\n\x0e\x41\x63quireRequest\x12\x0e\n\x06holder\x18\x01 \x01(\t\x12\'\n\x05tasks\x18\x02 \x03(\x0b\x32\x18.dfdaemon.ext.v1.TaskRef\x12+\n\x03ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.DurationH\x00\x88\x01\x01\x42\x06\n\x04_ttl\"7\n\x0f\x41\x63quireResponse\x12$\n\x05holds\x18\x01 \x03(\x0b\x32\x15.dfdaemon.ext.v1.Hold\"I\n\x0eReleaseRequest\x12\x0e\n\x06holder\x18\x01 \x01(\t\x12\'\n\x05tasks\x18\x02 \x03(\x0b\x32\x18.dfdaemon.ext.v1.TaskRef\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x03(\t\"W\n\x10KeepAliveRequest\x12\x0e\n\x06holder\x18\x01 \x01(\t\x12+\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.DurationH\x00\x88\x01\x01\x42\x06\n\x04_ttl\"9\n\x11KeepAliveResponse\x12$\n\x05holds\x18\x01 \x03(\x0b\x32\x15.dfdaemon.ext.v1.Hold\"{\n\x0bSyncRequest\x12\x0e\n\x06holder\x18\x01 \x01(\t\x12\'\n\x05tasks\x18\x02 \x03(\x0b\x32\x18.dfdaemon.ext.v1.TaskRef\x12+\n\x03ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.DurationH\x00\x88\x01\x01\x42\x06\n\x04_ttl\"Q\n\x0cSyncResponse\x12\x10\n\x08\x61\x63quired\x18\x01 \x03(\t\x12\x10\n\x08released\x18\x02 \x03(\t\x12\x0c\n\x04kept\x18\x03 \x03(\t\x12\x0f\n\x07missing\x18\x04 \x03(\t\"T\n\x10ListHoldsRequest\x12\x13\n\x06holder\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x14\n\x07task_id\x18\x02 \x01(\tH\x01\x88\x01\x01\x42\t\n\x07_holderB\n\n\x08_task_id\"9\n\x11ListHoldsResponse\x12$\n\x05holds\x18\x01 \x03(\x0b\x32\x15.dfdaemon.ext.v1.Hold\"\'\n\x14GetReferencesRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"}\n\x0eTaskReferences\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12$\n\x05holds\x18\x02 \x03(\x0b\x32\x15.dfdaemon.ext.v1.Hold\x12\x11\n\tdownloads\x18\x03 \x01(\r\x12\x0f\n\x07uploads\x18\x04 \x01(\r\x12\x10\n\x08refcount\x18\x05 \x01(\x04\"\x11\n\x0fGetUsageRequest\"\x92\x02\n\x05Usage\x12\x12\n\nused_bytes\x18\x01 \x01(\x04\x12\x13\n\x0bquota_bytes\x18\x02 \x01(\x04\x12\x1c\n\x14high_watermark_bytes\x18\x03 \x01(\x04\x12\x1b\n\x13low_watermark_bytes\x18\x04 \x01(\x04\x12\x12\n\nheld_bytes\x18\x05 \x01(\x04\x12\x12\n\ntask_count\x18\x06 \x01(\x04\x12\x17\n\x0fheld_task_count\x18\x07 \x01(\x04\x12%\n\x1dquota_exceeded_by_data_in_use\x18\x08 \x01(\x08\x12\x1e\n\x16\x66ilesystem_total_bytes\x18\t \x01(\x04\x12\x1d\n\x15\x66ilesystem_free_bytes\x18\n \x01(\x04\"\x1f\n\x0cRunGCRequest\x12\x0f\n\x07\x64ry_run\x18\x01 \x01(\x08\"<\n\nGCEviction\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\"m\n\x06GCSkip\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07holders\x18\x03 \x03(\t\x12\x11\n\tdownloads\x18\x04 \x01(\r\x12\x0f\n\x07uploads\x18\x05 \x01(\r\x12\r\n\x05\x62ytes\x18\x06 \x01(\x04\"\xc0\x02\n\x05GCRun\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\x12\x0f\n\x07trigger\x18\x03 \x01(\t\x12.\n\nstarted_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x62ytes_before\x18\x06 \x01(\x04\x12\x13\n\x0b\x62ytes_after\x18\x07 \x01(\x04\x12,\n\x07\x65victed\x18\x08 \x03(\x0b\x32\x1b.dfdaemon.ext.v1.GCEviction\x12(\n\x07skipped\x18\t \x03(\x0b\x32\x17.dfdaemon.ext.v1.GCSkip\x12%\n\x1dquota_exceeded_by_data_in_use\x18\n \x01(\x08\"\"\n\x11ListGCRunsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\":\n\x12ListGCRunsResponse\x12$\n\x04runs\x18\x01 \x03(\x0b\x32\x16.dfdaemon.ext.v1.GCRun\"2\n\x10\x45victTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"<\n\x11\x45victTaskResponse\x12\x18\n\x10released_holders\x18\x01 \x03(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x32\xe7\x03\n\x03Use\x12L\n\x07\x41\x63quire\x12\x1f.dfdaemon.ext.v1.AcquireRequest\x1a .dfdaemon.ext.v1.AcquireResponse\x12L\n\x07Release\x12\x1f.dfdaemon.ext.v1.ReleaseRequest\x1a .dfdaemon.ext.v1.ReleaseResponse\x12R\n\tKeepAlive\x12!.dfdaemon.ext.v1.KeepAliveRequest\x1a\".dfdaemon.ext.v1.KeepAliveResponse\x12\x43\n\x04Sync\x12\x1c.dfdaemon.ext.v1.SyncRequest\x1a\x1d.dfdaemon.ext.v1.SyncResponse\x12R\n\tListHolds\x12!.dfdaemon.ext.v1.ListHoldsRequest\x1a\".dfdaemon.ext.v1.ListHoldsResponse\x12W\n\rGetReferences\x12%.dfdaemon.ext.v1.GetReferencesRequest\x1a\x1f.dfdaemon.ext.v1.TaskReferences2\xb8\x02\n\x05\x43\x61\x63he\x12\x44\n\x08GetUsage\x12 .dfdaemon.ext.v1.GetUsageRequest\x1a\x16.dfdaemon.ext.v1.Usage\x12>\n\x05RunGC\x12\x1d.dfdaemon.ext.v1.RunGCRequest\x1a\x16.dfdaemon.ext.v1.GCRun\x12U\n\nListGCRuns\x12\".dfdaemon.ext.v1.ListGCRunsRequest\x1a#.dfdaemon.ext.v1.ListGCRunsResponse\x12R\n\tEvictTask\x12!.dfdaemon.ext.v1.EvictTaskRequest\x1a\".dfdaemon.ext.v1.EvictTaskResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -53,37 +53,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SYNCREQUEST']._serialized_start=823
   _globals['_SYNCREQUEST']._serialized_end=946
   _globals['_SYNCRESPONSE']._serialized_start=948
-  _globals['_SYNCRESPONSE']._serialized_end=1012
-  _globals['_LISTHOLDSREQUEST']._serialized_start=1014
-  _globals['_LISTHOLDSREQUEST']._serialized_end=1098
-  _globals['_LISTHOLDSRESPONSE']._serialized_start=1100
-  _globals['_LISTHOLDSRESPONSE']._serialized_end=1157
-  _globals['_GETREFERENCESREQUEST']._serialized_start=1159
-  _globals['_GETREFERENCESREQUEST']._serialized_end=1198
-  _globals['_TASKREFERENCES']._serialized_start=1200
-  _globals['_TASKREFERENCES']._serialized_end=1325
-  _globals['_GETUSAGEREQUEST']._serialized_start=1327
-  _globals['_GETUSAGEREQUEST']._serialized_end=1344
-  _globals['_USAGE']._serialized_start=1347
-  _globals['_USAGE']._serialized_end=1621
-  _globals['_RUNGCREQUEST']._serialized_start=1623
-  _globals['_RUNGCREQUEST']._serialized_end=1654
-  _globals['_GCEVICTION']._serialized_start=1656
-  _globals['_GCEVICTION']._serialized_end=1716
-  _globals['_GCSKIP']._serialized_start=1718
-  _globals['_GCSKIP']._serialized_end=1827
-  _globals['_GCRUN']._serialized_start=1830
-  _globals['_GCRUN']._serialized_end=2150
-  _globals['_LISTGCRUNSREQUEST']._serialized_start=2152
-  _globals['_LISTGCRUNSREQUEST']._serialized_end=2186
-  _globals['_LISTGCRUNSRESPONSE']._serialized_start=2188
-  _globals['_LISTGCRUNSRESPONSE']._serialized_end=2246
-  _globals['_EVICTTASKREQUEST']._serialized_start=2248
-  _globals['_EVICTTASKREQUEST']._serialized_end=2298
-  _globals['_EVICTTASKRESPONSE']._serialized_start=2300
-  _globals['_EVICTTASKRESPONSE']._serialized_end=2360
-  _globals['_USE']._serialized_start=2363
-  _globals['_USE']._serialized_end=2850
-  _globals['_CACHE']._serialized_start=2853
-  _globals['_CACHE']._serialized_end=3165
+  _globals['_SYNCRESPONSE']._serialized_end=1029
+  _globals['_LISTHOLDSREQUEST']._serialized_start=1031
+  _globals['_LISTHOLDSREQUEST']._serialized_end=1115
+  _globals['_LISTHOLDSRESPONSE']._serialized_start=1117
+  _globals['_LISTHOLDSRESPONSE']._serialized_end=1174
+  _globals['_GETREFERENCESREQUEST']._serialized_start=1176
+  _globals['_GETREFERENCESREQUEST']._serialized_end=1215
+  _globals['_TASKREFERENCES']._serialized_start=1217
+  _globals['_TASKREFERENCES']._serialized_end=1342
+  _globals['_GETUSAGEREQUEST']._serialized_start=1344
+  _globals['_GETUSAGEREQUEST']._serialized_end=1361
+  _globals['_USAGE']._serialized_start=1364
+  _globals['_USAGE']._serialized_end=1638
+  _globals['_RUNGCREQUEST']._serialized_start=1640
+  _globals['_RUNGCREQUEST']._serialized_end=1671
+  _globals['_GCEVICTION']._serialized_start=1673
+  _globals['_GCEVICTION']._serialized_end=1733
+  _globals['_GCSKIP']._serialized_start=1735
+  _globals['_GCSKIP']._serialized_end=1844
+  _globals['_GCRUN']._serialized_start=1847
+  _globals['_GCRUN']._serialized_end=2167
+  _globals['_LISTGCRUNSREQUEST']._serialized_start=2169
+  _globals['_LISTGCRUNSREQUEST']._serialized_end=2203
+  _globals['_LISTGCRUNSRESPONSE']._serialized_start=2205
+  _globals['_LISTGCRUNSRESPONSE']._serialized_end=2263
+  _globals['_EVICTTASKREQUEST']._serialized_start=2265
+  _globals['_EVICTTASKREQUEST']._serialized_end=2315
+  _globals['_EVICTTASKRESPONSE']._serialized_start=2317
+  _globals['_EVICTTASKRESPONSE']._serialized_end=2377
+  _globals['_USE']._serialized_start=2380
+  _globals['_USE']._serialized_end=2867
+  _globals['_CACHE']._serialized_start=2870
+  _globals['_CACHE']._serialized_end=3182
 # @@protoc_insertion_point(module_scope)

@@ -2,10 +2,50 @@
 
 from __future__ import annotations
 
+from google.protobuf.empty_pb2 import Empty
+
 from dfdaemon.api import dfdaemon_pb2
+from dfdaemon.rpc import convert
+from dfdaemon.rpc.convert import Context, unary
+from dfdaemon.storage import Storage
 
 SERVICE = dfdaemon_pb2.DESCRIPTOR.services_by_name["DfdaemonDownload"]
 
 
 class DownloadServicer:
-    """Downloads and local task management; RPCs not defined here answer UNIMPLEMENTED."""
+    """Local task management over the unix socket; RPCs not defined here answer UNIMPLEMENTED."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+
+    @unary
+    async def StatLocalTask(
+        self, request: dfdaemon_pb2.StatLocalTaskRequest, context: Context
+    ) -> dfdaemon_pb2.StatLocalTaskResponse:
+        return await stat_local_task(self.storage, request.task_id)
+
+    @unary
+    async def ListLocalTasks(
+        self, request: dfdaemon_pb2.ListLocalTasksRequest, context: Context
+    ) -> dfdaemon_pb2.ListLocalTasksResponse:
+        tasks = await self.storage.list_tasks()
+        return dfdaemon_pb2.ListLocalTasksResponse(
+            tasks=[convert.stat_local_task(task, self.storage.in_flight(task.id)[1]) for task in tasks]
+        )
+
+    @unary
+    async def DeleteTask(self, request: dfdaemon_pb2.DeleteTaskRequest, context: Context) -> Empty:
+        """Delete locally and tell the scheduler; refused while holders or in-flight work reference the task."""
+        await self.storage.delete_task(request.task_id)
+        return Empty()
+
+    @unary
+    async def DeleteLocalTask(self, request: dfdaemon_pb2.DeleteLocalTaskRequest, context: Context) -> Empty:
+        await self.storage.delete_task(request.task_id)
+        return Empty()
+
+
+async def stat_local_task(storage: Storage, task_id: str) -> dfdaemon_pb2.StatLocalTaskResponse:
+    """Shared by both services: the local record of a task with its in-flight upload count."""
+    task = await storage.require_task(task_id)
+    return convert.stat_local_task(task, storage.in_flight(task.id)[1])

@@ -2,15 +2,104 @@
 
 from __future__ import annotations
 
-from dfdaemon.api import dfdaemon_ext_pb2
+from collections.abc import Iterable
 
-USE_SERVICE = dfdaemon_ext_pb2.DESCRIPTOR.services_by_name["Use"]
-CACHE_SERVICE = dfdaemon_ext_pb2.DESCRIPTOR.services_by_name["Cache"]
+from dfdaemon.api import dfdaemon_ext_pb2 as ext_pb2
+from dfdaemon.gc import GarbageCollector
+from dfdaemon.rpc import convert
+from dfdaemon.rpc.convert import Context, InvalidRequest, unary
+from dfdaemon.storage import Storage
+
+USE_SERVICE = ext_pb2.DESCRIPTOR.services_by_name["Use"]
+CACHE_SERVICE = ext_pb2.DESCRIPTOR.services_by_name["Cache"]
+
+
+def _holder(holder: str) -> str:
+    if not holder:
+        raise InvalidRequest("holder is required (e.g. container:<namespace>/<id> or user:<name>)")
+    return holder
+
+
+def _task_ids(refs: Iterable[ext_pb2.TaskRef], allow_empty: bool = False) -> list[str]:
+    ids = [convert.task_ref_id(ref) for ref in refs]
+    if not ids and not allow_empty:
+        raise InvalidRequest("at least one task is required")
+    return ids
 
 
 class UseServicer:
-    """Holds on tasks by containers, pods and users."""
+    """Holds on tasks by containers, pods and users: what keeps data in use out of GC's reach."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+
+    @unary
+    async def Acquire(self, request: ext_pb2.AcquireRequest, context: Context) -> ext_pb2.AcquireResponse:
+        ttl = convert.duration_seconds(request.ttl, "ttl") if request.HasField("ttl") else None
+        holds = await self.storage.acquire(_holder(request.holder), _task_ids(request.tasks), ttl)
+        return ext_pb2.AcquireResponse(holds=[convert.hold(h) for h in holds])
+
+    @unary
+    async def Release(self, request: ext_pb2.ReleaseRequest, context: Context) -> ext_pb2.ReleaseResponse:
+        released = await self.storage.release(_holder(request.holder), _task_ids(request.tasks))
+        return ext_pb2.ReleaseResponse(released=released)
+
+    @unary
+    async def KeepAlive(self, request: ext_pb2.KeepAliveRequest, context: Context) -> ext_pb2.KeepAliveResponse:
+        ttl = convert.duration_seconds(request.ttl, "ttl") if request.HasField("ttl") else None
+        holds = await self.storage.keep_alive(_holder(request.holder), ttl)
+        return ext_pb2.KeepAliveResponse(holds=[convert.hold(h) for h in holds])
+
+    @unary
+    async def Sync(self, request: ext_pb2.SyncRequest, context: Context) -> ext_pb2.SyncResponse:
+        ttl = convert.duration_seconds(request.ttl, "ttl") if request.HasField("ttl") else None
+        result = await self.storage.sync(_holder(request.holder), _task_ids(request.tasks, allow_empty=True), ttl)
+        return ext_pb2.SyncResponse(
+            acquired=result.acquired, released=result.released, kept=result.kept, missing=result.missing
+        )
+
+    @unary
+    async def ListHolds(self, request: ext_pb2.ListHoldsRequest, context: Context) -> ext_pb2.ListHoldsResponse:
+        holds = await self.storage.list_holds(
+            holder=request.holder if request.HasField("holder") else None,
+            task_id=request.task_id if request.HasField("task_id") else None,
+        )
+        return ext_pb2.ListHoldsResponse(holds=[convert.hold(h) for h in holds])
+
+    @unary
+    async def GetReferences(self, request: ext_pb2.GetReferencesRequest, context: Context) -> ext_pb2.TaskReferences:
+        await self.storage.require_task(request.task_id)
+        refs = await self.storage.get_references(request.task_id)
+        return ext_pb2.TaskReferences(
+            task_id=refs.task_id,
+            holds=[convert.hold(h) for h in refs.holds],
+            downloads=refs.downloads,
+            uploads=refs.uploads,
+            refcount=refs.refcount,
+        )
 
 
 class CacheServicer:
-    """Usage accounting and garbage collection."""
+    """Usage accounting and garbage collection, run and inspected."""
+
+    def __init__(self, storage: Storage, gc: GarbageCollector) -> None:
+        self.storage = storage
+        self.gc = gc
+
+    @unary
+    async def GetUsage(self, request: ext_pb2.GetUsageRequest, context: Context) -> ext_pb2.Usage:
+        return convert.usage(await self.gc.usage())
+
+    @unary
+    async def RunGC(self, request: ext_pb2.RunGCRequest, context: Context) -> ext_pb2.GCRun:
+        return convert.gc_run(await self.gc.run("manual", dry_run=request.dry_run))
+
+    @unary
+    async def ListGCRuns(self, request: ext_pb2.ListGCRunsRequest, context: Context) -> ext_pb2.ListGCRunsResponse:
+        runs = await self.gc.list_runs(request.limit or 1)
+        return ext_pb2.ListGCRunsResponse(runs=[convert.gc_run(run) for run in runs])
+
+    @unary
+    async def EvictTask(self, request: ext_pb2.EvictTaskRequest, context: Context) -> ext_pb2.EvictTaskResponse:
+        dropped, freed = await self.storage.delete_task(request.task_id, force=request.force)
+        return ext_pb2.EvictTaskResponse(released_holders=dropped, bytes=freed)

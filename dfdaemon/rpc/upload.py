@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 from dfdaemon.api import dfdaemon_pb2
+from dfdaemon.rpc.convert import Context, unary
+from dfdaemon.rpc.download import stat_local_task
+from dfdaemon.storage import Storage
 
 SERVICE = dfdaemon_pb2.DESCRIPTOR.services_by_name["DfdaemonUpload"]
 
 
 class UploadServicer:
-    """Serves pieces to other peers; RPCs not defined here answer UNIMPLEMENTED."""
+    """Serves other peers; RPCs not defined here answer UNIMPLEMENTED."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+
+    @unary
+    async def StatLocalTask(
+        self, request: dfdaemon_pb2.StatLocalTaskRequest, context: Context
+    ) -> dfdaemon_pb2.StatLocalTaskResponse:
+        return await stat_local_task(self.storage, request.task_id)

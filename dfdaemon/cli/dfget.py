@@ -1,0 +1,437 @@
+"""``dfget URL -O PATH``: download a file through the local dfdaemon, as upstream's dfget does.
+
+Everything that can be checked locally is checked before the daemon is contacted, so a typo costs
+no download. The daemon is reached over its unix socket only: one health check, then one
+``DownloadTask`` stream during which the daemon itself writes the file to ``-O``. Whatever goes
+wrong, the user gets one line (never a traceback) and no partial file is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import NoReturn
+from urllib.parse import urlsplit
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health_pb2
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+from dfdaemon.api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc, errordetails_pb2
+from dfdaemon.ids import parse_file_digest
+from dfdaemon.rpc.servers import CHANNEL_OPTIONS
+from dfdaemon.units import parse_duration, parse_size
+
+DEFAULT_ENDPOINT = "/var/run/dragonfly/dfdaemon.sock"
+DOWNLOAD_SERVICE = "dfdaemon.v2.DfdaemonDownload"
+HEALTH_CHECK_METHOD = "/grpc.health.v1.Health/Check"
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+HEALTH_TIMEOUT_SECONDS = 5.0
+# The daemon enforces --timeout itself; the margin lets its own, more precise error arrive first.
+DEADLINE_MARGIN_SECONDS = 10.0
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(Exception):
+    """A command line that cannot work, reported before anything is contacted (exit 2)."""
+
+
+class DfgetError(Exception):
+    """A failure the user reads as one line (exit 1)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing its usage, so a usage error stays one line."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+@dataclass(frozen=True)
+class Options:
+    """The validated command line; paths are absolute."""
+
+    url: str
+    output: str
+    endpoint: str
+    digest: str | None
+    tag: str | None
+    application: str | None
+    headers: dict[str, str]
+    filtered_query_params: list[str]
+    piece_length: int | None
+    timeout: float | None
+    disable_back_to_source: bool
+    overwrite: bool
+    progress: bool
+    json: bool
+
+
+@dataclass
+class Summary:
+    """What the stream reported: enough for ``--json`` and to tell a started download from none."""
+
+    started: bool = False
+    task_id: str = ""
+    peer_id: str = ""
+    content_length: int = 0
+    pieces: Counter[str] = field(default_factory=lambda: Counter(dict.fromkeys(common_pb2.TrafficType.keys(), 0)))
+
+    def as_json(self, output: str, elapsed: float) -> dict[str, object]:
+        """The document ``--json`` prints; its keys are stable for scripts."""
+        return {
+            "task_id": self.task_id,
+            "peer_id": self.peer_id,
+            "content_length": self.content_length,
+            "output": output,
+            "pieces": dict(self.pieces),
+            "elapsed_seconds": round(elapsed, 3),
+        }
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _positive_size(text: str) -> int:
+    """``--piece-length``: a size like ``4MiB``; zero would make every piece empty."""
+    try:
+        value = parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: must be positive")
+    return value
+
+
+def _positive_duration(text: str) -> float:
+    """``--timeout``: a duration like ``5m``; zero would fail every download at once."""
+    try:
+        value = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: must be positive")
+    return value
+
+
+def _digest(text: str) -> str:
+    """``--digest``: checked here so a typo fails before the download, sent in normalised form."""
+    try:
+        algorithm, value = parse_file_digest(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return f"{algorithm}:{value}"
+
+
+def _header(text: str) -> tuple[str, str]:
+    """``-H 'Name: value'``, as curl and upstream's dfget take it."""
+    name, colon, value = text.partition(":")
+    if not colon or not name.strip():
+        raise argparse.ArgumentTypeError(f"invalid header {text!r}: expected 'Name: value'")
+    return name.strip(), value.strip()
+
+
+def _build_parser() -> _Parser:
+    """Upstream dfget's flag names, so users' scripts and habits carry over."""
+    parser = _Parser(prog="dfget", description="Download a file through the local dfdaemon (Dragonfly v2 P2P).")
+    parser.add_argument("url", metavar="URL", help="what to download, e.g. https://example.com/file")
+    parser.add_argument("-O", "--output", required=True, metavar="PATH", help="where the file goes")
+    parser.add_argument(
+        "-e", "--endpoint", default=DEFAULT_ENDPOINT, metavar="SOCKET", help="dfdaemon's unix socket (%(default)s)"
+    )
+    parser.add_argument(
+        "--digest", type=_digest, metavar="ALG:VALUE", help="crc32:<decimal>, sha256:<hex> or sha512:<hex> of the file"
+    )
+    parser.add_argument("--tag", help="part of the task id: different tags download separately")
+    parser.add_argument("--application", help="part of the task id: the caller's application")
+    parser.add_argument(
+        "-H",
+        "--header",
+        dest="headers",
+        type=_header,
+        action="append",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="request header for the origin",
+    )
+    parser.add_argument(
+        "--filtered-query-param",
+        dest="filtered_query_params",
+        action="append",
+        default=[],
+        metavar="PARAM",
+        help="query parameter left out of the task id (e.g. a signature)",
+    )
+    parser.add_argument(
+        "--piece-length", type=_positive_size, metavar="SIZE", help="e.g. 4MiB; chosen by the daemon by default"
+    )
+    parser.add_argument(
+        "--timeout", type=_positive_duration, metavar="DURATION", help="give up after this long, e.g. 30s or 2h"
+    )
+    parser.add_argument("--disable-back-to-source", action="store_true", help="only peers, never the origin")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    parser.add_argument("--no-progress", action="store_true", help="draw no progress bar")
+    parser.add_argument("--json", action="store_true", help="print one JSON document describing the download")
+    return parser
+
+
+def _check_url(url: str) -> None:
+    """The daemon would refuse it too, but only after a round trip and with a vaguer message."""
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise UsageError(f"invalid URL {url!r}: {exc}") from None
+    if not parts.scheme or not parts.hostname:
+        raise UsageError(f"invalid URL {url!r}: it needs a scheme and a host, e.g. https://example.com/file")
+
+
+def _check_output(output: str) -> None:
+    """The daemon writes ``-O`` itself, so a path it cannot create must be caught here."""
+    if os.path.isdir(output):
+        raise UsageError(f"{output} is a directory")
+    directory = os.path.dirname(output)
+    if not os.path.isdir(directory):
+        raise UsageError(f"directory {directory} does not exist")
+
+
+def parse_args(argv: list[str] | None) -> Options:
+    """Parse and validate the command line; raises :class:`UsageError`."""
+    args = _build_parser().parse_args(argv)
+    _check_url(args.url)
+    output = os.path.abspath(args.output)
+    _check_output(output)
+    return Options(
+        url=args.url,
+        output=output,
+        endpoint=os.path.abspath(args.endpoint),
+        digest=args.digest,
+        tag=args.tag,
+        application=args.application,
+        headers=dict(args.headers),
+        filtered_query_params=args.filtered_query_params,
+        piece_length=args.piece_length,
+        timeout=args.timeout,
+        disable_back_to_source=args.disable_back_to_source,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        json=args.json,
+    )
+
+
+# --------------------------------------------------------------------------- talking to the daemon
+
+
+def _check_health(channel: grpc.Channel, endpoint: str) -> None:
+    """Fail fast, naming the socket, when no daemon answers there, rather than with a raw UNAVAILABLE."""
+    # Bound by hand: the typed stubs of grpc_health's HealthStub declare no methods.
+    check = channel.unary_unary(
+        HEALTH_CHECK_METHOD,
+        request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+        response_deserializer=health_pb2.HealthCheckResponse.FromString,
+    )
+    try:
+        response = check(health_pb2.HealthCheckRequest(service=DOWNLOAD_SERVICE), timeout=HEALTH_TIMEOUT_SECONDS)
+    except grpc.RpcError as exc:
+        if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            raise DfgetError(f"cannot reach dfdaemon at {endpoint}: is it running?") from None
+        reason = f"{exc.code().name}: {exc.details()}"
+        raise DfgetError(f"dfdaemon at {endpoint} failed its health check: {reason}") from None
+    if response.status != health_pb2.HealthCheckResponse.SERVING:
+        status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        raise DfgetError(f"dfdaemon at {endpoint} is not serving downloads ({status})")
+
+
+def download_request(options: Options) -> dfdaemon_pb2.DownloadTaskRequest:
+    """The request, with optional fields set only when given: presence changes the task id."""
+    download = common_pb2.Download(
+        url=options.url,
+        output_path=options.output,
+        type=common_pb2.STANDARD,
+        request_header=options.headers,
+        filtered_query_params=options.filtered_query_params,
+        disable_back_to_source=options.disable_back_to_source,
+        overwrite=options.overwrite,
+    )
+    if options.digest is not None:
+        download.digest = options.digest
+    if options.tag is not None:
+        download.tag = options.tag
+    if options.application is not None:
+        download.application = options.application
+    if options.piece_length is not None:
+        download.piece_length = options.piece_length
+    if options.timeout is not None:
+        download.timeout.FromTimedelta(timedelta(seconds=options.timeout))
+    return dfdaemon_pb2.DownloadTaskRequest(download=download)
+
+
+def _progress_bar(enabled: bool) -> Progress:
+    """A byte progress bar on stderr; when disabled it draws nothing at all."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+    )
+
+
+def _consume(responses: Iterable[dfdaemon_pb2.DownloadTaskResponse], progress: Progress, label: str) -> Summary:
+    """Follow the stream: the started response sizes the bar, each finished piece advances it."""
+    summary = Summary()
+    bar = progress.add_task(label, total=None)
+    for response in responses:
+        if response.HasField("download_task_started_response"):
+            started = response.download_task_started_response
+            summary.started = True
+            summary.task_id, summary.peer_id = response.task_id, response.peer_id
+            summary.content_length = started.content_length
+            total = started.range.length if started.HasField("range") else started.content_length
+            progress.update(bar, total=total)
+        elif response.HasField("download_piece_finished_response"):
+            piece = response.download_piece_finished_response.piece
+            traffic = common_pb2.TrafficType.Name(piece.traffic_type) if piece.HasField("traffic_type") else "UNKNOWN"
+            summary.pieces[traffic] += 1
+            progress.advance(bar, piece.length)
+    return summary
+
+
+def _parse_backend(raw: bytes) -> errordetails_pb2.Backend | None:
+    """Upstream sends ``errordetails.v2.Backend`` as JSON bytes; protobuf bytes are accepted too."""
+    try:
+        return json_format.Parse(raw, errordetails_pb2.Backend(), ignore_unknown_fields=True)
+    except (json_format.ParseError, UnicodeDecodeError):
+        pass
+    try:
+        return errordetails_pb2.Backend.FromString(raw)
+    except DecodeError:
+        return None
+
+
+def _origin_failure(exc: grpc.RpcError) -> errordetails_pb2.Backend | None:
+    """The origin's answer carried in the status-details trailer, when the failure was the origin's."""
+    for item in exc.trailing_metadata() or ():
+        if item.key == STATUS_DETAILS_KEY:
+            backend = _parse_backend(item.value)
+            if backend is not None and backend.HasField("status_code"):
+                return backend
+    return None
+
+
+def describe_rpc_error(exc: grpc.RpcError) -> str:
+    """The one line a user reads: the origin's status when it failed, else the gRPC status."""
+    details = exc.details() or "no details"
+    backend = _origin_failure(exc)
+    if backend is not None:
+        return f"origin answered {backend.status_code}: {backend.message or details}"
+    if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+        return f"the daemon does not serve DownloadTask: {details}"
+    return f"download failed: {exc.code().name}: {details}"
+
+
+def _stream(channel: grpc.Channel, options: Options) -> Summary:
+    """One DownloadTask stream, cancelled on every way out so the daemon stops work nobody awaits."""
+    deadline = None if options.timeout is None else options.timeout + DEADLINE_MARGIN_SECONDS
+    stub = dfdaemon_pb2_grpc.DfdaemonDownloadStub(channel)
+    call = stub.DownloadTask(download_request(options), timeout=deadline)
+    show_bar = options.progress and sys.stderr.isatty()
+    try:
+        with _progress_bar(show_bar) as progress:
+            summary = _consume(call, progress, os.path.basename(options.output))
+    except grpc.RpcError as exc:
+        raise DfgetError(describe_rpc_error(exc)) from None
+    finally:
+        call.cancel()
+    if not summary.started:
+        raise DfgetError("download failed: the daemon ended the stream without starting the download")
+    if not os.path.lexists(options.output):
+        raise DfgetError(f"download failed: the daemon reported success but did not write {options.output}")
+    return summary
+
+
+_Stamp = tuple[int, int, int, int] | None
+
+
+def _stamp(path: str) -> _Stamp:
+    """Identity and version of the file at ``path`` (None when absent), to tell whether this run changed it."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _remove_partial(path: str, before: _Stamp) -> None:
+    """Delete ``-O`` if this run created or rewrote it; a file the run never touched stays."""
+    if _stamp(path) not in (None, before):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def _download(channel: grpc.Channel, options: Options) -> Summary:
+    """Run the download; on any failure, Ctrl-C included, remove what it left at ``-O``."""
+    before = _stamp(options.output)
+    try:
+        return _stream(channel, options)
+    except BaseException:
+        _remove_partial(options.output, before)
+        raise
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _run(argv: list[str] | None) -> int:
+    """Local checks first, then the daemon: a doomed command never costs a download."""
+    options = parse_args(argv)
+    if os.path.lexists(options.output) and not options.overwrite:
+        raise DfgetError(f"{options.output} exists (use --overwrite)")
+    with grpc.insecure_channel(f"unix:{options.endpoint}", options=CHANNEL_OPTIONS) as channel:
+        _check_health(channel, options.endpoint)
+        started_at = time.monotonic()
+        summary = _download(channel, options)
+        elapsed = time.monotonic() - started_at
+    if options.json:
+        print(json.dumps(summary.as_json(options.output, elapsed)))
+    return EXIT_OK
+
+
+def _fail(message: str, code: int) -> int:
+    """Report on exactly one line: scripts read the last line of stderr."""
+    print(f"dfget: {' '.join(message.split())}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``dfget`` console script; returns the exit code."""
+    try:
+        return _run(argv)
+    except UsageError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except DfgetError as exc:
+        return _fail(str(exc), EXIT_FAILED)
+    except KeyboardInterrupt:
+        return _fail("interrupted", EXIT_INTERRUPTED)
+    except Exception as exc:  # the promise is one line, never a traceback
+        return _fail(f"unexpected error: {type(exc).__name__}: {exc}", EXIT_FAILED)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Translation between protobuf messages and the domain's plain records, and domain errors to gRPC status."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from dfdaemon import ids
+from dfdaemon.api import common_pb2, dfdaemon_ext_pb2, dfdaemon_pb2
+from dfdaemon.gc import GCReport
+from dfdaemon.storage import (
+    Hold,
+    InvalidPiece,
+    PieceCorrupt,
+    PieceNotFound,
+    StorageFull,
+    TaskInUse,
+    TaskNotFound,
+    TaskRecord,
+    Usage,
+)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+RequestT = TypeVar("RequestT")
+ResponseT = TypeVar("ResponseT")
+
+
+class InvalidRequest(ValueError):
+    """A request the caller must fix; answered INVALID_ARGUMENT."""
+
+
+# Domain errors and the status each maps to; the first match wins.
+_STATUS_OF: list[tuple[type[Exception], grpc.StatusCode]] = [
+    (TaskNotFound, grpc.StatusCode.NOT_FOUND),
+    (PieceNotFound, grpc.StatusCode.NOT_FOUND),
+    (TaskInUse, grpc.StatusCode.FAILED_PRECONDITION),
+    (StorageFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (PieceCorrupt, grpc.StatusCode.DATA_LOSS),
+    (InvalidPiece, grpc.StatusCode.OUT_OF_RANGE),
+    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
+]
+
+
+def status_for(error: Exception) -> grpc.StatusCode | None:
+    for kind, code in _STATUS_OF:
+        if isinstance(error, kind):
+            return code
+    return None
+
+
+async def abort_for(context: Context, error: Exception) -> NoReturn:
+    """End the RPC with the status that matches a domain error (re-raising anything unexpected)."""
+    code = status_for(error)
+    if code is None:
+        raise error
+    await context.abort(code, str(error))
+
+
+def unary(
+    method: Callable[[Any, RequestT, Context], Awaitable[ResponseT]],
+) -> Callable[[Any, RequestT, Context], Awaitable[ResponseT]]:
+    """Decorate a unary servicer method so domain errors end it with their gRPC status and message."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: RequestT, context: Context) -> ResponseT:
+        try:
+            return await method(self, request, context)
+        except Exception as error:
+            await abort_for(context, error)
+
+    return wrapper
+
+
+def timestamp(seconds: float | None) -> Timestamp | None:
+    if seconds is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def duration_seconds(value: Duration, field: str) -> float:
+    seconds = value.ToNanoseconds() / 1e9
+    if seconds <= 0:
+        raise InvalidRequest(f"{field} must be positive")
+    return seconds
+
+
+def stat_local_task(task: TaskRecord, uploading: int) -> dfdaemon_pb2.StatLocalTaskResponse:
+    response = dfdaemon_pb2.StatLocalTaskResponse(
+        task_id=task.id,
+        response_header=task.response_header,
+        uploading_count=uploading,
+        uploaded_count=task.uploaded_count,
+        created_at=timestamp(task.created_at),
+        updated_at=timestamp(task.updated_at),
+        finished_at=timestamp(task.finished_at),
+        failed_at=timestamp(task.failed_at),
+    )
+    if task.piece_length is not None:
+        response.piece_length = task.piece_length
+    if task.content_length is not None:
+        response.content_length = task.content_length
+    return response
+
+
+def download_task_id(download: common_pb2.Download) -> str:
+    """The task id a ``Download`` names, computed exactly as upstream does."""
+    if not download.url:
+        raise InvalidRequest("download.url is required")
+    return ids.task_id(
+        download.url,
+        tag=download.tag if download.HasField("tag") else None,
+        application=download.application if download.HasField("application") else None,
+        piece_length=download.piece_length if download.HasField("piece_length") else None,
+        filtered_query_params=list(download.filtered_query_params),
+        content_for_calculating_task_id=(
+            download.content_for_calculating_task_id if download.HasField("content_for_calculating_task_id") else None
+        ),
+        enable_task_id_based_blob_digest=download.enable_task_id_based_blob_digest,
+    )
+
+
+def task_ref_id(ref: dfdaemon_ext_pb2.TaskRef) -> str:
+    """Resolve a TaskRef (task id, Download or OCI blob digest) to a validated task id."""
+    kind = ref.WhichOneof("ref")
+    if kind == "task_id":
+        return ids.validate_task_id(ref.task_id)
+    if kind == "download":
+        return download_task_id(ref.download)
+    if kind == "blob_digest":
+        return ids.blob_digest_task_id(ref.blob_digest)
+    raise InvalidRequest("a task reference needs task_id, download or blob_digest")
+
+
+def hold(record: Hold) -> dfdaemon_ext_pb2.Hold:
+    return dfdaemon_ext_pb2.Hold(
+        task_id=record.task_id,
+        holder=record.holder,
+        acquired_at=timestamp(record.acquired_at),
+        expires_at=timestamp(record.expires_at),
+    )
+
+
+def usage(record: Usage) -> dfdaemon_ext_pb2.Usage:
+    return dfdaemon_ext_pb2.Usage(
+        used_bytes=record.used_bytes,
+        quota_bytes=record.quota_bytes,
+        high_watermark_bytes=record.high_watermark_bytes,
+        low_watermark_bytes=record.low_watermark_bytes,
+        held_bytes=record.held_bytes,
+        task_count=record.task_count,
+        held_task_count=record.held_task_count,
+        quota_exceeded_by_data_in_use=record.quota_exceeded_by_data_in_use,
+        filesystem_total_bytes=record.filesystem_total_bytes,
+        filesystem_free_bytes=record.filesystem_free_bytes,
+    )
+
+
+def gc_run(report: GCReport) -> dfdaemon_ext_pb2.GCRun:
+    return dfdaemon_ext_pb2.GCRun(
+        id=report.id,
+        dry_run=report.dry_run,
+        trigger=report.trigger,
+        started_at=timestamp(report.started_at),
+        finished_at=timestamp(report.finished_at),
+        bytes_before=report.bytes_before,
+        bytes_after=report.bytes_after,
+        evicted=[
+            dfdaemon_ext_pb2.GCEviction(task_id=e.task_id, reason=e.reason, bytes=e.bytes) for e in report.evicted
+        ],
+        skipped=[
+            dfdaemon_ext_pb2.GCSkip(
+                task_id=s.task_id,
+                reason=s.reason,
+                holders=s.holders,
+                downloads=s.downloads,
+                uploads=s.uploads,
+                bytes=s.bytes,
+            )
+            for s in report.skipped
+        ],
+        quota_exceeded_by_data_in_use=report.quota_exceeded_by_data_in_use,
+    )
