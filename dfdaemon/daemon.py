@@ -12,7 +12,9 @@ from pathlib import Path
 
 import grpc
 
+from dfdaemon.backend import Backend
 from dfdaemon.config import Config, ConfigError, check_storage_dir
+from dfdaemon.download import DownloadManager
 from dfdaemon.gc import GarbageCollector, GCPolicy
 from dfdaemon.rpc import download, ext, upload
 from dfdaemon.rpc.servers import HealthReporter, add_service, new_server
@@ -69,6 +71,15 @@ class Daemon:
         self.endpoints: Endpoints | None = None
         self.storage = Storage(config.storage_dir, keep=config.storage.keep)
         self.gc = GarbageCollector(self.storage, gc_policy(config))
+        self.backend = Backend(timeout=config.download.piece_timeout)
+        self.downloads = DownloadManager(
+            self.storage,
+            self.gc,
+            self.backend,
+            host_ip=config.host_ip(),
+            hostname=config.hostname(),
+            concurrent_piece_count=config.download.concurrent_piece_count,
+        )
         self._storage_open = False
 
     async def start(self) -> Endpoints:
@@ -88,7 +99,7 @@ class Daemon:
 
         upload_server, upload_health = new_server(
             [upload.SERVICE.full_name],
-            lambda server: add_service(server, upload.SERVICE, upload.UploadServicer(storage)),
+            lambda server: add_service(server, upload.SERVICE, upload.UploadServicer(storage, self.downloads)),
         )
         server_cfg = self.config.upload.server
         wanted = f"{server_cfg.ip}:{server_cfg.port}"
@@ -97,7 +108,7 @@ class Daemon:
             raise StartupError(f"upload.server: cannot listen on {wanted} (address in use or not available)")
 
         def register_download(server: grpc.aio.Server) -> None:
-            add_service(server, download.SERVICE, download.DownloadServicer(storage))
+            add_service(server, download.SERVICE, download.DownloadServicer(storage, self.downloads))
             add_service(server, ext.USE_SERVICE, ext.UseServicer(storage))
             add_service(server, ext.CACHE_SERVICE, ext.CacheServicer(storage, self.gc))
 
@@ -128,6 +139,8 @@ class Daemon:
             if server is not None:
                 await server.stop(grace)
         self._download_server = self._upload_server = None
+        await self.downloads.close()
+        await self.backend.close()
         await self.gc.stop()
         if self._storage_open:
             await self.storage.close()

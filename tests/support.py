@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -125,3 +128,56 @@ def running_daemon(workdir: Path, extra: dict[str, Any] | None = None) -> Iterat
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@dataclass
+class OriginProcess:
+    proc: subprocess.Popen[bytes]
+    root: Path
+    address: str
+
+    def url(self, name: str) -> str:
+        return f"http://{self.address}/{name}"
+
+    def stats(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"http://{self.address}/__stats__", timeout=10) as response:
+            return dict(json.load(response))
+
+    def bytes_served(self, name: str) -> int:
+        return int(self.stats()["by_path"].get(f"/{name}", 0))
+
+    def fault(self, name: str, **fault: object) -> None:
+        query = urllib.parse.urlencode({"path": f"/{name}", **{k: str(v) for k, v in fault.items()}})
+        request = urllib.request.Request(f"http://{self.address}/__fault__?{query}", method="POST")
+        with urllib.request.urlopen(request, timeout=10):
+            pass
+
+
+@contextmanager
+def running_origin(root: Path) -> Iterator[OriginProcess]:
+    """The loopback HTTP origin (scripts/origin.py) serving ``root``, as its own process."""
+    root.mkdir(parents=True, exist_ok=True)
+    log_path = root.parent / f"{root.name}-origin.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, str(REPO_ROOT / "scripts" / "origin.py"), "--dir", str(root)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    try:
+        address = wait_for_line(log_path, r"origin listening on (\S+)", proc).group(1)
+        yield OriginProcess(proc=proc, root=root, address=address)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def dfget(daemon: DaemonProcess, url: str, output: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dfdaemon.cli.dfget", url, "-O", str(output), "-e", str(daemon.socket_path), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=120,
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
@@ -12,12 +13,15 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from dfdaemon import ids
 from dfdaemon.api import common_pb2, dfdaemon_ext_pb2, dfdaemon_pb2
+from dfdaemon.backend import BackendError
+from dfdaemon.download import ByteRange, DownloadFailed, DownloadPrecondition, DownloadRequest, PieceDone, Started
 from dfdaemon.gc import GCReport
 from dfdaemon.storage import (
     Hold,
     InvalidPiece,
     PieceCorrupt,
     PieceNotFound,
+    PieceRecord,
     StorageFull,
     TaskInUse,
     TaskNotFound,
@@ -42,7 +46,11 @@ _STATUS_OF: list[tuple[type[Exception], grpc.StatusCode]] = [
     (StorageFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (PieceCorrupt, grpc.StatusCode.DATA_LOSS),
     (InvalidPiece, grpc.StatusCode.OUT_OF_RANGE),
+    (DownloadPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
+    (DownloadFailed, grpc.StatusCode.INTERNAL),
+    (BackendError, grpc.StatusCode.INTERNAL),
+    (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
 ]
 
 
@@ -54,11 +62,19 @@ def status_for(error: Exception) -> grpc.StatusCode | None:
 
 
 async def abort_for(context: Context, error: Exception) -> NoReturn:
-    """End the RPC with the status that matches a domain error (re-raising anything unexpected)."""
+    """End the RPC with the status that matches a domain error (re-raising anything unexpected).
+
+    An origin failure also carries upstream's ``errordetails.v2.Backend`` in the status details trailer.
+    """
     code = status_for(error)
     if code is None:
         raise error
-    await context.abort(code, str(error))
+    message = str(error) or type(error).__name__
+    if isinstance(error, TimeoutError):
+        message = "the download did not finish within its timeout"
+    if isinstance(error, BackendError):
+        await context.abort(code, message, trailing_metadata=(("grpc-status-details-bin", backend_details(error)),))
+    await context.abort(code, message)
 
 
 def unary(
@@ -187,3 +203,88 @@ def gc_run(report: GCReport) -> dfdaemon_ext_pb2.GCRun:
         ],
         quota_exceeded_by_data_in_use=report.quota_exceeded_by_data_in_use,
     )
+
+
+def download_request(download: common_pb2.Download) -> DownloadRequest:
+    """A ``common.v2.Download`` as the download manager's request."""
+
+    def optional(name: Any) -> Any:
+        return getattr(download, name) if download.HasField(name) else None
+
+    timeout = None
+    if download.HasField("timeout"):
+        timeout = duration_seconds(download.timeout, "download.timeout")
+    return DownloadRequest(
+        url=download.url,
+        digest=optional("digest"),
+        range=ByteRange(download.range.start, download.range.length) if download.HasField("range") else None,
+        tag=optional("tag"),
+        application=optional("application"),
+        filtered_query_params=tuple(download.filtered_query_params),
+        request_header=dict(download.request_header),
+        piece_length=optional("piece_length"),
+        output_path=optional("output_path"),
+        timeout=timeout,
+        disable_back_to_source=download.disable_back_to_source,
+        need_back_to_source=download.need_back_to_source,
+        need_piece_content=download.need_piece_content,
+        force_hard_link=download.force_hard_link,
+        overwrite=download.overwrite,
+        content_for_calculating_task_id=optional("content_for_calculating_task_id"),
+        concurrent_piece_count=optional("concurrent_piece_count"),
+        enable_task_id_based_blob_digest=download.enable_task_id_based_blob_digest,
+    )
+
+
+def duration(seconds: float) -> Duration:
+    value = Duration()
+    value.FromNanoseconds(int(seconds * 1e9))
+    return value
+
+
+def piece(record: PieceRecord, traffic_type: int | None = None, content: bytes | None = None) -> common_pb2.Piece:
+    message = common_pb2.Piece(
+        number=record.number,
+        offset=record.offset,
+        length=record.length,
+        digest=record.digest,
+        cost=duration(record.cost),
+        created_at=timestamp(record.created_at),
+    )
+    if record.parent_id is not None:
+        message.parent_id = record.parent_id
+    if traffic_type is not None:
+        message.traffic_type = traffic_type  # type: ignore[assignment]
+    if content is not None:
+        message.content = content
+    return message
+
+
+def download_event(event: Started | PieceDone, host_id: str) -> dfdaemon_pb2.DownloadTaskResponse:
+    if isinstance(event, Started):
+        started = dfdaemon_pb2.DownloadTaskStartedResponse(
+            content_length=event.content_length,
+            response_header=event.response_header,
+            pieces=[common_pb2.Piece(number=p.number, offset=p.offset, length=p.length) for p in event.pieces],
+            is_finished=event.is_finished,
+        )
+        if event.range is not None:
+            started.range.CopyFrom(common_pb2.Range(start=event.range.start, length=event.range.length))
+        return dfdaemon_pb2.DownloadTaskResponse(
+            host_id=host_id, task_id=event.task_id, peer_id=event.peer_id, download_task_started_response=started
+        )
+    return dfdaemon_pb2.DownloadTaskResponse(
+        host_id=host_id,
+        task_id=event.piece.task_id,
+        download_piece_finished_response=dfdaemon_pb2.DownloadPieceFinishedResponse(
+            piece=piece(event.piece, event.traffic_type, event.content)
+        ),
+    )
+
+
+def backend_details(error: BackendError) -> bytes:
+    """Upstream's ``errordetails.v2.Backend`` as JSON bytes, for the ``grpc-status-details-bin`` trailer."""
+    details: dict[str, Any] = {"message": error.message, "header": error.headers}
+    if error.status_code is not None:
+        details["status_code"] = error.status_code
+    return json.dumps(details).encode()

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
+import grpc
 from google.protobuf.empty_pb2 import Empty
 
 from dfdaemon.api import dfdaemon_pb2
+from dfdaemon.download import DownloadManager
 from dfdaemon.rpc import convert
 from dfdaemon.rpc.convert import Context, unary
 from dfdaemon.storage import Storage
@@ -15,8 +19,15 @@ SERVICE = dfdaemon_pb2.DESCRIPTOR.services_by_name["DfdaemonDownload"]
 class DownloadServicer:
     """Local task management over the unix socket; RPCs not defined here answer UNIMPLEMENTED."""
 
-    def __init__(self, storage: Storage) -> None:
+    def __init__(self, storage: Storage, downloads: DownloadManager) -> None:
         self.storage = storage
+        self.downloads = downloads
+
+    async def DownloadTask(
+        self, request: dfdaemon_pb2.DownloadTaskRequest, context: Context
+    ) -> AsyncIterator[dfdaemon_pb2.DownloadTaskResponse]:
+        async for response in download_task(self.downloads, request, context):
+            yield response
 
     @unary
     async def StatLocalTask(
@@ -49,3 +60,16 @@ async def stat_local_task(storage: Storage, task_id: str) -> dfdaemon_pb2.StatLo
     """Shared by both services: the local record of a task with its in-flight upload count."""
     task = await storage.require_task(task_id)
     return convert.stat_local_task(task, storage.in_flight(task.id)[1])
+
+
+async def download_task(
+    downloads: DownloadManager, request: dfdaemon_pb2.DownloadTaskRequest, context: Context
+) -> AsyncIterator[dfdaemon_pb2.DownloadTaskResponse]:
+    """Shared by both services: stream one download; any failure ends the stream with its status."""
+    if not request.HasField("download"):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "download is required")
+    try:
+        async for event in downloads.download(convert.download_request(request.download)):
+            yield convert.download_event(event, downloads.host_id)
+    except Exception as error:
+        await convert.abort_for(context, error)

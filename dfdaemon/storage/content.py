@@ -46,18 +46,16 @@ class ContentStore:
 
     def write_piece(self, task_id: str, offset: int, data: bytes | memoryview) -> tuple[int, int]:
         """Write a piece at its offset durably; returns (crc32 of the bytes, file size afterwards)."""
-        crc = zlib.crc32(data)
-        fd = os.open(self.path(task_id), os.O_WRONLY | os.O_CREAT, 0o644)
+        fd = self.open_for_write(task_id)
         try:
-            view = memoryview(data)
-            written = 0
-            while written < len(view):
-                written += os.pwrite(fd, view[written:], offset + written)
-            os.fdatasync(fd)
-            size = os.fstat(fd).st_size
+            crc = write_at(fd, offset, data, 0)
+            size = sync_and_size(fd)
         finally:
             os.close(fd)
         return crc, size
+
+    def open_for_write(self, task_id: str) -> int:
+        return os.open(self.path(task_id), os.O_WRONLY | os.O_CREAT, 0o644)
 
     def read_piece(self, task_id: str, offset: int, length: int) -> bytes:
         """Read a piece's bytes; short reads (a truncated file) return fewer bytes for the caller's CRC check."""
@@ -108,6 +106,21 @@ class ContentStore:
                 with contextlib.suppress(FileNotFoundError):
                     total += shard.lstat().st_size
         return total
+
+
+def write_at(fd: int, offset: int, data: bytes | memoryview, crc: int) -> int:
+    """Write all of ``data`` at ``offset``; returns the CRC-32 continued over it."""
+    view = memoryview(data)
+    written = 0
+    while written < len(view):
+        written += os.pwrite(fd, view[written:], offset + written)
+    return zlib.crc32(view, crc)
+
+
+def sync_and_size(fd: int) -> int:
+    """Make the written bytes durable before their piece becomes visible; returns the file's size."""
+    os.fdatasync(fd)
+    return os.fstat(fd).st_size
 
 
 def _is_task_id(name: str) -> bool:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from dfdaemon.ids import validate_task_id
-from dfdaemon.storage.content import ContentStore, remove_path
+from dfdaemon.storage.content import ContentStore, remove_path, sync_and_size, write_at
 from dfdaemon.storage.metadata import MetadataStore
 from dfdaemon.storage.models import (
     Hold,
@@ -219,6 +219,18 @@ class Storage:
                 self._release_count(self._downloads, task_id)
 
     @contextlib.asynccontextmanager
+    async def reading(self, task_id: str) -> AsyncIterator[None]:
+        """A local client following or copying a task counts as a download in flight until it is done."""
+        validate_task_id(task_id)
+        async with self._lock(task_id):
+            self._downloads[task_id] += 1
+        try:
+            yield
+        finally:
+            async with self._lock(task_id):
+                self._release_count(self._downloads, task_id)
+
+    @contextlib.asynccontextmanager
     async def upload(self, task_id: str) -> AsyncIterator[TaskReader]:
         """Read a task's pieces for a peer: holds an in-flight upload reference meanwhile."""
         validate_task_id(task_id)
@@ -396,16 +408,60 @@ class TaskWriter:
         traffic_type: int = TrafficType.BACK_TO_SOURCE,
         cost: float = 0.0,
     ) -> PieceRecord:
-        if number < 0 or offset < 0:
-            raise InvalidPiece(f"piece {number} at offset {offset} is out of range")
+        """Write a piece held in memory (one from a peer's DownloadPiece)."""
+        _check_span(number, offset, len(data))
         storage = self.storage
         crc, size = await storage._io(storage.content.write_piece, self.task_id, offset, data)
+        return await self._commit(number, offset, len(data), crc, size, parent_id, traffic_type, cost)
+
+    async def write_piece_stream(
+        self,
+        number: int,
+        offset: int,
+        length: int,
+        chunks: AsyncIterator[bytes],
+        *,
+        parent_id: str | None = None,
+        traffic_type: int = TrafficType.BACK_TO_SOURCE,
+        cost: float = 0.0,
+    ) -> PieceRecord:
+        """Write a piece as its bytes arrive, computing the CRC on the way; memory stays one chunk."""
+        _check_span(number, offset, length)
+        storage = self.storage
+        fd = await storage._io(storage.content.open_for_write, self.task_id)
+        crc, position = 0, offset
+        try:
+            async for chunk in chunks:
+                if position + len(chunk) > offset + length:
+                    raise InvalidPiece(f"piece {number} got more than its {length} bytes")
+                crc = await storage._io(write_at, fd, position, chunk, crc)
+                position += len(chunk)
+            if position != offset + length:
+                raise InvalidPiece(f"piece {number} got {position - offset} of its {length} bytes")
+            size = await storage._io(sync_and_size, fd)
+        finally:
+            await storage._io(os.close, fd)
+        return await self._commit(number, offset, length, crc, size, parent_id, traffic_type, cost)
+
+    async def _commit(
+        self,
+        number: int,
+        offset: int,
+        length: int,
+        crc: int,
+        size: int,
+        parent_id: str | None,
+        traffic_type: int,
+        cost: float,
+    ) -> PieceRecord:
+        """Make a piece visible: only now, with its bytes durable, does its row appear."""
+        storage = self.storage
         now = storage.clock()
         piece = PieceRecord(
             task_id=self.task_id,
             number=number,
             offset=offset,
-            length=len(data),
+            length=length,
             crc=crc,
             parent_id=parent_id,
             traffic_type=traffic_type,
@@ -439,6 +495,11 @@ class TaskReader:
         piece, data = await self.storage.read_piece(self.task.id, number)
         await self.storage._db(self.storage.meta.touch_task, self.task.id, self.storage.clock(), True)
         return piece, data
+
+
+def _check_span(number: int, offset: int, length: int) -> None:
+    if number < 0 or offset < 0 or length < 0:
+        raise InvalidPiece(f"piece {number} at offset {offset} with length {length} is out of range")
 
 
 def _check_holder(holder: str) -> None:

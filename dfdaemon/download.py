@@ -1,0 +1,466 @@
+"""Task downloads: from the local cache, from parent peers, or back to source, shared per task.
+
+One ``TaskJob`` per task fetches the missing pieces into storage (holding its in-flight download
+reference) and announces each finished piece; every request for that task, concurrent or not,
+follows the job and streams the pieces it asked for in completion order. Pieces already on disk
+when a request joins are reported as ``LOCAL_PEER``. Output files are written atomically (hard link
+when possible, else a copy into a temporary file renamed into place), so a failed download never
+leaves a partial file at the requested path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from dfdaemon import ids
+from dfdaemon.backend import Backend, BackendError, check_url
+from dfdaemon.gc import GarbageCollector
+from dfdaemon.ids import PieceSpan
+from dfdaemon.storage import PieceRecord, Storage, TaskInfo, TaskRecord, TaskState, TaskWriter, TrafficType
+
+log = logging.getLogger("dfdaemon.download")
+
+
+class InvalidDownload(ValueError):
+    """A request that can never succeed as given (INVALID_ARGUMENT)."""
+
+
+class DownloadPrecondition(Exception):
+    """A request that cannot succeed in the current state: bad range, existing output (FAILED_PRECONDITION)."""
+
+
+class DownloadFailed(Exception):
+    """The download itself failed after it started (INTERNAL)."""
+
+
+@dataclass(frozen=True)
+class ByteRange:
+    start: int
+    length: int
+
+
+@dataclass(frozen=True)
+class DownloadRequest:
+    """A ``common.v2.Download`` in domain terms; ``None`` means the optional field is unset."""
+
+    url: str
+    digest: str | None = None
+    range: ByteRange | None = None
+    tag: str | None = None
+    application: str | None = None
+    filtered_query_params: tuple[str, ...] = ()
+    request_header: dict[str, str] = field(default_factory=dict)
+    piece_length: int | None = None
+    output_path: str | None = None
+    timeout: float | None = None
+    disable_back_to_source: bool = False
+    need_back_to_source: bool = False
+    need_piece_content: bool = False
+    force_hard_link: bool = False
+    overwrite: bool = False
+    content_for_calculating_task_id: str | None = None
+    concurrent_piece_count: int | None = None
+    enable_task_id_based_blob_digest: bool = False
+
+    def task_id(self) -> str:
+        return ids.task_id(
+            self.url,
+            tag=self.tag,
+            application=self.application,
+            piece_length=self.piece_length,
+            filtered_query_params=self.filtered_query_params,
+            content_for_calculating_task_id=self.content_for_calculating_task_id,
+            enable_task_id_based_blob_digest=self.enable_task_id_based_blob_digest,
+        )
+
+
+@dataclass(frozen=True)
+class Started:
+    """What the requester will receive, sent before any piece."""
+
+    task_id: str
+    peer_id: str
+    content_length: int
+    range: ByteRange | None
+    response_header: dict[str, str]
+    pieces: list[PieceSpan]
+    is_finished: bool
+
+
+@dataclass(frozen=True)
+class PieceDone:
+    piece: PieceRecord
+    traffic_type: int
+    content: bytes | None = None
+
+
+# Fetches the missing pieces of a job into storage; the default goes back to source.
+PieceFetcher = Callable[["TaskJob"], Awaitable[None]]
+
+
+class TaskJob:
+    """The one download of a task in this daemon, followed by every request for it."""
+
+    def __init__(self, task_id: str, peer_id: str, request: DownloadRequest) -> None:
+        self.task_id = task_id
+        self.peer_id = peer_id
+        self.request = request
+        self.content_length = 0
+        self.piece_length = 0
+        self.response_header: dict[str, str] = {}
+        self.done: dict[int, tuple[PieceRecord, int]] = {}
+        self.ready = False
+        self.finished = False
+        self.error: BaseException | None = None
+        self.changed = asyncio.Condition()
+        self.runner: asyncio.Task[None] | None = None
+        # Set while pieces are being fetched: where they go, and which are still missing.
+        self.writer: TaskWriter | None = None
+        self.missing: list[PieceSpan] = []
+
+    @property
+    def pieces(self) -> list[PieceSpan]:
+        return ids.pieces_for(self.content_length, self.piece_length)
+
+    async def announce(
+        self, *, ready: bool = False, finished: bool = False, error: BaseException | None = None
+    ) -> None:
+        async with self.changed:
+            self.ready = self.ready or ready
+            self.finished = self.finished or finished
+            if error is not None:
+                self.error = error
+            self.changed.notify_all()
+
+    async def piece_done(self, piece: PieceRecord, traffic_type: int) -> None:
+        async with self.changed:
+            self.done[piece.number] = (piece, traffic_type)
+            self.changed.notify_all()
+
+
+class DownloadManager:
+    """Runs downloads for the daemon: validation, sharing per task, fetching, output files."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        gc: GarbageCollector,
+        backend: Backend,
+        *,
+        host_ip: str,
+        hostname: str,
+        concurrent_piece_count: int = 8,
+        piece_attempts: int = 3,
+    ) -> None:
+        self.storage = storage
+        self.gc = gc
+        self.backend = backend
+        self.host_ip = host_ip
+        self.hostname = hostname
+        self.host_id = ids.host_id(host_ip, hostname)
+        self.concurrent_piece_count = concurrent_piece_count
+        self.piece_attempts = piece_attempts
+        self.fetch_missing: PieceFetcher = self.back_to_source
+        self._jobs: dict[str, TaskJob] = {}
+
+    async def close(self) -> None:
+        for job in list(self._jobs.values()):
+            if job.runner is not None:
+                job.runner.cancel()
+                with contextlib.suppress(BaseException):
+                    await job.runner
+
+    # Requests
+
+    def validate(self, request: DownloadRequest) -> str:
+        """Check what can be checked before any work and return the task id."""
+        if not request.url:
+            raise InvalidDownload("download.url is required")
+        try:
+            check_url(request.url)
+        except ValueError as exc:
+            raise InvalidDownload(str(exc)) from None
+        if request.range is not None and request.range.length == 0:
+            raise DownloadPrecondition("download.range.length must be positive")
+        if request.digest is not None:
+            try:
+                ids.parse_file_digest(request.digest)
+            except ValueError as exc:
+                raise InvalidDownload(f"download.digest: {exc}") from None
+        if request.piece_length is not None and request.piece_length <= 0:
+            raise InvalidDownload("download.piece_length must be positive")
+        if request.output_path is not None:
+            _check_output_path(request.output_path, request.overwrite)
+        try:
+            return request.task_id()
+        except ValueError as exc:
+            raise InvalidDownload(str(exc)) from None
+
+    async def download(self, request: DownloadRequest) -> AsyncIterator[Started | PieceDone]:
+        """Stream one request: a Started, then its pieces in completion order; the output file last."""
+        task_id = self.validate(request)
+        peer_id = ids.peer_id(self.host_ip, self.hostname)
+        async with contextlib.AsyncExitStack() as stack:
+            if request.timeout is not None:
+                await stack.enter_async_context(asyncio.timeout(request.timeout))
+            # From before the first look at the cache until the output is written, the task is in use.
+            await stack.enter_async_context(self.storage.reading(task_id))
+            job = self._job(task_id, peer_id, request)
+            await self._wait(job, lambda: job.ready)
+            wanted = self._wanted(job, request.range)
+            async with job.changed:
+                local = {number for number in job.done if number in {p.number for p in wanted}}
+                is_finished = job.finished
+            yield Started(
+                task_id=task_id,
+                peer_id=peer_id,
+                content_length=job.content_length,
+                range=request.range,
+                response_header=job.response_header,
+                pieces=wanted,
+                is_finished=is_finished,
+            )
+            remaining = {piece.number for piece in wanted}
+            while remaining:
+                await self._wait(job, lambda: bool(remaining & job.done.keys()) or job.finished)
+                for number in sorted(remaining & job.done.keys(), key=lambda n: job.done[n][0].created_at):
+                    piece, traffic = job.done[number]
+                    remaining.discard(number)
+                    if number in local:
+                        traffic = TrafficType.LOCAL_PEER
+                    content = None
+                    if request.need_piece_content:
+                        _, content = await self.storage.read_piece(task_id, number)
+                    yield PieceDone(piece, traffic, content)
+                if remaining and job.finished:
+                    raise DownloadFailed(f"task {task_id} finished without pieces {sorted(remaining)}")
+            if request.output_path is not None:
+                await asyncio.to_thread(
+                    _write_output,
+                    self.storage.content.path(task_id),
+                    Path(request.output_path),
+                    request.range,
+                    job.content_length,
+                    request.overwrite,
+                    request.force_hard_link,
+                )
+                if request.digest is not None:
+                    await asyncio.to_thread(_verify_digest, Path(request.output_path), request.digest)
+            await self.storage.touch(task_id)
+
+    async def _wait(self, job: TaskJob, predicate: Callable[[], bool]) -> None:
+        async with job.changed:
+            await job.changed.wait_for(lambda: predicate() or job.error is not None)
+            if job.error is not None and not predicate():
+                raise job.error
+
+    @staticmethod
+    def _wanted(job: TaskJob, byte_range: ByteRange | None) -> list[PieceSpan]:
+        if byte_range is None:
+            return job.pieces
+        if byte_range.start + byte_range.length > job.content_length:
+            raise DownloadPrecondition(
+                f"download.range {byte_range.start}+{byte_range.length} is past the end of "
+                f"the {job.content_length}-byte content"
+            )
+        return ids.pieces_for(job.content_length, job.piece_length, byte_range.start, byte_range.length)
+
+    def _job(self, task_id: str, peer_id: str, request: DownloadRequest) -> TaskJob:
+        job = self._jobs.get(task_id)
+        if job is None or (job.runner is not None and job.runner.done() and job.error is not None):
+            job = TaskJob(task_id, peer_id, request)
+            self._jobs[task_id] = job
+            job.runner = asyncio.create_task(self._run(job), name=f"download-{task_id[:12]}")
+        return job
+
+    # The job
+
+    async def _run(self, job: TaskJob) -> None:
+        started = time.monotonic()
+        try:
+            if await self._run_job(job):
+                log.info(
+                    "download finished task=%s bytes=%d seconds=%.3f",
+                    job.task_id,
+                    job.content_length,
+                    time.monotonic() - started,
+                )
+        except asyncio.CancelledError:
+            await job.announce(error=DownloadFailed("the daemon is shutting down"))
+            raise
+        except Exception as exc:
+            error = _root_cause(exc)
+            log.warning("download failed task=%s error=%s", job.task_id, error)
+            await job.announce(error=error)
+        finally:
+            if self._jobs.get(job.task_id) is job:
+                del self._jobs[job.task_id]
+
+    async def _run_job(self, job: TaskJob) -> bool:
+        """Complete the task in storage; returns False when it was already complete (a cache hit)."""
+        request = job.request
+        existing = await self.storage.get_task(job.task_id)
+        if existing is not None and existing.state is TaskState.SUCCEEDED and existing.content_length is not None:
+            await self._load_local(job, existing)
+            await job.announce(ready=True, finished=True)
+            return False
+        if request.disable_back_to_source and self.fetch_missing == self.back_to_source:
+            raise DownloadFailed("back to source is disabled and no scheduler is configured")
+        info = await self.backend.stat(request.url, request.request_header)
+        piece_length = request.piece_length or ids.piece_length_for(info.content_length)
+        if existing is not None and existing.piece_length and existing.content_length == info.content_length:
+            piece_length = existing.piece_length
+        job.content_length, job.piece_length, job.response_header = info.content_length, piece_length, info.headers
+        stored = {p.number: p for p in await self.storage.pieces(job.task_id)} if existing else {}
+        missing = [p for p in job.pieces if p.number not in stored]
+        await self.gc.ensure_room(sum(p.length for p in missing))
+        task_info = TaskInfo(
+            url=request.url,
+            tag=request.tag or "",
+            application=request.application or "",
+            piece_length=piece_length,
+            content_length=info.content_length,
+            response_header=info.headers,
+        )
+        log.info("download started task=%s url=%s bytes=%d", job.task_id, request.url, info.content_length)
+        async with self.storage.download(job.task_id, task_info) as writer:
+            for piece in stored.values():
+                job.done[piece.number] = (piece, TrafficType.LOCAL_PEER)
+            job.writer = writer
+            await job.announce(ready=True)
+            try:
+                job.missing = missing
+                await self.fetch_missing(job)
+            except BaseException:
+                await writer.fail()
+                raise
+            await writer.finish()
+        await job.announce(finished=True)
+        return True
+
+    async def _load_local(self, job: TaskJob, task: TaskRecord) -> None:
+        job.content_length = task.content_length or 0
+        job.piece_length = task.piece_length or ids.piece_length_for(job.content_length)
+        job.response_header = task.response_header
+        for piece in await self.storage.pieces(task.id):
+            job.done[piece.number] = (piece, TrafficType.LOCAL_PEER)
+
+    async def back_to_source(self, job: TaskJob) -> None:
+        """Fetch every missing piece from the origin with bounded concurrency; the first failure cancels the rest."""
+        limit = job.request.concurrent_piece_count or self.concurrent_piece_count
+        semaphore = asyncio.Semaphore(limit)
+
+        async def one(span: PieceSpan) -> None:
+            async with semaphore:
+                piece = await self.fetch_from_source(job, span)
+            await job.piece_done(piece, TrafficType.BACK_TO_SOURCE)
+
+        async with asyncio.TaskGroup() as group:
+            for span in job.missing:
+                group.create_task(one(span))
+
+    async def fetch_from_source(self, job: TaskJob, span: PieceSpan) -> PieceRecord:
+        """One piece from the origin, retried when the connection breaks mid-piece."""
+        request = job.request
+        for attempt in range(1, self.piece_attempts + 1):
+            started = time.monotonic()
+            writer = job.writer
+            assert writer is not None, "pieces are fetched only while the job holds its writer"
+            try:
+                async with self.backend.open_range(
+                    request.url, request.request_header, span.offset, span.length
+                ) as body:
+                    return await writer.write_piece_stream(
+                        span.number,
+                        span.offset,
+                        span.length,
+                        body,
+                        traffic_type=TrafficType.BACK_TO_SOURCE,
+                        cost=time.monotonic() - started,
+                    )
+            except BackendError as exc:
+                if exc.status_code is not None or attempt == self.piece_attempts:
+                    raise
+                log.info("piece %d of task %s broke off (%s); retrying", span.number, job.task_id, exc)
+        raise AssertionError("unreachable")
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The first real failure inside the exception groups that concurrent piece fetching raises."""
+    while isinstance(error, BaseExceptionGroup) and error.exceptions:
+        error = error.exceptions[0]
+    return error
+
+
+def _check_output_path(output_path: str, overwrite: bool) -> None:
+    path = Path(output_path)
+    if not path.is_absolute():
+        raise InvalidDownload(f"download.output_path must be absolute, got {output_path!r}")
+    if not path.parent.is_dir():
+        raise DownloadPrecondition(f"the directory of output_path {output_path!r} does not exist")
+    if path.is_dir():
+        raise DownloadPrecondition(f"output_path {output_path!r} is a directory")
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise DownloadPrecondition(f"output_path {output_path!r} exists (set overwrite to replace it)")
+
+
+def _write_output(
+    content: Path, output: Path, byte_range: ByteRange | None, content_length: int, overwrite: bool, force_link: bool
+) -> None:
+    """Put the task's bytes at ``output``: hard link when whole and possible, else a copy; atomic either way."""
+    _check_output_path(str(output), overwrite)
+    temporary = output.with_name(f".{output.name}.dfdaemon-{uuid.uuid4().hex[:8]}")
+    try:
+        linked = False
+        if byte_range is None:
+            try:
+                os.link(content, temporary)
+                linked = True
+            except OSError as exc:
+                if force_link:
+                    raise DownloadFailed(f"cannot hard-link {output}: {exc.strerror}") from None
+        if not linked:
+            start, length = (0, content_length) if byte_range is None else (byte_range.start, byte_range.length)
+            with content.open("rb") as source, temporary.open("wb") as target:
+                source.seek(start)
+                _copy_exactly(source, target, length)
+                target.flush()
+                os.fsync(target.fileno())
+        if overwrite:
+            os.replace(temporary, output)
+        else:
+            os.link(temporary, output)  # fails if the path appeared meanwhile: never clobber without overwrite
+    except FileExistsError:
+        raise DownloadPrecondition(f"output_path {str(output)!r} exists (set overwrite to replace it)") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+
+
+def _copy_exactly(source: BinaryIO, target: BinaryIO, length: int) -> None:
+    remaining = length
+    while remaining:
+        chunk = source.read(min(remaining, 1024 * 1024))
+        if not chunk:
+            raise DownloadFailed(f"cache file ended {remaining} bytes early")
+        target.write(chunk)
+        remaining -= len(chunk)
+
+
+def _verify_digest(path: Path, expected: str) -> None:
+    digester = ids.FileDigester(expected)
+    with path.open("rb") as f:
+        while chunk := f.read(1024 * 1024):
+            digester.update(chunk)
+    if not digester.matches():
+        path.unlink(missing_ok=True)
+        raise DownloadPrecondition(f"digest mismatch: expected {expected}, got {digester.hexdigest()}")
