@@ -241,8 +241,9 @@ class DownloadManager:
                     if request.need_piece_content:
                         _, content = await self.storage.read_piece(task_id, number)
                     yield PieceDone(piece, traffic, content)
-                if remaining and job.finished:
-                    raise DownloadFailed(f"task {task_id} finished without pieces {sorted(remaining)}")
+                if job.finished and remaining - job.done.keys():
+                    missing = sorted(remaining - job.done.keys())
+                    raise DownloadFailed(f"task {task_id} finished without pieces {missing}")
             if request.output_path is not None:
                 await asyncio.to_thread(
                     _write_output,
