@@ -2,7 +2,8 @@
 
 It counts what it serves (``GET /__stats__`` answers JSON: requests, bytes, per-path bytes) and can be
 told to misbehave for a path: ``POST /__fault__?path=/f&status=500`` answers that status,
-``&delay=2`` stalls before answering, ``&cut=1000`` drops the connection after that many body bytes;
+``&delay=2`` stalls before answering, ``&cut=1000`` drops the connection after that many body bytes,
+``&rate=1000000`` sends at most that many bytes per second per request;
 ``POST /__fault__?path=/f`` with no other parameter clears it.
 
 Usage: ``python scripts/origin.py --dir DIR [--listen 127.0.0.1:0]``; it prints
@@ -137,11 +138,13 @@ class Handler(BaseHTTPRequestHandler):
         if head:
             return
         cut = int(fault["cut"]) if "cut" in fault else None
+        rate = float(fault["rate"]) if "rate" in fault else None
+        began = time.monotonic()
         sent = 0
         with file.open("rb") as f:
             f.seek(start)
             while sent < length:
-                chunk = f.read(min(_CHUNK, length - sent))
+                chunk = f.read(min(_CHUNK if rate is None else 64 * 1024, length - sent))
                 if cut is not None and sent + len(chunk) > cut:
                     chunk = chunk[: cut - sent]
                     self.wfile.write(chunk)
@@ -152,6 +155,8 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.write(chunk)
                 self.server.count(path, len(chunk))
                 sent += len(chunk)
+                if rate is not None:
+                    time.sleep(max(0.0, began + sent / rate - time.monotonic()))
 
 
 def main() -> int:
