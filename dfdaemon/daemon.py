@@ -15,8 +15,11 @@ import grpc
 from dfdaemon.backend import Backend
 from dfdaemon.config import Config, ConfigError, check_storage_dir
 from dfdaemon.download import DownloadManager
+from dfdaemon.download.scheduled import ScheduledFetch
 from dfdaemon.gc import GarbageCollector, GCPolicy
 from dfdaemon.rpc import download, ext, upload
+from dfdaemon.rpc.peer_client import GrpcParentClient
+from dfdaemon.rpc.scheduler_client import HostInfo, SchedulerClient
 from dfdaemon.rpc.servers import HealthReporter, add_service, new_server
 from dfdaemon.storage import Storage
 from dfdaemon.storage.metadata import SchemaTooNew
@@ -72,14 +75,17 @@ class Daemon:
         self.storage = Storage(config.storage_dir, keep=config.storage.keep)
         self.gc = GarbageCollector(self.storage, gc_policy(config))
         self.backend = Backend(timeout=config.download.piece_timeout)
+        self.host_ip, self.hostname = config.host_ip(), config.hostname()
         self.downloads = DownloadManager(
             self.storage,
             self.gc,
             self.backend,
-            host_ip=config.host_ip(),
-            hostname=config.hostname(),
+            host_ip=self.host_ip,
+            hostname=self.hostname,
             concurrent_piece_count=config.download.concurrent_piece_count,
         )
+        self.scheduler: SchedulerClient | None = None
+        self.parents = GrpcParentClient(self.downloads.host_id)
         self._storage_open = False
 
     async def start(self) -> Endpoints:
@@ -99,7 +105,11 @@ class Daemon:
 
         upload_server, upload_health = new_server(
             [upload.SERVICE.full_name],
-            lambda server: add_service(server, upload.SERVICE, upload.UploadServicer(storage, self.downloads)),
+            lambda server: add_service(
+                server,
+                upload.SERVICE,
+                upload.UploadServicer(storage, self.downloads, self.host_ip, self.config.download.piece_timeout),
+            ),
         )
         server_cfg = self.config.upload.server
         wanted = f"{server_cfg.ip}:{server_cfg.port}"
@@ -127,9 +137,27 @@ class Daemon:
 
         host = server_cfg.ip if ":" not in server_cfg.ip else f"[{server_cfg.ip}]"
         self.endpoints = Endpoints(upload_address=f"{host}:{port}", upload_port=port, socket_path=socket_path)
+        if self.config.scheduler.addrs:
+            self._join_scheduler(port)
         log.info("upload server listening on %s", self.endpoints.upload_address)
         log.info("download server listening on unix:%s", socket_path)
         return self.endpoints
+
+    def _join_scheduler(self, upload_port: int) -> None:
+        """Announce this host and route downloads through the scheduler; deletions are reported to it."""
+        config = self.config.scheduler
+        self.scheduler = SchedulerClient(
+            config.addrs,
+            HostInfo(host_id=self.downloads.host_id, ip=self.host_ip, hostname=self.hostname, port=upload_port),
+            announce_interval=config.announce_interval,
+            timeout=config.schedule_timeout,
+        )
+        self.downloads.fetch_missing = ScheduledFetch(
+            self.downloads, self.scheduler, self.parents, self.config.download.piece_timeout
+        )
+        self.storage.add_deletion_listener(self.scheduler.delete_task)
+        self.scheduler.start()
+        log.info("scheduling through %s", ", ".join(config.addrs))
 
     async def stop(self, grace: float = 5.0) -> None:
         """Report NOT_SERVING, let in-flight RPCs finish within ``grace`` seconds, remove the socket."""
@@ -141,6 +169,11 @@ class Daemon:
         self._download_server = self._upload_server = None
         await self.downloads.close()
         await self.backend.close()
+        await self.parents.close()
+        if self.scheduler is not None:
+            await self.scheduler.delete_host()
+            await self.scheduler.close()
+            self.scheduler = None
         await self.gc.stop()
         if self._storage_open:
             await self.storage.close()

@@ -70,7 +70,7 @@ async def abort_for(context: Context, error: Exception) -> NoReturn:
     if code is None:
         raise error
     message = str(error) or type(error).__name__
-    if isinstance(error, TimeoutError):
+    if isinstance(error, TimeoutError) and not str(error):
         message = "the download did not finish within its timeout"
     if isinstance(error, BackendError):
         await context.abort(code, message, trailing_metadata=(("grpc-status-details-bin", backend_details(error)),))

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
+from dfdaemon import ids
 from dfdaemon.api import dfdaemon_pb2
 from dfdaemon.download import DownloadManager
+from dfdaemon.rpc import convert
 from dfdaemon.rpc.convert import Context, unary
 from dfdaemon.rpc.download import download_task, stat_local_task
-from dfdaemon.storage import Storage
+from dfdaemon.storage import Storage, TaskNotFound, TaskState
 
 SERVICE = dfdaemon_pb2.DESCRIPTOR.services_by_name["DfdaemonUpload"]
 
@@ -16,9 +19,11 @@ SERVICE = dfdaemon_pb2.DESCRIPTOR.services_by_name["DfdaemonUpload"]
 class UploadServicer:
     """Serves other peers; RPCs not defined here answer UNIMPLEMENTED."""
 
-    def __init__(self, storage: Storage, downloads: DownloadManager) -> None:
+    def __init__(self, storage: Storage, downloads: DownloadManager, host_ip: str, piece_timeout: float) -> None:
         self.storage = storage
         self.downloads = downloads
+        self.host_ip = host_ip
+        self.piece_timeout = piece_timeout
 
     async def DownloadTask(
         self, request: dfdaemon_pb2.DownloadTaskRequest, context: Context
@@ -32,3 +37,53 @@ class UploadServicer:
         self, request: dfdaemon_pb2.StatLocalTaskRequest, context: Context
     ) -> dfdaemon_pb2.StatLocalTaskResponse:
         return await stat_local_task(self.storage, request.task_id)
+
+    async def SyncPieces(
+        self, request: dfdaemon_pb2.SyncPiecesRequest, context: Context
+    ) -> AsyncIterator[dfdaemon_pb2.SyncPiecesResponse]:
+        """Tell a child which pieces are here, then each new one as it is committed.
+
+        Ends once the child has every piece it asked for (all of them when it named none) or the task is
+        complete here; a task that stops making progress for a piece timeout ends with DEADLINE_EXCEEDED.
+        """
+        try:
+            async for response in self._sync_pieces(request):
+                yield response
+        except Exception as error:
+            await convert.abort_for(context, error)
+
+    async def _sync_pieces(
+        self, request: dfdaemon_pb2.SyncPiecesRequest
+    ) -> AsyncIterator[dfdaemon_pb2.SyncPiecesResponse]:
+        task_id = ids.validate_task_id(request.task_id)
+        interested = set(request.interested_piece_numbers)
+        sent: set[int] = set()
+        while True:
+            task = await self.storage.require_task(task_id)
+            for piece in await self.storage.pieces(task_id):
+                if piece.number not in sent and (not interested or piece.number in interested):
+                    sent.add(piece.number)
+                    yield dfdaemon_pb2.SyncPiecesResponse(
+                        number=piece.number, offset=piece.offset, length=piece.length, ip=self.host_ip
+                    )
+            if (interested and interested <= sent) or task.state is TaskState.SUCCEEDED:
+                return
+            if task.state is TaskState.FAILED:
+                raise TaskNotFound(task_id)
+            try:
+                async with asyncio.timeout(self.piece_timeout):
+                    await self.storage.wait_for_change(task_id)
+            except TimeoutError:
+                raise TimeoutError(f"task {task_id} made no progress for {self.piece_timeout:.0f}s") from None
+
+    @unary
+    async def DownloadPiece(
+        self, request: dfdaemon_pb2.DownloadPieceRequest, context: Context
+    ) -> dfdaemon_pb2.DownloadPieceResponse:
+        """One piece's bytes, CRC-checked on the way out, with the piece metadata digest."""
+        async with self.storage.upload(ids.validate_task_id(request.task_id)) as reader:
+            piece, content = await reader.read_piece(request.piece_number)
+        return dfdaemon_pb2.DownloadPieceResponse(
+            piece=convert.piece(piece, piece.traffic_type, content),
+            digest=ids.piece_metadata_digest(piece.number, piece.offset, piece.length, piece.digest),
+        )

@@ -68,6 +68,7 @@ class Storage:
         self._content_bytes: dict[str, int] = {}
         self._deletion_listeners: list[DeletionListener] = []
         self._growth_listeners: list[Callable[[], None]] = []
+        self._changes: dict[str, asyncio.Event] = {}
 
     # Lifetime
 
@@ -158,6 +159,19 @@ class Storage:
         with contextlib.suppress(FileNotFoundError):
             total += self.root.stat().st_size
         return total
+
+    def _changed(self, task_id: str) -> None:
+        """Wake whoever waits on this task (a SyncPieces stream of a child, say)."""
+        event = self._changes.pop(task_id, None)
+        if event is not None:
+            event.set()
+
+    async def wait_for_change(self, task_id: str) -> None:
+        """Wait until a piece of the task is committed, or it finishes, fails or goes."""
+        event = self._changes.get(task_id)
+        if event is None:
+            event = self._changes[task_id] = asyncio.Event()
+        await event.wait()
 
     def _account(self, task_id: str, size: int) -> None:
         before = self._content_bytes.get(task_id, 0)
@@ -308,6 +322,7 @@ class Storage:
         await self._io(self.content.delete, task_id)
         await self._db(self.meta.delete_task, task_id)
         self._locks.pop(task_id, None)
+        self._changed(task_id)
         return freed
 
     async def _notify_deleted(self, task_id: str) -> None:
@@ -470,6 +485,7 @@ class TaskWriter:
         )
         await storage._db(storage.meta.add_piece, piece, size, now)
         storage._account(self.task_id, size)
+        storage._changed(self.task_id)
         return piece
 
     async def finish(self) -> TaskRecord:
@@ -477,11 +493,13 @@ class TaskWriter:
         size = await storage._io(storage.content.size, self.task_id)
         await storage._db(storage.meta.finish_task, self.task_id, size, storage.clock())
         storage._account(self.task_id, size)
+        storage._changed(self.task_id)
         return await storage.require_task(self.task_id)
 
     async def fail(self) -> None:
         storage = self.storage
         await storage._db(storage.meta.fail_task, self.task_id, storage.clock())
+        storage._changed(self.task_id)
 
 
 class TaskReader:

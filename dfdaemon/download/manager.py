@@ -123,13 +123,15 @@ class TaskJob:
         self.error: BaseException | None = None
         self.changed = asyncio.Condition()
         self.runner: asyncio.Task[None] | None = None
-        # Set while pieces are being fetched: where they go, and which are still missing.
+        # Set while pieces are being fetched: where they go.
         self.writer: TaskWriter | None = None
-        self.missing: list[PieceSpan] = []
 
     @property
     def pieces(self) -> list[PieceSpan]:
         return ids.pieces_for(self.content_length, self.piece_length)
+
+    def missing_pieces(self) -> list[PieceSpan]:
+        return [span for span in self.pieces if span.number not in self.done]
 
     async def announce(
         self, *, ready: bool = False, finished: bool = False, error: BaseException | None = None
@@ -339,7 +341,6 @@ class DownloadManager:
             job.writer = writer
             await job.announce(ready=True)
             try:
-                job.missing = missing
                 await self.fetch_missing(job)
             except BaseException:
                 await writer.fail()
@@ -355,7 +356,9 @@ class DownloadManager:
         for piece in await self.storage.pieces(task.id):
             job.done[piece.number] = (piece, TrafficType.LOCAL_PEER)
 
-    async def back_to_source(self, job: TaskJob) -> None:
+    async def back_to_source(
+        self, job: TaskJob, on_piece: Callable[[PieceRecord], Awaitable[None]] | None = None
+    ) -> None:
         """Fetch every missing piece from the origin with bounded concurrency; the first failure cancels the rest."""
         limit = job.request.concurrent_piece_count or self.concurrent_piece_count
         semaphore = asyncio.Semaphore(limit)
@@ -364,9 +367,11 @@ class DownloadManager:
             async with semaphore:
                 piece = await self.fetch_from_source(job, span)
             await job.piece_done(piece, TrafficType.BACK_TO_SOURCE)
+            if on_piece is not None:
+                await on_piece(piece)
 
         async with asyncio.TaskGroup() as group:
-            for span in job.missing:
+            for span in job.missing_pieces():
                 group.create_task(one(span))
 
     async def fetch_from_source(self, job: TaskJob, span: PieceSpan) -> PieceRecord:

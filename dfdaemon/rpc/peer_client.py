@@ -1,0 +1,57 @@
+"""Client side of other peers' ``DfdaemonUpload``: SyncPieces and DownloadPiece, one channel per parent."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from dfdaemon.api import dfdaemon_pb2, dfdaemon_pb2_grpc
+from dfdaemon.download.peering import FetchedPiece, Parent
+from dfdaemon.ids import PieceSpan
+from dfdaemon.rpc.servers import CHANNEL_OPTIONS
+
+
+class GrpcParentClient:
+    """Talks to parents over gRPC, reusing one channel per parent address."""
+
+    def __init__(self, host_id: str) -> None:
+        self.host_id = host_id
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _stub(self, parent: Parent) -> dfdaemon_pb2_grpc.DfdaemonUploadAsyncStub:
+        channel = self._channels.get(parent.address)
+        if channel is None:
+            channel = self._channels[parent.address] = grpc.aio.insecure_channel(
+                parent.address, options=CHANNEL_OPTIONS
+            )
+        return dfdaemon_pb2_grpc.DfdaemonUploadStub(channel)
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+
+    async def sync_pieces(self, parent: Parent, task_id: str, interested: list[int]) -> AsyncIterator[PieceSpan]:
+        request = dfdaemon_pb2.SyncPiecesRequest(
+            host_id=self.host_id, task_id=task_id, interested_piece_numbers=interested
+        )
+        call = self._stub(parent).SyncPieces(request)
+        try:
+            async for response in call:
+                yield PieceSpan(number=response.number, offset=response.offset, length=response.length)
+        finally:
+            call.cancel()
+
+    async def download_piece(self, parent: Parent, task_id: str, number: int) -> FetchedPiece:
+        request = dfdaemon_pb2.DownloadPieceRequest(host_id=self.host_id, task_id=task_id, piece_number=number)
+        response = await self._stub(parent).DownloadPiece(request)
+        piece = response.piece
+        return FetchedPiece(
+            number=piece.number,
+            offset=piece.offset,
+            length=piece.length,
+            digest=piece.digest,
+            metadata_digest=response.digest if response.HasField("digest") else None,
+            content=piece.content,
+        )

@@ -1,0 +1,292 @@
+"""Client of ``scheduler.v2.Scheduler``: host announcements, one AnnouncePeer stream per download, deletions.
+
+Several scheduler addresses may be configured; rendezvous hashing on the task id picks the one a
+task's downloads and deletions go to, so every peer of a task meets on the same scheduler.
+Progress reports are best effort: a broken stream is noticed at the next decision or terminal
+report, where the download path falls back to the origin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import platform
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from dfdaemon.api import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from dfdaemon.download.peering import (
+    BackToSource,
+    Decision,
+    EmptyTask,
+    NormalTask,
+    Parent,
+    Registration,
+    SchedulerUnavailable,
+)
+from dfdaemon.rpc import convert
+from dfdaemon.storage import PieceRecord
+
+log = logging.getLogger("dfdaemon.scheduler")
+
+# How long a peer waits for the scheduler to close the stream after a terminal report.
+CLOSE_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    """This daemon as the scheduler sees it."""
+
+    host_id: str
+    ip: str
+    hostname: str
+    port: int
+
+    def message(self) -> common_pb2.Host:
+        return common_pb2.Host(
+            id=self.host_id,
+            type=0,
+            hostname=self.hostname,
+            ip=self.ip,
+            port=self.port,
+            os=platform.system().lower(),
+            platform=platform.platform(),
+            kernel_version=platform.release(),
+        )
+
+
+def pick_address(addresses: list[str], task_id: str) -> str:
+    """Rendezvous hashing: stable per task, and only a removed scheduler's tasks move elsewhere."""
+    return max(addresses, key=lambda address: hashlib.sha256(f"{address}/{task_id}".encode()).digest())
+
+
+class SchedulerClient:
+    """All scheduler traffic of one daemon."""
+
+    def __init__(self, addresses: list[str], host: HostInfo, announce_interval: float, timeout: float) -> None:
+        if not addresses:
+            raise ValueError("at least one scheduler address is required")
+        self.addresses = addresses
+        self.host = host
+        self.announce_interval = announce_interval
+        self.timeout = timeout
+        self._channels = {address: grpc.aio.insecure_channel(address) for address in addresses}
+        self._announcer: asyncio.Task[None] | None = None
+
+    def stub(self, address: str) -> scheduler_pb2_grpc.SchedulerAsyncStub:
+        return scheduler_pb2_grpc.SchedulerStub(self._channels[address])
+
+    def stub_for(self, task_id: str) -> scheduler_pb2_grpc.SchedulerAsyncStub:
+        return self.stub(pick_address(self.addresses, task_id))
+
+    def open_session(self, task_id: str, peer_id: str) -> GrpcSchedulerSession:
+        return GrpcSchedulerSession(self.stub_for(task_id), self.host.host_id, task_id, peer_id)
+
+    # Host lifetime
+
+    def start(self) -> None:
+        self._announcer = asyncio.create_task(self._announce_forever(), name="announce-host")
+
+    async def _announce_forever(self) -> None:
+        while True:
+            await self.announce_host()
+            await asyncio.sleep(self.announce_interval)
+
+    async def announce_host(self) -> None:
+        """Tell every scheduler about this host; one that is down hears again at the next interval."""
+        request = scheduler_pb2.AnnounceHostRequest(
+            host=self.host.message(), interval=convert.duration(self.announce_interval)
+        )
+        for address in self.addresses:
+            try:
+                await self.stub(address).AnnounceHost(request, timeout=self.timeout)
+            except grpc.aio.AioRpcError as exc:
+                log.warning("announcing host to scheduler %s failed: %s", address, exc.details() or exc.code().name)
+
+    async def delete_task(self, task_id: str) -> None:
+        """This host no longer has the task: no child may be sent here for it."""
+        request = scheduler_pb2.DeleteTaskRequest(host_id=self.host.host_id, task_id=task_id)
+        try:
+            await self.stub_for(task_id).DeleteTask(request, timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("telling the scheduler task %s is gone failed: %s", task_id, exc.details() or exc.code().name)
+
+    async def delete_host(self) -> None:
+        request = scheduler_pb2.DeleteHostRequest(host_id=self.host.host_id)
+        for address in self.addresses:
+            try:
+                await self.stub(address).DeleteHost(request, timeout=self.timeout)
+            except grpc.aio.AioRpcError as exc:
+                log.warning("leaving scheduler %s failed: %s", address, exc.details() or exc.code().name)
+
+    async def close(self) -> None:
+        if self._announcer is not None:
+            self._announcer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._announcer
+        for channel in self._channels.values():
+            await channel.close()
+
+
+class GrpcSchedulerSession:
+    """One AnnouncePeer stream, as the download path's SchedulerSession."""
+
+    def __init__(self, stub: scheduler_pb2_grpc.SchedulerAsyncStub, host_id: str, task_id: str, peer_id: str) -> None:
+        self._stub = stub
+        self._host_id, self._task_id, self._peer_id = host_id, task_id, peer_id
+        self._call: Any = None
+        self._broken = False
+
+    async def _send(self, **request: Any) -> None:
+        if self._call is None:
+            raise SchedulerUnavailable("the session has not registered")
+        try:
+            message = scheduler_pb2.AnnouncePeerRequest(
+                host_id=self._host_id, task_id=self._task_id, peer_id=self._peer_id, **request
+            )
+            await self._call.write(message)
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+            self._broken = True
+            raise SchedulerUnavailable(f"AnnouncePeer stream broke: {_describe(exc)}") from None
+
+    async def _report(self, **request: Any) -> None:
+        """Progress reports never fail a download; a broken stream shows at the next decision."""
+        if self._broken:
+            return
+        try:
+            await self._send(**request)
+        except SchedulerUnavailable as exc:
+            log.warning("%s", exc)
+
+    async def register(self, registration: Registration) -> None:
+        download = common_pb2.Download(
+            url=registration.url,
+            type=common_pb2.STANDARD,
+            filtered_query_params=list(registration.filtered_query_params),
+            request_header=registration.request_header,
+            need_back_to_source=registration.need_back_to_source,
+            disable_back_to_source=registration.disable_back_to_source,
+            concurrent_piece_count=registration.concurrent_piece_count,
+            actual_content_length=registration.content_length,
+            actual_piece_length=registration.actual_piece_length,
+            actual_piece_count=registration.piece_count,
+        )
+        if registration.tag is not None:
+            download.tag = registration.tag
+        if registration.application is not None:
+            download.application = registration.application
+        if registration.piece_length is not None:
+            download.piece_length = registration.piece_length
+        self._call = self._stub.AnnouncePeer()
+        await self._send(register_peer_request=scheduler_pb2.RegisterPeerRequest(download=download))
+
+    async def decision(self) -> Decision:
+        try:
+            response = await self._call.read()
+        except grpc.aio.AioRpcError as exc:
+            raise SchedulerUnavailable(f"AnnouncePeer failed: {_describe(exc)}") from None
+        if response is grpc.aio.EOF:
+            raise SchedulerUnavailable("the scheduler closed the AnnouncePeer stream without a decision")
+        kind = response.WhichOneof("response")
+        if kind == "empty_task_response":
+            return EmptyTask()
+        if kind == "need_back_to_source_response":
+            return BackToSource(response.need_back_to_source_response.description)
+        if kind == "normal_task_response":
+            return NormalTask(
+                [
+                    Parent(peer_id=peer.id, host_id=peer.host.id, ip=peer.host.ip, port=peer.host.port)
+                    for peer in response.normal_task_response.candidate_parents
+                ]
+            )
+        raise SchedulerUnavailable(f"the scheduler answered with an unknown response {kind!r}")
+
+    async def download_started(self) -> None:
+        await self._report(download_peer_started_request=scheduler_pb2.DownloadPeerStartedRequest())
+
+    async def back_to_source_started(self, description: str) -> None:
+        await self._report(
+            download_peer_back_to_source_started_request=scheduler_pb2.DownloadPeerBackToSourceStartedRequest(
+                description=description
+            )
+        )
+
+    async def piece_finished(self, piece: PieceRecord) -> None:
+        await self._report(
+            download_piece_finished_request=scheduler_pb2.DownloadPieceFinishedRequest(
+                piece=convert.piece(piece, piece.traffic_type)
+            )
+        )
+
+    async def back_to_source_piece_finished(self, piece: PieceRecord) -> None:
+        await self._report(
+            download_piece_back_to_source_finished_request=scheduler_pb2.DownloadPieceBackToSourceFinishedRequest(
+                piece=convert.piece(piece, piece.traffic_type)
+            )
+        )
+
+    async def piece_failed(self, number: int, parent_id: str, temporary: bool) -> None:
+        failed = scheduler_pb2.DownloadPieceFailedRequest(parent_id=parent_id, temporary=temporary)
+        if number >= 0:
+            failed.piece_number = number
+        await self._report(download_piece_failed_request=failed)
+
+    async def reschedule(self, failed_parents: list[Parent], description: str) -> None:
+        await self._send(
+            reschedule_peer_request=scheduler_pb2.ReschedulePeerRequest(
+                candidate_parents=[
+                    common_pb2.Peer(id=p.peer_id, host=common_pb2.Host(id=p.host_id, ip=p.ip, port=p.port))
+                    for p in failed_parents
+                ],
+                description=description,
+            )
+        )
+
+    async def finished(self, *, back_to_source: bool) -> None:
+        if back_to_source:
+            await self._send(
+                download_peer_back_to_source_finished_request=scheduler_pb2.DownloadPeerBackToSourceFinishedRequest()
+            )
+        else:
+            await self._send(download_peer_finished_request=scheduler_pb2.DownloadPeerFinishedRequest())
+        await self._await_close()
+
+    async def failed(self, description: str, *, back_to_source: bool) -> None:
+        try:
+            if back_to_source:
+                await self._send(
+                    download_peer_back_to_source_failed_request=scheduler_pb2.DownloadPeerBackToSourceFailedRequest(
+                        description=description
+                    )
+                )
+            else:
+                await self._send(
+                    download_peer_failed_request=scheduler_pb2.DownloadPeerFailedRequest(description=description)
+                )
+            await self._await_close()
+        except SchedulerUnavailable as exc:
+            log.warning("reporting a failed download to the scheduler failed: %s", exc)
+
+    async def _await_close(self) -> None:
+        """The scheduler ends the stream after a terminal report; wait for that (bounded)."""
+        try:
+            await self._call.done_writing()
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                while await self._call.read() is not grpc.aio.EOF:
+                    pass
+        except (grpc.aio.AioRpcError, TimeoutError) as exc:
+            log.info("AnnouncePeer did not close cleanly: %s", _describe(exc))
+
+    async def close(self) -> None:
+        if self._call is not None and not self._call.done():
+            self._call.cancel()
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, grpc.aio.AioRpcError):
+        return f"{error.code().name}: {error.details()}"
+    return str(error) or type(error).__name__
