@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from dfdaemon import ids
-from dfdaemon.download.peering import FetchedPiece, Parent, ParentClient
+from dfdaemon.download.peering import FetchedPiece, Parent, ParentClient, PieceUnavailable
 from dfdaemon.ids import PieceSpan
 from dfdaemon.storage import PieceRecord, TaskWriter, TrafficType
 
@@ -29,7 +29,7 @@ PieceReport = Callable[[PieceRecord], Awaitable[None]]
 FailureReport = Callable[[int, Parent], Awaitable[None]]
 
 
-class BadPiece(Exception):
+class BadPiece(PieceUnavailable):
     """A parent sent bytes that do not match the piece's digests or place."""
 
 
@@ -41,6 +41,8 @@ class _Collection:
     queued: set[int] = field(default_factory=set)
     busy: set[int] = field(default_factory=set)
     failed: dict[str, Parent] = field(default_factory=dict)
+    # (parent, piece) pairs that failed on the piece alone: a bad copy, or one the parent no longer has.
+    bad: set[tuple[str, int]] = field(default_factory=set)
     open_syncs: int = 0
     last_progress: float = field(default_factory=time.monotonic)
 
@@ -49,7 +51,11 @@ class _Collection:
         return self.done >= self.wanted.keys()
 
     def usable(self, number: int) -> list[Parent]:
-        return [p for p in self.available.get(number, []) if p.peer_id not in self.failed]
+        return [
+            p
+            for p in self.available.get(number, [])
+            if p.peer_id not in self.failed and (p.peer_id, number) not in self.bad
+        ]
 
 
 def check_piece(span: PieceSpan, fetched: FetchedPiece) -> None:
@@ -146,6 +152,15 @@ async def collect_from_parents(
                 )
             except asyncio.CancelledError:
                 raise
+            except PieceUnavailable as exc:
+                state.busy.discard(number)
+                log.warning("parent %s cannot serve piece %d of task %s: %s", parent.peer_id, number, task_id, exc)
+                state.bad.add((parent.peer_id, number))
+                await on_failure(number, parent)
+                if state.usable(number):
+                    offer(number)
+                wake.set()
+                continue
             except Exception as exc:
                 state.busy.discard(number)
                 await fail(parent, number, str(exc) or type(exc).__name__)

@@ -119,3 +119,11 @@ class ParentClient(Protocol):
 
 class SchedulerUnavailable(Exception):
     """The scheduler could not be reached or broke the session."""
+
+
+class PieceUnavailable(Exception):
+    """A parent cannot serve this one piece (it lacks it, or its copy failed its CRC); others may still serve."""
+
+
+class ParentUnavailable(Exception):
+    """A parent cannot be reached or keeps failing: avoid it for the rest of the download."""

@@ -7,9 +7,12 @@ from collections.abc import AsyncIterator
 import grpc
 
 from dfdaemon.api import dfdaemon_pb2, dfdaemon_pb2_grpc
-from dfdaemon.download.peering import FetchedPiece, Parent
+from dfdaemon.download.peering import FetchedPiece, Parent, ParentUnavailable, PieceUnavailable
 from dfdaemon.ids import PieceSpan
 from dfdaemon.rpc.servers import CHANNEL_OPTIONS
+
+# Answers about one piece only: the parent is fine, that piece must come from elsewhere.
+_PIECE_CODES = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DATA_LOSS}
 
 
 class GrpcParentClient:
@@ -45,7 +48,13 @@ class GrpcParentClient:
 
     async def download_piece(self, parent: Parent, task_id: str, number: int) -> FetchedPiece:
         request = dfdaemon_pb2.DownloadPieceRequest(host_id=self.host_id, task_id=task_id, piece_number=number)
-        response = await self._stub(parent).DownloadPiece(request)
+        try:
+            response = await self._stub(parent).DownloadPiece(request)
+        except grpc.aio.AioRpcError as exc:
+            reason = f"{exc.code().name}: {exc.details()}"
+            if exc.code() in _PIECE_CODES:
+                raise PieceUnavailable(reason) from None
+            raise ParentUnavailable(reason) from None
         piece = response.piece
         return FetchedPiece(
             number=piece.number,

@@ -1,0 +1,195 @@
+"""Peer to peer between real processes: the scheduler stub, several daemons and a loopback origin.
+
+The origin is hit about once per file; children fetch pieces from parents with SyncPieces and
+DownloadPiece; a dead or lying parent is reported and avoided, and the child still finishes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from dfdaemon.api import scheduler_pb2, scheduler_pb2_grpc
+from tests.support import (
+    REPO_ROOT,
+    DaemonProcess,
+    OriginProcess,
+    dfget,
+    running_daemon,
+    running_origin,
+    wait_for_line,
+)
+
+MB = 1_000_000
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class SchedulerProcess:
+    proc: subprocess.Popen[bytes]
+    address: str
+    log_path: Path
+
+    def stub(self) -> scheduler_pb2_grpc.SchedulerStub:
+        return scheduler_pb2_grpc.SchedulerStub(grpc.insecure_channel(self.address))
+
+
+@contextmanager
+def running_scheduler(workdir: Path) -> Iterator[SchedulerProcess]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / "scheduler.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "scheduler_stub", "--listen", "127.0.0.1:0"],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    try:
+        address = wait_for_line(log_path, r"scheduler listening on (\S+)", proc).group(1)
+        yield SchedulerProcess(proc=proc, address=address, log_path=log_path)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def peer_config(scheduler: SchedulerProcess) -> dict[str, object]:
+    return {
+        "scheduler": {"addrs": [scheduler.address], "announceInterval": "2s"},
+        "download": {"pieceTimeout": "10s", "concurrentPieceCount": 4},
+    }
+
+
+@contextmanager
+def cluster(tmp_path: Path, peers: int) -> Iterator[tuple[SchedulerProcess, list[DaemonProcess]]]:
+    with ExitStack() as stack:
+        scheduler = stack.enter_context(running_scheduler(tmp_path / "scheduler"))
+        daemons = [
+            stack.enter_context(running_daemon(tmp_path / f"peer{i}", peer_config(scheduler))) for i in range(peers)
+        ]
+        wait_for_hosts(scheduler, peers)
+        yield scheduler, daemons
+
+
+def wait_for_hosts(scheduler: SchedulerProcess, count: int) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        hosts = scheduler.stub().ListHosts(scheduler_pb2.ListHostsRequest(), timeout=5).hosts
+        if len(hosts) >= count:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"only {len(hosts)} of {count} hosts announced themselves")
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def origin(tmp_path: Path) -> Iterator[OriginProcess]:
+    root = tmp_path / "files"
+    root.mkdir()
+    (root / "model.bin").write_bytes(os.urandom(40 * MB + 17))
+    with running_origin(root) as running:
+        yield running
+
+
+def fetch_all(daemons: list[DaemonProcess], url: str, out: Path, prefix: str = "copy") -> list[dict[str, object]]:
+    results: dict[int, subprocess.CompletedProcess[str]] = {}
+
+    def run(index: int, daemon: DaemonProcess) -> None:
+        results[index] = dfget(daemon, url, out / f"{prefix}-{index}", "--json")
+
+    threads = [threading.Thread(target=run, args=(i, d)) for i, d in enumerate(daemons)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for index, result in sorted(results.items()):
+        assert result.returncode == 0, f"peer {index}: {result.stderr}"
+    return [json.loads(results[i].stdout) for i in sorted(results)]
+
+
+def test_first_peer_goes_to_source_the_others_share(origin: OriginProcess, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    size = 40 * MB + 17
+    with cluster(tmp_path, 4) as (_, daemons):
+        first = fetch_all(daemons[:1], origin.url("model.bin"), out, "first")[0]
+        assert first["pieces"]["BACK_TO_SOURCE"] > 0  # type: ignore[index]
+        reports = fetch_all(daemons[1:], origin.url("model.bin"), out)
+    expected = sha256(origin.root / "model.bin")
+    assert all(sha256(out / f"copy-{i}") == expected for i in range(3))
+    for report in reports:
+        pieces = report["pieces"]
+        assert pieces["BACK_TO_SOURCE"] == 0 and pieces["REMOTE_PEER"] > 0, report
+    assert origin.bytes_served("model.bin") <= 1.05 * size
+
+
+def test_four_peers_at_once_hit_the_origin_about_once(origin: OriginProcess, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    size = 40 * MB + 17
+    origin.fault("model.bin", rate=40 * MB)  # slow enough that the peers overlap
+    with cluster(tmp_path, 4) as (_, daemons):
+        reports = fetch_all(daemons, origin.url("model.bin"), out)
+    expected = sha256(origin.root / "model.bin")
+    assert all(sha256(out / f"copy-{i}") == expected for i in range(4))
+    assert sum(1 for r in reports if r["pieces"]["BACK_TO_SOURCE"]) == 1  # type: ignore[index]
+    assert origin.bytes_served("model.bin") <= 1.05 * size
+
+
+def test_a_parent_killed_mid_transfer(origin: OriginProcess, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    with cluster(tmp_path, 3) as (_, daemons):
+        fetch_all(daemons[:2], origin.url("model.bin"), out, "parent")  # two complete parents
+        victim = daemons[0]
+        child = daemons[2]
+        result: dict[str, subprocess.CompletedProcess[str]] = {}
+        thread = threading.Thread(
+            target=lambda: result.setdefault("r", dfget(child, origin.url("model.bin"), out / "child", "--json"))
+        )
+        thread.start()
+        time.sleep(0.3)
+        victim.proc.send_signal(signal.SIGKILL)
+        thread.join()
+    assert result["r"].returncode == 0, result["r"].stderr
+    assert sha256(out / "child") == sha256(origin.root / "model.bin")
+
+
+def test_a_corrupt_parent_is_detected_and_avoided(origin: OriginProcess, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    with cluster(tmp_path, 3) as (_, daemons):
+        first = fetch_all(daemons[:1], origin.url("model.bin"), out, "first")[0]
+        task_id = str(first["task_id"])
+        content = daemons[0].storage_dir / "content" / "tasks" / task_id[:3] / task_id
+        with content.open("r+b") as f:  # flip bytes inside piece 1 on the parent's disk
+            f.seek(5 * 1024 * 1024)
+            f.write(bytes(b ^ 0xFF for b in f.read(64)))
+        served = origin.bytes_served("model.bin")
+        second = dfget(daemons[1], origin.url("model.bin"), out / "second", "--json")
+        assert second.returncode == 0, second.stderr
+        assert sha256(out / "second") == sha256(origin.root / "model.bin")
+        assert "CRC" in daemons[0].log() or "corrupt" in daemons[0].log()
+        # The corrupt piece came from elsewhere (the origin), not from the parent.
+        assert origin.bytes_served("model.bin") - served <= 8 * 1024 * 1024
+        # The parent dropped its corrupt copy: a third peer never gets it from there.
+        third = dfget(daemons[2], origin.url("model.bin"), out / "third", "--json")
+        assert third.returncode == 0, third.stderr
+        assert sha256(out / "third") == sha256(origin.root / "model.bin")
