@@ -10,9 +10,13 @@ import sys
 
 from dfdaemon.logs import setup_logging
 from dfdaemon.rpc.servers import add_service, new_server
+from scheduler_stub.registry import Registry
 from scheduler_stub.service import SERVICE, SchedulerServicer
 
 log = logging.getLogger("dfscheduler")
+
+# Every answer already ignores silent hosts; the sweep only reclaims their memory while nobody asks.
+SWEEP_SECONDS = 5.0
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -22,8 +26,15 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+async def _sweep(registry: Registry) -> None:
+    while True:
+        await asyncio.sleep(SWEEP_SECONDS)
+        registry.expire_hosts()
+
+
 async def _serve(listen: str) -> int:
-    server, health = new_server([SERVICE.full_name], lambda s: add_service(s, SERVICE, SchedulerServicer()))
+    registry = Registry()
+    server, health = new_server([SERVICE.full_name], lambda s: add_service(s, SERVICE, SchedulerServicer(registry)))
     try:
         port = int(server.add_insecure_port(listen))
     except RuntimeError:
@@ -32,6 +43,7 @@ async def _serve(listen: str) -> int:
         print(f"dfscheduler: cannot listen on {listen}", file=sys.stderr)
         return 1
     await server.start()
+    sweep = asyncio.create_task(_sweep(registry))
     await health.set_serving(True)
     host = listen.rsplit(":", 1)[0]
     log.info("scheduler listening on %s:%d", host, port)
@@ -42,6 +54,7 @@ async def _serve(listen: str) -> int:
     await stop.wait()
     await health.set_serving(False)
     await server.stop(5.0)
+    sweep.cancel()
     return 0
 
 

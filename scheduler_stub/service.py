@@ -1,11 +1,233 @@
-"""The ``scheduler.v2.Scheduler`` servicer of the stub."""
+"""The ``scheduler.v2.Scheduler`` servicer of the stub: protobuf in, registry calls, protobuf out."""
 
 from __future__ import annotations
 
-from dfdaemon.api import scheduler_pb2
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import text_format
+from google.protobuf.empty_pb2 import Empty
+from google.protobuf.message import Message
+
+from dfdaemon.api import common_pb2, scheduler_pb2
+from scheduler_stub.registry import (
+    Answer,
+    Host,
+    HostNotAnnounced,
+    InvalidRequest,
+    NoParentAvailable,
+    NotFound,
+    PeerView,
+    Registry,
+    RegistryError,
+    Schedule,
+    Task,
+)
 
 SERVICE = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"]
 
+log = logging.getLogger("dfscheduler.service")
+
+Context = grpc.aio.ServicerContext[Any, Any]
+RequestT = TypeVar("RequestT", bound=Message)
+ResponseT = TypeVar("ResponseT", bound=Message)
+
+_STATUS_OF: dict[type[RegistryError], grpc.StatusCode] = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    HostNotAnnounced: grpc.StatusCode.FAILED_PRECONDITION,
+    NoParentAvailable: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+def _debug(rpc: str, arrow: str, message: Message) -> None:
+    """Log a whole message on one line, paying for the formatting only when debug logging is on."""
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("%s %s %s", rpc, arrow, text_format.MessageToString(message, as_one_line=True))
+
+
+def _unary(
+    method: Callable[[Any, RequestT, Context], Awaitable[ResponseT]],
+) -> Callable[[Any, RequestT, Context], Awaitable[ResponseT]]:
+    """Log a unary RPC's request and response, and end it with the status matching a registry error."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: RequestT, context: Context) -> ResponseT:
+        _debug(method.__name__, "<-", request)
+        try:
+            response = await method(self, request, context)
+        except RegistryError as error:
+            log.debug("%s refused: %s", method.__name__, error)
+            await context.abort(_STATUS_OF[type(error)], str(error))
+        _debug(method.__name__, "->", response)
+        return response
+
+    return wrapper
+
 
 class SchedulerServicer:
-    """Peer scheduling; RPCs not defined here answer UNIMPLEMENTED by name."""
+    """Peer scheduling over the registry; RPCs not defined here answer UNIMPLEMENTED by name."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    async def AnnouncePeer(
+        self, request_iterator: AsyncIterator[scheduler_pb2.AnnouncePeerRequest], context: Context
+    ) -> AsyncIterator[scheduler_pb2.AnnouncePeerResponse]:
+        """One download's stream: answer registration and reschedules, record progress, close after the final
+        report, which is what the peer waits for. A stream that ends any other way leaves the peer failed."""
+        peer_id = ""
+        try:
+            async for request in request_iterator:
+                _debug("AnnouncePeer", "<-", request)
+                kind = request.WhichOneof("request")
+                if kind == "register_peer_request":
+                    schedule = self._register(request)
+                    peer_id = request.peer_id
+                    yield _answer(schedule)
+                elif not peer_id or request.peer_id != peer_id:
+                    await context.abort(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"peer {request.peer_id} has not registered on this stream",
+                    )
+                elif kind == "reschedule_peer_request":
+                    reschedule = request.reschedule_peer_request
+                    given_up = [parent.id for parent in reschedule.candidate_parents]
+                    yield _answer(self.registry.reschedule_peer(peer_id, given_up, reschedule.description))
+                elif self._report(peer_id, request):
+                    return
+        except RegistryError as error:
+            log.info("AnnouncePeer of peer %s refused: %s", peer_id or "(unregistered)", error)
+            await context.abort(_STATUS_OF[type(error)], str(error))
+        finally:
+            if peer_id:
+                self.registry.peer_abandoned(peer_id)
+
+    def _register(self, request: scheduler_pb2.AnnouncePeerRequest) -> Schedule:
+        download = request.register_peer_request.download
+        task = Task(
+            id=request.task_id,
+            url=download.url,
+            tag=download.tag,
+            application=download.application,
+            content_length=download.actual_content_length if download.HasField("actual_content_length") else None,
+            piece_length=download.actual_piece_length if download.HasField("actual_piece_length") else None,
+            piece_count=download.actual_piece_count if download.HasField("actual_piece_count") else None,
+        )
+        return self.registry.register_peer(
+            request.peer_id,
+            request.host_id,
+            task,
+            need_back_to_source=download.need_back_to_source,
+            may_back_to_source=not download.disable_back_to_source,
+        )
+
+    def _report(self, peer_id: str, request: scheduler_pb2.AnnouncePeerRequest) -> bool:
+        """Record one progress report; true when it was the final one."""
+        match request.WhichOneof("request"):
+            case "download_peer_started_request":
+                self.registry.peer_started(peer_id, back_to_source=False)
+            case "download_peer_back_to_source_started_request":
+                self.registry.peer_started(peer_id, back_to_source=True)
+            case "download_piece_finished_request":
+                self.registry.piece_finished(peer_id, request.download_piece_finished_request.piece.number)
+            case "download_piece_back_to_source_finished_request":
+                piece = request.download_piece_back_to_source_finished_request.piece
+                self.registry.piece_finished(peer_id, piece.number)
+            case "download_piece_failed_request":
+                self.registry.piece_failed(peer_id, request.download_piece_failed_request.parent_id)
+            case "download_piece_back_to_source_failed_request":
+                # The origin failed the peer; no parent is to blame and the peer decides whether to give up.
+                return False
+            case "download_peer_finished_request" | "download_peer_back_to_source_finished_request":
+                self.registry.peer_finished(peer_id, succeeded=True)
+                return True
+            case "download_peer_failed_request":
+                description = request.download_peer_failed_request.description
+                self.registry.peer_finished(peer_id, succeeded=False, description=description)
+                return True
+            case "download_peer_back_to_source_failed_request":
+                description = request.download_peer_back_to_source_failed_request.description
+                self.registry.peer_finished(peer_id, succeeded=False, description=description)
+                return True
+            case _:
+                raise InvalidRequest("the request carries no report")
+        return False
+
+    @_unary
+    async def AnnounceHost(self, request: scheduler_pb2.AnnounceHostRequest, context: Context) -> Empty:
+        host = request.host
+        interval = request.interval.ToNanoseconds() / 1e9 if request.HasField("interval") else None
+        self.registry.announce_host(host.id, host.ip, host.port, host.hostname, host.type, interval)
+        return Empty()
+
+    @_unary
+    async def ListHosts(
+        self, request: scheduler_pb2.ListHostsRequest, context: Context
+    ) -> scheduler_pb2.ListHostsResponse:
+        host_type = request.type if request.HasField("type") else None
+        return scheduler_pb2.ListHostsResponse(hosts=[_host(host) for host in self.registry.list_hosts(host_type)])
+
+    @_unary
+    async def DeleteHost(self, request: scheduler_pb2.DeleteHostRequest, context: Context) -> Empty:
+        self.registry.delete_host(request.host_id)
+        return Empty()
+
+    @_unary
+    async def StatTask(self, request: scheduler_pb2.StatTaskRequest, context: Context) -> common_pb2.Task:
+        status = self.registry.stat_task(request.task_id)
+        task = _task(status.task)
+        task.state = status.state
+        task.peer_count = status.peer_count
+        task.has_available_peer = status.has_available_peer
+        return task
+
+    @_unary
+    async def DeleteTask(self, request: scheduler_pb2.DeleteTaskRequest, context: Context) -> Empty:
+        self.registry.delete_task(request.host_id, request.task_id)
+        return Empty()
+
+    @_unary
+    async def StatPeer(self, request: scheduler_pb2.StatPeerRequest, context: Context) -> common_pb2.Peer:
+        return _peer(self.registry.stat_peer(request.peer_id))
+
+    @_unary
+    async def DeletePeer(self, request: scheduler_pb2.DeletePeerRequest, context: Context) -> Empty:
+        self.registry.delete_peer(request.peer_id)
+        return Empty()
+
+
+def _answer(schedule: Schedule) -> scheduler_pb2.AnnouncePeerResponse:
+    if schedule.answer is Answer.EMPTY_TASK:
+        response = scheduler_pb2.AnnouncePeerResponse(empty_task_response=scheduler_pb2.EmptyTaskResponse())
+    elif schedule.answer is Answer.NORMAL:
+        normal = scheduler_pb2.NormalTaskResponse(candidate_parents=[_peer(parent) for parent in schedule.parents])
+        response = scheduler_pb2.AnnouncePeerResponse(normal_task_response=normal)
+    else:
+        back = scheduler_pb2.NeedBackToSourceResponse(description=schedule.description)
+        response = scheduler_pb2.AnnouncePeerResponse(need_back_to_source_response=back)
+    _debug("AnnouncePeer", "->", response)
+    return response
+
+
+def _peer(view: PeerView) -> common_pb2.Peer:
+    return common_pb2.Peer(id=view.peer.id, state=view.peer.state.value, task=_task(view.task), host=_host(view.host))
+
+
+def _task(task: Task) -> common_pb2.Task:
+    return common_pb2.Task(
+        id=task.id,
+        type=common_pb2.STANDARD,
+        url=task.url,
+        tag=task.tag or None,
+        application=task.application or None,
+        content_length=task.content_length or 0,
+        piece_count=task.piece_count or 0,
+    )
+
+
+def _host(host: Host) -> common_pb2.Host:
+    return common_pb2.Host(id=host.id, type=host.type, hostname=host.hostname, ip=host.ip, port=host.port)

@@ -66,9 +66,7 @@ def verified_bytes(daemon: DaemonProcess, url: str) -> tuple[bytes, set[int]]:
     channel = grpc.insecure_channel(f"unix:{daemon.socket_path}", options=CHANNEL_OPTIONS)
     request = dfdaemon_pb2.DownloadTaskRequest(download=common_pb2.Download(url=url, need_piece_content=True))
     responses = list(dfdaemon_pb2_grpc.DfdaemonDownloadStub(channel).DownloadTask(request, timeout=60))
-    pieces = sorted(
-        (r.download_piece_finished_response.piece for r in responses[1:]), key=lambda piece: piece.number
-    )
+    pieces = sorted((r.download_piece_finished_response.piece for r in responses[1:]), key=lambda piece: piece.number)
     return b"".join(p.content for p in pieces), {p.traffic_type for p in pieces}
 
 

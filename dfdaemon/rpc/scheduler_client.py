@@ -140,6 +140,8 @@ class GrpcSchedulerSession:
         self._host_id, self._task_id, self._peer_id = host_id, task_id, peer_id
         self._call: Any = None
         self._broken = False
+        # Pieces finish concurrently; a gRPC stream takes one write at a time.
+        self._write_lock = asyncio.Lock()
 
     async def _send(self, **request: Any) -> None:
         if self._call is None:
@@ -148,7 +150,8 @@ class GrpcSchedulerSession:
             message = scheduler_pb2.AnnouncePeerRequest(
                 host_id=self._host_id, task_id=self._task_id, peer_id=self._peer_id, **request
             )
-            await self._call.write(message)
+            async with self._write_lock:
+                await self._call.write(message)
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
             self._broken = True
             raise SchedulerUnavailable(f"AnnouncePeer stream broke: {_describe(exc)}") from None
@@ -274,7 +277,8 @@ class GrpcSchedulerSession:
     async def _await_close(self) -> None:
         """The scheduler ends the stream after a terminal report; wait for that (bounded)."""
         try:
-            await self._call.done_writing()
+            async with self._write_lock:
+                await self._call.done_writing()
             async with asyncio.timeout(CLOSE_TIMEOUT):
                 while await self._call.read() is not grpc.aio.EOF:
                     pass
