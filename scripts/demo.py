@@ -1,92 +1,166 @@
-"""The local demo: start a daemon on loopback with its state under ``.demo/``, show it is serving, and keep it up.
+"""The local demo cluster: a scheduler stub, three peer daemons and an HTTP origin, all on loopback.
 
-``--once`` checks the daemon answers (health SERVING on both servers) and exits, for scripted runs.
+1. A 64 MB "model" is downloaded by peer A from the origin, then by peers B and C from the peers:
+   the origin serves it about once.
+2. Peer C has a 120 MB cache. The layers of a "busybox" image are held by ``container:busybox``
+   (a running container); pulling other images pushes the cache over its high watermark and GC
+   evicts them least-recently-used first, while the busybox layers stay and verify.
+
+Everything lives under ``.demo/`` (and a short temporary directory for the unix sockets). With
+``--once`` the demo exits after the walk-through; otherwise the cluster stays up for inspection with
+dfctl, dfget and grpcurl until Ctrl-C. It reuses the test suite's process helpers (tests/support.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import re
+import hashlib
+import json
+import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
-
-import grpc
-import yaml
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.support import DaemonProcess, dfget, running_daemon, running_origin, wait_for_line  # noqa: E402
+
+MB = 1_000_000
+BIN = Path(sys.executable).parent
 
 
-def _wait_for(log: Path, pattern: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> re.Match[str]:
-    deadline = time.monotonic() + timeout
-    regex = re.compile(pattern)
-    while time.monotonic() < deadline:
-        match = regex.search(log.read_text())
-        if match:
-            return match
-        if proc.poll() is not None:
-            raise SystemExit(f"demo: dfdaemon exited early:\n{log.read_text()}")
-        time.sleep(0.1)
-    raise SystemExit(f"demo: dfdaemon did not start in {timeout:.0f}s:\n{log.read_text()}")
+def say(text: str = "") -> None:
+    print(text, flush=True)
 
 
-def _health(target: str) -> str:
-    with grpc.insecure_channel(target) as channel:
-        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
-    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+def run_scheduler(stack: ExitStack, workdir: Path) -> str:
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / "scheduler.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "scheduler_stub", "--listen", "127.0.0.1:0"],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+    stack.callback(lambda: (proc.terminate(), proc.wait(10)))
+    return wait_for_line(log_path, r"scheduler listening on (\S+)", proc).group(1)
+
+
+def dfctl(daemon: DaemonProcess, *args: str, as_json: bool = True) -> Any:
+    out = subprocess.run(
+        [str(BIN / "dfctl"), "-e", str(daemon.socket_path), *(["--json"] if as_json else []), *args],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout) if as_json else out.stdout
+
+
+def fetch(daemon: DaemonProcess, url: str, output: Path) -> dict[str, Any]:
+    out = dfget(daemon, url, output, "--json")
+    if out.returncode != 0:
+        raise SystemExit(f"demo: dfget failed: {out.stderr.strip()}")
+    return dict(json.loads(out.stdout))
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--once", action="store_true", help="check the daemon answers, then stop")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--once", action="store_true", help="walk through the demo, then stop the cluster")
     args = parser.parse_args()
 
     state = ROOT / ".demo"
     shutil.rmtree(state, ignore_errors=True)
     state.mkdir()
-    # Unix socket paths are limited to about 100 bytes, so the socket lives in a short temporary directory.
-    sock_dir = Path(tempfile.mkdtemp(prefix="dfdemo-"))
-    socket_path = sock_dir / "dfdaemon.sock"
-    config = {
-        "host": {"ip": "127.0.0.1", "hostname": "demo-peer"},
-        "upload": {"server": {"ip": "127.0.0.1", "port": 0}},
-        "download": {"server": {"socketPath": str(socket_path)}},
-        "storage": {"dir": str(state / "storage")},
-    }
-    config_path = state / "dfdaemon.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    log = state / "dfdaemon.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "dfdaemon.cli.daemon", "--config", str(config_path)], stdout=out, stderr=out
-        )
-    try:
-        port = _wait_for(log, r"upload server listening on 127\.0\.0\.1:(\d+)", proc).group(1)
-        _wait_for(log, r"download server listening on unix:", proc)
-        grpcurl = Path(sys.executable).parent / "grpcurl"
-        print(f"dfdaemon is up (log: {log.relative_to(ROOT)})")
-        print(f"  upload server   127.0.0.1:{port}   health {_health(f'127.0.0.1:{port}')}")
-        print(f"  download socket {socket_path}   health {_health(f'unix:{socket_path}')}")
-        print("Inspect it with:")
-        print(f"  {grpcurl} -plaintext 127.0.0.1:{port} list")
-        print(f"  {grpcurl} -unix -plaintext {socket_path} list")
+    sockets = Path(tempfile.mkdtemp(prefix="dfdemo-"))  # unix socket paths must stay short
+    files = state / "origin"
+    files.mkdir()
+    (files / "model.bin").write_bytes(os.urandom(64 * MB))
+    busybox = {f"busybox-layer-{i}": 2 * MB for i in range(3)}
+    others = {f"app-{i}-layer": 10 * MB for i in range(8)}
+    for name, size in {**busybox, **others}.items():
+        (files / name).write_bytes(os.urandom(size))
+    out = state / "downloads"
+    out.mkdir()
+
+    with ExitStack() as stack:
+        stack.callback(lambda: shutil.rmtree(sockets, ignore_errors=True))
+        origin = stack.enter_context(running_origin(files))
+        scheduler = run_scheduler(stack, state / "scheduler")
+        peers: list[DaemonProcess] = []
+        for name, extra in (
+            ("a", {}),
+            ("b", {}),
+            ("c", {"gc": {"policy": {"diskThreshold": "120MB", "gracePeriod": "1s"}}}),
+        ):
+            config: dict[str, Any] = {
+                "host": {"hostname": f"peer-{name}"},
+                "scheduler": {"addrs": [scheduler], "announceInterval": "5s"},
+                "download": {"server": {"socketPath": str(sockets / f"{name}.sock")}},
+                **extra,
+            }
+            peers.append(stack.enter_context(running_daemon(state / f"peer-{name}", config)))
+        time.sleep(1.0)  # let every peer announce itself
+        say(f"cluster up: origin {origin.address}, scheduler {scheduler}, peers A/B/C on loopback (logs in .demo/)")
+        say()
+
+        say("1. Peer to peer: a 64 MB model, downloaded by A, then by B and C")
+        for peer, label in zip(peers, "ABC", strict=True):
+            report = fetch(peer, origin.url("model.bin"), out / f"model-{label}.bin")
+            pieces = report["pieces"]
+            say(
+                f"   peer {label}: {pieces['BACK_TO_SOURCE']} pieces from the origin, "
+                f"{pieces['REMOTE_PEER']} from peers, {pieces['LOCAL_PEER']} local, {report['elapsed_seconds']:.2f}s"
+            )
+        identical = len({sha256(out / f"model-{label}.bin") for label in "ABC"}) == 1
+        ratio = origin.bytes_served("model.bin") / (64 * MB)
+        say(f"   all three copies identical: {identical}; origin bytes / file size = {ratio:.3f}")
+        say()
+
+        say("2. GC never evicts data in use: peer C has a 120 MB cache (high watermark 96 MB, low 72 MB)")
+        peer = peers[2]
+        ids = [fetch(peer, origin.url(name), out / name)["task_id"] for name in busybox]
+        dfctl(peer, "use", "acquire", "--holder", "container:busybox", *ids)
+        say("   busybox layers pulled and held by container:busybox")
+        for name in others:
+            time.sleep(1.1)  # older than the grace period by the time the next pull lands
+            fetch(peer, origin.url(name), out / name)
+        time.sleep(0.5)
+        say(f"   pulled {len(others)} other image layers ({sum(others.values()) // MB} MB); GC report:")
+        report = dfctl(peer, "gc", "report", "--limit", "20")
+        evicted = [e for run in report["runs"] for e in run["evicted"]]
+        say(f"   GC runs: {len(report['runs'])}, tasks evicted: {len(evicted)} (least recently used first)")
+        cached = {t["task_id"] for t in dfctl(peer, "task", "ls")["tasks"]}
+        say(f"   busybox layers still cached: {all(i in cached for i in ids)}")
+        say()
+        say(dfctl(peer, "gc", "report", as_json=False).rstrip())
+        say()
+        say(dfctl(peer, "usage", as_json=False).rstrip())
+        say()
         if args.once:
-            return 0
-        print("Ctrl-C stops the demo.")
-        with contextlib.suppress(KeyboardInterrupt):
-            proc.wait()
-        return 0
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(20)
-        shutil.rmtree(sock_dir, ignore_errors=True)
+            return 0 if identical and all(i in cached for i in ids) else 1
+        say("The cluster stays up. Try, for example:")
+        say(f"  {BIN / 'dfctl'} -e {peer.socket_path} task ls")
+        say(f"  {BIN / 'dfctl'} -e {peer.socket_path} use ls")
+        say(f"  {BIN / 'dfget'} {origin.url('model.bin')} -O /tmp/model.bin -e {peers[1].socket_path}")
+        say(f"  {BIN / 'grpcurl'} -plaintext {peers[0].upload_address} list")
+        say("Ctrl-C stops it.")
+        try:
+            while all(p.proc.poll() is None for p in peers):
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+    return 0
 
 
 if __name__ == "__main__":
