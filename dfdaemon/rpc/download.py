@@ -16,8 +16,8 @@ from dfdaemon.storage import Storage
 SERVICE = dfdaemon_pb2.DESCRIPTOR.services_by_name["DfdaemonDownload"]
 
 
-class DownloadServicer:
-    """Local task management over the unix socket; RPCs not defined here answer UNIMPLEMENTED."""
+class TaskServicer:
+    """The RPCs both services share: a download through this daemon, and the local record of a task."""
 
     def __init__(self, storage: Storage, downloads: DownloadManager) -> None:
         self.storage = storage
@@ -33,7 +33,12 @@ class DownloadServicer:
     async def StatLocalTask(
         self, request: dfdaemon_pb2.StatLocalTaskRequest, context: Context
     ) -> dfdaemon_pb2.StatLocalTaskResponse:
-        return await stat_local_task(self.storage, request.task_id)
+        task = await self.storage.require_task(request.task_id)
+        return convert.stat_local_task(task, self.storage.in_flight(task.id)[1])
+
+
+class DownloadServicer(TaskServicer):
+    """Local clients over the unix socket; RPCs not defined here answer UNIMPLEMENTED."""
 
     @unary
     async def ListLocalTasks(
@@ -54,12 +59,6 @@ class DownloadServicer:
     async def DeleteLocalTask(self, request: dfdaemon_pb2.DeleteLocalTaskRequest, context: Context) -> Empty:
         await self.storage.delete_task(request.task_id)
         return Empty()
-
-
-async def stat_local_task(storage: Storage, task_id: str) -> dfdaemon_pb2.StatLocalTaskResponse:
-    """Shared by both services: the local record of a task with its in-flight upload count."""
-    task = await storage.require_task(task_id)
-    return convert.stat_local_task(task, storage.in_flight(task.id)[1])
 
 
 async def download_task(

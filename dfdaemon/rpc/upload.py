@@ -10,33 +10,19 @@ from dfdaemon.api import dfdaemon_pb2
 from dfdaemon.download import DownloadManager
 from dfdaemon.rpc import convert
 from dfdaemon.rpc.convert import Context, unary
-from dfdaemon.rpc.download import download_task, stat_local_task
+from dfdaemon.rpc.download import TaskServicer
 from dfdaemon.storage import Storage, TaskNotFound, TaskState
 
 SERVICE = dfdaemon_pb2.DESCRIPTOR.services_by_name["DfdaemonUpload"]
 
 
-class UploadServicer:
-    """Serves other peers; RPCs not defined here answer UNIMPLEMENTED."""
+class UploadServicer(TaskServicer):
+    """Serves other peers (and schedulers asking a seed peer to DownloadTask); others answer UNIMPLEMENTED."""
 
     def __init__(self, storage: Storage, downloads: DownloadManager, host_ip: str, piece_timeout: float) -> None:
-        self.storage = storage
-        self.downloads = downloads
+        super().__init__(storage, downloads)
         self.host_ip = host_ip
         self.piece_timeout = piece_timeout
-
-    async def DownloadTask(
-        self, request: dfdaemon_pb2.DownloadTaskRequest, context: Context
-    ) -> AsyncIterator[dfdaemon_pb2.DownloadTaskResponse]:
-        """A seed peer asked (by a scheduler) to fetch a task."""
-        async for response in download_task(self.downloads, request, context):
-            yield response
-
-    @unary
-    async def StatLocalTask(
-        self, request: dfdaemon_pb2.StatLocalTaskRequest, context: Context
-    ) -> dfdaemon_pb2.StatLocalTaskResponse:
-        return await stat_local_task(self.storage, request.task_id)
 
     async def SyncPieces(
         self, request: dfdaemon_pb2.SyncPiecesRequest, context: Context

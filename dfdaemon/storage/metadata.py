@@ -103,27 +103,11 @@ def _task(row: sqlite3.Row, piece_count: int = 0) -> TaskRecord:
 
 
 def _piece(row: sqlite3.Row) -> PieceRecord:
-    return PieceRecord(
-        task_id=row["task_id"],
-        number=row["number"],
-        offset=row["offset"],
-        length=row["length"],
-        crc=row["crc"],
-        parent_id=row["parent_id"],
-        traffic_type=row["traffic_type"],
-        cost=row["cost"],
-        created_at=row["created_at"],
-    )
+    return PieceRecord(**dict(row))  # the columns are named after the record's fields
 
 
 def _hold(row: sqlite3.Row) -> Hold:
-    return Hold(
-        task_id=row["task_id"],
-        holder=row["holder"],
-        acquired_at=row["acquired_at"],
-        expires_at=row["expires_at"],
-        ttl=row["ttl"],
-    )
+    return Hold(**dict(row))
 
 
 class MetadataStore:
