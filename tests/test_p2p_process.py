@@ -193,3 +193,37 @@ def test_a_corrupt_parent_is_detected_and_avoided(origin: OriginProcess, tmp_pat
         third = dfget(daemons[2], origin.url("model.bin"), out / "third", "--json")
         assert third.returncode == 0, third.stderr
         assert sha256(out / "third") == sha256(origin.root / "model.bin")
+
+
+def test_deletion_and_shutdown_are_told_to_the_scheduler(origin: OriginProcess, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    with cluster(tmp_path, 2) as (scheduler, daemons):
+        first = fetch_all(daemons[:1], origin.url("model.bin"), out, "first")[0]
+        task_id = str(first["task_id"])
+        stat = scheduler.stub().StatTask(scheduler_pb2.StatTaskRequest(task_id=task_id), timeout=5)
+        assert stat.peer_count == 1 and stat.has_available_peer
+        removed = subprocess.run(
+            [sys.executable, "-m", "dfdaemon.cli.dfctl", "-e", str(daemons[0].socket_path), "task", "rm", task_id],
+            capture_output=True, text=True, cwd=REPO_ROOT, timeout=60,
+        )  # fmt: skip
+        assert removed.returncode == 0, removed.stderr
+        with pytest.raises(grpc.RpcError) as gone:
+            scheduler.stub().StatTask(scheduler_pb2.StatTaskRequest(task_id=task_id), timeout=5)
+        assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+        # With the only copy gone, the next peer is sent back to source, not to the peer that deleted it.
+        second = fetch_all(daemons[1:], origin.url("model.bin"), out, "second")[0]
+        assert second["pieces"]["BACK_TO_SOURCE"] > 0  # type: ignore[index]
+
+        daemons[1].stop()
+        hosts = scheduler.stub().ListHosts(scheduler_pb2.ListHostsRequest(), timeout=5).hosts
+        assert [host.hostname for host in hosts] == [daemons[0].storage_dir.parent.name]
+
+
+def test_disable_back_to_source_without_parents_fails_clearly(origin: OriginProcess, tmp_path: Path) -> None:
+    with cluster(tmp_path, 1) as (_, daemons):
+        out = dfget(daemons[0], origin.url("model.bin"), tmp_path / "model.bin", "--disable-back-to-source")
+    assert out.returncode == 1
+    assert out.stderr.startswith("dfget: download failed:")
+    assert "back to source" in out.stderr
+    assert not (tmp_path / "model.bin").exists()
