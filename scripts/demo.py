@@ -29,7 +29,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.support import DaemonProcess, dfget, running_daemon, running_origin, wait_for_line  # noqa: E402
+from tests.support import DaemonProcess, dfget, running_daemon, running_origin, running_scheduler  # noqa: E402
 
 MB = 1_000_000
 BIN = Path(sys.executable).parent
@@ -37,20 +37,6 @@ BIN = Path(sys.executable).parent
 
 def say(text: str = "") -> None:
     print(text, flush=True)
-
-
-def run_scheduler(stack: ExitStack, workdir: Path) -> str:
-    workdir.mkdir(parents=True, exist_ok=True)
-    log_path = workdir / "scheduler.log"
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "scheduler_stub", "--listen", "127.0.0.1:0"],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
-    stack.callback(lambda: (proc.terminate(), proc.wait(10)))
-    return wait_for_line(log_path, r"scheduler listening on (\S+)", proc).group(1)
 
 
 def dfctl(daemon: DaemonProcess, *args: str, as_json: bool = True) -> Any:
@@ -96,7 +82,7 @@ def main() -> int:
     with ExitStack() as stack:
         stack.callback(lambda: shutil.rmtree(sockets, ignore_errors=True))
         origin = stack.enter_context(running_origin(files))
-        scheduler = run_scheduler(stack, state / "scheduler")
+        scheduler = stack.enter_context(running_scheduler(state / "scheduler")).address
         peers: list[DaemonProcess] = []
         for name, extra in (
             ("a", {}),

@@ -15,84 +15,16 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
 
-from dfdaemon.api import scheduler_pb2, scheduler_pb2_grpc
-from tests.support import (
-    REPO_ROOT,
-    DaemonProcess,
-    OriginProcess,
-    dfget,
-    running_daemon,
-    running_origin,
-    wait_for_line,
-)
+from dfdaemon.api import scheduler_pb2
+from tests.support import REPO_ROOT, DaemonProcess, OriginProcess, cluster, dfget, running_origin
 
 MB = 1_000_000
 pytestmark = pytest.mark.slow
-
-
-@dataclass
-class SchedulerProcess:
-    proc: subprocess.Popen[bytes]
-    address: str
-    log_path: Path
-
-    def stub(self) -> scheduler_pb2_grpc.SchedulerStub:
-        return scheduler_pb2_grpc.SchedulerStub(grpc.insecure_channel(self.address))
-
-
-@contextmanager
-def running_scheduler(workdir: Path) -> Iterator[SchedulerProcess]:
-    workdir.mkdir(parents=True, exist_ok=True)
-    log_path = workdir / "scheduler.log"
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "scheduler_stub", "--listen", "127.0.0.1:0"],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            cwd=REPO_ROOT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    try:
-        address = wait_for_line(log_path, r"scheduler listening on (\S+)", proc).group(1)
-        yield SchedulerProcess(proc=proc, address=address, log_path=log_path)
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-def peer_config(scheduler: SchedulerProcess) -> dict[str, object]:
-    return {
-        "scheduler": {"addrs": [scheduler.address], "announceInterval": "2s"},
-        "download": {"pieceTimeout": "10s", "concurrentPieceCount": 4},
-    }
-
-
-@contextmanager
-def cluster(tmp_path: Path, peers: int) -> Iterator[tuple[SchedulerProcess, list[DaemonProcess]]]:
-    with ExitStack() as stack:
-        scheduler = stack.enter_context(running_scheduler(tmp_path / "scheduler"))
-        daemons = [
-            stack.enter_context(running_daemon(tmp_path / f"peer{i}", peer_config(scheduler))) for i in range(peers)
-        ]
-        wait_for_hosts(scheduler, peers)
-        yield scheduler, daemons
-
-
-def wait_for_hosts(scheduler: SchedulerProcess, count: int) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        hosts = scheduler.stub().ListHosts(scheduler_pb2.ListHostsRequest(), timeout=5).hosts
-        if len(hosts) >= count:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"only {len(hosts)} of {count} hosts announced themselves")
 
 
 def sha256(path: Path) -> str:

@@ -100,6 +100,7 @@ class Started:
 class PieceDone:
     piece: PieceRecord
     traffic_type: int
+    peer_id: str
     content: bytes | None = None
 
 
@@ -242,7 +243,7 @@ class DownloadManager:
                     content = None
                     if request.need_piece_content:
                         _, content = await self.storage.read_piece(task_id, number)
-                    yield PieceDone(piece, traffic, content)
+                    yield PieceDone(piece, traffic, peer_id, content)
                 if job.finished and remaining - job.done.keys():
                     missing = sorted(remaining - job.done.keys())
                     raise DownloadFailed(f"task {task_id} finished without pieces {missing}")

@@ -276,6 +276,7 @@ def download_event(event: Started | PieceDone, host_id: str) -> dfdaemon_pb2.Dow
     return dfdaemon_pb2.DownloadTaskResponse(
         host_id=host_id,
         task_id=event.piece.task_id,
+        peer_id=event.peer_id,
         download_piece_finished_response=dfdaemon_pb2.DownloadPieceFinishedResponse(
             piece=piece(event.piece, event.traffic_type, event.content)
         ),
