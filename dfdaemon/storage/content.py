@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,15 +35,24 @@ class ContentStore:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
         os.close(fd)
 
-    def exists(self, task_id: str) -> bool:
-        return self.path(task_id).is_file()
-
     def size(self, task_id: str) -> int:
         """Apparent size of the task's file (what ``du -b`` counts), 0 when it does not exist."""
         try:
             return self.path(task_id).stat().st_size
         except FileNotFoundError:
             return 0
+
+    def sizes(self, task_ids: list[str]) -> dict[str, int | None]:
+        """Apparent size of each task's file, None where it is no regular file: one thread hop for a whole cache."""
+        result: dict[str, int | None] = {}
+        for task_id in task_ids:
+            try:
+                st = self.path(task_id).stat()
+            except FileNotFoundError:
+                result[task_id] = None
+                continue
+            result[task_id] = st.st_size if stat.S_ISREG(st.st_mode) else None
+        return result
 
     def write_piece(self, task_id: str, offset: int, data: bytes | memoryview) -> tuple[int, int]:
         """Write a piece at its offset durably; returns (crc32 of the bytes, file size afterwards)."""

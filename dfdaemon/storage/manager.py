@@ -39,6 +39,7 @@ from dfdaemon.storage.models import (
     TaskNotFound,
     TaskRecord,
     TaskState,
+    TaskTimes,
     TrafficType,
 )
 
@@ -122,9 +123,10 @@ class Storage:
             if name is None or name not in tasks:
                 log.warning("removing orphan %s from the content directory", path.name)
                 await self._io(remove_path, path)
+        sizes = await self._io(self.content.sizes, list(tasks))
         for task in tasks.values():
-            size = await self._io(self.content.size, task.id)
-            if not await self._io(self.content.exists, task.id):
+            size = sizes[task.id]
+            if size is None:
                 if task.piece_count or task.state is TaskState.SUCCEEDED:
                     log.warning("content of task %s vanished; marking it failed", task.id)
                     await self._db(self.meta.fail_missing, task.id, now)
@@ -194,6 +196,13 @@ class Storage:
 
     async def list_tasks(self) -> list[TaskRecord]:
         return [task for task in await self._db(self.meta.list_tasks) if task.state is not TaskState.EVICTING]
+
+    async def task_times(self) -> list[TaskTimes]:
+        """The GC view of every task not being evicted (see ``MetadataStore.task_times``)."""
+        return await self._db(self.meta.task_times)
+
+    async def count_tasks(self) -> int:
+        return await self._db(self.meta.count_tasks)
 
     async def pieces(self, task_id: str) -> list[PieceRecord]:
         validate_task_id(task_id)

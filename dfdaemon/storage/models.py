@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import NamedTuple
 
 
 class TaskState(StrEnum):
@@ -58,6 +59,18 @@ class TaskRecord:
     @property
     def is_finished(self) -> bool:
         return self.state is TaskState.SUCCEEDED
+
+
+class TaskTimes(NamedTuple):
+    """What GC classifies a task by: a narrow, cheap row (no piece count, no response header)."""
+
+    id: str
+    state: TaskState
+    created_at: float
+    updated_at: float
+    last_used_at: float
+    finished_at: float | None
+    released_at: float | None
 
 
 @dataclass(frozen=True)
