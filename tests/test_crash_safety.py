@@ -7,10 +7,12 @@ interrupted download resumes from the pieces that were committed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -47,6 +49,17 @@ def consistency(storage_dir: Path) -> dict[str, int]:
     return asyncio.run(check())
 
 
+def wait_for_committed_pieces(database: Path, at_least: int, timeout: float = 60.0) -> None:
+    """Poll the daemon's metadata (WAL lets another process read it) until enough pieces are visible."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+            if db.execute("SELECT COUNT(*) FROM pieces").fetchone()[0] >= at_least:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {at_least} pieces were committed within {timeout:.0f}s")
+
+
 def _count_files(root: Path) -> int:
     """Files under ``root`` while another process deletes them (vanishing directories are skipped)."""
     return sum(len(files) for _, _, files in os.walk(root))
@@ -78,7 +91,8 @@ def test_sigkill_while_storing_then_resume(tmp_path: Path) -> None:
                  "-e", str(daemon.socket_path)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO_ROOT,
             )  # fmt: skip
-            time.sleep(1.8)  # a few 4 MiB pieces are committed, others are half written
+            # Kill once some 4 MiB pieces are committed while others are still being written.
+            wait_for_committed_pieces(workdir / "storage" / "metadata.db", at_least=2)
             daemon.proc.send_signal(signal.SIGKILL)
             daemon.proc.wait()
             client.wait(30)
