@@ -242,7 +242,7 @@ def duration(seconds: float) -> Duration:
     return value
 
 
-def piece(record: PieceRecord, traffic_type: int | None = None, content: bytes | None = None) -> common_pb2.Piece:
+def piece(record: PieceRecord, traffic_type: int | None = None) -> common_pb2.Piece:
     message = common_pb2.Piece(
         number=record.number,
         offset=record.offset,
@@ -255,8 +255,6 @@ def piece(record: PieceRecord, traffic_type: int | None = None, content: bytes |
         message.parent_id = record.parent_id
     if traffic_type is not None:
         message.traffic_type = traffic_type  # type: ignore[assignment]
-    if content is not None:
-        message.content = content
     return message
 
 
@@ -273,14 +271,12 @@ def download_event(event: Started | PieceDone, host_id: str) -> dfdaemon_pb2.Dow
         return dfdaemon_pb2.DownloadTaskResponse(
             host_id=host_id, task_id=event.task_id, peer_id=event.peer_id, download_task_started_response=started
         )
-    return dfdaemon_pb2.DownloadTaskResponse(
-        host_id=host_id,
-        task_id=event.piece.task_id,
-        peer_id=event.peer_id,
-        download_piece_finished_response=dfdaemon_pb2.DownloadPieceFinishedResponse(
-            piece=piece(event.piece, event.traffic_type, event.content)
-        ),
-    )
+    response = dfdaemon_pb2.DownloadTaskResponse(host_id=host_id, task_id=event.piece.task_id, peer_id=event.peer_id)
+    finished = response.download_piece_finished_response
+    finished.piece.CopyFrom(piece(event.piece, event.traffic_type))
+    if event.content is not None:
+        finished.piece.content = event.content  # set in place: one copy of the bytes, not two
+    return response
 
 
 def backend_details(error: BackendError) -> bytes:

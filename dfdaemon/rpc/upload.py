@@ -69,7 +69,10 @@ class UploadServicer(TaskServicer):
         """One piece's bytes, CRC-checked on the way out, with the piece metadata digest."""
         async with self.storage.upload(ids.validate_task_id(request.task_id)) as reader:
             piece, content = await reader.read_piece(request.piece_number)
-        return dfdaemon_pb2.DownloadPieceResponse(
-            piece=convert.piece(piece, piece.traffic_type, content),
-            digest=ids.piece_metadata_digest(piece.number, piece.offset, piece.length, piece.digest),
+        response = dfdaemon_pb2.DownloadPieceResponse(
+            digest=ids.piece_metadata_digest(piece.number, piece.offset, piece.length, piece.digest)
         )
+        # Filled in place: passing a Piece holding the bytes to the constructor would copy them once more.
+        response.piece.CopyFrom(convert.piece(piece, piece.traffic_type))
+        response.piece.content = content
+        return response

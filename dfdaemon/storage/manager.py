@@ -279,8 +279,13 @@ class Storage:
         piece = await self._db(self.meta.get_piece, task_id, number)
         if piece is None:
             raise PieceNotFound(task_id, number)
-        data = await self._io(self.content.read_piece, task_id, piece.offset, piece.length)
-        if len(data) != piece.length or zlib.crc32(data) != piece.crc:
+
+        def read_and_check() -> tuple[bytes, bool]:
+            data = self.content.read_piece(task_id, piece.offset, piece.length)
+            return data, len(data) == piece.length and zlib.crc32(data) == piece.crc
+
+        data, intact = await self._io(read_and_check)  # the CRC runs off the loop (zlib releases the GIL)
+        if not intact:
             log.error("piece %d of task %s failed its CRC check; dropping it", number, task_id)
             await self._db(self.meta.remove_piece, task_id, number)
             raise PieceCorrupt(f"piece {number} of task {task_id} is corrupt on disk and was dropped")

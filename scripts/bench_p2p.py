@@ -1,0 +1,739 @@
+"""Benchmark peer-to-peer transfer: each number is measured next to its baseline, in one run.
+
+Usage::
+
+    .venv/bin/python scripts/bench_p2p.py                       # every benchmark with a 1 GiB file
+    .venv/bin/python scripts/bench_p2p.py --size 256MiB         # the same with 256 MiB
+    .venv/bin/python scripts/bench_p2p.py throughput memory     # only the named benchmarks
+    .venv/bin/python scripts/bench_p2p.py --quick               # small sizes: a smoke run of the whole script
+
+Benchmarks (positional names, default all of them):
+
+``throughput``
+    A daemon (the *parent*) holds the file in its cache. This script, acting as a child, fetches every piece with
+    ``DfdaemonUpload.DownloadPiece`` over loopback TCP through the daemon's own parent client, ``--concurrency``
+    pieces at a time (8, the daemon's default ``concurrentPieceCount``). The baseline is a raw copy of the same bytes
+    over loopback: a plain asyncio TCP server in its own process reads each piece of the same file and writes it to
+    the socket, and a plain asyncio client here asks for the pieces with the same concurrency.
+    ``ratio = DownloadPiece MB/s / raw MB/s``: 1.0 means the gRPC upload path moves bytes as fast as a bare socket;
+    0.25 means it takes four times as long. The rounds alternate the two; the table shows the medians.
+``dfget``
+    A file of ``--size`` on the loopback origin (``scripts/origin.py``), a scheduler stub and two daemons. The
+    parent fetches the file with ``dfget`` first: no peer has it, so it goes back to source (``dfget back-to-source``).
+    Then the child fetches it with ``dfget``; the scheduler points it at the parent (``dfget P2P``). Before each, the
+    same file is downloaded directly from the same origin (httpx, one streaming GET written to a file).
+    ``ratio = dfget seconds / direct seconds`` (1.0: as fast as a plain HTTP download; 2.0: twice as long). dfget's
+    own ``elapsed_seconds`` is used (the download, without the interpreter start-up, which is shown separately).
+    The daemon makes every piece durable (fdatasync) before announcing it; the direct download does not sync.
+``peers``
+    A scheduler stub and ``--peers`` daemons (8) download the same file at the same moment. The origin sends each
+    request at a limited rate so that the first peer is still fetching when the others ask (the ``rate`` fault of
+    ``scripts/origin.py``; ``--origin-seconds`` sets how long the origin part alone would take).
+    ``ratio = bytes the origin served / file size``: 1.0 is ideal (the origin is hit once), N would mean every peer
+    went to the origin. The wall time of all the downloads is shown, with the aggregate rate (peers x size / wall).
+    Every peer caches the file, so this needs peers x size of disk: when the disk is short, the file for this
+    benchmark is scaled down, and the output says so.
+``memory``
+    The peak resident memory (VmHWM in ``/proc/PID/status``) of the child daemon, which received the whole file
+    from its parent during ``dfget P2P`` (and of the parent, which fetched it from the origin).
+    ``ratio = peak RSS / file size``: it should be far below 1, since pieces are streamed, not held.
+    The daemon's peak before the download (start-up) is shown next to it.
+
+Options: ``--size SIZE`` (default 1GiB; e.g. ``256MiB``, ``50MB`` or bytes), ``--quick`` (a small file, one round, a
+short origin throttle: a smoke run), ``--rounds N`` (throughput rounds, default 3), ``--concurrency N`` (pieces in
+flight in ``throughput``, default 8), ``--peers N`` (default 8), ``--origin-seconds S`` (default 8; 0 disables the
+throttle) and ``--dir DIR`` (where the temporary directory goes; default the system's temporary directory).
+
+Everything runs on loopback with ephemeral ports in a temporary directory that is removed afterwards; every process
+the script starts is stopped at the end, on Ctrl-C and on SIGTERM too. Machines are noisy: compare the numbers of one
+run with each other, never with fixed thresholds, and rerun before drawing conclusions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+
+from dfdaemon import ids  # noqa: E402
+from dfdaemon.download.peering import Parent  # noqa: E402
+from dfdaemon.rpc.peer_client import GrpcParentClient  # noqa: E402
+from dfdaemon.units import parse_size  # noqa: E402
+from tests.support import (  # noqa: E402
+    DaemonProcess,
+    OriginProcess,
+    running_daemon,
+    running_origin,
+    running_scheduler,
+    wait_for_hosts,
+    wait_for_line,
+)
+
+BENCHMARKS = ("throughput", "dfget", "peers", "memory")
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+MB = 1_000_000
+QUICK_SIZE = 8 * MiB
+RAW_SERVER = "_raw-server"  # hidden mode: this script as the raw TCP server of the throughput baseline
+DISK_RESERVE = 1 * GiB  # left free on the disk whatever the benchmarks need
+FILE_NAME = "blob.bin"
+PEERS_FILE_NAME = "peers.bin"
+_HEADER = struct.Struct(">Q")
+DFGET_FLAGS = ("--json", "--no-progress")
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def fmt_size(n: float) -> str:
+    if n >= GiB:
+        return f"{n / GiB:.2f} GiB"
+    if n >= MiB:
+        return f"{n / MiB:.1f} MiB"
+    return f"{n / KiB:.0f} KiB"
+
+
+def mb_per_s(nbytes: int, seconds: float) -> float:
+    return nbytes / MB / seconds if seconds > 0 else float("inf")
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class Row:
+    benchmark: str
+    measured: str
+    against: str
+    ratio: float | None
+    ideal: str
+
+
+@dataclass
+class Report:
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, benchmark: str, measured: str, against: str, ratio: float | None, ideal: str) -> None:
+        self.rows.append(Row(benchmark, measured, against, ratio, ideal))
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+        say(f"  note: {text}")
+
+    def print_table(self) -> None:
+        header = ("benchmark", "measured", "against", "ratio", "ideal")
+        cells = [
+            (r.benchmark, r.measured, r.against, "n/a" if r.ratio is None else f"{r.ratio:.3f}", r.ideal)
+            for r in self.rows
+        ]
+        widths = [max(len(row[i]) for row in [header, *cells]) for i in range(len(header))]
+        say()
+        for row in [header, *cells]:
+            # The ratio column is right-aligned, the others left-aligned.
+            padded = (c.rjust(w) if i == 3 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+            say("  ".join(padded).rstrip())
+        for text in self.notes:
+            say(f"note: {text}")
+
+
+# --------------------------------------------------------------------------- processes
+
+
+class Reaper:
+    """Every process this script starts itself; whatever still runs at the end is stopped."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, args: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        proc: subprocess.Popen[bytes] = subprocess.Popen(args, **kwargs)
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            stop(proc, timeout=10)
+        self.procs.clear()
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def child_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def peer_extra(scheduler: str, socket_path: Path) -> dict[str, Any]:
+    # Unix socket paths must stay short, so they live in a directory of their own.
+    return {"scheduler": {"addrs": [scheduler]}, "download": {"server": {"socketPath": str(socket_path)}}}
+
+
+def vm_bytes(pid: int, key: str) -> int:
+    """A ``Vm*`` line of /proc/PID/status (VmHWM: peak resident memory, VmRSS: current), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name == key:
+            return int(value.split()[0]) * KiB
+    raise RuntimeError(f"no {key} in /proc/{pid}/status")
+
+
+# --------------------------------------------------------------------------- files and downloads
+
+
+def write_random_file(path: Path, size: int) -> None:
+    block = 16 * MiB
+    with path.open("wb") as f:
+        written = 0
+        while written < size:
+            n = min(block, size - written)
+            f.write(os.urandom(n))
+            written += n
+
+
+def sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def direct_download(url: str, output: Path) -> float:
+    """One streaming GET written to a file, as a plain HTTP client does it; returns seconds."""
+    started = time.perf_counter()
+    with httpx.Client(timeout=120) as client, client.stream("GET", url) as response, output.open("wb") as f:
+        response.raise_for_status()
+        for chunk in response.iter_bytes(MiB):
+            f.write(chunk)
+    return time.perf_counter() - started
+
+
+@dataclass
+class DfgetResult:
+    wall: float  # the dfget process, start-up included
+    elapsed: float  # dfget's own measure of the download
+    task_id: str
+    pieces: dict[str, int]
+
+
+def start_dfget(reaper: Reaper, daemon: DaemonProcess, url: str, output: Path) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", "dfdaemon.cli.dfget", url, "-O", str(output), "-e", str(daemon.socket_path)]
+    return reaper.spawn(
+        [*command, *DFGET_FLAGS],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+
+
+def finish_dfget(proc: subprocess.Popen[bytes], started: float, timeout: float) -> DfgetResult:
+    try:
+        out, err = proc.communicate(timeout=max(1.0, timeout - (time.perf_counter() - started)))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"dfget took longer than {timeout:.0f}s") from None
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"dfget failed ({proc.returncode}): {err.decode(errors='replace').strip()}")
+    report = json.loads(out)
+    return DfgetResult(wall, float(report["elapsed_seconds"]), str(report["task_id"]), dict(report["pieces"]))
+
+
+def run_dfget(reaper: Reaper, daemon: DaemonProcess, url: str, output: Path, timeout: float) -> DfgetResult:
+    started = time.perf_counter()
+    return finish_dfget(start_dfget(reaper, daemon, url, output), started, timeout)
+
+
+def dfget_timeout(size: int) -> float:
+    return 120.0 + size / MB  # generous: at least 1 MB/s on a loaded machine
+
+
+# --------------------------------------------------------------------------- throughput
+
+
+def raw_server_main(argv: list[str]) -> int:
+    """Hidden mode: serve pieces of a file over plain TCP (request: piece number; answer: length + bytes)."""
+    path, piece_length = Path(argv[0]), int(argv[1])
+
+    async def serve() -> None:
+        fd = os.open(path, os.O_RDONLY)
+        size = os.fstat(fd).st_size
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while True:
+                    try:
+                        (number,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
+                    except asyncio.IncompleteReadError:
+                        return
+                    offset = number * piece_length
+                    length = max(0, min(piece_length, size - offset))
+                    # Read the piece off the page cache in a worker thread, as the daemon does.
+                    data = await asyncio.to_thread(os.pread, fd, length, offset)
+                    writer.write(_HEADER.pack(len(data)))
+                    writer.write(data)
+                    await writer.drain()
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        say(f"raw server listening on 127.0.0.1:{port}")
+        async with server:
+            await server.serve_forever()
+
+    with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
+        asyncio.run(serve())
+    return 0
+
+
+@contextmanager
+def running_raw_server(reaper: Reaper, workdir: Path, path: Path, piece_length: int) -> Iterator[int]:
+    log_path = workdir / "raw-server.log"
+    with log_path.open("wb") as log_file:
+        proc = reaper.spawn(
+            [sys.executable, str(Path(__file__).resolve()), RAW_SERVER, str(path), str(piece_length)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=child_env(),
+        )
+    try:
+        yield int(wait_for_line(log_path, r"raw server listening on [^\s]+:(\d+)", proc).group(1))
+    finally:
+        stop(proc)
+
+
+async def raw_copy(port: int, spans: list[ids.PieceSpan], concurrency: int) -> tuple[float, int]:
+    """Fetch every piece from the raw server over ``concurrency`` connections; returns (seconds, bytes)."""
+    limit = 2 * max(span.length for span in spans)
+    connections = [await asyncio.open_connection("127.0.0.1", port, limit=limit) for _ in range(concurrency)]
+    todo = iter(spans)
+    received = 0
+
+    async def worker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal received
+        for span in todo:
+            writer.write(_HEADER.pack(span.number))
+            (length,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
+            data = await reader.readexactly(length)
+            if len(data) != span.length:
+                raise RuntimeError(f"raw server sent {len(data)} bytes of piece {span.number}")
+            received += len(data)
+
+    try:
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(r, w) for r, w in connections))
+        return time.perf_counter() - started, received
+    finally:
+        for _, writer in connections:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+
+async def grpc_copy(port: int, task_id: str, spans: list[ids.PieceSpan], concurrency: int) -> tuple[float, int]:
+    """Fetch every piece with DownloadPiece, as a child daemon does; returns (seconds, bytes)."""
+    client = GrpcParentClient(host_id="bench-p2p-child")
+    parent = Parent(peer_id="bench-p2p-parent", host_id="bench-p2p-parent", ip="127.0.0.1", port=port)
+    try:
+        await client.download_piece(parent, task_id, spans[-1].number)  # connect before the clock starts
+        todo = iter(spans)
+        received = 0
+
+        async def worker() -> None:
+            nonlocal received
+            for span in todo:
+                piece = await client.download_piece(parent, task_id, span.number)
+                if len(piece.content) != span.length:
+                    raise RuntimeError(f"the daemon sent {len(piece.content)} bytes of piece {span.number}")
+                received += len(piece.content)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return time.perf_counter() - started, received
+    finally:
+        await client.close()
+
+
+def throughput_benchmark(
+    args: argparse.Namespace,
+    reaper: Reaper,
+    workdir: Path,
+    source: Path,
+    parent: DaemonProcess,
+    task_id: str,
+    size: int,
+    report: Report,
+) -> None:
+    piece_length = ids.piece_length_for(size)
+    spans = ids.pieces_for(size, piece_length)
+    say(
+        f"throughput: {len(spans)} pieces of {fmt_size(piece_length)}, {args.concurrency} in flight, "
+        f"{args.rounds} round(s)"
+    )
+    raw_rates: list[float] = []
+    grpc_rates: list[float] = []
+    with running_raw_server(reaper, workdir, source, piece_length) as raw_port:
+        for round_number in range(args.rounds):
+            # Alternate which goes first, so drift on a noisy machine hits both alike.
+            order = ("raw", "grpc") if round_number % 2 == 0 else ("grpc", "raw")
+            for kind in order:
+                if kind == "raw":
+                    seconds, nbytes = asyncio.run(raw_copy(raw_port, spans, args.concurrency))
+                    raw_rates.append(mb_per_s(nbytes, seconds))
+                else:
+                    seconds, nbytes = asyncio.run(grpc_copy(parent.upload_port, task_id, spans, args.concurrency))
+                    grpc_rates.append(mb_per_s(nbytes, seconds))
+                if nbytes != size:
+                    raise RuntimeError(f"{kind} copy moved {nbytes} bytes, expected {size}")
+            say(
+                f"  round {round_number + 1}: DownloadPiece {grpc_rates[-1]:,.0f} MB/s, "
+                f"raw TCP {raw_rates[-1]:,.0f} MB/s"
+            )
+    grpc_rate, raw_rate = statistics.median(grpc_rates), statistics.median(raw_rates)
+    report.add(
+        "piece throughput: DownloadPiece / raw TCP",
+        f"{grpc_rate:,.0f} MB/s",
+        f"raw {raw_rate:,.0f} MB/s",
+        grpc_rate / raw_rate,
+        "1.0 (higher is better)",
+    )
+
+
+# --------------------------------------------------------------------------- dfget and memory
+
+
+def pair_benchmarks(
+    args: argparse.Namespace,
+    selected: set[str],
+    reaper: Reaper,
+    workdir: Path,
+    sockets: Path,
+    origin: OriginProcess,
+    size: int,
+    report: Report,
+) -> None:
+    """Scheduler stub, a parent and a child daemon: dfget back-to-source, throughput, dfget P2P, memory."""
+    url = origin.url(FILE_NAME)
+    source = origin.root / FILE_NAME
+    timeout = dfget_timeout(size)
+    out = workdir / "out"
+    out.mkdir(parents=True)
+    want_child = bool(selected & {"dfget", "memory"})
+    with ExitStack() as stack:
+        scheduler_process = stack.enter_context(running_scheduler(workdir / "scheduler"))
+        scheduler = scheduler_process.address
+        parent = stack.enter_context(running_daemon(workdir / "parent", peer_extra(scheduler, sockets / "p.sock")))
+        child = None
+        if want_child:
+            child = stack.enter_context(running_daemon(workdir / "child", peer_extra(scheduler, sockets / "c.sock")))
+        wait_for_hosts(scheduler_process, 2 if want_child else 1)
+        expected = sha256(source)
+
+        direct_first = None
+        if "dfget" in selected:
+            direct_first = direct_download(url, out / "direct")
+            (out / "direct").unlink()
+        parent_idle = vm_bytes(parent.proc.pid, "VmHWM")
+        b2s = run_dfget(reaper, parent, url, out / "parent.bin", timeout)
+        parent_peak = vm_bytes(parent.proc.pid, "VmHWM")
+        say(f"dfget back-to-source: {b2s.elapsed:.2f} s (process {b2s.wall:.2f} s), pieces {compact(b2s.pieces)}")
+        if not b2s.pieces.get("BACK_TO_SOURCE"):
+            report.note(f"the parent's dfget did not go back to source: {compact(b2s.pieces)}")
+        verify(out / "parent.bin", expected, "the parent's dfget")
+
+        if "throughput" in selected:
+            throughput_benchmark(args, reaper, workdir, source, parent, b2s.task_id, size, report)
+
+        if child is None:
+            return
+        direct_second = None
+        if "dfget" in selected:
+            direct_second = direct_download(url, out / "direct")
+            (out / "direct").unlink()
+        child_idle = vm_bytes(child.proc.pid, "VmHWM")
+        p2p = run_dfget(reaper, child, url, out / "child.bin", timeout)
+        child_peak = vm_bytes(child.proc.pid, "VmHWM")
+        say(f"dfget P2P: {p2p.elapsed:.2f} s (process {p2p.wall:.2f} s), pieces {compact(p2p.pieces)}")
+        if p2p.pieces.get("BACK_TO_SOURCE") or not p2p.pieces.get("REMOTE_PEER"):
+            report.note(f"the child's dfget did not get the file from its parent: {compact(p2p.pieces)}")
+        verify(out / "child.bin", expected, "the child's dfget")
+
+    if direct_first is not None and direct_second is not None:
+        say(f"direct HTTP download: {direct_first:.2f} s, then {direct_second:.2f} s")
+        report.add(
+            "dfget P2P / direct HTTP",
+            f"{p2p.elapsed:.2f} s",
+            f"direct {direct_second:.2f} s",
+            p2p.elapsed / direct_second,
+            "1.0 (lower is better)",
+        )
+        report.add(
+            "dfget back-to-source / direct HTTP",
+            f"{b2s.elapsed:.2f} s",
+            f"direct {direct_first:.2f} s",
+            b2s.elapsed / direct_first,
+            "1.0 (lower is better)",
+        )
+        startup = statistics.median([p2p.wall - p2p.elapsed, b2s.wall - b2s.elapsed])
+        report.note(f"dfget's own start-up and health check add about {startup:.2f} s per run (not in the ratios)")
+    if "memory" in selected:
+        report.add(
+            "peak RSS / file size, P2P child daemon",
+            fmt_size(child_peak),
+            f"file {fmt_size(size)}",
+            child_peak / size,
+            "far below 1",
+        )
+        report.add(
+            "peak RSS / file size, back-to-source daemon",
+            fmt_size(parent_peak),
+            f"file {fmt_size(size)}",
+            parent_peak / size,
+            "far below 1",
+        )
+        report.note(
+            f"peak RSS before the download (start-up): child {fmt_size(child_idle)}, parent {fmt_size(parent_idle)}"
+        )
+
+
+def compact(pieces: dict[str, int]) -> str:
+    return ", ".join(f"{name}={count}" for name, count in pieces.items() if count) or "none"
+
+
+def verify(path: Path, expected: str, what: str) -> None:
+    if sha256(path) != expected:
+        raise RuntimeError(f"{what} produced a file that differs from the origin's")
+
+
+# --------------------------------------------------------------------------- peers
+
+
+def peers_benchmark(
+    args: argparse.Namespace,
+    reaper: Reaper,
+    workdir: Path,
+    sockets: Path,
+    origin: OriginProcess,
+    size: int,
+    report: Report,
+) -> None:
+    """``--peers`` daemons fetch the same file at once; how many times did the origin send it?"""
+    peers: int = args.peers
+    name = FILE_NAME
+    workdir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(workdir).free - DISK_RESERVE
+    if peers * size > free:
+        scaled = max(0, free // (peers + 1)) // MiB * MiB  # the smaller file needs its own origin copy
+        if scaled < ids.MIN_PIECE_LENGTH:
+            report.note(f"peers: skipped, {fmt_size(free)} of disk cannot hold {peers} copies of even a small file")
+            return
+        report.note(
+            f"peers: scaled down to a {fmt_size(scaled)} file: {peers} x {fmt_size(size)} would not fit "
+            f"in the {fmt_size(free)} of disk left (keeping {fmt_size(DISK_RESERVE)} free)"
+        )
+        size, name = scaled, PEERS_FILE_NAME
+        write_random_file(origin.root / name, size)
+    # A task of its own (the origin ignores the query), so no daemon finds it cached.
+    url = origin.url(name) + "?bench=peers"
+    pieces = len(ids.pieces_for(size, ids.piece_length_for(size)))
+    rate = 0
+    if args.origin_seconds > 0:
+        # A back-to-source daemon opens up to 8 piece requests at once; each is throttled to `rate`.
+        rate = max(1, int(size / (args.origin_seconds * min(8, pieces))))
+    out = workdir / "out"
+    out.mkdir()
+    expected = sha256(origin.root / name)
+    with ExitStack() as stack:
+        scheduler_process = stack.enter_context(running_scheduler(workdir / "scheduler"))
+        scheduler = scheduler_process.address
+        daemons = [
+            stack.enter_context(running_daemon(workdir / f"peer{i}", peer_extra(scheduler, sockets / f"peer{i}.sock")))
+            for i in range(peers)
+        ]
+        wait_for_hosts(scheduler_process, peers)
+        say(
+            f"peers: {peers} daemons fetch a {fmt_size(size)} file at once; origin "
+            + (f"throttled to {rate / MB:.1f} MB/s per request" if rate else "not throttled")
+        )
+        if rate:
+            origin.fault(name, rate=rate)
+        before = origin.bytes_served(name)
+        timeout = dfget_timeout(size) + args.origin_seconds
+        started = time.perf_counter()
+        procs = [start_dfget(reaper, daemon, url, out / f"copy-{i}") for i, daemon in enumerate(daemons)]
+        results = [finish_dfget(proc, started, timeout) for proc in procs]
+        wall = max(result.wall for result in results)
+        served = origin.bytes_served(name) - before
+        if rate:
+            origin.fault(name)
+        peaks = [vm_bytes(daemon.proc.pid, "VmHWM") for daemon in daemons]
+    for i in range(peers):
+        verify(out / f"copy-{i}", expected, f"peer {i}'s dfget")
+    to_source = sum(1 for result in results if result.pieces.get("BACK_TO_SOURCE"))
+    say(
+        f"  origin served {fmt_size(served)} for a {fmt_size(size)} file; {to_source} peer(s) went to the origin; "
+        f"wall {wall:.2f} s"
+    )
+    report.add(
+        f"origin bytes / file size, {peers} peers at once",
+        fmt_size(served),
+        f"file {fmt_size(size)}",
+        served / size,
+        "1.0 (the origin hit once)",
+    )
+    report.add(
+        f"wall time, {peers} peers at once",
+        f"{wall:.2f} s",
+        f"{peers * size / MB / wall:,.0f} MB/s in all",
+        None,
+        "",
+    )
+    if rate:
+        floor = size / (rate * min(8, pieces))
+        report.note(f"peers: the origin was throttled, so no peer could finish in under about {floor:.1f} s")
+    report.note(f"peers: the daemons' peak RSS was {fmt_size(min(peaks))} to {fmt_size(max(peaks))}")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=(__doc__ or "").splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "benchmarks", nargs="*", metavar="BENCHMARK", help=f"any of {', '.join(BENCHMARKS)} (default: all)"
+    )
+    parser.add_argument("--size", default=None, help="file size, e.g. 1GiB, 256MiB, 50MB (default 1GiB)")
+    parser.add_argument("--quick", action="store_true", help="a small file and one round: a smoke run")
+    parser.add_argument("--rounds", type=int, default=None, help="throughput rounds (default 3, 1 with --quick)")
+    parser.add_argument("--concurrency", type=int, default=8, help="pieces in flight in throughput (default 8)")
+    parser.add_argument("--peers", type=int, default=8, help="daemons in the peers benchmark (default 8)")
+    parser.add_argument(
+        "--origin-seconds",
+        type=float,
+        default=None,
+        help="how long the throttled origin takes alone in peers (default 8, 2 with --quick; 0: no throttle)",
+    )
+    parser.add_argument("--dir", type=Path, default=None, help="where the temporary directory goes")
+    args = parser.parse_args(argv)
+    unknown = [name for name in args.benchmarks if name not in BENCHMARKS]
+    if unknown:
+        parser.error(f"unknown benchmark {unknown[0]!r}: choose from {', '.join(BENCHMARKS)}")
+    try:
+        args.size_bytes = parse_size(args.size) if args.size is not None else QUICK_SIZE if args.quick else GiB
+    except ValueError as exc:
+        parser.error(f"--size: {exc}")
+    if args.size_bytes < 1:
+        parser.error("--size must be at least one byte")
+    args.rounds = args.rounds if args.rounds is not None else 1 if args.quick else 3
+    args.origin_seconds = args.origin_seconds if args.origin_seconds is not None else 2.0 if args.quick else 8.0
+    if args.rounds < 1 or args.concurrency < 1 or args.peers < 1 or args.origin_seconds < 0:
+        parser.error("--rounds, --concurrency and --peers must be positive, --origin-seconds not negative")
+    return args
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def run(args: argparse.Namespace, selected: set[str], report: Report) -> None:
+    size: int = args.size_bytes
+    reaper = Reaper()
+    with ExitStack() as stack:
+        workdir = Path(tempfile.mkdtemp(prefix="bench-p2p-", dir=args.dir))
+        stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+        sockets = Path(tempfile.mkdtemp(prefix="bp2p-"))  # short: unix socket paths are limited
+        stack.callback(shutil.rmtree, sockets, ignore_errors=True)
+        stack.callback(reaper.stop_all)
+
+        pair = bool(selected & {"throughput", "dfget", "memory"})
+        # The origin file, two caches and a direct copy (every dfget output is a hard link into a cache).
+        need = (4 if pair else 1) * size + DISK_RESERVE
+        free = shutil.disk_usage(workdir).free
+        if free < need:
+            raise SystemExit(
+                f"bench_p2p: {fmt_size(free)} of free disk under {workdir.parent} is not enough for "
+                f"--size {fmt_size(size)} (needs about {fmt_size(need)}); try a smaller --size or another --dir"
+            )
+        files = workdir / "files"
+        files.mkdir()
+        say(f"writing a {fmt_size(size)} file of random bytes for the origin")
+        write_random_file(files / FILE_NAME, size)
+        origin = stack.enter_context(running_origin(files))
+
+        if pair:
+            pair_dir = workdir / "pair"
+            try:
+                pair_benchmarks(args, selected, reaper, pair_dir, sockets, origin, size, report)
+            finally:
+                shutil.rmtree(pair_dir, ignore_errors=True)  # free the two caches before the peers fill theirs
+        if "peers" in selected:
+            peers_benchmark(args, reaper, workdir / "peers", sockets, origin, size, report)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [RAW_SERVER]:
+        return raw_server_main(argv[1:])
+    args = parse_args(argv)
+    selected = set(args.benchmarks or BENCHMARKS)
+    # Ctrl-C and SIGTERM both unwind through the cleanup, even when started with SIGINT ignored (``cmd &``).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    report = Report()
+    say(
+        f"bench_p2p: {', '.join(b for b in BENCHMARKS if b in selected)} with a {fmt_size(args.size_bytes)} file "
+        f"on {os.cpu_count()} CPUs"
+    )
+    started = time.perf_counter()
+    try:
+        run(args, selected, report)
+    except KeyboardInterrupt:
+        say("bench_p2p: interrupted; every process it started has been stopped")
+        return 130
+    except (RuntimeError, AssertionError) as exc:  # a failed download or a process that did not start
+        say(f"bench_p2p: failed: {exc}")
+        return 1
+    report.print_table()
+    say(f"total {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
