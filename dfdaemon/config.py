@@ -102,7 +102,7 @@ class MetricsServerConfig(_Section):
 
 
 class MetricsConfig(_Section):
-    enable: bool = False
+    enable: bool = True
     server: MetricsServerConfig = MetricsServerConfig()
 
 
@@ -116,12 +116,19 @@ class HealthConfig(_Section):
 
 
 class TracingConfig(_Section):
+    """Upstream's keys; empty defers to OpenTelemetry's OTEL_* environment (off when that says nothing too)."""
+
     protocol: Literal["", "grpc", "http", "console"] = ""
     endpoint: str = ""
+    # Ours: the share of new traces recorded (a caller's sampling decision is always followed).
+    sampling_ratio: Annotated[float, Field(ge=0, le=1)] | None = None
+    service_name: str = ""
 
 
 class LogConfig(_Section):
     level: Literal["debug", "info", "warn", "warning", "error"] = "info"
+    # Ours: "text" (key=value) or "json", one object per line.
+    format: Literal["text", "json"] = "text"
 
 
 class Config(_Section):

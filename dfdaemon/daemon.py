@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -16,13 +17,14 @@ from dfdaemon.backend import Backend
 from dfdaemon.config import Config, ConfigError, check_storage_dir
 from dfdaemon.download import DownloadManager
 from dfdaemon.download.scheduled import ScheduledFetch
-from dfdaemon.gc import GarbageCollector, GCPolicy
+from dfdaemon.gc import GarbageCollector, GCPolicy, publish_usage
 from dfdaemon.rpc import download, ext, upload
 from dfdaemon.rpc.peer_client import GrpcParentClient
 from dfdaemon.rpc.scheduler_client import HostInfo, SchedulerClient
 from dfdaemon.rpc.servers import HealthReporter, add_service, new_server
 from dfdaemon.storage import Storage
 from dfdaemon.storage.metadata import SchemaTooNew
+from dfdaemon.telemetry.metrics import MetricsServer
 
 log = logging.getLogger("dfdaemon")
 
@@ -85,6 +87,8 @@ class Daemon:
             concurrent_piece_count=config.download.concurrent_piece_count,
         )
         self.scheduler: SchedulerClient | None = None
+        self.metrics_server: MetricsServer | None = None
+        self._gauges: asyncio.Task[None] | None = None
         self.parents = GrpcParentClient(self.downloads.host_id)
         self._storage_open = False
 
@@ -101,6 +105,15 @@ class Daemon:
             raise StartupError(f"storage.dir: cannot open the metadata store: {exc}") from None
         self._storage_open = True
         self.gc.start()
+        if self.config.metrics.enable:
+            metrics_cfg = self.config.metrics.server
+            try:
+                self.metrics_server = MetricsServer(metrics_cfg.ip, metrics_cfg.port)
+            except OSError as exc:
+                raise StartupError(
+                    f"metrics.server: cannot listen on {metrics_cfg.ip}:{metrics_cfg.port}: {exc.strerror}"
+                ) from None
+            self._gauges = asyncio.create_task(self._refresh_gauges(), name="metrics-gauges")
         storage = self.storage
 
         upload_server, upload_health = new_server(
@@ -143,6 +156,15 @@ class Daemon:
         log.info("download server listening on unix:%s", socket_path)
         return self.endpoints
 
+    async def _refresh_gauges(self, every: float = 5.0) -> None:
+        """Keep the cache gauges current between scrapes (GC runs refresh them too)."""
+        while True:
+            try:
+                publish_usage(await self.gc.usage())
+            except Exception:
+                log.exception("refreshing the cache gauges failed")
+            await asyncio.sleep(every)
+
     def _join_scheduler(self, upload_port: int) -> None:
         """Announce this host and route downloads through the scheduler; deletions are reported to it."""
         config = self.config.scheduler
@@ -167,6 +189,14 @@ class Daemon:
             if server is not None:
                 await server.stop(grace)
         self._download_server = self._upload_server = None
+        if self._gauges is not None:
+            self._gauges.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._gauges
+            self._gauges = None
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
         await self.downloads.close()
         await self.backend.close()
         await self.parents.close()

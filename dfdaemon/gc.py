@@ -19,6 +19,7 @@ from typing import Any
 
 from dfdaemon.storage.manager import Storage
 from dfdaemon.storage.models import Hold, StorageFull, TaskState, TaskTimes, Usage
+from dfdaemon.telemetry import metrics, tracing
 
 log = logging.getLogger("dfdaemon.gc")
 
@@ -211,12 +212,30 @@ class GarbageCollector:
 
     async def run(self, trigger: str = "manual", *, dry_run: bool = False, reserve: int = 0) -> GCReport:
         """One GC pass; runs never overlap. ``reserve`` asks for that many bytes below the quota besides."""
-        async with self._run_lock:
-            report = await self._run(trigger, dry_run, reserve)
-        run_id = await self.storage.record_gc_run(
-            dry_run, trigger, report.started_at, report.finished_at, report.to_json()
-        )
-        report.id = run_id
+        with tracing.span("gc.run", trigger=trigger, dry_run=dry_run) as current:
+            async with self._run_lock:
+                report = await self._run(trigger, dry_run, reserve)
+            run_id = await self.storage.record_gc_run(
+                dry_run, trigger, report.started_at, report.finished_at, report.to_json()
+            )
+            report.id = run_id
+            holders = sorted({holder for skip in report.skipped for holder in skip.holders})
+            current.set_attributes(
+                {
+                    "dragonfly.gc.evicted_tasks": len(report.evicted),
+                    "dragonfly.gc.evicted_bytes": sum(e.bytes for e in report.evicted),
+                    "dragonfly.gc.skipped_tasks": len(report.skipped),
+                    "dragonfly.gc.protected_by": holders,
+                    "dragonfly.gc.bytes_before": report.bytes_before,
+                    "dragonfly.gc.bytes_after": report.bytes_after,
+                }
+            )
+        metrics.GC_RUNS.labels(trigger, str(dry_run).lower()).inc()
+        if not dry_run:
+            for eviction in report.evicted:
+                metrics.GC_EVICTED_TASKS.labels(eviction.reason).inc()
+                metrics.GC_EVICTED_BYTES.labels(eviction.reason).inc(eviction.bytes)
+            publish_usage(await self.usage())
         return report
 
     async def _run(self, trigger: str, dry_run: bool, reserve: int) -> GCReport:
@@ -312,3 +331,15 @@ class GarbageCollector:
             return None
         holders = [hold.holder for hold in holds]
         return Skip(task.id, reason, holders, downloads, uploads, self.storage.task_bytes(task.id))
+
+
+def publish_usage(usage: Usage) -> None:
+    """Set the cache gauges from one usage reading."""
+    metrics.CACHE_TASKS.set(usage.task_count)
+    metrics.CACHE_BYTES.set(usage.used_bytes)
+    metrics.QUOTA_BYTES.set(usage.quota_bytes)
+    metrics.HIGH_WATERMARK_BYTES.set(usage.high_watermark_bytes)
+    metrics.LOW_WATERMARK_BYTES.set(usage.low_watermark_bytes)
+    metrics.HELD_TASKS.set(usage.held_task_count)
+    metrics.HELD_BYTES.set(usage.held_bytes)
+    metrics.QUOTA_EXCEEDED.set(1 if usage.quota_exceeded_by_data_in_use else 0)

@@ -8,8 +8,9 @@ import logging
 import signal
 import sys
 
-from dfdaemon.logs import setup_logging
 from dfdaemon.rpc.servers import add_service, new_server
+from dfdaemon.telemetry.logs import setup_logging
+from dfdaemon.telemetry.tracing import TracingSettings, setup_tracing, shutdown_tracing
 from scheduler_stub.registry import Registry
 from scheduler_stub.service import SERVICE, SchedulerServicer
 
@@ -64,7 +65,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dfscheduler: --listen must be HOST:PORT, got {args.listen!r}", file=sys.stderr)
         return 2
     setup_logging(args.log_level)
-    return asyncio.run(_serve(args.listen))
+    try:
+        setup_tracing(TracingSettings(), default_service="dfscheduler")  # OpenTelemetry's OTEL_* environment
+        return asyncio.run(_serve(args.listen))
+    except ValueError as exc:
+        print(f"dfscheduler: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown_tracing()
 
 
 if __name__ == "__main__":

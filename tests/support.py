@@ -85,6 +85,7 @@ def daemon_config(workdir: Path, extra: dict[str, Any] | None = None) -> dict[st
         "upload": {"server": {"ip": "127.0.0.1", "port": 0}},
         "download": {"server": {"socketPath": str(workdir / "dfdaemon.sock")}},
         "storage": {"dir": str(workdir / "storage")},
+        "metrics": {"server": {"ip": "127.0.0.1", "port": 0}},
     }
     return merge(base, extra or {})
 

@@ -11,7 +11,8 @@ from pathlib import Path
 from dfdaemon import __version__
 from dfdaemon.config import ConfigError, load_config
 from dfdaemon.daemon import Daemon, StartupError
-from dfdaemon.logs import setup_logging
+from dfdaemon.telemetry.logs import setup_logging
+from dfdaemon.telemetry.tracing import TracingSettings, setup_tracing, shutdown_tracing
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,14 +44,21 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"dfdaemon: {exc}", file=sys.stderr)
         return 2
-    setup_logging(args.log_level or config.log.level)
+    setup_logging(args.log_level or config.log.level, config.log.format)
+    tracing = config.tracing
     try:
+        setup_tracing(
+            TracingSettings(tracing.protocol, tracing.endpoint, tracing.sampling_ratio, tracing.service_name),
+            default_service="dfdaemon",
+        )
         asyncio.run(_serve(Daemon(config)))
-    except StartupError as exc:
+    except (StartupError, ValueError) as exc:
         print(f"dfdaemon: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         pass
+    finally:
+        shutdown_tracing()
     return 0
 
 

@@ -26,8 +26,20 @@ from dfdaemon.backend import Backend, BackendError, check_url
 from dfdaemon.gc import GarbageCollector
 from dfdaemon.ids import PieceSpan
 from dfdaemon.storage import PieceRecord, Storage, TaskInfo, TaskRecord, TaskState, TaskWriter, TrafficType
+from dfdaemon.telemetry import metrics, tracing
 
 log = logging.getLogger("dfdaemon.download")
+
+TRAFFIC_NAMES = {
+    TrafficType.BACK_TO_SOURCE: "back_to_source",
+    TrafficType.REMOTE_PEER: "remote_peer",
+    TrafficType.LOCAL_PEER: "local_peer",
+}
+
+
+def tracing_range(url: str, span: PieceSpan, attempt: int) -> contextlib.AbstractContextManager[object]:
+    """The span of one ranged request to the origin."""
+    return tracing.span("back_to_source", url=url, range_start=span.offset, range_length=span.length, attempt=attempt)
 
 
 class InvalidDownload(ValueError):
@@ -210,6 +222,19 @@ class DownloadManager:
 
     async def download(self, request: DownloadRequest) -> AsyncIterator[Started | PieceDone]:
         """Stream one request: a Started, then its pieces in completion order; the output file last."""
+        result = "failure"
+        try:
+            async for event in self._download(request):
+                if isinstance(event, PieceDone):
+                    metrics.DOWNLOAD_PIECES.labels(TRAFFIC_NAMES[event.traffic_type]).inc()
+                    if event.traffic_type == TrafficType.LOCAL_PEER:
+                        metrics.DOWNLOAD_BYTES.labels("local").inc(event.piece.length)
+                yield event
+            result = "success"
+        finally:
+            metrics.DOWNLOADS.labels(result).inc()
+
+    async def _download(self, request: DownloadRequest) -> AsyncIterator[Started | PieceDone]:
         task_id = self.validate(request)
         peer_id = ids.peer_id(self.host_ip, self.hostname)
         async with contextlib.AsyncExitStack() as stack:
@@ -291,7 +316,10 @@ class DownloadManager:
     async def _run(self, job: TaskJob) -> None:
         started = time.monotonic()
         try:
-            if await self._run_job(job):
+            with tracing.span("task.download", task_id=job.task_id, url=job.request.url) as current:
+                fetched = await self._run_job(job)
+                current.set_attribute("dragonfly.content_length", job.content_length)
+            if fetched:
                 log.info(
                     "download finished task=%s bytes=%d seconds=%.3f",
                     job.task_id,
@@ -377,23 +405,31 @@ class DownloadManager:
 
     async def fetch_from_source(self, job: TaskJob, span: PieceSpan) -> PieceRecord:
         """One piece from the origin, retried when the connection breaks mid-piece."""
+        with tracing.span(
+            "piece",
+            task_id=job.task_id,
+            piece_number=span.number,
+            piece_length=span.length,
+            traffic_type="BACK_TO_SOURCE",
+        ):
+            piece = await self._fetch_from_source(job, span)
+        metrics.DOWNLOAD_BYTES.labels("origin").inc(piece.length)
+        metrics.PIECE_SECONDS.labels("origin").observe(piece.cost)
+        return piece
+
+    async def _fetch_from_source(self, job: TaskJob, span: PieceSpan) -> PieceRecord:
         request = job.request
         for attempt in range(1, self.piece_attempts + 1):
-            started = time.monotonic()
             writer = job.writer
             assert writer is not None, "pieces are fetched only while the job holds its writer"
             try:
-                async with self.backend.open_range(
-                    request.url, request.request_header, span.offset, span.length
-                ) as body:
-                    return await writer.write_piece_stream(
-                        span.number,
-                        span.offset,
-                        span.length,
-                        body,
-                        traffic_type=TrafficType.BACK_TO_SOURCE,
-                        cost=time.monotonic() - started,
-                    )
+                with tracing_range(request.url, span, attempt):
+                    async with self.backend.open_range(
+                        request.url, request.request_header, span.offset, span.length
+                    ) as body:
+                        return await writer.write_piece_stream(
+                            span.number, span.offset, span.length, body, traffic_type=TrafficType.BACK_TO_SOURCE
+                        )
             except BackendError as exc:
                 if exc.status_code is not None or attempt == self.piece_attempts:
                     raise

@@ -22,6 +22,7 @@ from dfdaemon import ids
 from dfdaemon.download.peering import FetchedPiece, Parent, ParentClient, PieceUnavailable
 from dfdaemon.ids import PieceSpan
 from dfdaemon.storage import PieceRecord, TaskWriter, TrafficType
+from dfdaemon.telemetry import metrics, tracing
 
 log = logging.getLogger("dfdaemon.download")
 
@@ -140,16 +141,24 @@ async def collect_from_parents(
             state.busy.add(number)
             started = time.monotonic()
             try:
-                fetched = await asyncio.wait_for(client.download_piece(parent, task_id, number), piece_timeout)
-                await asyncio.to_thread(check_piece, span, fetched)  # its CRC runs off the event loop
-                record = await writer.write_piece(
-                    number,
-                    span.offset,
-                    fetched.content,
-                    parent_id=parent.peer_id,
-                    traffic_type=TrafficType.REMOTE_PEER,
-                    cost=time.monotonic() - started,
-                )
+                with tracing.span(
+                    "piece",
+                    task_id=task_id,
+                    piece_number=number,
+                    piece_length=span.length,
+                    traffic_type="REMOTE_PEER",
+                    parent=parent.peer_id,
+                ):
+                    fetched = await asyncio.wait_for(client.download_piece(parent, task_id, number), piece_timeout)
+                    await asyncio.to_thread(check_piece, span, fetched)  # its CRC runs off the event loop
+                    record = await writer.write_piece(
+                        number,
+                        span.offset,
+                        fetched.content,
+                        parent_id=parent.peer_id,
+                        traffic_type=TrafficType.REMOTE_PEER,
+                        cost=time.monotonic() - started,
+                    )
             except asyncio.CancelledError:
                 raise
             except PieceUnavailable as exc:
@@ -170,6 +179,8 @@ async def collect_from_parents(
             state.busy.discard(number)
             state.done.add(number)
             state.last_progress = time.monotonic()
+            metrics.DOWNLOAD_BYTES.labels("peer").inc(record.length)
+            metrics.PIECE_SECONDS.labels("peer").observe(record.cost)
             await on_piece(record)
             wake.set()
 

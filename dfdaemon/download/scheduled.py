@@ -24,6 +24,7 @@ from dfdaemon.download.peering import (
     SchedulerUnavailable,
 )
 from dfdaemon.storage import PieceRecord
+from dfdaemon.telemetry import tracing
 
 if TYPE_CHECKING:
     from dfdaemon.download.manager import DownloadManager, TaskJob
@@ -77,10 +78,13 @@ class ScheduledFetch:
         )
 
     async def _follow(self, job: TaskJob, session: SchedulerSession) -> None:
-        await session.register(self._registration(job))
+        with tracing.span("schedule.register", task_id=job.task_id, peer_id=job.peer_id):
+            await session.register(self._registration(job))
         started = False
-        for _ in range(MAX_RESCHEDULES + 1):
-            decision = await session.decision()
+        for attempt in range(MAX_RESCHEDULES + 1):
+            with tracing.span("schedule", task_id=job.task_id, attempt=attempt) as current:
+                decision = await session.decision()
+                current.set_attribute("dragonfly.decision", type(decision).__name__)
             if isinstance(decision, EmptyTask):
                 await session.download_started()
                 await session.finished(back_to_source=False)

@@ -10,6 +10,7 @@ from dfdaemon.api import dfdaemon_pb2, dfdaemon_pb2_grpc
 from dfdaemon.download.peering import FetchedPiece, Parent, ParentUnavailable, PieceUnavailable
 from dfdaemon.ids import PieceSpan
 from dfdaemon.rpc.servers import CHANNEL_OPTIONS
+from dfdaemon.telemetry.tracing import client_interceptors
 
 # Answers about one piece only: the parent is fine, that piece must come from elsewhere.
 _PIECE_CODES = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DATA_LOSS}
@@ -26,7 +27,7 @@ class GrpcParentClient:
         channel = self._channels.get(parent.address)
         if channel is None:
             channel = self._channels[parent.address] = grpc.aio.insecure_channel(
-                parent.address, options=CHANNEL_OPTIONS
+                parent.address, options=CHANNEL_OPTIONS, interceptors=client_interceptors()
             )
         return dfdaemon_pb2_grpc.DfdaemonUploadStub(channel)
 

@@ -30,6 +30,7 @@ from dfdaemon.download.peering import (
 )
 from dfdaemon.rpc import convert
 from dfdaemon.storage import PieceRecord
+from dfdaemon.telemetry.tracing import client_interceptors
 
 log = logging.getLogger("dfdaemon.scheduler")
 
@@ -74,7 +75,9 @@ class SchedulerClient:
         self.host = host
         self.announce_interval = announce_interval
         self.timeout = timeout
-        self._channels = {address: grpc.aio.insecure_channel(address) for address in addresses}
+        self._channels = {
+            address: grpc.aio.insecure_channel(address, interceptors=client_interceptors()) for address in addresses
+        }
         self._announcer: asyncio.Task[None] | None = None
 
     def stub(self, address: str) -> scheduler_pb2_grpc.SchedulerAsyncStub:

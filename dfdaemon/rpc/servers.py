@@ -15,6 +15,8 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from dfdaemon.telemetry.tracing import server_interceptors
+
 # A 64 MiB piece plus its envelope must fit in one message.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024 + 1024 * 1024
 SERVER_OPTIONS: list[tuple[str, Any]] = [
@@ -110,9 +112,9 @@ def enable_reflection(server: grpc.aio.Server, services: Iterable[str]) -> None:
 def new_server(
     services: Iterable[str], register: Callable[[grpc.aio.Server], None]
 ) -> tuple[grpc.aio.Server, HealthReporter]:
-    """A grpc.aio server with our options, the given services, health and reflection."""
+    """A grpc.aio server with our options, the given services, health, reflection and tracing (when on)."""
     names = list(services)
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=server_interceptors())
     register(server)
     reporter = HealthReporter(names)
     reporter.attach(server)

@@ -12,6 +12,7 @@ from dfdaemon.rpc import convert
 from dfdaemon.rpc.convert import Context, unary
 from dfdaemon.rpc.download import TaskServicer
 from dfdaemon.storage import Storage, TaskNotFound, TaskState
+from dfdaemon.telemetry import metrics
 
 SERVICE = dfdaemon_pb2.DESCRIPTOR.services_by_name["DfdaemonUpload"]
 
@@ -75,4 +76,6 @@ class UploadServicer(TaskServicer):
         # Filled in place: passing a Piece holding the bytes to the constructor would copy them once more.
         response.piece.CopyFrom(convert.piece(piece, piece.traffic_type))
         response.piece.content = content
+        metrics.UPLOAD_PIECES.inc()
+        metrics.UPLOAD_BYTES.inc(len(content))
         return response

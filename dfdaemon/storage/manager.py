@@ -452,11 +452,14 @@ class TaskWriter:
         *,
         parent_id: str | None = None,
         traffic_type: int = TrafficType.BACK_TO_SOURCE,
-        cost: float = 0.0,
     ) -> PieceRecord:
-        """Write a piece as its bytes arrive, computing the CRC on the way; memory stays one chunk."""
+        """Write a piece as its bytes arrive, computing the CRC on the way; memory stays one chunk.
+
+        The piece's cost is the time from here to its commit: how long its bytes took to arrive and land.
+        """
         _check_span(number, offset, length)
         storage = self.storage
+        started = time.monotonic()
         fd = await storage._io(storage.content.open_for_write, self.task_id)
         crc, position = 0, offset
         try:
@@ -470,7 +473,9 @@ class TaskWriter:
             size = await storage._io(sync_and_size, fd)
         finally:
             await storage._io(os.close, fd)
-        return await self._commit(number, offset, length, crc, size, parent_id, traffic_type, cost)
+        return await self._commit(
+            number, offset, length, crc, size, parent_id, traffic_type, time.monotonic() - started
+        )
 
     async def _commit(
         self,

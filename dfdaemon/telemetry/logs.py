@@ -1,0 +1,69 @@
+"""Process-wide logging shared by the daemon, the scheduler stub and the CLIs.
+
+One line per event on stderr, as ``key=value`` text or as JSON objects (``log.format``); inside a
+span every line carries the trace and span ids, so a log line leads to its trace.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+from opentelemetry import trace
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+class _TraceContext(logging.Filter):
+    """Stamp each record with the ids of the span current where it was logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        context = trace.get_current_span().get_span_context()
+        record.trace_id = f"{context.trace_id:032x}" if context.is_valid else ""
+        record.span_id = f"{context.span_id:016x}" if context.is_valid else ""
+        return True
+
+
+class _TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        trace_id = getattr(record, "trace_id", "")
+        return f"{line} trace_id={trace_id} span_id={getattr(record, 'span_id', '')}" if trace_id else line
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if getattr(record, "trace_id", ""):
+            entry["trace_id"] = getattr(record, "trace_id", "")
+            entry["span_id"] = getattr(record, "span_id", "")
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(level: str = "info", fmt: str = "text") -> None:
+    """Configure the root logger for this process."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_TraceContext())
+    handler.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(_LEVELS.get(level, logging.INFO))
+    # The HTTP client logs every request at INFO; the daemon logs downloads itself.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
