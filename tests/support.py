@@ -59,6 +59,7 @@ class DaemonProcess:
     storage_dir: Path
     socket_path: Path
     upload_port: int
+    metrics_port: int | None = None
 
     @property
     def upload_address(self) -> str:
@@ -98,7 +99,9 @@ def run_module(module: str, *args: str, **kwargs: Any) -> subprocess.CompletedPr
 
 
 @contextmanager
-def running_daemon(workdir: Path, extra: dict[str, Any] | None = None) -> Iterator[DaemonProcess]:
+def running_daemon(
+    workdir: Path, extra: dict[str, Any] | None = None, env: dict[str, str] | None = None
+) -> Iterator[DaemonProcess]:
     """Start ``dfdaemon`` as its own process and stop it with SIGTERM afterwards."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = daemon_config(workdir, extra)
@@ -111,11 +114,12 @@ def running_daemon(workdir: Path, extra: dict[str, Any] | None = None) -> Iterat
             stdout=log_file,
             stderr=subprocess.STDOUT,
             cwd=REPO_ROOT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
     try:
         wait_for_line(log_path, r"download server listening on unix:", proc)
         port = int(wait_for_line(log_path, r"upload server listening on [^\s]+:(\d+)", proc).group(1))
+        metrics = re.search(r"metrics server listening on [^\s]+:(\d+)", log_path.read_text())
         yield DaemonProcess(
             proc=proc,
             config_path=config_path,
@@ -123,6 +127,7 @@ def running_daemon(workdir: Path, extra: dict[str, Any] | None = None) -> Iterat
             storage_dir=Path(config["storage"]["dir"]),
             socket_path=Path(config["download"]["server"]["socketPath"]),
             upload_port=port,
+            metrics_port=int(metrics.group(1)) if metrics else None,
         )
     finally:
         if proc.poll() is None:
@@ -198,7 +203,7 @@ class SchedulerProcess:
 
 
 @contextmanager
-def running_scheduler(workdir: Path) -> Iterator[SchedulerProcess]:
+def running_scheduler(workdir: Path, env: dict[str, str] | None = None) -> Iterator[SchedulerProcess]:
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / "scheduler.log"
     with log_path.open("wb") as log_file:
@@ -207,7 +212,7 @@ def running_scheduler(workdir: Path) -> Iterator[SchedulerProcess]:
             stdout=log_file,
             stderr=subprocess.STDOUT,
             cwd=REPO_ROOT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
     try:
         address = wait_for_line(log_path, r"scheduler listening on (\S+)", proc).group(1)
