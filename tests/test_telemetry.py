@@ -54,7 +54,7 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
     spans: list[ReceivedSpan] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def Export(  # noqa: N802 - the OTLP service's method name
+    def Export(
         self, request: trace_service_pb2.ExportTraceServiceRequest, context: grpc.ServicerContext
     ) -> trace_service_pb2.ExportTraceServiceResponse:
         for resource_spans in request.resource_spans:
