@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import re
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -41,6 +43,52 @@ class BackendError(Exception):
 
 class UnsupportedURL(ValueError):
     """The URL is malformed or uses a scheme this daemon cannot fetch."""
+
+
+class SourceNotAllowed(Exception):
+    """Back-to-source policy forbids this origin (PERMISSION_DENIED)."""
+
+
+@dataclass(frozen=True)
+class SourcePolicy:
+    """Which origins the daemon may fetch from; see ``download.backToSource`` in the configuration."""
+
+    allowed_schemes: tuple[str, ...] = SUPPORTED_SCHEMES
+    allowed_hosts: tuple[str, ...] = ()
+    allowed_networks: tuple[str, ...] = ()
+
+    def _host_allowed(self, host: str) -> bool:
+        if not self.allowed_hosts:
+            return True
+        return any(
+            host == allowed or (allowed.startswith(".") and (host.endswith(allowed) or host == allowed[1:]))
+            for allowed in (entry.lower() for entry in self.allowed_hosts)
+        )
+
+    async def check(self, url: str, *, from_network: bool) -> None:
+        """Refuse an origin outside the policy; requests from the network never reach internal addresses."""
+        parts = urlsplit(url)
+        scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
+        if scheme not in self.allowed_schemes:
+            raise SourceNotAllowed(f"back to source over {scheme!r} is not allowed (download.backToSource)")
+        if not self._host_allowed(host):
+            raise SourceNotAllowed(f"back to source from host {host!r} is not allowed (download.backToSource)")
+        if not self.allowed_networks and not from_network:
+            return
+        port = parts.port or (443 if scheme == "https" else 80)
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise BackendError(f"cannot resolve origin host {host!r}: {exc.strerror or exc}") from None
+        networks = [ipaddress.ip_network(n, strict=False) for n in self.allowed_networks]
+        for info in infos:
+            address = ipaddress.ip_address(info[4][0])
+            allowed = any(address in network for network in networks) if networks else address.is_global
+            if not allowed:
+                raise SourceNotAllowed(
+                    f"back to source to {address} ({host}) is not allowed"
+                    + ("" if networks else " from a network request: it is not a public address")
+                )
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ naming the key, so a typo never turns into a silent default or a traceback.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from pathlib import Path
@@ -42,23 +43,93 @@ class HostConfig(_Section):
     location: str = ""
 
 
+def _octal_mode(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        mode = value
+    elif isinstance(value, str) and value.strip().isdigit():
+        mode = int(value.strip(), 8)
+    else:
+        raise ValueError(f'invalid file mode {value!r} (use an octal string such as "0660")')
+    if not 0 <= mode <= 0o777:
+        raise ValueError(f"invalid file mode {value!r}")
+    return mode
+
+
 class DownloadServerConfig(_Section):
     socket_path: str = DEFAULT_SOCKET_PATH
+    # Ours. Upstream leaves the socket world-writable; here only the owner (root) and socketGroup may use it.
+    socket_mode: Annotated[int, BeforeValidator(_octal_mode)] = 0o660
+    socket_group: str = ""
+
+
+class BackToSourceConfig(_Section):
+    """Ours: where the daemon may fetch from. Empty lists allow everything, except as noted for the network."""
+
+    allowed_schemes: list[Literal["http", "https"]] = ["http", "https"]
+    # Host names the origin may have (exact, or ".example.com" for a domain and its subdomains).
+    allowed_hosts: list[str] = []
+    # Networks (CIDR) the origin's addresses must be in. When empty, requests arriving over the network
+    # (the upload server) may not reach loopback, private, link-local or other non-global addresses.
+    allowed_networks: list[str] = []
+
+    @model_validator(mode="after")
+    def _networks_parse(self) -> BackToSourceConfig:
+        for network in self.allowed_networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(f"allowedNetworks: {network!r} is not a network (use CIDR, e.g. 10.0.0.0/8)") from None
+        return self
 
 
 class DownloadConfig(_Section):
     server: DownloadServerConfig = DownloadServerConfig()
     piece_timeout: Duration = 120.0
     concurrent_piece_count: Annotated[int, Field(ge=1, le=1024)] = 8
+    back_to_source: BackToSourceConfig = BackToSourceConfig()
+
+
+class TLSConfig(_Section):
+    """Mutual TLS material (PEM files): ``caCert`` verifies the other side, ``cert``/``key`` present this one."""
+
+    ca_cert: str = ""
+    cert: str = ""
+    key: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.ca_cert or self.cert or self.key)
+
+    @model_validator(mode="after")
+    def _complete(self) -> TLSConfig:
+        if self.enabled and not (self.ca_cert and self.cert and self.key):
+            raise ValueError("caCert, cert and key must be given together")
+        return self
 
 
 class UploadServerConfig(_Section):
     ip: str = "0.0.0.0"
     port: Port = 4000
+    # Ours: DeleteTask from the network is refused unless enabled.
+    enable_delete_task: bool = False
+    ca_cert: str = ""
+    cert: str = ""
+    key: str = ""
+
+    @property
+    def tls(self) -> TLSConfig:
+        return TLSConfig(ca_cert=self.ca_cert, cert=self.cert, key=self.key)
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> UploadServerConfig:
+        self.tls  # noqa: B018 - validates the three TLS keys together
+        return self
 
 
 class UploadConfig(_Section):
     server: UploadServerConfig = UploadServerConfig()
+    # How this daemon connects to other peers' upload servers (mutual TLS when set).
+    client: TLSConfig = TLSConfig()
 
 
 class SchedulerConfig(_Section):

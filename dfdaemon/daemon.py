@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import logging
 import os
 import socket
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import grpc
 
-from dfdaemon.backend import Backend
+from dfdaemon.backend import Backend, SourcePolicy
 from dfdaemon.config import Config, ConfigError, check_storage_dir
 from dfdaemon.download import DownloadManager
 from dfdaemon.download.scheduled import ScheduledFetch
@@ -22,6 +23,7 @@ from dfdaemon.rpc import download, ext, upload
 from dfdaemon.rpc.peer_client import GrpcParentClient
 from dfdaemon.rpc.scheduler_client import HostInfo, SchedulerClient
 from dfdaemon.rpc.servers import HealthReporter, add_service, new_server
+from dfdaemon.rpc.tls import TLSError, server_credentials
 from dfdaemon.storage import Storage
 from dfdaemon.storage.metadata import SchemaTooNew
 from dfdaemon.telemetry.metrics import MetricsServer
@@ -85,11 +87,19 @@ class Daemon:
             host_ip=self.host_ip,
             hostname=self.hostname,
             concurrent_piece_count=config.download.concurrent_piece_count,
+            source_policy=SourcePolicy(
+                allowed_schemes=tuple(config.download.back_to_source.allowed_schemes),
+                allowed_hosts=tuple(config.download.back_to_source.allowed_hosts),
+                allowed_networks=tuple(config.download.back_to_source.allowed_networks),
+            ),
         )
         self.scheduler: SchedulerClient | None = None
         self.metrics_server: MetricsServer | None = None
         self._gauges: asyncio.Task[None] | None = None
-        self.parents = GrpcParentClient(self.downloads.host_id)
+        try:
+            self.parents = GrpcParentClient(self.downloads.host_id, config.upload.client)
+        except TLSError as exc:
+            raise StartupError(f"upload.client: {exc}") from None
         self._storage_open = False
 
     async def start(self) -> Endpoints:
@@ -114,33 +124,8 @@ class Daemon:
                     f"metrics.server: cannot listen on {metrics_cfg.ip}:{metrics_cfg.port}: {exc.strerror}"
                 ) from None
             self._gauges = asyncio.create_task(self._refresh_gauges(), name="metrics-gauges")
-        storage = self.storage
-
-        upload_server, upload_health = new_server(
-            [upload.SERVICE.full_name],
-            lambda server: add_service(
-                server,
-                upload.SERVICE,
-                upload.UploadServicer(storage, self.downloads, self.host_ip, self.config.download.piece_timeout),
-            ),
-        )
-        server_cfg = self.config.upload.server
-        wanted = f"{server_cfg.ip}:{server_cfg.port}"
-        port = _bind(upload_server, wanted)
-        if port == 0:
-            raise StartupError(f"upload.server: cannot listen on {wanted} (address in use or not available)")
-
-        def register_download(server: grpc.aio.Server) -> None:
-            add_service(server, download.SERVICE, download.DownloadServicer(storage, self.downloads))
-            add_service(server, ext.USE_SERVICE, ext.UseServicer(storage))
-            add_service(server, ext.CACHE_SERVICE, ext.CacheServicer(storage, self.gc))
-
-        download_server, download_health = new_server(
-            [download.SERVICE.full_name, ext.USE_SERVICE.full_name, ext.CACHE_SERVICE.full_name], register_download
-        )
-        if _bind(download_server, f"unix:{socket_path}") == 0:
-            raise StartupError(f"download.server.socketPath: cannot listen on {str(socket_path)!r}")
-
+        upload_server, upload_health, port = self._upload_server_bound()
+        download_server, download_health = self._download_server_bound(socket_path)
         await upload_server.start()
         await download_server.start()
         self._upload_server, self._download_server = upload_server, download_server
@@ -148,6 +133,8 @@ class Daemon:
         for reporter in self._health:
             await reporter.set_serving(True)
 
+        await asyncio.to_thread(self._secure_socket, socket_path)
+        server_cfg = self.config.upload.server
         host = server_cfg.ip if ":" not in server_cfg.ip else f"[{server_cfg.ip}]"
         self.endpoints = Endpoints(upload_address=f"{host}:{port}", upload_port=port, socket_path=socket_path)
         if self.config.scheduler.addrs:
@@ -155,6 +142,56 @@ class Daemon:
         log.info("upload server listening on %s", self.endpoints.upload_address)
         log.info("download server listening on unix:%s", socket_path)
         return self.endpoints
+
+    def _upload_server_bound(self) -> tuple[grpc.aio.Server, HealthReporter, int]:
+        """The TCP server other peers call: plaintext, or mutual TLS when upload.server has certificates."""
+        server_cfg = self.config.upload.server
+        servicer = upload.UploadServicer(
+            self.storage,
+            self.downloads,
+            self.host_ip,
+            self.config.download.piece_timeout,
+            enable_delete_task=server_cfg.enable_delete_task,
+        )
+        server, health = new_server([upload.SERVICE.full_name], lambda s: add_service(s, upload.SERVICE, servicer))
+        credentials = None
+        if server_cfg.tls.enabled:
+            try:
+                credentials = server_credentials(server_cfg.tls)
+            except TLSError as exc:
+                raise StartupError(f"upload.server: {exc}") from None
+        wanted = f"{server_cfg.ip}:{server_cfg.port}"
+        port = _bind(server, wanted, credentials)
+        if port == 0:
+            raise StartupError(f"upload.server: cannot listen on {wanted} (address in use or not available)")
+        return server, health, port
+
+    def _download_server_bound(self, socket_path: Path) -> tuple[grpc.aio.Server, HealthReporter]:
+        """The unix-socket server for local clients: downloads, tasks, holds, usage and GC."""
+
+        def register(server: grpc.aio.Server) -> None:
+            add_service(server, download.SERVICE, download.DownloadServicer(self.storage, self.downloads))
+            add_service(server, ext.USE_SERVICE, ext.UseServicer(self.storage))
+            add_service(server, ext.CACHE_SERVICE, ext.CacheServicer(self.storage, self.gc))
+
+        server, health = new_server(
+            [download.SERVICE.full_name, ext.USE_SERVICE.full_name, ext.CACHE_SERVICE.full_name], register
+        )
+        if _bind(server, f"unix:{socket_path}") == 0:
+            raise StartupError(f"download.server.socketPath: cannot listen on {str(socket_path)!r}")
+        return server, health
+
+    def _secure_socket(self, socket_path: Path) -> None:
+        """Give the socket its mode and group: only root and that group may ask this daemon for anything."""
+        server_cfg = self.config.download.server
+        os.chmod(socket_path, server_cfg.socket_mode)
+        if server_cfg.socket_group:
+            group = server_cfg.socket_group
+            try:
+                gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+            except KeyError:
+                raise StartupError(f"download.server.socketGroup: no group named {group!r}") from None
+            os.chown(socket_path, -1, gid)
 
     async def _refresh_gauges(self, every: float = 5.0) -> None:
         """Keep the cache gauges current between scrapes (GC runs refresh them too)."""
@@ -228,9 +265,11 @@ def gc_policy(config: Config) -> GCPolicy:
     )
 
 
-def _bind(server: grpc.aio.Server, address: str) -> int:
+def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None = None) -> int:
     """Bind and return the port (0 when binding failed); grpc raises on some failures and returns 0 on others."""
     try:
+        if credentials is not None:
+            return int(server.add_secure_port(address, credentials))
         return int(server.add_insecure_port(address))
     except RuntimeError:
         return 0

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from dfdaemon import ids
-from dfdaemon.backend import Backend, BackendError, check_url
+from dfdaemon.backend import Backend, BackendError, SourceNotAllowed, SourcePolicy, check_url
 from dfdaemon.gc import GarbageCollector
 from dfdaemon.ids import PieceSpan
 from dfdaemon.storage import PieceRecord, Storage, TaskInfo, TaskRecord, TaskState, TaskWriter, TrafficType
@@ -82,6 +82,8 @@ class DownloadRequest:
     content_for_calculating_task_id: str | None = None
     concurrent_piece_count: int | None = None
     enable_task_id_based_blob_digest: bool = False
+    # Set by the server, not the caller: the request came over the network (the upload server).
+    from_network: bool = False
 
     def task_id(self) -> str:
         return ids.task_id(
@@ -175,6 +177,7 @@ class DownloadManager:
         hostname: str,
         concurrent_piece_count: int = 8,
         piece_attempts: int = 3,
+        source_policy: SourcePolicy | None = None,
     ) -> None:
         self.storage = storage
         self.gc = gc
@@ -184,6 +187,7 @@ class DownloadManager:
         self.host_id = ids.host_id(host_ip, hostname)
         self.concurrent_piece_count = concurrent_piece_count
         self.piece_attempts = piece_attempts
+        self.source_policy = source_policy or SourcePolicy()
         self.fetch_missing: PieceFetcher = self.back_to_source
         self._jobs: dict[str, TaskJob] = {}
 
@@ -236,6 +240,9 @@ class DownloadManager:
 
     async def _download(self, request: DownloadRequest) -> AsyncIterator[Started | PieceDone]:
         task_id = self.validate(request)
+        if request.from_network and request.output_path is not None:
+            raise SourceNotAllowed("a download requested over the network may not write an output file")
+        await self.source_policy.check(request.url, from_network=request.from_network)
         peer_id = ids.peer_id(self.host_ip, self.hostname)
         async with contextlib.AsyncExitStack() as stack:
             if request.timeout is not None:

@@ -13,7 +13,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from dfdaemon import ids
 from dfdaemon.api import common_pb2, dfdaemon_ext_pb2, dfdaemon_pb2
-from dfdaemon.backend import BackendError
+from dfdaemon.backend import BackendError, SourceNotAllowed
 from dfdaemon.download import ByteRange, DownloadFailed, DownloadPrecondition, DownloadRequest, PieceDone, Started
 from dfdaemon.gc import GCReport
 from dfdaemon.storage import (
@@ -47,6 +47,7 @@ _STATUS_OF: list[tuple[type[Exception], grpc.StatusCode]] = [
     (PieceCorrupt, grpc.StatusCode.DATA_LOSS),
     (InvalidPiece, grpc.StatusCode.OUT_OF_RANGE),
     (DownloadPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (SourceNotAllowed, grpc.StatusCode.PERMISSION_DENIED),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
     (DownloadFailed, grpc.StatusCode.INTERNAL),
     (BackendError, grpc.StatusCode.INTERNAL),
@@ -129,17 +130,7 @@ def download_task_id(download: common_pb2.Download) -> str:
     """The task id a ``Download`` names, computed exactly as upstream does."""
     if not download.url:
         raise InvalidRequest("download.url is required")
-    return ids.task_id(
-        download.url,
-        tag=download.tag if download.HasField("tag") else None,
-        application=download.application if download.HasField("application") else None,
-        piece_length=download.piece_length if download.HasField("piece_length") else None,
-        filtered_query_params=list(download.filtered_query_params),
-        content_for_calculating_task_id=(
-            download.content_for_calculating_task_id if download.HasField("content_for_calculating_task_id") else None
-        ),
-        enable_task_id_based_blob_digest=download.enable_task_id_based_blob_digest,
-    )
+    return download_request(download).task_id()
 
 
 def task_ref_id(ref: dfdaemon_ext_pb2.TaskRef) -> str:
@@ -205,8 +196,8 @@ def gc_run(report: GCReport) -> dfdaemon_ext_pb2.GCRun:
     )
 
 
-def download_request(download: common_pb2.Download) -> DownloadRequest:
-    """A ``common.v2.Download`` as the download manager's request."""
+def download_request(download: common_pb2.Download, *, from_network: bool = False) -> DownloadRequest:
+    """A ``common.v2.Download`` as the download manager's request; ``from_network`` says who is asking."""
 
     def optional(name: Any) -> Any:
         return getattr(download, name) if download.HasField(name) else None
@@ -233,6 +224,7 @@ def download_request(download: common_pb2.Download) -> DownloadRequest:
         content_for_calculating_task_id=optional("content_for_calculating_task_id"),
         concurrent_piece_count=optional("concurrent_piece_count"),
         enable_task_id_based_blob_digest=download.enable_task_id_based_blob_digest,
+        from_network=from_network,
     )
 
 

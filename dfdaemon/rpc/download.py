@@ -19,6 +19,9 @@ SERVICE = dfdaemon_pb2.DESCRIPTOR.services_by_name["DfdaemonDownload"]
 class TaskServicer:
     """The RPCs both services share: a download through this daemon, and the local record of a task."""
 
+    # Whether callers reach this service over the network (the upload server) rather than the local socket.
+    from_network = False
+
     def __init__(self, storage: Storage, downloads: DownloadManager) -> None:
         self.storage = storage
         self.downloads = downloads
@@ -26,7 +29,7 @@ class TaskServicer:
     async def DownloadTask(
         self, request: dfdaemon_pb2.DownloadTaskRequest, context: Context
     ) -> AsyncIterator[dfdaemon_pb2.DownloadTaskResponse]:
-        async for response in download_task(self.downloads, request, context):
+        async for response in download_task(self.downloads, request, context, from_network=self.from_network):
             yield response
 
     @unary
@@ -62,13 +65,17 @@ class DownloadServicer(TaskServicer):
 
 
 async def download_task(
-    downloads: DownloadManager, request: dfdaemon_pb2.DownloadTaskRequest, context: Context
+    downloads: DownloadManager,
+    request: dfdaemon_pb2.DownloadTaskRequest,
+    context: Context,
+    *,
+    from_network: bool,
 ) -> AsyncIterator[dfdaemon_pb2.DownloadTaskResponse]:
     """Shared by both services: stream one download; any failure ends the stream with its status."""
     if not request.HasField("download"):
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "download is required")
     try:
-        async for event in downloads.download(convert.download_request(request.download)):
+        async for event in downloads.download(convert.download_request(request.download, from_network=from_network)):
             yield convert.download_event(event, downloads.host_id)
     except Exception as error:
         await convert.abort_for(context, error)

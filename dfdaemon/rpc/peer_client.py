@@ -7,9 +7,11 @@ from collections.abc import AsyncIterator
 import grpc
 
 from dfdaemon.api import dfdaemon_pb2, dfdaemon_pb2_grpc
+from dfdaemon.config import TLSConfig
 from dfdaemon.download.peering import FetchedPiece, Parent, ParentUnavailable, PieceUnavailable
 from dfdaemon.ids import PieceSpan
 from dfdaemon.rpc.servers import CHANNEL_OPTIONS
+from dfdaemon.rpc.tls import channel_credentials
 from dfdaemon.telemetry.tracing import client_interceptors
 
 # Answers about one piece only: the parent is fine, that piece must come from elsewhere.
@@ -19,16 +21,24 @@ _PIECE_CODES = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DATA_LOSS}
 class GrpcParentClient:
     """Talks to parents over gRPC, reusing one channel per parent address."""
 
-    def __init__(self, host_id: str) -> None:
+    def __init__(self, host_id: str, tls: TLSConfig | None = None) -> None:
         self.host_id = host_id
+        # Built on first use (inside the event loop); mutual TLS when upload.client has certificates.
+        self._credentials = channel_credentials(tls) if tls is not None and tls.enabled else None
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def _stub(self, parent: Parent) -> dfdaemon_pb2_grpc.DfdaemonUploadAsyncStub:
         channel = self._channels.get(parent.address)
         if channel is None:
-            channel = self._channels[parent.address] = grpc.aio.insecure_channel(
-                parent.address, options=CHANNEL_OPTIONS, interceptors=client_interceptors()
-            )
+            if self._credentials is not None:
+                channel = grpc.aio.secure_channel(
+                    parent.address, self._credentials, options=CHANNEL_OPTIONS, interceptors=client_interceptors()
+                )
+            else:
+                channel = grpc.aio.insecure_channel(
+                    parent.address, options=CHANNEL_OPTIONS, interceptors=client_interceptors()
+                )
+            self._channels[parent.address] = channel
         return dfdaemon_pb2_grpc.DfdaemonUploadStub(channel)
 
     async def close(self) -> None:

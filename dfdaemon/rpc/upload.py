@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import grpc
+from google.protobuf.empty_pb2 import Empty
+
 from dfdaemon import ids
 from dfdaemon.api import dfdaemon_pb2
 from dfdaemon.download import DownloadManager
@@ -18,12 +21,36 @@ SERVICE = dfdaemon_pb2.DESCRIPTOR.services_by_name["DfdaemonUpload"]
 
 
 class UploadServicer(TaskServicer):
-    """Serves other peers (and schedulers asking a seed peer to DownloadTask); others answer UNIMPLEMENTED."""
+    """Serves other peers what a peer needs; others answer UNIMPLEMENTED.
 
-    def __init__(self, storage: Storage, downloads: DownloadManager, host_ip: str, piece_timeout: float) -> None:
+    Callers come from the network: a DownloadTask may not write files and may not reach internal origins,
+    and DeleteTask is refused unless ``upload.server.enableDeleteTask`` allows it.
+    """
+
+    from_network = True
+
+    def __init__(
+        self,
+        storage: Storage,
+        downloads: DownloadManager,
+        host_ip: str,
+        piece_timeout: float,
+        enable_delete_task: bool = False,
+    ) -> None:
         super().__init__(storage, downloads)
         self.host_ip = host_ip
         self.piece_timeout = piece_timeout
+        self.enable_delete_task = enable_delete_task
+
+    @unary
+    async def DeleteTask(self, request: dfdaemon_pb2.DeleteTaskRequest, context: Context) -> Empty:
+        if not self.enable_delete_task:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "DeleteTask over the network is disabled (set upload.server.enableDeleteTask to allow it)",
+            )
+        await self.storage.delete_task(request.task_id)
+        return Empty()
 
     async def SyncPieces(
         self, request: dfdaemon_pb2.SyncPiecesRequest, context: Context
