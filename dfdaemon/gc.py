@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dfdaemon.storage.manager import Storage
-from dfdaemon.storage.models import Hold, StorageFull, TaskState, TaskTimes, Usage
+from dfdaemon.storage.models import DiskFull, Hold, StorageFull, TaskState, TaskTimes, Usage
 from dfdaemon.telemetry import metrics, tracing
 
 log = logging.getLogger("dfdaemon.gc")
@@ -242,10 +242,13 @@ class GarbageCollector:
         storage, policy = self.storage, self.policy
         now = storage.clock()
         report = GCReport(id=0, dry_run=dry_run, trigger=trigger, started_at=now)
-        await storage.compact()
-        if not dry_run:
-            for hold in await storage.expire_holds():
-                log.info("lease of holder %s on task %s expired", hold.holder, hold.task_id)
+        try:
+            await storage.compact()
+            if not dry_run:
+                for hold in await storage.expire_holds():
+                    log.info("lease of holder %s on task %s expired", hold.holder, hold.task_id)
+        except DiskFull as exc:
+            log.warning("%s; evicting what frees space first", exc)  # failed tasks go without a metadata write
         holds_by_task: dict[str, list[Hold]] = {}
         for hold in await storage.all_live_holds():
             holds_by_task.setdefault(hold.task_id, []).append(hold)

@@ -25,7 +25,16 @@ from dfdaemon import ids
 from dfdaemon.backend import Backend, BackendError, SourceNotAllowed, SourcePolicy, check_url
 from dfdaemon.gc import GarbageCollector
 from dfdaemon.ids import PieceSpan
-from dfdaemon.storage import PieceRecord, Storage, TaskInfo, TaskRecord, TaskState, TaskWriter, TrafficType
+from dfdaemon.storage import (
+    DiskFull,
+    PieceRecord,
+    Storage,
+    TaskInfo,
+    TaskRecord,
+    TaskState,
+    TaskWriter,
+    TrafficType,
+)
 from dfdaemon.telemetry import metrics, tracing
 
 log = logging.getLogger("dfdaemon.download")
@@ -340,9 +349,19 @@ class DownloadManager:
             error = _root_cause(exc)
             log.warning("download failed task=%s error=%s", job.task_id, error)
             await job.announce(error=error)
+            if isinstance(error, DiskFull):
+                await self._collect_after_disk_full(job.task_id)
         finally:
             if self._jobs.get(job.task_id) is job:
                 del self._jobs[job.task_id]
+
+    async def _collect_after_disk_full(self, task_id: str, patience: float = 5.0) -> None:
+        """Free the disk: once the requesters have let go of the failed task, GC collects it and what else may go."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(patience):
+                while any(self.storage.in_flight(task_id)):
+                    await self.storage.wait_for_change(task_id)
+        await self.gc.run("disk-full")
 
     async def _run_job(self, job: TaskJob) -> bool:
         """Complete the task in storage; returns False when it was already complete (a cache hit)."""

@@ -2,6 +2,7 @@
 
 from dfdaemon.storage.manager import Storage, TaskReader, TaskWriter
 from dfdaemon.storage.models import (
+    DiskFull,
     Hold,
     InvalidPiece,
     PieceCorrupt,
@@ -21,6 +22,7 @@ from dfdaemon.storage.models import (
 )
 
 __all__ = [
+    "DiskFull",
     "Hold",
     "InvalidPiece",
     "PieceCorrupt",

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import shutil
+import sqlite3
 import time
 import zlib
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -27,6 +29,7 @@ from dfdaemon.ids import validate_task_id
 from dfdaemon.storage.content import ContentStore, remove_path, sync_and_size, write_at
 from dfdaemon.storage.metadata import MetadataStore
 from dfdaemon.storage.models import (
+    DiskFull,
     Hold,
     InvalidPiece,
     PieceCorrupt,
@@ -94,6 +97,19 @@ class Storage:
         """Called (on the loop) whenever the cache grew, so GC can react to crossing the quota."""
         self._growth_listeners.append(listener)
 
+    @contextlib.contextmanager
+    def _disk_full_guard(self, task_id: str, number: int) -> Iterator[None]:
+        """Turn "no space left" under a piece write into StorageFull (the piece never became visible)."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            log.error("no space left writing piece %d of task %s", number, task_id)
+            raise DiskFull(
+                f"no space left on the cache's filesystem writing piece {number} of task {task_id}"
+            ) from None
+
     @property
     def meta(self) -> MetadataStore:
         if self._meta is None:
@@ -101,7 +117,12 @@ class Storage:
         return self._meta
 
     async def _db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._db_thread, partial(fn, *args, **kwargs))
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._db_thread, partial(fn, *args, **kwargs))
+        except sqlite3.OperationalError as exc:
+            if "full" in str(exc):
+                raise DiskFull(f"no space left on the cache's filesystem for its metadata: {exc}") from None
+            raise
 
     async def _io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await asyncio.to_thread(fn, *args, **kwargs)
@@ -169,7 +190,7 @@ class Storage:
             event.set()
 
     async def wait_for_change(self, task_id: str) -> None:
-        """Wait until a piece of the task is committed, or it finishes, fails or goes."""
+        """Wait until a piece of the task is committed, it finishes, fails or goes, or a reference is released."""
         event = self._changes.get(task_id)
         if event is None:
             event = self._changes[task_id] = asyncio.Event()
@@ -268,11 +289,11 @@ class Storage:
             async with self._lock(task_id):
                 self._release_count(self._uploads, task_id)
 
-    @staticmethod
-    def _release_count(counter: Counter[str], task_id: str) -> None:
+    def _release_count(self, counter: Counter[str], task_id: str) -> None:
         counter[task_id] -= 1
         if counter[task_id] <= 0:
             del counter[task_id]
+        self._changed(task_id)
 
     async def read_piece(self, task_id: str, number: int) -> tuple[PieceRecord, bytes]:
         """Read and CRC-verify one piece; a piece whose bytes changed is forgotten and reported corrupt."""
@@ -320,11 +341,19 @@ class Storage:
     async def evict(self, task_id: str, expected_states: Iterable[TaskState]) -> int | None:
         """Evict an unreferenced task for GC; returns bytes freed, or None when a reference appeared meanwhile."""
         now = self.clock()
+        states = list(expected_states)
         async with self._lock(task_id):
             downloads, uploads = self.in_flight(task_id)
             if downloads or uploads:
                 return None
-            if not await self._db(self.meta.mark_evicting, task_id, list(expected_states), now):
+            task = await self._db(self.meta.get_task, task_id)
+            if task is None or task.state not in states:
+                return None
+            if task.state is TaskState.FAILED and not await self._db(self.meta.live_holds, now, task_id=task_id):
+                # A failed task's bytes are worth nothing: free them before writing anything, so eviction works
+                # even on a full disk. A crash right here leaves a failed row without a file, which start-up handles.
+                await self._io(self.content.delete, task_id)
+            if not await self._db(self.meta.mark_evicting, task_id, states, now):
                 return None
             freed = await self._remove(task_id)
         await self._notify_deleted(task_id)
@@ -440,8 +469,9 @@ class TaskWriter:
         """Write a piece held in memory (one from a peer's DownloadPiece)."""
         _check_span(number, offset, len(data))
         storage = self.storage
-        crc, size = await storage._io(storage.content.write_piece, self.task_id, offset, data)
-        return await self._commit(number, offset, len(data), crc, size, parent_id, traffic_type, cost)
+        with storage._disk_full_guard(self.task_id, number):
+            crc, size = await storage._io(storage.content.write_piece, self.task_id, offset, data)
+            return await self._commit(number, offset, len(data), crc, size, parent_id, traffic_type, cost)
 
     async def write_piece_stream(
         self,
@@ -460,22 +490,23 @@ class TaskWriter:
         _check_span(number, offset, length)
         storage = self.storage
         started = time.monotonic()
-        fd = await storage._io(storage.content.open_for_write, self.task_id)
-        crc, position = 0, offset
-        try:
-            async for chunk in chunks:
-                if position + len(chunk) > offset + length:
-                    raise InvalidPiece(f"piece {number} got more than its {length} bytes")
-                crc = await storage._io(write_at, fd, position, chunk, crc)
-                position += len(chunk)
-            if position != offset + length:
-                raise InvalidPiece(f"piece {number} got {position - offset} of its {length} bytes")
-            size = await storage._io(sync_and_size, fd)
-        finally:
-            await storage._io(os.close, fd)
-        return await self._commit(
-            number, offset, length, crc, size, parent_id, traffic_type, time.monotonic() - started
-        )
+        with storage._disk_full_guard(self.task_id, number):
+            fd = await storage._io(storage.content.open_for_write, self.task_id)
+            crc, position = 0, offset
+            try:
+                async for chunk in chunks:
+                    if position + len(chunk) > offset + length:
+                        raise InvalidPiece(f"piece {number} got more than its {length} bytes")
+                    crc = await storage._io(write_at, fd, position, chunk, crc)
+                    position += len(chunk)
+                if position != offset + length:
+                    raise InvalidPiece(f"piece {number} got {position - offset} of its {length} bytes")
+                size = await storage._io(sync_and_size, fd)
+            finally:
+                await storage._io(os.close, fd)
+            return await self._commit(
+                number, offset, length, crc, size, parent_id, traffic_type, time.monotonic() - started
+            )
 
     async def _commit(
         self,
@@ -516,8 +547,15 @@ class TaskWriter:
         return await storage.require_task(self.task_id)
 
     async def fail(self) -> None:
+        """Mark the task failed. On a full disk its bytes go first: they are worthless and the mark needs room."""
         storage = self.storage
-        await storage._db(storage.meta.fail_task, self.task_id, storage.clock())
+        try:
+            await storage._db(storage.meta.fail_task, self.task_id, storage.clock())
+        except DiskFull:
+            await storage._io(storage.content.delete, self.task_id)
+            await storage._io(storage.content.create, self.task_id)
+            storage._content_bytes[self.task_id] = 0
+            await storage._db(storage.meta.fail_missing, self.task_id, storage.clock())
         storage._changed(self.task_id)
 
 

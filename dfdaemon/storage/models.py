@@ -179,5 +179,9 @@ class StorageFull(StorageError):
     """A download cannot fit in the quota because data in use fills it."""
 
 
+class DiskFull(StorageFull):
+    """The filesystem ran out of space under a write; the piece being written never became visible."""
+
+
 class InvalidPiece(StorageError):
     """A piece write that does not fit the task (offset, length or number out of range)."""
