@@ -239,3 +239,31 @@ def test_metrics_move_by_the_right_amounts(origin: OriginProcess, tmp_path: Path
         assert after[("dfdaemon_quota_exceeded_by_data_in_use", ())] == 0
         assert delta("dfdaemon_gc_runs_total", trigger="manual", dry_run="false") == 1
         assert after[("process_resident_memory_bytes", ())] > 0
+
+
+def test_cli_honours_the_otel_environment(
+    receiver: tuple[OtlpReceiver, str], origin: OriginProcess, tmp_path: Path
+) -> None:
+    collected, endpoint = receiver
+    config = {"tracing": {"protocol": "grpc", "endpoint": f"http://{endpoint}", "serviceName": "peer"}}
+    with running_daemon(tmp_path / "d", config, env={"OTEL_BSP_SCHEDULE_DELAY": "100"}) as daemon:
+        out = subprocess.run(
+            [sys.executable, "-m", "dfdaemon.cli.dfget", origin.url("a.bin"), "-O", str(tmp_path / "a"),
+             "-e", str(daemon.socket_path)],
+            capture_output=True, text=True, cwd=REPO_ROOT, timeout=60,
+            env={**os.environ, "OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{endpoint}",
+                 "OTEL_SERVICE_NAME": "dfget"},
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+    deadline = time.monotonic() + 15
+    name = "/dfdaemon.v2.DfdaemonDownload/DownloadTask"
+    while time.monotonic() < deadline:
+        with collected.lock:
+            client = [s for s in collected.spans if s.service == "dfget" and s.name == name]
+            server = [s for s in collected.spans if s.service == "peer" and s.name == name]
+        if client and server:
+            break
+        time.sleep(0.2)
+    assert len(client) == 1 and len(server) == 1
+    assert server[0].trace_id == client[0].trace_id
+    assert server[0].parent_span_id == client[0].span_id

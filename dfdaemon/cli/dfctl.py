@@ -22,8 +22,8 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from dfdaemon.api import common_pb2, dfdaemon_ext_pb2, dfdaemon_ext_pb2_grpc, dfdaemon_pb2, dfdaemon_pb2_grpc
+from dfdaemon.cli.channel import daemon_channel
 from dfdaemon.ids import InvalidTaskId, blob_digest_task_id, is_valid_task_id, normalize_url
-from dfdaemon.rpc.servers import CHANNEL_OPTIONS
 from dfdaemon.units import format_size, parse_duration, parse_size
 
 # The daemon's default (dfdaemon.config.DEFAULT_SOCKET_PATH), repeated because importing the configuration
@@ -653,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; exit 0 on success, 1 when the call failed, 2 on a usage error."""
     args = _parser().parse_args(argv)
     try:
-        with grpc.insecure_channel("unix:" + args.endpoint, options=CHANNEL_OPTIONS) as channel:
+        with daemon_channel(args.endpoint, "dfctl") as channel:
             output = COMMANDS[args.command](args, Daemon(channel, args.endpoint, args.timeout))
     except UsageError as exc:
         sys.stderr.write(_usage_line(f"dfctl {args.command}", str(exc)))

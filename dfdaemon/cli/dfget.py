@@ -29,8 +29,8 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from dfdaemon.api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc, errordetails_pb2
+from dfdaemon.cli.channel import daemon_channel
 from dfdaemon.ids import parse_file_digest
-from dfdaemon.rpc.servers import CHANNEL_OPTIONS
 from dfdaemon.units import parse_duration, parse_size
 
 DEFAULT_ENDPOINT = "/var/run/dragonfly/dfdaemon.sock"
@@ -403,7 +403,7 @@ def _run(argv: list[str] | None) -> int:
     options = parse_args(argv)
     if os.path.lexists(options.output) and not options.overwrite:
         raise DfgetError(f"{options.output} exists (use --overwrite)")
-    with grpc.insecure_channel(f"unix:{options.endpoint}", options=CHANNEL_OPTIONS) as channel:
+    with daemon_channel(options.endpoint, "dfget") as channel:
         _check_health(channel, options.endpoint)
         started_at = time.monotonic()
         summary = _download(channel, options)

@@ -16,11 +16,12 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 from opentelemetry import trace
-from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor, client_interceptor
+from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
+from opentelemetry.propagate import inject
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
@@ -114,9 +115,53 @@ def client_interceptors() -> list[Any]:
     return list(aio_client_interceptors()) if tracing_enabled() else []
 
 
+class _ClientCallDetails(NamedTuple):
+    method: str
+    timeout: float | None
+    metadata: Any
+    credentials: Any
+    wait_for_ready: Any
+    compression: Any
+
+
+class _TracingClientInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """For the synchronous CLIs: a client span per call, its W3C context sent in the call's metadata.
+
+    Unlike the instrumentation's own synchronous interceptor, it hands back the original call object, so
+    a caller can still cancel a stream and read its trailing metadata.
+    """
+
+    def _start(self, details: Any) -> tuple[trace.Span, _ClientCallDetails]:
+        current = tracer.start_span(details.method, kind=trace.SpanKind.CLIENT)
+        carrier: dict[str, str] = {}
+        inject(carrier, context=trace.set_span_in_context(current))
+        metadata = [*(details.metadata or []), *carrier.items()]
+        return current, _ClientCallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready, details.compression
+        )
+
+    @staticmethod
+    def _end_with(current: trace.Span, call: Any) -> Any:
+        if hasattr(call, "add_done_callback"):
+            call.add_done_callback(lambda _: current.end())
+        elif hasattr(call, "add_callback"):
+            call.add_callback(current.end)
+        else:
+            current.end()
+        return call
+
+    def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        current, details = self._start(client_call_details)
+        return self._end_with(current, continuation(details, request))
+
+    def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        current, details = self._start(client_call_details)
+        return self._end_with(current, continuation(details, request))
+
+
 def instrument_channel(channel: grpc.Channel) -> grpc.Channel:
     """For the synchronous CLIs: trace their calls when tracing is on."""
-    return grpc.intercept_channel(channel, client_interceptor()) if tracing_enabled() else channel
+    return grpc.intercept_channel(channel, _TracingClientInterceptor()) if tracing_enabled() else channel
 
 
 @contextmanager
