@@ -177,15 +177,6 @@ class MetricsConfig(_Section):
     server: MetricsServerConfig = MetricsServerConfig()
 
 
-class HealthServerConfig(_Section):
-    ip: str = "0.0.0.0"
-    port: Port = 4003
-
-
-class HealthConfig(_Section):
-    server: HealthServerConfig = HealthServerConfig()
-
-
 class TracingConfig(_Section):
     """Upstream's keys; empty defers to OpenTelemetry's OTEL_* environment (off when that says nothing too)."""
 
@@ -212,7 +203,6 @@ class Config(_Section):
     storage: StorageConfig = StorageConfig()
     gc: GCConfig = GCConfig()
     metrics: MetricsConfig = MetricsConfig()
-    health: HealthConfig = HealthConfig()
     tracing: TracingConfig = TracingConfig()
     log: LogConfig = LogConfig()
 
