@@ -151,7 +151,7 @@ class GarbageCollector:
 
     async def _relieve_pressure(self) -> None:
         limits = await self.limits()
-        if await self.storage.used_bytes() >= limits.high:
+        if await self._measure() >= limits.high:
             try:
                 await self.run("quota")
             except Exception:
@@ -194,9 +194,9 @@ class GarbageCollector:
         limits = await self.limits()
         if nbytes > limits.quota:
             raise StorageFull(f"{nbytes} bytes do not fit in a cache quota of {limits.quota} bytes")
-        if await self.storage.used_bytes() + nbytes > limits.quota:
+        if await self._measure() + nbytes > limits.quota:
             await self.run("quota", reserve=nbytes)
-            used = await self.storage.used_bytes()
+            used = await self._measure()
             if used + nbytes > limits.quota:
                 raise StorageFull(
                     f"{nbytes} bytes do not fit: {used} of the {limits.quota}-byte quota are held by data in use"
@@ -238,25 +238,35 @@ class GarbageCollector:
             publish_usage(await self.usage())
         return report
 
+    async def _measure(self) -> int:
+        """The cache's usage as it stands: the metadata's write-ahead log folded in first, so it does not count."""
+        with contextlib.suppress(DiskFull):
+            await self.storage.compact()
+        return await self.storage.used_bytes()
+
     async def _run(self, trigger: str, dry_run: bool, reserve: int) -> GCReport:
         storage, policy = self.storage, self.policy
         now = storage.clock()
         report = GCReport(id=0, dry_run=dry_run, trigger=trigger, started_at=now)
+        # Lapsed leases count as released when they lapsed; a dry run reads them, a real run purges them.
+        lapsed: dict[str, float] = {}
         try:
-            await storage.compact()
-            if not dry_run:
-                for hold in await storage.expire_holds():
-                    log.info("lease of holder %s on task %s expired", hold.holder, hold.task_id)
+            expired = await (storage.expired_holds() if dry_run else storage.expire_holds())
         except DiskFull as exc:
             log.warning("%s; evicting what frees space first", exc)  # failed tasks go without a metadata write
+            expired = []
+        for hold in expired:
+            if not dry_run:
+                log.info("lease of holder %s on task %s expired", hold.holder, hold.task_id)
+            lapsed[hold.task_id] = max(lapsed.get(hold.task_id, 0.0), hold.expires_at or 0.0)
         holds_by_task: dict[str, list[Hold]] = {}
         for hold in await storage.all_live_holds():
             holds_by_task.setdefault(hold.task_id, []).append(hold)
-        used = report.bytes_before = await storage.used_bytes()
+        used = report.bytes_before = await self._measure()
 
         candidates: list[_Candidate] = []
         for task in await storage.task_times():
-            skip = self._protection(task, holds_by_task.get(task.id, []), now)
+            skip = self._protection(task, holds_by_task.get(task.id, []), now, lapsed.get(task.id))
             if skip is not None:
                 report.skipped.append(skip)
             elif task.state is TaskState.FAILED:
@@ -292,16 +302,24 @@ class GarbageCollector:
 
         limits = await self.limits()
         target = min(limits.low, limits.quota - reserve)
-        if used >= limits.high or used > limits.quota - reserve:
-            for task in sorted(remaining, key=lambda t: (t.last_used_at, t.id)):
-                if used <= target:
-                    break
-                await evict(task, "quota")
-            if used >= limits.high or used > limits.quota - reserve:
-                report.quota_exceeded_by_data_in_use = True
+
+        def over() -> bool:
+            return used >= limits.high or used > limits.quota - reserve
+
+        if over():
+            queue = sorted(remaining, key=lambda t: (t.last_used_at, t.id))
+            while queue and used > target:
+                await evict(queue.pop(0), "quota")
+            if not dry_run:
+                # The prediction ignores what eviction itself writes and removes; measure, and go on if short.
+                used = await self._measure()
+                while queue and used > target:
+                    await evict(queue.pop(0), "quota")
+                    used = await self._measure()
+            report.quota_exceeded_by_data_in_use = over()
         if not dry_run:
+            used = await self._measure()
             self.quota_exceeded_by_data_in_use = report.quota_exceeded_by_data_in_use
-            used = await storage.used_bytes()
         if report.quota_exceeded_by_data_in_use:
             protected = sorted({holder for skip in report.skipped for holder in skip.holders})
             log.warning(
@@ -314,7 +332,9 @@ class GarbageCollector:
         report.finished_at = storage.clock()
         return report
 
-    def _protection(self, task: TaskTimes, holds: list[Hold], now: float) -> Skip | None:
+    def _protection(
+        self, task: TaskTimes, holds: list[Hold], now: float, lapsed_at: float | None = None
+    ) -> Skip | None:
         """Why a task may not be collected now, or None when it may."""
         downloads, uploads = self.storage.in_flight(task.id)
         reason = ""
@@ -327,7 +347,7 @@ class GarbageCollector:
         elif task.state is TaskState.RUNNING and now - task.updated_at < self.policy.stale_after:
             reason = "downloading"
         elif task.state is TaskState.SUCCEEDED:
-            settled = max(task.finished_at or task.created_at, task.released_at or 0.0)
+            settled = max(task.finished_at or task.created_at, task.released_at or 0.0, lapsed_at or 0.0)
             if now - settled < self.policy.grace_period:
                 reason = "grace"
         if not reason:

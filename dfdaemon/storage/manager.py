@@ -69,6 +69,7 @@ class Storage:
         self._downloads: Counter[str] = Counter()
         self._uploads: Counter[str] = Counter()
         self._locks: dict[str, asyncio.Lock] = {}
+        self._lock_users: Counter[str] = Counter()
         self._content_bytes: dict[str, int] = {}
         self._deletion_listeners: list[DeletionListener] = []
         self._growth_listeners: list[Callable[[], None]] = []
@@ -127,11 +128,21 @@ class Storage:
     async def _io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await asyncio.to_thread(fn, *args, **kwargs)
 
-    def _lock(self, task_id: str) -> asyncio.Lock:
+    @contextlib.asynccontextmanager
+    async def _lock(self, task_id: str) -> AsyncIterator[None]:
+        """The task's lock; it is forgotten only when nobody holds or awaits it, so there is only ever one."""
         lock = self._locks.get(task_id)
         if lock is None:
             lock = self._locks[task_id] = asyncio.Lock()
-        return lock
+        self._lock_users[task_id] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            self._lock_users[task_id] -= 1
+            if not self._lock_users[task_id]:
+                del self._lock_users[task_id]
+                del self._locks[task_id]
 
     async def _reconcile(self) -> None:
         now = self.clock()
@@ -364,7 +375,6 @@ class Storage:
         freed = self._content_bytes.pop(task_id, 0)
         await self._io(self.content.delete, task_id)
         await self._db(self.meta.delete_task, task_id)
-        self._locks.pop(task_id, None)
         self._changed(task_id)
         return freed
 
@@ -405,7 +415,7 @@ class Storage:
         _check_holder(holder)
         wanted = _unique([validate_task_id(task_id) for task_id in task_ids])
         now = self.clock()
-        current = set(await self._db(self.meta.holder_task_ids, holder))
+        current = set(await self._db(self.meta.holder_task_ids, holder, now))
         to_release = sorted(current - set(wanted))
         acquired: list[str] = []
         missing: list[str] = []
@@ -426,6 +436,10 @@ class Storage:
 
     async def expire_holds(self) -> list[Hold]:
         return await self._db(self.meta.expire_holds, self.clock())
+
+    async def expired_holds(self) -> list[Hold]:
+        """Lapsed leases not yet purged; reading them changes nothing."""
+        return await self._db(self.meta.expired_holds, self.clock())
 
     async def all_live_holds(self) -> list[Hold]:
         return await self._db(self.meta.live_holds, self.clock())

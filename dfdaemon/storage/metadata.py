@@ -277,9 +277,12 @@ class MetadataStore:
             return cursor.rowcount == 1
 
     def force_mark_evicting(self, task_id: str, now: float) -> list[str]:
-        """Drop a task's holds and mark it evicting; returns the holders that were dropped."""
+        """Drop a task's holds and mark it evicting; returns the holders whose live holds were dropped."""
         with self.transaction() as db:
-            holders = [row[0] for row in db.execute("SELECT holder FROM holds WHERE task_id = ?", (task_id,))]
+            rows = db.execute(
+                "SELECT holder FROM holds WHERE task_id = ? AND (expires_at IS NULL OR expires_at > ?)", (task_id, now)
+            )
+            holders = [row[0] for row in rows]
             db.execute("DELETE FROM holds WHERE task_id = ?", (task_id,))
             db.execute("UPDATE tasks SET state = 'evicting', updated_at = ? WHERE id = ?", (now, task_id))
         return holders
@@ -371,35 +374,54 @@ class MetadataStore:
             for task_id in task_ids:
                 db.execute(
                     "INSERT INTO holds (task_id, holder, acquired_at, expires_at, ttl) VALUES (?, ?, ?, ?, ?)"
-                    " ON CONFLICT (task_id, holder) DO UPDATE SET expires_at = excluded.expires_at, ttl = excluded.ttl",
+                    " ON CONFLICT (task_id, holder) DO UPDATE SET expires_at = excluded.expires_at, ttl = excluded.ttl,"
+                    " acquired_at = CASE WHEN holds.expires_at IS NOT NULL AND holds.expires_at <= excluded.acquired_at"
+                    " THEN excluded.acquired_at ELSE holds.acquired_at END",
                     (task_id, holder, now, expires, ttl),
                 )
         return []
 
     def release(self, holder: str, task_ids: list[str], now: float) -> list[str]:
-        """Remove the holder's holds on these tasks; returns the ids actually released."""
+        """Remove the holder's holds on these tasks; returns the ids whose hold was live (a lapsed one just goes)."""
         released = []
         with self.transaction() as db:
             for task_id in task_ids:
-                cursor = db.execute("DELETE FROM holds WHERE task_id = ? AND holder = ?", (task_id, holder))
-                if cursor.rowcount:
+                row = db.execute(
+                    "SELECT expires_at FROM holds WHERE task_id = ? AND holder = ?", (task_id, holder)
+                ).fetchone()
+                if row is None:
+                    continue
+                db.execute("DELETE FROM holds WHERE task_id = ? AND holder = ?", (task_id, holder))
+                if row["expires_at"] is None or row["expires_at"] > now:
                     released.append(task_id)
                     db.execute("UPDATE tasks SET released_at = ?, last_used_at = ? WHERE id = ?", (now, now, task_id))
         return released
 
     def keep_alive(self, holder: str, ttl: float | None, now: float) -> None:
-        """Extend the holder's leases (by ``ttl``, or by each hold's own ttl); permanent holds stay permanent."""
+        """Extend the holder's live leases (by ``ttl``, or by each hold's own ttl); a lapsed lease stays lapsed."""
         with self.transaction() as db:
             if ttl is None:
-                db.execute("UPDATE holds SET expires_at = ? + ttl WHERE holder = ? AND ttl IS NOT NULL", (now, holder))
+                db.execute(
+                    "UPDATE holds SET expires_at = ? + ttl WHERE holder = ? AND ttl IS NOT NULL AND expires_at > ?",
+                    (now, holder, now),
+                )
             else:
                 db.execute(
-                    "UPDATE holds SET expires_at = ?, ttl = ? WHERE holder = ? AND ttl IS NOT NULL",
-                    (now + ttl, ttl, holder),
+                    "UPDATE holds SET expires_at = ?, ttl = ? WHERE holder = ? AND ttl IS NOT NULL AND expires_at > ?",
+                    (now + ttl, ttl, holder, now),
                 )
 
-    def holder_task_ids(self, holder: str) -> list[str]:
-        return [row[0] for row in self._db.execute("SELECT task_id FROM holds WHERE holder = ?", (holder,))]
+    def holder_task_ids(self, holder: str, now: float) -> list[str]:
+        """The tasks the holder holds now (lapsed leases excluded)."""
+        rows = self._db.execute(
+            "SELECT task_id FROM holds WHERE holder = ? AND (expires_at IS NULL OR expires_at > ?)", (holder, now)
+        )
+        return [row[0] for row in rows]
+
+    def expired_holds(self, now: float) -> list[Hold]:
+        """Lapsed leases not yet purged (read only: what a dry run must treat as released)."""
+        rows = self._db.execute("SELECT * FROM holds WHERE expires_at IS NOT NULL AND expires_at <= ?", (now,))
+        return [_hold(row) for row in rows]
 
     def expire_holds(self, now: float) -> list[Hold]:
         """Delete lapsed leases, stamping their tasks released at the moment each lapsed."""
