@@ -123,8 +123,10 @@ def test_data_in_use_over_the_quota_is_reported_not_evicted(origin: OriginProces
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     with running_daemon(tmp_path / "daemon", QUOTA) as daemon:
-        held = [fetch(daemon, origin, f"held-{i}", out_dir) for i in range(3)]
-        dfctl(daemon, "use", "acquire", "--holder", "pod:default/db", *held)
+        held = []
+        for i in range(3):  # pinned as they are pulled, as a runtime does
+            held.append(fetch(daemon, origin, f"held-{i}", out_dir))
+            dfctl(daemon, "use", "acquire", "--holder", "pod:default/db", held[-1])
         time.sleep(1.1)
         run = dfctl(daemon, "gc", "run")
         assert run["evicted"] == []
