@@ -106,14 +106,20 @@ class RetryPolicy:
 
 def check_url(url: str) -> None:
     """Reject what the origin client cannot fetch, before any work starts."""
+    if any(ord(ch) <= 0x20 or ord(ch) == 0x7F for ch in url):
+        raise UnsupportedURL(f"malformed URL {url[:200]!r}: it contains spaces or control characters")
     try:
         parts = urlsplit(url)
     except ValueError as exc:
-        raise UnsupportedURL(f"malformed URL {url!r}: {exc}") from None
+        raise UnsupportedURL(f"malformed URL {url[:200]!r}: {exc}") from None
     if parts.scheme.lower() not in SUPPORTED_SCHEMES:
-        raise UnsupportedURL(f"unsupported URL scheme {parts.scheme!r} in {url!r} (use http or https)")
+        raise UnsupportedURL(f"unsupported URL scheme {parts.scheme[:20]!r} in {url[:200]!r} (use http or https)")
     if not parts.hostname:
-        raise UnsupportedURL(f"malformed URL {url!r}: it has no host")
+        raise UnsupportedURL(f"malformed URL {url[:200]!r}: it has no host")
+    try:
+        httpx.URL(url)
+    except (httpx.InvalidURL, ValueError) as exc:
+        raise UnsupportedURL(f"malformed URL {url[:200]!r}: {exc}") from None
 
 
 def _content_headers(response: httpx.Response) -> dict[str, str]:
@@ -195,7 +201,17 @@ class Backend:
             }
             request = self._client.build_request("GET", url, headers=request_headers)
             response = await self._client.send(request, stream=True)
-            if response.status_code == 206 or (response.status_code == 200 and start == 0):
+            if response.status_code == 206:
+                expected = f"bytes {start}-{start + length - 1}/"
+                if not response.headers.get("content-range", "").startswith(expected):
+                    await response.aclose()
+                    raise BackendError(
+                        f"origin answered range {response.headers.get('content-range')!r} for {expected}… of {url}",
+                        206,
+                        response.headers,
+                    )
+                return response
+            if response.status_code == 200 and start == 0:
                 return response
             await response.aclose()
             error = _error_from(response, url)

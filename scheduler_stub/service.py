@@ -13,6 +13,7 @@ from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
 
 from dfdaemon.api import common_pb2, scheduler_pb2
+from dfdaemon.rpc.servers import details
 from scheduler_stub.registry import (
     Answer,
     Host,
@@ -61,7 +62,7 @@ def _unary(
             response = await method(self, request, context)
         except RegistryError as error:
             log.debug("%s refused: %s", method.__name__, error)
-            await context.abort(_STATUS_OF[type(error)], str(error))
+            await context.abort(_STATUS_OF[type(error)], details(str(error)))
         _debug(method.__name__, "->", response)
         return response
 
@@ -91,7 +92,7 @@ class SchedulerServicer:
                 elif not peer_id or request.peer_id != peer_id:
                     await context.abort(
                         grpc.StatusCode.FAILED_PRECONDITION,
-                        f"peer {request.peer_id} has not registered on this stream",
+                        details(f"peer {request.peer_id} has not registered on this stream"),
                     )
                 elif kind == "reschedule_peer_request":
                     reschedule = request.reschedule_peer_request
@@ -101,7 +102,7 @@ class SchedulerServicer:
                     return
         except RegistryError as error:
             log.info("AnnouncePeer of peer %s refused: %s", peer_id or "(unregistered)", error)
-            await context.abort(_STATUS_OF[type(error)], str(error))
+            await context.abort(_STATUS_OF[type(error)], details(str(error)))
         finally:
             if peer_id:
                 self.registry.peer_abandoned(peer_id)

@@ -2,6 +2,7 @@
 
 from dfdaemon.download.manager import (
     ByteRange,
+    ContentMismatch,
     DownloadFailed,
     DownloadManager,
     DownloadPrecondition,
@@ -14,6 +15,7 @@ from dfdaemon.download.manager import (
 
 __all__ = [
     "ByteRange",
+    "ContentMismatch",
     "DownloadFailed",
     "DownloadManager",
     "DownloadPrecondition",

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -51,6 +52,26 @@ def tracing_range(url: str, span: PieceSpan, attempt: int) -> contextlib.Abstrac
     return tracing.span("back_to_source", url=url, range_start=span.offset, range_length=span.length, attempt=attempt)
 
 
+# Bounds of a requested piece length: enough pieces to share, few enough requests to the origin.
+MIN_PIECE_LENGTH = 1024
+MAX_PIECE_LENGTH = 1024 * 1024 * 1024
+# Headers the daemon sets itself for each ranged request; a caller's copy would change what is fetched.
+_RESERVED_HEADERS = {
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "host",
+    "te",
+    "trailer",
+    "upgrade",
+    "range",
+    "if-range",
+    "accept-encoding",
+}
+_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+
 class InvalidDownload(ValueError):
     """A request that can never succeed as given (INVALID_ARGUMENT)."""
 
@@ -61,6 +82,10 @@ class DownloadPrecondition(Exception):
 
 class DownloadFailed(Exception):
     """The download itself failed after it started (INTERNAL)."""
+
+
+class ContentMismatch(DownloadFailed):
+    """The bytes are not what the task's name promises (DATA_LOSS); the task is failed and collected."""
 
 
 @dataclass(frozen=True)
@@ -224,8 +249,11 @@ class DownloadManager:
                 ids.parse_file_digest(request.digest)
             except ValueError as exc:
                 raise InvalidDownload(f"download.digest: {exc}") from None
-        if request.piece_length is not None and request.piece_length <= 0:
-            raise InvalidDownload("download.piece_length must be positive")
+        if request.piece_length is not None and not MIN_PIECE_LENGTH <= request.piece_length <= MAX_PIECE_LENGTH:
+            raise InvalidDownload(
+                f"download.piece_length must be between {MIN_PIECE_LENGTH} and {MAX_PIECE_LENGTH} bytes"
+            )
+        _check_headers(request.request_header)
         if request.output_path is not None:
             _check_output_path(request.output_path, request.overwrite)
         try:
@@ -288,6 +316,10 @@ class DownloadManager:
                 if job.finished and remaining - job.done.keys():
                     missing = sorted(remaining - job.done.keys())
                     raise DownloadFailed(f"task {task_id} finished without pieces {missing}")
+            if request.digest is not None:
+                # The digest covers the whole file, so a ranged request waits for the rest of the task too.
+                await self._wait(job, lambda: job.finished)
+                await asyncio.to_thread(_verify_digest, self.storage.content.path(task_id), request.digest)
             if request.output_path is not None:
                 await asyncio.to_thread(
                     _write_output,
@@ -298,8 +330,6 @@ class DownloadManager:
                     request.overwrite,
                     request.force_hard_link,
                 )
-                if request.digest is not None:
-                    await asyncio.to_thread(_verify_digest, Path(request.output_path), request.digest)
             await self.storage.touch(task_id)
 
     async def _wait(self, job: TaskJob, predicate: Callable[[], bool]) -> None:
@@ -397,6 +427,9 @@ class DownloadManager:
             await job.announce(ready=True)
             try:
                 await self.fetch_missing(job)
+                blob = ids.blob_digest_from_url(request.url) if request.enable_task_id_based_blob_digest else None
+                if blob is not None:
+                    await asyncio.to_thread(_verify_blob, self.storage.content.path(job.task_id), blob)
             except BaseException:
                 await writer.fail()
                 raise
@@ -470,10 +503,23 @@ def _root_cause(error: BaseException) -> BaseException:
     return error
 
 
+def _check_headers(headers: dict[str, str]) -> None:
+    """Headers go to the origin as given: they must be valid HTTP and may not redefine the daemon's own."""
+    for name, value in headers.items():
+        if not _HEADER_NAME.match(name):
+            raise InvalidDownload(f"download.request_header: {name[:100]!r} is not a valid header name")
+        if any(ch in value for ch in "\r\n\0"):
+            raise InvalidDownload(f"download.request_header: the value of {name!r} contains a line break or NUL")
+        if name.lower() in _RESERVED_HEADERS:
+            raise InvalidDownload(f"download.request_header: {name!r} is set by the daemon itself")
+
+
 def _check_output_path(output_path: str, overwrite: bool) -> None:
     path = Path(output_path)
     if not path.is_absolute():
-        raise InvalidDownload(f"download.output_path must be absolute, got {output_path!r}")
+        raise InvalidDownload(f"download.output_path must be absolute, got {output_path[:200]!r}")
+    if "\0" in output_path or len(output_path.encode()) >= 4096 or len(path.name.encode()) > 255:
+        raise InvalidDownload("download.output_path is too long or contains NUL")
     if not path.parent.is_dir():
         raise DownloadPrecondition(f"the directory of output_path {output_path!r} does not exist")
     if path.is_dir():
@@ -510,6 +556,8 @@ def _write_output(
             os.link(temporary, output)  # fails if the path appeared meanwhile: never clobber without overwrite
     except FileExistsError:
         raise DownloadPrecondition(f"output_path {str(output)!r} exists (set overwrite to replace it)") from None
+    except OSError as exc:
+        raise DownloadPrecondition(f"cannot write output_path {str(output)!r}: {exc.strerror or exc}") from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             temporary.unlink()
@@ -525,11 +573,23 @@ def _copy_exactly(source: BinaryIO, target: BinaryIO, length: int) -> None:
         remaining -= len(chunk)
 
 
-def _verify_digest(path: Path, expected: str) -> None:
+def _file_digest(path: Path, expected: str) -> ids.FileDigester:
     digester = ids.FileDigester(expected)
     with path.open("rb") as f:
         while chunk := f.read(1024 * 1024):
             digester.update(chunk)
+    return digester
+
+
+def _verify_digest(path: Path, expected: str) -> None:
+    """The caller's expectation of the whole file (``download.digest``)."""
+    digester = _file_digest(path, expected)
     if not digester.matches():
-        path.unlink(missing_ok=True)
         raise DownloadPrecondition(f"digest mismatch: expected {expected}, got {digester.hexdigest()}")
+
+
+def _verify_blob(path: Path, blob_digest: str) -> None:
+    """A task named by an OCI blob digest must hold exactly that blob, or it would poison every later pull."""
+    digester = _file_digest(path, blob_digest)
+    if not digester.matches():
+        raise ContentMismatch(f"the origin's content is not blob {blob_digest} (it hashes to {digester.hexdigest()})")

@@ -14,8 +14,17 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from dfdaemon import ids
 from dfdaemon.api import common_pb2, dfdaemon_ext_pb2, dfdaemon_pb2
 from dfdaemon.backend import BackendError, SourceNotAllowed
-from dfdaemon.download import ByteRange, DownloadFailed, DownloadPrecondition, DownloadRequest, PieceDone, Started
+from dfdaemon.download import (
+    ByteRange,
+    ContentMismatch,
+    DownloadFailed,
+    DownloadPrecondition,
+    DownloadRequest,
+    PieceDone,
+    Started,
+)
 from dfdaemon.gc import GCReport
+from dfdaemon.rpc.servers import details
 from dfdaemon.storage import (
     Hold,
     InvalidPiece,
@@ -49,6 +58,7 @@ _STATUS_OF: list[tuple[type[Exception], grpc.StatusCode]] = [
     (DownloadPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (SourceNotAllowed, grpc.StatusCode.PERMISSION_DENIED),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ContentMismatch, grpc.StatusCode.DATA_LOSS),
     (DownloadFailed, grpc.StatusCode.INTERNAL),
     (BackendError, grpc.StatusCode.INTERNAL),
     (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
@@ -70,7 +80,7 @@ async def abort_for(context: Context, error: Exception) -> NoReturn:
     code = status_for(error)
     if code is None:
         raise error
-    message = str(error) or type(error).__name__
+    message = details(str(error) or type(error).__name__)
     if isinstance(error, TimeoutError) and not str(error):
         message = "the download did not finish within its timeout"
     if isinstance(error, BackendError):
@@ -101,10 +111,14 @@ def timestamp(seconds: float | None) -> Timestamp | None:
     return stamp
 
 
+# A lease, piece or download time beyond this is a mistake (and would overflow timestamps).
+MAX_DURATION_SECONDS = 100 * 365 * 86400
+
+
 def duration_seconds(value: Duration, field: str) -> float:
     seconds = value.ToNanoseconds() / 1e9
-    if seconds <= 0:
-        raise InvalidRequest(f"{field} must be positive")
+    if not 0 < seconds <= MAX_DURATION_SECONDS:
+        raise InvalidRequest(f"{field} must be positive and at most 100 years")
     return seconds
 
 
@@ -273,7 +287,7 @@ def download_event(event: Started | PieceDone, host_id: str) -> dfdaemon_pb2.Dow
 
 def backend_details(error: BackendError) -> bytes:
     """Upstream's ``errordetails.v2.Backend`` as JSON bytes, for the ``grpc-status-details-bin`` trailer."""
-    details: dict[str, Any] = {"message": error.message, "header": error.headers}
+    backend: dict[str, Any] = {"message": details(error.message), "header": error.headers}
     if error.status_code is not None:
-        details["status_code"] = error.status_code
-    return json.dumps(details).encode()
+        backend["status_code"] = error.status_code
+    return json.dumps(backend).encode()

@@ -6,12 +6,14 @@ and a clear ``UNIMPLEMENTED`` answer for RPCs that are declared but not served.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import inspect
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, cast
 
 import grpc
 from google.protobuf import descriptor_pool, message_factory
-from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -34,9 +36,72 @@ _HANDLER_FACTORIES: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler[
 }
 
 
+# Status details travel in HTTP/2 trailers, which clients cap (8 KiB by default): user input echoed in a
+# message must not push the real status out of reach.
+MAX_DETAILS = 1024
+
+
+def details(text: str) -> str:
+    """A status message on one line, cut to a size every client accepts."""
+    line = " ".join(text.split())
+    return line if len(line) <= MAX_DETAILS else f"{line[: MAX_DETAILS - 30]}… ({len(line)} characters)"
+
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
 def _unimplemented(full_method: str) -> Callable[..., Any]:
-    async def handler(request: object, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def handler(request: object, context: Context) -> None:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{full_method} is not implemented by this server yet")
+
+    return handler
+
+
+class _Undecodable:
+    """A request whose bytes are no valid message; the handler answers INVALID_ARGUMENT instead of UNKNOWN."""
+
+    def __init__(self, message_name: str, error: Exception) -> None:
+        self.reason = f"the request is not a valid {message_name}: {error}"
+
+
+def _lenient(message_class: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except DecodeError as exc:
+            return _Undecodable(message_class.DESCRIPTOR.full_name, exc)
+
+    return parse
+
+
+async def _checked_stream(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
+    async for request in requests:
+        if isinstance(request, _Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, details(request.reason))
+        yield request
+
+
+def _guarded(method: MethodDescriptor, implementation: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a handler so undecodable requests end with INVALID_ARGUMENT before the servicer sees them."""
+    streaming_response = inspect.isasyncgenfunction(implementation)
+
+    async def check(request: Any, context: Context) -> Any:
+        if method.client_streaming:
+            return _checked_stream(request, context)
+        if isinstance(request, _Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, details(request.reason))
+        return request
+
+    if streaming_response:
+
+        async def stream_handler(request: Any, context: Context) -> AsyncIterator[Any]:
+            async for response in implementation(await check(request, context), context):
+                yield response
+
+        return stream_handler
+
+    async def handler(request: Any, context: Context) -> Any:
+        return await implementation(await check(request, context), context)
 
     return handler
 
@@ -46,6 +111,7 @@ def add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer: o
 
     Servicers are plain classes holding only the RPCs they serve; every other RPC of the service answers
     UNIMPLEMENTED naming the method, where grpc's generated base classes would say only "Method not implemented!".
+    A request that does not decode answers INVALID_ARGUMENT.
     """
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in service.methods:
@@ -54,8 +120,8 @@ def add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer: o
         implementation = getattr(servicer, method.name, None) or _unimplemented(f"/{service.full_name}/{method.name}")
         factory = _HANDLER_FACTORIES[(method.client_streaming, method.server_streaming)]
         handlers[method.name] = factory(
-            implementation,
-            request_deserializer=request_class.FromString,
+            _guarded(method, implementation),
+            request_deserializer=_lenient(request_class),
             response_serializer=response_class.SerializeToString,
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))

@@ -14,7 +14,7 @@ from dfdaemon.download import DownloadManager
 from dfdaemon.rpc import convert
 from dfdaemon.rpc.convert import Context, unary
 from dfdaemon.rpc.download import TaskServicer
-from dfdaemon.storage import Storage, TaskNotFound, TaskState
+from dfdaemon.storage import InvalidPiece, Storage, TaskNotFound, TaskState
 from dfdaemon.telemetry import metrics
 
 SERVICE = dfdaemon_pb2.DESCRIPTOR.services_by_name["DfdaemonUpload"]
@@ -74,6 +74,11 @@ class UploadServicer(TaskServicer):
         sent: set[int] = set()
         while True:
             task = await self.storage.require_task(task_id)
+            if task.content_length is not None and task.piece_length:
+                count = ids.piece_count(task.content_length, task.piece_length)
+                beyond = sorted(n for n in interested if n >= count)
+                if beyond:
+                    raise InvalidPiece(f"task {task_id} has {count} pieces; piece {beyond[0]} does not exist")
             for piece in await self.storage.pieces(task_id):
                 if piece.number not in sent and (not interested or piece.number in interested):
                     sent.add(piece.number)

@@ -592,7 +592,7 @@ def _check_span(number: int, offset: int, length: int) -> None:
 
 
 def _check_holder(holder: str) -> None:
-    if not holder or len(holder) > 512 or any(ord(ch) < 32 for ch in holder):
+    if not holder or len(holder) > 512 or not holder.isprintable():
         raise ValueError("holder must be 1 to 512 printable characters")
 
 

@@ -1,0 +1,420 @@
+"""Load against one real daemon process: many concurrent piece uploads and task downloads, and their limits.
+
+* 200 concurrent ``DfdaemonUpload.DownloadPiece`` calls for the 16 pieces of a cached 64 MiB task all return the
+  right bytes; the daemon's peak resident memory is printed (run with ``-s``) and should not grow with the burst.
+* 64 concurrent ``DfdaemonDownload.DownloadTask`` calls over the unix socket, half for one URL (one shared job) and
+  half for 32 different URLs, all produce files identical to the origin's, and the origin serves the shared file
+  about once.
+* Downloads that start together must not overcommit the cache quota.
+* Past a configured concurrency limit a caller should get ``RESOURCE_EXHAUSTED`` at once instead of waiting into
+  its deadline.
+
+What the daemon does not do yet is written down as strict xfails whose reasons name the gap: bounded upload memory,
+quota reservations for concurrent downloads, and concurrency limits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from dfdaemon import ids
+from dfdaemon.api import common_pb2, dfdaemon_ext_pb2, dfdaemon_ext_pb2_grpc, dfdaemon_pb2, dfdaemon_pb2_grpc
+from dfdaemon.rpc.servers import CHANNEL_OPTIONS
+from tests.support import DaemonProcess, OriginProcess, running_daemon, running_origin
+
+pytestmark = pytest.mark.slow
+
+MB = 1_000_000
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+PIECE_LENGTH = 4 * MiB
+BIG_SIZE = 64 * MiB  # 16 pieces of 4 MiB: the default piece length for this size
+SHARED_SIZE = 24 * MiB + 5
+DISTINCT_FILES = 32
+PIECE_CALLS = 200
+PIECE_CHANNELS = 4
+TASK_CALLS = 64
+QUOTA_FILES = 8
+# During the burst 800 MiB move through the daemon. Its peak RSS grows today by 0.45 to 2.0 GiB (about one copy of
+# every piece in flight, sometimes more than two), so even 1 GiB cannot be asserted without flaking. RSS_GUARD only
+# catches gross regressions (say, a whole task read per call); BOUNDED_GROWTH is what an upload path holding at most
+# 8 pieces at once (the other calls waiting for a slot) stays under: +107 to +190 MiB measured with such a patch.
+RSS_GUARD = 4 * GiB
+BOUNDED_GROWTH = 256 * MiB
+UNBOUNDED_UPLOAD_MEMORY = (
+    "DownloadPiece has no admission control: every concurrent call reads its whole piece into memory at once and "
+    "holds it until sent, so the daemon's peak RSS grows with the burst (+0.45 to +2 GiB for 200 x 4 MiB, +2.2 GiB "
+    "for 400 x 4 MiB)"
+)
+LIMIT_KEYS_MISSING = (
+    "the daemon has no concurrency limits: no upload.server.maxConcurrentRequests / download.maxConcurrentTasks "
+    "config keys (the config rejects them as unknown) and its gRPC servers set no maximum_concurrent_rpcs, so "
+    "excess callers queue until their deadline instead of getting RESOURCE_EXHAUSTED"
+)
+
+
+def vm_bytes(pid: int, field: str) -> int:
+    """A ``Vm*`` figure of /proc/PID/status (VmHWM: peak resident memory, VmRSS: current), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def reset_peak(pid: int) -> None:
+    """Reset the process's VmHWM to its current RSS, so that the next reading is the peak from now on."""
+    with contextlib.suppress(OSError):  # without it, VmHWM keeps the peak since start (the caching download's)
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(MiB):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def distinct_name(index: int) -> str:
+    return f"distinct-{index:02d}.bin"
+
+
+def quota_name(index: int) -> str:
+    return f"quota-{index}.bin"
+
+
+@pytest.fixture(scope="module")
+def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OriginProcess]:
+    root = tmp_path_factory.mktemp("origin") / "files"
+    root.mkdir()
+    (root / "big.bin").write_bytes(os.urandom(BIG_SIZE))
+    (root / "shared.bin").write_bytes(os.urandom(SHARED_SIZE))
+    for index in range(DISTINCT_FILES):
+        (root / distinct_name(index)).write_bytes(os.urandom(MB + 977 * index))
+    for index in range(QUOTA_FILES):
+        (root / quota_name(index)).write_bytes(os.urandom(12 * MiB))
+    with running_origin(root) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
+    with running_daemon(tmp_path_factory.mktemp("daemon")) as running:
+        yield running
+        log = running.log()
+    assert "Traceback" not in log, log
+
+
+def download_request(url: str, output: Path | None = None) -> dfdaemon_pb2.DownloadTaskRequest:
+    download = common_pb2.Download(url=url)
+    if output is not None:
+        download.output_path = str(output)
+    return dfdaemon_pb2.DownloadTaskRequest(download=download)
+
+
+async def cache_task(daemon: DaemonProcess, url: str) -> str:
+    """Download ``url`` into the daemon's cache (no output file) and return its task id."""
+    async with grpc.aio.insecure_channel(f"unix:{daemon.socket_path}", options=CHANNEL_OPTIONS) as channel:
+        stub = dfdaemon_pb2_grpc.DfdaemonDownloadStub(channel)
+        task_ids = {response.task_id async for response in stub.DownloadTask(download_request(url), timeout=120)}
+    assert len(task_ids) == 1, task_ids
+    return task_ids.pop()
+
+
+@dataclass
+class PieceCall:
+    number: int
+    seconds: float
+    error: grpc.StatusCode | None = None
+
+
+@dataclass
+class Burst:
+    """What one burst of concurrent DownloadPiece calls against the daemon returned, and what it cost."""
+
+    task_id: str
+    calls: list[PieceCall]
+    mismatches: list[str]
+    seconds: float
+    rss_before: int
+    peak: int
+    uploading_after: int
+
+    @property
+    def moved(self) -> int:
+        return len(self.calls) * PIECE_LENGTH
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.rss_before
+
+
+async def piece_burst(daemon: DaemonProcess, task_id: str, expected: bytes) -> Burst:
+    """Fire PIECE_CALLS concurrent DownloadPiece calls over a few channels, each piece asked for many times."""
+    pieces = ids.pieces_for(BIG_SIZE, PIECE_LENGTH)
+    pid = daemon.proc.pid
+    reset_peak(pid)
+    rss_before = vm_bytes(pid, "VmHWM")
+    channels = [
+        grpc.aio.insecure_channel(daemon.upload_address, options=[*CHANNEL_OPTIONS, ("grpc.channel_id", index)])
+        for index in range(PIECE_CHANNELS)
+    ]
+    stubs = [dfdaemon_pb2_grpc.DfdaemonUploadStub(channel) for channel in channels]
+    mismatches: list[str] = []
+
+    async def fetch(call: int) -> PieceCall:
+        span = pieces[call % len(pieces)]
+        request = dfdaemon_pb2.DownloadPieceRequest(host_id="load-test-host", task_id=task_id, piece_number=span.number)
+        started = time.monotonic()
+        try:
+            response = await stubs[call % len(stubs)].DownloadPiece(request, timeout=90)
+        except grpc.aio.AioRpcError as error:
+            return PieceCall(span.number, time.monotonic() - started, error.code())
+        seconds = time.monotonic() - started
+        piece = response.piece
+        content = piece.content
+        if (
+            piece.number != span.number
+            or piece.offset != span.offset
+            or piece.length != span.length
+            or piece.digest != ids.format_crc32(zlib.crc32(content))
+            or content != expected[span.offset : span.offset + span.length]
+            or response.digest != ids.piece_metadata_digest(span.number, span.offset, span.length, piece.digest)
+        ):
+            mismatches.append(f"call {call}: piece {span.number} came back wrong (digest {piece.digest})")
+        return PieceCall(span.number, seconds)
+
+    try:
+        started = time.monotonic()
+        calls = await asyncio.gather(*(fetch(call) for call in range(PIECE_CALLS)))
+        seconds = time.monotonic() - started
+    finally:
+        for channel in channels:
+            await channel.close()
+    peak = vm_bytes(pid, "VmHWM")
+    async with grpc.aio.insecure_channel(f"unix:{daemon.socket_path}") as channel:
+        stat = await dfdaemon_pb2_grpc.DfdaemonDownloadStub(channel).StatLocalTask(
+            dfdaemon_pb2.StatLocalTaskRequest(task_id=task_id), timeout=10
+        )
+    burst = Burst(task_id, calls, mismatches, seconds, rss_before, peak, stat.uploading_count)
+    latencies = sorted(call.seconds for call in calls)
+    print(
+        f"\n{PIECE_CALLS} concurrent DownloadPiece calls of 4 MiB ({burst.moved / MiB:.0f} MiB) in {seconds:.2f}s "
+        f"({burst.moved / MiB / seconds:.0f} MiB/s), latency median {latencies[len(latencies) // 2]:.2f}s "
+        f"max {latencies[-1]:.2f}s; daemon RSS before {rss_before / MiB:.0f} MiB, peak {peak / MiB:.0f} MiB "
+        f"(+{burst.growth / MiB:.0f} MiB: {burst.growth / burst.moved:.2f} of the data moved)"
+    )
+    return burst
+
+
+@pytest.fixture(scope="module")
+def burst(daemon: DaemonProcess, origin: OriginProcess) -> Burst:
+    """One burst against a cached 64 MiB task, shared by the tests that judge it."""
+
+    async def run() -> Burst:
+        task_id = await cache_task(daemon, origin.url("big.bin"))
+        return await piece_burst(daemon, task_id, (origin.root / "big.bin").read_bytes())
+
+    return asyncio.run(run())
+
+
+def test_200_concurrent_piece_uploads_return_the_right_bytes(burst: Burst) -> None:
+    failed = [call for call in burst.calls if call.error is not None]
+    assert not failed, f"{len(failed)} calls failed: {sorted({str(call.error) for call in failed})}"
+    assert not burst.mismatches, burst.mismatches[:5]
+    assert {call.number for call in burst.calls} == set(range(16))
+    # Every upload reference was released: nothing is left "uploading" the task.
+    assert burst.uploading_after == 0
+    # A coarse guard only (today's peak is erratic, see below): several copies of every piece at once.
+    assert burst.peak < RSS_GUARD, f"daemon peak RSS {burst.peak / MiB:.0f} MiB"
+
+
+@pytest.mark.xfail(strict=True, reason=UNBOUNDED_UPLOAD_MEMORY)
+def test_piece_upload_memory_does_not_grow_with_the_burst(burst: Burst) -> None:
+    assert burst.growth < BOUNDED_GROWTH, (
+        f"peak RSS grew by {burst.growth / MiB:.0f} MiB for {len(burst.calls)} concurrent 4 MiB pieces"
+    )
+
+
+async def test_64_concurrent_download_tasks_shared_and_distinct(
+    daemon: DaemonProcess, origin: OriginProcess, tmp_path: Path
+) -> None:
+    # Slow enough (24 MiB in parallel 4 MiB ranges at 4 MB/s each: about a second) that the requests overlap.
+    origin.fault("shared.bin", rate=4 * MB)
+    served_before = {
+        name: origin.bytes_served(name) for name in ["shared.bin", *map(distinct_name, range(DISTINCT_FILES))]
+    }
+    names = ["shared.bin" if index % 2 == 0 else distinct_name(index // 2) for index in range(TASK_CALLS)]
+    outputs = [tmp_path / f"out-{index:02d}-{name}" for index, name in enumerate(names)]
+
+    async def one(stub: dfdaemon_pb2_grpc.DfdaemonDownloadAsyncStub, index: int) -> str:
+        """One request to the end; returns its task id after checking it got every piece exactly once."""
+        call = stub.DownloadTask(download_request(origin.url(names[index]), outputs[index]), timeout=120)
+        task_ids: set[str] = set()
+        pieces: list[int] = []
+        async for response in call:
+            task_ids.add(response.task_id)
+            if response.HasField("download_piece_finished_response"):
+                pieces.append(response.download_piece_finished_response.piece.number)
+        size = (origin.root / names[index]).stat().st_size
+        assert sorted(pieces) == list(range(ids.piece_count(size, ids.piece_length_for(size)))), pieces
+        assert len(task_ids) == 1, task_ids
+        return task_ids.pop()
+
+    started = time.monotonic()
+    try:
+        async with grpc.aio.insecure_channel(f"unix:{daemon.socket_path}", options=CHANNEL_OPTIONS) as channel:
+            stub = dfdaemon_pb2_grpc.DfdaemonDownloadStub(channel)
+            results = await asyncio.gather(*(one(stub, index) for index in range(TASK_CALLS)), return_exceptions=True)
+    finally:
+        origin.fault("shared.bin")
+    wall = time.monotonic() - started
+    errors = [
+        f"request {i} ({names[i]}): {result!r}" for i, result in enumerate(results) if not isinstance(result, str)
+    ]
+    assert not errors, errors[:5]
+    print(f"\n{TASK_CALLS} concurrent DownloadTask calls in {wall:.2f}s")
+
+    assert len({result for result, name in zip(results, names, strict=True) if name == "shared.bin"}) == 1
+    expected = {name: sha256(origin.root / name) for name in set(names)}
+    different = [str(out.name) for out, name in zip(outputs, names, strict=True) if sha256(out) != expected[name]]
+    assert not different, different
+    # The shared URL was fetched by one job: about once from the origin (plus the one-byte length probe).
+    shared_served = origin.bytes_served("shared.bin") - served_before["shared.bin"]
+    assert SHARED_SIZE <= shared_served <= 1.05 * SHARED_SIZE, shared_served
+    for index in range(DISTINCT_FILES):
+        name = distinct_name(index)
+        size = (origin.root / name).stat().st_size
+        assert size <= origin.bytes_served(name) - served_before[name] <= 1.05 * size + 1, name
+
+
+QUOTA_OVERCOMMIT = (
+    "GarbageCollector.ensure_room checks used + this download's size against the quota but reserves nothing, so "
+    "downloads that start together all pass the check: 8 concurrent 12 MiB downloads against a 64 MiB quota are "
+    "all accepted and the cache ends at 96 MiB, where a 9th one alone would be refused with RESOURCE_EXHAUSTED"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=QUOTA_OVERCOMMIT)
+async def test_concurrent_downloads_cannot_overcommit_the_quota(origin: OriginProcess, tmp_path: Path) -> None:
+    """Downloads that start at the same moment share the quota: those that cannot fit are refused up front."""
+    quota = 64 * MiB
+    # Nothing finished may be evicted (a long grace period), so the quota can only be kept by refusing.
+    config = {"gc": {"policy": {"diskThreshold": quota, "gracePeriod": "10m"}}}
+    names = [quota_name(index) for index in range(QUOTA_FILES)]
+    for name in names:
+        origin.fault(name, rate=4 * MB)  # about a second each: all of them are in flight together
+    try:
+        with running_daemon(tmp_path / "quota", config) as daemon:
+            async with grpc.aio.insecure_channel(f"unix:{daemon.socket_path}", options=CHANNEL_OPTIONS) as channel:
+                stub = dfdaemon_pb2_grpc.DfdaemonDownloadStub(channel)
+
+                async def one(name: str) -> grpc.StatusCode:
+                    try:
+                        async for _ in stub.DownloadTask(download_request(origin.url(name)), timeout=60):
+                            pass
+                    except grpc.aio.AioRpcError as error:
+                        return error.code()
+                    return grpc.StatusCode.OK
+
+                codes = await asyncio.gather(*(one(name) for name in names))
+                usage = await dfdaemon_ext_pb2_grpc.CacheStub(channel).GetUsage(
+                    dfdaemon_ext_pb2.GetUsageRequest(), timeout=10
+                )
+    finally:
+        for name in names:
+            origin.fault(name)
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+    assert grpc.StatusCode.OK in codes
+    assert usage.used_bytes <= usage.quota_bytes, (
+        f"{codes.count(grpc.StatusCode.OK)} of {len(codes)} accepted; the cache holds {usage.used_bytes / MiB:.1f} "
+        f"MiB of a {usage.quota_bytes / MiB:.0f} MiB quota"
+    )
+
+
+# Past the limits: RESOURCE_EXHAUSTED, quickly. Not implemented yet; these tests specify the behaviour.
+
+QUICK = 2.0  # seconds: a refusal must arrive well before any deadline
+
+
+@pytest.mark.xfail(strict=True, reason=LIMIT_KEYS_MISSING)
+async def test_piece_uploads_past_the_limit_are_refused_quickly(origin: OriginProcess, tmp_path: Path) -> None:
+    """With ``upload.server.maxConcurrentRequests: 8``, a burst of 200 gets answers at once and memory stays small.
+
+    Today the same burst is served (slowly) by reading every piece at once: callers with a short deadline get
+    DEADLINE_EXCEEDED after the daemon has read their piece anyway, and its peak RSS grows with the burst.
+    """
+    limit = 8
+    with running_daemon(tmp_path / "limited", {"upload": {"server": {"maxConcurrentRequests": limit}}}) as daemon:
+        task_id = await cache_task(daemon, origin.url("big.bin"))
+        reset_peak(daemon.proc.pid)
+        peak_before = vm_bytes(daemon.proc.pid, "VmHWM")
+        async with grpc.aio.insecure_channel(daemon.upload_address, options=CHANNEL_OPTIONS) as channel:
+            stub = dfdaemon_pb2_grpc.DfdaemonUploadStub(channel)
+
+            async def fetch(call: int) -> tuple[grpc.StatusCode, float]:
+                request = dfdaemon_pb2.DownloadPieceRequest(task_id=task_id, piece_number=call % 16)
+                started = time.monotonic()
+                try:
+                    await stub.DownloadPiece(request, timeout=60)
+                except grpc.aio.AioRpcError as error:
+                    return error.code(), time.monotonic() - started
+                return grpc.StatusCode.OK, time.monotonic() - started
+
+            outcomes = await asyncio.gather(*(fetch(call) for call in range(PIECE_CALLS)))
+        growth = vm_bytes(daemon.proc.pid, "VmHWM") - peak_before
+    codes = [code for code, _ in outcomes]
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+    assert codes.count(grpc.StatusCode.OK) >= limit
+    refused = [seconds for code, seconds in outcomes if code is grpc.StatusCode.RESOURCE_EXHAUSTED]
+    assert refused, f"{PIECE_CALLS} concurrent calls against a limit of {limit} were all served"
+    assert max(refused) < QUICK, f"a refusal took {max(refused):.2f}s"
+    # At most `limit` pieces are in memory at once (a few copies each), whatever the size of the burst.
+    assert growth < BOUNDED_GROWTH, f"peak RSS grew by {growth / MiB:.0f} MiB"
+
+
+@pytest.mark.xfail(strict=True, reason=LIMIT_KEYS_MISSING)
+async def test_download_tasks_past_the_limit_are_refused_quickly(origin: OriginProcess, tmp_path: Path) -> None:
+    """With ``download.maxConcurrentTasks: 2``, new tasks past two running ones are refused at once.
+
+    Joining a task that is already downloading costs nothing and is not counted; these are 8 different tasks.
+    """
+    limit = 2
+    names = [distinct_name(index) for index in range(8)]
+    for name in names:
+        origin.fault(name, rate=MB)  # each download lasts about a second: the first ones are still running
+    try:
+        with running_daemon(tmp_path / "limited", {"download": {"maxConcurrentTasks": limit}}) as daemon:
+            async with grpc.aio.insecure_channel(f"unix:{daemon.socket_path}", options=CHANNEL_OPTIONS) as channel:
+                stub = dfdaemon_pb2_grpc.DfdaemonDownloadStub(channel)
+
+                async def one(name: str) -> tuple[grpc.StatusCode, float]:
+                    started = time.monotonic()
+                    try:
+                        async for _ in stub.DownloadTask(download_request(origin.url(name)), timeout=60):
+                            pass
+                    except grpc.aio.AioRpcError as error:
+                        return error.code(), time.monotonic() - started
+                    return grpc.StatusCode.OK, time.monotonic() - started
+
+                outcomes = await asyncio.gather(*(one(name) for name in names))
+    finally:
+        for name in names:
+            origin.fault(name)
+    codes = [code for code, _ in outcomes]
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+    assert codes.count(grpc.StatusCode.OK) >= limit
+    refused = [seconds for code, seconds in outcomes if code is grpc.StatusCode.RESOURCE_EXHAUSTED]
+    assert refused, "8 concurrent distinct tasks against a limit of 2 were all accepted"
+    assert max(refused) < QUICK, f"a refusal took {max(refused):.2f}s"
