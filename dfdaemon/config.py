@@ -87,6 +87,8 @@ class DownloadConfig(_Section):
     piece_timeout: Duration = 120.0
     concurrent_piece_count: Annotated[int, Field(ge=1, le=1024)] = 8
     back_to_source: BackToSourceConfig = BackToSourceConfig()
+    # Ours: distinct tasks downloading at once; a new one past this is refused with RESOURCE_EXHAUSTED.
+    max_concurrent_tasks: Annotated[int, Field(ge=1)] = 128
 
 
 class TLSConfig(_Section):
@@ -110,6 +112,8 @@ class TLSConfig(_Section):
 class UploadServerConfig(_Section):
     ip: str = "0.0.0.0"
     port: Port = 4000
+    # Ours: DownloadPiece calls admitted at once (working or waiting); more are refused with RESOURCE_EXHAUSTED.
+    max_concurrent_requests: Annotated[int, Field(ge=1)] = 512
     # Ours: DeleteTask from the network is refused unless enabled.
     enable_delete_task: bool = False
     ca_cert: str = ""
@@ -128,6 +132,8 @@ class UploadServerConfig(_Section):
 
 class UploadConfig(_Section):
     server: UploadServerConfig = UploadServerConfig()
+    # Ours: pieces read and sent at once; the rest of the admitted DownloadPiece calls wait (bounded memory).
+    concurrent_piece_count: Annotated[int, Field(ge=1, le=1024)] = 8
     # How this daemon connects to other peers' upload servers (mutual TLS when set).
     client: TLSConfig = TLSConfig()
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 
+from dfdaemon.admission import Admission
 from dfdaemon.backend import Backend, SourcePolicy
 from dfdaemon.config import Config, ConfigError, check_storage_dir
 from dfdaemon.download import DownloadManager
@@ -87,6 +88,7 @@ class Daemon:
             host_ip=self.host_ip,
             hostname=self.hostname,
             concurrent_piece_count=config.download.concurrent_piece_count,
+            max_concurrent_tasks=config.download.max_concurrent_tasks,
             source_policy=SourcePolicy(
                 allowed_schemes=tuple(config.download.back_to_source.allowed_schemes),
                 allowed_hosts=tuple(config.download.back_to_source.allowed_hosts),
@@ -151,6 +153,7 @@ class Daemon:
             self.downloads,
             self.host_ip,
             self.config.download.piece_timeout,
+            Admission("DownloadPiece", self.config.upload.concurrent_piece_count, server_cfg.max_concurrent_requests),
             enable_delete_task=server_cfg.enable_delete_task,
         )
         server, health = new_server([upload.SERVICE.full_name], lambda s: add_service(s, upload.SERVICE, servicer))

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,6 +123,9 @@ class GarbageCollector:
         self._loop_task: asyncio.Task[None] | None = None
         self._pressure_task: asyncio.Task[None] | None = None
         self.quota_exceeded_by_data_in_use = False
+        # Downloads in progress: task id -> (bytes reserved, bytes the task had when it reserved them).
+        self._reservations: dict[str, tuple[int, int]] = {}
+        self._reservation_lock = asyncio.Lock()
 
     # Lifetime
 
@@ -189,20 +193,40 @@ class GarbageCollector:
             filesystem_free_bytes=limits.fs_free,
         )
 
-    async def ensure_room(self, nbytes: int) -> None:
-        """Make room for a download of ``nbytes`` or raise StorageFull: evict candidates, never data in use."""
+    async def ensure_room(self, nbytes: int, pending: int = 0) -> None:
+        """Make room for a download of ``nbytes`` or raise StorageFull: evict candidates, never data in use.
+
+        ``pending`` counts bytes other downloads have reserved but not written yet.
+        """
         limits = await self.limits()
         if nbytes > limits.quota:
             raise StorageFull(f"{nbytes} bytes do not fit in a cache quota of {limits.quota} bytes")
-        if await self._measure() + nbytes > limits.quota:
-            await self.run("quota", reserve=nbytes)
+        if await self._measure() + pending + nbytes > limits.quota:
+            report = await self.run("quota", reserve=pending + nbytes)
             used = await self._measure()
-            if used + nbytes > limits.quota:
+            if used + pending + nbytes > limits.quota:
                 raise StorageFull(
-                    f"{nbytes} bytes do not fit: {used} of the {limits.quota}-byte quota are held by data in use"
+                    f"{nbytes} bytes do not fit: {used} of the {limits.quota}-byte quota are in use or too recent "
+                    f"to collect ({_protection_summary(report)}), {pending} reserved by downloads in progress"
                 )
         if nbytes > limits.fs_free:
             raise StorageFull(f"{nbytes} bytes do not fit: the filesystem has {limits.fs_free} bytes free")
+
+    @contextlib.asynccontextmanager
+    async def reservation(self, task_id: str, nbytes: int) -> AsyncIterator[None]:
+        """Hold ``nbytes`` of the quota for a download until it ends, so downloads starting together cannot
+        overcommit it: each later one sees what the earlier ones will still write."""
+        async with self._reservation_lock:
+            pending = sum(
+                max(0, reserved - (self.storage.task_bytes(other) - written_before))
+                for other, (reserved, written_before) in self._reservations.items()
+            )
+            await self.ensure_room(nbytes, pending)
+            self._reservations[task_id] = (nbytes, self.storage.task_bytes(task_id))
+        try:
+            yield
+        finally:
+            self._reservations.pop(task_id, None)
 
     # Runs
 
@@ -354,6 +378,15 @@ class GarbageCollector:
             return None
         holders = [hold.holder for hold in holds]
         return Skip(task.id, reason, holders, downloads, uploads, self.storage.task_bytes(task.id))
+
+
+def _protection_summary(report: GCReport) -> str:
+    """What kept the bytes a GC run could not free: "held 5 MB, in flight 2 MB, within the grace period 1 MB"."""
+    totals: dict[str, int] = {}
+    for skip in report.skipped:
+        kind = {"held": "held", "grace": "within the grace period"}.get(skip.reason, "in flight")
+        totals[kind] = totals.get(kind, 0) + skip.bytes
+    return ", ".join(f"{kind} {size} bytes" for kind, size in totals.items()) or "nothing left to evict"
 
 
 def publish_usage(usage: Usage) -> None:

@@ -230,7 +230,7 @@ def test_a_download_that_cannot_fit_is_resource_exhausted(tmp_path: Path, origin
         assert held.returncode == 0, held.stderr
         error = rpc_error(small, url=origin.url("shared.bin"), output_path=str(tmp_path / "second.bin"))
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "held by data in use" in (error.details() or "")
+        assert "in use or too recent to collect (held " in (error.details() or "")
         assert not (tmp_path / "second.bin").exists()
         assert (tmp_path / "first.bin").exists()
         assert sha256(small.storage_dir / "content" / "tasks" / task_id[:3] / task_id) == sha256(

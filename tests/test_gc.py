@@ -162,7 +162,7 @@ async def test_quota_exceeded_by_data_in_use_is_reported_not_violated(storage: S
     assert usage.held_bytes == 900 * KB
     for task in held:
         assert await storage.get_task(task.id) is not None
-    with pytest.raises(StorageFull, match="held by data in use"):
+    with pytest.raises(StorageFull, match=r"in use or too recent to collect \(held 900000 bytes\)"):
         await gc.ensure_room(200 * KB)
     with pytest.raises(StorageFull, match="quota"):
         await gc.ensure_room(600 * KB)
@@ -317,3 +317,17 @@ def test_property_gc_never_evicts_a_held_task(ops: list[tuple[str, int, int]]) -
 
     with tempfile.TemporaryDirectory() as root:
         asyncio.run(scenario(Path(root)))
+
+
+async def test_concurrent_reservations_cannot_overcommit_the_quota(storage: Storage, clock: FakeClock) -> None:
+    gc = collector(storage, quota_bytes=1000 * KB, grace_period=3600)
+    async with gc.reservation(make_id("first"), 600 * KB):
+        with pytest.raises(StorageFull, match="600000 reserved by downloads in progress"):
+            async with gc.reservation(make_id("second"), 600 * KB):
+                pass
+        # What the first download has written no longer counts as reserved on top of being used.
+        await fill(storage, "first", 300 * KB)
+        async with gc.reservation(make_id("third"), 300 * KB):
+            pass
+    async with gc.reservation(make_id("fourth"), 600 * KB):
+        pass

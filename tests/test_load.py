@@ -1,16 +1,14 @@
 """Load against one real daemon process: many concurrent piece uploads and task downloads, and their limits.
 
 * 200 concurrent ``DfdaemonUpload.DownloadPiece`` calls for the 16 pieces of a cached 64 MiB task all return the
-  right bytes; the daemon's peak resident memory is printed (run with ``-s``) and should not grow with the burst.
+  right bytes; the daemon's peak resident memory (printed with ``-s``) does not grow with the burst: at most
+  ``upload.concurrentPieceCount`` pieces are read and sent at once.
 * 64 concurrent ``DfdaemonDownload.DownloadTask`` calls over the unix socket, half for one URL (one shared job) and
   half for 32 different URLs, all produce files identical to the origin's, and the origin serves the shared file
   about once.
-* Downloads that start together must not overcommit the cache quota.
-* Past a configured concurrency limit a caller should get ``RESOURCE_EXHAUSTED`` at once instead of waiting into
-  its deadline.
-
-What the daemon does not do yet is written down as strict xfails whose reasons name the gap: bounded upload memory,
-quota reservations for concurrent downloads, and concurrency limits.
+* Downloads that start together do not overcommit the cache quota (each reserves its bytes).
+* Past a configured concurrency limit (``upload.server.maxConcurrentRequests``, ``download.maxConcurrentTasks``) a
+  caller gets ``RESOURCE_EXHAUSTED`` at once instead of waiting into its deadline.
 """
 
 from __future__ import annotations
@@ -49,19 +47,9 @@ QUOTA_FILES = 8
 # During the burst 800 MiB move through the daemon. Its peak RSS grows today by 0.45 to 2.0 GiB (about one copy of
 # every piece in flight, sometimes more than two), so even 1 GiB cannot be asserted without flaking. RSS_GUARD only
 # catches gross regressions (say, a whole task read per call); BOUNDED_GROWTH is what an upload path holding at most
-# 8 pieces at once (the other calls waiting for a slot) stays under: +107 to +190 MiB measured with such a patch.
+# 8 pieces at once (the other calls waiting for a slot) stays under: +107 to +190 MiB measured.
 RSS_GUARD = 4 * GiB
 BOUNDED_GROWTH = 256 * MiB
-UNBOUNDED_UPLOAD_MEMORY = (
-    "DownloadPiece has no admission control: every concurrent call reads its whole piece into memory at once and "
-    "holds it until sent, so the daemon's peak RSS grows with the burst (+0.45 to +2 GiB for 200 x 4 MiB, +2.2 GiB "
-    "for 400 x 4 MiB)"
-)
-LIMIT_KEYS_MISSING = (
-    "the daemon has no concurrency limits: no upload.server.maxConcurrentRequests / download.maxConcurrentTasks "
-    "config keys (the config rejects them as unknown) and its gRPC servers set no maximum_concurrent_rpcs, so "
-    "excess callers queue until their deadline instead of getting RESOURCE_EXHAUSTED"
-)
 
 
 def vm_bytes(pid: int, field: str) -> int:
@@ -240,7 +228,6 @@ def test_200_concurrent_piece_uploads_return_the_right_bytes(burst: Burst) -> No
     assert burst.peak < RSS_GUARD, f"daemon peak RSS {burst.peak / MiB:.0f} MiB"
 
 
-@pytest.mark.xfail(strict=True, reason=UNBOUNDED_UPLOAD_MEMORY)
 def test_piece_upload_memory_does_not_grow_with_the_burst(burst: Burst) -> None:
     assert burst.growth < BOUNDED_GROWTH, (
         f"peak RSS grew by {burst.growth / MiB:.0f} MiB for {len(burst.calls)} concurrent 4 MiB pieces"
@@ -299,14 +286,6 @@ async def test_64_concurrent_download_tasks_shared_and_distinct(
         assert size <= origin.bytes_served(name) - served_before[name] <= 1.05 * size + 1, name
 
 
-QUOTA_OVERCOMMIT = (
-    "GarbageCollector.ensure_room checks used + this download's size against the quota but reserves nothing, so "
-    "downloads that start together all pass the check: 8 concurrent 12 MiB downloads against a 64 MiB quota are "
-    "all accepted and the cache ends at 96 MiB, where a 9th one alone would be refused with RESOURCE_EXHAUSTED"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=QUOTA_OVERCOMMIT)
 async def test_concurrent_downloads_cannot_overcommit_the_quota(origin: OriginProcess, tmp_path: Path) -> None:
     """Downloads that start at the same moment share the quota: those that cannot fit are refused up front."""
     quota = 64 * MiB
@@ -348,7 +327,6 @@ async def test_concurrent_downloads_cannot_overcommit_the_quota(origin: OriginPr
 QUICK = 2.0  # seconds: a refusal must arrive well before any deadline
 
 
-@pytest.mark.xfail(strict=True, reason=LIMIT_KEYS_MISSING)
 async def test_piece_uploads_past_the_limit_are_refused_quickly(origin: OriginProcess, tmp_path: Path) -> None:
     """With ``upload.server.maxConcurrentRequests: 8``, a burst of 200 gets answers at once and memory stays small.
 
@@ -384,7 +362,6 @@ async def test_piece_uploads_past_the_limit_are_refused_quickly(origin: OriginPr
     assert growth < BOUNDED_GROWTH, f"peak RSS grew by {growth / MiB:.0f} MiB"
 
 
-@pytest.mark.xfail(strict=True, reason=LIMIT_KEYS_MISSING)
 async def test_download_tasks_past_the_limit_are_refused_quickly(origin: OriginProcess, tmp_path: Path) -> None:
     """With ``download.maxConcurrentTasks: 2``, new tasks past two running ones are refused at once.
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from dfdaemon import ids
+from dfdaemon.admission import Busy
 from dfdaemon.backend import Backend, BackendError, SourceNotAllowed, SourcePolicy, check_url
 from dfdaemon.gc import GarbageCollector
 from dfdaemon.ids import PieceSpan
@@ -212,6 +213,7 @@ class DownloadManager:
         concurrent_piece_count: int = 8,
         piece_attempts: int = 3,
         source_policy: SourcePolicy | None = None,
+        max_concurrent_tasks: int = 128,
     ) -> None:
         self.storage = storage
         self.gc = gc
@@ -222,6 +224,7 @@ class DownloadManager:
         self.concurrent_piece_count = concurrent_piece_count
         self.piece_attempts = piece_attempts
         self.source_policy = source_policy or SourcePolicy()
+        self.max_concurrent_tasks = max_concurrent_tasks
         self.fetch_missing: PieceFetcher = self.back_to_source
         self._jobs: dict[str, TaskJob] = {}
 
@@ -352,6 +355,8 @@ class DownloadManager:
     def _job(self, task_id: str, peer_id: str, request: DownloadRequest) -> TaskJob:
         job = self._jobs.get(task_id)
         if job is None or (job.runner is not None and job.runner.done() and job.error is not None):
+            if len(self._jobs) >= self.max_concurrent_tasks:
+                raise Busy(f"{self.max_concurrent_tasks} tasks are already downloading; try again later")
             job = TaskJob(task_id, peer_id, request)
             self._jobs[task_id] = job
             job.runner = asyncio.create_task(self._run(job), name=f"download-{task_id[:12]}")
@@ -410,7 +415,6 @@ class DownloadManager:
         job.content_length, job.piece_length, job.response_header = info.content_length, piece_length, info.headers
         stored = {p.number: p for p in await self.storage.pieces(job.task_id)} if existing else {}
         missing = [p for p in job.pieces if p.number not in stored]
-        await self.gc.ensure_room(sum(p.length for p in missing))
         task_info = TaskInfo(
             url=request.url,
             tag=request.tag or "",
@@ -419,8 +423,11 @@ class DownloadManager:
             content_length=info.content_length,
             response_header=info.headers,
         )
-        log.info("download started task=%s url=%s bytes=%d", job.task_id, request.url, info.content_length)
-        async with self.storage.download(job.task_id, task_info) as writer:
+        async with (
+            self.gc.reservation(job.task_id, sum(p.length for p in missing)),
+            self.storage.download(job.task_id, task_info) as writer,
+        ):
+            log.info("download started task=%s url=%s bytes=%d", job.task_id, request.url, info.content_length)
             for piece in stored.values():
                 job.done[piece.number] = (piece, TrafficType.LOCAL_PEER)
             job.writer = writer

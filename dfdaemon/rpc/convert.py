@@ -12,6 +12,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from dfdaemon import ids
+from dfdaemon.admission import Busy
 from dfdaemon.api import common_pb2, dfdaemon_ext_pb2, dfdaemon_pb2
 from dfdaemon.backend import BackendError, SourceNotAllowed
 from dfdaemon.download import (
@@ -53,6 +54,7 @@ _STATUS_OF: list[tuple[type[Exception], grpc.StatusCode]] = [
     (PieceNotFound, grpc.StatusCode.NOT_FOUND),
     (TaskInUse, grpc.StatusCode.FAILED_PRECONDITION),
     (StorageFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (Busy, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (PieceCorrupt, grpc.StatusCode.DATA_LOSS),
     (InvalidPiece, grpc.StatusCode.OUT_OF_RANGE),
     (DownloadPrecondition, grpc.StatusCode.FAILED_PRECONDITION),

@@ -9,6 +9,7 @@ import grpc
 from google.protobuf.empty_pb2 import Empty
 
 from dfdaemon import ids
+from dfdaemon.admission import Admission
 from dfdaemon.api import dfdaemon_pb2
 from dfdaemon.download import DownloadManager
 from dfdaemon.rpc import convert
@@ -35,11 +36,13 @@ class UploadServicer(TaskServicer):
         downloads: DownloadManager,
         host_ip: str,
         piece_timeout: float,
+        admission: Admission,
         enable_delete_task: bool = False,
     ) -> None:
         super().__init__(storage, downloads)
         self.host_ip = host_ip
         self.piece_timeout = piece_timeout
+        self.admission = admission
         self.enable_delete_task = enable_delete_task
 
     @unary
@@ -99,7 +102,17 @@ class UploadServicer(TaskServicer):
     async def DownloadPiece(
         self, request: dfdaemon_pb2.DownloadPieceRequest, context: Context
     ) -> dfdaemon_pb2.DownloadPieceResponse:
-        """One piece's bytes, CRC-checked on the way out, with the piece metadata digest."""
+        """One piece's bytes, CRC-checked on the way out, with the piece metadata digest.
+
+        A slot is held until the response has been sent (its bytes are in memory until then): memory stays
+        bounded by the slots, whatever the number of callers.
+        """
+        release = await self.admission.enter()
+
+        def done(_: Context) -> None:
+            release()
+
+        context.add_done_callback(done)  # type: ignore[arg-type]  # the stubs declare a non-Protocol callback type
         async with self.storage.upload(ids.validate_task_id(request.task_id)) as reader:
             piece, content = await reader.read_piece(request.piece_number)
         response = dfdaemon_pb2.DownloadPieceResponse(
