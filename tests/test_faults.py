@@ -148,7 +148,8 @@ def test_sigkill_at_random_points_twenty_times(tmp_path: Path) -> None:
             done = dfget(daemon, origin.url("model.bin"), tmp_path / "final.bin", "--json")
         assert done.returncode == 0, done.stderr
         assert hashlib.sha256((tmp_path / "final.bin").read_bytes()).digest() == hashlib.sha256(data).digest()
-        assert origin.bytes_served("model.bin") < 2 * len(data)  # committed pieces were kept across kills
+        # Committed pieces survive every kill: at most the pieces in flight (2 of 4 MiB) are fetched again per kill.
+        assert origin.bytes_served("model.bin") <= len(data) + 20 * 2 * 4 * 1024 * 1024
 
 
 @pytest.fixture

@@ -118,7 +118,16 @@ class SchedulerClient:
         except grpc.aio.AioRpcError as exc:
             log.warning("telling the scheduler task %s is gone failed: %s", task_id, exc.details() or exc.code().name)
 
+    async def _stop_announcing(self) -> None:
+        if self._announcer is not None:
+            self._announcer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._announcer
+            self._announcer = None
+
     async def delete_host(self) -> None:
+        """Leave the cluster; announcements stop first so that none re-adds the host afterwards."""
+        await self._stop_announcing()
         request = scheduler_pb2.DeleteHostRequest(host_id=self.host.host_id)
         for address in self.addresses:
             try:
@@ -127,10 +136,7 @@ class SchedulerClient:
                 log.warning("leaving scheduler %s failed: %s", address, exc.details() or exc.code().name)
 
     async def close(self) -> None:
-        if self._announcer is not None:
-            self._announcer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._announcer
+        await self._stop_announcing()
         for channel in self._channels.values():
             await channel.close()
 
