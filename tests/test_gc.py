@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -16,19 +15,6 @@ from dfdaemon.storage import Storage, StorageFull, TaskInfo, TaskNotFound, TaskS
 from tests.storage_support import FakeClock, fill, make_id, payload, read_all
 
 KB = 1000
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-async def storage(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Storage]:
-    store = Storage(tmp_path / "cache", clock=clock)
-    await store.open()
-    yield store
-    await store.close()
 
 
 def collector(storage: Storage, **policy: float) -> GarbageCollector:

@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import os
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -23,19 +22,6 @@ from dfdaemon.storage import (
 )
 from dfdaemon.storage.metadata import SCHEMA_VERSION, MetadataStore
 from tests.storage_support import FakeClock, du_bytes, fill, make_id, payload, read_all
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-async def storage(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Storage]:
-    store = Storage(tmp_path / "cache", clock=clock)
-    await store.open()
-    yield store
-    await store.close()
 
 
 async def reopen(storage: Storage, keep: bool = True) -> Storage:
