@@ -213,6 +213,7 @@ class Daemon:
             HostInfo(host_id=self.downloads.host_id, ip=self.host_ip, hostname=self.hostname, port=upload_port),
             announce_interval=config.announce_interval,
             timeout=config.schedule_timeout,
+            credentials=self.parents.credentials,  # upload.client's mutual TLS serves the scheduler too
         )
         self.downloads.fetch_missing = ScheduledFetch(
             self.downloads, self.scheduler, self.parents, self.config.download.piece_timeout

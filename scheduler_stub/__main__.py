@@ -8,7 +8,9 @@ import logging
 import signal
 import sys
 
+from dfdaemon.config import TLSConfig
 from dfdaemon.rpc.servers import add_service, new_server
+from dfdaemon.rpc.tls import TLSError, server_credentials
 from dfdaemon.telemetry.logs import setup_logging
 from dfdaemon.telemetry.tracing import TracingSettings, setup_tracing, shutdown_tracing
 from scheduler_stub.registry import Registry
@@ -24,6 +26,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="dfscheduler", description="Scheduler stub speaking scheduler.v2.")
     parser.add_argument("--listen", default="127.0.0.1:8002", help="HOST:PORT to listen on; port 0 picks a free one")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warn", "error"])
+    tls = parser.add_argument_group("mutual TLS (all three together)")
+    tls.add_argument("--ca-cert", default="", help="PEM CA that peers' client certificates must be signed by")
+    tls.add_argument("--cert", default="", help="PEM certificate this scheduler presents")
+    tls.add_argument("--key", default="", help="PEM key of --cert")
     return parser.parse_args(argv)
 
 
@@ -33,11 +39,17 @@ async def _sweep(registry: Registry) -> None:
         registry.expire_hosts()
 
 
-async def _serve(listen: str) -> int:
+async def _serve(listen: str, tls: TLSConfig) -> int:
     registry = Registry()
     server, health = new_server([SERVICE.full_name], lambda s: add_service(s, SERVICE, SchedulerServicer(registry)))
     try:
-        port = int(server.add_insecure_port(listen))
+        if tls.enabled:
+            port = int(server.add_secure_port(listen, server_credentials(tls)))
+        else:
+            port = int(server.add_insecure_port(listen))
+    except TLSError as exc:
+        print(f"dfscheduler: {exc}", file=sys.stderr)
+        return 1
     except RuntimeError:
         port = 0
     if port == 0:
@@ -67,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     try:
         setup_tracing(TracingSettings(), default_service="dfscheduler")  # OpenTelemetry's OTEL_* environment
-        return asyncio.run(_serve(args.listen))
+        if len({bool(args.ca_cert), bool(args.cert), bool(args.key)}) > 1:
+            raise ValueError("--ca-cert, --cert and --key go together")
+        tls = TLSConfig(ca_cert=args.ca_cert, cert=args.cert, key=args.key)
+        return asyncio.run(_serve(args.listen, tls))
     except ValueError as exc:
         print(f"dfscheduler: {exc}", file=sys.stderr)
         return 2

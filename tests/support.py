@@ -203,12 +203,14 @@ class SchedulerProcess:
 
 
 @contextmanager
-def running_scheduler(workdir: Path, env: dict[str, str] | None = None) -> Iterator[SchedulerProcess]:
+def running_scheduler(
+    workdir: Path, env: dict[str, str] | None = None, args: list[str] | None = None
+) -> Iterator[SchedulerProcess]:
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / "scheduler.log"
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "scheduler_stub", "--listen", "127.0.0.1:0"],
+            [sys.executable, "-m", "scheduler_stub", "--listen", "127.0.0.1:0", *(args or [])],
             stdout=log_file,
             stderr=subprocess.STDOUT,
             cwd=REPO_ROOT,

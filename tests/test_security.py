@@ -33,7 +33,7 @@ from tests.support import (
     running_daemon,
     running_origin,
     running_scheduler,
-    wait_for_hosts,
+    wait_for_line,
 )
 
 MB = 1_000_000
@@ -263,15 +263,24 @@ def test_mutual_tls_refuses_peers_without_a_valid_certificate(tmp_path: Path, pk
         assert plaintext.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-def test_peers_exchange_pieces_over_mutual_tls(tmp_path: Path, pki: Pki, origin: OriginProcess) -> None:
+def tls_scheduler_args(pki: Pki) -> list[str]:
+    return ["--ca-cert", str(pki.ca), "--cert", str(pki.server_cert), "--key", str(pki.server_key)]
+
+
+def test_peers_and_scheduler_talk_over_mutual_tls(tmp_path: Path, pki: Pki, origin: OriginProcess) -> None:
     with ExitStack() as stack:
-        scheduler = stack.enter_context(running_scheduler(tmp_path / "scheduler"))
+        scheduler = stack.enter_context(running_scheduler(tmp_path / "scheduler", args=tls_scheduler_args(pki)))
         config = {**tls_config(pki), "scheduler": {"addrs": [scheduler.address], "announceInterval": "2s"}}
         parent = stack.enter_context(running_daemon(tmp_path / "parent", config))
         child = stack.enter_context(running_daemon(tmp_path / "child", config))
-        wait_for_hosts(scheduler, 2)
+        wait_for_line(scheduler.log_path, r"host \S+-child joined", scheduler.proc)
+        wait_for_line(scheduler.log_path, r"host \S+-parent joined", scheduler.proc)
         assert dfget(parent, origin.url("file.bin"), tmp_path / "parent.bin").returncode == 0
         out = dfget(child, origin.url("file.bin"), tmp_path / "child.bin", "--json")
+        # A daemon without a client certificate cannot even announce itself.
+        plain = stack.enter_context(running_daemon(tmp_path / "stranger", {"scheduler": config["scheduler"]}))
+        wait_for_line(plain.log_path, r"announcing host to scheduler \S+ failed", plain.proc)
+        assert "stranger joined" not in scheduler.log_path.read_text()
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["pieces"]["REMOTE_PEER"] == 3
     assert (tmp_path / "child.bin").read_bytes() == (origin.root / "file.bin").read_bytes()

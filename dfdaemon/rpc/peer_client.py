@@ -24,15 +24,15 @@ class GrpcParentClient:
     def __init__(self, host_id: str, tls: TLSConfig | None = None) -> None:
         self.host_id = host_id
         # Built on first use (inside the event loop); mutual TLS when upload.client has certificates.
-        self._credentials = channel_credentials(tls) if tls is not None and tls.enabled else None
+        self.credentials = channel_credentials(tls) if tls is not None and tls.enabled else None
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def _stub(self, parent: Parent) -> dfdaemon_pb2_grpc.DfdaemonUploadAsyncStub:
         channel = self._channels.get(parent.address)
         if channel is None:
-            if self._credentials is not None:
+            if self.credentials is not None:
                 channel = grpc.aio.secure_channel(
-                    parent.address, self._credentials, options=CHANNEL_OPTIONS, interceptors=client_interceptors()
+                    parent.address, self.credentials, options=CHANNEL_OPTIONS, interceptors=client_interceptors()
                 )
             else:
                 channel = grpc.aio.insecure_channel(

@@ -68,7 +68,14 @@ def pick_address(addresses: list[str], task_id: str) -> str:
 class SchedulerClient:
     """All scheduler traffic of one daemon."""
 
-    def __init__(self, addresses: list[str], host: HostInfo, announce_interval: float, timeout: float) -> None:
+    def __init__(
+        self,
+        addresses: list[str],
+        host: HostInfo,
+        announce_interval: float,
+        timeout: float,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
         if not addresses:
             raise ValueError("at least one scheduler address is required")
         self.addresses = addresses
@@ -76,7 +83,12 @@ class SchedulerClient:
         self.announce_interval = announce_interval
         self.timeout = timeout
         self._channels = {
-            address: grpc.aio.insecure_channel(address, interceptors=client_interceptors()) for address in addresses
+            address: (
+                grpc.aio.secure_channel(address, credentials, interceptors=client_interceptors())
+                if credentials is not None
+                else grpc.aio.insecure_channel(address, interceptors=client_interceptors())
+            )
+            for address in addresses
         }
         self._announcer: asyncio.Task[None] | None = None
 
