@@ -96,6 +96,7 @@ class Daemon:
             ),
         )
         self.scheduler: SchedulerClient | None = None
+        self.membership = download.Membership()
         self.metrics_server: MetricsServer | None = None
         self._gauges: asyncio.Task[None] | None = None
         try:
@@ -137,10 +138,12 @@ class Daemon:
 
         await asyncio.to_thread(self._secure_socket, socket_path)
         server_cfg = self.config.upload.server
-        host = server_cfg.ip if ":" not in server_cfg.ip else f"[{server_cfg.ip}]"
-        self.endpoints = Endpoints(upload_address=f"{host}:{port}", upload_port=port, socket_path=socket_path)
+        address = server_cfg.ip if ":" not in server_cfg.ip else f"[{server_cfg.ip}]"
+        self.endpoints = Endpoints(upload_address=f"{address}:{port}", upload_port=port, socket_path=socket_path)
+        host = HostInfo(host_id=self.downloads.host_id, ip=self.host_ip, hostname=self.hostname, port=port)
+        self.membership.host = host
         if self.config.scheduler.addrs:
-            self._join_scheduler(port)
+            self._join_scheduler(host)
         log.info("upload server listening on %s", self.endpoints.upload_address)
         log.info("download server listening on unix:%s", socket_path)
         return self.endpoints
@@ -151,10 +154,12 @@ class Daemon:
         servicer = upload.UploadServicer(
             self.storage,
             self.downloads,
+            self.membership,
             self.host_ip,
             self.config.download.piece_timeout,
             Admission("DownloadPiece", self.config.upload.concurrent_piece_count, server_cfg.max_concurrent_requests),
             enable_delete_task=server_cfg.enable_delete_task,
+            sync_host_interval=self.config.scheduler.announce_interval,
         )
         server, health = new_server([upload.SERVICE.full_name], lambda s: add_service(s, upload.SERVICE, servicer))
         credentials = None
@@ -173,7 +178,9 @@ class Daemon:
         """The unix-socket server for local clients: downloads, tasks, holds, usage and GC."""
 
         def register(server: grpc.aio.Server) -> None:
-            add_service(server, download.SERVICE, download.DownloadServicer(self.storage, self.downloads))
+            add_service(
+                server, download.SERVICE, download.DownloadServicer(self.storage, self.downloads, self.membership)
+            )
             add_service(server, ext.USE_SERVICE, ext.UseServicer(self.storage))
             add_service(server, ext.CACHE_SERVICE, ext.CacheServicer(self.storage, self.gc))
 
@@ -205,12 +212,12 @@ class Daemon:
                 log.exception("refreshing the cache gauges failed")
             await asyncio.sleep(every)
 
-    def _join_scheduler(self, upload_port: int) -> None:
+    def _join_scheduler(self, host: HostInfo) -> None:
         """Announce this host and route downloads through the scheduler; deletions are reported to it."""
         config = self.config.scheduler
         self.scheduler = SchedulerClient(
             config.addrs,
-            HostInfo(host_id=self.downloads.host_id, ip=self.host_ip, hostname=self.hostname, port=upload_port),
+            host,
             announce_interval=config.announce_interval,
             timeout=config.schedule_timeout,
             credentials=self.parents.credentials,  # upload.client's mutual TLS serves the scheduler too
@@ -220,6 +227,7 @@ class Daemon:
         )
         self.storage.add_deletion_listener(self.scheduler.delete_task)
         self.scheduler.start()
+        self.membership.scheduler = self.scheduler
         log.info("scheduling through %s", ", ".join(config.addrs))
 
     async def stop(self, grace: float = 5.0) -> None:
@@ -242,6 +250,7 @@ class Daemon:
         await self.backend.close()
         await self.parents.close()
         if self.scheduler is not None:
+            self.membership.scheduler = None
             await self.scheduler.delete_host()
             await self.scheduler.close()
             self.scheduler = None

@@ -111,11 +111,20 @@ def test_large_messages_reach_the_servicer(daemon: DaemonProcess) -> None:
     assert "ResourceExhausted" not in out.stderr, out.stderr
 
 
-def test_unserved_rpc_answers_unimplemented_by_name(daemon: DaemonProcess) -> None:
-    out = grpcurl("-plaintext", "-d", "{}", daemon.upload_address, "dfdaemon.v2.DfdaemonUpload/SyncHost")
-    assert out.returncode != 0
-    assert "Code: Unimplemented" in out.stderr
-    assert "/dfdaemon.v2.DfdaemonUpload/SyncHost is not implemented" in out.stderr
+def test_sync_host_streams_this_host(daemon: DaemonProcess) -> None:
+    out = grpcurl(
+        "-plaintext", "-max-time", "2", "-d", "{}", daemon.upload_address, "dfdaemon.v2.DfdaemonUpload/SyncHost"
+    )
+    first = json.loads(out.stdout.split("\n}\n")[0] + "\n}")
+    assert first["ip"] == "127.0.0.1"
+    assert first["id"] == f"127.0.0.1-{first['hostname']}"
+    assert first["port"] == daemon.upload_port
+
+
+def test_stat_task_without_a_scheduler_is_the_local_view(daemon: DaemonProcess) -> None:
+    out = grpcurl("-unix", "-plaintext", "-d", json.dumps({"task_id": "a" * 64}), str(daemon.socket_path),
+                  "dfdaemon.v2.DfdaemonDownload/StatTask")  # fmt: skip
+    assert "Code: NotFound" in out.stderr
 
 
 def test_sigterm_drains_and_removes_the_socket(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from dfdaemon.api import scheduler_pb2
+from dfdaemon.api import dfdaemon_pb2, dfdaemon_pb2_grpc, scheduler_pb2
 from tests.support import REPO_ROOT, DaemonProcess, OriginProcess, cluster, dfget, running_origin
 
 MB = 1_000_000
@@ -159,3 +159,14 @@ def test_disable_back_to_source_without_parents_fails_clearly(origin: OriginProc
     assert out.stderr.startswith("dfget: download failed:")
     assert "back to source" in out.stderr
     assert not (tmp_path / "model.bin").exists()
+
+
+def test_stat_task_shows_the_cluster_view(origin: OriginProcess, tmp_path: Path) -> None:
+    with cluster(tmp_path, 2) as (_, daemons):
+        reports = fetch_all(daemons, origin.url("model.bin"), tmp_path, "copy")
+        channel = grpc.insecure_channel(f"unix:{daemons[0].socket_path}")
+        stub = dfdaemon_pb2_grpc.DfdaemonDownloadStub(channel)
+        task = stub.StatTask(dfdaemon_pb2.StatTaskRequest(task_id=str(reports[0]["task_id"])), timeout=10)
+    assert task.peer_count == 2
+    assert task.content_length == 40 * MB + 17
+    assert task.state == "Succeeded"

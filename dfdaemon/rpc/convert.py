@@ -293,3 +293,24 @@ def backend_details(error: BackendError) -> bytes:
     if error.status_code is not None:
         backend["status_code"] = error.status_code
     return json.dumps(backend).encode()
+
+
+def local_task(task: TaskRecord) -> common_pb2.Task:
+    """This daemon's own view of a task, for StatTask without a scheduler: one peer, this one."""
+    message = common_pb2.Task(
+        id=task.id,
+        type=common_pb2.STANDARD,
+        url=task.url,
+        content_length=task.content_length or 0,
+        piece_count=task.piece_count,
+        state={"succeeded": "Succeeded", "failed": "Failed"}.get(task.state.value, "Running"),
+        peer_count=1,
+        has_available_peer=task.state.value == "succeeded",
+        created_at=timestamp(task.created_at),
+        updated_at=timestamp(task.updated_at),
+    )
+    if task.tag:
+        message.tag = task.tag
+    if task.application:
+        message.application = task.application
+    return message

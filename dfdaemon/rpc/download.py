@@ -2,29 +2,58 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import grpc
 from google.protobuf.empty_pb2 import Empty
 
-from dfdaemon.api import dfdaemon_pb2
+from dfdaemon import ids
+from dfdaemon.api import common_pb2, dfdaemon_pb2
 from dfdaemon.download import DownloadManager
 from dfdaemon.rpc import convert
 from dfdaemon.rpc.convert import Context, unary
+from dfdaemon.rpc.scheduler_client import HostInfo, SchedulerClient
 from dfdaemon.storage import Storage
 
 SERVICE = dfdaemon_pb2.DESCRIPTOR.services_by_name["DfdaemonDownload"]
 
+log = logging.getLogger("dfdaemon.rpc")
+
+
+@dataclass
+class Membership:
+    """Where this daemon stands in the cluster; filled in once its servers listen and it has joined."""
+
+    host: HostInfo | None = None
+    scheduler: SchedulerClient | None = None
+
 
 class TaskServicer:
-    """The RPCs both services share: a download through this daemon, and the local record of a task."""
+    """The RPCs both services share: a download through this daemon, and the task as local or cluster view."""
 
     # Whether callers reach this service over the network (the upload server) rather than the local socket.
     from_network = False
 
-    def __init__(self, storage: Storage, downloads: DownloadManager) -> None:
+    def __init__(self, storage: Storage, downloads: DownloadManager, membership: Membership) -> None:
         self.storage = storage
         self.downloads = downloads
+        self.membership = membership
+
+    @unary
+    async def StatTask(self, request: dfdaemon_pb2.StatTaskRequest, context: Context) -> common_pb2.Task:
+        """The task as the scheduler sees it (peers, pieces); the local record when there is no scheduler."""
+        task_id = ids.validate_task_id(request.task_id)
+        scheduler = self.membership.scheduler
+        if scheduler is not None:
+            try:
+                return await scheduler.stat_task(task_id)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                    log.warning("StatTask from the scheduler failed: %s", exc.details() or exc.code().name)
+        task = await self.storage.require_task(task_id)
+        return convert.local_task(task)
 
     async def DownloadTask(
         self, request: dfdaemon_pb2.DownloadTaskRequest, context: Context
@@ -56,6 +85,15 @@ class DownloadServicer(TaskServicer):
     async def DeleteTask(self, request: dfdaemon_pb2.DeleteTaskRequest, context: Context) -> Empty:
         """Delete locally and tell the scheduler; refused while holders or in-flight work reference the task."""
         await self.storage.delete_task(request.task_id)
+        return Empty()
+
+    @unary
+    async def DeleteHost(self, request: Empty, context: Context) -> Empty:
+        """Leave the cluster: stop announcing and tell the scheduler; downloads go back to source from now on."""
+        scheduler = self.membership.scheduler
+        if scheduler is not None:
+            self.membership.scheduler = None
+            await scheduler.delete_host()
         return Empty()
 
     @unary

@@ -122,6 +122,10 @@ class SchedulerClient:
             except grpc.aio.AioRpcError as exc:
                 log.warning("announcing host to scheduler %s failed: %s", address, exc.details() or exc.code().name)
 
+    async def stat_task(self, task_id: str) -> common_pb2.Task:
+        request = scheduler_pb2.StatTaskRequest(host_id=self.host.host_id, task_id=task_id)
+        return await self.stub_for(task_id).StatTask(request, timeout=self.timeout)
+
     async def delete_task(self, task_id: str) -> None:
         """This host no longer has the task: no child may be sent here for it."""
         request = scheduler_pb2.DeleteTaskRequest(host_id=self.host.host_id, task_id=task_id)

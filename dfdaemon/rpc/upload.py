@@ -10,11 +10,11 @@ from google.protobuf.empty_pb2 import Empty
 
 from dfdaemon import ids
 from dfdaemon.admission import Admission
-from dfdaemon.api import dfdaemon_pb2
+from dfdaemon.api import common_pb2, dfdaemon_pb2
 from dfdaemon.download import DownloadManager
 from dfdaemon.rpc import convert
 from dfdaemon.rpc.convert import Context, unary
-from dfdaemon.rpc.download import TaskServicer
+from dfdaemon.rpc.download import Membership, TaskServicer
 from dfdaemon.storage import InvalidPiece, Storage, TaskNotFound, TaskState
 from dfdaemon.telemetry import metrics
 
@@ -34,16 +34,27 @@ class UploadServicer(TaskServicer):
         self,
         storage: Storage,
         downloads: DownloadManager,
+        membership: Membership,
         host_ip: str,
         piece_timeout: float,
         admission: Admission,
         enable_delete_task: bool = False,
+        sync_host_interval: float = 30.0,
     ) -> None:
-        super().__init__(storage, downloads)
+        super().__init__(storage, downloads, membership)
         self.host_ip = host_ip
         self.piece_timeout = piece_timeout
         self.admission = admission
         self.enable_delete_task = enable_delete_task
+        self.sync_host_interval = sync_host_interval
+
+    async def SyncHost(self, request: dfdaemon_pb2.SyncHostRequest, context: Context) -> AsyncIterator[common_pb2.Host]:
+        """This host's description, now and then every announce interval, until the caller goes away."""
+        while True:
+            host = self.membership.host
+            if host is not None:
+                yield host.message()
+            await asyncio.sleep(self.sync_host_interval)
 
     @unary
     async def DeleteTask(self, request: dfdaemon_pb2.DeleteTaskRequest, context: Context) -> Empty:
