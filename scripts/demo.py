@@ -1,8 +1,8 @@
 """The local demo cluster: a scheduler stub, three peer daemons and an HTTP origin, all on loopback.
 
-1. A 64 MB "model" is downloaded by peer A from the origin, then by peers B and C from the peers:
+1. A 200 MB "model" is downloaded by peer A from the origin, then by peers B and C from the peers:
    the origin serves it about once.
-2. Peer C has a 120 MB cache. The layers of a "busybox" image are held by ``container:busybox``
+2. Peer C has a 300 MB cache. The layers of a "busybox" image are held by ``container:busybox``
    (a running container); pulling other images pushes the cache over its high watermark and GC
    evicts them least-recently-used first, while the busybox layers stay and verify.
 
@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 from tests.support import DaemonProcess, dfget, running_daemon, running_origin, running_scheduler  # noqa: E402
 
 MB = 1_000_000
+MODEL_MB = 200
 BIN = Path(sys.executable).parent
 
 
@@ -71,9 +72,11 @@ def main() -> int:
     sockets = Path(tempfile.mkdtemp(prefix="dfdemo-"))  # unix socket paths must stay short
     files = state / "origin"
     files.mkdir()
-    (files / "model.bin").write_bytes(os.urandom(64 * MB))
+    with (files / "model.bin").open("wb") as model:
+        for _ in range(MODEL_MB // 10):
+            model.write(os.urandom(10 * MB))
     busybox = {f"busybox-layer-{i}": 2 * MB for i in range(3)}
-    others = {f"app-{i}-layer": 10 * MB for i in range(8)}
+    others = {f"app-{i}-layer": 10 * MB for i in range(8)}  # with the model, past the 240 MB high watermark
     for name, size in {**busybox, **others}.items():
         (files / name).write_bytes(os.urandom(size))
     out = state / "downloads"
@@ -87,7 +90,7 @@ def main() -> int:
         for name, extra in (
             ("a", {}),
             ("b", {}),
-            ("c", {"gc": {"policy": {"diskThreshold": "120MB", "gracePeriod": "1s"}}}),
+            ("c", {"gc": {"policy": {"diskThreshold": "300MB", "gracePeriod": "1s"}}}),
         ):
             config: dict[str, Any] = {
                 "host": {"hostname": f"peer-{name}"},
@@ -100,7 +103,7 @@ def main() -> int:
         say(f"cluster up: origin {origin.address}, scheduler {scheduler}, peers A/B/C on loopback (logs in .demo/)")
         say()
 
-        say("1. Peer to peer: a 64 MB model, downloaded by A, then by B and C")
+        say(f"1. Peer to peer: a {MODEL_MB} MB model, downloaded by A, then by B and C")
         for peer, label in zip(peers, "ABC", strict=True):
             report = fetch(peer, origin.url("model.bin"), out / f"model-{label}.bin")
             pieces = report["pieces"]
@@ -108,12 +111,17 @@ def main() -> int:
                 f"   peer {label}: {pieces['BACK_TO_SOURCE']} pieces from the origin, "
                 f"{pieces['REMOTE_PEER']} from peers, {pieces['LOCAL_PEER']} local, {report['elapsed_seconds']:.2f}s"
             )
-        identical = len({sha256(out / f"model-{label}.bin") for label in "ABC"}) == 1
-        ratio = origin.bytes_served("model.bin") / (64 * MB)
+        digests = {label: sha256(out / f"model-{label}.bin") for label in "ABC"}
+        for label, digest in digests.items():
+            say(f"   sha256 of peer {label}'s copy: {digest}")
+        identical = len(set(digests.values())) == 1 and digests["A"] == sha256(files / "model.bin")
+        served = origin.bytes_served("model.bin")
+        ratio = served / (MODEL_MB * MB)
+        say(f"   origin served {served} bytes for the model")
         say(f"   all three copies identical: {identical}; origin bytes / file size = {ratio:.3f}")
         say()
 
-        say("2. GC never evicts data in use: peer C has a 120 MB cache (high watermark 96 MB, low 72 MB)")
+        say("2. GC never evicts data in use: peer C has a 300 MB cache (high watermark 240 MB, low 180 MB)")
         peer = peers[2]
         ids = [fetch(peer, origin.url(name), out / name)["task_id"] for name in busybox]
         dfctl(peer, "use", "acquire", "--holder", "container:busybox", *ids)
