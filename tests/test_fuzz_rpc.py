@@ -8,14 +8,15 @@ reach the server. For every call:
 
 - it ends with an expected status, never UNKNOWN (an exception escaped a servicer) and never by running
   into the client's deadline (a hang); INTERNAL only where the origin (or the download itself) failed;
-- a refusal says why (non-empty details);
+- a refusal says why, on one line of at most 1024 characters (however long the input it quotes);
 - afterwards both processes still run and report SERVING, and nothing changed on disk outside the daemon's
   ``storage.dir`` and the output files the test asked for (a snapshot of the module's directory tree,
   which also holds the files symlinks point to, is compared after every test).
 
 Inputs that hit a bug are strict-xfail cases whose reason names the bug; the generators stay clear of them
-so the rest of the suite keeps guarding everything else. ``test_zz_cases_run`` prints how many calls each
-RPC received.
+(``fs.header_unsendable``, ``fs.duration_rounded_up_to_the_limit``, forced hard links the OS refuses, download
+timeouts short enough to expire) so the rest of the suite keeps guarding everything else.
+``test_zz_cases_run`` prints how many calls each RPC received.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import os
 import re
 import stat
 import struct
+import threading
 import time
 import uuid
 import zlib
@@ -34,11 +36,13 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit
 
 import grpc
+import httpx
 import pytest
 from google.protobuf import message_factory, text_format
 from google.protobuf.descriptor import MethodDescriptor
@@ -46,8 +50,9 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health_pb2
-from hypothesis import HealthCheck, Phase, assume, given, settings
+from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
+from hypothesis.control import currently_in_test_context
 
 from dfdaemon.api import common_pb2, dfdaemon_pb2, errordetails_pb2, scheduler_pb2
 from dfdaemon.api import dfdaemon_ext_pb2 as ext_pb2
@@ -74,6 +79,10 @@ pytestmark = [
 Code = grpc.StatusCode
 
 CALL_TIMEOUT = 10.0
+# Server streams that go on until the caller leaves (SyncHost: this host now, then every announce interval) are
+# called with this short deadline; reaching it after at least one answer is their normal end.
+ENDLESS_STREAM_TIMEOUT = 0.5
+ENDLESS_STREAMS = frozenset({"/dfdaemon.v2.DfdaemonUpload/SyncHost"})
 INVALID = Code.INVALID_ARGUMENT
 PRECONDITION = Code.FAILED_PRECONDITION
 _FUZZ = settings(
@@ -87,12 +96,9 @@ _FUZZ = settings(
 )
 
 
-def fuzz(examples: int, *, shrink: bool = True) -> settings:
+def fuzz(examples: int) -> settings:
     """Settings for one batch of examples against the live processes (no per-example deadline)."""
-    if shrink:
-        return settings(_FUZZ, max_examples=examples)
-    # The strict-xfail batches fail at their first example; shrinking would only repeat the same answer.
-    return settings(_FUZZ, max_examples=examples, phases=[Phase.explicit, Phase.generate])
+    return settings(_FUZZ, max_examples=examples)
 
 
 REFUSALS = frozenset({Code.INVALID_ARGUMENT, Code.NOT_FOUND, Code.FAILED_PRECONDITION, Code.OUT_OF_RANGE})
@@ -105,69 +111,61 @@ HOLDER_PREFIX = "fuzz:"
 KEEP = b"a file the daemon must leave alone\n"
 SMALL_PIECE_LENGTH = 1024  # the known task: small.bin in 1 KiB pieces
 TASK_ID = re.compile(r"[0-9a-f]{64}|[0-9a-f]{128}")
+MAX_DETAILS = 1024  # status details are cut to this many characters, on one line
 
 # Calls made per RPC (full method path), printed by the last test.
 CASES: Counter[str] = Counter()
 
 # --------------------------------------------------------------------------- bugs found (strict xfail)
 
-BUG_UNDECODABLE = (
-    "bug: a request whose bytes do not decode as the RPC's message ends UNKNOWN ('Unexpected DecodeError') "
-    "on every service of the daemon and the stub; expected INVALID_ARGUMENT"
+BUG_HEADER_NAME_WITH_TRAILING_NEWLINE = (
+    "bug: DownloadTask lets through a request_header name that is a token followed by one LF ('X-Bad\\n'): "
+    "_check_headers tests names with _HEADER_NAME.match, whose '$' also matches before a final newline; the HTTP "
+    "client then refuses the name, the daemon retries it as a transport error for 1.4 s and ends INTERNAL; "
+    "expected INVALID_ARGUMENT before any work"
 )
-BUG_PIECE_LENGTH_OVERFLOW = (
-    "bug: DownloadTask with download.piece_length >= 2**63 ends UNKNOWN (OverflowError: Python int too "
-    "large to convert to SQLite INTEGER); expected INVALID_ARGUMENT"
+BUG_UNSENDABLE_HEADER_VALUE = (
+    "bug: DownloadTask refuses header values only for CR, LF and NUL; values the HTTP client cannot send pass: "
+    "leading or trailing SP/HTAB, VT, FF are retried as a transport error for 1.4 s and end INTERNAL, non-ASCII "
+    "values end INVALID_ARGUMENT with a bare codec error once the origin is contacted, OK when the task is "
+    "cached; expected INVALID_ARGUMENT before any work, whatever the cache holds"
 )
-BUG_FRAMING_HEADER = (
-    "bug: DownloadTask with request_header Content-Length ends UNKNOWN (h11 LocalProtocolError escapes the "
-    "backend); expected INVALID_ARGUMENT before any work"
+BUG_OUTPUT_NAME_NEAR_NAME_MAX = (
+    "bug: DownloadTask with an output_path whose name has 237 to 255 bytes (legal, under NAME_MAX) ends UNKNOWN "
+    "(OSError ENAMETOOLONG) after the whole download: the temporary file '.<name>.dfdaemon-<8 hex>' is 19 bytes "
+    "longer, and the cleanup in _write_output's finally (suppressing only FileNotFoundError) raises over the "
+    "DownloadPrecondition; expected OK and the file written"
 )
-BUG_ILLEGAL_HEADER = (
-    "bug: DownloadTask with a request_header name or value HTTP forbids (CR/LF, NUL, empty name) is retried "
-    "as a transport error for 1.4 s and ends INTERNAL; expected INVALID_ARGUMENT before any work"
-)
-BUG_RANGE_HEADER = (
-    "bug: a request_header 'range' (any case but 'Range') reaches the origin beside the daemon's own Range; "
-    "the origin answers the caller's range, pieces are stored with the wrong bytes (CRC computed over them) "
-    "and served to every later client of the task, whose id does not include headers"
-)
-BUG_DIGEST_IGNORED = (
-    "bug: DownloadTask checks download.digest only when output_path is set; without it a wrong digest "
-    "streams the content and ends OK; expected FAILED_PRECONDITION"
-)
-BUG_LONG_OUTPUT_NAME = (
-    "bug: DownloadTask with an output_path whose file name exceeds NAME_MAX ends UNKNOWN (OSError "
-    "ENAMETOOLONG) after the whole download; expected INVALID_ARGUMENT before any work"
+BUG_FORCED_HARD_LINK_STATUS = (
+    "bug: DownloadTask with force_hard_link and an output_path the OS refuses (ENOENT in /proc here, EXDEV "
+    "across filesystems) ends INTERNAL ('cannot hard-link ...'); without force_hard_link the same OS error is "
+    "FAILED_PRECONDITION, which is what an output the caller must change deserves"
 )
 BUG_BLOB_DIGEST_UNVERIFIED = (
-    "bug: with enable_task_id_based_blob_digest the task id is the blob digest taken from the URL, but the "
-    "content is never checked against it: a caller can plant other bytes under a blob's id, and later "
-    "downloads of the real blob (from any registry) are served them from the cache"
+    "bug: with enable_task_id_based_blob_digest, content that does not hash to the blob digest fails the task, "
+    "but the DownloadTask call that fetched it ends OK: it has streamed every piece and returns before the job's "
+    "check, and it writes the wrong bytes to output_path; expected DATA_LOSS and no output file"
 )
-BUG_HUGE_TTL = (
-    "bug: a ttl whose expiry lies past year 9999 (e.g. Duration's own maximum, 315576000000 s) is stored; "
-    "the call then fails INVALID_ARGUMENT ('Timestamp is not valid') and so does every ListHolds and "
-    "GetReferences that meets the hold, until it is released"
+BUG_BLOB_PIECES_REUSED = (
+    "bug: after content fails its blob digest check the task is marked failed but keeps its pieces, and the next "
+    "download of that blob id reuses them, from any URL and whatever the new content length: the genuine blob "
+    "(another registry, another length announced) is served the forged bytes and ends OK, and its own check "
+    "fails every time, so the blob cannot be fetched through this daemon until the task is evicted; "
+    "expected the forged pieces dropped with the failed task (and stored pieces reused only when content_length "
+    "and piece_length match)"
 )
-BUG_CONTROL_HOLDER = (
-    "bug: holders with DEL, C1 controls or line/bidi separators (U+007F, U+0085, U+2028, U+202E) are "
-    "accepted although holders must be printable; expected INVALID_ARGUMENT"
+BUG_TIMEOUT_WHILE_SENDING = (
+    "bug: a download.timeout that expires while DownloadTask is handing a response to gRPC (a client reading "
+    "slowly; now and then a tiny timeout) ends the call with no status at all: the asyncio.timeout is held across "
+    "the yields of the download's async generators, so its cancellation lands in grpc's write, which takes it for "
+    "the client leaving; the client waits until its own deadline ('Stream removed'). Expected DEADLINE_EXCEEDED "
+    "('the download did not finish within its timeout') once the timeout has passed (keep the deadline out of "
+    "the yields: asyncio.timeout_at around each wait inside, or answer DEADLINE_EXCEEDED on that cancellation)"
 )
-BUG_LONG_INPUT_ECHOED = (
-    "bug: error messages repeat the caller's input in full (scheduler stub: task, peer and host ids; daemon: the "
-    "URL in unsupported-scheme and origin errors); past 8 KiB of metadata grpc clients drop such a status "
-    "(sometimes; always past 16 KiB) and see RESOURCE_EXHAUSTED 'received metadata size exceeds ... limit' "
-    "instead of the real answer; expected the status with the input shortened in its message"
-)
-BUG_URL_CONTROL_CHARACTERS = (
-    "bug: a URL with ASCII control characters (NUL, TAB, LF, DEL) passes DownloadTask's checks, then the HTTP "
-    "client refuses it: UNKNOWN (httpx.InvalidURL escapes); with a leading space it is retried as a transport "
-    "error and ends INTERNAL; expected INVALID_ARGUMENT before any work"
-)
-BUG_SYNC_PIECES_HANG = (
-    "bug: SyncPieces naming a piece past the end of a task still downloading waits until the whole task "
-    "finishes (or no progress for pieceTimeout); expected OUT_OF_RANGE at once, the piece count is known"
+BUG_DURATION_ROUNDING = (
+    "bug: a ttl or download.timeout a few nanoseconds past 100 years (e.g. 3153600000 s + 1 ns) is accepted: "
+    "duration_seconds compares float seconds (ToNanoseconds() / 1e9), which round up to 256 ns down to the limit; "
+    "expected INVALID_ARGUMENT (compare integer nanoseconds)"
 )
 
 
@@ -253,13 +251,20 @@ def describe(request: object) -> str:
 def expect(
     outcome: Outcome, rpc: Rpc, allowed: Iterable[grpc.StatusCode], request: object, *, fixed: bool = False
 ) -> None:
-    """Count the call and judge its status; an RPC that refuses everything must refuse this too, alike."""
+    """Count the call and judge its status; an RPC that refuses everything must refuse this too, alike.
+
+    ``fixed``: the status does not depend on the RPC's implementation (undecodable bytes), ``allowed`` is exact.
+    """
     CASES[rpc.path] += 1
+    if rpc.path in ENDLESS_STREAMS and outcome.code is Code.DEADLINE_EXCEEDED and outcome.responses:
+        outcome = replace(outcome, code=Code.OK, details="")  # the stream was still going: the caller left
+    if currently_in_test_context():
+        event(f"{rpc.method.name}: {outcome.code.name}")  # shown by --hypothesis-show-statistics
     blanket = rpc.blanket_answer
     codes = frozenset(allowed)
     if blanket is Code.UNIMPLEMENTED and not fixed:
         codes = frozenset({blanket})
-    elif blanket is not None:
+    elif blanket is not None and not fixed:
         codes |= {blanket}  # a disabled RPC may still say what is wrong with the input first
     shown = describe(request)
     assert outcome.code is not Code.UNKNOWN, f"{rpc.path} raised an uncaught exception for {shown}: {outcome.details}"
@@ -271,6 +276,12 @@ def expect(
     )
     if outcome.code is not Code.OK:
         assert outcome.details.strip(), f"{rpc.path} answered {outcome.code.name} without saying why to {shown}"
+        assert outcome.details == " ".join(outcome.details.split()), (
+            f"{rpc.path} answered details that are not one line to {shown}: {outcome.details[:200]!r}"
+        )
+        assert len(outcome.details) <= MAX_DETAILS, (
+            f"{rpc.path} answered {len(outcome.details)} characters of details to {shown}"
+        )
 
 
 # --------------------------------------------------------------------------- the processes
@@ -301,9 +312,11 @@ class Env:
         return self.sandbox / "never-created.txt"
 
     def call(
-        self, path: str, request: Message | bytes | Sequence[Message | bytes], timeout: float = CALL_TIMEOUT
+        self, path: str, request: Message | bytes | Sequence[Message | bytes], timeout: float | None = None
     ) -> Outcome:
         """Send raw bytes (serializing messages first) so that any payload reaches the server."""
+        if timeout is None:
+            timeout = ENDLESS_STREAM_TIMEOUT if path in ENDLESS_STREAMS else CALL_TIMEOUT
         rpc = rpc_at(path)
         channel = self.channels[rpc.transport]
         started = time.monotonic()
@@ -370,6 +383,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         "empty.bin": b"",
         "slow.bin": os.urandom(6000),
         "other.bin": os.urandom(3000),
+        "big.bin": os.urandom(8 * 1024 * 1024),  # more than gRPC's flow control lets through unread
     }
     origin_root = root / "origin" / "files"
     origin_root.mkdir(parents=True)
@@ -536,8 +550,6 @@ def task_id_expectation(env: Env, case: TaskIdCase, task_id: str) -> frozenset[g
 
 
 def run_task_id_case(env: Env, case: TaskIdCase, task_id: str) -> None:
-    if case.path.startswith(SCHEDULER) and not fs.echo_safe(task_id):
-        return  # the stub repeats the id in its answer: test_long_input_echoed_in_errors covers that
     task_id = resolve(env, task_id)
     request = case.build(task_id)
     expect(env.call(case.path, request), rpc_at(case.path), task_id_expectation(env, case, task_id), request)
@@ -573,12 +585,7 @@ def check_piece_numbers(env: Env, single: int, interested: list[int]) -> None:
 
     request = dfdaemon_pb2.DownloadPieceRequest(host_id="fuzz", task_id=task, piece_number=single)
     outcome = env.call(UPLOAD + "DownloadPiece", request)
-    expect(
-        outcome,
-        rpc_at(UPLOAD + "DownloadPiece"),
-        {Code.OK} if single < count else {Code.NOT_FOUND, Code.OUT_OF_RANGE},
-        request,
-    )
+    expect(outcome, rpc_at(UPLOAD + "DownloadPiece"), {Code.OK} if single < count else {Code.NOT_FOUND}, request)
     if outcome.code is Code.OK:
         answer = dfdaemon_pb2.DownloadPieceResponse.FromString(outcome.responses[0])
         offset = single * SMALL_PIECE_LENGTH
@@ -590,7 +597,7 @@ def check_piece_numbers(env: Env, single: int, interested: list[int]) -> None:
     sync = dfdaemon_pb2.SyncPiecesRequest(host_id="fuzz", task_id=task, interested_piece_numbers=interested)
     outcome = env.call(UPLOAD + "SyncPieces", sync)
     past_end = any(number >= count for number in interested)
-    expect(outcome, rpc_at(UPLOAD + "SyncPieces"), {Code.OK, Code.OUT_OF_RANGE} if past_end else {Code.OK}, sync)
+    expect(outcome, rpc_at(UPLOAD + "SyncPieces"), {Code.OUT_OF_RANGE} if past_end else {Code.OK}, sync)
     if outcome.code is Code.OK:
         numbers = sorted(dfdaemon_pb2.SyncPiecesResponse.FromString(raw).number for raw in outcome.responses)
         wanted = set(interested) if interested else set(range(count))
@@ -610,11 +617,11 @@ def test_fuzzed_piece_numbers(env: Env, single: int, interested: list[int]) -> N
     check_piece_numbers(env, single, interested)
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_SYNC_PIECES_HANG)
 def test_sync_pieces_past_the_end_of_a_task_in_progress(env: Env) -> None:
+    """The piece count is known once the download has started: a piece past it is OUT_OF_RANGE at once."""
     env.origin.fault("slow.bin", delay=1)  # every origin request for it waits a second: about 7 s in all
     download = common_pb2.Download(
-        url=env.origin.url("slow.bin"), piece_length=1000, concurrent_piece_count=1, tag=uuid.uuid4().hex
+        url=env.origin.url("slow.bin"), piece_length=1024, concurrent_piece_count=1, tag=uuid.uuid4().hex
     )
     stream = env.channels["unix"].unary_stream(
         DOWNLOAD + "DownloadTask",
@@ -626,7 +633,12 @@ def test_sync_pieces_past_the_end_of_a_task_in_progress(env: Env) -> None:
         task_id = next(iter(call)).task_id
         request = dfdaemon_pb2.SyncPiecesRequest(host_id="fuzz", task_id=task_id, interested_piece_numbers=[fs.U32_MAX])
         outcome = env.call(UPLOAD + "SyncPieces", request, timeout=3.0)
-        expect(outcome, rpc_at(UPLOAD + "SyncPieces"), {Code.OUT_OF_RANGE, Code.INVALID_ARGUMENT, Code.OK}, request)
+        expect(outcome, rpc_at(UPLOAD + "SyncPieces"), {Code.OUT_OF_RANGE}, request)
+        stat_request = dfdaemon_pb2.StatLocalTaskRequest(task_id=task_id)
+        answer = dfdaemon_pb2.StatLocalTaskResponse.FromString(
+            env.must(DOWNLOAD + "StatLocalTask", stat_request).responses[0]
+        )
+        assert not answer.HasField("finished_at"), "the task finished already: the case tested nothing"
     finally:
         call.cancel()
         env.origin.fault("slow.bin")
@@ -640,7 +652,7 @@ def parse_digest(text: str) -> tuple[str, str] | None:
     crc = re.fullmatch(r"crc32:(0|[1-9][0-9]{0,9})", text)
     if crc and int(crc.group(1)) <= fs.U32_MAX:
         return "crc32", crc.group(1)
-    sha = re.fullmatch(r"(sha256|sha512):([0-9a-fA-PRECONDITION]+)", text)
+    sha = re.fullmatch(r"(sha256|sha512):([0-9a-fA-F]+)", text)
     if sha and len(sha.group(2)) == {"sha256": 64, "sha512": 128}[sha.group(1)]:
         return sha.group(1), sha.group(2).lower()
     return None
@@ -651,14 +663,26 @@ def digest_of(algorithm: str, data: bytes) -> str:
 
 
 def resolve_digest(plan: fs.DownloadPlan, content: bytes | None) -> str | None:
+    """The digest a plan names; "right-*" digests cover the whole file, "range-sha256" only the range asked for."""
     data = content if content is not None else b"no such content"
     if plan.digest == "right-sha256":
         return "sha256:" + hashlib.sha256(data).hexdigest()
+    if plan.digest == "right-sha256-upper-case":
+        return "sha256:" + hashlib.sha256(data).hexdigest().upper()
+    if plan.digest == "right-sha512":
+        return "sha512:" + hashlib.sha512(data).hexdigest()
     if plan.digest == "right-crc32":
         return f"crc32:{zlib.crc32(data)}"
     if plan.digest == "wrong-sha256":
         return "sha256:" + hashlib.sha256(data + b"!").hexdigest()
+    if plan.digest == "range-sha256":
+        start, length = plan.byte_range or (0, len(data))
+        return "sha256:" + hashlib.sha256(data[start : start + length]).hexdigest()
     return plan.digest
+
+
+# Output kinds the daemon refuses before any work (INVALID_ARGUMENT): not absolute, NUL, too long.
+INVALID_OUTPUTS = frozenset({"relative", "empty", "nul-byte", "long-name", "long-name-multibyte", "long-path"})
 
 
 def resolve_output(env: Env, plan: fs.DownloadPlan) -> tuple[str | None, Path | None]:
@@ -669,6 +693,9 @@ def resolve_output(env: Env, plan: fs.DownloadPlan) -> tuple[str | None, Path | 
         return f"fuzz-relative-output-{uuid.uuid4().hex}", None
     if plan.output == "empty":
         return "", None
+    if plan.output == "os-error":
+        # Every check passes (/proc is a directory, the file does not exist); creating a file there fails.
+        return f"/proc/fuzz-output-{uuid.uuid4().hex}", None
     case = env.case_dir()
     names = {
         "new": "new.out",
@@ -680,17 +707,19 @@ def resolve_output(env: Env, plan: fs.DownloadPlan) -> tuple[str | None, Path | 
         "parent-is-file": "existing/x.out",
         "dotdot-inside": "directory/../dotdot.out",
         "nul-byte": "nul\x00byte.out",
-        "long-name": "n" * 300,
+        "long-name": "n" * 256,
+        "long-name-multibyte": "\u00e9" * 128,
+        "long-path": "/".join(["p" * 200] * 21) + "/x.out",
+        "name-236": "n" * 236,
+        "name-237": "n" * 237,
+        "name-255": "n" * 255,
     }
     return f"{case}/{names[plan.output]}", case
 
 
 def build_download(env: Env, plan: fs.DownloadPlan, output: str | None) -> common_pb2.Download:
-    url = env.origin.url(plan.target) if plan.target else plan.url.replace("{origin}", env.origin.address)
-    if plan.target and plan.query is not None:
-        url += "?" + plan.query
     download = common_pb2.Download(
-        url=url,
+        url=plan_url(env, plan),
         type=common_pb2.TaskType.ValueType(plan.task_type),
         priority=common_pb2.Priority.ValueType(plan.priority),
         request_header=plan.headers,
@@ -709,7 +738,7 @@ def build_download(env: Env, plan: fs.DownloadPlan, output: str | None) -> commo
             setattr(download, name, value)
     if plan.content_for_task_id is not None:
         # The id then ignores the URL: keep one id per URL so no case is served another file's bytes.
-        download.content_for_calculating_task_id = f"{url}|{plan.content_for_task_id}"
+        download.content_for_calculating_task_id = f"{download.url}|{plan.content_for_task_id}"
     digest = resolve_digest(plan, env.files.get(plan.target))
     if digest is not None:
         download.digest = digest
@@ -718,7 +747,7 @@ def build_download(env: Env, plan: fs.DownloadPlan, output: str | None) -> commo
     if plan.byte_range is not None:
         download.range.CopyFrom(common_pb2.Range(start=plan.byte_range[0], length=plan.byte_range[1]))
     if plan.timeout is not None:
-        download.timeout.CopyFrom(Duration(seconds=plan.timeout[0], nanos=plan.timeout[1]))
+        download.timeout.CopyFrom(duration(plan.timeout))
     if plan.concurrent_piece_count is not None:
         download.concurrent_piece_count = plan.concurrent_piece_count
     if output is not None:
@@ -726,55 +755,84 @@ def build_download(env: Env, plan: fs.DownloadPlan, output: str | None) -> commo
     return download
 
 
-def timeout_nanos(plan: fs.DownloadPlan) -> int | None:
-    return None if plan.timeout is None else plan.timeout[0] * 10**9 + plan.timeout[1]
+def plan_url(env: Env, plan: fs.DownloadPlan) -> str:
+    url = env.origin.url(plan.target) if plan.target else plan.url.replace("{origin}", env.origin.address)
+    if plan.target and plan.query is not None:
+        url += "?" + plan.query
+    return url
 
 
-def expected_download(env: Env, plan: fs.DownloadPlan, digest: str | None) -> frozenset[grpc.StatusCode]:
+def url_refused(url: str) -> bool:
+    """Whether DownloadTask refuses a URL before any work: empty, spaces or control characters, no http(s)
+    scheme, no host, or nothing the HTTP client can parse."""
+    if not url or any(ord(ch) <= 0x20 or ord(ch) == 0x7F for ch in url):
+        return True
+    try:
+        parts = urlsplit(url)
+        if parts.scheme.lower() not in {"http", "https"} or not parts.hostname:
+            return True
+        httpx.URL(url)
+    except (ValueError, httpx.InvalidURL):
+        return True
+    return False
+
+
+def stays_on_this_machine(url: str) -> bool:
+    """Refused up front, or aimed at a loopback address (by both parsers): fuzzing must not test the network."""
+    if url_refused(url):
+        return True
+    try:
+        hosts = {urlsplit(url).hostname or "", httpx.URL(url).host}
+        return all(ipaddress.ip_address(host.strip("[]")).is_loopback for host in hosts)
+    except (ValueError, httpx.InvalidURL):
+        return False
+
+
+def expected_download(env: Env, plan: fs.DownloadPlan, download: common_pb2.Download) -> frozenset[grpc.StatusCode]:
     """The statuses a download plan deserves: the refusals it earns, else what the origin makes of it."""
+    digest = download.digest if download.HasField("digest") else None
     refusals: set[grpc.StatusCode] = set()
-    nanos = timeout_nanos(plan)
-    if nanos is not None and nanos <= 0:
-        refusals.add(Code.INVALID_ARGUMENT)
-    url_unknown = not plan.target and plan.url not in fs.REFUSED_URLS
-    if not plan.target and not url_unknown:
-        refusals.add(Code.INVALID_ARGUMENT)
+    if plan.timeout is not None and not fs.duration_valid(plan.timeout):
+        refusals.add(INVALID)
+    url_unknown = False  # a URL not refused up front that is not the origin's: the task id or the fetch may fail
+    if not plan.target:
+        if plan.url in fs.REFUSED_URLS or url_refused(download.url):
+            refusals.add(INVALID)
+        else:
+            url_unknown = True
     if plan.byte_range is not None and plan.byte_range[1] == 0:
-        refusals.add(Code.FAILED_PRECONDITION)
+        refusals.add(PRECONDITION)
     if digest is not None and parse_digest(digest) is None:
-        refusals.add(Code.INVALID_ARGUMENT)
-    if plan.piece_length == 0:
-        refusals.add(Code.INVALID_ARGUMENT)
-    if plan.output in {"relative", "empty"}:
-        refusals.add(Code.INVALID_ARGUMENT)
+        refusals.add(INVALID)
+    if plan.piece_length is not None and not fs.piece_length_valid(plan.piece_length):
+        refusals.add(INVALID)
+    if any(fs.header_refused(name, value) for name, value in plan.headers.items()):
+        refusals.add(INVALID)
+    if plan.output in INVALID_OUTPUTS:
+        refusals.add(INVALID)
     if plan.output in {"missing-dir", "directory", "parent-is-file"}:
-        refusals.add(Code.FAILED_PRECONDITION)
+        refusals.add(PRECONDITION)
     if plan.output in {"existing", "symlink-outside", "dangling-symlink-outside"} and not plan.overwrite:
-        refusals.add(Code.FAILED_PRECONDITION)
+        refusals.add(PRECONDITION)
     if refusals:
-        return frozenset(refusals | ({Code.INVALID_ARGUMENT} if url_unknown else set()))
+        return frozenset(refusals | ({INVALID} if url_unknown else set()))
 
     allowed: set[grpc.StatusCode]
     content = env.files.get(plan.target)
+    parsed = parse_digest(digest) if digest is not None else None
     if url_unknown:
-        allowed = {Code.INVALID_ARGUMENT, Code.INTERNAL}
+        allowed = {INVALID, Code.INTERNAL}
     elif content is None:
         allowed = {Code.INTERNAL}  # the origin answers 404
     elif plan.byte_range is not None and sum(plan.byte_range) > len(content):
-        allowed = {Code.FAILED_PRECONDITION}
-    elif plan.output == "nul-byte":
-        allowed = {Code.INVALID_ARGUMENT}
+        allowed = {PRECONDITION}
+    elif parsed is not None and digest_of(parsed[0], content) != parsed[1]:
+        allowed = {PRECONDITION}  # the digest covers the whole file, with or without a range or an output
+    elif plan.output == "os-error":
+        allowed = {PRECONDITION}
     else:
         allowed = {Code.OK}
-        parsed = parse_digest(digest) if digest is not None else None
-        if parsed is not None:
-            start, length = plan.byte_range or (0, len(content))
-            written = content[start : start + length]
-            if plan.byte_range is not None:
-                allowed.add(Code.FAILED_PRECONDITION)  # whole-task or range digest: PROTOCOL.md leaves it open
-            elif digest_of(parsed[0], written) != parsed[1]:
-                # Checked only against an output file today (BUG_DIGEST_IGNORED has the xfail case).
-                allowed = {Code.FAILED_PRECONDITION} if plan.output else {Code.OK, Code.FAILED_PRECONDITION}
+    nanos = timeout_nanos(plan)
     if nanos is not None and nanos < 2 * 10**9:
         allowed.add(Code.DEADLINE_EXCEEDED)  # the caller's own timeout, reported by the daemon
     if plan.disable_back_to_source:
@@ -782,8 +840,12 @@ def expected_download(env: Env, plan: fs.DownloadPlan, digest: str | None) -> fr
     if any(len(value) > 60_000 for value in plan.headers.values()):
         allowed.add(Code.INTERNAL)  # the origin refuses a 64 KiB header line (431)
     if plan.task_type not in range(4) or plan.priority not in range(7):
-        allowed.add(Code.INVALID_ARGUMENT)  # refusing unknown enum values is fine too
+        allowed.add(INVALID)  # refusing unknown enum values is fine too
     return frozenset(allowed)
+
+
+def timeout_nanos(plan: fs.DownloadPlan) -> int | None:
+    return None if plan.timeout is None else fs.duration_nanos(plan.timeout)
 
 
 def check_download_stream(env: Env, plan: fs.DownloadPlan, outcome: Outcome) -> None:
@@ -823,8 +885,7 @@ def run_download_plan(
     download = build_download(env, plan, output)
     if output:
         env.requested.add(Path(os.path.normpath(output)))
-    digest = download.digest if download.HasField("digest") else None
-    allowed = frozenset(expected) if expected is not None else expected_download(env, plan, digest)
+    allowed = frozenset(expected) if expected is not None else expected_download(env, plan, download)
     if path.startswith(UPLOAD):
         # Callers over the network may be kept from some origins (the loopback origin here) by policy.
         allowed |= {Code.PERMISSION_DENIED}
@@ -840,7 +901,7 @@ def run_download_plan(
             written = Path(output)
             assert not written.is_symlink(), f"the daemon wrote through or kept a symlink at {output}"
             assert written.read_bytes() == content[start : start + length], f"{output} does not hold the content"
-        if case is not None and output is not None and "\x00" not in output and plan.output != "long-name":
+        if case is not None and output is not None:
             check_case_dir(env, case, output, outcome.code is Code.OK)
     finally:
         if plan.output == "relative" and output:
@@ -854,12 +915,14 @@ def run_download_plan(
 @fuzz(70)
 @given(plan=fs.download_plans())
 def test_fuzzed_download_task(env: Env, plan: fs.DownloadPlan) -> None:
+    assume(stays_on_this_machine(plan_url(env, plan)))
     run_download_plan(env, DOWNLOAD + "DownloadTask", plan)
 
 
 @fuzz(35)
 @given(plan=fs.download_plans(with_output=False))
 def test_fuzzed_download_task_over_tcp(env: Env, plan: fs.DownloadPlan) -> None:
+    assume(stays_on_this_machine(plan_url(env, plan)))
     run_download_plan(env, UPLOAD + "DownloadTask", plan)
 
 
@@ -868,117 +931,152 @@ def unique() -> str:
 
 
 SMALL = fs.DownloadPlan(target="small.bin")
+HUNDRED_YEARS = fs.MAX_DURATION_SECONDS
+
+
+def listed(plan: fs.DownloadPlan, expected: set[grpc.StatusCode], name: str, bug: str | None = None) -> Any:
+    marks = [pytest.mark.xfail(strict=True, reason=bug)] if bug else []
+    return pytest.param(plan, expected, id=name, marks=marks)
+
+
+def mixed_case(name: str) -> str:
+    return "".join(ch.upper() if n % 2 else ch for n, ch in enumerate(name))
+
 
 DOWNLOAD_CASES = [
-    pytest.param(replace(SMALL, byte_range=(0, 0)), {PRECONDITION}, id="range-of-length-0"),
-    pytest.param(replace(SMALL, byte_range=(fs.SMALL_SIZE - 1, 2)), {PRECONDITION}, id="range-past-the-end"),
-    pytest.param(replace(SMALL, byte_range=(fs.SMALL_SIZE, 1)), {PRECONDITION}, id="range-starting-at-the-end"),
-    pytest.param(replace(SMALL, byte_range=(fs.U64_MAX, fs.U64_MAX)), {PRECONDITION}, id="range-u64-max"),
-    pytest.param(fs.DownloadPlan(target="empty.bin", byte_range=(0, 1)), {PRECONDITION}, id="range-of-an-empty-file"),
-    pytest.param(replace(SMALL, byte_range=(10, 20), output="new"), {Code.OK}, id="range-inside"),
+    listed(replace(SMALL, byte_range=(0, 0)), {PRECONDITION}, "range-of-length-0"),
+    listed(replace(SMALL, byte_range=(fs.SMALL_SIZE - 1, 2)), {PRECONDITION}, "range-past-the-end"),
+    listed(replace(SMALL, byte_range=(fs.SMALL_SIZE, 1)), {PRECONDITION}, "range-starting-at-the-end"),
+    listed(replace(SMALL, byte_range=(fs.U64_MAX, fs.U64_MAX)), {PRECONDITION}, "range-u64-max"),
+    listed(fs.DownloadPlan(target="empty.bin", byte_range=(0, 1)), {PRECONDITION}, "range-of-an-empty-file"),
+    listed(replace(SMALL, byte_range=(10, 20), output="new"), {Code.OK}, "range-inside"),
     *(
-        pytest.param(fs.DownloadPlan(target="", url=url), {INVALID}, id=f"refused-url-{n}")
+        listed(fs.DownloadPlan(target="", url=url), {INVALID}, f"refused-url-{n}")
         for n, url in enumerate(fs.REFUSED_URLS)
     ),
-    *(
-        pytest.param(
-            fs.DownloadPlan(target="", url=url),
-            {INVALID},
-            id=f"url-with-control-characters-{n}",
-            marks=pytest.mark.xfail(strict=True, reason=BUG_URL_CONTROL_CHARACTERS),
-        )
-        for n, url in enumerate(fs.CONTROL_CHARACTER_URLS)
-    ),
-    pytest.param(fs.DownloadPlan(target="", url="http://127.0.0.1:1/closed"), {Code.INTERNAL}, id="closed-port"),
-    pytest.param(fs.DownloadPlan(target="missing.bin"), {Code.INTERNAL}, id="origin-404"),
-    pytest.param(
-        replace(SMALL, tag=unique(), headers={"X-Huge": "v" * 64 * 1024}), {Code.INTERNAL, Code.OK}, id="header-64k"
-    ),
-    pytest.param(
-        replace(SMALL, tag=unique(), piece_length=1024, headers={"Range": "bytes=1-"}, output="new"),
-        {Code.OK, INVALID},
-        id="header-Range-is-overridden",
-    ),
-    pytest.param(replace(SMALL, task_type=99), {Code.OK, INVALID}, id="unknown-task-type"),
-    pytest.param(replace(SMALL, task_type=fs.I32_MIN), {Code.OK, INVALID}, id="negative-task-type"),
-    pytest.param(replace(SMALL, priority=-5), {Code.OK, INVALID}, id="unknown-priority"),
-    pytest.param(replace(SMALL, output="relative"), {INVALID}, id="output-relative"),
-    pytest.param(replace(SMALL, output="empty"), {INVALID}, id="output-empty"),
-    pytest.param(replace(SMALL, output="missing-dir"), {PRECONDITION}, id="output-in-a-missing-directory"),
-    pytest.param(replace(SMALL, output="parent-is-file"), {PRECONDITION}, id="output-under-a-file"),
-    pytest.param(replace(SMALL, output="existing"), {PRECONDITION}, id="output-existing-file"),
-    pytest.param(replace(SMALL, output="existing", overwrite=True), {Code.OK}, id="output-existing-file-overwrite"),
-    pytest.param(replace(SMALL, output="directory"), {PRECONDITION}, id="output-directory"),
-    pytest.param(replace(SMALL, output="directory", overwrite=True), {PRECONDITION}, id="output-directory-overwrite"),
-    pytest.param(replace(SMALL, output="symlink-outside"), {PRECONDITION}, id="output-symlink-outside"),
-    pytest.param(
-        replace(SMALL, output="symlink-outside", overwrite=True), {Code.OK}, id="output-symlink-outside-overwrite"
-    ),
-    pytest.param(
+    listed(fs.DownloadPlan(target="", url="http://127.0.0.1:1/closed"), {Code.INTERNAL}, "closed-port"),
+    listed(fs.DownloadPlan(target="missing.bin"), {Code.INTERNAL}, "origin-404"),
+    listed(replace(SMALL, tag=unique(), headers={"X-Huge": "v" * 64 * 1024}), {Code.INTERNAL, Code.OK}, "header-64k"),
+    listed(replace(SMALL, task_type=99), {Code.OK, INVALID}, "unknown-task-type"),
+    listed(replace(SMALL, task_type=fs.I32_MIN), {Code.OK, INVALID}, "negative-task-type"),
+    listed(replace(SMALL, priority=-5), {Code.OK, INVALID}, "unknown-priority"),
+    # output_path
+    listed(replace(SMALL, output="relative"), {INVALID}, "output-relative"),
+    listed(replace(SMALL, output="empty"), {INVALID}, "output-empty"),
+    listed(replace(SMALL, output="missing-dir"), {PRECONDITION}, "output-in-a-missing-directory"),
+    listed(replace(SMALL, output="parent-is-file"), {PRECONDITION}, "output-under-a-file"),
+    listed(replace(SMALL, output="existing"), {PRECONDITION}, "output-existing-file"),
+    listed(replace(SMALL, output="existing", overwrite=True), {Code.OK}, "output-existing-file-overwrite"),
+    listed(replace(SMALL, output="directory"), {PRECONDITION}, "output-directory"),
+    listed(replace(SMALL, output="directory", overwrite=True), {PRECONDITION}, "output-directory-overwrite"),
+    listed(replace(SMALL, output="symlink-outside"), {PRECONDITION}, "output-symlink-outside"),
+    listed(replace(SMALL, output="symlink-outside", overwrite=True), {Code.OK}, "output-symlink-outside-overwrite"),
+    listed(
         replace(SMALL, output="dangling-symlink-outside", overwrite=True),
         {Code.OK},
-        id="output-dangling-symlink-outside-overwrite",
+        "output-dangling-symlink-outside-overwrite",
     ),
-    pytest.param(replace(SMALL, output="dotdot-inside"), {Code.OK}, id="output-with-dotdot"),
-    pytest.param(replace(SMALL, output="nul-byte"), {INVALID}, id="output-with-nul"),
-    pytest.param(replace(SMALL, timeout=(-1, 0)), {INVALID}, id="timeout-negative"),
-    pytest.param(replace(SMALL, timeout=(0, 0)), {INVALID}, id="timeout-zero"),
-    pytest.param(replace(SMALL, tag=unique(), timeout=(0, 1)), {Code.DEADLINE_EXCEEDED}, id="timeout-1ns"),
-    pytest.param(replace(SMALL, timeout=(fs.I64_MAX, 0)), {Code.OK}, id="timeout-huge"),
-    pytest.param(replace(SMALL, piece_length=0), {INVALID}, id="piece-length-0"),
-    pytest.param(replace(SMALL, tag=unique(), piece_length=fs.I64_MAX), {Code.OK}, id="piece-length-i64-max"),
-    pytest.param(replace(SMALL, digest="md5:0"), {INVALID}, id="digest-md5"),
-    pytest.param(replace(SMALL, digest="right-sha256", output="new"), {Code.OK}, id="digest-right"),
-    pytest.param(replace(SMALL, digest="wrong-sha256", output="new"), {PRECONDITION}, id="digest-wrong-with-output"),
-    pytest.param(
-        replace(SMALL, tag=unique(), digest="wrong-sha256"),
+    listed(replace(SMALL, output="dotdot-inside"), {Code.OK}, "output-with-dotdot"),
+    listed(replace(SMALL, output="nul-byte"), {INVALID}, "output-with-nul"),
+    listed(replace(SMALL, tag=unique(), output="long-name"), {INVALID}, "output-name-of-256-bytes"),
+    listed(replace(SMALL, tag=unique(), output="long-name-multibyte"), {INVALID}, "output-name-of-128-2-byte-chars"),
+    listed(replace(SMALL, tag=unique(), output="long-path"), {INVALID}, "output-path-of-4k"),
+    listed(replace(SMALL, output="name-236"), {Code.OK}, "output-name-of-236-bytes"),
+    listed(replace(SMALL, output="name-237"), {Code.OK}, "output-name-of-237-bytes", BUG_OUTPUT_NAME_NEAR_NAME_MAX),
+    listed(replace(SMALL, output="name-255"), {Code.OK}, "output-name-of-255-bytes", BUG_OUTPUT_NAME_NEAR_NAME_MAX),
+    listed(replace(SMALL, output="os-error"), {PRECONDITION}, "output-the-os-refuses"),
+    listed(replace(SMALL, output="os-error", overwrite=True), {PRECONDITION}, "output-the-os-refuses-overwrite"),
+    listed(
+        replace(SMALL, output="os-error", force_hard_link=True, byte_range=(1, 2)),
         {PRECONDITION},
-        id="digest-wrong-without-output",
-        marks=pytest.mark.xfail(strict=True, reason=BUG_DIGEST_IGNORED),
+        "output-the-os-refuses-range-copied",
     ),
-    pytest.param(
-        replace(SMALL, tag=unique(), piece_length=2**63),
-        {INVALID},
-        id="piece-length-2**63",
-        marks=pytest.mark.xfail(strict=True, reason=BUG_PIECE_LENGTH_OVERFLOW),
+    listed(
+        replace(SMALL, output="os-error", force_hard_link=True),
+        {PRECONDITION},
+        "output-the-os-refuses-forced-hard-link",
+        BUG_FORCED_HARD_LINK_STATUS,
     ),
-    pytest.param(
-        replace(SMALL, tag=unique(), piece_length=fs.U64_MAX),
-        {INVALID},
-        id="piece-length-u64-max",
-        marks=pytest.mark.xfail(strict=True, reason=BUG_PIECE_LENGTH_OVERFLOW),
+    # timeout
+    listed(replace(SMALL, timeout=(-1, 0)), {INVALID}, "timeout-negative"),
+    listed(replace(SMALL, timeout=(0, 0)), {INVALID}, "timeout-zero"),
+    listed(
+        replace(SMALL, tag=unique(), timeout=(1, -fs.NANOS_MAX)), {Code.DEADLINE_EXCEEDED}, "timeout-1ns-mixed-signs"
     ),
-    pytest.param(
-        replace(SMALL, tag=unique(), headers={"Content-Length": "5"}),
-        {INVALID},
-        id="header-content-length",
-        marks=pytest.mark.xfail(strict=True, reason=BUG_FRAMING_HEADER),
+    listed(replace(SMALL, tag=unique(), timeout=(0, 1)), {Code.DEADLINE_EXCEEDED}, "timeout-1ns"),
+    listed(replace(SMALL, timeout=(HUNDRED_YEARS, 0)), {Code.OK}, "timeout-100-years"),
+    listed(replace(SMALL, timeout=(HUNDRED_YEARS, 1000)), {INVALID}, "timeout-100-years-and-1us"),
+    listed(replace(SMALL, timeout=(HUNDRED_YEARS + 1, 0)), {INVALID}, "timeout-100-years-and-1s"),
+    listed(replace(SMALL, timeout=(fs.DURATION_MAX_SECONDS, 0)), {INVALID}, "timeout-duration-max"),
+    listed(replace(SMALL, timeout=(fs.I64_MAX, 0)), {INVALID}, "timeout-i64-max"),
+    listed(replace(SMALL, timeout=(HUNDRED_YEARS, 1)), {INVALID}, "timeout-100-years-and-1ns", BUG_DURATION_ROUNDING),
+    # piece_length
+    listed(replace(SMALL, piece_length=0), {INVALID}, "piece-length-0"),
+    listed(replace(SMALL, piece_length=1), {INVALID}, "piece-length-1"),
+    listed(replace(SMALL, piece_length=fs.MIN_PIECE_LENGTH - 1), {INVALID}, "piece-length-1023"),
+    listed(replace(SMALL, tag=unique(), piece_length=fs.MIN_PIECE_LENGTH), {Code.OK}, "piece-length-1024"),
+    listed(replace(SMALL, tag=unique(), piece_length=fs.MAX_PIECE_LENGTH), {Code.OK}, "piece-length-1-gib"),
+    listed(replace(SMALL, piece_length=fs.MAX_PIECE_LENGTH + 1), {INVALID}, "piece-length-1-gib-and-1"),
+    listed(replace(SMALL, piece_length=fs.I64_MAX), {INVALID}, "piece-length-i64-max"),
+    listed(replace(SMALL, piece_length=2**63), {INVALID}, "piece-length-2**63"),
+    listed(replace(SMALL, piece_length=fs.U64_MAX), {INVALID}, "piece-length-u64-max"),
+    # digest
+    listed(replace(SMALL, digest="md5:0"), {INVALID}, "digest-md5"),
+    listed(replace(SMALL, digest="right-sha256", output="new"), {Code.OK}, "digest-right"),
+    listed(replace(SMALL, digest="right-sha512"), {Code.OK}, "digest-right-sha512"),
+    listed(replace(SMALL, digest="right-crc32"), {Code.OK}, "digest-right-crc32"),
+    listed(replace(SMALL, digest="right-sha256-upper-case"), {Code.OK}, "digest-right-upper-case"),
+    listed(replace(SMALL, digest="wrong-sha256", output="new"), {PRECONDITION}, "digest-wrong-with-output"),
+    listed(replace(SMALL, tag=unique(), digest="wrong-sha256"), {PRECONDITION}, "digest-wrong-without-output"),
+    listed(replace(SMALL, digest="wrong-sha256"), {PRECONDITION}, "digest-wrong-cached"),
+    listed(replace(SMALL, tag=unique(), digest="right-sha256", byte_range=(10, 20)), {Code.OK}, "digest-right-range"),
+    listed(
+        replace(SMALL, tag=unique(), digest="range-sha256", byte_range=(10, 20), output="new"),
+        {PRECONDITION},
+        "digest-of-the-range-only",
     ),
+    listed(replace(SMALL, digest="wrong-sha256", byte_range=(10, 20)), {PRECONDITION}, "digest-wrong-range"),
+    listed(fs.DownloadPlan(target="empty.bin", digest="crc32:0"), {Code.OK}, "digest-of-an-empty-file"),
+    listed(fs.DownloadPlan(target="empty.bin", digest="wrong-sha256"), {PRECONDITION}, "digest-wrong-empty-file"),
+    # request_header
+    listed(replace(SMALL, tag=unique(), headers={"Content-Length": "5"}), {INVALID}, "header-content-length"),
     *(
-        pytest.param(
-            replace(SMALL, tag=unique(), headers=headers),
-            {INVALID},
-            id=f"header-illegal-{name}",
-            marks=pytest.mark.xfail(strict=True, reason=BUG_ILLEGAL_HEADER),
-        )
+        listed(replace(SMALL, tag=unique(), headers={mixed_case(name): "1"}), {INVALID}, f"header-reserved-{name}")
+        for name in fs.RESERVED_HEADERS
+    ),
+    listed(replace(SMALL, headers={"Range": "bytes=1-"}, output="new"), {INVALID}, "header-Range"),
+    listed(replace(SMALL, headers={"range": "bytes=0-"}, output="new"), {INVALID}, "header-lowercase-range"),
+    *(
+        listed(replace(SMALL, tag=unique(), headers=headers), {INVALID}, f"header-illegal-{name}")
         for name, headers in (
-            ("newline-in-name", {"X-Bad\n": "v"}),
             ("crlf-in-value", {"X-Injected": "v\r\nX-Smuggled: 1"}),
+            ("lf-in-value", {"X-Injected": "\n"}),
             ("nul-in-value", {"X-Nul": "a\x00b"}),
             ("empty-name", {"": "v"}),
+            ("space-in-name", {"X Bad": "v"}),
+            ("colon-in-name", {"X-Bad:": "v"}),
+            ("leading-newline-in-name", {"\nX-Bad": "v"}),
+            ("non-ascii-name", {"X-\u00e9": "v"}),
+            ("one-bad-of-three", {"X-A": "1", "X-B\r": "2", "X-C": "3"}),
         )
     ),
-    pytest.param(
-        replace(SMALL, tag=unique(), piece_length=1024, headers={"range": "bytes=0-"}, output="new"),
-        {Code.OK, INVALID},
-        id="header-lowercase-range-poisons-the-cache",
-        marks=pytest.mark.xfail(strict=True, reason=BUG_RANGE_HEADER),
+    listed(
+        replace(SMALL, tag=unique(), headers={"X-Bad\n": "v"}),
+        {INVALID},
+        "header-newline-after-the-name",
+        BUG_HEADER_NAME_WITH_TRAILING_NEWLINE,
     ),
-    pytest.param(
-        replace(SMALL, tag=unique(), output="long-name"),
-        {INVALID, PRECONDITION},
-        id="output-name-too-long",
-        marks=pytest.mark.xfail(strict=True, reason=BUG_LONG_OUTPUT_NAME),
+    listed(replace(SMALL, tag=unique(), headers={"X-Fuzz": "\x01\x7f a\tb"}), {Code.OK}, "header-value-controls"),
+    listed(replace(SMALL, tag=unique(), headers={"X-Fuzz": ""}), {Code.OK}, "header-value-empty"),
+    listed(replace(SMALL, tag=unique(), headers={"X-Fuzz": "\u00e9"}), {INVALID}, "header-value-non-ascii"),
+    *(
+        listed(replace(SMALL, tag=unique(), headers={"X-Fuzz": value}), {INVALID}, name, BUG_UNSENDABLE_HEADER_VALUE)
+        for name, value in (
+            ("header-value-leading-space", " v"),
+            ("header-value-trailing-tab", "v\t"),
+            ("header-value-vertical-tab", "a\x0bb"),
+            ("header-value-form-feed", "a\x0cb"),
+        )
     ),
 ]
 
@@ -988,46 +1086,180 @@ def test_listed_downloads(env: Env, plan: fs.DownloadPlan, expected: set[grpc.St
     run_download_plan(env, DOWNLOAD + "DownloadTask", plan, expected)
 
 
+@pytest.mark.xfail(strict=True, reason=BUG_UNSENDABLE_HEADER_VALUE)
+def test_non_ascii_header_value_is_refused_for_a_cached_task(env: Env) -> None:
+    """The same header as the case "header-value-non-ascii", for a task the cache already holds."""
+    env.ensure_known()
+    plan = replace(SMALL, piece_length=SMALL_PIECE_LENGTH, headers={"X-Fuzz": "\u00e9"})
+    run_download_plan(env, DOWNLOAD + "DownloadTask", plan, {INVALID})
+
+
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_download_task_over_tcp_writes_no_file(env: Env, overwrite: bool) -> None:
     """Peers on the network may not make the daemon write files (a remote arbitrary file write otherwise)."""
-    for kind in ("new", "existing", "symlink-outside", "dangling-symlink-outside"):
+    for kind in ("new", "existing", "symlink-outside", "dangling-symlink-outside", "os-error"):
         plan = replace(SMALL, output=kind, overwrite=overwrite)
         outcome = run_download_plan(env, UPLOAD + "DownloadTask", plan, {INVALID, PRECONDITION, Code.PERMISSION_DENIED})
         assert outcome.code is not Code.OK
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_BLOB_DIGEST_UNVERIFIED)
-def test_blob_digest_task_id_is_checked_against_the_content(env: Env) -> None:
-    claimed = hashlib.sha256(b"the layer a registry would serve").hexdigest()
-    blob = env.origin.root / "v2" / "fuzz" / "blobs" / f"sha256:{claimed}"
+def number(piece: common_pb2.Piece) -> int:
+    return piece.number
+
+
+def plant_blob(env: Env, registry: str, claimed: str, content: bytes) -> str:
+    """Serve ``content`` from the origin as blob ``sha256:<claimed>`` of a registry; returns its URL."""
+    blob = env.origin.root / "v2" / registry / "blobs" / f"sha256:{claimed}"
     blob.parent.mkdir(parents=True, exist_ok=True)
-    blob.write_bytes(b"other bytes under the layer's name")
+    blob.write_bytes(content)
     env.own.update({blob, blob.parent, blob.parent.parent, blob.parent.parent.parent})
-    download = common_pb2.Download(
-        url=env.origin.url(f"v2/fuzz/blobs/sha256:{claimed}"), enable_task_id_based_blob_digest=True
-    )
-    request = dfdaemon_pb2.DownloadTaskRequest(download=download)
+    return env.origin.url(f"v2/{registry}/blobs/sha256:{claimed}")
+
+
+@pytest.mark.xfail(strict=True, reason=BUG_BLOB_PIECES_REUSED)
+def test_blob_digest_task_is_not_cached_with_other_content(env: Env) -> None:
+    """The task a blob digest names never holds other bytes: the real blob, from another registry, is served."""
+    layer = b"the layer a registry would serve " + unique().encode()
+    claimed = hashlib.sha256(layer).hexdigest()
+    forged = plant_blob(env, "forger", claimed, b"other bytes under the layer's name")
+    genuine = plant_blob(env, "genuine", claimed, layer)
     try:
-        outcome = env.call(DOWNLOAD + "DownloadTask", request)
-        expect(outcome, rpc_at(DOWNLOAD + "DownloadTask"), {PRECONDITION, Code.DATA_LOSS, INVALID}, request)
+        # How this call ends is test_blob_digest_task_id_is_checked_against_the_content's business.
+        forged_download = common_pb2.Download(url=forged, enable_task_id_based_blob_digest=True)
+        env.call(DOWNLOAD + "DownloadTask", dfdaemon_pb2.DownloadTaskRequest(download=forged_download))
+        # That call may end before the job has checked the content: wait for the task's verdict.
         stat_request = dfdaemon_pb2.StatLocalTaskRequest(task_id=claimed)
-        expect(
-            env.call(DOWNLOAD + "StatLocalTask", stat_request),
-            rpc_at(DOWNLOAD + "StatLocalTask"),
-            {Code.NOT_FOUND},
-            stat_request,
-        )
+        deadline = time.monotonic() + 5
+        while True:
+            outcome = env.call(DOWNLOAD + "StatLocalTask", stat_request)
+            expect(outcome, rpc_at(DOWNLOAD + "StatLocalTask"), {Code.OK, Code.NOT_FOUND}, stat_request)
+            if outcome.code is Code.NOT_FOUND:
+                break
+            answer = dfdaemon_pb2.StatLocalTaskResponse.FromString(outcome.responses[0])
+            assert not answer.HasField("finished_at"), "the forged content was cached under the blob's id"
+            if answer.HasField("failed_at"):
+                break
+            assert time.monotonic() < deadline, f"the forged task neither failed nor finished: {answer}"
+            time.sleep(0.05)
+        download = common_pb2.Download(url=genuine, enable_task_id_based_blob_digest=True, need_piece_content=True)
+        request = dfdaemon_pb2.DownloadTaskRequest(download=download)
+        outcome = env.call(DOWNLOAD + "DownloadTask", request)
+        expect(outcome, rpc_at(DOWNLOAD + "DownloadTask"), {Code.OK}, request)
+        responses = [dfdaemon_pb2.DownloadTaskResponse.FromString(raw) for raw in outcome.responses]
+        assert {response.task_id for response in responses} == {claimed}
+        pieces = sorted((response.download_piece_finished_response.piece for response in responses[1:]), key=number)
+        assert b"".join(piece.content for piece in pieces) == layer
     finally:
         env.call(CACHE + "EvictTask", ext_pb2.EvictTaskRequest(task_id=claimed, force=True))
 
 
-LONG = "x" * 20 * 1024  # past grpc's 16 KiB hard limit on metadata once echoed: the failure is certain
+@pytest.mark.xfail(strict=True, reason=BUG_BLOB_DIGEST_UNVERIFIED)
+def test_blob_digest_task_id_is_checked_against_the_content(env: Env) -> None:
+    claimed = hashlib.sha256(b"the layer a registry would serve").hexdigest()
+    url = plant_blob(env, "fuzz", claimed, b"other bytes under the layer's name")
+    plan = fs.DownloadPlan(target="", url=url, blob_digest_ids=True, output="new")
+    try:
+        run_download_plan(env, DOWNLOAD + "DownloadTask", plan, {Code.DATA_LOSS})
+    finally:
+        env.call(CACHE + "EvictTask", ext_pb2.EvictTaskRequest(task_id=claimed, force=True))
+
+
+class _RangeLiar(BaseHTTPRequestHandler):
+    """Answers every ranged GET with 206 and the right number of bytes, but always from the start of the file
+    (saying so in Content-Range), until ``server.honest`` is set."""
+
+    protocol_version = "HTTP/1.1"
+    server: Any
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        body: bytes = self.server.body
+        match = re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers.get("Range", ""))
+        if match is None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        start, end = int(match.group(1)), min(int(match.group(2)), len(body) - 1)
+        if not self.server.honest:
+            start, end = 0, end - start
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {start}-{end}/{len(body)}")
+        self.send_header("Content-Length", str(end - start + 1))
+        self.end_headers()
+        self.wfile.write(body[start : end + 1])
+
+
+def test_a_206_for_another_range_is_an_origin_error(env: Env) -> None:
+    """An origin answering 206 with a Content-Range other than the one asked for fails the download; no wrong
+    piece stays in the cache (the same URL, answered honestly afterwards, gives the real bytes)."""
+    content = env.files["small.bin"]
+    server: Any = ThreadingHTTPServer(("127.0.0.1", 0), _RangeLiar)
+    server.daemon_threads = True
+    server.body, server.honest = content, False
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/liar.bin"
+        download = common_pb2.Download(url=url, piece_length=SMALL_PIECE_LENGTH, need_piece_content=True)
+        request = dfdaemon_pb2.DownloadTaskRequest(download=download)
+        outcome = env.call(DOWNLOAD + "DownloadTask", request)
+        expect(outcome, rpc_at(DOWNLOAD + "DownloadTask"), {Code.INTERNAL}, request)
+        assert "range" in outcome.details.lower(), outcome.details
+        server.honest = True
+        outcome = env.call(DOWNLOAD + "DownloadTask", request)
+        expect(outcome, rpc_at(DOWNLOAD + "DownloadTask"), {Code.OK}, request)
+        responses = [dfdaemon_pb2.DownloadTaskResponse.FromString(raw) for raw in outcome.responses]
+        pieces = sorted((response.download_piece_finished_response.piece for response in responses[1:]), key=number)
+        assert b"".join(piece.content for piece in pieces) == content
+        task_id = responses[0].task_id
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+    env.call(CACHE + "EvictTask", ext_pb2.EvictTaskRequest(task_id=task_id, force=True))
+
+
+@pytest.mark.xfail(strict=True, reason=BUG_TIMEOUT_WHILE_SENDING)
+def test_download_timeout_expiring_while_the_client_reads(env: Env) -> None:
+    """A client that reads slowly: the daemon blocks handing it pieces when its download.timeout passes."""
+    download = common_pb2.Download(
+        url=env.origin.url("big.bin"), piece_length=1024 * 1024, need_piece_content=True, tag=unique()
+    )
+    env.must(DOWNLOAD + "DownloadTask", dfdaemon_pb2.DownloadTaskRequest(download=download))  # cached: no origin
+    download.timeout.CopyFrom(Duration(nanos=500_000_000))
+    request = dfdaemon_pb2.DownloadTaskRequest(download=download)
+    stream = env.channels["unix"].unary_stream(
+        DOWNLOAD + "DownloadTask", request_serializer=_raw, response_deserializer=_raw
+    )
+    deadline, started = 6.0, time.monotonic()
+    responses: list[bytes] = []
+    call = stream(request.SerializeToString(), timeout=deadline)
+    try:
+        responses.append(next(call))
+        time.sleep(2)  # meanwhile the daemon fills gRPC's windows and waits to send more
+        responses.extend(call)
+        outcome = Outcome(Code.OK, "", tuple(responses), time.monotonic() - started, deadline)
+    except grpc.RpcError as error:
+        failed = cast(grpc.Call, error)
+        outcome = Outcome(failed.code(), failed.details() or "", tuple(responses), time.monotonic() - started, deadline)
+    finally:
+        call.cancel()
+    expect(outcome, rpc_at(DOWNLOAD + "DownloadTask"), {Code.DEADLINE_EXCEEDED}, request)
+
+
+LONG = "x" * 20 * 1024  # past grpc's 16 KiB hard limit on metadata, were it echoed in full
 
 
 def long_input_cases() -> list[Any]:
     def announce(**fields: Any) -> list[scheduler_pb2.AnnouncePeerRequest]:
         return [scheduler_pb2.AnnouncePeerRequest(**fields)]
+
+    def download(**fields: Any) -> dfdaemon_pb2.DownloadTaskRequest:
+        return dfdaemon_pb2.DownloadTaskRequest(download=common_pb2.Download(**fields))
 
     register = scheduler_pb2.RegisterPeerRequest()
     started = scheduler_pb2.DownloadPeerStartedRequest()
@@ -1053,21 +1285,29 @@ def long_input_cases() -> list[Any]:
             PRECONDITION,
         ),
         (
+            "scheduler-AnnouncePeer-lines",
+            SCHEDULER + "AnnouncePeer",
+            announce(peer_id="a\nb\r\n\tc" * 2000, download_peer_started_request=started),
+            PRECONDITION,
+        ),
+        (
             "daemon-DownloadTask-ftp-url",
             DOWNLOAD + "DownloadTask",
-            dfdaemon_pb2.DownloadTaskRequest(download=common_pb2.Download(url="ftp://files.invalid/" + LONG)),
+            download(url="ftp://files.invalid/" + LONG),
             INVALID,
         ),
+        ("daemon-DownloadTask-url-with-space", DOWNLOAD + "DownloadTask", download(url="http://a b/" + LONG), INVALID),
+        ("daemon-DownloadTask-digest", DOWNLOAD + "DownloadTask", download(url="http://a/", digest=LONG), INVALID),
         ("daemon-DownloadTask-origin-404", DOWNLOAD + "DownloadTask", "origin-404", Code.INTERNAL),
+        ("daemon-StatLocalTask", DOWNLOAD + "StatLocalTask", dfdaemon_pb2.StatLocalTaskRequest(task_id=LONG), INVALID),
+        ("daemon-Acquire", USE + "Acquire", ext_pb2.AcquireRequest(holder=LONG), INVALID),
     ]
-    return [
-        pytest.param(path, request, code, id=name, marks=pytest.mark.xfail(strict=True, reason=BUG_LONG_INPUT_ECHOED))
-        for name, path, request, code in cases
-    ]
+    return [pytest.param(path, request, code, id=name) for name, path, request, code in cases]
 
 
 @pytest.mark.parametrize(("path", "request_", "code"), long_input_cases())
 def test_long_input_echoed_in_errors(env: Env, path: str, request_: Any, code: grpc.StatusCode) -> None:
+    """Errors quoting a long input keep their status; their details are shortened (``expect`` checks them)."""
     if request_ == "origin-404":
         download = common_pb2.Download(url=env.origin.url("missing-" + LONG))
         request_ = dfdaemon_pb2.DownloadTaskRequest(download=download)
@@ -1104,7 +1344,7 @@ def duration(value: tuple[int, int]) -> Duration:
 
 
 def ttl_refused(ttl: tuple[int, int] | None) -> bool:
-    return ttl is not None and ttl[0] * 10**9 + ttl[1] <= 0
+    return ttl is not None and not fs.duration_valid(ttl)
 
 
 def release_all(env: Env, holder: str) -> None:
@@ -1163,8 +1403,8 @@ USE_RPCS = ["Acquire", "Release", "KeepAlive", "Sync"]
 @fuzz(50)
 @given(
     holder=fs.holders(),
-    refs=st.lists(fs.task_refs(), max_size=4),
-    ttl=st.none() | fs.durations(),
+    refs=fs.task_ref_lists(),
+    ttl=fs.mostly(fs.valid_durations(), fs.durations()),
 )
 def test_fuzzed_use(
     env: Env, rpc_name: str, holder: str, refs: list[fs.TaskRefPlan], ttl: tuple[int, int] | None
@@ -1175,9 +1415,23 @@ def test_fuzzed_use(
 @pytest.mark.parametrize("rpc_name", USE_RPCS)
 def test_listed_use_inputs(env: Env, rpc_name: str) -> None:
     known = [fs.TaskRefPlan("task_id", fs.KNOWN_TASK)]
-    for holder in fs.REFUSED_HOLDERS:
+    for holder in (*fs.REFUSED_HOLDERS, *fs.ACCEPTED_HOLDERS):
         run_use_case(env, rpc_name, holder, known, None)
-    for ttl in ((-1, 0), (0, 0), (0, -1), (fs.I64_MIN, -fs.NANOS_MAX), (1, -fs.NANOS_MAX), (fs.SAFE_TTL_SECONDS, 0)):
+    ttls = [
+        (-1, 0),
+        (0, 0),
+        (0, -1),
+        (fs.I64_MIN, -fs.NANOS_MAX),
+        (1, -fs.NANOS_MAX),
+        (0, 1),
+        (HUNDRED_YEARS, 0),
+        (HUNDRED_YEARS - 1, fs.NANOS_MAX),
+        (HUNDRED_YEARS, 1000),
+        (HUNDRED_YEARS + 1, 0),
+        (fs.DURATION_MAX_SECONDS, 0),
+        (fs.I64_MAX, fs.NANOS_MAX),
+    ]
+    for ttl in ttls:
         run_use_case(env, rpc_name, HOLDER_PREFIX + unique(), known, ttl)
     for refs in ([], [fs.TaskRefPlan("none")], [fs.TaskRefPlan("blob_digest", "sha256:" + "A" * 64)]):
         run_use_case(env, rpc_name, HOLDER_PREFIX + unique(), refs, None)
@@ -1185,39 +1439,48 @@ def test_listed_use_inputs(env: Env, rpc_name: str) -> None:
         run_use_case(env, rpc_name, HOLDER_PREFIX + unique(), [*known, fs.TaskRefPlan("task_id", task_id)], None)
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_CONTROL_HOLDER)
-@pytest.mark.parametrize("holder", fs.UNREFUSED_CONTROL_HOLDERS, ids=["DEL", "NEL", "LINE-SEPARATOR", "RLO"])
-def test_holders_with_control_characters_are_refused(env: Env, holder: str) -> None:
-    request = ext_pb2.AcquireRequest(holder=holder, tasks=[ext_pb2.TaskRef(task_id=env.ensure_known())])
-    try:
-        expect(env.call(USE + "Acquire", request), rpc_at(USE + "Acquire"), {INVALID}, request)
-    finally:
-        env.call(USE + "Sync", ext_pb2.SyncRequest(holder=holder))
-
-
-@pytest.mark.xfail(strict=True, reason=BUG_HUGE_TTL)
 @pytest.mark.parametrize("rpc_name", ["Acquire", "KeepAlive", "Sync"])
-@pytest.mark.parametrize("seconds", [315_576_000_000, fs.I64_MAX], ids=["duration-max", "i64-max"])
-def test_huge_ttls_leave_holds_listable(env: Env, rpc_name: str, seconds: int) -> None:
+@pytest.mark.parametrize(
+    ("seconds", "valid"),
+    [(HUNDRED_YEARS, True), (HUNDRED_YEARS + 1, False), (fs.DURATION_MAX_SECONDS, False), (fs.I64_MAX, False)],
+    ids=["100-years", "100-years-and-1s", "duration-max", "i64-max"],
+)
+def test_long_ttls_leave_holds_listable(env: Env, rpc_name: str, seconds: int, valid: bool) -> None:
+    """Leases up to 100 years are granted and listed (their expiry fits a Timestamp); longer ones are refused."""
     holder = HOLDER_PREFIX + unique()
     ref = ext_pb2.TaskRef(task_id=env.ensure_known())
-    huge = Duration(seconds=seconds)
+    long_ttl = Duration(seconds=seconds)
     request: Message
     if rpc_name == "Acquire":
-        request = ext_pb2.AcquireRequest(holder=holder, tasks=[ref], ttl=huge)
+        request = ext_pb2.AcquireRequest(holder=holder, tasks=[ref], ttl=long_ttl)
     elif rpc_name == "KeepAlive":
         env.must(USE + "Acquire", ext_pb2.AcquireRequest(holder=holder, tasks=[ref], ttl=Duration(seconds=60)))
-        request = ext_pb2.KeepAliveRequest(holder=holder, ttl=huge)
+        request = ext_pb2.KeepAliveRequest(holder=holder, ttl=long_ttl)
     else:
-        request = ext_pb2.SyncRequest(holder=holder, tasks=[ref], ttl=huge)
+        request = ext_pb2.SyncRequest(holder=holder, tasks=[ref], ttl=long_ttl)
     try:
-        expect(env.call(USE + rpc_name, request), rpc_at(USE + rpc_name), {Code.OK, INVALID}, request)
+        expect(env.call(USE + rpc_name, request), rpc_at(USE + rpc_name), {Code.OK} if valid else {INVALID}, request)
         listing = ext_pb2.ListHoldsRequest(holder=holder)
-        expect(env.call(USE + "ListHolds", listing), rpc_at(USE + "ListHolds"), {Code.OK}, listing)
+        outcome = env.call(USE + "ListHolds", listing)
+        expect(outcome, rpc_at(USE + "ListHolds"), {Code.OK}, listing)
+        holds = ext_pb2.ListHoldsResponse.FromString(outcome.responses[0]).holds
+        held = valid or rpc_name == "KeepAlive"  # a refused KeepAlive leaves the 60 s lease as it was
+        assert [hold.task_id for hold in holds] == ([env.known_task] if held else [])
+        if held:
+            lease = holds[0].expires_at.ToSeconds() - holds[0].acquired_at.ToSeconds()
+            assert abs(lease - (seconds if valid else 60)) <= 5, f"a lease of {lease} s"
         references = ext_pb2.GetReferencesRequest(task_id=env.known_task)
         expect(env.call(USE + "GetReferences", references), rpc_at(USE + "GetReferences"), {Code.OK}, references)
     finally:
         env.call(USE + "Sync", ext_pb2.SyncRequest(holder=holder))
+
+
+@pytest.mark.xfail(strict=True, reason=BUG_DURATION_ROUNDING)
+@pytest.mark.parametrize("rpc_name", ["Acquire", "KeepAlive", "Sync"])
+def test_ttl_a_nanosecond_past_100_years_is_refused(env: Env, rpc_name: str) -> None:
+    run_use_case(
+        env, rpc_name, HOLDER_PREFIX + unique(), [fs.TaskRefPlan("task_id", fs.KNOWN_TASK)], (HUNDRED_YEARS, 1)
+    )
 
 
 @fuzz(40)
@@ -1272,7 +1535,12 @@ def test_fuzzed_cache(env: Env, dry_run: bool, limit: int, task_id: str, force: 
 
 # --------------------------------------------------------------------------- scheduler: unary RPCs
 
-scheduler_ids = st.one_of(st.sampled_from(fs.HOSTILE_TEXT), st.text(max_size=24), st.text(max_size=1024))
+scheduler_ids = st.one_of(
+    st.sampled_from(fs.HOSTILE_TEXT),
+    st.text(max_size=24),
+    st.text(max_size=1024),
+    st.sampled_from([LONG, "\u00e9" * 10 * 1024, "line\n" * 4096]),
+)
 
 
 @fuzz(50)
@@ -1282,7 +1550,7 @@ scheduler_ids = st.one_of(st.sampled_from(fs.HOSTILE_TEXT), st.text(max_size=24)
     port=st.integers(fs.I32_MIN, fs.I32_MAX),
     host_type=st.integers(0, fs.U32_MAX),
     hostname=scheduler_ids,
-    interval=st.none() | fs.durations(fs.I64_MAX),
+    interval=st.none() | fs.durations(),
 )
 def test_fuzzed_announce_host(
     env: Env, host_id: str, ip: str, port: int, host_type: int, hostname: str, interval: tuple[int, int] | None
@@ -1633,10 +1901,17 @@ def base_requests(env: Env) -> dict[str, list[Any]]:
     return bases
 
 
+# RPCs whose valid request changes the whole daemon: DeleteHost takes it out of the cluster (no scheduler from then
+# on). They are not probed by the fixture, so that most cases run with the scheduler; their mutations come late.
+NOT_PROBED = frozenset({"/dfdaemon.v2.DfdaemonDownload/DeleteHost"})
+
+
 def learn_blanket_answers(env: Env) -> None:
     """Which RPCs refuse even a valid request, and how (see BLANKET_ANSWERS)."""
     BLANKET_ANSWERS.clear()
     for path, bases in env.bases.items():
+        if path in NOT_PROBED:
+            continue
         outcome = env.call(path, bases[0])
         if outcome.code in {Code.UNIMPLEMENTED, Code.PERMISSION_DENIED}:
             BLANKET_ANSWERS[path] = outcome.code
@@ -1649,46 +1924,16 @@ def decode(rpc: Rpc, raw: bytes) -> Message | None:
         return None
 
 
-def legal_header(name: str, value: str) -> bool:
-    token = re.fullmatch(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", name) is not None
-    framing = name.lower() in {"content-length", "transfer-encoding", "range", "host", "connection", "te"}
-    return token and not framing and re.fullmatch(r"[\x20-\x7e\t]*", value) is not None
-
-
-def loopback_or_refused(url: str) -> bool:
-    """Mutated URLs may go to the origin or be refused, never leave the machine (that would test the network).
-
-    URLs with control characters or surrounding spaces are left to BUG_URL_CONTROL_CHARACTERS's cases.
-    """
-    if url != url.strip() or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in url):
-        return False
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname
-    except ValueError:
-        return True
-    if parts.scheme.lower() not in {"http", "https"} or not host:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def sendable(rpc: Rpc, message: Message) -> bool:
-    """Keep decodable mutations away from the bugs documented by xfail cases (and from the network)."""
+    """Keep decodable mutations away from the network, from writing files anywhere, from the header bugs
+    documented by xfail cases (each costs 1.4 s of retries) and from the hosts the fixture relies on."""
     if isinstance(message, dfdaemon_pb2.DownloadTaskRequest):
         download = message.download
-        piece_length = download.piece_length if download.HasField("piece_length") else None
         return (
-            not download.HasField("output_path")
-            and (piece_length is None or fs.MIN_FUZZ_PIECE_LENGTH <= piece_length <= fs.MAX_SAFE_PIECE_LENGTH)
-            and all(legal_header(name, value) for name, value in download.request_header.items())
-            and loopback_or_refused(download.url)
-            and not download.enable_task_id_based_blob_digest
+            not download.HasField("output_path")  # outputs have their own cases, in directories made for them
+            and not any(fs.header_unsendable(name, value) for name, value in download.request_header.items())
+            and stays_on_this_machine(download.url)
         )
-    if isinstance(message, ext_pb2.AcquireRequest | ext_pb2.KeepAliveRequest | ext_pb2.SyncRequest):
-        return not message.HasField("ttl") or message.ttl.seconds <= fs.SAFE_TTL_SECONDS
     if isinstance(message, scheduler_pb2.AnnounceHostRequest | scheduler_pb2.DeleteHostRequest):
         host_id = message.host.id if isinstance(message, scheduler_pb2.AnnounceHostRequest) else message.host_id
         return host_id not in {FUZZ_HOST, DAEMON_HOST_ID}
@@ -1696,6 +1941,11 @@ def sendable(rpc: Rpc, message: Message) -> bool:
 
 
 def mutated_payload(env: Env, rpc: Rpc, data: st.DataObject, decodable: bool) -> bytes | list[bytes]:
+    """Mutations of the RPC's valid requests: all decodable (and ``sendable``), or not decodable.
+
+    An undecodable stream starts with 0 to 2 valid registrations (answered first), then the undecodable message,
+    then anything: whatever follows, the stream must end INVALID_ARGUMENT.
+    """
     bases = env.bases[rpc.path]
     if not rpc.method.client_streaming:
         strategy = fs.mutated([serialize(base) for base in bases])
@@ -1706,14 +1956,16 @@ def mutated_payload(env: Env, rpc: Rpc, data: st.DataObject, decodable: bool) ->
         assume((message is not None and sendable(rpc, message)) if decodable else message is None)
         return payload
     stream = [serialize(item) for item in bases[0]]
+    if not decodable:
+        registrations = data.draw(st.integers(0, 2), label="registrations")
+        broken = data.draw(st.one_of(st.just(b"\xff"), fs.mutated(stream)), label="undecodable")
+        assume(decode(rpc, broken) is None)
+        rest = data.draw(st.lists(fs.mutated(stream), max_size=3), label="rest")
+        return [stream[0]] * registrations + [broken, *rest]
     chosen = data.draw(st.lists(st.sampled_from(stream), min_size=1, max_size=6), label="messages")
     flips = data.draw(st.lists(st.booleans(), min_size=len(chosen), max_size=len(chosen)), label="mutate")
     messages = [data.draw(fs.mutations(raw)) if flip else raw for raw, flip in zip(chosen, flips, strict=True)]
-    decoded = [decode(rpc, raw) for raw in messages]
-    if decodable:
-        assume(all(message is not None and sendable(rpc, message) for message in decoded))
-    else:
-        assume(any(message is None for message in decoded))
+    assume(all((message := decode(rpc, raw)) is not None and sendable(rpc, message) for raw in messages))
     return messages
 
 
@@ -1750,16 +2002,17 @@ def test_mutated_download_requests(env: Env, path: str, data: st.DataObject) -> 
     expect(env.call(path, payload), rpc, mutation_expectation(rpc), payload)
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_UNDECODABLE)
 @pytest.mark.parametrize("path", sorted(RPCS))
-@fuzz(5, shrink=False)
+@fuzz(8)
 @given(data=st.data())
 def test_undecodable_requests_are_invalid_argument(env: Env, path: str, data: st.DataObject) -> None:
+    """Bytes that are no valid request: INVALID_ARGUMENT on every RPC, even those declared but not served or
+    turned off (the request is refused before the servicer is chosen)."""
     rpc = rpc_at(path)
+    if path == SCHEDULER + "AnnouncePeer":
+        env.announce_fuzz_host()  # the registrations before the undecodable message need the host
     payload = mutated_payload(env, rpc, data, decodable=False)
-    blanket = rpc.blanket_answer
-    allowed = {Code.INVALID_ARGUMENT} | ({blanket} if blanket is not None else set())
-    expect(env.call(path, payload), rpc, allowed, payload, fixed=True)
+    expect(env.call(path, payload), rpc, {INVALID}, payload, fixed=True)
 
 
 # --------------------------------------------------------------------------- the count
