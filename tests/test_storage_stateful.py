@@ -626,13 +626,13 @@ class StorageMachine(RuleBasedStateMachine):
     def collect_dry(self) -> None:
         self._collect(dry=True)
 
-    @rule()
-    def preview_then_collect(self) -> None:
+    @rule(unforeseen=UNFORESEEN)
+    def preview_then_collect(self, unforeseen: int) -> None:
         """A dry run tells what a real run right after it does: the same skips, for the same reasons (lapsed leases
         counted as released when they lapsed by both), the same failed, stale and idle evictions, and the same quota
         evictions, which the real run may only extend (its usage can only have grown, and it re-measures)."""
         preview = self._collect(dry=True)
-        report = self._collect(dry=False)
+        report = self._collect(dry=False, unforeseen=unforeseen)
         assert report.skipped == preview.skipped
         assert [e for e in report.evicted if e.reason != "quota"] == [e for e in preview.evicted if e.reason != "quota"]
         predicted = [e for e in preview.evicted if e.reason == "quota"]

@@ -70,7 +70,9 @@ _RESERVED_HEADERS = {
     "if-range",
     "accept-encoding",
 }
-_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Visible ASCII, with single spaces or tabs inside but none at either end (what an HTTP client sends as is).
+_HEADER_VALUE = re.compile(r"(?:[\x21-\x7e](?:[\x20\x09\x21-\x7e]*[\x21-\x7e])?)?")
 
 
 class InvalidDownload(ValueError):
@@ -284,13 +286,18 @@ class DownloadManager:
             raise SourceNotAllowed("a download requested over the network may not write an output file")
         await self.source_policy.check(request.url, from_network=request.from_network)
         peer_id = ids.peer_id(self.host_ip, self.hostname)
-        async with contextlib.AsyncExitStack() as stack:
-            if request.timeout is not None:
-                await stack.enter_async_context(asyncio.timeout(request.timeout))
-            # From before the first look at the cache until the output is written, the task is in use.
-            await stack.enter_async_context(self.storage.reading(task_id))
+        # The timeout bounds the daemon's own waits, never the hand-over of a response to gRPC (a cancellation
+        # there would look like the client leaving and end the call without a status).
+        deadline = None if request.timeout is None else asyncio.get_running_loop().time() + request.timeout
+
+        def limit() -> asyncio.Timeout:
+            return asyncio.timeout_at(deadline)
+
+        # From before the first look at the cache until the output is written, the task is in use.
+        async with self.storage.reading(task_id):
             job = self._job(task_id, peer_id, request)
-            await self._wait(job, lambda: job.ready)
+            async with limit():
+                await self._wait(job, lambda: job.ready)
             wanted = self._wanted(job, request.range)
             async with job.changed:
                 local = {number for number in job.done if number in {p.number for p in wanted}}
@@ -306,7 +313,8 @@ class DownloadManager:
             )
             remaining = {piece.number for piece in wanted}
             while remaining:
-                await self._wait(job, lambda: bool(remaining & job.done.keys()) or job.finished)
+                async with limit():
+                    await self._wait(job, lambda: bool(remaining & job.done.keys()) or job.finished)
                 for number in sorted(remaining & job.done.keys(), key=lambda n: job.done[n][0].created_at):
                     piece, traffic = job.done[number]
                     remaining.discard(number)
@@ -314,25 +322,29 @@ class DownloadManager:
                         traffic = TrafficType.LOCAL_PEER
                     content = None
                     if request.need_piece_content:
-                        _, content = await self.storage.read_piece(task_id, number)
+                        async with limit():
+                            _, content = await self.storage.read_piece(task_id, number)
                     yield PieceDone(piece, traffic, peer_id, content)
                 if job.finished and remaining - job.done.keys():
                     missing = sorted(remaining - job.done.keys())
                     raise DownloadFailed(f"task {task_id} finished without pieces {missing}")
-            if request.digest is not None:
-                # The digest covers the whole file, so a ranged request waits for the rest of the task too.
-                await self._wait(job, lambda: job.finished)
-                await asyncio.to_thread(_verify_digest, self.storage.content.path(task_id), request.digest)
-            if request.output_path is not None:
-                await asyncio.to_thread(
-                    _write_output,
-                    self.storage.content.path(task_id),
-                    Path(request.output_path),
-                    request.range,
-                    job.content_length,
-                    request.overwrite,
-                    request.force_hard_link,
-                )
+            async with limit():
+                if request.digest is not None or _blob_digest(request) is not None:
+                    # A digest covers the whole file (and a blob's content is checked when the task completes),
+                    # so a ranged request waits for the rest of the task too.
+                    await self._wait(job, lambda: job.finished)
+                if request.digest is not None:
+                    await asyncio.to_thread(_verify_digest, self.storage.content.path(task_id), request.digest)
+                if request.output_path is not None:
+                    await asyncio.to_thread(
+                        _write_output,
+                        self.storage.content.path(task_id),
+                        Path(request.output_path),
+                        request.range,
+                        job.content_length,
+                        request.overwrite,
+                        request.force_hard_link,
+                    )
             await self.storage.touch(task_id)
 
     async def _wait(self, job: TaskJob, predicate: Callable[[], bool]) -> None:
@@ -413,7 +425,12 @@ class DownloadManager:
         if existing is not None and existing.piece_length and existing.content_length == info.content_length:
             piece_length = existing.piece_length
         job.content_length, job.piece_length, job.response_header = info.content_length, piece_length, info.headers
-        stored = {p.number: p for p in await self.storage.pieces(job.task_id)} if existing else {}
+        reusable = (
+            existing is not None
+            and existing.content_length == info.content_length
+            and existing.piece_length == piece_length
+        )
+        stored = {p.number: p for p in await self.storage.pieces(job.task_id)} if reusable else {}
         missing = [p for p in job.pieces if p.number not in stored]
         task_info = TaskInfo(
             url=request.url,
@@ -434,9 +451,12 @@ class DownloadManager:
             await job.announce(ready=True)
             try:
                 await self.fetch_missing(job)
-                blob = ids.blob_digest_from_url(request.url) if request.enable_task_id_based_blob_digest else None
+                blob = _blob_digest(request)
                 if blob is not None:
                     await asyncio.to_thread(_verify_blob, self.storage.content.path(job.task_id), blob)
+            except ContentMismatch:
+                await writer.fail(discard=True)  # forged bytes must never be served again, nor reused
+                raise
             except BaseException:
                 await writer.fail()
                 raise
@@ -503,6 +523,11 @@ class DownloadManager:
         raise AssertionError("unreachable")
 
 
+def _blob_digest(request: DownloadRequest) -> str | None:
+    """The OCI blob digest a task is named by, when the request asks for blob-digest task ids."""
+    return ids.blob_digest_from_url(request.url) if request.enable_task_id_based_blob_digest else None
+
+
 def _root_cause(error: BaseException) -> BaseException:
     """The first real failure inside the exception groups that concurrent piece fetching raises."""
     while isinstance(error, BaseExceptionGroup) and error.exceptions:
@@ -513,10 +538,12 @@ def _root_cause(error: BaseException) -> BaseException:
 def _check_headers(headers: dict[str, str]) -> None:
     """Headers go to the origin as given: they must be valid HTTP and may not redefine the daemon's own."""
     for name, value in headers.items():
-        if not _HEADER_NAME.match(name):
+        if not _HEADER_NAME.fullmatch(name):
             raise InvalidDownload(f"download.request_header: {name[:100]!r} is not a valid header name")
-        if any(ch in value for ch in "\r\n\0"):
-            raise InvalidDownload(f"download.request_header: the value of {name!r} contains a line break or NUL")
+        if not _HEADER_VALUE.fullmatch(value):
+            raise InvalidDownload(
+                f"download.request_header: the value of {name!r} must be printable ASCII without surrounding blanks"
+            )
         if name.lower() in _RESERVED_HEADERS:
             raise InvalidDownload(f"download.request_header: {name!r} is set by the daemon itself")
 
@@ -540,7 +567,7 @@ def _write_output(
 ) -> None:
     """Put the task's bytes at ``output``: hard link when whole and possible, else a copy; atomic either way."""
     _check_output_path(str(output), overwrite)
-    temporary = output.with_name(f".{output.name}.dfdaemon-{uuid.uuid4().hex[:8]}")
+    temporary = output.with_name(f".dfdaemon-{uuid.uuid4().hex[:12]}.tmp")  # short: any legal name still fits
     try:
         linked = False
         if byte_range is None:
@@ -549,7 +576,7 @@ def _write_output(
                 linked = True
             except OSError as exc:
                 if force_link:
-                    raise DownloadFailed(f"cannot hard-link {output}: {exc.strerror}") from None
+                    raise DownloadPrecondition(f"cannot hard-link {output}: {exc.strerror}") from None
         if not linked:
             start, length = (0, content_length) if byte_range is None else (byte_range.start, byte_range.length)
             with content.open("rb") as source, temporary.open("wb") as target:
@@ -566,7 +593,7 @@ def _write_output(
     except OSError as exc:
         raise DownloadPrecondition(f"cannot write output_path {str(output)!r}: {exc.strerror or exc}") from None
     finally:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             temporary.unlink()
 
 

@@ -118,10 +118,10 @@ MAX_DURATION_SECONDS = 100 * 365 * 86400
 
 
 def duration_seconds(value: Duration, field: str) -> float:
-    seconds = value.ToNanoseconds() / 1e9
-    if not 0 < seconds <= MAX_DURATION_SECONDS:
+    nanoseconds = value.ToNanoseconds()
+    if not 0 < nanoseconds <= MAX_DURATION_SECONDS * 1_000_000_000:
         raise InvalidRequest(f"{field} must be positive and at most 100 years")
-    return seconds
+    return nanoseconds / 1e9
 
 
 def stat_local_task(task: TaskRecord, uploading: int) -> dfdaemon_pb2.StatLocalTaskResponse:

@@ -560,12 +560,18 @@ class TaskWriter:
         storage._changed(self.task_id)
         return await storage.require_task(self.task_id)
 
-    async def fail(self) -> None:
-        """Mark the task failed. On a full disk its bytes go first: they are worthless and the mark needs room."""
+    async def fail(self, *, discard: bool = False) -> None:
+        """Mark the task failed; with ``discard`` (bytes that must never be served) its pieces go too.
+
+        On a full disk the bytes go first as well: they are worthless and the mark needs room.
+        """
         storage = self.storage
-        try:
-            await storage._db(storage.meta.fail_task, self.task_id, storage.clock())
-        except DiskFull:
+        if not discard:
+            try:
+                await storage._db(storage.meta.fail_task, self.task_id, storage.clock())
+            except DiskFull:
+                discard = True
+        if discard:
             await storage._io(storage.content.delete, self.task_id)
             await storage._io(storage.content.create, self.task_id)
             storage._content_bytes[self.task_id] = 0
