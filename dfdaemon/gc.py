@@ -278,7 +278,7 @@ class GarbageCollector:
             expired = await (storage.expired_holds() if dry_run else storage.expire_holds())
         except DiskFull as exc:
             log.warning("%s; evicting what frees space first", exc)  # failed tasks go without a metadata write
-            expired = []
+            expired = await storage.expired_holds()  # read only: the grace after each lapse still counts
         for hold in expired:
             if not dry_run:
                 log.info("lease of holder %s on task %s expired", hold.holder, hold.task_id)

@@ -364,6 +364,7 @@ class Storage:
                 # A failed task's bytes are worth nothing: free them before writing anything, so eviction works
                 # even on a full disk. A crash right here leaves a failed row without a file, which start-up handles.
                 await self._io(self.content.delete, task_id)
+                self._content_bytes[task_id] = 0
             if not await self._db(self.meta.mark_evicting, task_id, states, now):
                 return None
             freed = await self._remove(task_id)
