@@ -154,8 +154,9 @@ class GarbageCollector:
             self._pressure_task = asyncio.create_task(self._relieve_pressure(), name="gc-quota")
 
     async def _relieve_pressure(self) -> None:
+        """Called after writes: the cheap reading (WAL included, so never too low) spares most of them a checkpoint."""
         limits = await self.limits()
-        if await self._measure() >= limits.high:
+        if await self.storage.used_bytes() >= limits.high and await self._measure() >= limits.high:
             try:
                 await self.run("quota")
             except Exception:

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import re
 
+# Longer leases, timeouts or intervals are mistakes (and would overflow protobuf timestamps).
+MAX_DURATION_SECONDS = 100 * 365 * 86400
+
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _DURATION_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 

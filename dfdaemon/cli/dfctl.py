@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -22,16 +21,15 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from dfdaemon.api import common_pb2, dfdaemon_ext_pb2, dfdaemon_ext_pb2_grpc, dfdaemon_pb2, dfdaemon_pb2_grpc
+from dfdaemon.cli.args import positive_duration, positive_size
 from dfdaemon.cli.channel import daemon_channel
 from dfdaemon.ids import InvalidTaskId, blob_digest_task_id, is_valid_task_id, normalize_url
-from dfdaemon.units import format_size, parse_duration, parse_size
+from dfdaemon.units import format_size
 
 # The daemon's default (dfdaemon.config.DEFAULT_SOCKET_PATH), repeated because importing the configuration
 # models (pydantic) would double the start-up time of every dfctl call.
 DEFAULT_SOCKET_PATH = "/var/run/dragonfly/dfdaemon.sock"
 DEFAULT_TIMEOUT_SECONDS = 30.0
-# google.protobuf.Duration covers +-10000 years; a longer ttl could not be sent.
-_MAX_SECONDS = 315_576_000_000
 _REF_FORMS = "a task id (64 or 128 hex digits), sha256:<hex>, sha512:<hex> or url=URL"
 
 Json = dict[str, Any]
@@ -85,28 +83,6 @@ class Daemon:
 def _socket_path(text: str) -> str:
     """Accept the ``unix:PATH`` form the daemon logs as well as a plain path."""
     return text.removeprefix("unix:")
-
-
-def _duration(text: str) -> float:
-    """Seconds from ``30s``/``5m``/``2h``/plain seconds; zero would expire at once, so it is refused."""
-    try:
-        seconds = parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    if not (math.isfinite(seconds) and 0 < seconds <= _MAX_SECONDS):
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: must be positive and at most 10000 years")
-    return seconds
-
-
-def _piece_length(text: str) -> int:
-    """Bytes from ``4MiB``-style sizes, as the daemon's configuration accepts them."""
-    try:
-        size = parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    if not 0 < size < 2**64:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}: must be positive and fit 64 bits")
-    return size
 
 
 def _limit(text: str) -> int:
@@ -566,7 +542,7 @@ def _add_connection_options(parser: argparse.ArgumentParser, defaults: bool) -> 
     parser.add_argument("--json", action="store_true", default=default(False), help="print one JSON document")
     parser.add_argument(
         "--timeout",
-        type=_duration,
+        type=positive_duration,
         default=default(DEFAULT_TIMEOUT_SECONDS),
         metavar="SECONDS",
         help=f"deadline of each call: 30s, 5m or plain seconds (default {DEFAULT_TIMEOUT_SECONDS:g})",
@@ -578,7 +554,7 @@ def _add_ref_options(parser: argparse.ArgumentParser, nargs: str) -> None:
     url = parser.add_argument_group("options of url= refs (they select the same task as dfget's)")
     url.add_argument("--tag", help="the download's tag")
     url.add_argument("--application", help="the download's application")
-    url.add_argument("--piece-length", type=_piece_length, metavar="SIZE", help="requested piece length, e.g. 4MiB")
+    url.add_argument("--piece-length", type=positive_size, metavar="SIZE", help="requested piece length, e.g. 4MiB")
     url.add_argument(
         "--filtered-query-param",
         dest="filtered_query_params",
@@ -618,7 +594,7 @@ def _parser() -> argparse.ArgumentParser:
     acquire = leaf(use, "use acquire", "hold tasks for a holder")
     acquire.add_argument("--holder", required=True, type=_holder, help="who holds, e.g. container:default/abc")
     acquire.add_argument(
-        "--ttl", type=_duration, metavar="DURATION", help="a lease renewed by keepalive (default: permanent)"
+        "--ttl", type=positive_duration, metavar="DURATION", help="a lease renewed by keepalive (default: permanent)"
     )
     _add_ref_options(acquire, "+")
     release = leaf(use, "use release", "release a holder's holds on tasks")
@@ -627,13 +603,13 @@ def _parser() -> argparse.ArgumentParser:
     sync = leaf(use, "use sync", "make the given tasks the holder's complete set (none releases all)")
     sync.add_argument("--holder", required=True, type=_holder)
     sync.add_argument(
-        "--ttl", type=_duration, metavar="DURATION", help="a lease renewed by keepalive (default: permanent)"
+        "--ttl", type=positive_duration, metavar="DURATION", help="a lease renewed by keepalive (default: permanent)"
     )
     _add_ref_options(sync, "*")
     keepalive = leaf(use, "use keepalive", "renew a holder's leases")
     keepalive.add_argument("--holder", required=True, type=_holder)
     keepalive.add_argument(
-        "--ttl", type=_duration, metavar="DURATION", help="new lease length (default: the previous one)"
+        "--ttl", type=positive_duration, metavar="DURATION", help="new lease length (default: the previous one)"
     )
     ls = leaf(use, "use ls", "list holds")
     ls.add_argument("--holder", type=_holder, help="only this holder's holds")

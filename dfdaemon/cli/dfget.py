@@ -29,9 +29,9 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from dfdaemon.api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc, errordetails_pb2
+from dfdaemon.cli.args import positive_duration, positive_size
 from dfdaemon.cli.channel import daemon_channel
 from dfdaemon.ids import parse_file_digest
-from dfdaemon.units import parse_duration, parse_size
 
 DEFAULT_ENDPOINT = "/var/run/dragonfly/dfdaemon.sock"
 DOWNLOAD_SERVICE = "dfdaemon.v2.DfdaemonDownload"
@@ -107,28 +107,6 @@ class Summary:
 # --------------------------------------------------------------------------- command line
 
 
-def _positive_size(text: str) -> int:
-    """``--piece-length``: a size like ``4MiB``; zero would make every piece empty."""
-    try:
-        value = parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}: must be positive")
-    return value
-
-
-def _positive_duration(text: str) -> float:
-    """``--timeout``: a duration like ``5m``; zero would fail every download at once."""
-    try:
-        value = parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: must be positive")
-    return value
-
-
 def _digest(text: str) -> str:
     """``--digest``: checked here so a typo fails before the download, sent in normalised form."""
     try:
@@ -178,10 +156,10 @@ def _build_parser() -> _Parser:
         help="query parameter left out of the task id (e.g. a signature)",
     )
     parser.add_argument(
-        "--piece-length", type=_positive_size, metavar="SIZE", help="e.g. 4MiB; chosen by the daemon by default"
+        "--piece-length", type=positive_size, metavar="SIZE", help="e.g. 4MiB; chosen by the daemon by default"
     )
     parser.add_argument(
-        "--timeout", type=_positive_duration, metavar="DURATION", help="give up after this long, e.g. 30s or 2h"
+        "--timeout", type=positive_duration, metavar="DURATION", help="give up after this long, e.g. 30s or 2h"
     )
     parser.add_argument("--disable-back-to-source", action="store_true", help="only peers, never the origin")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")

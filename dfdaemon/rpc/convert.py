@@ -38,6 +38,7 @@ from dfdaemon.storage import (
     TaskRecord,
     Usage,
 )
+from dfdaemon.units import MAX_DURATION_SECONDS
 
 Context = grpc.aio.ServicerContext[Any, Any]
 RequestT = TypeVar("RequestT")
@@ -111,10 +112,6 @@ def timestamp(seconds: float | None) -> Timestamp | None:
     stamp = Timestamp()
     stamp.FromNanoseconds(int(seconds * 1e9))
     return stamp
-
-
-# A lease, piece or download time beyond this is a mistake (and would overflow timestamps).
-MAX_DURATION_SECONDS = 100 * 365 * 86400
 
 
 def duration_seconds(value: Duration, field: str) -> float:
