@@ -13,7 +13,7 @@ from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
 
 from dfdaemon.api import common_pb2, scheduler_pb2
-from dfdaemon.rpc.servers import details
+from dfdaemon.rpc.servers import Context, details
 from scheduler_stub.registry import (
     Answer,
     Host,
@@ -32,7 +32,7 @@ SERVICE = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"]
 
 log = logging.getLogger("dfscheduler.service")
 
-Context = grpc.aio.ServicerContext[Any, Any]
+
 RequestT = TypeVar("RequestT", bound=Message)
 ResponseT = TypeVar("ResponseT", bound=Message)
 

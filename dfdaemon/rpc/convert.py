@@ -25,7 +25,7 @@ from dfdaemon.download import (
     Started,
 )
 from dfdaemon.gc import GCReport
-from dfdaemon.rpc.servers import details
+from dfdaemon.rpc.servers import Context, details
 from dfdaemon.storage import (
     Hold,
     InvalidPiece,
@@ -40,7 +40,6 @@ from dfdaemon.storage import (
 )
 from dfdaemon.units import MAX_DURATION_SECONDS
 
-Context = grpc.aio.ServicerContext[Any, Any]
 RequestT = TypeVar("RequestT")
 ResponseT = TypeVar("ResponseT")
 

@@ -13,8 +13,9 @@ from dfdaemon import ids
 from dfdaemon.api import common_pb2, dfdaemon_pb2
 from dfdaemon.download import DownloadManager
 from dfdaemon.rpc import convert
-from dfdaemon.rpc.convert import Context, unary
+from dfdaemon.rpc.convert import unary
 from dfdaemon.rpc.scheduler_client import HostInfo, SchedulerClient
+from dfdaemon.rpc.servers import Context
 from dfdaemon.storage import Storage
 
 SERVICE = dfdaemon_pb2.DESCRIPTOR.services_by_name["DfdaemonDownload"]

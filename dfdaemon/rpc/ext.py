@@ -7,7 +7,8 @@ from collections.abc import Iterable
 from dfdaemon.api import dfdaemon_ext_pb2 as ext_pb2
 from dfdaemon.gc import GarbageCollector
 from dfdaemon.rpc import convert
-from dfdaemon.rpc.convert import Context, InvalidRequest, unary
+from dfdaemon.rpc.convert import InvalidRequest, unary
+from dfdaemon.rpc.servers import Context
 from dfdaemon.storage import Storage
 
 USE_SERVICE = ext_pb2.DESCRIPTOR.services_by_name["Use"]

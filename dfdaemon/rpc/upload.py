@@ -13,8 +13,9 @@ from dfdaemon.admission import Admission
 from dfdaemon.api import common_pb2, dfdaemon_pb2
 from dfdaemon.download import DownloadManager
 from dfdaemon.rpc import convert
-from dfdaemon.rpc.convert import Context, unary
+from dfdaemon.rpc.convert import unary
 from dfdaemon.rpc.download import Membership, TaskServicer
+from dfdaemon.rpc.servers import Context
 from dfdaemon.storage import InvalidPiece, Storage, TaskNotFound, TaskState
 from dfdaemon.telemetry import metrics
 
