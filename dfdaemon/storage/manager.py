@@ -467,10 +467,6 @@ class TaskWriter:
     def task_id(self) -> str:
         return self.task.id
 
-    async def set_lengths(self, piece_length: int, content_length: int) -> None:
-        storage = self.storage
-        await storage._db(storage.meta.set_task_lengths, self.task_id, piece_length, content_length, storage.clock())
-
     async def write_piece(
         self,
         number: int,

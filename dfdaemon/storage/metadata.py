@@ -230,13 +230,6 @@ class MetadataStore:
         assert task is not None
         return task
 
-    def set_task_lengths(self, task_id: str, piece_length: int, content_length: int, now: float) -> None:
-        with self.transaction() as db:
-            db.execute(
-                "UPDATE tasks SET piece_length = ?, content_length = ?, updated_at = ? WHERE id = ?",
-                (piece_length, content_length, now, task_id),
-            )
-
     def finish_task(self, task_id: str, content_bytes: int, now: float) -> None:
         with self.transaction() as db:
             db.execute(
