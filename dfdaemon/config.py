@@ -193,6 +193,50 @@ class TracingConfig(_Section):
     service_name: str = ""
 
 
+class ProxyServerConfig(_Section):
+    # Ours: loopback by default (upstream listens on 0.0.0.0); the mirror is meant for the node's own runtime.
+    ip: str = "127.0.0.1"
+    port: Port = 4001
+
+
+class RegistryMirrorConfig(_Section):
+    """Where registry requests go when they do not name their registry with ``?ns=``."""
+
+    addr: str = "https://index.docker.io"
+    enable_task_id_based_blob_digest: bool = Field(default=True, alias="enableTaskIDBasedBlobDigest")
+    # Ours: registries (host[:port]) reached over plain HTTP when named by ``ns``, like Docker's insecure-registries.
+    insecure_registries: list[str] = []
+
+    @model_validator(mode="after")
+    def _addr_is_url(self) -> RegistryMirrorConfig:
+        if not self.addr.startswith(("http://", "https://")):
+            raise ValueError(f"addr: {self.addr!r} is not an http(s) URL")
+        return self
+
+
+class ProxyConfig(_Section):
+    """The registry mirror: blobs go through the P2P network, everything else straight to the registry."""
+
+    # Ours: set false to run without the mirror.
+    enable: bool = True
+    server: ProxyServerConfig = ProxyServerConfig()
+    registry_mirror: RegistryMirrorConfig = RegistryMirrorConfig()
+
+
+class ContainerdConfig(_Section):
+    # The containerd socket ("/run/containerd/containerd.sock"); empty turns runtime sync off.
+    address: str = ""
+
+
+class RuntimeConfig(_Section):
+    """Ours: what the container runtime uses is held in the cache, so GC never evicts a running image."""
+
+    containerd: ContainerdConfig = ContainerdConfig()
+    sync_interval: Duration = Field(default=60.0, gt=0)
+    # Image references held for good (the sandbox image, containerd's pinned_images).
+    pinned_images: list[str] = []
+
+
 class LogConfig(_Section):
     level: Literal["debug", "info", "warn", "warning", "error"] = "info"
     # Ours: "text" (key=value) or "json", one object per line.
@@ -211,6 +255,8 @@ class Config(_Section):
     metrics: MetricsConfig = MetricsConfig()
     tracing: TracingConfig = TracingConfig()
     log: LogConfig = LogConfig()
+    proxy: ProxyConfig = ProxyConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
 
     @property
     def storage_dir(self) -> Path:

@@ -20,11 +20,14 @@ from dfdaemon.config import Config, ConfigError, check_storage_dir
 from dfdaemon.download import DownloadManager
 from dfdaemon.download.scheduled import ScheduledFetch
 from dfdaemon.gc import GarbageCollector, GCPolicy, publish_usage
+from dfdaemon.proxy import MirrorServer, RegistryMirror
 from dfdaemon.rpc import download, ext, upload
 from dfdaemon.rpc.peer_client import GrpcParentClient
 from dfdaemon.rpc.scheduler_client import HostInfo, SchedulerClient
 from dfdaemon.rpc.servers import HealthReporter, add_service, new_server
 from dfdaemon.rpc.tls import TLSError, server_credentials
+from dfdaemon.runtime.containerd import ContainerdClient, ContainerdError
+from dfdaemon.runtime.sync import RuntimeSync
 from dfdaemon.storage import Storage
 from dfdaemon.storage.metadata import SchemaTooNew
 from dfdaemon.telemetry.metrics import MetricsServer
@@ -43,6 +46,7 @@ class Endpoints:
     upload_address: str
     upload_port: int
     socket_path: Path
+    proxy_port: int | None = None
 
 
 def _socket_in_use(path: Path) -> bool:
@@ -104,6 +108,8 @@ class Daemon:
         except TLSError as exc:
             raise StartupError(f"upload.client: {exc}") from None
         self._storage_open = False
+        self.mirror: MirrorServer | None = None
+        self.runtime_sync: RuntimeSync | None = None
 
     async def start(self) -> Endpoints:
         try:
@@ -117,6 +123,7 @@ class Daemon:
         except (sqlite3.DatabaseError, SchemaTooNew) as exc:
             raise StartupError(f"storage.dir: cannot open the metadata store: {exc}") from None
         self._storage_open = True
+        await self._start_runtime_sync()
         self.gc.start()
         if self.config.metrics.enable:
             metrics_cfg = self.config.metrics.server
@@ -137,9 +144,12 @@ class Daemon:
             await reporter.set_serving(True)
 
         await asyncio.to_thread(self._secure_socket, socket_path)
+        proxy_port = await self._start_mirror()
         server_cfg = self.config.upload.server
         address = server_cfg.ip if ":" not in server_cfg.ip else f"[{server_cfg.ip}]"
-        self.endpoints = Endpoints(upload_address=f"{address}:{port}", upload_port=port, socket_path=socket_path)
+        self.endpoints = Endpoints(
+            upload_address=f"{address}:{port}", upload_port=port, socket_path=socket_path, proxy_port=proxy_port
+        )
         host = HostInfo(host_id=self.downloads.host_id, ip=self.host_ip, hostname=self.hostname, port=port)
         self.membership.host = host
         if self.config.scheduler.addrs:
@@ -147,6 +157,49 @@ class Daemon:
         log.info("upload server listening on %s", self.endpoints.upload_address)
         log.info("download server listening on unix:%s", socket_path)
         return self.endpoints
+
+    async def _start_mirror(self) -> int | None:
+        """The registry mirror (``proxy``): blobs through the P2P network, the rest straight to the registry."""
+        config = self.config.proxy
+        if not config.enable:
+            return None
+        mirror = RegistryMirror(
+            self.storage,
+            self.downloads,
+            self.downloads.source_policy,
+            default_registry=config.registry_mirror.addr,
+            insecure_registries=frozenset(config.registry_mirror.insecure_registries),
+            blobs_by_digest=config.registry_mirror.enable_task_id_based_blob_digest,
+        )
+        self.mirror = MirrorServer(mirror)
+        try:
+            port = await self.mirror.start(config.server.ip, config.server.port)
+        except OSError as exc:
+            await mirror.close()
+            self.mirror = None
+            raise StartupError(
+                f"proxy.server: cannot listen on {config.server.ip}:{config.server.port}: {exc.strerror or exc}"
+            ) from None
+        log.info("proxy server listening on %s:%d", config.server.ip, port)
+        return port
+
+    async def _start_runtime_sync(self) -> None:
+        """Hold what containerd's containers use; the first pass runs before GC may run at all."""
+        config = self.config.runtime
+        if not config.containerd.address:
+            return
+        self.runtime_sync = RuntimeSync(
+            self.storage,
+            ContainerdClient(config.containerd.address),
+            interval=config.sync_interval,
+            pinned_images=config.pinned_images,
+        )
+        try:
+            report = await self.runtime_sync.sync_once()
+            log.info("runtime sync: %d holders from containerd at %s", len(report.held), config.containerd.address)
+        except ContainerdError as exc:
+            log.warning("runtime sync: containerd not reachable yet, holds left as they are: %s", exc)
+        self.runtime_sync.start()
 
     def _upload_server_bound(self) -> tuple[grpc.aio.Server, HealthReporter, int]:
         """The TCP server other peers call: plaintext, or mutual TLS when upload.server has certificates."""
@@ -246,6 +299,13 @@ class Daemon:
         if self.metrics_server is not None:
             self.metrics_server.close()
             self.metrics_server = None
+        if self.mirror is not None:
+            await self.mirror.stop()
+            self.mirror = None
+        if self.runtime_sync is not None:
+            await self.runtime_sync.stop()
+            await self.runtime_sync.runtime.close()
+            self.runtime_sync = None
         await self.downloads.close()
         await self.backend.close()
         await self.parents.close()

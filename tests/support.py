@@ -60,6 +60,7 @@ class DaemonProcess:
     socket_path: Path
     upload_port: int
     metrics_port: int | None = None
+    proxy_port: int | None = None
 
     @property
     def upload_address(self) -> str:
@@ -87,6 +88,7 @@ def daemon_config(workdir: Path, extra: dict[str, Any] | None = None) -> dict[st
         "download": {"server": {"socketPath": str(workdir / "dfdaemon.sock")}},
         "storage": {"dir": str(workdir / "storage")},
         "metrics": {"server": {"ip": "127.0.0.1", "port": 0}},
+        "proxy": {"server": {"ip": "127.0.0.1", "port": 0}},
     }
     return merge(base, extra or {})
 
@@ -120,6 +122,7 @@ def running_daemon(
         wait_for_line(log_path, r"download server listening on unix:", proc)
         port = int(wait_for_line(log_path, r"upload server listening on [^\s]+:(\d+)", proc).group(1))
         metrics = re.search(r"metrics server listening on [^\s]+:(\d+)", log_path.read_text())
+        proxy = re.search(r"proxy server listening on [^\s]+:(\d+)", log_path.read_text())
         yield DaemonProcess(
             proc=proc,
             config_path=config_path,
@@ -128,6 +131,7 @@ def running_daemon(
             socket_path=Path(config["download"]["server"]["socketPath"]),
             upload_port=port,
             metrics_port=int(metrics.group(1)) if metrics else None,
+            proxy_port=int(proxy.group(1)) if proxy else None,
         )
     finally:
         if proc.poll() is None:

@@ -17,7 +17,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -266,7 +266,7 @@ class DownloadManager:
         except ValueError as exc:
             raise InvalidDownload(str(exc)) from None
 
-    async def download(self, request: DownloadRequest) -> AsyncIterator[Started | PieceDone]:
+    async def download(self, request: DownloadRequest) -> AsyncGenerator[Started | PieceDone, None]:
         """Stream one request: a Started, then its pieces in completion order; the output file last."""
         result = "failure"
         try:
@@ -280,7 +280,7 @@ class DownloadManager:
         finally:
             metrics.DOWNLOADS.labels(result).inc()
 
-    async def _download(self, request: DownloadRequest) -> AsyncIterator[Started | PieceDone]:
+    async def _download(self, request: DownloadRequest) -> AsyncGenerator[Started | PieceDone, None]:
         task_id = self.validate(request)
         if request.from_network and request.output_path is not None:
             raise SourceNotAllowed("a download requested over the network may not write an output file")

@@ -1,0 +1,339 @@
+"""A registry mirror (containerd's ``hosts.toml`` points a registry at it).
+
+``GET /v2/<name>/blobs/<digest>`` becomes a P2P download whose task id is the blob's digest, so every
+node shares one copy of a layer whatever registry or repository it came from, and the bytes are checked
+against the digest. The response streams pieces in order as they arrive; a blob is never held whole.
+Everything else (``/v2/``, manifests, tags, HEAD of an uncached blob) is passed to the registry as is,
+status, headers and body included, so auth challenges and errors reach the runtime unchanged. The
+registry is the one the runtime names with ``?ns=<host>``, else ``proxy.registryMirror.addr``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import re
+import socket
+from collections.abc import AsyncGenerator
+from urllib.parse import urlencode
+
+import httpx
+from aiohttp import web
+from multidict import CIMultiDictProxy
+
+from dfdaemon import ids
+from dfdaemon.admission import Busy
+from dfdaemon.backend import BackendError, SourceNotAllowed, SourcePolicy, UnsupportedURL
+from dfdaemon.download import DownloadManager, DownloadRequest, InvalidDownload, PieceDone, Started
+from dfdaemon.ids import PieceSpan
+from dfdaemon.storage import Storage, StorageFull, TaskState
+
+log = logging.getLogger("dfdaemon.proxy")
+
+_BLOB_PATH = re.compile(r"/v2/(?:[^/]+/)+blobs/(?P<digest>[^/]+)")
+# Headers that describe one connection, not the message (RFC 9110 7.6.1), plus the ones each side sets itself.
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+    }
+)
+# Docker Hub is named "docker.io" in image references, but its API lives elsewhere.
+_REGISTRY_ALIASES = {"docker.io": "registry-1.docker.io", "index.docker.io": "registry-1.docker.io"}
+_HOST_PORT = re.compile(r"[A-Za-z0-9.-]+(?::[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](?::[0-9]{1,5})?")
+
+
+class UnsatisfiableRange(ValueError):
+    """A ``Range`` that selects no byte of the blob (416)."""
+
+
+def upstream_base(ns: str | None, default: str, insecure: frozenset[str]) -> str:
+    """The registry's base URL: ``ns`` when the runtime named one (https unless listed insecure), else ``default``."""
+    if not ns:
+        return default.rstrip("/")
+    if not _HOST_PORT.fullmatch(ns):
+        raise ValueError(f"ns={ns[:100]!r} is not a registry host")
+    host = _REGISTRY_ALIASES.get(ns.lower(), ns.lower())
+    scheme = "http" if ns.lower() in insecure else "https"
+    return f"{scheme}://{host}"
+
+
+def parse_range(header: str | None, length: int) -> tuple[int, int] | None:
+    """The inclusive byte span one ``Range: bytes=`` asks for; None for the whole blob.
+
+    Several ranges or another unit are answered with the whole blob, as RFC 9110 allows.
+    """
+    if not header:
+        return None
+    unit, _, spec = header.partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, dash, last = spec.strip().partition("-")
+    if not dash or not (first.isdigit() or last.isdigit()) or (first and not first.isdigit()):
+        return None
+    if last and not last.isdigit():
+        return None
+    if not first:  # suffix: the last N bytes
+        suffix = int(last)
+        if suffix == 0 or length == 0:
+            raise UnsatisfiableRange(header)
+        return max(0, length - suffix), length - 1
+    start = int(first)
+    end = min(int(last), length - 1) if last else length - 1
+    if start >= length or (last and int(last) < start):
+        raise UnsatisfiableRange(header)
+    return start, end
+
+
+def _is_loopback(remote: str | None) -> bool:
+    try:
+        return remote is not None and ipaddress.ip_address(remote.split("%")[0]).is_loopback
+    except ValueError:
+        return remote is not None and remote.startswith("/")  # a unix socket is local
+
+
+def _registry_error(status: int, code: str, message: str) -> web.Response:
+    """An error in the registry API's own shape, so a runtime prints the message."""
+    body = json.dumps({"errors": [{"code": code, "message": message}]})
+    return web.Response(status=status, text=body, content_type="application/json")
+
+
+def _forwarded(headers: CIMultiDictProxy[str] | httpx.Headers) -> list[tuple[str, str]]:
+    items = headers.multi_items() if isinstance(headers, httpx.Headers) else list(headers.items())
+    return [(name, value) for name, value in items if name.lower() not in _HOP_BY_HOP]
+
+
+class RegistryMirror:
+    """Answers registry API requests for one daemon (the aiohttp handler)."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        downloads: DownloadManager,
+        policy: SourcePolicy,
+        *,
+        default_registry: str,
+        insecure_registries: frozenset[str] = frozenset(),
+        blobs_by_digest: bool = True,
+        timeout: float = 60.0,
+    ) -> None:
+        self.storage = storage
+        self.downloads = downloads
+        self.policy = policy
+        self.default_registry = default_registry
+        self.insecure_registries = frozenset(host.lower() for host in insecure_registries)
+        self.blobs_by_digest = blobs_by_digest
+        # Redirects are the runtime's to follow (they may lead to storage the registry signs for it).
+        self.client = httpx.AsyncClient(
+            follow_redirects=False, trust_env=False, timeout=httpx.Timeout(timeout, connect=10.0)
+        )
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if not (request.path == "/v2" or request.path.startswith("/v2/")):
+            return _registry_error(404, "NOT_FOUND", "this is a registry mirror: only /v2/ paths are served")
+        try:
+            base = upstream_base(request.query.get("ns"), self.default_registry, self.insecure_registries)
+        except ValueError as exc:
+            return _registry_error(400, "UNSUPPORTED", str(exc))
+        query = [(key, value) for key, value in request.query.items() if key != "ns"]
+        url = base + request.raw_path.split("?", 1)[0] + (f"?{urlencode(query)}" if query else "")
+        from_network = not _is_loopback(request.remote)
+        try:
+            await self.policy.check(url, from_network=from_network)
+        except SourceNotAllowed as exc:
+            return _registry_error(403, "DENIED", str(exc))
+        except BackendError as exc:
+            return _registry_error(502, "UNAVAILABLE", str(exc))
+        task_id = self._blob_task_id(request)
+        if task_id is not None and request.method == "GET":
+            return await self._blob(request, url, task_id, from_network)
+        if task_id is not None and request.method == "HEAD":
+            cached = await self._cached_blob_head(task_id)
+            if cached is not None:
+                return cached
+        return await self._pass(request, url)
+
+    def _blob_task_id(self, request: web.Request) -> str | None:
+        match = _BLOB_PATH.fullmatch(request.path)
+        if not self.blobs_by_digest or match is None:
+            return None
+        try:
+            return ids.blob_digest_task_id(match.group("digest"))
+        except ids.InvalidTaskId:
+            return None  # an algorithm we do not name tasks by: the registry answers for itself
+
+    async def _cached_blob_head(self, task_id: str) -> web.Response | None:
+        task = await self.storage.get_task(task_id)
+        if task is None or task.state is not TaskState.SUCCEEDED or task.content_length is None:
+            return None
+        return web.Response(status=200, headers=self._blob_headers(task_id, task.content_length))
+
+    @staticmethod
+    def _blob_headers(task_id: str, length: int) -> dict[str, str]:
+        digest = f"sha{'512' if len(task_id) == 128 else '256'}:{task_id}"
+        return {
+            "Content-Type": "application/octet-stream",
+            "Content-Length": str(length),
+            "Docker-Content-Digest": digest,
+            "Etag": f'"{digest}"',
+            "Accept-Ranges": "bytes",
+        }
+
+    async def _pass(self, request: web.Request, url: str) -> web.StreamResponse:
+        """Send the request to the registry and its answer back, byte for byte."""
+        body = request.content.iter_chunked(64 * 1024) if request.body_exists else None
+        upstream = self.client.build_request(request.method, url, headers=_forwarded(request.headers), content=body)
+        try:
+            answer = await self.client.send(upstream, stream=True)
+        except httpx.HTTPError as exc:
+            log.warning("registry request %s %s failed: %s", request.method, url, exc)
+            return _registry_error(502, "UNAVAILABLE", f"the registry did not answer: {type(exc).__name__}")
+        try:
+            response = web.StreamResponse(status=answer.status_code, reason=answer.reason_phrase)
+            for name, value in _forwarded(answer.headers):
+                response.headers.add(name, value)
+            await response.prepare(request)
+            if request.method != "HEAD":
+                async for chunk in answer.aiter_raw():
+                    await response.write(chunk)
+            await response.write_eof()
+            return response
+        finally:
+            await answer.aclose()
+
+    async def _blob(self, request: web.Request, url: str, task_id: str, from_network: bool) -> web.StreamResponse:
+        authorization = request.headers.get("Authorization")
+        download = DownloadRequest(
+            url=url,
+            request_header={"Authorization": authorization} if authorization else {},
+            enable_task_id_based_blob_digest=True,
+            from_network=from_network,
+        )
+        events = self.downloads.download(download)
+        try:
+            started = await anext(events)
+        except Exception as exc:
+            await events.aclose()
+            return await self._refusal(request, url, task_id, exc)
+        assert isinstance(started, Started)
+        return await self._stream(request, events, started)
+
+    async def _refusal(self, request: web.Request, url: str, task_id: str, error: Exception) -> web.StreamResponse:
+        """Answer a blob download that failed before its first byte."""
+        if isinstance(error, BackendError) and error.status_code is not None:
+            # The registry refused (401 challenge, 404, ...): let the runtime see its own answer.
+            return await self._pass(request, url)
+        if isinstance(error, Busy | StorageFull):
+            response = _registry_error(503, "TOOMANYREQUESTS", str(error))
+            response.headers["Retry-After"] = "5"
+            return response
+        if isinstance(error, SourceNotAllowed):
+            return _registry_error(403, "DENIED", str(error))
+        if isinstance(error, InvalidDownload | UnsupportedURL):
+            return _registry_error(400, "UNSUPPORTED", str(error))
+        log.warning("blob %s through the P2P network failed: %s", task_id, error)
+        return _registry_error(502, "UNAVAILABLE", f"blob {task_id} could not be fetched: {error}")
+
+    async def _stream(
+        self, request: web.Request, events: AsyncGenerator[Started | PieceDone, None], started: Started
+    ) -> web.StreamResponse:
+        length = started.content_length
+        try:
+            span = parse_range(request.headers.get("Range"), length)
+        except UnsatisfiableRange:
+            await events.aclose()
+            return web.Response(status=416, headers={"Content-Range": f"bytes */{length}"})
+        first, last = span if span is not None else (0, length - 1)
+        headers = self._blob_headers(started.task_id, last - first + 1)
+        if span is not None:
+            headers["Content-Range"] = f"bytes {first}-{last}/{length}"
+        response = web.StreamResponse(status=206 if span is not None else 200, headers=headers)
+        await response.prepare(request)
+        wanted = [p for p in started.pieces if p.offset <= last and p.offset + p.length > first]
+        try:
+            await self._send_in_order(response, events, started.task_id, wanted, first, last)
+        except (ConnectionError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            # The status is sent already: break the connection so the runtime sees a failed, not a short, blob.
+            log.warning("streaming blob %s broke off: %s", started.task_id, exc)
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+        finally:
+            await events.aclose()
+        await response.write_eof()
+        return response
+
+    async def _send_in_order(
+        self,
+        response: web.StreamResponse,
+        events: AsyncGenerator[Started | PieceDone, None],
+        task_id: str,
+        wanted: list[PieceSpan],
+        first: int,
+        last: int,
+    ) -> None:
+        """Write the wanted pieces in offset order, each as soon as it and all before it are stored."""
+        arrived: set[int] = set()
+        index = 0
+        while index < len(wanted):
+            event = await anext(events)
+            if not isinstance(event, PieceDone):
+                continue
+            arrived.add(event.piece.number)
+            while index < len(wanted) and wanted[index].number in arrived:
+                piece = wanted[index]
+                _, data = await self.storage.read_piece(task_id, piece.number)
+                start = max(first, piece.offset) - piece.offset
+                end = min(last + 1, piece.offset + piece.length) - piece.offset
+                await response.write(data[start:end])
+                index += 1
+        # The rest of the stream checks the whole blob against its digest.
+        async for _ in events:
+            pass
+
+
+class MirrorServer:
+    """The HTTP server around a :class:`RegistryMirror`."""
+
+    def __init__(self, mirror: RegistryMirror) -> None:
+        self.mirror = mirror
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def start(self, ip: str, port: int) -> int:
+        app = web.Application(client_max_size=1024 * 1024)
+        app.router.add_route("*", "/{path:.*}", self.mirror.handle)
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((ip, port))
+        except OSError:
+            sock.close()
+            raise
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        await web.SockSite(self._runner, sock, shutdown_timeout=1.0).start()
+        self.port = int(sock.getsockname()[1])
+        return self.port
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        await self.mirror.close()

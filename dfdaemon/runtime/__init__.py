@@ -1,0 +1,1 @@
+"""The container runtime side of the daemon: which images the node's containers use."""

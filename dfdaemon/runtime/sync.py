@@ -1,0 +1,203 @@
+"""Keep the cache's holds equal to what the container runtime uses.
+
+Every container record (running, or created and not yet removed: kubelet counts both) gets one holder,
+``container:<namespace>/<id>``, that holds exactly the blobs of its image: manifest, config and layers,
+by task id (the digest's hex, as the registry mirror names them). Pinned images get ``pinned:<ref>``.
+Holders whose container is gone are released, and GC's grace period runs from then. Holds carry no
+lease: they end only when containerd says the container is gone, never because containerd was
+unreachable for a while. A sync runs every ``runtime.syncInterval`` and soon after any container,
+task or image event; the periodic one repairs whatever an event stream missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from dfdaemon import ids
+from dfdaemon.runtime.containerd import ContainerdError, ImageNotFound, RuntimeContainer, RuntimeEvent
+from dfdaemon.storage import Storage
+
+log = logging.getLogger("dfdaemon.runtime")
+
+CONTAINER_HOLDER = "container:"
+PINNED_HOLDER = "pinned:"
+_EVENT_TOPICS = ("/containers/", "/tasks/", "/images/")
+
+
+class Runtime(Protocol):
+    """What the sync needs from a container runtime."""
+
+    async def containers(self) -> list[RuntimeContainer]: ...
+
+    async def namespaces(self) -> list[str]: ...
+
+    async def image_digests(self, namespace: str, image: str) -> list[str]: ...
+
+    def events(self) -> AsyncIterator[RuntimeEvent]: ...
+
+    async def close(self) -> None: ...
+
+
+def container_holder(namespace: str, container_id: str) -> str:
+    return f"{CONTAINER_HOLDER}{namespace}/{container_id}"
+
+
+def pinned_holder(image: str) -> str:
+    return f"{PINNED_HOLDER}{image}"
+
+
+def task_ids_of(digests: list[str]) -> list[str]:
+    """Task ids of the blobs, skipping digests of an algorithm tasks are not named by."""
+    found = []
+    for digest in digests:
+        with contextlib.suppress(ids.InvalidTaskId):
+            found.append(ids.blob_digest_task_id(digest))
+    return sorted(set(found))
+
+
+@dataclass
+class SyncReport:
+    """One pass: what each holder holds now, and what it would hold but the cache does not have."""
+
+    held: dict[str, list[str]] = field(default_factory=dict)
+    missing: dict[str, list[str]] = field(default_factory=dict)
+    released: list[str] = field(default_factory=list)
+    unresolved: list[str] = field(default_factory=list)
+
+
+class RuntimeSync:
+    """Runs the sync loop and the event watch for one runtime."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        runtime: Runtime,
+        *,
+        interval: float,
+        pinned_images: list[str] | None = None,
+        settle: float = 0.2,
+    ) -> None:
+        self.storage = storage
+        self.runtime = runtime
+        self.interval = interval
+        self.pinned_images = list(dict.fromkeys(pinned_images or []))
+        self.settle = settle
+        self.last_report: SyncReport | None = None
+        self.last_sync_at: float | None = None
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._periodic(), name="runtime-sync"),
+            asyncio.create_task(self._watch(), name="runtime-events"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+
+    def trigger(self) -> None:
+        """Ask for a sync soon (events call this)."""
+        self._wake.set()
+
+    async def sync_once(self) -> SyncReport:
+        """Make the runtime holders match containerd now; raises ContainerdError when it cannot be asked."""
+        async with self._lock:
+            wanted = await self._wanted()
+            report = SyncReport()
+            current = {
+                hold.holder
+                for hold in await self.storage.all_live_holds()
+                if hold.holder.startswith((CONTAINER_HOLDER, PINNED_HOLDER))
+            }
+            for holder, task_ids in wanted.items():
+                if task_ids is None:
+                    report.unresolved.append(holder)
+                    continue
+                result = await self.storage.sync(holder, task_ids)
+                report.held[holder] = sorted(result.acquired + result.kept)
+                if result.missing:
+                    report.missing[holder] = result.missing
+                if result.acquired or result.released:
+                    log.info(
+                        "%s now holds %d tasks (+%d, -%d)",
+                        holder,
+                        len(report.held[holder]),
+                        len(result.acquired),
+                        len(result.released),
+                    )
+            for holder in sorted(current - wanted.keys()):
+                result = await self.storage.sync(holder, [])
+                report.released.append(holder)
+                log.info("%s is gone: released its %d holds", holder, len(result.released))
+            self.last_report = report
+            self.last_sync_at = time.time()
+            return report
+
+    async def _wanted(self) -> dict[str, list[str] | None]:
+        """Holder -> task ids; None when an image cannot be resolved now (its holds are left as they are)."""
+        wanted: dict[str, list[str] | None] = {}
+        for container in await self.runtime.containers():
+            holder = container_holder(container.namespace, container.id)
+            # An image record removed while its container lives on still keeps what the container held.
+            wanted[holder] = await self._resolve(holder, container.namespace, container.image, keep_if_absent=True)
+        if self.pinned_images:
+            namespaces = await self.runtime.namespaces()
+            for image in self.pinned_images:
+                holder = pinned_holder(image)
+                found = [await self._resolve(holder, ns, image, keep_if_absent=False) for ns in namespaces]
+                wanted[holder] = None if None in found else sorted({task for tasks in found if tasks for task in tasks})
+        return wanted
+
+    async def _resolve(self, holder: str, namespace: str, image: str, *, keep_if_absent: bool) -> list[str] | None:
+        if not image:
+            return []
+        try:
+            return task_ids_of(await self.runtime.image_digests(namespace, image))
+        except ImageNotFound:
+            return None if keep_if_absent else []
+        except ContainerdError as exc:
+            log.warning("cannot resolve image %s of %s: %s", image, holder, exc)
+            return None
+
+    async def _periodic(self) -> None:
+        while True:
+            try:
+                await self.sync_once()
+            except ContainerdError as exc:
+                log.warning("runtime sync failed, holds left as they are: %s", exc)
+            except Exception:
+                log.exception("runtime sync failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+            # Let a burst of events (create, start, ...) settle into one sync.
+            await asyncio.sleep(self.settle)
+            self._wake.clear()
+
+    async def _watch(self) -> None:
+        backoff = 0.5
+        while True:
+            try:
+                async for event in self.runtime.events():
+                    backoff = 0.5
+                    if event.topic.startswith(_EVENT_TOPICS):
+                        self.trigger()
+            except ContainerdError as exc:
+                log.debug("containerd event stream ended: %s", exc)
+            except Exception:
+                log.exception("containerd event stream failed")
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.interval, 30.0)
+            self.trigger()  # events may have been missed while the stream was down

@@ -1,0 +1,176 @@
+"""The registry mirror against a real distribution registry, the daemon running as its own process."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.registry_support import (
+    OCI_MANIFEST,
+    OciImage,
+    Registry,
+    fetch_token,
+    filler_image,
+    push_image,
+    registry_skip_reason,
+    running_registry,
+)
+from tests.support import DaemonProcess, running_daemon
+
+pytestmark = pytest.mark.skipif(registry_skip_reason() is not None, reason=str(registry_skip_reason()))
+
+
+@dataclass
+class Mirror:
+    registry: Registry
+    daemon: DaemonProcess
+    image: OciImage
+
+    def url(self, path: str, **query: str) -> str:
+        return str(httpx.URL(f"http://127.0.0.1:{self.daemon.proxy_port}{path}", params=query))
+
+    def get(self, path: str, headers: dict[str, str] | None = None, method: str = "GET") -> httpx.Response:
+        return httpx.request(method, self.url(path, ns=self.registry.host), headers=headers, timeout=30)
+
+
+def _mirror_config(registry: Registry) -> dict[str, object]:
+    return {"proxy": {"registryMirror": {"insecureRegistries": [registry.host]}}}
+
+
+@pytest.fixture(scope="module")
+def mirror(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mirror]:
+    work = tmp_path_factory.mktemp("mirror")
+    # Two layers: 6 MB spans two 4 MiB pieces, so in-order streaming across pieces is exercised.
+    image = filler_image("mirror", [6_000_000, 300_000], seed=7)
+    with running_registry(work / "registry") as registry:
+        push_image(registry.url, "library/filler", "v1", image)
+        with running_daemon(work / "daemon", _mirror_config(registry)) as daemon:
+            yield Mirror(registry, daemon, image)
+
+
+def test_a_blob_comes_through_the_p2p_path_verified_and_is_then_served_from_the_cache(mirror: Mirror) -> None:
+    layer = mirror.image.layers[0]
+    path = f"/v2/library/filler/blobs/{layer.digest}"
+    before = mirror.registry.blob_bytes_served()
+
+    first = mirror.get(path)
+    assert first.status_code == 200
+    assert "sha256:" + hashlib.sha256(first.content).hexdigest() == layer.digest
+    assert first.headers["docker-content-digest"] == layer.digest
+    assert int(first.headers["content-length"]) == layer.size
+    # The daemon learns the length with a one-byte ranged request, then fetches the pieces.
+    served = mirror.registry.blob_bytes_served() - before
+    assert served == layer.size + 1
+
+    again = mirror.get(path)
+    assert again.content == first.content
+    assert mirror.registry.blob_bytes_served() - before == served, "a cached blob went to the registry again"
+    task_file = mirror.daemon.storage_dir / "content" / "tasks" / layer.digest[7:10] / layer.digest[7:]
+    assert task_file.stat().st_size == layer.size
+
+
+def test_ranges_of_a_blob_are_answered_with_206(mirror: Mirror) -> None:
+    layer = mirror.image.layers[0]
+    path = f"/v2/library/filler/blobs/{layer.digest}"
+    middle = mirror.get(path, {"Range": "bytes=4194000-4194999"})  # crosses the first piece boundary
+    assert middle.status_code == 206
+    assert middle.content == layer.data[4194000:4195000]
+    assert middle.headers["content-range"] == f"bytes 4194000-4194999/{layer.size}"
+    tail = mirror.get(path, {"Range": "bytes=-10"})
+    assert (tail.status_code, tail.content) == (206, layer.data[-10:])
+    past = mirror.get(path, {"Range": f"bytes={layer.size}-"})
+    assert past.status_code == 416
+    assert past.headers["content-range"] == f"bytes */{layer.size}"
+
+
+def test_head_of_a_cached_blob_is_answered_without_the_registry(mirror: Mirror) -> None:
+    layer = mirror.image.layers[0]
+    mirror.get(f"/v2/library/filler/blobs/{layer.digest}")
+    seen = len(mirror.registry.request_entries())
+    head = mirror.get(f"/v2/library/filler/blobs/{layer.digest}", method="HEAD")
+    assert head.status_code == 200
+    assert int(head.headers["content-length"]) == layer.size
+    assert head.headers["docker-content-digest"] == layer.digest
+    # Only the log-sync probe of request_entries itself is new.
+    assert len(mirror.registry.request_entries()) == seen
+
+
+def test_manifests_are_passed_through_with_the_registrys_headers(mirror: Mirror) -> None:
+    accept = {"Accept": OCI_MANIFEST}
+    answer = mirror.get("/v2/library/filler/manifests/v1", accept)
+    assert answer.status_code == 200
+    assert answer.content == mirror.image.manifest
+    assert answer.headers["docker-content-digest"] == mirror.image.manifest_digest
+    assert answer.headers["content-type"] == OCI_MANIFEST
+    head = mirror.get("/v2/library/filler/manifests/v1", accept, method="HEAD")
+    assert head.status_code == 200
+    assert int(head.headers["content-length"]) == len(mirror.image.manifest)
+    assert head.content == b""
+
+
+def test_the_registrys_404_reaches_the_client_as_the_registry_sent_it(mirror: Mirror) -> None:
+    direct = httpx.get(f"{mirror.registry.url}/v2/library/filler/manifests/no-such-tag", timeout=10)
+    through = mirror.get("/v2/library/filler/manifests/no-such-tag")
+    assert through.status_code == direct.status_code == 404
+    assert through.json() == direct.json()
+    assert through.json()["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+
+    missing_blob = "sha256:" + "0" * 64
+    blob = mirror.get(f"/v2/library/filler/blobs/{missing_blob}")
+    assert blob.status_code == 404
+    assert blob.json()["errors"][0]["code"] == "BLOB_UNKNOWN"
+
+
+def test_requests_the_mirror_cannot_serve_get_a_registry_style_error(mirror: Mirror) -> None:
+    bad_ns = httpx.get(mirror.url("/v2/library/filler/manifests/v1", ns="evil.example/path"), timeout=10)
+    assert bad_ns.status_code == 400
+    assert "not a registry host" in bad_ns.json()["errors"][0]["message"]
+    elsewhere = httpx.get(mirror.url("/admin"), timeout=10)
+    assert elsewhere.status_code == 404
+
+
+def test_a_token_challenge_passes_through_and_the_token_reaches_the_registry(tmp_path: Path) -> None:
+    image = filler_image("private", [200_000], seed=11)
+    with running_registry(tmp_path / "registry", token_auth=True) as registry:
+        token = fetch_token(registry, "repository:private/app:pull,push")
+        push_image(registry.url, "private/app", "v1", image, headers={"Authorization": f"Bearer {token}"})
+        with running_daemon(tmp_path / "daemon", _mirror_config(registry)) as daemon:
+            mirror = Mirror(registry, daemon, image)
+            direct = httpx.get(f"{registry.url}/v2/private/app/manifests/v1", timeout=10)
+            challenged = mirror.get("/v2/private/app/manifests/v1")
+            assert challenged.status_code == direct.status_code == 401
+            assert challenged.headers["www-authenticate"] == direct.headers["www-authenticate"]
+            assert challenged.headers["www-authenticate"].startswith(f'Bearer realm="{registry.token_realm}"')
+
+            blob_path = f"/v2/private/app/blobs/{image.layers[0].digest}"
+            refused = mirror.get(blob_path)
+            assert refused.status_code == 401
+            assert refused.headers["www-authenticate"].startswith("Bearer ")
+
+            authorized = {"Authorization": f"Bearer {token}", "Accept": OCI_MANIFEST}
+            assert mirror.get("/v2/private/app/manifests/v1", authorized).content == image.manifest
+            layer = mirror.get(blob_path, authorized)
+            assert layer.status_code == 200
+            assert layer.content == image.layers[0].data
+
+
+def test_a_cached_blob_is_served_while_the_registry_is_down(tmp_path: Path) -> None:
+    image = filler_image("offline", [500_000], seed=12)
+    with running_registry(tmp_path / "registry") as registry:
+        push_image(registry.url, "library/offline", "v1", image)
+        with running_daemon(tmp_path / "daemon", _mirror_config(registry)) as daemon:
+            mirror = Mirror(registry, daemon, image)
+            path = f"/v2/library/offline/blobs/{image.layers[0].digest}"
+            assert mirror.get(path).status_code == 200
+            registry.stop()
+            offline = mirror.get(path)
+            assert offline.status_code == 200
+            assert offline.content == image.layers[0].data
+            manifest = mirror.get("/v2/library/offline/manifests/v1")
+            assert manifest.status_code == 502
+            assert manifest.json()["errors"][0]["code"] == "UNAVAILABLE"

@@ -1,0 +1,71 @@
+"""The registry mirror's pure parts: which registry a request goes to, and which bytes a Range selects."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dfdaemon.proxy import parse_range, upstream_base
+from dfdaemon.proxy.mirror import UnsatisfiableRange
+
+DEFAULT = "https://mirror.example.com/"
+
+
+def test_upstream_is_the_ns_registry_over_https_unless_listed_insecure() -> None:
+    assert upstream_base("ghcr.io", DEFAULT, frozenset()) == "https://ghcr.io"
+    assert upstream_base("127.0.0.1:5000", DEFAULT, frozenset({"127.0.0.1:5000"})) == "http://127.0.0.1:5000"
+    assert upstream_base("Registry.Example.com:443", DEFAULT, frozenset()) == "https://registry.example.com:443"
+
+
+def test_docker_hub_is_reached_at_its_api_host() -> None:
+    assert upstream_base("docker.io", DEFAULT, frozenset()) == "https://registry-1.docker.io"
+
+
+def test_without_ns_the_configured_registry_is_used() -> None:
+    assert upstream_base(None, DEFAULT, frozenset()) == "https://mirror.example.com"
+    assert upstream_base("", DEFAULT, frozenset()) == "https://mirror.example.com"
+
+
+@pytest.mark.parametrize("ns", ["evil.com/path", "a b", "host:99999999", "user@host", "host?x=1", "../x"])
+def test_an_ns_that_is_not_a_host_is_refused(ns: str) -> None:
+    with pytest.raises(ValueError, match="not a registry host"):
+        upstream_base(ns, DEFAULT, frozenset())
+
+
+@pytest.mark.parametrize(
+    ("header", "length", "span"),
+    [
+        (None, 10, None),
+        ("bytes=0-", 10, (0, 9)),
+        ("bytes=2-5", 10, (2, 5)),
+        ("bytes=2-500", 10, (2, 9)),
+        ("bytes=-3", 10, (7, 9)),
+        ("bytes=-30", 10, (0, 9)),
+        ("bytes=0-1,4-5", 10, None),  # several ranges: the whole blob
+        ("items=0-1", 10, None),
+        ("bytes=x-1", 10, None),
+    ],
+)
+def test_range_selects_an_inclusive_span(header: str | None, length: int, span: tuple[int, int] | None) -> None:
+    assert parse_range(header, length) == span
+
+
+@pytest.mark.parametrize(
+    ("header", "length"), [("bytes=10-", 10), ("bytes=5-2", 10), ("bytes=-0", 10), ("bytes=0-", 0)]
+)
+def test_a_range_past_the_end_is_unsatisfiable(header: str, length: int) -> None:
+    with pytest.raises(UnsatisfiableRange):
+        parse_range(header, length)
+
+
+@given(st.integers(1, 10_000), st.integers(0, 20_000), st.integers(0, 20_000))
+def test_a_satisfiable_range_stays_inside_the_blob(length: int, first: int, last: int) -> None:
+    try:
+        span = parse_range(f"bytes={first}-{last}", length)
+    except UnsatisfiableRange:
+        assert first >= length or last < first
+        return
+    assert span is not None
+    assert 0 <= span[0] <= span[1] < length
+    assert span[0] == first
