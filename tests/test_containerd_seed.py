@@ -1,0 +1,260 @@
+"""The seed scenario with real containerd: images pulled through the daemon's mirror, a running busybox kept by GC.
+
+A distribution registry holds a busybox image (the real static busybox in a layer) and filler images. containerd
+pulls them through the daemon's registry mirror into a 50 MB cache; a busybox container runs; the fillers push the
+cache over its high watermark. The daemon learns from containerd itself that the container uses busybox's blobs,
+so GC keeps them, names the container in its record, and evicts fillers least-recently-used first. Once the
+container is removed and the grace period has passed, busybox's blobs are ordinary cache again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.containerd_support import Containerd, containerd_skip_reason, running_containerd
+from tests.registry_support import (
+    OciImage,
+    Registry,
+    busybox_image,
+    busybox_skip_reason,
+    fetch_token,
+    filler_image,
+    push_image,
+    registry_skip_reason,
+    running_registry,
+)
+from tests.support import (
+    REPO_ROOT,
+    DaemonProcess,
+    SchedulerProcess,
+    peer_config,
+    running_daemon,
+    running_scheduler,
+    wait_for_hosts,
+)
+
+GRACE = 2.0
+FILLER_LAYERS = [6_000_000, 6_000_000]
+
+
+def _skip_reason() -> str | None:
+    return registry_skip_reason() or busybox_skip_reason() or containerd_skip_reason()
+
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))]
+
+
+@dataclass
+class Node:
+    """One machine: a daemon with its mirror, and a containerd that pulls through it."""
+
+    daemon: DaemonProcess
+    containerd: Containerd
+
+    def dfctl(self, *args: str, check: bool = True) -> Any:
+        out = subprocess.run(
+            [sys.executable, "-m", "dfdaemon.cli.dfctl", "-e", str(self.daemon.socket_path), "--json", *args],
+            capture_output=True,
+            text=True,
+            cwd=REPO_ROOT,
+            timeout=60,
+        )
+        if check:
+            assert out.returncode == 0, out.stderr
+            return json.loads(out.stdout)
+        return out
+
+    def holds(self, holder: str) -> set[str]:
+        return {hold["task_id"] for hold in self.dfctl("use", "ls", "--holder", holder)["holds"]}
+
+    def cached(self, task_id: str) -> bool:
+        return (self.daemon.storage_dir / "content" / "tasks" / task_id[:3] / task_id).exists()
+
+    def content_digest(self, task_id: str) -> str:
+        path = self.daemon.storage_dir / "content" / "tasks" / task_id[:3] / task_id
+        return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def task_ids(image: OciImage) -> list[str]:
+    return [blob.digest.removeprefix("sha256:") for blob in image.blobs]
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting until {what}")
+
+
+def node_config(registry: Registry, containerd: Containerd, scheduler: SchedulerProcess | None) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "gc": {
+            "interval": "1h",
+            "policy": {
+                "diskThreshold": "50MB",
+                "gracePeriod": f"{GRACE}s",
+                "diskHighThresholdPercent": 80,
+                "diskLowThresholdPercent": 60,
+            },
+        },
+        "proxy": {"registryMirror": {"insecureRegistries": [registry.host]}},
+        "runtime": {"containerd": {"address": containerd.address}, "syncInterval": "30s"},
+    }
+    if scheduler is not None:
+        config.update(peer_config(scheduler))
+    return config
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[Registry]:
+    with running_registry(tmp_path / "registry") as running:
+        yield running
+
+
+def start_node(
+    stack: ExitStack, workdir: Path, name: str, registry: Registry, scheduler: SchedulerProcess | None
+) -> Node:
+    """A node under ``workdir``; ``name`` is the daemon's directory, so its hostname (short: its socket lives there)."""
+    containerd = stack.enter_context(running_containerd(workdir / f"{name}-containerd"))
+    config = node_config(registry, containerd, scheduler)
+    daemon = stack.enter_context(running_daemon(workdir / name, config))
+    containerd.set_mirror(registry.host, f"http://127.0.0.1:{daemon.proxy_port}")
+    return Node(daemon, containerd)
+
+
+def test_a_running_busybox_survives_gc_and_goes_once_its_container_is_removed(
+    registry: Registry, tmp_path: Path
+) -> None:
+    busybox = busybox_image()
+    fillers = [filler_image(f"filler-{i}", FILLER_LAYERS, seed=100 + i) for i in range(6)]
+    push_image(registry.url, "library/busybox", "1", busybox)
+    for i, image in enumerate(fillers):
+        push_image(registry.url, f"library/filler-{i}", "1", image)
+
+    with ExitStack() as stack:
+        node = start_node(stack, tmp_path, "node", registry, scheduler=None)
+        holder = "container:default/busybox-1"
+
+        node.containerd.pull(f"{registry.host}/library/busybox:1")
+        node.containerd.run(f"{registry.host}/library/busybox:1", "busybox-1")
+        # containerd's own events tell the daemon; no one calls the Use API.
+        wait_until(lambda: node.holds(holder) == set(task_ids(busybox)), f"{holder} holds busybox's blobs")
+        refused = node.dfctl("task", "rm", task_ids(busybox)[1], check=False)
+        assert refused.returncode == 1
+        assert holder in refused.stderr
+
+        pulled: list[str] = []  # filler task ids in the order they entered the cache
+        for i, image in enumerate(fillers[:4]):
+            time.sleep(GRACE + 0.5)  # earlier pulls leave their grace period
+            node.containerd.pull(f"{registry.host}/library/filler-{i}:1")
+            pulled += task_ids(image)
+
+        # Every busybox blob is still cached and is still busybox.
+        for task_id in task_ids(busybox):
+            assert node.content_digest(task_id) == f"sha256:{task_id}"
+        runs = node.dfctl("gc", "report", "--limit", "50")["runs"]
+        evicted = [e["task_id"] for run in runs for e in run["evicted"]]
+        assert set(evicted) <= set(pulled), "GC evicted something other than filler blobs"
+        assert evicted, "the fillers never pushed the cache over its high watermark"
+        # Least recently used first: everything evicted entered the cache before everything kept.
+        kept = [task_id for task_id in pulled if node.cached(task_id)]
+        assert max(pulled.index(t) for t in evicted) < min(pulled.index(t) for t in kept)
+        protections = [
+            skip
+            for run in runs
+            for skip in run["skipped"]
+            if skip["task_id"] in task_ids(busybox) and skip["reason"] == "held"
+        ]
+        assert protections, "no GC run recorded why busybox stayed"
+        assert all(skip["holders"] == [holder] for skip in protections)
+        usage = node.dfctl("usage")
+        assert usage["used_bytes"] <= usage["high_watermark_bytes"]
+
+        # The container goes: its holds go, and once the grace period has passed GC may take busybox.
+        node.containerd.stop_and_remove("busybox-1")
+        wait_until(lambda: not node.holds(holder), f"{holder} released its holds")
+        time.sleep(GRACE + 0.5)
+        mirror = f"http://127.0.0.1:{node.daemon.proxy_port}"
+        for task_id in kept:  # cache hits make the fillers more recently used than busybox
+            response = httpx.get(f"{mirror}/v2/library/any/blobs/sha256:{task_id}", timeout=30)
+            assert response.status_code == 200
+        for i in (4, 5):  # over the high watermark again
+            node.containerd.pull(f"{registry.host}/library/filler-{i}:1")
+        runs = node.dfctl("gc", "report", "--limit", "50")["runs"]
+        busybox_evictions = {e["task_id"]: e["reason"] for run in runs for e in run["evicted"]}
+        for task_id in task_ids(busybox):
+            assert busybox_evictions.get(task_id) == "quota"
+            assert not node.cached(task_id)
+
+
+def test_a_second_node_pulls_the_image_from_the_first_not_the_registry(registry: Registry, tmp_path: Path) -> None:
+    busybox = busybox_image()
+    filler = filler_image("shared", FILLER_LAYERS, seed=300)
+    push_image(registry.url, "library/busybox", "1", busybox)
+    push_image(registry.url, "library/shared", "1", filler)
+
+    with ExitStack() as stack:
+        scheduler = stack.enter_context(running_scheduler(tmp_path / "scheduler"))
+        first = start_node(stack, tmp_path, "node-a", registry, scheduler)
+        second = start_node(stack, tmp_path, "node-b", registry, scheduler)
+        wait_for_hosts(scheduler, 2)
+
+        for ref in ("library/busybox:1", "library/shared:1"):
+            first.containerd.pull(f"{registry.host}/{ref}")
+        from_registry = registry.blob_bytes_served()
+        for image in (busybox, filler):
+            assert from_registry >= sum(blob.size for blob in image.blobs)
+
+        for ref in ("library/busybox:1", "library/shared:1"):
+            second.containerd.pull(f"{registry.host}/{ref}")
+        # Each download learns the blob's length with a one-byte ranged GET; every other byte came from node A.
+        blob_count = len(busybox.blobs) + len(filler.blobs)
+        assert registry.blob_bytes_served() - from_registry == blob_count, "node B fetched blob data from the registry"
+        for image in (busybox, filler):
+            for task_id in task_ids(image):
+                assert second.content_digest(task_id) == f"sha256:{task_id}"
+        # And it runs there, holding its image on that node.
+        second.containerd.run(f"{registry.host}/library/busybox:1", "busybox-b")
+        wait_until(
+            lambda: second.holds("container:default/busybox-b") == set(task_ids(busybox)),
+            "the second node's container holds busybox",
+        )
+
+
+def test_registry_errors_reach_containerd_through_the_mirror(tmp_path: Path) -> None:
+    image = filler_image("private", [300_000], seed=400)
+    with ExitStack() as stack:
+        registry = stack.enter_context(running_registry(tmp_path / "registry", token_auth=True))
+        token = fetch_token(registry, "repository:private/app:pull,push")
+        push_image(registry.url, "private/app", "1", image, headers={"Authorization": f"Bearer {token}"})
+        node = start_node(stack, tmp_path, "node", registry, scheduler=None)
+
+        # 401 with a token challenge: containerd gets a token from the realm and pulls through the mirror.
+        node.containerd.pull(f"{registry.host}/private/app:1")
+        assert registry.token_requests, "containerd never saw the registry's token challenge"
+        for task_id in task_ids(image):
+            assert node.content_digest(task_id) == f"sha256:{task_id}"
+        proxy_log = node.daemon.log()
+        assert "Traceback" not in proxy_log
+
+        # 404 for a missing tag: the pull fails with the registry's "not found".
+        missing = node.containerd.ctr(
+            "images", "pull", "--hosts-dir", str(node.containerd.hosts_dir), "--plain-http",
+            f"{registry.host}/private/app:no-such-tag", check=False,
+        )  # fmt: skip
+        assert missing.returncode != 0
+        assert "not found" in missing.stderr
