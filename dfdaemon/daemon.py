@@ -26,7 +26,7 @@ from dfdaemon.rpc.peer_client import GrpcParentClient
 from dfdaemon.rpc.scheduler_client import HostInfo, SchedulerClient
 from dfdaemon.rpc.servers import HealthReporter, add_service, new_server
 from dfdaemon.rpc.tls import TLSError, server_credentials
-from dfdaemon.runtime.containerd import ContainerdClient, ContainerdError
+from dfdaemon.runtime.containerd import ContainerdClient
 from dfdaemon.runtime.sync import RuntimeSync
 from dfdaemon.storage import Storage
 from dfdaemon.storage.metadata import SchemaTooNew
@@ -194,11 +194,9 @@ class Daemon:
             interval=config.sync_interval,
             pinned_images=config.pinned_images,
         )
-        try:
-            report = await self.runtime_sync.sync_once()
+        report = await self.runtime_sync.sync_logged()
+        if report is not None:
             log.info("runtime sync: %d holders from containerd at %s", len(report.held), config.containerd.address)
-        except ContainerdError as exc:
-            log.warning("runtime sync: containerd not reachable yet, holds left as they are: %s", exc)
         self.runtime_sync.start()
 
     def _upload_server_bound(self) -> tuple[grpc.aio.Server, HealthReporter, int]:

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.registry_support import (
     OCI_MANIFEST,
@@ -20,9 +27,23 @@ from tests.registry_support import (
     registry_skip_reason,
     running_registry,
 )
-from tests.support import DaemonProcess, running_daemon
+from tests.support import REPO_ROOT, DaemonProcess, running_daemon, running_origin
 
 pytestmark = pytest.mark.skipif(registry_skip_reason() is not None, reason=str(registry_skip_reason()))
+
+MIB = 1024 * 1024
+
+
+def dfctl(daemon: DaemonProcess, *args: str) -> Any:
+    out = subprocess.run(
+        [sys.executable, "-m", "dfdaemon.cli.dfctl", "-e", str(daemon.socket_path), "--json", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
 
 
 @dataclass
@@ -174,3 +195,62 @@ def test_a_cached_blob_is_served_while_the_registry_is_down(tmp_path: Path) -> N
             manifest = mirror.get("/v2/library/offline/manifests/v1")
             assert manifest.status_code == 502
             assert manifest.json()["errors"][0]["code"] == "UNAVAILABLE"
+
+
+def test_a_blob_streams_to_the_client_before_its_download_finishes(tmp_path: Path) -> None:
+    data = os.urandom(3 * 4 * MIB)  # three pieces, fetched one at a time from a throttled origin
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    blob_path = f"v2/slow/blobs/{digest}"
+    (tmp_path / "files" / "v2" / "slow" / "blobs").mkdir(parents=True)
+    (tmp_path / "files" / blob_path).write_bytes(data)
+    with running_origin(tmp_path / "files") as origin:
+        config = {
+            "proxy": {"registryMirror": {"insecureRegistries": [origin.address]}},
+            "download": {"concurrentPieceCount": 1},
+        }
+        with running_daemon(tmp_path / "daemon", config) as daemon:
+            origin.fault(blob_path, rate=4_000_000)
+            url = f"http://127.0.0.1:{daemon.proxy_port}/{blob_path}?ns={origin.address}"
+            received = bytearray()
+            with httpx.stream("GET", url, timeout=60) as response:
+                assert response.status_code == 200
+                chunks = response.iter_bytes()
+                received += next(chunks)
+                # The client already has bytes while the daemon is still fetching the rest.
+                states = {task["task_id"]: task["state"] for task in dfctl(daemon, "task", "ls")["tasks"]}
+                assert states[digest[7:]] == "unfinished"
+                for chunk in chunks:
+                    received += chunk
+            assert hashlib.sha256(received).hexdigest() == digest[7:]
+
+
+_PATH_PART = st.text(alphabet=st.sampled_from("abcz09._-/:%?&=~"), max_size=40)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    path=st.one_of(
+        _PATH_PART.map(lambda tail: "/v2/" + tail),
+        _PATH_PART.map(lambda tail: "/v2/library/filler/blobs/" + tail),
+        st.sampled_from(["/v2/library/filler/blobs/sha256:" + "0" * 64, "/v2/library/filler/blobs/sha512:00"]),
+        _PATH_PART.map(lambda tail: "/" + tail),
+    ),
+    ns=st.one_of(st.none(), st.just("registry"), st.text(max_size=30)),
+    method=st.sampled_from(["GET", "HEAD", "DELETE", "PUT", "OPTIONS"]),
+    range_header=st.one_of(
+        st.none(), st.text(max_size=30), st.from_regex(r"bytes=[0-9]{0,8}-[0-9]{0,8}", fullmatch=True)
+    ),
+)
+def test_any_request_gets_an_http_answer_never_a_crash(
+    mirror: Mirror, path: str, ns: str | None, method: str, range_header: str | None
+) -> None:
+    query = {} if ns is None else {"ns": mirror.registry.host if ns == "registry" else ns}
+    sendable = range_header is not None and range_header.isascii() and range_header.isprintable()
+    headers = {"Range": range_header.strip()} if sendable and range_header else {}
+    try:
+        response = httpx.request(method, mirror.url(path, **query), headers=headers, timeout=30)
+    except httpx.InvalidURL:
+        return  # the client refused to send it
+    # 502 is the mirror's answer for a registry it cannot reach (a random ns); 5xx of its own would be a bug.
+    assert response.status_code < 500 or response.status_code in (502, 503), response.text
+    assert "Traceback" not in mirror.daemon.log()

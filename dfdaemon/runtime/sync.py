@@ -2,7 +2,9 @@
 
 Every container record (running, or created and not yet removed: kubelet counts both) gets one holder,
 ``container:<namespace>/<id>``, that holds exactly the blobs of its image: manifest, config and layers,
-by task id (the digest's hex, as the registry mirror names them). Pinned images get ``pinned:<ref>``.
+by task id (the digest's hex, as the registry mirror names them). A container's set is fixed when the
+sync first sees it: its root filesystem never changes, so a tag later pulled to a new digest must not
+move its holds. Pinned images follow their reference and get ``pinned:<ref>``.
 Holders whose container is gone are released, and GC's grace period runs from then. Holds carry no
 lease: they end only when containerd says the container is gone, never because containerd was
 unreachable for a while. A sync runs every ``runtime.syncInterval`` and soon after any container,
@@ -93,8 +95,12 @@ class RuntimeSync:
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
+        # Each live container's blobs as first resolved (after a restart: that resolution plus what it held).
+        self._container_blobs: dict[str, list[str]] = {}
+        self._reachable = True
 
     def start(self) -> None:
+        """Run the loop (its first sync after an event or ``interval``: call ``sync_once`` first) and the watch."""
         self._tasks = [
             asyncio.create_task(self._periodic(), name="runtime-sync"),
             asyncio.create_task(self._watch(), name="runtime-events"),
@@ -115,13 +121,13 @@ class RuntimeSync:
     async def sync_once(self) -> SyncReport:
         """Make the runtime holders match containerd now; raises ContainerdError when it cannot be asked."""
         async with self._lock:
-            wanted = await self._wanted()
+            holds: dict[str, set[str]] = {}
+            for hold in await self.storage.all_live_holds():
+                if hold.holder.startswith((CONTAINER_HOLDER, PINNED_HOLDER)):
+                    holds.setdefault(hold.holder, set()).add(hold.task_id)
+            wanted = await self._wanted(holds)
             report = SyncReport()
-            current = {
-                hold.holder
-                for hold in await self.storage.all_live_holds()
-                if hold.holder.startswith((CONTAINER_HOLDER, PINNED_HOLDER))
-            }
+            current = set(holds)
             for holder, task_ids in wanted.items():
                 if task_ids is None:
                     report.unresolved.append(holder)
@@ -138,6 +144,8 @@ class RuntimeSync:
                         len(result.acquired),
                         len(result.released),
                     )
+            for holder in set(self._container_blobs) - wanted.keys():
+                del self._container_blobs[holder]
             for holder in sorted(current - wanted.keys()):
                 result = await self.storage.sync(holder, [])
                 report.released.append(holder)
@@ -146,13 +154,20 @@ class RuntimeSync:
             self.last_sync_at = time.time()
             return report
 
-    async def _wanted(self) -> dict[str, list[str] | None]:
+    async def _wanted(self, holds: dict[str, set[str]]) -> dict[str, list[str] | None]:
         """Holder -> task ids; None when an image cannot be resolved now (its holds are left as they are)."""
         wanted: dict[str, list[str] | None] = {}
         for container in await self.runtime.containers():
             holder = container_holder(container.namespace, container.id)
+            if holder in self._container_blobs:
+                wanted[holder] = self._container_blobs[holder]
+                continue
             # An image record removed while its container lives on still keeps what the container held.
-            wanted[holder] = await self._resolve(holder, container.namespace, container.image, keep_if_absent=True)
+            resolved = await self._resolve(holder, container.namespace, container.image, keep_if_absent=True)
+            if resolved is not None:
+                resolved = sorted(set(resolved) | holds.get(holder, set()))
+                self._container_blobs[holder] = resolved
+            wanted[holder] = resolved
         if self.pinned_images:
             namespaces = await self.runtime.namespaces()
             for image in self.pinned_images:
@@ -172,19 +187,33 @@ class RuntimeSync:
             log.warning("cannot resolve image %s of %s: %s", image, holder, exc)
             return None
 
+    async def sync_logged(self) -> SyncReport | None:
+        """``sync_once``, with one warning when containerd stops answering and one line when it is back."""
+        try:
+            report = await self.sync_once()
+        except ContainerdError as exc:
+            if self._reachable:
+                log.warning("runtime sync: containerd does not answer, holds left as they are: %s", exc)
+            else:
+                log.debug("runtime sync: containerd still does not answer: %s", exc)
+            self._reachable = False
+            return None
+        if not self._reachable:
+            log.info("runtime sync: containerd answers again; %d holders", len(report.held))
+        self._reachable = True
+        return report
+
     async def _periodic(self) -> None:
         while True:
-            try:
-                await self.sync_once()
-            except ContainerdError as exc:
-                log.warning("runtime sync failed, holds left as they are: %s", exc)
-            except Exception:
-                log.exception("runtime sync failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.interval)
             # Let a burst of events (create, start, ...) settle into one sync.
             await asyncio.sleep(self.settle)
             self._wake.clear()
+            try:
+                await self.sync_logged()
+            except Exception:
+                log.exception("runtime sync failed")
 
     async def _watch(self) -> None:
         backoff = 0.5
