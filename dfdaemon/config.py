@@ -221,6 +221,8 @@ class ProxyConfig(_Section):
     enable: bool = True
     server: ProxyServerConfig = ProxyServerConfig()
     registry_mirror: RegistryMirrorConfig = RegistryMirrorConfig()
+    # Blobs come only from peers; a blob no peer has fails (upstream's key).
+    disable_back_to_source: bool = False
 
 
 class ContainerdConfig(_Section):

@@ -170,6 +170,7 @@ class Daemon:
             default_registry=config.registry_mirror.addr,
             insecure_registries=frozenset(config.registry_mirror.insecure_registries),
             blobs_by_digest=config.registry_mirror.enable_task_id_based_blob_digest,
+            disable_back_to_source=config.disable_back_to_source,
         )
         self.mirror = MirrorServer(mirror)
         try:

@@ -125,6 +125,7 @@ class RegistryMirror:
         default_registry: str,
         insecure_registries: frozenset[str] = frozenset(),
         blobs_by_digest: bool = True,
+        disable_back_to_source: bool = False,
         timeout: float = 60.0,
     ) -> None:
         self.storage = storage
@@ -133,6 +134,7 @@ class RegistryMirror:
         self.default_registry = default_registry
         self.insecure_registries = frozenset(host.lower() for host in insecure_registries)
         self.blobs_by_digest = blobs_by_digest
+        self.disable_back_to_source = disable_back_to_source
         # Redirects are the runtime's to follow (they may lead to storage the registry signs for it).
         self.client = httpx.AsyncClient(
             follow_redirects=False, trust_env=False, timeout=httpx.Timeout(timeout, connect=10.0)
@@ -220,6 +222,7 @@ class RegistryMirror:
             url=url,
             request_header={"Authorization": authorization} if authorization else {},
             enable_task_id_based_blob_digest=True,
+            disable_back_to_source=self.disable_back_to_source,
             from_network=from_network,
         )
         events = self.downloads.download(download)
