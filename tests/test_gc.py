@@ -75,6 +75,19 @@ async def test_released_image_can_go_after_the_grace_period(storage: Storage, cl
     assert await storage.get_task(task.id) is None
 
 
+async def test_releasing_a_lapsed_lease_keeps_the_grace_from_the_lapse(storage: Storage, clock: FakeClock) -> None:
+    task = await fill(storage, "leased", 500 * KB)
+    clock.advance(1000)
+    await storage.acquire("runtime:lease", [task.id], ttl=10)
+    clock.advance(15)  # lapsed 5 s ago, not yet purged by a GC run
+    assert await storage.release("runtime:lease", [task.id]) == []
+    gc = collector(storage, quota_bytes=400 * KB)
+    report = await gc.run()
+    assert [(s.task_id, s.reason) for s in report.skipped] == [(task.id, "grace")]
+    clock.advance(56)  # 61 s after the lapse
+    assert [(e.task_id, e.reason) for e in (await gc.run()).evicted] == [(task.id, "quota")]
+
+
 async def test_freshly_finished_task_is_protected_by_grace(storage: Storage, clock: FakeClock) -> None:
     task = await fill(storage, "fresh", 500 * KB)
     gc = collector(storage, quota_bytes=100 * KB, grace_period=300)

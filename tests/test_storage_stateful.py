@@ -514,7 +514,7 @@ class StorageMachine(RuleBasedStateMachine):
 
     @rule(holder=HOLDERS, data=st.data())
     def release(self, holder: str, data: st.DataObject) -> None:
-        """Live holds are released (grace and last use start now); a lapsed row just goes, reported as nothing."""
+        """Live holds are released (grace and last use start now); a lapsed row goes, released when it lapsed."""
         names = _unique(data.draw(st.lists(self._names(), min_size=1, max_size=3), label="names"))
         released = self.run(self.storage.release(holder, [make_id(name) for name in names]))
         live = self._live_names(holder)
@@ -522,8 +522,9 @@ class StorageMachine(RuleBasedStateMachine):
         for name in names:
             if name in live:
                 self._released(holder, name)
-            else:
-                self.leases.pop((holder, name), None)
+            elif (lapsed := self.leases.pop((holder, name), None)) is not None:
+                task = self.tasks[name]  # released when it lapsed, as a GC purge would stamp it
+                task.released_at = max(task.released_at or 0.0, lapsed.expires_at or 0.0)
         assert released == [make_id(name) for name in expected]
 
     @rule(holder=HOLDERS, ttl=TTLS)

@@ -375,7 +375,7 @@ class MetadataStore:
         return []
 
     def release(self, holder: str, task_ids: list[str], now: float) -> list[str]:
-        """Remove the holder's holds on these tasks; returns the ids whose hold was live (a lapsed one just goes)."""
+        """Remove the holder's holds on these tasks; returns the ids whose hold was live (a lapsed one is not)."""
         released = []
         with self.transaction() as db:
             for task_id in task_ids:
@@ -388,6 +388,11 @@ class MetadataStore:
                 if row["expires_at"] is None or row["expires_at"] > now:
                     released.append(task_id)
                     db.execute("UPDATE tasks SET released_at = ?, last_used_at = ? WHERE id = ?", (now, now, task_id))
+                else:  # as a GC purge would: the task counts as released when its lease lapsed
+                    db.execute(
+                        "UPDATE tasks SET released_at = MAX(COALESCE(released_at, 0), ?) WHERE id = ?",
+                        (row["expires_at"], task_id),
+                    )
         return released
 
     def keep_alive(self, holder: str, ttl: float | None, now: float) -> None:
