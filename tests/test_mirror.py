@@ -254,3 +254,17 @@ def test_any_request_gets_an_http_answer_never_a_crash(
     # 502 is the mirror's answer for a registry it cannot reach (a random ns); 5xx of its own would be a bug.
     assert response.status_code < 500 or response.status_code in (502, 503), response.text
     assert "Traceback" not in mirror.daemon.log()
+
+
+def test_a_percent_encoded_digest_names_the_same_blob_and_is_counted(mirror: Mirror) -> None:
+    layer = mirror.image.layers[1]
+    encoded = mirror.get(f"/v2/library/filler/blobs/{layer.digest.replace(':', '%3A')}")
+    assert encoded.status_code == 200
+    assert encoded.content == layer.data
+    assert encoded.headers["docker-content-digest"] == layer.digest
+    task_file = mirror.daemon.storage_dir / "content" / "tasks" / layer.digest[7:10] / layer.digest[7:]
+    assert task_file.read_bytes() == layer.data
+    assert mirror.get("/v2/library/filler/manifests/missing").status_code == 404
+    scraped = httpx.get(f"http://127.0.0.1:{mirror.daemon.metrics_port}/metrics", timeout=10).text
+    assert 'dfdaemon_proxy_requests_total{route="blob",status="200"}' in scraped
+    assert 'dfdaemon_proxy_requests_total{route="registry",status="404"}' in scraped

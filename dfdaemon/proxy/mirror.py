@@ -29,6 +29,7 @@ from dfdaemon.backend import BackendError, SourceNotAllowed, SourcePolicy, Unsup
 from dfdaemon.download import DownloadManager, DownloadRequest, InvalidDownload, PieceDone, Started
 from dfdaemon.ids import PieceSpan
 from dfdaemon.storage import Storage, StorageFull, TaskState
+from dfdaemon.telemetry import metrics
 
 log = logging.getLogger("dfdaemon.proxy")
 
@@ -144,29 +145,37 @@ class RegistryMirror:
         await self.client.aclose()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        response, route = await self._answer(request)
+        metrics.PROXY_REQUESTS.labels(route, str(response.status)).inc()
+        return response
+
+    async def _answer(self, request: web.Request) -> tuple[web.StreamResponse, str]:
+        """The response, and which way it went: "blob" (P2P or cache), "registry" (passed on) or "refused"."""
         if not (request.path == "/v2" or request.path.startswith("/v2/")):
-            return _registry_error(404, "NOT_FOUND", "this is a registry mirror: only /v2/ paths are served")
+            return _registry_error(404, "NOT_FOUND", "this is a registry mirror: only /v2/ paths are served"), "refused"
         try:
             base = upstream_base(request.query.get("ns"), self.default_registry, self.insecure_registries)
         except ValueError as exc:
-            return _registry_error(400, "UNSUPPORTED", str(exc))
+            return _registry_error(400, "UNSUPPORTED", str(exc)), "refused"
+        task_id = self._blob_task_id(request)
+        # A blob's URL is spelled from the decoded path, so that the task is named (and checked) by its digest.
+        path = request.path if task_id is not None else request.raw_path.split("?", 1)[0]
         query = [(key, value) for key, value in request.query.items() if key != "ns"]
-        url = base + request.raw_path.split("?", 1)[0] + (f"?{urlencode(query)}" if query else "")
+        url = base + path + (f"?{urlencode(query)}" if query else "")
         from_network = not _is_loopback(request.remote)
         try:
             await self.policy.check(url, from_network=from_network)
         except SourceNotAllowed as exc:
-            return _registry_error(403, "DENIED", str(exc))
+            return _registry_error(403, "DENIED", str(exc)), "refused"
         except BackendError as exc:
-            return _registry_error(502, "UNAVAILABLE", str(exc))
-        task_id = self._blob_task_id(request)
+            return _registry_error(502, "UNAVAILABLE", str(exc)), "refused"
         if task_id is not None and request.method == "GET":
-            return await self._blob(request, url, task_id, from_network)
+            return await self._blob(request, url, task_id, from_network), "blob"
         if task_id is not None and request.method == "HEAD":
             cached = await self._cached_blob_head(task_id)
             if cached is not None:
-                return cached
-        return await self._pass(request, url)
+                return cached, "blob"
+        return await self._pass(request, url), "registry"
 
     def _blob_task_id(self, request: web.Request) -> str | None:
         match = _BLOB_PATH.fullmatch(request.path)
@@ -232,6 +241,9 @@ class RegistryMirror:
             await events.aclose()
             return await self._refusal(request, url, task_id, exc)
         assert isinstance(started, Started)
+        if started.task_id != task_id:  # the URL did not name the blob: never serve other bytes under its digest
+            await events.aclose()
+            return _registry_error(400, "DIGEST_INVALID", f"the request does not name blob {task_id} exactly")
         return await self._stream(request, events, started)
 
     async def _refusal(self, request: web.Request, url: str, task_id: str, error: Exception) -> web.StreamResponse:

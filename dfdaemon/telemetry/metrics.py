@@ -63,6 +63,14 @@ GC_EVICTED_BYTES = Counter(
 )
 
 
+PROXY_REQUESTS = Counter(
+    "dfdaemon_proxy_requests_total",
+    "Registry mirror requests, by route (blob, registry, refused) and HTTP status.",
+    ["route", "status"],
+    registry=REGISTRY,
+)
+
+
 class MetricsServer:
     """The ``/metrics`` HTTP endpoint, in a thread of its own (Prometheus' own server)."""
 
