@@ -258,3 +258,22 @@ def test_registry_errors_reach_containerd_through_the_mirror(tmp_path: Path) -> 
         )  # fmt: skip
         assert missing.returncode != 0
         assert "not found" in missing.stderr
+
+
+def test_a_pinned_image_is_held_without_any_container(registry: Registry, tmp_path: Path) -> None:
+    pause = filler_image("pause", [400_000], seed=500)
+    push_image(registry.url, "library/pause", "3", pause)
+    ref = f"{registry.host}/library/pause:3"
+    with ExitStack() as stack:
+        containerd = stack.enter_context(running_containerd(tmp_path / "node-containerd"))
+        config = node_config(registry, containerd, scheduler=None)
+        config["runtime"]["pinnedImages"] = [ref]
+        daemon = stack.enter_context(running_daemon(tmp_path / "node", config))
+        containerd.set_mirror(registry.host, f"http://127.0.0.1:{daemon.proxy_port}")
+        node = Node(daemon, containerd)
+
+        containerd.pull(ref)  # the image event makes the daemon look again
+        wait_until(lambda: node.holds(f"pinned:{ref}") == set(task_ids(pause)), "the pinned image is held")
+        report = node.dfctl("gc", "run")
+        held = {skip["task_id"]: skip["holders"] for skip in report["skipped"] if skip["reason"] == "held"}
+        assert held == {task_id: [f"pinned:{ref}"] for task_id in task_ids(pause)}
