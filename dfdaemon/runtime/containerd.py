@@ -363,17 +363,6 @@ class ContainerdClient:
 
     # -- images
 
-    async def image_names(self, namespace: str) -> list[str]:
-        """The names (references) of every image record in ``namespace``, sorted."""
-        stub = containerd_images_pb2_grpc.ImagesStub(self._open())
-        try:
-            reply = await stub.List(
-                containerd_images_pb2.ListImagesRequest(), metadata=self._metadata(namespace), timeout=self.timeout
-            )
-        except aio.AioRpcError as exc:
-            raise self._error(exc, f"listing images in namespace {namespace!r}") from None
-        return sorted({image.name for image in reply.images})
-
     async def _image_target(self, namespace: str, image: str) -> tuple[str, str]:
         if not image:
             raise ImageNotFound(f"no image name given (namespace {namespace!r})")
