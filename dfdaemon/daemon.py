@@ -27,7 +27,7 @@ from dfdaemon.rpc.scheduler_client import HostInfo, SchedulerClient
 from dfdaemon.rpc.servers import HealthReporter, add_service, new_server
 from dfdaemon.rpc.tls import TLSError, server_credentials
 from dfdaemon.runtime.containerd import ContainerdClient
-from dfdaemon.runtime.sync import RuntimeSync
+from dfdaemon.runtime.sync import CONTAINER_HOLDER, PINNED_HOLDER, RuntimeSync
 from dfdaemon.storage import Storage
 from dfdaemon.storage.metadata import SchemaTooNew
 from dfdaemon.telemetry.metrics import MetricsServer
@@ -233,7 +233,8 @@ class Daemon:
             add_service(
                 server, download.SERVICE, download.DownloadServicer(self.storage, self.downloads, self.membership)
             )
-            add_service(server, ext.USE_SERVICE, ext.UseServicer(self.storage))
+            reserved = (CONTAINER_HOLDER, PINNED_HOLDER) if self.config.runtime.containerd.address else ()
+            add_service(server, ext.USE_SERVICE, ext.UseServicer(self.storage, reserved))
             add_service(server, ext.CACHE_SERVICE, ext.CacheServicer(self.storage, self.gc))
 
         server, health = new_server(

@@ -25,13 +25,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.support import SYSTEM_BIN_DIRS, find_binary, stop_process, tail
+
 CONTAINERD_BINARY = "containerd"
 CTR_BINARY = "ctr"
 RUNC_BINARY = "runc"
 SNAPSHOTTER = "native"
 
 # Debian installs runc in sbin, which a non-root PATH may lack.
-_EXTRA_BIN_DIRS = ("/usr/local/bin", "/usr/bin", "/bin", "/usr/local/sbin", "/usr/sbin", "/sbin")
 # Unix socket paths (sun_path) hold 108 bytes with the terminating NUL; containerd also makes "<grpc>.ttrpc".
 _MAX_SOCKET_PATH = 100
 # Variables ctr and containerd would read instead of our flags.
@@ -42,22 +43,10 @@ class ContainerdSupportError(RuntimeError):
     """containerd or ctr did not do what a test asked."""
 
 
-def find_binary(name: str) -> str | None:
-    """The path of ``name`` on PATH or in the usual system bin directories, or None."""
-    search = os.pathsep.join([os.environ.get("PATH", ""), *_EXTRA_BIN_DIRS])
-    return shutil.which(name, path=search)
-
-
 def _env() -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if key not in _ENV_OVERRIDES}
-    env["PATH"] = os.pathsep.join([env.get("PATH", ""), *_EXTRA_BIN_DIRS])  # containerd looks up the shim and runc
+    env["PATH"] = os.pathsep.join([env.get("PATH", ""), *SYSTEM_BIN_DIRS])  # containerd looks up the shim and runc
     return env
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    if not path.exists():
-        return "(no log)"
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 _LOG_LEVEL = re.compile(r"level=(fatal|error|panic)\b")
@@ -271,14 +260,7 @@ class Containerd:
 
     def stop(self, timeout: float = 10.0) -> int:
         """Stop containerd (SIGTERM, then SIGKILL); returns its exit status."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return stop_process(self.process, timeout=timeout)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -381,7 +363,7 @@ def _wait_ready(containerd: Containerd, timeout: float) -> None:
             last = " ".join(result.stderr.split())
         time.sleep(0.05)
     raise ContainerdSupportError(
-        f"containerd did not answer within {timeout:g}s: {last or error_line(_tail(containerd.log_path))}"
+        f"containerd did not answer within {timeout:g}s: {last or error_line(tail(containerd.log_path))}"
     )
 
 

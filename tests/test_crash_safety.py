@@ -22,7 +22,7 @@ import pytest
 
 from dfdaemon.storage import Storage, TaskState
 from tests.storage_support import fill
-from tests.support import REPO_ROOT, DaemonProcess, dfget, running_daemon, running_origin
+from tests.support import REPO_ROOT, dfget, run_dfctl, running_daemon, running_origin
 
 MB = 1_000_000
 pytestmark = pytest.mark.slow
@@ -65,16 +65,6 @@ def _count_files(root: Path) -> int:
     return sum(len(files) for _, _, files in os.walk(root))
 
 
-def dfctl(daemon: DaemonProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dfdaemon.cli.dfctl", "-e", str(daemon.socket_path), "--json", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO_ROOT,
-        timeout=60,
-    )
-
-
 def test_sigkill_while_storing_then_resume(tmp_path: Path) -> None:
     data = os.urandom(24 * MB)
     with running_origin(tmp_path / "files") as origin:
@@ -84,7 +74,10 @@ def test_sigkill_while_storing_then_resume(tmp_path: Path) -> None:
         with running_daemon(workdir, {"download": {"concurrentPieceCount": 2}}) as daemon:
             kept = dfget(daemon, origin.url("kept.bin"), tmp_path / "kept.bin", "--json")
             kept_id = json.loads(kept.stdout)["task_id"]
-            assert dfctl(daemon, "use", "acquire", "--holder", "container:default/app", kept_id).returncode == 0
+            assert (
+                run_dfctl(daemon, "--json", "use", "acquire", "--holder", "container:default/app", kept_id).returncode
+                == 0
+            )
             origin.fault("layer.bin", rate=3 * MB)
             client = subprocess.Popen(
                 [sys.executable, "-m", "dfdaemon.cli.dfget", origin.url("layer.bin"), "-O", str(tmp_path / "out"),
@@ -105,7 +98,7 @@ def test_sigkill_while_storing_then_resume(tmp_path: Path) -> None:
         assert kept_id in sizes
 
         with running_daemon(workdir) as daemon:
-            holds = json.loads(dfctl(daemon, "use", "ls").stdout)["holds"]
+            holds = json.loads(run_dfctl(daemon, "--json", "use", "ls").stdout)["holds"]
             assert [(h["task_id"], h["holder"]) for h in holds] == [(kept_id, "container:default/app")]
             resumed = dfget(daemon, origin.url("layer.bin"), tmp_path / "out", "--json")
             assert resumed.returncode == 0, resumed.stderr
@@ -152,9 +145,11 @@ def test_sigkill_while_evicting(tmp_path: Path) -> None:
     assert set(held) <= set(sizes)
     assert len(held) < len(sizes) < len(held) + len(loose)  # killed in the middle of the run
     with running_daemon(workdir, config) as daemon:
-        holds = json.loads(dfctl(daemon, "use", "ls", "--holder", "container:default/keep").stdout)["holds"]
+        holds = json.loads(run_dfctl(daemon, "--json", "use", "ls", "--holder", "container:default/keep").stdout)[
+            "holds"
+        ]
         assert sorted(h["task_id"] for h in holds) == sorted(held)
-        run = json.loads(dfctl(daemon, "gc", "run").stdout)
+        run = json.loads(run_dfctl(daemon, "--json", "gc", "run").stdout)
         assert not set(held) & {e["task_id"] for e in run["evicted"]}
     sizes = consistency(storage_dir)
     assert set(sizes) == set(held)

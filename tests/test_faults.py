@@ -14,15 +14,14 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from dfdaemon.storage import Storage, TaskState
 from tests.support import (
     REPO_ROOT,
-    DaemonProcess,
     OriginProcess,
+    dfctl_json,
     dfget,
     running_daemon,
     running_origin,
@@ -58,15 +57,6 @@ def verify_store(storage_dir: Path) -> dict[str, int]:
             await storage.close()
 
     return asyncio.run(check())
-
-
-def dfctl(daemon: DaemonProcess, *args: str) -> Any:
-    out = subprocess.run(
-        [sys.executable, "-m", "dfdaemon.cli.dfctl", "-e", str(daemon.socket_path), "--json", *args],
-        capture_output=True, text=True, cwd=REPO_ROOT, timeout=60,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
 
 
 @contextmanager
@@ -117,7 +107,7 @@ def test_disk_full_mid_piece_fails_cleanly_and_the_daemon_keeps_serving(tmp_path
         small = dfget(daemon, origin.url("small.bin"), tmp_path / "small.bin")
         assert small.returncode == 0, small.stderr
         assert sha256(tmp_path / "small.bin") == sha256(origin.root / "small.bin")
-        runs = dfctl(daemon, "gc", "report", "--limit", "10")["runs"]
+        runs = dfctl_json(daemon, "gc", "report", "--limit", "10")["runs"]
         assert any(run["trigger"] == "disk-full" for run in runs)
         daemon.stop()
         assert daemon.proc.returncode == 0

@@ -45,15 +45,16 @@ def test_an_ns_that_is_not_a_host_is_refused(ns: str) -> None:
         ("bytes=0-1,4-5", 10, None),  # several ranges: the whole blob
         ("items=0-1", 10, None),
         ("bytes=x-1", 10, None),
+        ("bytes=5-2", 10, None),  # invalid, so ignored
+        ("bytes=\u00b2-", 10, None),  # a digit to str.isdigit, not to int()
+        ("bytes=-", 10, None),
     ],
 )
 def test_range_selects_an_inclusive_span(header: str | None, length: int, span: tuple[int, int] | None) -> None:
     assert parse_range(header, length) == span
 
 
-@pytest.mark.parametrize(
-    ("header", "length"), [("bytes=10-", 10), ("bytes=5-2", 10), ("bytes=-0", 10), ("bytes=0-", 0)]
-)
+@pytest.mark.parametrize(("header", "length"), [("bytes=10-", 10), ("bytes=-0", 10), ("bytes=0-", 0)])
 def test_a_range_past_the_end_is_unsatisfiable(header: str, length: int) -> None:
     with pytest.raises(UnsatisfiableRange):
         parse_range(header, length)
@@ -64,8 +65,10 @@ def test_a_satisfiable_range_stays_inside_the_blob(length: int, first: int, last
     try:
         span = parse_range(f"bytes={first}-{last}", length)
     except UnsatisfiableRange:
-        assert first >= length or last < first
+        assert first >= length
         return
-    assert span is not None
+    if span is None:
+        assert last < first
+        return
     assert 0 <= span[0] <= span[1] < length
     assert span[0] == first

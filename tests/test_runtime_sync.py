@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import re
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -30,7 +27,7 @@ from dfdaemon.runtime.containerd import ContainerdError, ImageNotFound, RuntimeC
 from dfdaemon.runtime.sync import RuntimeSync, container_holder, pinned_holder, task_ids_of
 from dfdaemon.storage import Storage, TaskInfo
 from tests.storage_support import FakeClock, payload
-from tests.support import REPO_ROOT, running_daemon, wait_for_line
+from tests.support import dfctl_json, run_dfctl, running_daemon, wait_for_line
 
 KB = 1000
 GRACE = 60.0
@@ -610,15 +607,13 @@ def test_daemon_runs_without_containerd_and_stops_cleanly(tmp_path: Path) -> Non
             )
             reply = check(health_pb2.HealthCheckRequest(service=""), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
-        usage = subprocess.run(
-            [sys.executable, "-m", "dfdaemon.cli.dfctl", "-e", str(daemon.socket_path), "--json", "usage"],
-            capture_output=True,
-            text=True,
-            cwd=REPO_ROOT,
-            timeout=30,
-        )
-        assert usage.returncode == 0, usage.stderr
-        assert json.loads(usage.stdout)["held_bytes"] == 0
+        assert dfctl_json(daemon, "usage")["held_bytes"] == 0
+        # The runtime sync owns container: and pinned: holders; the Use API refuses them, naming why.
+        refused = run_dfctl(daemon, "use", "acquire", "--holder", "container:default/manual", "0" * 64)
+        assert refused.returncode == 1
+        assert "FAILED_PRECONDITION" in refused.stderr and "runtime sync" in refused.stderr
+        other = run_dfctl(daemon, "use", "acquire", "--holder", "user:alice", "0" * 64)
+        assert "NOT_FOUND" in other.stderr  # an ordinary holder gets as far as looking the task up
         assert daemon.stop(signal.SIGTERM, timeout=10) == 0
     log = daemon.log()
     # Every record is one line (no traceback, no continuation), and the daemon said goodbye.

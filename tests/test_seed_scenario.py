@@ -10,19 +10,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
 
 from dfdaemon.api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc
 from dfdaemon.rpc.servers import CHANNEL_OPTIONS
-from tests.support import REPO_ROOT, DaemonProcess, OriginProcess, dfget, running_daemon, running_origin
+from tests.support import DaemonProcess, OriginProcess, dfctl_json, dfget, running_daemon, running_origin
 
 MB = 1_000_000
 QUOTA = {"gc": {"interval": "1h", "policy": {"diskThreshold": "50MB", "gracePeriod": "1s"}}}
@@ -41,18 +38,6 @@ def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OriginProcess]:
         (root / name).write_bytes(os.urandom(size))
     with running_origin(root) as running:
         yield running
-
-
-def dfctl(daemon: DaemonProcess, *args: str) -> Any:
-    out = subprocess.run(
-        [sys.executable, "-m", "dfdaemon.cli.dfctl", "-e", str(daemon.socket_path), "--json", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO_ROOT,
-        timeout=60,
-    )
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
 
 
 def fetch(daemon: DaemonProcess, origin: OriginProcess, name: str, out_dir: Path) -> str:
@@ -75,7 +60,7 @@ def test_busybox_survives_gc_and_goes_once_released(origin: OriginProcess, tmp_p
     out_dir.mkdir()
     with running_daemon(tmp_path / "daemon", QUOTA) as daemon:
         busybox = {name: fetch(daemon, origin, name, out_dir) for name in BUSYBOX}
-        held = dfctl(daemon, "use", "acquire", "--holder", "container:busybox", *busybox.values())
+        held = dfctl_json(daemon, "use", "acquire", "--holder", "container:busybox", *busybox.values())
         assert len(held["holds"]) == 3
 
         others = {}
@@ -84,7 +69,7 @@ def test_busybox_survives_gc_and_goes_once_released(origin: OriginProcess, tmp_p
             others[name] = fetch(daemon, origin, name, out_dir)
         time.sleep(0.5)  # the quota-triggered GC runs in the background after a write crosses the watermark
 
-        runs = dfctl(daemon, "gc", "report", "--limit", "50")["runs"]
+        runs = dfctl_json(daemon, "gc", "report", "--limit", "50")["runs"]
         quota_runs = [run for run in runs if run["trigger"] == "quota" and run["evicted"]]
         assert quota_runs, runs
         for run in quota_runs:
@@ -99,23 +84,23 @@ def test_busybox_survives_gc_and_goes_once_released(origin: OriginProcess, tmp_p
         assert evicted == pulled[: len(evicted)]
         assert len(evicted) >= 3
 
-        cached = {t["task_id"] for t in dfctl(daemon, "task", "ls")["tasks"]}
+        cached = {t["task_id"] for t in dfctl_json(daemon, "task", "ls")["tasks"]}
         assert set(busybox.values()) <= cached
         for name in BUSYBOX:
             data, traffic = verified_bytes(daemon, origin.url(name))
             assert hashlib.sha256(data).digest() == hashlib.sha256((origin.root / name).read_bytes()).digest()
             assert traffic == {common_pb2.LOCAL_PEER}
-        usage = dfctl(daemon, "usage")
+        usage = dfctl_json(daemon, "usage")
         assert usage["used_bytes"] <= 50 * MB
 
         # The container is gone: after the grace period nothing protects the image any more.
-        dfctl(daemon, "use", "release", "--holder", "container:busybox", *busybox.values())
+        dfctl_json(daemon, "use", "release", "--holder", "container:busybox", *busybox.values())
         time.sleep(1.1)
         fetch(daemon, origin, "huge", out_dir)  # 46 MB: only room if the busybox layers go too
-        runs = dfctl(daemon, "gc", "report", "--limit", "5")["runs"]
+        runs = dfctl_json(daemon, "gc", "report", "--limit", "5")["runs"]
         freed = {e["task_id"]: e["reason"] for run in runs for e in run["evicted"]}
         assert all(freed.get(task_id) == "quota" for task_id in busybox.values()), freed
-        cached = {t["task_id"] for t in dfctl(daemon, "task", "ls")["tasks"]}
+        cached = {t["task_id"] for t in dfctl_json(daemon, "task", "ls")["tasks"]}
         assert not set(busybox.values()) & cached
 
 
@@ -126,16 +111,16 @@ def test_data_in_use_over_the_quota_is_reported_not_evicted(origin: OriginProces
         held = []
         for i in range(3):  # pinned as they are pulled, as a runtime does
             held.append(fetch(daemon, origin, f"held-{i}", out_dir))
-            dfctl(daemon, "use", "acquire", "--holder", "pod:default/db", held[-1])
+            dfctl_json(daemon, "use", "acquire", "--holder", "pod:default/db", held[-1])
         time.sleep(1.1)
-        run = dfctl(daemon, "gc", "run")
+        run = dfctl_json(daemon, "gc", "run")
         assert run["evicted"] == []
         assert run["quota_exceeded_by_data_in_use"] is True
         assert {s["task_id"] for s in run["skipped"]} == set(held)
-        assert dfctl(daemon, "usage")["quota_exceeded_by_data_in_use"] is True
+        assert dfctl_json(daemon, "usage")["quota_exceeded_by_data_in_use"] is True
 
         refused = dfget(daemon, origin.url("extra"), out_dir / "extra")
         assert refused.returncode == 1
         assert "RESOURCE_EXHAUSTED" in refused.stderr
         assert not (out_dir / "extra").exists()
-        assert {t["task_id"] for t in dfctl(daemon, "task", "ls")["tasks"]} == set(held)
+        assert {t["task_id"] for t in dfctl_json(daemon, "task", "ls")["tasks"]} == set(held)

@@ -25,6 +25,7 @@ from tests.support import (
     REPO_ROOT,
     DaemonProcess,
     OriginProcess,
+    dfctl_json,
     dfget,
     running_daemon,
     running_origin,
@@ -106,15 +107,6 @@ def origin(tmp_path: Path) -> Iterator[OriginProcess]:
         yield running
 
 
-def dfctl(daemon: DaemonProcess, *args: str) -> Any:
-    out = subprocess.run(
-        [sys.executable, "-m", "dfdaemon.cli.dfctl", "-e", str(daemon.socket_path), "--json", *args],
-        capture_output=True, text=True, cwd=REPO_ROOT, timeout=60,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
-
-
 def test_one_trace_covers_child_parent_and_scheduler(
     receiver: tuple[OtlpReceiver, str], origin: OriginProcess, tmp_path: Path
 ) -> None:
@@ -141,7 +133,7 @@ def test_one_trace_covers_child_parent_and_scheduler(
         parent, child = peers
         assert dfget(parent, origin.url("blob.bin"), tmp_path / "parent.bin").returncode == 0
         assert dfget(child, origin.url("blob.bin"), tmp_path / "child.bin").returncode == 0
-        dfctl(parent, "gc", "run")
+        dfctl_json(parent, "gc", "run")
         child_log = child.log()
     # Stopping the processes flushes their spans.
 
@@ -227,9 +219,9 @@ def test_metrics_move_by_the_right_amounts(origin: OriginProcess, tmp_path: Path
         assert failed.returncode == 1
         assert delta("dfdaemon_downloads_total", result="failure") == 1
 
-        task_id = dfctl(daemon, "task", "ls")["tasks"][0]["task_id"]
-        dfctl(daemon, "use", "acquire", "--holder", "container:default/b", task_id)
-        dfctl(daemon, "gc", "run")
+        task_id = dfctl_json(daemon, "task", "ls")["tasks"][0]["task_id"]
+        dfctl_json(daemon, "use", "acquire", "--holder", "container:default/b", task_id)
+        dfctl_json(daemon, "gc", "run")
         after = scrape(daemon)
         assert after[("dfdaemon_cache_tasks", ())] == 1
         assert after[("dfdaemon_held_tasks", ())] == 1

@@ -270,12 +270,14 @@ class DownloadManager:
         """Stream one request: a Started, then its pieces in completion order; the output file last."""
         result = "failure"
         try:
-            async for event in self._download(request):
-                if isinstance(event, PieceDone):
-                    metrics.DOWNLOAD_PIECES.labels(TRAFFIC_NAMES[event.traffic_type]).inc()
-                    if event.traffic_type == TrafficType.LOCAL_PEER:
-                        metrics.DOWNLOAD_BYTES.labels("local").inc(event.piece.length)
-                yield event
+            # Closed explicitly, so that an abandoned request lets go of the task at once.
+            async with contextlib.aclosing(self._download(request)) as events:
+                async for event in events:
+                    if isinstance(event, PieceDone):
+                        metrics.DOWNLOAD_PIECES.labels(TRAFFIC_NAMES[event.traffic_type]).inc()
+                        if event.traffic_type == TrafficType.LOCAL_PEER:
+                            metrics.DOWNLOAD_BYTES.labels("local").inc(event.piece.length)
+                    yield event
             result = "success"
         finally:
             metrics.DOWNLOADS.labels(result).inc()

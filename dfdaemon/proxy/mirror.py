@@ -69,31 +69,29 @@ def upstream_base(ns: str | None, default: str, insecure: frozenset[str]) -> str
     return f"{scheme}://{host}"
 
 
+_BYTE_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
+
+
 def parse_range(header: str | None, length: int) -> tuple[int, int] | None:
     """The inclusive byte span one ``Range: bytes=`` asks for; None for the whole blob.
 
-    Several ranges or another unit are answered with the whole blob, as RFC 9110 allows.
+    Several ranges, another unit or a malformed range are answered with the whole blob, as RFC 9110 allows.
     """
-    if not header:
+    match = _BYTE_RANGE.fullmatch(header.strip().lower()) if header else None
+    if match is None or not (match.group(1) or match.group(2)):
         return None
-    unit, _, spec = header.partition("=")
-    if unit.strip().lower() != "bytes" or "," in spec:
-        return None
-    first, dash, last = spec.strip().partition("-")
-    if not dash or not (first.isdigit() or last.isdigit()) or (first and not first.isdigit()):
-        return None
-    if last and not last.isdigit():
-        return None
+    first, last = match.groups()
+    if first and last and int(last) < int(first):
+        return None  # invalid, so ignored
     if not first:  # suffix: the last N bytes
         suffix = int(last)
         if suffix == 0 or length == 0:
             raise UnsatisfiableRange(header)
         return max(0, length - suffix), length - 1
     start = int(first)
-    end = min(int(last), length - 1) if last else length - 1
-    if start >= length or (last and int(last) < start):
+    if start >= length:
         raise UnsatisfiableRange(header)
-    return start, end
+    return start, min(int(last), length - 1) if last else length - 1
 
 
 def _is_loopback(remote: str | None) -> bool:
@@ -110,8 +108,16 @@ def _registry_error(status: int, code: str, message: str) -> web.Response:
 
 
 def _forwarded(headers: CIMultiDictProxy[str] | httpx.Headers) -> list[tuple[str, str]]:
+    """The end-to-end headers: without hop-by-hop ones, including those the Connection header names."""
     items = headers.multi_items() if isinstance(headers, httpx.Headers) else list(headers.items())
-    return [(name, value) for name, value in items if name.lower() not in _HOP_BY_HOP]
+    named = {
+        token.strip().lower() for name, value in items if name.lower() == "connection" for token in value.split(",")
+    }
+    return [(name, value) for name, value in items if name.lower() not in _HOP_BY_HOP | named]
+
+
+def _has_dot_segment(path: str) -> bool:
+    return any(segment in (".", "..") for segment in path.split("/"))
 
 
 class RegistryMirror:
@@ -145,14 +151,33 @@ class RegistryMirror:
         await self.client.aclose()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        response, route = await self._answer(request)
-        metrics.PROXY_REQUESTS.labels(route, str(response.status)).inc()
-        return response
+        route, status = "refused", "aborted"
+        try:
+            response, route = await self._answer(request)
+            status = str(response.status)
+            return response
+        except (ConnectionError, httpx.HTTPError) as exc:
+            # The client left, or the registry's answer broke off after its status went out: cut the connection
+            # so the runtime sees a failed transfer, never a short one.
+            log.warning("%s %s broke off: %s", request.method, request.path, exc or type(exc).__name__)
+            if request.transport is not None:
+                request.transport.abort()
+            return web.Response(status=499)  # never sent: the connection is gone
+        finally:
+            metrics.PROXY_REQUESTS.labels(route, status).inc()
 
     async def _answer(self, request: web.Request) -> tuple[web.StreamResponse, str]:
         """The response, and which way it went: "blob" (P2P or cache), "registry" (passed on) or "refused"."""
         if not (request.path == "/v2" or request.path.startswith("/v2/")):
             return _registry_error(404, "NOT_FOUND", "this is a registry mirror: only /v2/ paths are served"), "refused"
+        if _has_dot_segment(request.path) or _has_dot_segment(request.raw_path.split("?", 1)[0]):
+            return _registry_error(
+                400, "NAME_INVALID", "a path with . or .. segments is not a registry path"
+            ), "refused"
+        if request.method not in ("GET", "HEAD"):
+            response = _registry_error(405, "UNSUPPORTED", "the mirror serves pulls only (GET and HEAD)")
+            response.headers["Allow"] = "GET, HEAD"
+            return response, "refused"
         try:
             base = upstream_base(request.query.get("ns"), self.default_registry, self.insecure_registries)
         except ValueError as exc:
@@ -203,16 +228,27 @@ class RegistryMirror:
             "Accept-Ranges": "bytes",
         }
 
-    async def _pass(self, request: web.Request, url: str) -> web.StreamResponse:
-        """Send the request to the registry and its answer back, byte for byte."""
+    async def _pass(self, request: web.Request, url: str, *, refusals_only: bool = False) -> web.StreamResponse:
+        """Send the request to the registry and its answer back, byte for byte.
+
+        With ``refusals_only`` (a blob's refusal shown as the registry sent it) an answer that is not an error is
+        not passed on: blob bytes reach the runtime only through the digest-checked P2P path.
+        """
         body = request.content.iter_chunked(64 * 1024) if request.body_exists else None
-        upstream = self.client.build_request(request.method, url, headers=_forwarded(request.headers), content=body)
+        # Header bytes go on as they came (aiohttp decodes them with surrogateescape), whatever their charset.
+        forwarded = _forwarded(request.headers)
+        headers = [(name.encode(), value.encode("utf-8", "surrogateescape")) for name, value in forwarded]
+        upstream = self.client.build_request(request.method, url, headers=headers, content=body)
         try:
             answer = await self.client.send(upstream, stream=True)
         except httpx.HTTPError as exc:
             log.warning("registry request %s %s failed: %s", request.method, url, exc)
             return _registry_error(502, "UNAVAILABLE", f"the registry did not answer: {type(exc).__name__}")
         try:
+            if refusals_only and answer.status_code < 400:
+                return _registry_error(
+                    502, "UNAVAILABLE", f"the registry refused the blob, then answered {answer.status_code}"
+                )
             response = web.StreamResponse(status=answer.status_code, reason=answer.reason_phrase)
             for name, value in _forwarded(answer.headers):
                 response.headers.add(name, value)
@@ -248,9 +284,9 @@ class RegistryMirror:
 
     async def _refusal(self, request: web.Request, url: str, task_id: str, error: Exception) -> web.StreamResponse:
         """Answer a blob download that failed before its first byte."""
-        if isinstance(error, BackendError) and error.status_code is not None:
-            # The registry refused (401 challenge, 404, ...): let the runtime see its own answer.
-            return await self._pass(request, url)
+        if isinstance(error, BackendError) and error.status_code is not None and 400 <= error.status_code < 500:
+            # The registry refused (401 challenge, 404, ...): let the runtime see its own answer, and only a refusal.
+            return await self._pass(request, url, refusals_only=True)
         if isinstance(error, Busy | StorageFull):
             response = _registry_error(503, "TOOMANYREQUESTS", str(error))
             response.headers["Retry-After"] = "5"
@@ -290,7 +326,6 @@ class RegistryMirror:
             return response
         finally:
             await events.aclose()
-        await response.write_eof()
         return response
 
     async def _send_in_order(
@@ -302,9 +337,14 @@ class RegistryMirror:
         first: int,
         last: int,
     ) -> None:
-        """Write the wanted pieces in offset order, each as soon as it and all before it are stored."""
+        """Write the wanted pieces in offset order, each as soon as it and all before it are stored.
+
+        The last bytes are held back until the whole blob has matched its digest: a forged blob never reaches
+        the client complete, whatever the client checks itself.
+        """
         arrived: set[int] = set()
         index = 0
+        held_back = b""
         while index < len(wanted):
             event = await anext(events)
             if not isinstance(event, PieceDone):
@@ -315,11 +355,15 @@ class RegistryMirror:
                 _, data = await self.storage.read_piece(task_id, piece.number)
                 start = max(first, piece.offset) - piece.offset
                 end = min(last + 1, piece.offset + piece.length) - piece.offset
-                await response.write(data[start:end])
+                if held_back:
+                    await response.write(held_back)
+                held_back = data[start:end]
                 index += 1
-        # The rest of the stream checks the whole blob against its digest.
-        async for _ in events:
+        async for _ in events:  # the rest of the stream checks the whole blob against its digest
             pass
+        if held_back:
+            await response.write(held_back)
+        await response.write_eof()
 
 
 class MirrorServer:

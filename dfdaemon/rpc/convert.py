@@ -48,11 +48,16 @@ class InvalidRequest(ValueError):
     """A request the caller must fix; answered INVALID_ARGUMENT."""
 
 
+class Refused(Exception):
+    """A request this daemon's configuration forbids (FAILED_PRECONDITION)."""
+
+
 # Domain errors and the status each maps to; the first match wins.
 _STATUS_OF: list[tuple[type[Exception], grpc.StatusCode]] = [
     (TaskNotFound, grpc.StatusCode.NOT_FOUND),
     (PieceNotFound, grpc.StatusCode.NOT_FOUND),
     (TaskInUse, grpc.StatusCode.FAILED_PRECONDITION),
+    (Refused, grpc.StatusCode.FAILED_PRECONDITION),
     (StorageFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Busy, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (PieceCorrupt, grpc.StatusCode.DATA_LOSS),

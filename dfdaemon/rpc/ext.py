@@ -31,30 +31,40 @@ def _task_ids(refs: Iterable[ext_pb2.TaskRef], allow_empty: bool = False) -> lis
 class UseServicer:
     """Holds on tasks by containers, pods and users: what keeps data in use out of GC's reach."""
 
-    def __init__(self, storage: Storage) -> None:
+    def __init__(self, storage: Storage, reserved_prefixes: tuple[str, ...] = ()) -> None:
         self.storage = storage
+        # Holders the runtime sync owns: it would undo any change made here at its next pass.
+        self.reserved_prefixes = reserved_prefixes
+
+    def _holder(self, holder: str) -> str:
+        if holder.startswith(self.reserved_prefixes):
+            raise convert.Refused(
+                f"holder {holder[:200]!r} belongs to the runtime sync (runtime.containerd.address is set); "
+                "use another prefix, such as user:"
+            )
+        return _holder(holder)
 
     @unary
     async def Acquire(self, request: ext_pb2.AcquireRequest, context: Context) -> ext_pb2.AcquireResponse:
         ttl = convert.duration_seconds(request.ttl, "ttl") if request.HasField("ttl") else None
-        holds = await self.storage.acquire(_holder(request.holder), _task_ids(request.tasks), ttl)
+        holds = await self.storage.acquire(self._holder(request.holder), _task_ids(request.tasks), ttl)
         return ext_pb2.AcquireResponse(holds=[convert.hold(h) for h in holds])
 
     @unary
     async def Release(self, request: ext_pb2.ReleaseRequest, context: Context) -> ext_pb2.ReleaseResponse:
-        released = await self.storage.release(_holder(request.holder), _task_ids(request.tasks))
+        released = await self.storage.release(self._holder(request.holder), _task_ids(request.tasks))
         return ext_pb2.ReleaseResponse(released=released)
 
     @unary
     async def KeepAlive(self, request: ext_pb2.KeepAliveRequest, context: Context) -> ext_pb2.KeepAliveResponse:
         ttl = convert.duration_seconds(request.ttl, "ttl") if request.HasField("ttl") else None
-        holds = await self.storage.keep_alive(_holder(request.holder), ttl)
+        holds = await self.storage.keep_alive(self._holder(request.holder), ttl)
         return ext_pb2.KeepAliveResponse(holds=[convert.hold(h) for h in holds])
 
     @unary
     async def Sync(self, request: ext_pb2.SyncRequest, context: Context) -> ext_pb2.SyncResponse:
         ttl = convert.duration_seconds(request.ttl, "ttl") if request.HasField("ttl") else None
-        result = await self.storage.sync(_holder(request.holder), _task_ids(request.tasks, allow_empty=True), ttl)
+        result = await self.storage.sync(self._holder(request.holder), _task_ids(request.tasks, allow_empty=True), ttl)
         return ext_pb2.SyncResponse(
             acquired=result.acquired, released=result.released, kept=result.kept, missing=result.missing
         )

@@ -1,8 +1,9 @@
 """Keep the cache's holds equal to what the container runtime uses.
 
 Every container record (running, or created and not yet removed: kubelet counts both) gets one holder,
-``container:<namespace>/<id>``, that holds exactly the blobs of its image: manifest, config and layers,
-by task id (the digest's hex, as the registry mirror names them). A container's set is fixed when the
+``container:<namespace>/<id>``, that holds exactly the blobs of its image: config and layers, by task id
+(the digest's hex, as the registry mirror names them; manifests and indexes are named too, but the mirror
+passes them through, so they are cached only when something else put them there). A container's set is fixed when the
 sync first sees it: its root filesystem never changes, so a tag later pulled to a new digest must not
 move its holds. Pinned images follow their reference and get ``pinned:<ref>``.
 Holders whose container is gone are released, and GC's grace period runs from then. Holds carry no
@@ -157,13 +158,17 @@ class RuntimeSync:
     async def _wanted(self, holds: dict[str, set[str]]) -> dict[str, list[str] | None]:
         """Holder -> task ids; None when an image cannot be resolved now (its holds are left as they are)."""
         wanted: dict[str, list[str] | None] = {}
+        images: dict[tuple[str, str], list[str] | None] = {}  # each image resolved once per pass
         for container in await self.runtime.containers():
             holder = container_holder(container.namespace, container.id)
             if holder in self._container_blobs:
                 wanted[holder] = self._container_blobs[holder]
                 continue
-            # An image record removed while its container lives on still keeps what the container held.
-            resolved = await self._resolve(holder, container.namespace, container.image, keep_if_absent=True)
+            key = (container.namespace, container.image)
+            if key not in images:
+                # An image record removed while its container lives on still keeps what the container held.
+                images[key] = await self._resolve(holder, container.namespace, container.image, keep_if_absent=True)
+            resolved = images[key]
             if resolved is not None:
                 resolved = sorted(set(resolved) | holds.get(holder, set()))
                 self._container_blobs[holder] = resolved
