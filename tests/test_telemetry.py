@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
@@ -134,6 +135,8 @@ def test_one_trace_covers_child_parent_and_scheduler(
         assert dfget(parent, origin.url("blob.bin"), tmp_path / "parent.bin").returncode == 0
         assert dfget(child, origin.url("blob.bin"), tmp_path / "child.bin").returncode == 0
         dfctl_json(parent, "gc", "run")
+        refused = httpx.get(f"http://127.0.0.1:{parent.proxy_port}/v2/library/x/manifests/1?ns=bad/ns", timeout=10)
+        assert refused.status_code == 400
         child_log = child.log()
     # Stopping the processes flushes their spans.
 
@@ -171,6 +174,11 @@ def test_one_trace_covers_child_parent_and_scheduler(
     client_ids = {s.span_id for s in in_trace if s.service == "child" and s.name.endswith("/DownloadPiece")}
     served = [s for s in in_trace if s.service == "parent" and s.name == "/dfdaemon.v2.DfdaemonUpload/DownloadPiece"]
     assert served and all(s.parent_span_id in client_ids for s in served)
+
+    [mirror_request] = spans("parent", "proxy.request")
+    assert mirror_request.attributes["dragonfly.route"] == "refused"
+    assert mirror_request.attributes["http.response.status_code"] == 400
+    assert mirror_request.attributes["dragonfly.path"] == "/v2/library/x/manifests/1"
 
     [gc_run] = spans("parent", "gc.run")
     assert gc_run.attributes["dragonfly.trigger"] == "manual"

@@ -29,7 +29,7 @@ from dfdaemon.backend import BackendError, SourceNotAllowed, SourcePolicy, Unsup
 from dfdaemon.download import DownloadManager, DownloadRequest, InvalidDownload, PieceDone, Started
 from dfdaemon.ids import PieceSpan
 from dfdaemon.storage import Storage, StorageFull, TaskState
-from dfdaemon.telemetry import metrics
+from dfdaemon.telemetry import metrics, tracing
 
 log = logging.getLogger("dfdaemon.proxy")
 
@@ -153,8 +153,11 @@ class RegistryMirror:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         route, status = "refused", "aborted"
         try:
-            response, route = await self._answer(request)
-            status = str(response.status)
+            with tracing.span("proxy.request", method=request.method, path=request.path) as current:
+                response, route = await self._answer(request)
+                status = str(response.status)
+                current.set_attribute("dragonfly.route", route)
+                current.set_attribute("http.response.status_code", response.status)
             return response
         except (ConnectionError, httpx.HTTPError) as exc:
             # The client left, or the registry's answer broke off after its status went out: cut the connection
