@@ -5,6 +5,10 @@
 2. Peer C has a 300 MB cache. The layers of a "busybox" image are held by ``container:busybox``
    (a running container); pulling other images pushes the cache over its high watermark and GC
    evicts them least-recently-used first, while the busybox layers stay and verify.
+3. Where containerd and the distribution registry are installed (the test set-up installs them as
+   root), peer D is a registry mirror for a real containerd: a real busybox image is pulled through
+   it, a container runs, and the daemon learns from containerd itself that the container holds the
+   image's blobs. Elsewhere this step says why it is skipped.
 
 Everything lives under ``.demo/`` (and a short temporary directory for the unix sockets). With
 ``--once`` the demo exits after the walk-through; otherwise the cluster stays up for inspection with
@@ -29,6 +33,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.containerd_support import containerd_skip_reason, running_containerd  # noqa: E402
+from tests.registry_support import (  # noqa: E402
+    busybox_image,
+    busybox_skip_reason,
+    push_image,
+    registry_skip_reason,
+    running_registry,
+)
 from tests.support import DaemonProcess, dfget, running_daemon, running_origin, running_scheduler  # noqa: E402
 
 MB = 1_000_000
@@ -59,6 +71,44 @@ def fetch(daemon: DaemonProcess, url: str, output: Path) -> dict[str, Any]:
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def containerd_step(stack: ExitStack, state: Path, sockets: Path, scheduler: str) -> bool | None:
+    """Step 3; None when it cannot run here, else whether the container's holds appeared."""
+    reason = registry_skip_reason() or busybox_skip_reason() or containerd_skip_reason()
+    if reason is not None:
+        say(f"3. containerd: skipped ({reason})")
+        return None
+    say("3. A real containerd pulls through peer D's registry mirror; the daemon asks containerd what is in use")
+    registry = stack.enter_context(running_registry(state / "registry"))
+    image = busybox_image()
+    push_image(registry.url, "library/busybox", "demo", image)
+    containerd = stack.enter_context(running_containerd(state / "containerd"))
+    config: dict[str, Any] = {
+        "host": {"hostname": "peer-d"},
+        "scheduler": {"addrs": [scheduler], "announceInterval": "5s"},
+        "download": {"server": {"socketPath": str(sockets / "d.sock")}},
+        "proxy": {"registryMirror": {"insecureRegistries": [registry.host]}},
+        "runtime": {"containerd": {"address": containerd.address}},
+    }
+    peer = stack.enter_context(running_daemon(state / "peer-d", config))
+    containerd.set_mirror(registry.host, f"http://127.0.0.1:{peer.proxy_port}")
+    ref = f"{registry.host}/library/busybox:demo"
+    containerd.pull(ref)
+    say(f"   containerd pulled {ref} through the mirror on 127.0.0.1:{peer.proxy_port}")
+    running = containerd.run(ref, "demo-busybox")
+    say(f"   container demo-busybox {'runs' if running else 'created (no task can run here)'}")
+    holder = "container:default/demo-busybox"
+    wanted = {blob.digest.removeprefix("sha256:") for blob in image.blobs}
+    deadline = time.monotonic() + 20
+    held: set[str] = set()
+    while time.monotonic() < deadline and held != wanted:
+        held = {hold["task_id"] for hold in dfctl(peer, "use", "ls", "--holder", holder)["holds"]}
+        time.sleep(0.2)
+    say(f"   {holder} holds the image's config and layer ({len(held)} of {len(wanted)} blobs):")
+    say(dfctl(peer, "use", "ls", as_json=False).rstrip())
+    say()
+    return held == wanted
 
 
 def main() -> int:
@@ -141,8 +191,9 @@ def main() -> int:
         say()
         say(dfctl(peer, "usage", as_json=False).rstrip())
         say()
+        with_containerd = containerd_step(stack, state, sockets, scheduler)
         if args.once:
-            return 0 if identical and all(i in cached for i in ids) else 1
+            return 0 if identical and all(i in cached for i in ids) and with_containerd is not False else 1
         say("The cluster stays up. Try, for example:")
         say(f"  {BIN / 'dfctl'} -e {peer.socket_path} task ls")
         say(f"  {BIN / 'dfctl'} -e {peer.socket_path} use ls")
