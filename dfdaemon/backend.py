@@ -137,13 +137,24 @@ def _error_from(response: httpx.Response, url: str) -> BackendError:
 class Backend:
     """One pooled HTTP client for every back-to-source request of the daemon."""
 
-    def __init__(self, *, timeout: float = 60.0, retry: RetryPolicy | None = None) -> None:
+    def __init__(
+        self, *, timeout: float = 60.0, retry: RetryPolicy | None = None, policy: SourcePolicy | None = None
+    ) -> None:
         self.retry = retry or RetryPolicy()
+        self.policy = policy
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             follow_redirects=True,
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+            event_hooks={"request": [self._check_redirect]},
         )
+
+    async def _check_redirect(self, request: httpx.Request) -> None:
+        """A redirect leads to a new origin: each hop must pass the policy the requested URL passed."""
+        asked = request.extensions.get(_ASKED_URL)
+        if self.policy is None or asked is None or str(request.url) == asked:
+            return
+        await self.policy.check(str(request.url), from_network=bool(request.extensions.get(_FROM_NETWORK)))
 
     async def close(self) -> None:
         await self._client.aclose()
@@ -163,12 +174,13 @@ class Backend:
                 delay = min(delay * 2, self.retry.max_backoff)
         raise AssertionError("unreachable")
 
-    async def stat(self, url: str, headers: Mapping[str, str]) -> OriginInfo:
+    async def stat(self, url: str, headers: Mapping[str, str], *, from_network: bool = False) -> OriginInfo:
         """Length and headers of the origin's content: a one-byte ranged GET, which every range server answers."""
 
         async def once() -> OriginInfo:
             request_headers = {**headers, "Range": "bytes=0-0", "Accept-Encoding": "identity"}
-            async with self._client.stream("GET", url, headers=request_headers) as response:
+            extensions = _asked(url, from_network)
+            async with self._client.stream("GET", url, headers=request_headers, extensions=extensions) as response:
                 if response.status_code in _TRANSIENT_STATUS:
                     raise _Transient(_error_from(response, url))
                 if response.status_code == 206:
@@ -189,7 +201,7 @@ class Backend:
 
     @contextlib.asynccontextmanager
     async def open_range(
-        self, url: str, headers: Mapping[str, str], start: int, length: int
+        self, url: str, headers: Mapping[str, str], start: int, length: int, *, from_network: bool = False
     ) -> AsyncIterator[AsyncIterator[bytes]]:
         """Open ``length`` bytes at ``start`` and yield a stream of chunks (connection retried before any byte)."""
 
@@ -199,7 +211,9 @@ class Backend:
                 "Range": f"bytes={start}-{start + length - 1}",
                 "Accept-Encoding": "identity",
             }
-            request = self._client.build_request("GET", url, headers=request_headers)
+            request = self._client.build_request(
+                "GET", url, headers=request_headers, extensions=_asked(url, from_network)
+            )
             response = await self._client.send(request, stream=True)
             if response.status_code == 206:
                 expected = f"bytes {start}-{start + length - 1}/"
@@ -224,6 +238,15 @@ class Backend:
             yield _limited(response, length, url)
         finally:
             await response.aclose()
+
+
+# Request extensions that follow a request through its redirects: the URL asked for, and who asked.
+_ASKED_URL = "dfdaemon.asked_url"
+_FROM_NETWORK = "dfdaemon.from_network"
+
+
+def _asked(url: str, from_network: bool) -> dict[str, object]:
+    return {_ASKED_URL: url, _FROM_NETWORK: from_network}
 
 
 async def _limited(response: httpx.Response, length: int, url: str) -> AsyncIterator[bytes]:

@@ -83,7 +83,13 @@ class Daemon:
         self.endpoints: Endpoints | None = None
         self.storage = Storage(config.storage_dir, keep=config.storage.keep)
         self.gc = GarbageCollector(self.storage, gc_policy(config))
-        self.backend = Backend(timeout=config.download.piece_timeout)
+        back_to_source = config.download.back_to_source
+        source_policy = SourcePolicy(
+            allowed_schemes=tuple(back_to_source.allowed_schemes),
+            allowed_hosts=tuple(back_to_source.allowed_hosts),
+            allowed_networks=tuple(back_to_source.allowed_networks),
+        )
+        self.backend = Backend(timeout=config.download.piece_timeout, policy=source_policy)
         self.host_ip, self.hostname = config.host_ip(), config.hostname()
         self.downloads = DownloadManager(
             self.storage,
@@ -93,11 +99,7 @@ class Daemon:
             hostname=self.hostname,
             concurrent_piece_count=config.download.concurrent_piece_count,
             max_concurrent_tasks=config.download.max_concurrent_tasks,
-            source_policy=SourcePolicy(
-                allowed_schemes=tuple(config.download.back_to_source.allowed_schemes),
-                allowed_hosts=tuple(config.download.back_to_source.allowed_hosts),
-                allowed_networks=tuple(config.download.back_to_source.allowed_networks),
-            ),
+            source_policy=source_policy,
         )
         self.scheduler: SchedulerClient | None = None
         self.membership = download.Membership()

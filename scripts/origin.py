@@ -3,7 +3,8 @@
 It counts what it serves (``GET /__stats__`` answers JSON: requests, bytes, per-path bytes) and can be
 told to misbehave for a path: ``POST /__fault__?path=/f&status=500`` answers that status,
 ``&delay=2`` stalls before answering, ``&cut=1000`` drops the connection after that many body bytes,
-``&rate=1000000`` sends at most that many bytes per second per request;
+``&rate=1000000`` sends at most that many bytes per second per request, ``&redirect=URL`` answers
+302 with that Location;
 ``POST /__fault__?path=/f`` with no other parameter clears it.
 
 Usage: ``python scripts/origin.py --dir DIR [--listen 127.0.0.1:0]``; it prints
@@ -98,6 +99,12 @@ class Handler(BaseHTTPRequestHandler):
             fault = dict(self.server.faults.get(path, {}))
         if "delay" in fault:
             time.sleep(float(fault["delay"]))
+        if "redirect" in fault:
+            self.send_response(HTTPStatus.FOUND)
+            self.send_header("Location", fault["redirect"])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if "status" in fault:
             self._json({"error": "injected"}, int(fault["status"]))
             return

@@ -160,6 +160,22 @@ def test_back_to_source_limits_apply_to_local_requests_too(
     assert not (tmp_path / "out").exists()
 
 
+def test_a_redirect_must_lead_somewhere_the_policy_allows(tmp_path: Path, origin: OriginProcess) -> None:
+    port = origin.address.rsplit(":", 1)[1]
+    origin.fault("moved.bin", redirect=origin.url("file.bin"))  # to 127.0.0.1
+    moved = f"http://localhost:{port}/moved.bin"
+    only_localhost = {"download": {"backToSource": {"allowedHosts": ["localhost"]}}}
+    with running_daemon(tmp_path / "strict", only_localhost) as daemon:
+        out = dfget(daemon, moved, tmp_path / "strict.bin")
+    assert out.returncode == 1
+    assert "PERMISSION_DENIED" in out.stderr and "from host '127.0.0.1' is not allowed" in out.stderr
+    both = {"download": {"backToSource": {"allowedHosts": ["localhost", "127.0.0.1"]}}}
+    with running_daemon(tmp_path / "both", both) as daemon:
+        out = dfget(daemon, moved, tmp_path / "both.bin")
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "both.bin").read_bytes() == (origin.root / "file.bin").read_bytes()
+
+
 # Mutual TLS
 
 

@@ -422,7 +422,7 @@ class DownloadManager:
             return False
         if request.disable_back_to_source and self.fetch_missing == self.back_to_source:
             raise DownloadFailed("back to source is disabled and no scheduler is configured")
-        info = await self.backend.stat(request.url, request.request_header)
+        info = await self.backend.stat(request.url, request.request_header, from_network=request.from_network)
         piece_length = request.piece_length or ids.piece_length_for(info.content_length)
         if existing is not None and existing.piece_length and existing.content_length == info.content_length:
             piece_length = existing.piece_length
@@ -513,7 +513,7 @@ class DownloadManager:
             try:
                 with tracing_range(request.url, span, attempt):
                     async with self.backend.open_range(
-                        request.url, request.request_header, span.offset, span.length
+                        request.url, request.request_header, span.offset, span.length, from_network=request.from_network
                     ) as body:
                         return await writer.write_piece_stream(
                             span.number, span.offset, span.length, body, traffic_type=TrafficType.BACK_TO_SOURCE
