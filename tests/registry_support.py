@@ -255,7 +255,11 @@ def filler_image(name: str, layer_sizes: list[int], seed: int) -> OciImage:
     rng = random.Random(seed)
     tars = []
     for index, size in enumerate(layer_sizes):
-        payload = rng.randbytes(_filler_payload_size(size))
+        size_left, parts = _filler_payload_size(size), []
+        while size_left:  # randbytes takes at most 2**28 - 1 bytes at a time
+            parts.append(rng.randbytes(min(size_left, 1 << 27)))
+            size_left -= len(parts[-1])
+        payload = b"".join(parts)
         tars.append(_build_tar([_TarEntry(f"filler-{index}.bin", tarfile.REGTYPE, 0o644, data=payload)]))
     return _image_from_layers(tars, level=0, extra_config={"Labels": {"org.dfdaemon.test.name": name}})
 

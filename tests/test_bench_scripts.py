@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from tests.registry_support import registry_skip_reason
 from tests.support import REPO_ROOT
 
 
@@ -63,3 +64,22 @@ def test_bench_tracing_quick_prints_its_table() -> None:
     for name, row in rows.items():
         assert row[len(name) :].split()[1] == "MB/s", row
     assert any(line.startswith("note: b/a = ") for line in lines)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(registry_skip_reason() is not None, reason=str(registry_skip_reason()))
+def test_bench_mirror_quick_prints_its_table() -> None:
+    # The script itself fails unless every blob through the mirror hashes to its digest and the cached fetch took
+    # nothing from the registry.
+    lines = run_script("scripts/bench_mirror.py", "--quick", timeout=120)
+    ratio_table(
+        lines,
+        (
+            "cold: mirror / direct",
+            "cached: mirror / direct",
+            "first-byte: mirror cold / direct",
+            "first-byte: mirror cold / whole fetch",
+            "memory: daemon peak RSS after cold / blob",
+            "memory: daemon peak RSS after cached / blob",
+        ),
+    )

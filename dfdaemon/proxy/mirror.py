@@ -342,7 +342,7 @@ class RegistryMirror:
     ) -> None:
         """Write the wanted pieces in offset order, each as soon as it and all before it are stored.
 
-        The last bytes are held back until the whole blob has matched its digest: a forged blob never reaches
+        The last piece is held back until the whole blob has matched its digest: a forged blob never reaches
         the client complete, whatever the client checks itself.
         """
         arrived: set[int] = set()
@@ -358,9 +358,10 @@ class RegistryMirror:
                 _, data = await self.storage.read_piece(task_id, piece.number)
                 start = max(first, piece.offset) - piece.offset
                 end = min(last + 1, piece.offset + piece.length) - piece.offset
-                if held_back:
-                    await response.write(held_back)
-                held_back = data[start:end]
+                if index == len(wanted) - 1:
+                    held_back = data[start:end]
+                else:
+                    await response.write(data[start:end])
                 index += 1
         async for _ in events:  # the rest of the stream checks the whole blob against its digest
             pass
