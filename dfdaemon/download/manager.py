@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -451,20 +452,40 @@ class DownloadManager:
                 job.done[piece.number] = (piece, TrafficType.LOCAL_PEER)
             job.writer = writer
             await job.announce(ready=True)
+            blob = _blob_digest(request)
+            hashing = asyncio.create_task(self._hash_in_order(job, blob)) if blob is not None else None
             try:
                 await self.fetch_missing(job)
-                blob = _blob_digest(request)
-                if blob is not None:
-                    await asyncio.to_thread(_verify_blob, self.storage.content.path(job.task_id), blob)
+                if hashing is not None and blob is not None:
+                    digester = await hashing
+                    if not digester.matches():
+                        raise ContentMismatch(
+                            f"the origin's content is not blob {blob} (it hashes to {digester.hexdigest()})"
+                        )
             except ContentMismatch:
                 await writer.fail(discard=True)  # forged bytes must never be served again, nor reused
                 raise
             except BaseException:
                 await writer.fail()
                 raise
+            finally:
+                if hashing is not None and not hashing.done():
+                    hashing.cancel()
+                    with contextlib.suppress(BaseException):
+                        await hashing
             await writer.finish()
         await job.announce(finished=True)
         return True
+
+    async def _hash_in_order(self, job: TaskJob, blob: str) -> ids.FileDigester:
+        """Hash a blob's pieces in offset order while the later ones are still arriving (no re-read at the end)."""
+        digester = ids.FileDigester(blob)
+        path = self.storage.content.path(job.task_id)
+        for span in job.pieces:
+            async with job.changed:
+                await job.changed.wait_for(functools.partial(job.done.__contains__, span.number))
+            await asyncio.to_thread(_hash_span, path, span, digester)
+        return digester
 
     async def _load_local(self, job: TaskJob, task: TaskRecord) -> None:
         job.content_length = task.content_length or 0
@@ -624,8 +645,14 @@ def _verify_digest(path: Path, expected: str) -> None:
         raise DownloadPrecondition(f"digest mismatch: expected {expected}, got {digester.hexdigest()}")
 
 
-def _verify_blob(path: Path, blob_digest: str) -> None:
-    """A task named by an OCI blob digest must hold exactly that blob, or it would poison every later pull."""
-    digester = _file_digest(path, blob_digest)
-    if not digester.matches():
-        raise ContentMismatch(f"the origin's content is not blob {blob_digest} (it hashes to {digester.hexdigest()})")
+def _hash_span(path: Path, span: PieceSpan, digester: ids.FileDigester) -> None:
+    """Feed one stored piece to a digester (a task named by a blob digest must hold exactly that blob)."""
+    with path.open("rb") as f:
+        f.seek(span.offset)
+        remaining = span.length
+        while remaining:
+            chunk = f.read(min(remaining, 1024 * 1024))
+            if not chunk:
+                raise DownloadFailed(f"cache file ended {remaining} bytes early")
+            digester.update(chunk)
+            remaining -= len(chunk)
