@@ -41,6 +41,7 @@ from tests.support import (
     running_daemon,
     running_scheduler,
     wait_for_hosts,
+    wait_for_line,
 )
 
 GRACE = 2.0
@@ -265,3 +266,31 @@ def test_a_pinned_image_is_held_without_any_container(registry: Registry, tmp_pa
         report = dfctl_json(node.daemon, "gc", "run")
         held = {skip["task_id"]: skip["holders"] for skip in report["skipped"] if skip["reason"] == "held"}
         assert held == {task_id: [f"pinned:{ref}"] for task_id in task_ids(pause)}
+
+
+def test_holds_outlive_a_daemon_restart_while_containerd_is_down(registry: Registry, tmp_path: Path) -> None:
+    busybox = busybox_image()
+    push_image(registry.url, "library/busybox", "1", busybox)
+    holder = "container:default/survivor"
+    with ExitStack() as stack:
+        containerd = stack.enter_context(running_containerd(tmp_path / "node-containerd"))
+        config = node_config(registry, containerd, scheduler=None)
+        config["gc"]["policy"]["taskTTL"] = "1s"  # GC would take anything idle that nothing holds
+        with running_daemon(tmp_path / "node", config) as daemon:
+            containerd.set_mirror(registry.host, f"http://127.0.0.1:{daemon.proxy_port}")
+            containerd.pull(f"{registry.host}/library/busybox:1")
+            containerd.run(f"{registry.host}/library/busybox:1", "survivor")
+            node = Node(daemon, containerd)
+            wait_until(lambda: node.holds(holder) == set(task_ids(busybox)), f"{holder} holds busybox")
+        containerd.stop()  # the runtime is down while the daemon restarts: nothing may conclude "not in use"
+        time.sleep(GRACE + 0.5)
+        with running_daemon(tmp_path / "node", config) as daemon:
+            node = Node(daemon, containerd)
+            wait_for_line(daemon.log_path, r"containerd does not answer", daemon.proc)
+            assert node.holds(holder) == set(task_ids(busybox))
+            run = dfctl_json(daemon, "gc", "run")
+            assert not run["evicted"]
+            kept = {skip["task_id"]: skip["holders"] for skip in run["skipped"]}
+            assert kept == {task_id: [holder] for task_id in task_ids(busybox)}
+            for task_id in task_ids(busybox):
+                assert node.content_digest(task_id) == f"sha256:{task_id}"
