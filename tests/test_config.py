@@ -91,6 +91,10 @@ def test_bad_sizes(bad: object) -> None:
             "gc.policy: diskLowThresholdPercent must be lower than diskHighThresholdPercent",
         ),
         ({"scheduler": {"addrs": "127.0.0.1:8002"}}, "scheduler.addrs: Input should be a valid list"),
+        ({"proxy": {"registryMirror": {"addr": "index.docker.io"}}}, "proxy.registryMirror: addr: 'index.docker.io'"),
+        ({"proxy": {"rules": []}}, "unknown key 'proxy.rules'"),
+        ({"runtime": {"syncInterval": "0s"}}, "runtime.syncInterval: Input should be greater than 0"),
+        ({"runtime": {"pinnedImages": "pause:3.9"}}, "runtime.pinnedImages: Input should be a valid list"),
         (["not", "a", "mapping"], "the top level must be a mapping"),
     ],
 )
@@ -158,6 +162,19 @@ def test_daemon_refuses_a_busy_port(tmp_path: Path) -> None:
         )
     assert code != 0
     assert "upload.server: cannot listen on 127.0.0.1:" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_daemon_refuses_a_busy_proxy_port(tmp_path: Path) -> None:
+    with running_daemon(tmp_path / "a") as first:
+        assert first.proxy_port is not None
+        code, stderr = _run_with_config(
+            tmp_path, daemon_config(tmp_path / "b", {"proxy": {"server": {"port": first.proxy_port}}})
+        )
+    assert code == 1
+    assert stderr.strip().splitlines()[-1] == (
+        f"dfdaemon: proxy.server: cannot listen on 127.0.0.1:{first.proxy_port}: Address already in use"
+    )
     assert "Traceback" not in stderr
 
 
