@@ -175,7 +175,15 @@ class Backend:
         raise AssertionError("unreachable")
 
     async def stat(self, url: str, headers: Mapping[str, str], *, from_network: bool = False) -> OriginInfo:
-        """Length and headers of the origin's content: a one-byte ranged GET, which every range server answers."""
+        """Length and headers of the origin's content.
+
+        A HEAD first, as upstream asks: it moves no content, so a peer that takes every piece from other peers
+        costs the origin nothing. An origin whose HEAD gives no length, or does not say it serves ranges, gets a
+        one-byte ranged GET, which every range server answers.
+        """
+        head = await self._head(url, headers, from_network)
+        if head is not None:
+            return head
 
         async def once() -> OriginInfo:
             request_headers = {**headers, "Range": "bytes=0-0", "Accept-Encoding": "identity"}
@@ -198,6 +206,21 @@ class Backend:
                 raise _error_from(response, url)
 
         return await self._retrying(f"stat {url}", once)
+
+    async def _head(self, url: str, headers: Mapping[str, str], from_network: bool) -> OriginInfo | None:
+        """The length from a HEAD, when the origin gives one and serves ranges; None means ask with a GET."""
+        try:
+            response = await self._client.head(
+                url, headers={**headers, "Accept-Encoding": "identity"}, extensions=_asked(url, from_network)
+            )
+        except httpx.HTTPError:
+            return None  # the GET that follows reports the origin's trouble, with retries
+        length = response.headers.get("content-length", "")
+        if response.status_code != 200 or not length.isascii() or not length.isdigit():
+            return None
+        if response.headers.get("accept-ranges", "").strip().lower() != "bytes":
+            return None
+        return OriginInfo(int(length), _content_headers(response))
 
     @contextlib.asynccontextmanager
     async def open_range(

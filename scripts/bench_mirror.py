@@ -27,7 +27,7 @@ have the blob) and measures, in this order, each pair alternating which of the t
     The mirror's first fetch of the blob (a cache miss: the daemon fetches it from the registry while it streams it)
     next to a direct fetch. ``ratio = mirror seconds / direct seconds``: 1.0 would mean the mirror costs nothing on a
     miss; 2.0 that a pull through it takes twice as long. The registry's access log must show that it served the blob
-    during the mirror's fetch (the daemon learns the length with a 1-byte ranged GET first, hence the ``+ 1``).
+    during the mirror's fetch (the daemon learns the length with a HEAD, which moves no blob bytes).
 ``cached``
     The same blob again through the mirror, now a cache hit, next to another direct fetch.
     ``ratio = mirror seconds / direct seconds``. The registry must have served no blob byte during the mirror's fetch
@@ -299,8 +299,8 @@ def fill_report(samples: Samples, size: int, report: Report) -> None:
     )
     served = samples.median("cold registry bytes")
     report.note(
-        f"the registry served {served:,.0f} blob bytes per cold mirror fetch ({served - size:+,.0f} over the blob: "
-        "the daemon's ranged GET for the length), none per cached one"
+        f"the registry served {served:,.0f} blob bytes per cold mirror fetch ({served - size:+,.0f} over the blob), "
+        "none per cached one"
     )
     cached_first = samples.median("cached mirror first byte")
     report.note(f"first byte of a cached mirror fetch: {cached_first * 1000:.1f} ms")
