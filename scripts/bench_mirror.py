@@ -62,7 +62,6 @@ import argparse
 import hashlib
 import os
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -365,26 +364,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    # Ctrl-C and SIGTERM both unwind through the cleanup, even when started with SIGINT ignored (``cmd &``).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, bench_p2p._raise_interrupt)
+    bench_p2p.catch_stop_signals()
     report = Report()
     say(
         f"bench_mirror: a {fmt_size(args.size_bytes)} blob through the registry mirror and direct, "
         f"{args.rounds} round(s), on {os.cpu_count()} CPUs"
     )
-    started = time.perf_counter()
-    try:
-        run(args, report)
-    except KeyboardInterrupt:
-        say("bench_mirror: interrupted; every process it started has been stopped")
-        return 130
-    except (RuntimeError, AssertionError) as exc:  # a wrong blob, a failed fetch or a process that did not start
-        say(f"bench_mirror: failed: {exc}")
-        return 1
-    report.print_table()
-    say(f"total {time.perf_counter() - started:.0f} s")
-    return 0
+    return bench_p2p.run_reported("bench_mirror", lambda: run(args, report), report)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -672,6 +672,28 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+def catch_stop_signals() -> None:
+    """Ctrl-C and SIGTERM both unwind through the cleanup, even when started with SIGINT ignored (``cmd &``)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def run_reported(name: str, run: Callable[[], None], report: Report) -> int:
+    """Run a benchmark script's body, print its table, and turn an interruption or failure into an exit status."""
+    started = time.perf_counter()
+    try:
+        run()
+    except KeyboardInterrupt:
+        say(f"{name}: interrupted; every process it started has been stopped")
+        return 130
+    except (RuntimeError, AssertionError) as exc:  # a failed fetch or check, or a process that did not start
+        say(f"{name}: failed: {exc}")
+        return 1
+    report.print_table()
+    say(f"total {time.perf_counter() - started:.0f} s")
+    return 0
+
+
 def run(args: argparse.Namespace, selected: set[str], report: Report) -> None:
     size: int = args.size_bytes
     reaper = Reaper()
@@ -713,26 +735,13 @@ def main(argv: list[str] | None = None) -> int:
         return raw_server_main(argv[1:])
     args = parse_args(argv)
     selected = set(args.benchmarks or BENCHMARKS)
-    # Ctrl-C and SIGTERM both unwind through the cleanup, even when started with SIGINT ignored (``cmd &``).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    catch_stop_signals()
     report = Report()
     say(
         f"bench_p2p: {', '.join(b for b in BENCHMARKS if b in selected)} with a {fmt_size(args.size_bytes)} file "
         f"on {os.cpu_count()} CPUs"
     )
-    started = time.perf_counter()
-    try:
-        run(args, selected, report)
-    except KeyboardInterrupt:
-        say("bench_p2p: interrupted; every process it started has been stopped")
-        return 130
-    except (RuntimeError, AssertionError) as exc:  # a failed download or a process that did not start
-        say(f"bench_p2p: failed: {exc}")
-        return 1
-    report.print_table()
-    say(f"total {time.perf_counter() - started:.0f} s")
-    return 0
+    return run_reported("bench_p2p", lambda: run(args, selected, report), report)
 
 
 if __name__ == "__main__":

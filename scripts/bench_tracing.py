@@ -53,13 +53,11 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from concurrent import futures
 from contextlib import ExitStack, contextmanager
@@ -368,9 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == [SINK]:
         return sink_main(argv[1:])
     args = parse_args(argv)
-    # Ctrl-C and SIGTERM both unwind through the cleanup, even when started with SIGINT ignored (``cmd &``).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, bench_p2p._raise_interrupt)
+    bench_p2p.catch_stop_signals()
     report = Report()
     say(
         f"bench_tracing: DownloadPiece with tracing off, sampled out and exported; a {fmt_size(args.size_bytes)} "
@@ -379,18 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     dropped = drop_otel_environment()
     if dropped:
         report.note(f"not passed on to the daemons: {', '.join(dropped)}")
-    started = time.perf_counter()
-    try:
-        run(args, report)
-    except KeyboardInterrupt:
-        say("bench_tracing: interrupted; every process it started has been stopped")
-        return 130
-    except (RuntimeError, AssertionError) as exc:  # a failed download or a process that did not start
-        say(f"bench_tracing: failed: {exc}")
-        return 1
-    report.print_table()
-    say(f"total {time.perf_counter() - started:.0f} s")
-    return 0
+    return bench_p2p.run_reported("bench_tracing", lambda: run(args, report), report)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -620,14 +620,20 @@ def _write_output(
             temporary.unlink()
 
 
-def _copy_exactly(source: BinaryIO, target: BinaryIO, length: int) -> None:
+def _read_exactly(source: BinaryIO, length: int) -> Iterator[bytes]:
+    """The next ``length`` bytes of a cache file, a MiB at a time; a file that ends early is an error."""
     remaining = length
     while remaining:
         chunk = source.read(min(remaining, 1024 * 1024))
         if not chunk:
             raise DownloadFailed(f"cache file ended {remaining} bytes early")
-        target.write(chunk)
+        yield chunk
         remaining -= len(chunk)
+
+
+def _copy_exactly(source: BinaryIO, target: BinaryIO, length: int) -> None:
+    for chunk in _read_exactly(source, length):
+        target.write(chunk)
 
 
 def _file_digest(path: Path, expected: str) -> ids.FileDigester:
@@ -649,10 +655,5 @@ def _hash_span(path: Path, span: PieceSpan, digester: ids.FileDigester) -> None:
     """Feed one stored piece to a digester (a task named by a blob digest must hold exactly that blob)."""
     with path.open("rb") as f:
         f.seek(span.offset)
-        remaining = span.length
-        while remaining:
-            chunk = f.read(min(remaining, 1024 * 1024))
-            if not chunk:
-                raise DownloadFailed(f"cache file ended {remaining} bytes early")
+        for chunk in _read_exactly(f, span.length):
             digester.update(chunk)
-            remaining -= len(chunk)
