@@ -251,7 +251,12 @@ class Containerd:
     # -- lifecycle
 
     def _remove_everything_running(self) -> None:
-        """Best effort: kill and delete every task, so that no shim or container process outlives the test."""
+        """Best effort: kill and delete every task, so that no shim or container process outlives the test.
+
+        A containerd the test stopped itself cannot be asked (ctr would wait for it); its shims are killed later.
+        """
+        if self.process.poll() is not None:
+            return
         with contextlib.suppress(ContainerdSupportError, subprocess.TimeoutExpired):
             for namespace in self.namespaces():
                 for task in self.ctr("tasks", "ls", "--quiet", namespace=namespace, timeout=10).stdout.split():

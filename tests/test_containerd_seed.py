@@ -44,7 +44,7 @@ from tests.support import (
     wait_for_line,
 )
 
-GRACE = 2.0
+GRACE = 1.0
 FILLER_LAYERS = [6_000_000, 6_000_000]
 
 
