@@ -11,6 +11,7 @@ import socket
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -20,7 +21,6 @@ from dfdaemon.config import Config, ConfigError, check_storage_dir
 from dfdaemon.download import DownloadManager
 from dfdaemon.download.scheduled import ScheduledFetch
 from dfdaemon.gc import GarbageCollector, GCPolicy, publish_usage
-from dfdaemon.proxy import MirrorServer, RegistryMirror
 from dfdaemon.rpc import download, ext, upload
 from dfdaemon.rpc.peer_client import GrpcParentClient
 from dfdaemon.rpc.scheduler_client import HostInfo, SchedulerClient
@@ -31,6 +31,9 @@ from dfdaemon.runtime.sync import CONTAINER_HOLDER, PINNED_HOLDER, RuntimeSync
 from dfdaemon.storage import Storage
 from dfdaemon.storage.metadata import SchemaTooNew
 from dfdaemon.telemetry.metrics import MetricsServer
+
+if TYPE_CHECKING:
+    from dfdaemon.proxy import MirrorServer
 
 log = logging.getLogger("dfdaemon")
 
@@ -165,6 +168,9 @@ class Daemon:
         config = self.config.proxy
         if not config.enable:
             return None
+        # Imported here: aiohttp costs a quarter of a second of start-up, which a daemon without the mirror skips.
+        from dfdaemon.proxy import MirrorServer, RegistryMirror
+
         mirror = RegistryMirror(
             self.storage,
             self.downloads,

@@ -176,7 +176,7 @@ def daemon_extra(registry: Registry, socket_path: Path) -> dict[str, Any]:
     # Unix socket paths must stay short, so they live in a directory of their own.
     return {
         "download": {"server": {"socketPath": str(socket_path)}},
-        "proxy": {"registryMirror": {"insecureRegistries": [registry.host]}},
+        "proxy": {"enable": True, "registryMirror": {"insecureRegistries": [registry.host]}},
     }
 
 

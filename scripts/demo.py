@@ -88,7 +88,7 @@ def containerd_step(stack: ExitStack, state: Path, sockets: Path, scheduler: str
         "host": {"hostname": "peer-d"},
         "scheduler": {"addrs": [scheduler], "announceInterval": "5s"},
         "download": {"server": {"socketPath": str(sockets / "d.sock")}},
-        "proxy": {"registryMirror": {"insecureRegistries": [registry.host]}},
+        "proxy": {"enable": True, "registryMirror": {"insecureRegistries": [registry.host]}},
         "runtime": {"containerd": {"address": containerd.address}},
     }
     peer = stack.enter_context(running_daemon(state / "peer-d", config))

@@ -108,7 +108,8 @@ def daemon_config(workdir: Path, extra: dict[str, Any] | None = None) -> dict[st
         "download": {"server": {"socketPath": str(workdir / "dfdaemon.sock")}},
         "storage": {"dir": str(workdir / "storage")},
         "metrics": {"server": {"ip": "127.0.0.1", "port": 0}},
-        "proxy": {"server": {"ip": "127.0.0.1", "port": 0}},
+        # The registry mirror only where a test asks for it ("proxy": {"enable": True}): it costs start-up time.
+        "proxy": {"enable": False, "server": {"ip": "127.0.0.1", "port": 0}},
     }
     return merge(base, extra or {})
 

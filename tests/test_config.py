@@ -24,6 +24,12 @@ def test_defaults_follow_upstream() -> None:
     assert config.gc.policy.disk_threshold == 0
     assert config.metrics.server.port == 4002
     assert config.scheduler.addrs == []
+    assert config.proxy.enable is True
+    assert (config.proxy.server.ip, config.proxy.server.port) == ("127.0.0.1", 4001)
+    assert config.proxy.registry_mirror.addr == "https://index.docker.io"
+    assert config.proxy.registry_mirror.enable_task_id_based_blob_digest is True
+    assert config.runtime.containerd.address == ""
+    assert config.runtime.sync_interval == 60
 
 
 def test_camel_case_keys_and_units() -> None:
@@ -166,11 +172,10 @@ def test_daemon_refuses_a_busy_port(tmp_path: Path) -> None:
 
 
 def test_daemon_refuses_a_busy_proxy_port(tmp_path: Path) -> None:
-    with running_daemon(tmp_path / "a") as first:
+    with running_daemon(tmp_path / "a", {"proxy": {"enable": True}}) as first:
         assert first.proxy_port is not None
-        code, stderr = _run_with_config(
-            tmp_path, daemon_config(tmp_path / "b", {"proxy": {"server": {"port": first.proxy_port}}})
-        )
+        busy = {"proxy": {"enable": True, "server": {"port": first.proxy_port}}}
+        code, stderr = _run_with_config(tmp_path, daemon_config(tmp_path / "b", busy))
     assert code == 1
     assert stderr.strip().splitlines()[-1] == (
         f"dfdaemon: proxy.server: cannot listen on 127.0.0.1:{first.proxy_port}: Address already in use"

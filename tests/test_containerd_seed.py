@@ -97,7 +97,7 @@ def node_config(registry: Registry, containerd: Containerd, scheduler: Scheduler
                 "diskLowThresholdPercent": 60,
             },
         },
-        "proxy": {"registryMirror": {"insecureRegistries": [registry.host]}},
+        "proxy": {"enable": True, "registryMirror": {"insecureRegistries": [registry.host]}},
         "runtime": {"containerd": {"address": containerd.address}, "syncInterval": "30s"},
     }
     if scheduler is not None:

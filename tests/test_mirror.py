@@ -45,7 +45,7 @@ class Mirror:
 
 
 def _mirror_config(registry: Registry) -> dict[str, object]:
-    return {"proxy": {"registryMirror": {"insecureRegistries": [registry.host]}}}
+    return {"proxy": {"enable": True, "registryMirror": {"insecureRegistries": [registry.host]}}}
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +190,7 @@ def test_a_blob_streams_to_the_client_before_its_download_finishes(tmp_path: Pat
     (tmp_path / "files" / blob_path).write_bytes(data)
     with running_origin(tmp_path / "files") as origin:
         config = {
-            "proxy": {"registryMirror": {"insecureRegistries": [origin.address]}},
+            "proxy": {"enable": True, "registryMirror": {"insecureRegistries": [origin.address]}},
             "download": {"concurrentPieceCount": 1},
         }
         with running_daemon(tmp_path / "daemon", config) as daemon:
@@ -282,7 +282,7 @@ def test_a_forged_blob_never_reaches_the_client_complete(tmp_path: Path) -> None
     digest = "sha256:" + hashlib.sha256(promised).hexdigest()
     path = _serve_blob(tmp_path / "files", forged, digest)
     with running_origin(tmp_path / "files") as origin:
-        config = {"proxy": {"registryMirror": {"insecureRegistries": [origin.address]}}}
+        config = {"proxy": {"enable": True, "registryMirror": {"insecureRegistries": [origin.address]}}}
         with running_daemon(tmp_path / "daemon", config) as daemon:
             url = f"http://127.0.0.1:{daemon.proxy_port}/{path}?ns={origin.address}"
             received = bytearray()
@@ -303,7 +303,7 @@ def test_a_client_that_leaves_mid_blob_costs_one_log_line(tmp_path: Path) -> Non
     path = _serve_blob(tmp_path / "files", data, digest)
     with running_origin(tmp_path / "files") as origin:
         config = {
-            "proxy": {"registryMirror": {"insecureRegistries": [origin.address]}},
+            "proxy": {"enable": True, "registryMirror": {"insecureRegistries": [origin.address]}},
             "download": {"concurrentPieceCount": 1},
         }
         with running_daemon(tmp_path / "daemon", config) as daemon:

@@ -128,6 +128,7 @@ def test_one_trace_covers_child_parent_and_scheduler(
                 "scheduler": {"addrs": [scheduler.address], "announceInterval": "2s"},
                 "tracing": {"protocol": "grpc", "endpoint": f"http://{endpoint}", "serviceName": name},
                 "log": {"format": "json"},
+                "proxy": {"enable": True},
             }
             peers.append(stack.enter_context(running_daemon(tmp_path / name, config, env=fast_export)))
         wait_for_hosts(scheduler, 2)
