@@ -44,6 +44,7 @@ __all__ = [
     "piece_length_for",
     "piece_metadata_digest",
     "pieces_for",
+    "task_blob_digest",
     "task_id",
     "validate_task_id",
 ]
@@ -162,6 +163,12 @@ def blob_digest_task_id(digest: str) -> str:
             f"invalid blob digest {digest[:160]!r}: expected sha256:<64 lowercase hex> or sha512:<128 lowercase hex>"
         )
     return validate_task_id(match.group("hex"))
+
+
+def task_blob_digest(task_id: str) -> str:
+    """The OCI blob digest a blob-named task id stands for (the inverse of :func:`blob_digest_task_id`)."""
+    algorithm = next(alg for alg, length in _BLOB_HEX_LENGTH.items() if length == len(validate_task_id(task_id)))
+    return f"{algorithm}:{task_id}"
 
 
 # --------------------------------------------------------------------------- host and peer ids

@@ -73,6 +73,12 @@ class Node:
         return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def mirror_counts(node: Node) -> str:
+    """The daemon's registry-mirror request counters, as Prometheus text lines."""
+    text = httpx.get(f"http://127.0.0.1:{node.daemon.metrics_port}/metrics", timeout=10).text
+    return "\n".join(line for line in text.splitlines() if line.startswith("dfdaemon_proxy_requests_total{"))
+
+
 def task_ids(image: OciImage) -> list[str]:
     return [blob.digest.removeprefix("sha256:") for blob in image.blobs]
 
@@ -238,6 +244,8 @@ def test_registry_errors_reach_containerd_through_the_mirror(tmp_path: Path) -> 
             assert node.content_digest(task_id) == f"sha256:{task_id}"
         proxy_log = node.daemon.log()
         assert "Traceback" not in proxy_log
+        # The challenge came through the mirror (containerd would also get one from the registry directly).
+        assert 'route="registry",status="401"' in mirror_counts(node)
 
         # 404 for a missing tag: the pull fails with the registry's "not found".
         missing = node.containerd.ctr(
@@ -246,6 +254,7 @@ def test_registry_errors_reach_containerd_through_the_mirror(tmp_path: Path) -> 
         )  # fmt: skip
         assert missing.returncode != 0
         assert "not found" in missing.stderr
+        assert 'route="registry",status="404"' in mirror_counts(node)
 
 
 def test_a_pinned_image_is_held_without_any_container(registry: Registry, tmp_path: Path) -> None:

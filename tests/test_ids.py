@@ -35,6 +35,7 @@ from dfdaemon.ids import (
     piece_length_for,
     piece_metadata_digest,
     pieces_for,
+    task_blob_digest,
     task_id,
     validate_task_id,
 )
@@ -259,6 +260,11 @@ def test_blob_url_with_a_bad_digest_is_refused(url: str) -> None:
 def test_blob_digest_task_id() -> None:
     assert blob_digest_task_id(f"sha256:{SHA256_HEX}") == SHA256_HEX
     assert blob_digest_task_id(f"sha512:{SHA512_HEX}") == SHA512_HEX
+    # And back: a blob-named task id stands for exactly one digest.
+    assert task_blob_digest(SHA256_HEX) == f"sha256:{SHA256_HEX}"
+    assert task_blob_digest(SHA512_HEX) == f"sha512:{SHA512_HEX}"
+    with pytest.raises(InvalidTaskId):
+        task_blob_digest("../etc")
 
 
 @pytest.mark.parametrize(

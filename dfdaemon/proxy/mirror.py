@@ -222,7 +222,7 @@ class RegistryMirror:
 
     @staticmethod
     def _blob_headers(task_id: str, length: int) -> dict[str, str]:
-        digest = f"sha{'512' if len(task_id) == 128 else '256'}:{task_id}"
+        digest = ids.task_blob_digest(task_id)
         return {
             "Content-Type": "application/octet-stream",
             "Content-Length": str(length),

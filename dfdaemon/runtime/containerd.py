@@ -49,8 +49,9 @@ DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 INDEX_MEDIA_TYPES = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
 MANIFEST_MEDIA_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
 
-# containerd filter expressions (any one matching is enough): the topics the runtime sync reacts to.
-EVENT_FILTERS = ('topic~="^/containers/"', 'topic~="^/tasks/"', 'topic~="^/images/"')
+# The event topics the runtime sync reacts to, and the containerd filter expressions (any one matching is enough).
+EVENT_TOPICS = ("/containers/", "/tasks/", "/images/")
+EVENT_FILTERS = tuple(f'topic~="^{topic}"' for topic in EVENT_TOPICS)
 
 # Manifests and indexes are small JSON documents; a bigger blob under such a name is not one.
 MAX_MANIFEST_BYTES = 8 * 1024 * 1024

@@ -3,9 +3,9 @@
 Every container record (running, or created and not yet removed: kubelet counts both) gets one holder,
 ``container:<namespace>/<id>``, that holds exactly the blobs of its image: config and layers, by task id
 (the digest's hex, as the registry mirror names them; manifests and indexes are named too, but the mirror
-passes them through, so they are cached only when something else put them there). A container's set is fixed when the
-sync first sees it: its root filesystem never changes, so a tag later pulled to a new digest must not
-move its holds. Pinned images follow their reference and get ``pinned:<ref>``.
+passes them through, so they are cached only when something else put them there). A container's set is
+fixed when the sync first sees it: its root filesystem never changes, so a tag later pulled to a new
+digest must not move its holds. Pinned images follow their reference and get ``pinned:<ref>``.
 Holders whose container is gone are released, and GC's grace period runs from then. Holds carry no
 lease: they end only when containerd says the container is gone, never because containerd was
 unreachable for a while. A sync runs every ``runtime.syncInterval`` and soon after any container,
@@ -17,20 +17,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from dfdaemon import ids
-from dfdaemon.runtime.containerd import ContainerdError, ImageNotFound, RuntimeContainer, RuntimeEvent
+from dfdaemon.runtime.containerd import EVENT_TOPICS, ContainerdError, ImageNotFound, RuntimeContainer, RuntimeEvent
 from dfdaemon.storage import Storage
 
 log = logging.getLogger("dfdaemon.runtime")
 
 CONTAINER_HOLDER = "container:"
 PINNED_HOLDER = "pinned:"
-_EVENT_TOPICS = ("/containers/", "/tasks/", "/images/")
 
 
 class Runtime(Protocol):
@@ -92,7 +90,6 @@ class RuntimeSync:
         self.pinned_images = list(dict.fromkeys(pinned_images or []))
         self.settle = settle
         self.last_report: SyncReport | None = None
-        self.last_sync_at: float | None = None
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
@@ -152,7 +149,6 @@ class RuntimeSync:
                 report.released.append(holder)
                 log.info("%s is gone: released its %d holds", holder, len(result.released))
             self.last_report = report
-            self.last_sync_at = time.time()
             return report
 
     async def _wanted(self, holds: dict[str, set[str]]) -> dict[str, list[str] | None]:
@@ -226,7 +222,7 @@ class RuntimeSync:
             try:
                 async for event in self.runtime.events():
                     backoff = 0.5
-                    if event.topic.startswith(_EVENT_TOPICS):
+                    if event.topic.startswith(EVENT_TOPICS):
                         self.trigger()
             except ContainerdError as exc:
                 log.debug("containerd event stream ended: %s", exc)
