@@ -49,7 +49,6 @@ class Endpoints:
     upload_address: str
     upload_port: int
     socket_path: Path
-    proxy_port: int | None = None
 
 
 def _socket_in_use(path: Path) -> bool:
@@ -149,12 +148,10 @@ class Daemon:
             await reporter.set_serving(True)
 
         await asyncio.to_thread(self._secure_socket, socket_path)
-        proxy_port = await self._start_mirror()
+        await self._start_mirror()
         server_cfg = self.config.upload.server
         address = server_cfg.ip if ":" not in server_cfg.ip else f"[{server_cfg.ip}]"
-        self.endpoints = Endpoints(
-            upload_address=f"{address}:{port}", upload_port=port, socket_path=socket_path, proxy_port=proxy_port
-        )
+        self.endpoints = Endpoints(upload_address=f"{address}:{port}", upload_port=port, socket_path=socket_path)
         host = HostInfo(host_id=self.downloads.host_id, ip=self.host_ip, hostname=self.hostname, port=port)
         self.membership.host = host
         if self.config.scheduler.addrs:
@@ -163,11 +160,11 @@ class Daemon:
         log.info("download server listening on unix:%s", socket_path)
         return self.endpoints
 
-    async def _start_mirror(self) -> int | None:
+    async def _start_mirror(self) -> None:
         """The registry mirror (``proxy``): blobs through the P2P network, the rest straight to the registry."""
         config = self.config.proxy
         if not config.enable:
-            return None
+            return
         # Imported here: aiohttp costs a quarter of a second of start-up, which a daemon without the mirror skips.
         from dfdaemon.proxy import MirrorServer, RegistryMirror
 
@@ -190,7 +187,6 @@ class Daemon:
                 f"proxy.server: cannot listen on {config.server.ip}:{config.server.port}: {exc.strerror or exc}"
             ) from None
         log.info("proxy server listening on %s:%d", config.server.ip, port)
-        return port
 
     async def _start_runtime_sync(self) -> None:
         """Hold what containerd's containers use; the first pass runs before GC may run at all."""

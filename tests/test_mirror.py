@@ -6,8 +6,10 @@ import hashlib
 import http.client
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -182,31 +184,47 @@ def test_a_cached_blob_is_served_while_the_registry_is_down(tmp_path: Path) -> N
             assert manifest.json()["errors"][0]["code"] == "UNAVAILABLE"
 
 
+@contextmanager
+def mirror_of_origin_blob(tmp_path: Path, content: bytes, digest: str, *, rate: int | None = None) -> Iterator[Blob]:
+    """A daemon whose mirror fronts the loopback origin, which serves ``content`` as blob ``digest`` of repo "r".
+
+    With ``rate`` the origin sends at most that many bytes a second and the daemon fetches one piece at a time.
+    """
+    blobs = tmp_path / "files" / "v2" / "r" / "blobs"
+    blobs.mkdir(parents=True)
+    (blobs / digest).write_bytes(content)
+    path = f"v2/r/blobs/{digest}"
+    with running_origin(tmp_path / "files") as origin:
+        config: dict[str, Any] = {"proxy": {"enable": True, "registryMirror": {"insecureRegistries": [origin.address]}}}
+        if rate is not None:
+            origin.fault(path, rate=rate)
+            config["download"] = {"concurrentPieceCount": 1}
+        with running_daemon(tmp_path / "daemon", config) as daemon:
+            yield Blob(daemon, f"http://127.0.0.1:{daemon.proxy_port}/{path}?ns={origin.address}", digest[7:])
+
+
+@dataclass
+class Blob:
+    daemon: DaemonProcess
+    url: str  # the blob through the mirror
+    task_id: str
+
+
 def test_a_blob_streams_to_the_client_before_its_download_finishes(tmp_path: Path) -> None:
     data = os.urandom(3 * 4 * MIB)  # three pieces, fetched one at a time from a throttled origin
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    blob_path = f"v2/slow/blobs/{digest}"
-    (tmp_path / "files" / "v2" / "slow" / "blobs").mkdir(parents=True)
-    (tmp_path / "files" / blob_path).write_bytes(data)
-    with running_origin(tmp_path / "files") as origin:
-        config = {
-            "proxy": {"enable": True, "registryMirror": {"insecureRegistries": [origin.address]}},
-            "download": {"concurrentPieceCount": 1},
-        }
-        with running_daemon(tmp_path / "daemon", config) as daemon:
-            origin.fault(blob_path, rate=4_000_000)
-            url = f"http://127.0.0.1:{daemon.proxy_port}/{blob_path}?ns={origin.address}"
-            received = bytearray()
-            with httpx.stream("GET", url, timeout=60) as response:
-                assert response.status_code == 200
-                chunks = response.iter_bytes()
-                received += next(chunks)
-                # The client already has bytes while the daemon is still fetching the rest.
-                states = {task["task_id"]: task["state"] for task in dfctl_json(daemon, "task", "ls")["tasks"]}
-                assert states[digest[7:]] == "unfinished"
-                for chunk in chunks:
-                    received += chunk
-            assert hashlib.sha256(received).hexdigest() == digest[7:]
+    with mirror_of_origin_blob(tmp_path, data, digest, rate=4_000_000) as blob:
+        received = bytearray()
+        with httpx.stream("GET", blob.url, timeout=60) as response:
+            assert response.status_code == 200
+            chunks = response.iter_bytes()
+            received += next(chunks)
+            # The client already has bytes while the daemon is still fetching the rest.
+            states = {task["task_id"]: task["state"] for task in dfctl_json(blob.daemon, "task", "ls")["tasks"]}
+            assert states[blob.task_id] == "unfinished"
+            for chunk in chunks:
+                received += chunk
+        assert hashlib.sha256(received).hexdigest() == blob.task_id
 
 
 _PATH_PART = st.text(alphabet=st.sampled_from("abcz09._-/:%?&=~"), max_size=40)
@@ -231,7 +249,7 @@ def test_any_request_gets_an_http_answer_never_a_crash(
 ) -> None:
     query = {} if ns is None else {"ns": mirror.registry.host if ns == "registry" else ns}
     sendable = range_header is not None and range_header.isprintable() and range_header.strip()
-    headers = {"Range": range_header.strip().encode()} if sendable and range_header else {}
+    headers = {b"Range": range_header.strip().encode()} if sendable and range_header else {}
     try:
         response = httpx.request(method, mirror.url(path, **query), headers=headers, timeout=30)
     except httpx.InvalidURL:
@@ -269,50 +287,29 @@ def test_only_pulls_are_served_and_paths_stay_under_v2(mirror: Mirror) -> None:
             connection.close()
 
 
-def _serve_blob(root: Path, content: bytes, digest: str) -> str:
-    """Put ``content`` where the loopback origin serves it as blob ``digest`` of repository "r"."""
-    (root / "v2" / "r" / "blobs").mkdir(parents=True, exist_ok=True)
-    (root / "v2" / "r" / "blobs" / digest).write_bytes(content)
-    return f"v2/r/blobs/{digest}"
-
-
 def test_a_forged_blob_never_reaches_the_client_complete(tmp_path: Path) -> None:
     promised = os.urandom(2 * MIB)
     forged = os.urandom(len(promised))
-    digest = "sha256:" + hashlib.sha256(promised).hexdigest()
-    path = _serve_blob(tmp_path / "files", forged, digest)
-    with running_origin(tmp_path / "files") as origin:
-        config = {"proxy": {"enable": True, "registryMirror": {"insecureRegistries": [origin.address]}}}
-        with running_daemon(tmp_path / "daemon", config) as daemon:
-            url = f"http://127.0.0.1:{daemon.proxy_port}/{path}?ns={origin.address}"
-            received = bytearray()
-            with pytest.raises(httpx.RemoteProtocolError), httpx.stream("GET", url, timeout=60) as response:
-                for chunk in response.iter_raw():
-                    received += chunk
-            assert len(received) < len(forged)
-            states = {task["task_id"]: task["state"] for task in dfctl_json(daemon, "task", "ls")["tasks"]}
-            assert states.get(digest[7:], "gone") in ("gone", "failed")
-            content = daemon.storage_dir / "content" / "tasks" / digest[7:10] / digest[7:]
-            assert not content.exists() or content.stat().st_size == 0, "the forged bytes stayed in the cache"
-            assert "Traceback" not in daemon.log()
+    with mirror_of_origin_blob(tmp_path, forged, "sha256:" + hashlib.sha256(promised).hexdigest()) as blob:
+        received = bytearray()
+        with pytest.raises(httpx.RemoteProtocolError), httpx.stream("GET", blob.url, timeout=60) as response:
+            for chunk in response.iter_raw():
+                received += chunk
+        assert len(received) < len(forged)
+        states = {task["task_id"]: task["state"] for task in dfctl_json(blob.daemon, "task", "ls")["tasks"]}
+        assert states.get(blob.task_id, "gone") in ("gone", "failed")
+        content = blob.daemon.storage_dir / "content" / "tasks" / blob.task_id[:3] / blob.task_id
+        assert not content.exists() or content.stat().st_size == 0, "the forged bytes stayed in the cache"
+        assert "Traceback" not in blob.daemon.log()
 
 
 def test_a_client_that_leaves_mid_blob_costs_one_log_line(tmp_path: Path) -> None:
     data = os.urandom(3 * 4 * MIB)
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    path = _serve_blob(tmp_path / "files", data, digest)
-    with running_origin(tmp_path / "files") as origin:
-        config = {
-            "proxy": {"enable": True, "registryMirror": {"insecureRegistries": [origin.address]}},
-            "download": {"concurrentPieceCount": 1},
-        }
-        with running_daemon(tmp_path / "daemon", config) as daemon:
-            origin.fault(path, rate=4_000_000)
-            url = f"http://127.0.0.1:{daemon.proxy_port}/{path}?ns={origin.address}"
-            with httpx.stream("GET", url, timeout=60) as response:
-                next(response.iter_raw())
-            # The download goes on for the cache; the next client gets the whole, verified blob.
-            again = httpx.get(url, timeout=60)
-            assert hashlib.sha256(again.content).hexdigest() == digest[7:]
-            log = daemon.log()
-            assert "Traceback" not in log and "Error handling request" not in log
+    with mirror_of_origin_blob(tmp_path, data, "sha256:" + hashlib.sha256(data).hexdigest(), rate=4_000_000) as blob:
+        with httpx.stream("GET", blob.url, timeout=60) as response:
+            next(response.iter_raw())
+        # The download goes on for the cache; the next client gets the whole, verified blob.
+        again = httpx.get(blob.url, timeout=60)
+        assert hashlib.sha256(again.content).hexdigest() == blob.task_id
+        log = blob.daemon.log()
+        assert "Traceback" not in log and "Error handling request" not in log

@@ -237,11 +237,10 @@ class RegistryMirror:
         With ``refusals_only`` (a blob's refusal shown as the registry sent it) an answer that is not an error is
         not passed on: blob bytes reach the runtime only through the digest-checked P2P path.
         """
-        body = request.content.iter_chunked(64 * 1024) if request.body_exists else None
         # Header bytes go on as they came (aiohttp decodes them with surrogateescape), whatever their charset.
         forwarded = _forwarded(request.headers)
         headers = [(name.encode(), value.encode("utf-8", "surrogateescape")) for name, value in forwarded]
-        upstream = self.client.build_request(request.method, url, headers=headers, content=body)
+        upstream = self.client.build_request(request.method, url, headers=headers)  # GET or HEAD: no body
         try:
             answer = await self.client.send(upstream, stream=True)
         except httpx.HTTPError as exc:
@@ -376,10 +375,9 @@ class MirrorServer:
     def __init__(self, mirror: RegistryMirror) -> None:
         self.mirror = mirror
         self._runner: web.AppRunner | None = None
-        self.port = 0
 
     async def start(self, ip: str, port: int) -> int:
-        app = web.Application(client_max_size=1024 * 1024)
+        app = web.Application()
         app.router.add_route("*", "/{path:.*}", self.mirror.handle)
         family = socket.AF_INET6 if ":" in ip else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -392,8 +390,7 @@ class MirrorServer:
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         await web.SockSite(self._runner, sock, shutdown_timeout=1.0).start()
-        self.port = int(sock.getsockname()[1])
-        return self.port
+        return int(sock.getsockname()[1])
 
     async def stop(self) -> None:
         if self._runner is not None:
