@@ -142,8 +142,9 @@ def running_daemon(
     try:
         wait_for_line(log_path, r"download server listening on unix:", proc)
         port = int(wait_for_line(log_path, r"upload server listening on [^\s]+:(\d+)", proc).group(1))
-        metrics = re.search(r"metrics server listening on [^\s]+:(\d+)", log_path.read_text())
-        proxy = re.search(r"proxy server listening on [^\s]+:(\d+)", log_path.read_text())
+        started = log_path.read_text()  # the optional servers log before the upload server does
+        metrics = re.search(r"metrics server listening on [^\s]+:(\d+)", started)
+        proxy = re.search(r"proxy server listening on [^\s]+:(\d+)", started)
         yield DaemonProcess(
             proc=proc,
             config_path=config_path,
