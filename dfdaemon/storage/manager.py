@@ -360,14 +360,15 @@ class Storage:
             task = await self._db(self.meta.get_task, task_id)
             if task is None or task.state not in states:
                 return None
+            freed_first = 0
             if task.state is TaskState.FAILED and not await self._db(self.meta.live_holds, now, task_id=task_id):
                 # A failed task's bytes are worth nothing: free them before writing anything, so eviction works
                 # even on a full disk. A crash right here leaves a failed row without a file, which start-up handles.
                 await self._io(self.content.delete, task_id)
-                self._content_bytes[task_id] = 0
+                freed_first, self._content_bytes[task_id] = self._content_bytes.get(task_id, 0), 0
             if not await self._db(self.meta.mark_evicting, task_id, states, now):
                 return None
-            freed = await self._remove(task_id)
+            freed = freed_first + await self._remove(task_id)
         await self._notify_deleted(task_id)
         return freed
 
