@@ -10,6 +10,7 @@ evicting it, and downloads that cannot fit are refused early.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -332,14 +333,14 @@ class GarbageCollector:
             return used >= limits.high or used > limits.quota - reserve
 
         if over():
-            queue = sorted(remaining, key=lambda t: (t.last_used_at, t.id))
+            queue = collections.deque(sorted(remaining, key=lambda t: (t.last_used_at, t.id)))
             while queue and used > target:
-                await evict(queue.pop(0), "quota")
+                await evict(queue.popleft(), "quota")
             if not dry_run:
                 # The prediction ignores what eviction itself writes and removes; measure, and go on if short.
                 used = await self._measure()
                 while queue and used > target:
-                    await evict(queue.pop(0), "quota")
+                    await evict(queue.popleft(), "quota")
                     used = await self._measure()
             report.quota_exceeded_by_data_in_use = over()
         if not dry_run:
