@@ -456,9 +456,9 @@ class DownloadManager:
             hashing = asyncio.create_task(self._hash_in_order(job, blob)) if blob is not None else None
             try:
                 await self.fetch_missing(job)
-                if job.missing_pieces():  # a fetch that returned short must not leave the hashing waiting
-                    numbers = [span.number for span in job.missing_pieces()]
-                    raise DownloadFailed(f"task {job.task_id} ended without pieces {numbers[:10]}")
+                short = [span.number for span in job.missing_pieces()]
+                if short:  # a fetch that returned short must not leave the hashing waiting
+                    raise DownloadFailed(f"task {job.task_id} ended without pieces {short[:10]}")
                 if hashing is not None and blob is not None:
                     digester = await hashing
                     if not digester.matches():
