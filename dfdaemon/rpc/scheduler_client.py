@@ -191,24 +191,7 @@ class GrpcSchedulerSession:
             log.warning("%s", exc)
 
     async def register(self, registration: Registration) -> None:
-        download = common_pb2.Download(
-            url=registration.url,
-            type=common_pb2.STANDARD,
-            filtered_query_params=list(registration.filtered_query_params),
-            request_header=registration.request_header,
-            need_back_to_source=registration.need_back_to_source,
-            disable_back_to_source=registration.disable_back_to_source,
-            concurrent_piece_count=registration.concurrent_piece_count,
-            actual_content_length=registration.content_length,
-            actual_piece_length=registration.actual_piece_length,
-            actual_piece_count=registration.piece_count,
-        )
-        if registration.tag is not None:
-            download.tag = registration.tag
-        if registration.application is not None:
-            download.application = registration.application
-        if registration.piece_length is not None:
-            download.piece_length = registration.piece_length
+        download = convert.registered_download(registration)
         self._call = self._stub.AnnouncePeer()
         await self._send(register_peer_request=scheduler_pb2.RegisterPeerRequest(download=download))
 
