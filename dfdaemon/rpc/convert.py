@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn, TypeVar
+from typing import Any, Literal, NoReturn, TypeVar, get_args
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -24,6 +24,7 @@ from dfdaemon.download import (
     PieceDone,
     Started,
 )
+from dfdaemon.download.peering import Registration
 from dfdaemon.gc import GCReport
 from dfdaemon.rpc.servers import Context, details
 from dfdaemon.storage import (
@@ -213,41 +214,93 @@ def gc_run(report: GCReport) -> dfdaemon_ext_pb2.GCRun:
     )
 
 
+# The optional scalar fields of ``common.v2.Download`` that ``DownloadRequest`` carries under the same name;
+# ``None`` on one side is an unset field on the other (presence changes the task id).
+_OptionalDownloadField = Literal[
+    "digest",
+    "tag",
+    "application",
+    "piece_length",
+    "output_path",
+    "content_for_calculating_task_id",
+    "concurrent_piece_count",
+]
+_OPTIONAL_DOWNLOAD_FIELDS: tuple[_OptionalDownloadField, ...] = get_args(_OptionalDownloadField)
+
+
 def download_request(download: common_pb2.Download, *, from_network: bool = False) -> DownloadRequest:
     """A ``common.v2.Download`` as the download manager's request; ``from_network`` says who is asking."""
-
-    def optional(name: Any) -> Any:
-        return getattr(download, name) if download.HasField(name) else None
-
     timeout = None
     if download.HasField("timeout"):
         timeout = duration_seconds(download.timeout, "download.timeout")
     return DownloadRequest(
         url=download.url,
-        digest=optional("digest"),
         range=ByteRange(download.range.start, download.range.length) if download.HasField("range") else None,
-        tag=optional("tag"),
-        application=optional("application"),
         filtered_query_params=tuple(download.filtered_query_params),
         request_header=dict(download.request_header),
-        piece_length=optional("piece_length"),
-        output_path=optional("output_path"),
         timeout=timeout,
         disable_back_to_source=download.disable_back_to_source,
         need_back_to_source=download.need_back_to_source,
         need_piece_content=download.need_piece_content,
         force_hard_link=download.force_hard_link,
         overwrite=download.overwrite,
-        content_for_calculating_task_id=optional("content_for_calculating_task_id"),
-        concurrent_piece_count=optional("concurrent_piece_count"),
         enable_task_id_based_blob_digest=download.enable_task_id_based_blob_digest,
         from_network=from_network,
+        **{name: getattr(download, name) if download.HasField(name) else None for name in _OPTIONAL_DOWNLOAD_FIELDS},
     )
 
 
+def download(request: DownloadRequest) -> common_pb2.Download:
+    """The ``common.v2.Download`` that asks for ``request``: the inverse of :func:`download_request`, and the one
+    place such a message is built (the CLIs, the scheduler registration). ``from_network`` is the server's to say."""
+    message = common_pb2.Download(
+        url=request.url,
+        type=common_pb2.STANDARD,
+        filtered_query_params=request.filtered_query_params,
+        request_header=request.request_header,
+        disable_back_to_source=request.disable_back_to_source,
+        need_back_to_source=request.need_back_to_source,
+        need_piece_content=request.need_piece_content,
+        force_hard_link=request.force_hard_link,
+        overwrite=request.overwrite,
+        enable_task_id_based_blob_digest=request.enable_task_id_based_blob_digest,
+    )
+    for name in _OPTIONAL_DOWNLOAD_FIELDS:
+        value = getattr(request, name)
+        if value is not None:
+            setattr(message, name, value)
+    if request.range is not None:
+        message.range.CopyFrom(common_pb2.Range(start=request.range.start, length=request.range.length))
+    if request.timeout is not None:
+        message.timeout.CopyFrom(duration(request.timeout))
+    return message
+
+
+def registered_download(registration: Registration) -> common_pb2.Download:
+    """What ``RegisterPeerRequest`` carries: the request's fields plus the sizes the registering peer measured."""
+    message = download(
+        DownloadRequest(
+            url=registration.url,
+            tag=registration.tag,
+            application=registration.application,
+            piece_length=registration.piece_length,
+            filtered_query_params=registration.filtered_query_params,
+            request_header=registration.request_header,
+            need_back_to_source=registration.need_back_to_source,
+            disable_back_to_source=registration.disable_back_to_source,
+            concurrent_piece_count=registration.concurrent_piece_count,
+        )
+    )
+    message.actual_content_length = registration.content_length
+    message.actual_piece_length = registration.actual_piece_length
+    message.actual_piece_count = registration.piece_count
+    return message
+
+
 def duration(seconds: float) -> Duration:
+    """Rounded to the nearest nanosecond, not truncated: a value read back from a Duration converts to itself."""
     value = Duration()
-    value.FromNanoseconds(int(seconds * 1e9))
+    value.FromNanoseconds(round(seconds * 1e9))
     return value
 
 
