@@ -54,9 +54,6 @@ def tracing_range(url: str, span: PieceSpan, attempt: int) -> contextlib.Abstrac
     return tracing.span("back_to_source", url=url, range_start=span.offset, range_length=span.length, attempt=attempt)
 
 
-# Bounds of a requested piece length: enough pieces to share, few enough requests to the origin.
-MIN_PIECE_LENGTH = 1024
-MAX_PIECE_LENGTH = 1024 * 1024 * 1024
 # Headers the daemon sets itself for each ranged request; a caller's copy would change what is fetched.
 _RESERVED_HEADERS = {
     "content-length",
@@ -255,10 +252,9 @@ class DownloadManager:
                 ids.parse_file_digest(request.digest)
             except ValueError as exc:
                 raise InvalidDownload(f"download.digest: {exc}") from None
-        if request.piece_length is not None and not MIN_PIECE_LENGTH <= request.piece_length <= MAX_PIECE_LENGTH:
-            raise InvalidDownload(
-                f"download.piece_length must be between {MIN_PIECE_LENGTH} and {MAX_PIECE_LENGTH} bytes"
-            )
+        low, high = ids.MIN_REQUESTED_PIECE_LENGTH, ids.MAX_REQUESTED_PIECE_LENGTH
+        if request.piece_length is not None and not low <= request.piece_length <= high:
+            raise InvalidDownload(f"download.piece_length must be between {low} and {high} bytes")
         _check_headers(request.request_header)
         if request.output_path is not None:
             _check_output_path(request.output_path, request.overwrite)
