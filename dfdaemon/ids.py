@@ -20,9 +20,11 @@ from typing import Protocol
 from urllib.parse import unquote_to_bytes
 
 __all__ = [
+    "MAX_DEFAULT_PIECE_LENGTH",
     "MAX_PIECE_COUNT",
-    "MAX_PIECE_LENGTH",
-    "MIN_PIECE_LENGTH",
+    "MAX_REQUESTED_PIECE_LENGTH",
+    "MIN_DEFAULT_PIECE_LENGTH",
+    "MIN_REQUESTED_PIECE_LENGTH",
     "DigestMismatch",
     "FileDigester",
     "InvalidTaskId",
@@ -49,11 +51,17 @@ __all__ = [
     "validate_task_id",
 ]
 
-MIN_PIECE_LENGTH = 4 * 1024 * 1024
-"""Smallest piece length chosen automatically (4 MiB)."""
+MIN_DEFAULT_PIECE_LENGTH = 4 * 1024 * 1024
+"""Smallest piece length chosen when the request names none (4 MiB)."""
 
-MAX_PIECE_LENGTH = 64 * 1024 * 1024
-"""Largest piece length chosen automatically (64 MiB)."""
+MAX_DEFAULT_PIECE_LENGTH = 64 * 1024 * 1024
+"""Largest piece length chosen when the request names none (64 MiB)."""
+
+MIN_REQUESTED_PIECE_LENGTH = 1024
+"""Smallest ``piece_length`` a request may ask for (1 KiB): fewer requests to the origin per byte."""
+
+MAX_REQUESTED_PIECE_LENGTH = 1024 * 1024 * 1024
+"""Largest ``piece_length`` a request may ask for (1 GiB): enough pieces left to share."""
 
 MAX_PIECE_COUNT = 500
 """Content length is divided by this before rounding up to a power of two."""
@@ -467,7 +475,7 @@ def piece_length_for(content_length: int) -> int:
     if content_length < 0:
         raise ValueError(f"content_length must not be negative, got {content_length}")
     length = _next_power_of_two(content_length // MAX_PIECE_COUNT)
-    return max(MIN_PIECE_LENGTH, min(MAX_PIECE_LENGTH, length))
+    return max(MIN_DEFAULT_PIECE_LENGTH, min(MAX_DEFAULT_PIECE_LENGTH, length))
 
 
 def piece_count(content_length: int, piece_length: int) -> int:

@@ -12,8 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dfdaemon.ids import (
-    MAX_PIECE_LENGTH,
-    MIN_PIECE_LENGTH,
+    MAX_DEFAULT_PIECE_LENGTH,
+    MIN_DEFAULT_PIECE_LENGTH,
     DigestMismatch,
     FileDigester,
     InvalidTaskId,
@@ -348,8 +348,8 @@ def test_peer_id_is_fresh_and_shaped() -> None:
 @pytest.mark.parametrize(
     ("content_length", "expected"),
     [
-        (0, MIN_PIECE_LENGTH),
-        (1, MIN_PIECE_LENGTH),
+        (0, MIN_DEFAULT_PIECE_LENGTH),
+        (1, MIN_DEFAULT_PIECE_LENGTH),
         (500 * 4 * MiB, 4 * MiB),
         (500 * 4 * MiB + 500, 8 * MiB),
         (500 * 8 * MiB, 8 * MiB),
@@ -357,10 +357,10 @@ def test_peer_id_is_fresh_and_shaped() -> None:
         (500 * 16 * MiB, 16 * MiB),
         (500 * 16 * MiB + 499, 16 * MiB),
         (500 * 16 * MiB + 500, 32 * MiB),
-        (500 * 64 * MiB, MAX_PIECE_LENGTH),
-        (500 * 64 * MiB + 500, MAX_PIECE_LENGTH),
-        (10**15, MAX_PIECE_LENGTH),
-        (2**64 - 1, MAX_PIECE_LENGTH),
+        (500 * 64 * MiB, MAX_DEFAULT_PIECE_LENGTH),
+        (500 * 64 * MiB + 500, MAX_DEFAULT_PIECE_LENGTH),
+        (10**15, MAX_DEFAULT_PIECE_LENGTH),
+        (2**64 - 1, MAX_DEFAULT_PIECE_LENGTH),
     ],
 )
 def test_piece_length_for(content_length: int, expected: int) -> None:
@@ -368,8 +368,8 @@ def test_piece_length_for(content_length: int, expected: int) -> None:
 
 
 def test_piece_length_bounds() -> None:
-    assert 4 * MiB == MIN_PIECE_LENGTH
-    assert 64 * MiB == MAX_PIECE_LENGTH
+    assert 4 * MiB == MIN_DEFAULT_PIECE_LENGTH
+    assert 64 * MiB == MAX_DEFAULT_PIECE_LENGTH
     with pytest.raises(ValueError):
         piece_length_for(-1)
 
@@ -377,9 +377,9 @@ def test_piece_length_bounds() -> None:
 @given(st.integers(min_value=0, max_value=2**64 - 1))
 def test_piece_length_for_is_a_clamped_power_of_two(content_length: int) -> None:
     length = piece_length_for(content_length)
-    assert MIN_PIECE_LENGTH <= length <= MAX_PIECE_LENGTH
+    assert MIN_DEFAULT_PIECE_LENGTH <= length <= MAX_DEFAULT_PIECE_LENGTH
     assert length & (length - 1) == 0
-    assert piece_count(content_length, length) <= max(501, -(-content_length // MAX_PIECE_LENGTH))
+    assert piece_count(content_length, length) <= max(501, -(-content_length // MAX_DEFAULT_PIECE_LENGTH))
 
 
 # ----------------------------------------------------------------------------- pieces
