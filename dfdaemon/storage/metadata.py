@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -302,27 +302,30 @@ class MetadataStore:
 
     # Pieces
 
-    def add_piece(self, piece: PieceRecord, content_bytes: int, now: float) -> None:
-        """Make a written piece visible and account the task's grown file, in one transaction."""
+    def add_pieces(self, task_id: str, pieces: Sequence[PieceRecord], content_bytes: int, now: float) -> None:
+        """Make written pieces visible and account the task's grown file, in one transaction."""
         with self.transaction() as db:
-            db.execute(
+            db.executemany(
                 "INSERT OR REPLACE INTO pieces (task_id, number, offset, length, crc, parent_id, traffic_type, cost,"
                 " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    piece.task_id,
-                    piece.number,
-                    piece.offset,
-                    piece.length,
-                    piece.crc,
-                    piece.parent_id,
-                    piece.traffic_type,
-                    piece.cost,
-                    piece.created_at,
-                ),
+                [
+                    (
+                        task_id,
+                        piece.number,
+                        piece.offset,
+                        piece.length,
+                        piece.crc,
+                        piece.parent_id,
+                        piece.traffic_type,
+                        piece.cost,
+                        piece.created_at,
+                    )
+                    for piece in pieces
+                ],
             )
             db.execute(
                 "UPDATE tasks SET updated_at = ?, content_bytes = MAX(content_bytes, ?) WHERE id = ?",
-                (now, content_bytes, piece.task_id),
+                (now, content_bytes, task_id),
             )
 
     def remove_piece(self, task_id: str, number: int) -> None:
