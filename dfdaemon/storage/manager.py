@@ -149,6 +149,14 @@ class Storage:
                 del self._lock_users[task_id]
                 del self._locks[task_id]
 
+    @contextlib.asynccontextmanager
+    async def _locks_in_order(self, task_ids: list[str]) -> AsyncIterator[None]:
+        """Take several per-task locks in a fixed order so two multi-task calls cannot deadlock."""
+        async with contextlib.AsyncExitStack() as stack:
+            for task_id in sorted(set(task_ids)):
+                await stack.enter_async_context(self._lock(task_id))
+            yield
+
     def locked_task_ids(self) -> list[str]:
         """Tasks whose lock is held or awaited right now (read only: a check that no lock outlives its users)."""
         return sorted(set(self._locks) | set(self._lock_users))
@@ -583,7 +591,7 @@ class Storage:
         _check_holder(holder)
         ids = _unique([validate_task_id(task_id) for task_id in task_ids])
         now = self.clock()
-        async with _locks_in_order(self, ids):
+        async with self._locks_in_order(ids):
             missing = await self._db(self.meta.acquire, holder, ids, ttl, now)
         if missing:
             raise TaskNotFound(missing[0])
@@ -592,7 +600,7 @@ class Storage:
     async def release(self, holder: str, task_ids: list[str]) -> list[str]:
         _check_holder(holder)
         ids = _unique([validate_task_id(task_id) for task_id in task_ids])
-        async with _locks_in_order(self, ids):
+        async with self._locks_in_order(ids):
             return await self._db(self.meta.release, holder, ids, self.clock())
 
     async def keep_alive(self, holder: str, ttl: float | None = None) -> list[Hold]:
@@ -610,7 +618,7 @@ class Storage:
         to_release = sorted(current - set(wanted))
         acquired: list[str] = []
         missing: list[str] = []
-        async with _locks_in_order(self, sorted(set(wanted) | current)):
+        async with self._locks_in_order(sorted(set(wanted) | current)):
             for task_id in wanted:
                 if await self._db(self.meta.acquire, holder, [task_id], ttl, now):
                     missing.append(task_id)
@@ -722,15 +730,6 @@ def _check_holder(holder: str) -> None:
 
 def _unique(items: list[str]) -> list[str]:
     return list(dict.fromkeys(items))
-
-
-@contextlib.asynccontextmanager
-async def _locks_in_order(storage: Storage, task_ids: list[str]) -> AsyncIterator[None]:
-    """Take several per-task locks in a fixed order so two multi-task calls cannot deadlock."""
-    async with contextlib.AsyncExitStack() as stack:
-        for task_id in sorted(set(task_ids)):
-            await stack.enter_async_context(storage._lock(task_id))
-        yield
 
 
 def _wipe(root: Path) -> None:
