@@ -13,8 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 
 from dfdaemon.storage.models import TaskState, TaskUse, Victim
+
+# Least recently used first; ties by task id, so a plan is the same whatever order the snapshot lists tasks in.
+_LRU_ORDER = attrgetter("last_used_at", "id")
 
 
 @dataclass(frozen=True)
@@ -129,7 +133,7 @@ def plan(snapshot: Snapshot, policy: PlanPolicy, now: float) -> Plan:
             candidates.append(task)
     used = snapshot.used_bytes - sum(item.bytes for item in evict)
     pressure = policy.over(used)
-    queue = sorted(candidates, key=_lru_order) if pressure else []
+    queue = sorted(candidates, key=_LRU_ORDER) if pressure else []
     taken = 0
     while taken < len(queue) and used > policy.target:
         used -= queue[taken].bytes
@@ -176,7 +180,3 @@ def _must_go(task: TaskUse, policy: PlanPolicy, now: float) -> str:
     if now - task.last_used_at > policy.task_ttl:
         return "ttl"
     return ""
-
-
-def _lru_order(task: TaskUse) -> tuple[float, str]:
-    return task.last_used_at, task.id

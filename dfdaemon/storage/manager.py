@@ -535,20 +535,28 @@ class Storage:
         otherwise they are only read (a dry run, or a disk too full to write).
         """
         lapsed = await self._lapsed_holds(purge_lapsed)
-        holders: dict[str, list[str]] = {}
+        holding: dict[str, list[str]] = {}
         for hold in await self._db(self.meta.live_holds, self.clock()):
-            holders.setdefault(hold.task_id, []).append(hold.holder)
-        sizes, downloads, uploads = self._content_bytes, self._downloads, self._uploads
+            holding.setdefault(hold.task_id, []).append(hold.holder)
+        holders = {task_id: tuple(names) for task_id, names in holding.items()}
+        rows = await self._db(self.meta.task_time_rows)
+        # Bound lookups: this runs once per task of a cache that may hold a hundred thousand.
+        size, held, downloads, uploads = self._content_bytes.get, holders.get, self._downloads.get, self._uploads.get
         return [
             TaskUse(
-                *row[:6],
-                max(row.released_at or 0.0, lapsed[row.id]) if row.id in lapsed else row.released_at,
-                sizes.get(row.id, 0),
-                tuple(holders.get(row.id, ())),
-                downloads.get(row.id, 0),
-                uploads.get(row.id, 0),
+                i,
+                s,
+                c,
+                u,
+                lu,
+                f,
+                max(r or 0.0, lapsed[i]) if i in lapsed else r,
+                size(i, 0),
+                held(i, ()),
+                downloads(i, 0),
+                uploads(i, 0),
             )
-            for row in await self._db(self.meta.task_times)
+            for i, s, c, u, lu, f, r in rows
         ]
 
     async def _lapsed_holds(self, purge: bool) -> dict[str, float]:

@@ -173,7 +173,11 @@ class MetadataStore:
         return [_task(row, counts.get(row["id"], 0)) for row in rows]
 
     def task_times(self) -> list[TaskTimes]:
-        """Every task not being evicted, with only the columns GC decides by: one narrow scan, no JSON."""
+        """Every task not being evicted, with only the columns GC decides by (see ``task_time_rows``)."""
+        return list(map(TaskTimes._make, self.task_time_rows()))
+
+    def task_time_rows(self) -> list[tuple[str, TaskState, float, float, float, float | None, float | None]]:
+        """``TaskTimes`` fields as plain tuples in creation order: one narrow scan, no JSON, no object per row."""
         states = {state.value: state for state in TaskState}
         cursor = self._db.cursor()
         cursor.row_factory = None  # plain tuples: no sqlite3.Row per task
@@ -181,7 +185,7 @@ class MetadataStore:
             "SELECT id, state, created_at, updated_at, last_used_at, finished_at, released_at FROM tasks"
             " WHERE state != 'evicting' ORDER BY created_at"
         )
-        return [TaskTimes(i, states[s], c, u, lu, f, r) for i, s, c, u, lu, f, r in cursor]
+        return [(i, states[s], c, u, lu, f, r) for i, s, c, u, lu, f, r in cursor]
 
     def count_tasks(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM tasks WHERE state != 'evicting'").fetchone()[0])
