@@ -235,7 +235,7 @@ _OPTIONAL_DOWNLOAD_FIELDS: tuple[_OptionalDownloadField, ...] = get_args(_Option
 
 # Model hubs upstream's Rust daemon downloads from (API 2.3 ``Download`` fields 31, 32, 34) and the URL
 # schemes its backends register for them. This daemon has no such backend.
-_MODEL_HUBS: tuple[tuple[str, str, str], ...] = (
+_MODEL_HUBS: tuple[tuple[Literal["hugging_face", "model_scope", "open_csg"], str, str], ...] = (
     ("hugging_face", "hf", "Hugging Face"),
     ("model_scope", "modelscope", "ModelScope"),
     ("open_csg", "opencsg", "OpenCSG"),
