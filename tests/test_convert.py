@@ -3,6 +3,8 @@ builds is the message peers sent before the builder existed."""
 
 from __future__ import annotations
 
+import grpc
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -102,3 +104,31 @@ def test_registration_carries_the_request_and_the_measured_sizes() -> None:
         actual_piece_length=4 * 1024 * 1024,
         actual_piece_count=3,
     )
+
+
+@pytest.mark.parametrize(
+    ("download", "hub"),
+    [
+        (
+            common_pb2.Download(url="https://huggingface.co/x", hugging_face=common_pb2.HuggingFace(revision="main")),
+            "Hugging Face",
+        ),
+        (common_pb2.Download(url="hf://deepseek-ai/DeepSeek-OCR/model.safetensors"), "Hugging Face"),
+        (
+            common_pb2.Download(url="https://modelscope.cn/x", model_scope=common_pb2.ModelScope(revision="master")),
+            "ModelScope",
+        ),
+        (common_pb2.Download(url="ModelScope://org/repo"), "ModelScope"),
+        (common_pb2.Download(url="https://opencsg.com/x", open_csg=common_pb2.OpenCSG()), "OpenCSG"),
+        (common_pb2.Download(url="opencsg://org/repo/file"), "OpenCSG"),
+    ],
+)
+def test_model_hub_downloads_are_unimplemented_with_the_reason(download: common_pb2.Download, hub: str) -> None:
+    with pytest.raises(convert.Unsupported, match=f"{hub} downloads .* not supported") as caught:
+        convert.download_request(download)
+    assert convert.status_for(caught.value) is grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_api_2_3_fields_the_daemon_does_not_act_on_are_accepted() -> None:
+    message = common_pb2.Download(url="https://example.com/f", metadata_only=True, scheduling_policy=common_pb2.ALWAYS)
+    assert convert.download_request(message).url == "https://example.com/f"

@@ -26,6 +26,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from dfdaemon.api import common_pb2, dfdaemon_pb2, errordetails_pb2
 from dfdaemon.cli.dfget import main
+from dfdaemon.ids import DEFAULT_FILTERED_QUERY_PARAMS
 from dfdaemon.rpc.download import SERVICE
 from dfdaemon.rpc.servers import HealthReporter, add_service, new_server
 from tests.support import REPO_ROOT, run_module
@@ -280,8 +281,14 @@ def test_optional_fields_stay_unset(
     for name in ("digest", "tag", "application", "piece_length", "timeout"):
         assert not download.HasField(name), name  # presence changes the task id
     assert not download.overwrite and not download.disable_back_to_source
-    assert not download.request_header and not download.filtered_query_params
-    assert download == common_pb2.Download(url="http://origin.example/f", output_path=str(tmp_path / "f"))
+    assert not download.request_header
+    # Without --filtered-query-param, upstream's dfget sends its default list of signing keys.
+    assert tuple(download.filtered_query_params) == DEFAULT_FILTERED_QUERY_PARAMS
+    assert download == common_pb2.Download(
+        url="http://origin.example/f",
+        output_path=str(tmp_path / "f"),
+        filtered_query_params=DEFAULT_FILTERED_QUERY_PARAMS,
+    )
 
 
 def test_json_output(serve: Callable[[object], FakeDaemon], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -31,7 +31,7 @@ from dfdaemon.api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc, errordetai
 from dfdaemon.cli.args import positive_duration, positive_size
 from dfdaemon.cli.channel import daemon_channel
 from dfdaemon.download import DownloadRequest
-from dfdaemon.ids import parse_file_digest
+from dfdaemon.ids import filtered_query_params_or_default, parse_file_digest
 from dfdaemon.rpc import convert
 
 DEFAULT_ENDPOINT = "/var/run/dragonfly/dfdaemon.sock"
@@ -154,7 +154,7 @@ def _build_parser() -> _Parser:
         action="append",
         default=[],
         metavar="PARAM",
-        help="query parameter left out of the task id (e.g. a signature)",
+        help="query parameter left out of the task id (repeatable); by default upstream's list of signing keys",
     )
     parser.add_argument(
         "--piece-length", type=positive_size, metavar="SIZE", help="e.g. 4MiB; chosen by the daemon by default"
@@ -202,7 +202,7 @@ def parse_args(argv: list[str] | None) -> Options:
         tag=args.tag,
         application=args.application,
         headers=dict(args.headers),
-        filtered_query_params=args.filtered_query_params,
+        filtered_query_params=list(filtered_query_params_or_default(args.filtered_query_params)),
         piece_length=args.piece_length,
         timeout=args.timeout,
         disable_back_to_source=args.disable_back_to_source,

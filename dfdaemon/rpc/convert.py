@@ -53,12 +53,17 @@ class Refused(Exception):
     """A request this daemon's configuration forbids (FAILED_PRECONDITION)."""
 
 
+class Unsupported(Exception):
+    """A well-formed request for something upstream serves and this daemon does not (UNIMPLEMENTED)."""
+
+
 # Domain errors and the status each maps to; the first match wins.
 _STATUS_OF: list[tuple[type[Exception], grpc.StatusCode]] = [
     (TaskNotFound, grpc.StatusCode.NOT_FOUND),
     (PieceNotFound, grpc.StatusCode.NOT_FOUND),
     (TaskInUse, grpc.StatusCode.FAILED_PRECONDITION),
     (Refused, grpc.StatusCode.FAILED_PRECONDITION),
+    (Unsupported, grpc.StatusCode.UNIMPLEMENTED),
     (StorageFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Busy, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (PieceCorrupt, grpc.StatusCode.DATA_LOSS),
@@ -228,8 +233,32 @@ _OptionalDownloadField = Literal[
 _OPTIONAL_DOWNLOAD_FIELDS: tuple[_OptionalDownloadField, ...] = get_args(_OptionalDownloadField)
 
 
+# Model hubs upstream's Rust daemon downloads from (API 2.3 ``Download`` fields 31, 32, 34) and the URL
+# schemes its backends register for them. This daemon has no such backend.
+_MODEL_HUBS: tuple[tuple[Literal["hugging_face", "model_scope", "open_csg"], str, str], ...] = (
+    ("hugging_face", "hf", "Hugging Face"),
+    ("model_scope", "modelscope", "ModelScope"),
+    ("open_csg", "opencsg", "OpenCSG"),
+)
+
+
+def _check_supported_source(download: common_pb2.Download) -> None:
+    """Refuse model-hub downloads up front, naming the hub, instead of failing somewhere in the backend."""
+    scheme = download.url.partition(":")[0].lower() if ":" in download.url else ""
+    for field, hub_scheme, hub in _MODEL_HUBS:
+        if download.HasField(field) or scheme == hub_scheme:
+            raise Unsupported(
+                f"{hub} downloads (download.{field} or {hub_scheme}:// URLs) are not supported by this daemon: "
+                "it fetches http(s) origins and peers only"
+            )
+
+
 def download_request(download: common_pb2.Download, *, from_network: bool = False) -> DownloadRequest:
-    """A ``common.v2.Download`` as the download manager's request; ``from_network`` says who is asking."""
+    """A ``common.v2.Download`` as the download manager's request; ``from_network`` says who is asking.
+
+    API 2.3's ``metadata_only`` and ``scheduling_policy`` are accepted and not acted on (the README says so).
+    """
+    _check_supported_source(download)
     timeout = None
     if download.HasField("timeout"):
         timeout = duration_seconds(download.timeout, "download.timeout")
