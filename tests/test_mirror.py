@@ -258,7 +258,8 @@ def test_any_request_gets_an_http_answer_never_a_crash(
 ) -> None:
     query = {} if ns is None else {"ns": mirror.registry.host if ns == "registry" else ns}
     sendable = range_header is not None and range_header.isprintable() and range_header.strip()
-    headers = {"Range": range_header.strip()} if sendable and range_header else {}
+    # UTF-8 on the wire (http.client sends str headers as latin-1, which maps each of these bytes to itself).
+    headers = {"Range": range_header.strip().encode().decode("latin-1")} if sendable and range_header else {}
     try:
         response = http_request(method, mirror.url(path, **query), headers=headers)
     except urllib3.exceptions.LocationParseError:
