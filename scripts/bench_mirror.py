@@ -18,7 +18,7 @@ bytes, so it does not compress). A client in this script then GETs ``/v2/<name>/
 *direct*
     from the registry itself, the baseline: what the client would see without the mirror.
 
-The client is the same for both: one streaming GET (httpx), every byte hashed with sha256 as it arrives (as
+The client is the same for both: one streaming GET (urllib3), every byte hashed with sha256 as it arrives (as
 containerd does when it writes a layer) and then dropped. What came through the mirror must hash to the digest every
 time, or the script stops with an error. Each round starts a fresh daemon with empty storage (so its cache does not
 have the blob) and measures, in this order, each pair alternating which of the two goes first from round to round:
@@ -78,7 +78,7 @@ for _path in (ROOT, SCRIPTS):
         sys.path.insert(0, str(_path))
 
 import bench_p2p  # noqa: E402
-import httpx  # noqa: E402
+import urllib3  # noqa: E402
 from bench_p2p import DISK_RESERVE, MB, KiB, MiB, Report, fmt_size, mb_per_s, say, vm_bytes  # noqa: E402
 
 from dfdaemon.units import parse_size  # noqa: E402
@@ -103,7 +103,7 @@ class Fetch:
     first_byte: float  # from sending the request to the first body byte
     nbytes: int
     digest: str  # "sha256:<hex>" of the body
-    headers: httpx.Headers
+    headers: urllib3.HTTPHeaderDict
 
 
 @dataclass
@@ -127,19 +127,22 @@ def fetch(url: str, params: dict[str, str] | None = None) -> Fetch:
     hasher = hashlib.sha256()
     nbytes = 0
     first_byte: float | None = None
-    timeout = httpx.Timeout(120.0, connect=10.0)
-    with httpx.Client(timeout=timeout, trust_env=False) as client:
-        started = time.perf_counter()
-        with client.stream("GET", url, params=params) as response:
-            if response.status_code != 200:
-                body = response.read()[:300].decode(errors="replace")
-                raise RuntimeError(f"GET {response.url} answered {response.status_code}: {body}")
-            for chunk in response.iter_raw():  # as the socket gives them: a chunk size would delay the first
-                if first_byte is None:
-                    first_byte = time.perf_counter() - started
-                hasher.update(chunk)
-                nbytes += len(chunk)
-        seconds = time.perf_counter() - started
+    timeout = urllib3.Timeout(connect=10.0, read=120.0)
+    started = time.perf_counter()
+    response = urllib3.request("GET", url, fields=params, timeout=timeout, retries=False, preload_content=False)
+    try:
+        if response.status != 200:
+            body = response.read()[:300].decode(errors="replace")
+            raise RuntimeError(f"GET {url} answered {response.status}: {body}")
+        # read1: as the socket gives them (up to 1 MiB); waiting for a full chunk would delay the first byte.
+        while chunk := response.read1(1024 * 1024):
+            if first_byte is None:
+                first_byte = time.perf_counter() - started
+            hasher.update(chunk)
+            nbytes += len(chunk)
+    finally:
+        response.release_conn()
+    seconds = time.perf_counter() - started
     first = seconds if first_byte is None else first_byte  # an empty body: its end is its first byte
     return Fetch(seconds, first, nbytes, "sha256:" + hasher.hexdigest(), response.headers)
 

@@ -21,7 +21,7 @@ Benchmarks (positional names, default all of them):
     A file of ``--size`` on the loopback origin (``scripts/origin.py``), a scheduler stub and two daemons. The
     parent fetches the file with ``dfget`` first: no peer has it, so it goes back to source (``dfget back-to-source``).
     Then the child fetches it with ``dfget``; the scheduler points it at the parent (``dfget P2P``). Before each, the
-    same file is downloaded directly from the same origin (httpx, one streaming GET written to a file).
+    same file is downloaded directly from the same origin (urllib3, one streaming GET written to a file).
     ``ratio = dfget seconds / direct seconds`` (1.0: as fast as a plain HTTP download; 2.0: twice as long). dfget's
     own ``elapsed_seconds`` is used (the download, without the interpreter start-up, which is shown separately).
     The daemon makes every piece durable (fdatasync) before announcing it; the direct download does not sync.
@@ -76,7 +76,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import httpx  # noqa: E402
+import urllib3  # noqa: E402
 
 from dfdaemon import ids  # noqa: E402
 from dfdaemon.download.peering import Parent  # noqa: E402
@@ -234,10 +234,15 @@ def sha256(path: Path) -> str:
 def direct_download(url: str, output: Path) -> float:
     """One streaming GET written to a file, as a plain HTTP client does it; returns seconds."""
     started = time.perf_counter()
-    with httpx.Client(timeout=120) as client, client.stream("GET", url) as response, output.open("wb") as f:
-        response.raise_for_status()
-        for chunk in response.iter_bytes(MiB):
-            f.write(chunk)
+    response = urllib3.request("GET", url, timeout=120, retries=False, preload_content=False)
+    try:
+        if response.status != 200:
+            raise RuntimeError(f"GET {url} answered {response.status}")
+        with output.open("wb") as f:
+            for chunk in response.stream(MiB):
+                f.write(chunk)
+    finally:
+        response.release_conn()
     return time.perf_counter() - started
 
 

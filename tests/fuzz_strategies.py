@@ -261,7 +261,7 @@ def durations() -> st.SearchStrategy[tuple[int, int]]:
 def holders() -> st.SearchStrategy[str]:
     """Holders: listed refused and edge ones, printable text, and text of any characters (often not printable)."""
     printable = st.characters(categories=("L", "M", "N", "P", "S"))
-    anything = st.characters(exclude_categories=("Cs",))
+    anything = st.characters(exclude_categories=["Cs"])
     return st.one_of(
         st.text(printable, min_size=1, max_size=40),
         st.text(printable, min_size=1, max_size=40),

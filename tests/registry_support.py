@@ -30,13 +30,13 @@ import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import httpx
+import urllib3
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -268,10 +268,35 @@ def filler_image(name: str, layer_sizes: list[int], seed: int) -> OciImage:
 # Pushing
 
 
-def _raise_for(response: httpx.Response, what: str, expected: tuple[int, ...]) -> None:
-    if response.status_code not in expected:
-        body = response.text[:500]
-        raise RegistryError(f"{what}: {response.request.method} {response.url} gave {response.status_code}: {body}")
+def http_request(
+    method: str,
+    url: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    body: bytes | None = None,
+    fields: Mapping[str, str] | None = None,
+    timeout: float = 30.0,
+    stream: bool = False,
+) -> urllib3.BaseHTTPResponse:
+    """One exchange as the tests need it: the raw answer, no retries and no redirect followed. ``fields`` go into
+    the query string of a GET or HEAD; with ``stream`` the body is left to read (then ``release_conn``)."""
+    return urllib3.request(
+        method,
+        url,
+        headers=dict(headers or {}),
+        body=body,
+        fields=fields,
+        timeout=timeout,
+        retries=False,
+        redirect=False,
+        preload_content=not stream,
+    )
+
+
+def _raise_for(response: urllib3.BaseHTTPResponse, what: str, expected: tuple[int, ...]) -> None:
+    if response.status not in expected:
+        body = response.data[:500].decode(errors="replace")
+        raise RegistryError(f"{what}: {response.url} gave {response.status}: {body}")
 
 
 def _with_query(location: str, key: str, value: str) -> str:
@@ -289,27 +314,31 @@ def push_image(
 ) -> None:
     """Upload ``image`` as ``repository:tag`` (blobs first, skipping those the registry already has)."""
     base = registry_url.rstrip("/")
-    with httpx.Client(headers=headers or {}, timeout=60.0) as client:
-        for blob in image.blobs:
-            head = client.head(f"{base}/v2/{repository}/blobs/{blob.digest}")
-            if head.status_code == 200:
-                continue
-            _raise_for(head, f"checking blob {blob.digest}", (404,))
-            started = client.post(f"{base}/v2/{repository}/blobs/uploads/")
-            _raise_for(started, "starting a blob upload", (202,))
-            location = urllib.parse.urljoin(f"{base}/", started.headers["Location"])
-            finished = client.put(
-                _with_query(location, "digest", blob.digest),
-                content=blob.data,
-                headers={"Content-Type": "application/octet-stream"},
-            )
-            _raise_for(finished, f"uploading blob {blob.digest}", (201,))
-        put = client.put(
-            f"{base}/v2/{repository}/manifests/{tag}",
-            content=image.manifest,
-            headers={"Content-Type": image.media_type},
+    auth = dict(headers or {})
+    for blob in image.blobs:
+        head = http_request("HEAD", f"{base}/v2/{repository}/blobs/{blob.digest}", headers=auth, timeout=60)
+        if head.status == 200:
+            continue
+        _raise_for(head, f"checking blob {blob.digest}", (404,))
+        started = http_request("POST", f"{base}/v2/{repository}/blobs/uploads/", headers=auth, timeout=60)
+        _raise_for(started, "starting a blob upload", (202,))
+        location = urllib.parse.urljoin(f"{base}/", started.headers["Location"])
+        finished = http_request(
+            "PUT",
+            _with_query(location, "digest", blob.digest),
+            body=blob.data,
+            headers={**auth, "Content-Type": "application/octet-stream"},
+            timeout=60,
         )
-        _raise_for(put, f"putting manifest {repository}:{tag}", (201,))
+        _raise_for(finished, f"uploading blob {blob.digest}", (201,))
+    put = http_request(
+        "PUT",
+        f"{base}/v2/{repository}/manifests/{tag}",
+        body=image.manifest,
+        headers={**auth, "Content-Type": image.media_type},
+        timeout=60,
+    )
+    _raise_for(put, f"putting manifest {repository}:{tag}", (201,))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -530,8 +559,8 @@ class Registry:
         # The registry logs a request after answering it; a marker request answered later is logged later, so waiting
         # for the marker's line makes every earlier request's line visible.
         marker = uuid.uuid4().hex
-        with contextlib.suppress(httpx.HTTPError):
-            httpx.get(f"{self.url}/v2/", params={_SYNC_PARAM: marker}, timeout=5.0)
+        with contextlib.suppress(urllib3.exceptions.HTTPError):
+            http_request("GET", f"{self.url}/v2/", fields={_SYNC_PARAM: marker}, timeout=5.0)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if any(marker in entry.get("http.request.uri", "") for entry in self.log_entries()):
@@ -548,11 +577,12 @@ def fetch_token(registry: Registry, scope: str) -> str:
     """A bearer token from ``registry``'s token server for ``scope`` (e.g. ``repository:NAME:pull,push``)."""
     if registry.token_realm is None:
         raise RegistryError("this registry was started without token_auth")
-    response = httpx.get(registry.token_realm, params={"service": registry.token_service, "scope": scope}, timeout=10)
+    query = {"service": registry.token_service or "", "scope": scope}
+    response = http_request("GET", registry.token_realm, fields=query, timeout=10)
     _raise_for(response, "fetching a token", (200,))
     token = response.json().get("token")
     if not isinstance(token, str):
-        raise RegistryError(f"the token server answered without a token: {response.text[:200]}")
+        raise RegistryError(f"the token server answered without a token: {response.data[:200]!r}")
     return token
 
 
@@ -574,8 +604,8 @@ def _wait_ready(process: subprocess.Popen[bytes], log_path: Path, token_auth: bo
             match = listening.search(log_path.read_text(errors="replace")) if log_path.exists() else None
             host = match.group(1) if match else None
         if host is not None:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://{host}/v2/", timeout=2.0).status_code == expected:
+            with contextlib.suppress(urllib3.exceptions.HTTPError):
+                if http_request("GET", f"http://{host}/v2/", timeout=2.0).status == expected:
                     return host
         time.sleep(0.02)
     raise RegistryError(f"{REGISTRY_BINARY} was not ready within {timeout}s:\n{tail(log_path)}")

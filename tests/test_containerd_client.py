@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import httpx
 import pytest
 from google.protobuf import descriptor_pb2
 from grpc import aio
@@ -68,6 +67,7 @@ from tests.registry_support import (
     busybox_image,
     busybox_skip_reason,
     filler_image,
+    http_request,
     push_image,
     registry_skip_reason,
     running_registry,
@@ -515,13 +515,10 @@ class Env:
 
 
 def _put_manifest(registry: Registry, repository: str, reference: str, body: bytes, media_type: str) -> str:
-    response = httpx.put(
-        f"{registry.url}/v2/{repository}/manifests/{reference}",
-        content=body,
-        headers={"Content-Type": media_type},
-        timeout=30,
+    response = http_request(
+        "PUT", f"{registry.url}/v2/{repository}/manifests/{reference}", body=body, headers={"Content-Type": media_type}
     )
-    assert response.status_code == 201, response.text
+    assert response.status == 201, response.data[:500]
     return sha256_digest(body)
 
 
@@ -748,16 +745,16 @@ class _LoggingMirror(BaseHTTPRequestHandler):
         self.server.seen.append((self.command, self.path, dict(self.headers.items())))
         path = urllib.parse.urlsplit(self.path).path
         forwarded = {k: v for k, v in self.headers.items() if k.lower() in ("accept", "range")}
-        reply = httpx.request(self.command, self.server.upstream + path, headers=forwarded, timeout=30)
-        self.send_response(reply.status_code)
+        reply = http_request(self.command, self.server.upstream + path, headers=forwarded)
+        self.send_response(reply.status)
         for name in ("content-type", "docker-content-digest", "content-range"):
             if name in reply.headers:
                 self.send_header(name, reply.headers[name])
-        length = reply.headers.get("content-length", "0") if self.command == "HEAD" else str(len(reply.content))
+        length = reply.headers.get("content-length", "0") if self.command == "HEAD" else str(len(reply.data))
         self.send_header("Content-Length", length)
         self.end_headers()
         if self.command != "HEAD":
-            self.wfile.write(reply.content)
+            self.wfile.write(reply.data)
 
     do_GET = do_HEAD = _relay
 

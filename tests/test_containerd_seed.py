@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from tests.containerd_support import Containerd, containerd_skip_reason, running_containerd
@@ -28,6 +27,7 @@ from tests.registry_support import (
     busybox_skip_reason,
     fetch_token,
     filler_image,
+    http_request,
     push_image,
     registry_skip_reason,
     running_registry,
@@ -75,7 +75,7 @@ class Node:
 
 def mirror_counts(node: Node) -> str:
     """The daemon's registry-mirror request counters, as Prometheus text lines."""
-    text = httpx.get(f"http://127.0.0.1:{node.daemon.metrics_port}/metrics", timeout=10).text
+    text = http_request("GET", f"http://127.0.0.1:{node.daemon.metrics_port}/metrics").data.decode()
     return "\n".join(line for line in text.splitlines() if line.startswith("dfdaemon_proxy_requests_total{"))
 
 
@@ -185,8 +185,8 @@ def test_a_running_busybox_survives_gc_and_goes_once_its_container_is_removed(
         time.sleep(GRACE + 0.5)
         mirror = f"http://127.0.0.1:{node.daemon.proxy_port}"
         for task_id in kept:  # cache hits make the fillers more recently used than busybox
-            response = httpx.get(f"{mirror}/v2/library/any/blobs/sha256:{task_id}", timeout=30)
-            assert response.status_code == 200
+            response = http_request("GET", f"{mirror}/v2/library/any/blobs/sha256:{task_id}")
+            assert response.status == 200
         for i in (4, 5):  # over the high watermark again
             node.containerd.pull(f"{registry.host}/library/filler-{i}:1")
         runs = dfctl_json(node.daemon, "gc", "report", "--limit", "50")["runs"]

@@ -10,9 +10,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
-import httpx
 import pytest
+import urllib3
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -22,6 +23,7 @@ from tests.registry_support import (
     Registry,
     fetch_token,
     filler_image,
+    http_request,
     push_image,
     registry_skip_reason,
     running_registry,
@@ -31,6 +33,7 @@ from tests.support import DaemonProcess, dfctl_json, running_daemon, running_ori
 pytestmark = pytest.mark.skipif(registry_skip_reason() is not None, reason=str(registry_skip_reason()))
 
 MIB = 1024 * 1024
+CHUNK = 64 * 1024  # bytes a streaming client reads at a time
 
 
 @dataclass
@@ -40,10 +43,10 @@ class Mirror:
     image: OciImage
 
     def url(self, path: str, **query: str) -> str:
-        return str(httpx.URL(f"http://127.0.0.1:{self.daemon.proxy_port}{path}", params=query))
+        return f"http://127.0.0.1:{self.daemon.proxy_port}{path}" + (f"?{urlencode(query)}" if query else "")
 
-    def get(self, path: str, headers: dict[str, str] | None = None, method: str = "GET") -> httpx.Response:
-        return httpx.request(method, self.url(path, ns=self.registry.host), headers=headers, timeout=30)
+    def get(self, path: str, headers: dict[str, str] | None = None, method: str = "GET") -> urllib3.BaseHTTPResponse:
+        return http_request(method, self.url(path, ns=self.registry.host), headers=headers)
 
 
 def _mirror_config(registry: Registry) -> dict[str, object]:
@@ -62,13 +65,16 @@ def mirror(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mirror]:
 
 
 def test_a_blob_comes_through_the_p2p_path_verified_and_is_then_served_from_the_cache(mirror: Mirror) -> None:
-    layer = mirror.image.layers[0]
-    path = f"/v2/library/filler/blobs/{layer.digest}"
+    # An image of its own: the module's blobs may be cached already, by whichever test ran before.
+    image = filler_image("first-fetch", [5_000_000], seed=21)  # two 4 MiB pieces
+    push_image(mirror.registry.url, "library/first-fetch", "v1", image)
+    layer = image.layers[0]
+    path = f"/v2/library/first-fetch/blobs/{layer.digest}"
     before = mirror.registry.blob_bytes_served()
 
     first = mirror.get(path)
-    assert first.status_code == 200
-    assert "sha256:" + hashlib.sha256(first.content).hexdigest() == layer.digest
+    assert first.status == 200
+    assert "sha256:" + hashlib.sha256(first.data).hexdigest() == layer.digest
     assert first.headers["docker-content-digest"] == layer.digest
     assert int(first.headers["content-length"]) == layer.size
     # The daemon learns the length with a HEAD, then fetches the pieces: the registry serves the blob once.
@@ -76,7 +82,7 @@ def test_a_blob_comes_through_the_p2p_path_verified_and_is_then_served_from_the_
     assert served == layer.size
 
     again = mirror.get(path)
-    assert again.content == first.content
+    assert again.data == first.data
     assert mirror.registry.blob_bytes_served() - before == served, "a cached blob went to the registry again"
     task_file = mirror.daemon.storage_dir / "content" / "tasks" / layer.digest[7:10] / layer.digest[7:]
     assert task_file.stat().st_size == layer.size
@@ -86,13 +92,13 @@ def test_ranges_of_a_blob_are_answered_with_206(mirror: Mirror) -> None:
     layer = mirror.image.layers[0]
     path = f"/v2/library/filler/blobs/{layer.digest}"
     middle = mirror.get(path, {"Range": "bytes=4194000-4194999"})  # crosses the first piece boundary
-    assert middle.status_code == 206
-    assert middle.content == layer.data[4194000:4195000]
+    assert middle.status == 206
+    assert middle.data == layer.data[4194000:4195000]
     assert middle.headers["content-range"] == f"bytes 4194000-4194999/{layer.size}"
     tail = mirror.get(path, {"Range": "bytes=-10"})
-    assert (tail.status_code, tail.content) == (206, layer.data[-10:])
+    assert (tail.status, tail.data) == (206, layer.data[-10:])
     past = mirror.get(path, {"Range": f"bytes={layer.size}-"})
-    assert past.status_code == 416
+    assert past.status == 416
     assert past.headers["content-range"] == f"bytes */{layer.size}"
 
 
@@ -101,7 +107,7 @@ def test_head_of_a_cached_blob_is_answered_without_the_registry(mirror: Mirror) 
     mirror.get(f"/v2/library/filler/blobs/{layer.digest}")
     seen = len(mirror.registry.request_entries())
     head = mirror.get(f"/v2/library/filler/blobs/{layer.digest}", method="HEAD")
-    assert head.status_code == 200
+    assert head.status == 200
     assert int(head.headers["content-length"]) == layer.size
     assert head.headers["docker-content-digest"] == layer.digest
     # request_entries leaves its own log-sync probes out: any new entry would be the HEAD reaching the registry.
@@ -111,35 +117,35 @@ def test_head_of_a_cached_blob_is_answered_without_the_registry(mirror: Mirror) 
 def test_manifests_are_passed_through_with_the_registrys_headers(mirror: Mirror) -> None:
     accept = {"Accept": OCI_MANIFEST}
     answer = mirror.get("/v2/library/filler/manifests/v1", accept)
-    assert answer.status_code == 200
-    assert answer.content == mirror.image.manifest
+    assert answer.status == 200
+    assert answer.data == mirror.image.manifest
     assert answer.headers["docker-content-digest"] == mirror.image.manifest_digest
     assert answer.headers["content-type"] == OCI_MANIFEST
     head = mirror.get("/v2/library/filler/manifests/v1", accept, method="HEAD")
-    assert head.status_code == 200
+    assert head.status == 200
     assert int(head.headers["content-length"]) == len(mirror.image.manifest)
-    assert head.content == b""
+    assert head.data == b""
 
 
 def test_the_registrys_404_reaches_the_client_as_the_registry_sent_it(mirror: Mirror) -> None:
-    direct = httpx.get(f"{mirror.registry.url}/v2/library/filler/manifests/no-such-tag", timeout=10)
+    direct = http_request("GET", f"{mirror.registry.url}/v2/library/filler/manifests/no-such-tag")
     through = mirror.get("/v2/library/filler/manifests/no-such-tag")
-    assert through.status_code == direct.status_code == 404
+    assert through.status == direct.status == 404
     assert through.json() == direct.json()
     assert through.json()["errors"][0]["code"] == "MANIFEST_UNKNOWN"
 
     missing_blob = "sha256:" + "0" * 64
     blob = mirror.get(f"/v2/library/filler/blobs/{missing_blob}")
-    assert blob.status_code == 404
+    assert blob.status == 404
     assert blob.json()["errors"][0]["code"] == "BLOB_UNKNOWN"
 
 
 def test_requests_the_mirror_cannot_serve_get_a_registry_style_error(mirror: Mirror) -> None:
-    bad_ns = httpx.get(mirror.url("/v2/library/filler/manifests/v1", ns="evil.example/path"), timeout=10)
-    assert bad_ns.status_code == 400
+    bad_ns = http_request("GET", mirror.url("/v2/library/filler/manifests/v1", ns="evil.example/path"))
+    assert bad_ns.status == 400
     assert "not a registry host" in bad_ns.json()["errors"][0]["message"]
-    elsewhere = httpx.get(mirror.url("/admin"), timeout=10)
-    assert elsewhere.status_code == 404
+    elsewhere = http_request("GET", mirror.url("/admin"))
+    assert elsewhere.status == 404
 
 
 def test_a_token_challenge_passes_through_and_the_token_reaches_the_registry(tmp_path: Path) -> None:
@@ -149,22 +155,22 @@ def test_a_token_challenge_passes_through_and_the_token_reaches_the_registry(tmp
         push_image(registry.url, "private/app", "v1", image, headers={"Authorization": f"Bearer {token}"})
         with running_daemon(tmp_path / "daemon", _mirror_config(registry)) as daemon:
             mirror = Mirror(registry, daemon, image)
-            direct = httpx.get(f"{registry.url}/v2/private/app/manifests/v1", timeout=10)
+            direct = http_request("GET", f"{registry.url}/v2/private/app/manifests/v1")
             challenged = mirror.get("/v2/private/app/manifests/v1")
-            assert challenged.status_code == direct.status_code == 401
+            assert challenged.status == direct.status == 401
             assert challenged.headers["www-authenticate"] == direct.headers["www-authenticate"]
             assert challenged.headers["www-authenticate"].startswith(f'Bearer realm="{registry.token_realm}"')
 
             blob_path = f"/v2/private/app/blobs/{image.layers[0].digest}"
             refused = mirror.get(blob_path)
-            assert refused.status_code == 401
+            assert refused.status == 401
             assert refused.headers["www-authenticate"].startswith("Bearer ")
 
             authorized = {"Authorization": f"Bearer {token}", "Accept": OCI_MANIFEST}
-            assert mirror.get("/v2/private/app/manifests/v1", authorized).content == image.manifest
+            assert mirror.get("/v2/private/app/manifests/v1", authorized).data == image.manifest
             layer = mirror.get(blob_path, authorized)
-            assert layer.status_code == 200
-            assert layer.content == image.layers[0].data
+            assert layer.status == 200
+            assert layer.data == image.layers[0].data
 
 
 def test_a_cached_blob_is_served_while_the_registry_is_down(tmp_path: Path) -> None:
@@ -174,13 +180,13 @@ def test_a_cached_blob_is_served_while_the_registry_is_down(tmp_path: Path) -> N
         with running_daemon(tmp_path / "daemon", _mirror_config(registry)) as daemon:
             mirror = Mirror(registry, daemon, image)
             path = f"/v2/library/offline/blobs/{image.layers[0].digest}"
-            assert mirror.get(path).status_code == 200
+            assert mirror.get(path).status == 200
             registry.stop()
             offline = mirror.get(path)
-            assert offline.status_code == 200
-            assert offline.content == image.layers[0].data
+            assert offline.status == 200
+            assert offline.data == image.layers[0].data
             manifest = mirror.get("/v2/library/offline/manifests/v1")
-            assert manifest.status_code == 502
+            assert manifest.status == 502
             assert manifest.json()["errors"][0]["code"] == "UNAVAILABLE"
 
 
@@ -215,15 +221,18 @@ def test_a_blob_streams_to_the_client_before_its_download_finishes(tmp_path: Pat
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     with mirror_of_origin_blob(tmp_path, data, digest, rate=4_000_000) as blob:
         received = bytearray()
-        with httpx.stream("GET", blob.url, timeout=60) as response:
-            assert response.status_code == 200
-            chunks = response.iter_bytes()
+        response = http_request("GET", blob.url, timeout=60, stream=True)
+        try:
+            assert response.status == 200
+            chunks = response.stream(CHUNK)
             received += next(chunks)
             # The client already has bytes while the daemon is still fetching the rest.
             states = {task["task_id"]: task["state"] for task in dfctl_json(blob.daemon, "task", "ls")["tasks"]}
             assert states[blob.task_id] == "unfinished"
             for chunk in chunks:
                 received += chunk
+        finally:
+            response.release_conn()
         assert hashlib.sha256(received).hexdigest() == blob.task_id
 
 
@@ -249,36 +258,37 @@ def test_any_request_gets_an_http_answer_never_a_crash(
 ) -> None:
     query = {} if ns is None else {"ns": mirror.registry.host if ns == "registry" else ns}
     sendable = range_header is not None and range_header.isprintable() and range_header.strip()
-    headers = {b"Range": range_header.strip().encode()} if sendable and range_header else {}
+    # UTF-8 on the wire (http.client sends str headers as latin-1, which maps each of these bytes to itself).
+    headers = {"Range": range_header.strip().encode().decode("latin-1")} if sendable and range_header else {}
     try:
-        response = httpx.request(method, mirror.url(path, **query), headers=headers, timeout=30)
-    except httpx.InvalidURL:
+        response = http_request(method, mirror.url(path, **query), headers=headers)
+    except urllib3.exceptions.LocationParseError:
         return  # the client refused to send it
     # 502 is the mirror's answer for a registry it cannot reach (a random ns); 5xx of its own would be a bug.
-    assert response.status_code < 500 or response.status_code in (502, 503), response.text
+    assert response.status < 500 or response.status in (502, 503), response.data[:500]
     assert "Traceback" not in mirror.daemon.log()
 
 
 def test_a_percent_encoded_digest_names_the_same_blob_and_is_counted(mirror: Mirror) -> None:
     layer = mirror.image.layers[1]
     encoded = mirror.get(f"/v2/library/filler/blobs/{layer.digest.replace(':', '%3A')}")
-    assert encoded.status_code == 200
-    assert encoded.content == layer.data
+    assert encoded.status == 200
+    assert encoded.data == layer.data
     assert encoded.headers["docker-content-digest"] == layer.digest
     task_file = mirror.daemon.storage_dir / "content" / "tasks" / layer.digest[7:10] / layer.digest[7:]
     assert task_file.read_bytes() == layer.data
-    assert mirror.get("/v2/library/filler/manifests/missing").status_code == 404
-    scraped = httpx.get(f"http://127.0.0.1:{mirror.daemon.metrics_port}/metrics", timeout=10).text
+    assert mirror.get("/v2/library/filler/manifests/missing").status == 404
+    scraped = http_request("GET", f"http://127.0.0.1:{mirror.daemon.metrics_port}/metrics").data.decode()
     assert 'dfdaemon_proxy_requests_total{route="blob",status="200"}' in scraped
     assert 'dfdaemon_proxy_requests_total{route="registry",status="404"}' in scraped
 
 
 def test_only_pulls_are_served_and_paths_stay_under_v2(mirror: Mirror) -> None:
-    pushed = httpx.put(mirror.url("/v2/library/filler/manifests/v2", ns=mirror.registry.host), content=b"{}")
-    assert pushed.status_code == 405
+    pushed = http_request("PUT", mirror.url("/v2/library/filler/manifests/v2", ns=mirror.registry.host), body=b"{}")
+    assert pushed.status == 405
     assert pushed.headers["allow"] == "GET, HEAD"
     for path in ("/v2/../admin", "/v2/library/../../secret", "/v2/%2E%2E/admin", "/v2/./x"):
-        # http.client sends the path as written (httpx would resolve the dot segments first).
+        # http.client sends the path as written (an HTTP client library may resolve the dot segments first).
         connection = http.client.HTTPConnection("127.0.0.1", mirror.daemon.proxy_port, timeout=10)
         try:
             connection.request("GET", f"{path}?ns={mirror.registry.host}")
@@ -292,9 +302,11 @@ def test_a_forged_blob_never_reaches_the_client_complete(tmp_path: Path) -> None
     forged = os.urandom(len(promised))
     with mirror_of_origin_blob(tmp_path, forged, "sha256:" + hashlib.sha256(promised).hexdigest()) as blob:
         received = bytearray()
-        with pytest.raises(httpx.RemoteProtocolError), httpx.stream("GET", blob.url, timeout=60) as response:
-            for chunk in response.iter_raw():
+        response = http_request("GET", blob.url, timeout=60, stream=True)
+        with pytest.raises(urllib3.exceptions.ProtocolError):
+            for chunk in response.stream(CHUNK, decode_content=False):
                 received += chunk
+        response.release_conn()
         assert len(received) < len(forged)
         states = {task["task_id"]: task["state"] for task in dfctl_json(blob.daemon, "task", "ls")["tasks"]}
         assert states.get(blob.task_id, "gone") in ("gone", "failed")
@@ -306,10 +318,11 @@ def test_a_forged_blob_never_reaches_the_client_complete(tmp_path: Path) -> None
 def test_a_client_that_leaves_mid_blob_costs_one_log_line(tmp_path: Path) -> None:
     data = os.urandom(3 * 4 * MIB)
     with mirror_of_origin_blob(tmp_path, data, "sha256:" + hashlib.sha256(data).hexdigest(), rate=4_000_000) as blob:
-        with httpx.stream("GET", blob.url, timeout=60) as response:
-            next(response.iter_raw())
+        response = http_request("GET", blob.url, timeout=60, stream=True)
+        assert response.read(CHUNK)
+        response.close()  # leaves mid-blob: the connection goes, unread
         # The download goes on for the cache; the next client gets the whole, verified blob.
-        again = httpx.get(blob.url, timeout=60)
-        assert hashlib.sha256(again.content).hexdigest() == blob.task_id
+        again = http_request("GET", blob.url, timeout=60)
+        assert hashlib.sha256(again.data).hexdigest() == blob.task_id
         log = blob.daemon.log()
         assert "Traceback" not in log and "Error handling request" not in log

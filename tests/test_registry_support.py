@@ -11,7 +11,6 @@ import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.registry_support import (
@@ -24,6 +23,7 @@ from tests.registry_support import (
     busybox_skip_reason,
     fetch_token,
     filler_image,
+    http_request,
     push_image,
     registry_skip_reason,
     running_registry,
@@ -60,22 +60,23 @@ def _sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def _pull_and_check(client: httpx.Client, registry: Registry, repository: str, tag: str, image: OciImage) -> int:
+def _pull_and_check(registry: Registry, repository: str, tag: str, image: OciImage, auth: dict[str, str]) -> int:
     """Fetch the manifest and every blob, check their digests, and return the blob bytes fetched."""
-    manifest = client.get(f"{registry.url}/v2/{repository}/manifests/{tag}", headers={"Accept": OCI_MANIFEST})
-    assert manifest.status_code == 200, manifest.text
+    url = f"{registry.url}/v2/{repository}/manifests/{tag}"
+    manifest = http_request("GET", url, headers={**auth, "Accept": OCI_MANIFEST})
+    assert manifest.status == 200, manifest.data
     assert manifest.headers["Content-Type"] == OCI_MANIFEST
-    assert _sha256(manifest.content) == image.manifest_digest
+    assert _sha256(manifest.data) == image.manifest_digest
     assert manifest.headers["Docker-Content-Digest"] == image.manifest_digest
-    document = json.loads(manifest.content)
+    document = json.loads(manifest.data)
     assert [layer["digest"] for layer in document["layers"]] == [layer.digest for layer in image.layers]
     fetched = 0
     for blob in image.blobs:
-        response = client.get(f"{registry.url}/v2/{repository}/blobs/{blob.digest}")
-        assert response.status_code == 200, response.text
-        assert _sha256(response.content) == blob.digest
-        assert len(response.content) == blob.size
-        fetched += len(response.content)
+        response = http_request("GET", f"{registry.url}/v2/{repository}/blobs/{blob.digest}", headers=auth)
+        assert response.status == 200, response.data[:500]
+        assert _sha256(response.data) == blob.digest
+        assert len(response.data) == blob.size
+        fetched += len(response.data)
     return fetched
 
 
@@ -89,15 +90,14 @@ def test_push_then_pull_gives_the_same_digests_and_the_log_counts_exact_bytes(re
     assert registry.blob_bytes_served() == 0  # uploads and HEADs are not served blob bytes
     assert registry.blob_requests() == []
 
-    with httpx.Client(timeout=30) as client:
-        layer = filler.layers[0]
-        one = client.get(f"{registry.url}/v2/test/filler/blobs/{layer.digest}")
-        assert one.status_code == 200
-        assert registry.blob_bytes_served() == layer.size
-        assert registry.blob_requests() == [f"/v2/test/filler/blobs/{layer.digest}"]
+    layer = filler.layers[0]
+    one = http_request("GET", f"{registry.url}/v2/test/filler/blobs/{layer.digest}")
+    assert one.status == 200
+    assert registry.blob_bytes_served() == layer.size
+    assert registry.blob_requests() == [f"/v2/test/filler/blobs/{layer.digest}"]
 
-        fetched = _pull_and_check(client, registry, "library/busybox", "latest", busybox)
-        fetched += _pull_and_check(client, registry, "test/filler", "v1", filler)
+    fetched = _pull_and_check(registry, "library/busybox", "latest", busybox, {})
+    fetched += _pull_and_check(registry, "test/filler", "v1", filler, {})
 
     assert registry.blob_bytes_served() == layer.size + fetched
     assert len(registry.blob_requests()) == 1 + len(busybox.blobs) + len(filler.blobs)
@@ -105,12 +105,12 @@ def test_push_then_pull_gives_the_same_digests_and_the_log_counts_exact_bytes(re
 
 def test_missing_tag_is_404_with_the_registry_json_error(registry: Registry) -> None:
     push_image(registry.url, "test/filler", "v1", filler_image("filler", [10_000], seed=1))
-    response = httpx.get(f"{registry.url}/v2/test/filler/manifests/nope", headers={"Accept": OCI_MANIFEST})
-    assert response.status_code == 404
+    response = http_request("GET", f"{registry.url}/v2/test/filler/manifests/nope", headers={"Accept": OCI_MANIFEST})
+    assert response.status == 404
     errors = response.json()["errors"]
     assert errors[0]["code"] == "MANIFEST_UNKNOWN"
-    missing_blob = httpx.get(f"{registry.url}/v2/test/filler/blobs/sha256:{'0' * 64}")
-    assert missing_blob.status_code == 404
+    missing_blob = http_request("GET", f"{registry.url}/v2/test/filler/blobs/sha256:{'0' * 64}")
+    assert missing_blob.status == 404
     assert missing_blob.json()["errors"][0]["code"] == "BLOB_UNKNOWN"
     assert registry.blob_bytes_served() == 0  # an error body is not blob data
     assert registry.blob_requests() == [f"/v2/test/filler/blobs/sha256:{'0' * 64}"]
@@ -125,28 +125,29 @@ def test_token_auth_challenges_anonymous_requests_and_accepts_fetched_tokens(tok
     push_token = fetch_token(registry, "repository:team/app:pull,push")
     push_image(registry.url, "team/app", "v1", image, headers={"Authorization": f"Bearer {push_token}"})
 
-    anonymous = httpx.get(f"{registry.url}/v2/team/app/manifests/v1", headers={"Accept": OCI_MANIFEST})
-    assert anonymous.status_code == 401
+    anonymous = http_request("GET", f"{registry.url}/v2/team/app/manifests/v1", headers={"Accept": OCI_MANIFEST})
+    assert anonymous.status == 401
     challenge = anonymous.headers["WWW-Authenticate"]
     assert challenge.startswith(f'Bearer realm="{registry.token_realm}"')
     assert f'service="{registry.token_service}"' in challenge
     assert 'scope="repository:team/app:pull"' in challenge
 
     pull_token = fetch_token(registry, "repository:team/app:pull")
-    with httpx.Client(headers={"Authorization": f"Bearer {pull_token}"}, timeout=30) as client:
-        fetched = _pull_and_check(client, registry, "team/app", "v1", image)
-        # A pull-only token does not allow pushing.
-        denied = client.post(f"{registry.url}/v2/team/app/blobs/uploads/")
-        assert denied.status_code == 401
-        # A token for another repository does not open this one.
-        other = fetch_token(registry, "repository:team/other:pull")
-        wrong = client.get(f"{registry.url}/v2/team/app/manifests/v1", headers={"Authorization": f"Bearer {other}"})
-        assert wrong.status_code == 401
-        # A token signed by a key the registry does not trust is refused.
-        pull_app = [{"type": "repository", "name": "team/app", "actions": ["pull"]}]
-        forged = TokenSigner.generate().sign("anonymous", pull_app)
-        refused = client.get(f"{registry.url}/v2/team/app/manifests/v1", headers={"Authorization": f"Bearer {forged}"})
-        assert refused.status_code == 401
+    pull = {"Authorization": f"Bearer {pull_token}"}
+    fetched = _pull_and_check(registry, "team/app", "v1", image, pull)
+    # A pull-only token does not allow pushing.
+    denied = http_request("POST", f"{registry.url}/v2/team/app/blobs/uploads/", headers=pull)
+    assert denied.status == 401
+    # A token for another repository does not open this one.
+    other = fetch_token(registry, "repository:team/other:pull")
+    manifest_url = f"{registry.url}/v2/team/app/manifests/v1"
+    wrong = http_request("GET", manifest_url, headers={"Authorization": f"Bearer {other}"})
+    assert wrong.status == 401
+    # A token signed by a key the registry does not trust is refused.
+    pull_app = [{"type": "repository", "name": "team/app", "actions": ["pull"]}]
+    forged = TokenSigner.generate().sign("anonymous", pull_app)
+    refused = http_request("GET", manifest_url, headers={"Authorization": f"Bearer {forged}"})
+    assert refused.status == 401
 
     assert any("scope=repository" in request for request in registry.token_requests)
     assert registry.blob_bytes_served() == fetched

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import httpx
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.registry_support import http_request
 from tests.support import (
     REPO_ROOT,
     DaemonProcess,
@@ -136,8 +136,8 @@ def test_one_trace_covers_child_parent_and_scheduler(
         assert dfget(parent, origin.url("blob.bin"), tmp_path / "parent.bin").returncode == 0
         assert dfget(child, origin.url("blob.bin"), tmp_path / "child.bin").returncode == 0
         dfctl_json(parent, "gc", "run")
-        refused = httpx.get(f"http://127.0.0.1:{parent.proxy_port}/v2/library/x/manifests/1?ns=bad/ns", timeout=10)
-        assert refused.status_code == 400
+        refused = http_request("GET", f"http://127.0.0.1:{parent.proxy_port}/v2/library/x/manifests/1?ns=bad/ns")
+        assert refused.status == 400
         child_log = child.log()
     # Stopping the processes flushes their spans.
 
