@@ -291,6 +291,10 @@ async def test_an_origin_refusal_keeps_its_status_and_headers(servers: tuple[Ser
         "ftp://files.invalid/file",
         "http:///no/host",
         "http://origin.invalid/a b",
+        "http://origin.invalid/a\u202eb",  # a right-to-left override
+        "http://origin\u3000.invalid/",  # an ideographic space
+        "http://%ff/",
+        "http://a{b.invalid/",
     ],
 )
 def test_urls_the_client_cannot_fetch_are_refused_up_front(url: str) -> None:

@@ -8,6 +8,7 @@ the second time (DNS rebinding) still cannot reach a forbidden address.
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
 SUPPORTED_SCHEMES = ("http", "https")
+# A host name as it goes on the wire (IDNA names in their xn-- form).
+_HOST_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
 class BackendError(Exception):
@@ -40,8 +43,8 @@ class SourceNotAllowed(Exception):
 
 def parse_url(url: str) -> URL:
     """The URL as the HTTP client will send it; ``UnsupportedURL`` for what it cannot fetch."""
-    if any(ord(ch) <= 0x20 or ord(ch) == 0x7F for ch in url):
-        raise UnsupportedURL(f"malformed URL {url[:200]!r}: it contains spaces or control characters")
+    if not url.isprintable() or " " in url:
+        raise UnsupportedURL(f"malformed URL {url[:200]!r}: it contains spaces, control or invisible characters")
     try:
         parts = urlsplit(url)
     except ValueError as exc:
@@ -57,6 +60,8 @@ def parse_url(url: str) -> URL:
         raise UnsupportedURL(f"malformed URL {url[:200]!r}: {str(exc)[:200]}") from None
     if not host:
         raise UnsupportedURL(f"malformed URL {url[:200]!r}: it has no host")
+    if not (_HOST_NAME.fullmatch(parsed.raw_host or "") or _is_address(parsed.raw_host or "")):
+        raise UnsupportedURL(f"malformed URL {url[:200]!r}: {host[:100]!r} is not a host name or address")
     return parsed
 
 
