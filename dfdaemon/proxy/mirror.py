@@ -11,6 +11,7 @@ registry is the one the runtime names with ``?ns=<host>``, else ``proxy.registry
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import logging
@@ -19,13 +20,13 @@ import socket
 from collections.abc import AsyncGenerator
 from urllib.parse import urlencode
 
-import httpx
+import aiohttp
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
 from dfdaemon import ids
 from dfdaemon.admission import Busy
-from dfdaemon.backend import BackendError, SourceNotAllowed, SourcePolicy, UnsupportedURL
+from dfdaemon.backend import BackendError, OriginClient, SourceNotAllowed, SourcePolicy, UnsupportedURL, header_text
 from dfdaemon.download import DownloadManager, DownloadRequest, InvalidDownload, PieceDone, Started
 from dfdaemon.ids import PieceSpan
 from dfdaemon.storage import Storage, StorageFull, TaskState
@@ -107,13 +108,17 @@ def _registry_error(status: int, code: str, message: str) -> web.Response:
     return web.Response(status=status, text=body, content_type="application/json")
 
 
-def _forwarded(headers: CIMultiDictProxy[str] | httpx.Headers) -> list[tuple[str, str]]:
-    """The end-to-end headers: without hop-by-hop ones, including those the Connection header names."""
-    items = headers.multi_items() if isinstance(headers, httpx.Headers) else list(headers.items())
+def _forwarded(headers: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
+    """The end-to-end headers: without hop-by-hop ones, including those the Connection header names.
+
+    UTF-8 values pass as they came; bytes that are not UTF-8 go on as their Latin-1 reading, since aiohttp
+    writes headers as UTF-8 and would otherwise drop them.
+    """
+    items = list(headers.items())
     named = {
         token.strip().lower() for name, value in items if name.lower() == "connection" for token in value.split(",")
     }
-    return [(name, value) for name, value in items if name.lower() not in _HOP_BY_HOP | named]
+    return [(name, header_text(value)) for name, value in items if name.lower() not in _HOP_BY_HOP | named]
 
 
 def _has_dot_segment(path: str) -> bool:
@@ -142,13 +147,12 @@ class RegistryMirror:
         self.insecure_registries = frozenset(host.lower() for host in insecure_registries)
         self.blobs_by_digest = blobs_by_digest
         self.disable_back_to_source = disable_back_to_source
-        # Redirects are the runtime's to follow (they may lead to storage the registry signs for it).
-        self.client = httpx.AsyncClient(
-            follow_redirects=False, trust_env=False, timeout=httpx.Timeout(timeout, connect=10.0)
-        )
+        # The back-to-source policy holds at connect time here too; redirects are the runtime's to follow (they
+        # may lead to storage the registry signs for it).
+        self.client = OriginClient(policy, timeout=timeout, pass_through=True)
 
     async def close(self) -> None:
-        await self.client.aclose()
+        await self.client.close()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         route, status = "refused", "aborted"
@@ -159,7 +163,7 @@ class RegistryMirror:
                 current.set_attribute("dragonfly.route", route)
                 current.set_attribute("http.response.status_code", response.status)
             return response
-        except (ConnectionError, httpx.HTTPError) as exc:
+        except (ConnectionError, aiohttp.ClientError, TimeoutError) as exc:
             # The client left, or the registry's answer broke off after its status went out: cut the connection
             # so the runtime sees a failed transfer, never a short one.
             log.warning("%s %s broke off: %s", request.method, request.path, exc or type(exc).__name__)
@@ -197,6 +201,8 @@ class RegistryMirror:
             return _registry_error(403, "DENIED", str(exc)), "refused"
         except BackendError as exc:
             return _registry_error(502, "UNAVAILABLE", str(exc)), "refused"
+        except UnsupportedURL as exc:
+            return _registry_error(400, "UNSUPPORTED", str(exc)), "refused"
         if task_id is not None and request.method == "GET":
             return await self._blob(request, url, task_id, from_network), "blob"
         if task_id is not None and request.method == "HEAD":
@@ -237,31 +243,39 @@ class RegistryMirror:
         With ``refusals_only`` (a blob's refusal shown as the registry sent it) an answer that is not an error is
         not passed on: blob bytes reach the runtime only through the digest-checked P2P path.
         """
-        # Header bytes go on as they came (aiohttp decodes them with surrogateescape), whatever their charset.
-        forwarded = _forwarded(request.headers)
-        headers = [(name.encode(), value.encode("utf-8", "surrogateescape")) for name, value in forwarded]
-        upstream = self.client.build_request(request.method, url, headers=headers)  # GET or HEAD: no body
-        try:
-            answer = await self.client.send(upstream, stream=True)
-        except httpx.HTTPError as exc:
-            log.warning("registry request %s %s failed: %s", request.method, url, exc)
-            return _registry_error(502, "UNAVAILABLE", f"the registry did not answer: {type(exc).__name__}")
-        try:
-            if refusals_only and answer.status_code < 400:
-                return _registry_error(
-                    502, "UNAVAILABLE", f"the registry refused the blob, then answered {answer.status_code}"
+        from_network = not _is_loopback(request.remote)
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                answer = await stack.enter_async_context(
+                    self.client.request(  # GET or HEAD: no body
+                        request.method,
+                        url,
+                        _forwarded(request.headers),
+                        from_network=from_network,
+                        follow_redirects=False,
+                    )
                 )
-            response = web.StreamResponse(status=answer.status_code, reason=answer.reason_phrase)
-            for name, value in _forwarded(answer.headers):
-                response.headers.add(name, value)
-            await response.prepare(request)
-            if request.method != "HEAD":
-                async for chunk in answer.aiter_raw():
-                    await response.write(chunk)
-            await response.write_eof()
-            return response
-        finally:
-            await answer.aclose()
+            except SourceNotAllowed as exc:
+                return _registry_error(403, "DENIED", str(exc))
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                log.warning("registry request %s %s failed: %s", request.method, url, exc or type(exc).__name__)
+                return _registry_error(502, "UNAVAILABLE", f"the registry did not answer: {type(exc).__name__}")
+            return await self._relay(request, answer, refusals_only)
+
+    @staticmethod
+    async def _relay(request: web.Request, answer: aiohttp.ClientResponse, refusals_only: bool) -> web.StreamResponse:
+        """Send the registry's answer to the runtime as it arrives."""
+        if refusals_only and answer.status < 400:
+            return _registry_error(502, "UNAVAILABLE", f"the registry refused the blob, then answered {answer.status}")
+        response = web.StreamResponse(status=answer.status, reason=answer.reason)
+        for name, value in _forwarded(answer.headers):
+            response.headers.add(name, value)
+        await response.prepare(request)
+        if request.method != "HEAD":
+            async for chunk in answer.content.iter_any():
+                await response.write(chunk)
+        await response.write_eof()
+        return response
 
     async def _blob(self, request: web.Request, url: str, task_id: str, from_network: bool) -> web.StreamResponse:
         authorization = request.headers.get("Authorization")

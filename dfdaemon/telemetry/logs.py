@@ -65,5 +65,3 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(_LEVELS.get(level, logging.INFO))
-    # The HTTP client logs every request at INFO; the daemon logs downloads itself.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
