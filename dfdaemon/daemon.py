@@ -31,6 +31,8 @@ from dfdaemon.runtime.sync import CONTAINER_HOLDER, PINNED_HOLDER, RuntimeSync
 from dfdaemon.storage import Storage
 from dfdaemon.storage.metadata import SchemaTooNew
 from dfdaemon.telemetry.metrics import MetricsServer
+from dfdaemon.vortex.server import VortexServer
+from dfdaemon.vortex.tls import server_context
 
 if TYPE_CHECKING:
     from dfdaemon.proxy import MirrorServer
@@ -106,9 +108,15 @@ class Daemon:
         self.scheduler: SchedulerClient | None = None
         self.membership = download.Membership()
         self.metrics_server: MetricsServer | None = None
+        self.vortex: VortexServer | None = None
         self._gauges: asyncio.Task[None] | None = None
         try:
-            self.parents = GrpcParentClient(self.downloads.host_id, config.upload.client)
+            self.parents = GrpcParentClient(
+                self.downloads.host_id,
+                config.upload.client,
+                use_vortex=config.download.protocol == "tcp",
+                piece_timeout=config.download.piece_timeout,
+            )
         except TLSError as exc:
             raise StartupError(f"upload.client: {exc}") from None
         self._storage_open = False
@@ -138,7 +146,8 @@ class Daemon:
                     f"metrics.server: cannot listen on {metrics_cfg.ip}:{metrics_cfg.port}: {exc.strerror}"
                 ) from None
             self._gauges = asyncio.create_task(self._refresh_gauges(), name="metrics-gauges")
-        upload_server, upload_health, port = self._upload_server_bound()
+        vortex_port = await self._start_vortex()
+        upload_server, upload_health, port = self._upload_server_bound(vortex_port)
         download_server, download_health = self._download_server_bound(socket_path)
         await upload_server.start()
         await download_server.start()
@@ -204,7 +213,26 @@ class Daemon:
             log.info("runtime sync: %d holders from containerd at %s", len(report.held), config.containerd.address)
         self.runtime_sync.start()
 
-    def _upload_server_bound(self) -> tuple[grpc.aio.Server, HealthReporter, int]:
+    async def _start_vortex(self) -> int:
+        """The vortex TCP piece server, with upload.server's mutual TLS when that has certificates."""
+        server_cfg, upload_cfg = self.config.storage.server, self.config.upload.server
+        ip = server_cfg.ip or upload_cfg.ip
+        try:
+            context = server_context(upload_cfg.tls) if upload_cfg.tls.enabled else None
+        except TLSError as exc:
+            raise StartupError(f"upload.server: {exc}") from None
+        self.vortex = VortexServer(self.storage, self.config.download.piece_timeout, context)
+        try:
+            port = await self.vortex.start(ip, server_cfg.tcp_port)
+        except OSError as exc:
+            self.vortex = None
+            raise StartupError(
+                f"storage.server: cannot listen on {ip}:{server_cfg.tcp_port}: {exc.strerror or exc}"
+            ) from None
+        log.info("vortex server listening on %s:%d", f"[{ip}]" if ":" in ip else ip, port)
+        return port
+
+    def _upload_server_bound(self, vortex_port: int) -> tuple[grpc.aio.Server, HealthReporter, int]:
         """The TCP server other peers call: plaintext, or mutual TLS when upload.server has certificates."""
         server_cfg = self.config.upload.server
         servicer = upload.UploadServicer(
@@ -216,6 +244,7 @@ class Daemon:
             Admission("DownloadPiece", self.config.upload.concurrent_piece_count, server_cfg.max_concurrent_requests),
             enable_delete_task=server_cfg.enable_delete_task,
             sync_host_interval=self.config.scheduler.announce_interval,
+            tcp_port=vortex_port,
         )
         server, health = new_server([upload.SERVICE.full_name], lambda s: add_service(s, upload.SERVICE, servicer))
         credentials = None
@@ -295,6 +324,9 @@ class Daemon:
             if server is not None:
                 await server.stop(grace)
         self._download_server = self._upload_server = None
+        if self.vortex is not None:
+            await self.vortex.stop()
+            self.vortex = None
         if self._gauges is not None:
             self._gauges.cancel()
             with contextlib.suppress(asyncio.CancelledError):

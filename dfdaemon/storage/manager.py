@@ -240,9 +240,18 @@ class Storage:
         validate_task_id(task_id)
         return await self._db(self.meta.list_pieces, task_id)
 
+    async def piece(self, task_id: str, number: int) -> PieceRecord | None:
+        """One piece's metadata, read without a write (a server can check a piece before sending its bytes)."""
+        validate_task_id(task_id)
+        return await self._db(self.meta.get_piece, task_id, number)
+
     async def touch(self, task_id: str) -> None:
         """A download hit the cache: the task counts as used now."""
         await self._db(self.meta.touch_task, task_id, self.clock())
+
+    async def record_upload(self, task_id: str) -> None:
+        """A piece was served to a peer: the task counts as used now, and its upload count grows."""
+        await self._db(self.meta.touch_task, task_id, self.clock(), True)
 
     def references(self, task_id: str, holds: list[Hold]) -> References:
         return References(
