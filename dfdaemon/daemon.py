@@ -226,9 +226,8 @@ class Daemon:
             port = await self.vortex.start(ip, server_cfg.tcp_port)
         except OSError as exc:
             self.vortex = None
-            raise StartupError(
-                f"storage.server: cannot listen on {ip}:{server_cfg.tcp_port}: {exc.strerror or exc}"
-            ) from None
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)  # asyncio rewords the bind error
+            raise StartupError(f"storage.server: cannot listen on {ip}:{server_cfg.tcp_port}: {reason}") from None
         log.info("vortex server listening on %s:%d", f"[{ip}]" if ":" in ip else ip, port)
         return port
 
