@@ -31,6 +31,9 @@ from dfdaemon.vortex.server import tune_socket
 CONNECT_TIMEOUT = 2.0
 # The largest piece a parent may announce (the largest piece length a download may request).
 MAX_PIECE_LENGTH = 1024 * 1024 * 1024
+# Receive buffers kept for reuse between fetches: enough for the usual concurrency, none for outsized pieces.
+MAX_POOLED_BUFFERS = 16
+MAX_POOLED_BUFFER = 16 * 1024 * 1024
 
 
 class _Receiver(asyncio.BufferedProtocol):
@@ -125,7 +128,8 @@ class VortexClient:
         finally:
             if receiver.transport is not None:
                 receiver.transport.close()
-            self._free.append(buffer)
+            if len(self._free) < MAX_POOLED_BUFFERS and len(buffer) <= MAX_POOLED_BUFFER:
+                self._free.append(buffer)
         if ids.format_crc32(crc) != metadata.digest:
             raise PieceUnavailable(
                 f"{where}: piece {number} has digest {ids.format_crc32(crc)}, the parent sent {metadata.digest}"

@@ -92,7 +92,7 @@ class VortexServer:
                 PIECES.labels("refused").inc()
             else:
                 await self._answer(request, writer)
-        except OSError as exc:  # the child went away, or the file could not be sent
+        except (OSError, StorageError) as exc:  # the child went away, the file could not be sent or counted
             log.debug("vortex connection from %s ended: %s", writer.get_extra_info("peername"), exc)
         finally:
             writer.close()
