@@ -32,13 +32,13 @@ class GrpcParentClient:
         self, host_id: str, tls: TLSConfig | None = None, *, use_vortex: bool = True, piece_timeout: float = 360.0
     ) -> None:
         self.host_id = host_id
-        secure = tls is not None and tls.enabled
+        secure = tls if tls is not None and tls.enabled else None
         # Built on first use (inside the event loop); mutual TLS when upload.client has certificates.
-        self.credentials = channel_credentials(tls) if tls is not None and secure else None
+        self.credentials = channel_credentials(secure) if secure is not None else None
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.vortex: VortexClient | None = None
         if use_vortex:
-            context = client_context(tls) if tls is not None and secure else None
+            context = client_context(secure) if secure is not None else None
             self.vortex = VortexClient(piece_timeout=piece_timeout, ssl_context=context)
         # Parent address -> (ip, tcp_port) its SyncPieces answers advertised for vortex.
         self._vortex_endpoints: dict[str, tuple[str, int]] = {}
