@@ -8,6 +8,7 @@ names, so :func:`validate_task_id` is the gate every id passes before it touches
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import ipaddress
 import re
@@ -19,18 +20,25 @@ from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import unquote_to_bytes
 
+import idna
+
 __all__ = [
+    "DEFAULT_FILTERED_QUERY_PARAMS",
+    "MAX_DEFAULT_PIECE_LENGTH",
     "MAX_PIECE_COUNT",
-    "MAX_PIECE_LENGTH",
-    "MIN_PIECE_LENGTH",
+    "MAX_REQUESTED_PIECE_LENGTH",
+    "MIN_DEFAULT_PIECE_LENGTH",
+    "MIN_REQUESTED_PIECE_LENGTH",
     "DigestMismatch",
     "FileDigester",
     "InvalidTaskId",
     "InvalidUrl",
     "PieceSpan",
+    "QueryRule",
     "blob_digest_from_url",
     "blob_digest_task_id",
     "crc32_update",
+    "filtered_query_params_or_default",
     "format_crc32",
     "host_id",
     "is_valid_task_id",
@@ -49,11 +57,17 @@ __all__ = [
     "validate_task_id",
 ]
 
-MIN_PIECE_LENGTH = 4 * 1024 * 1024
-"""Smallest piece length chosen automatically (4 MiB)."""
+MIN_DEFAULT_PIECE_LENGTH = 4 * 1024 * 1024
+"""Smallest piece length chosen when the request names none (4 MiB)."""
 
-MAX_PIECE_LENGTH = 64 * 1024 * 1024
-"""Largest piece length chosen automatically (64 MiB)."""
+MAX_DEFAULT_PIECE_LENGTH = 64 * 1024 * 1024
+"""Largest piece length chosen when the request names none (64 MiB)."""
+
+MIN_REQUESTED_PIECE_LENGTH = 1024
+"""Smallest ``piece_length`` a request may ask for (1 KiB): fewer requests to the origin per byte."""
+
+MAX_REQUESTED_PIECE_LENGTH = 1024 * 1024 * 1024
+"""Largest ``piece_length`` a request may ask for (1 GiB): enough pieces left to share."""
 
 MAX_PIECE_COUNT = 500
 """Content length is divided by this before rounding up to a power of two."""
@@ -76,6 +90,72 @@ class DigestMismatch(ValueError):
 
 
 # --------------------------------------------------------------------------- task ids
+
+DEFAULT_FILTERED_QUERY_PARAMS: tuple[str, ...] = (
+    # S3 presigned URLs
+    "X-Amz-Algorithm",
+    "X-Amz-Credential",
+    "X-Amz-Date",
+    "X-Amz-Expires",
+    "X-Amz-SignedHeaders",
+    "X-Amz-Signature",
+    "X-Amz-Security-Token",
+    "X-Amz-User-Agent",
+    # GCS signed URLs
+    "X-Goog-Algorithm",
+    "X-Goog-Credential",
+    "X-Goog-Date",
+    "X-Goog-Expires",
+    "X-Goog-SignedHeaders",
+    "X-Goog-Signature",
+    # OSS
+    "OSSAccessKeyId",
+    "Expires",
+    "Signature",
+    "SecurityToken",
+    # OBS (its Signature and Expires are already listed above)
+    "AccessKeyId",
+    "X-Obs-Date",
+    "X-Obs-Security-Token",
+    # COS
+    "q-sign-algorithm",
+    "q-ak",
+    "q-sign-time",
+    "q-key-time",
+    "q-header-list",
+    "q-url-param-list",
+    "q-signature",
+    "x-cos-security-token",
+    # containerd names the registry namespace in the mirror URL
+    "ns",
+)
+"""Query keys upstream leaves out of task ids when the caller names none (exact case).
+
+Signatures and expiry times change on every presigned URL; without this list two users of
+one object would never share a task. Upstream's dfget, its proxy rules (``filteredQueryParams``
+defaults to it) and its registry mirror apply it; an explicit list replaces it, never extends it.
+"""
+
+
+def filtered_query_params_or_default(given: Sequence[str]) -> tuple[str, ...]:
+    """The caller's list of filtered query keys, or :data:`DEFAULT_FILTERED_QUERY_PARAMS` when it gave none."""
+    if isinstance(given, str):
+        raise TypeError("filtered query params must be a sequence of keys, not a single string")
+    return tuple(given) if given else DEFAULT_FILTERED_QUERY_PARAMS
+
+
+class QueryRule(enum.Enum):
+    """How the query of a task-id URL is canonicalised; peers must agree on it to share tasks."""
+
+    FORM = "form"
+    """Released Rust clients (through 1.5.1): the remaining pairs, in their order, re-encoded as
+    ``application/x-www-form-urlencoded``; applied whether or not a filter was given."""
+
+    GO_SORTED = "go-sorted"
+    """Upstream's main branch after client 1.5.1 (the Go scheduler's rule): with a filter, the
+    remaining pairs sorted by key (repeated keys keep their order), escaped as Go's
+    ``url.QueryEscape``; with no filter the query is left as the URL parser serialised it."""
+
 
 _TASK_ID = re.compile(r"[0-9a-f]{64}|[0-9a-f]{128}")
 
@@ -106,12 +186,14 @@ def task_id(
     filtered_query_params: Sequence[str] = (),
     content_for_calculating_task_id: str | None = None,
     enable_task_id_based_blob_digest: bool = False,
+    query_rule: QueryRule = QueryRule.FORM,
 ) -> str:
     """Compute a STANDARD task's id the way every Dragonfly peer and scheduler does.
 
     Precedence follows upstream: explicit content first, then the OCI blob digest (when
     enabled and the URL is a blob URL), then the canonical URL plus tag, application and
-    the *requested* piece length.
+    the *requested* piece length. ``filtered_query_params`` is used as given: callers that
+    follow upstream's defaults pass it through :func:`filtered_query_params_or_default`.
     """
     if content_for_calculating_task_id is not None:
         return hashlib.sha256(content_for_calculating_task_id.encode("utf-8")).hexdigest()
@@ -124,7 +206,7 @@ def task_id(
     if piece_length is not None and piece_length < 0:
         raise ValueError(f"piece_length must not be negative, got {piece_length}")
 
-    hasher = hashlib.sha256(normalize_url(url, filtered_query_params).encode("utf-8"))
+    hasher = hashlib.sha256(normalize_url(url, filtered_query_params, query_rule).encode("utf-8"))
     if tag:
         hasher.update(tag.encode("utf-8"))
     if application:
@@ -204,30 +286,34 @@ _PATH_SET = _FRAGMENT_SET | frozenset(b"#?{}")
 _USERINFO_SET = _PATH_SET | frozenset(b"/:;=@[\\]^|")
 _FORBIDDEN_HOST = frozenset(" #/:<>?@[\\]^|")
 _FORBIDDEN_DOMAIN = _FORBIDDEN_HOST | frozenset("%")
+_GO_QUERY_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.~")
+_QUERY_SET = frozenset(b' "#<>')
+_SPECIAL_QUERY_SET = _QUERY_SET | frozenset(b"'")
+_JOINERS = frozenset("\u200c\u200d")
 _C0_AND_SPACE = "".join(chr(c) for c in range(0x21))
 _DOUBLE_DOT = frozenset({"..", ".%2e", "%2e.", "%2e%2e"})
 _SINGLE_DOT = frozenset({".", "%2e"})
 
 
-def normalize_url(url: str, filtered_query_params: Sequence[str] = ()) -> str:
+def normalize_url(url: str, filtered_query_params: Sequence[str] = (), query_rule: QueryRule = QueryRule.FORM) -> str:
     """Return the canonical URL string ``U`` that task ids hash.
 
-    Scheme and (special-scheme) host are lowercased, a default port is dropped, dot segments
-    are resolved, the query is decoded, stripped of the filtered keys (exact, case-sensitive)
-    and re-encoded as ``application/x-www-form-urlencoded`` (or removed with its ``?`` when no
-    pair is left). Finally, as upstream does, a root path ``/`` is trimmed when the string
-    ends with it, so ``https://example.com/`` and ``https://example.com`` hash alike while
-    ``https://example.com/?a=1`` keeps its slash.
+    Scheme and (special-scheme) host are lowercased, non-ASCII hosts go through IDNA (UTS #46),
+    a default port is dropped, dot segments are resolved, and the query is canonicalised by
+    ``query_rule`` after dropping the filtered keys (exact, case-sensitive); a query left
+    empty loses its ``?``. Finally, as upstream does, a root path ``/`` is trimmed when the
+    string ends with it, so ``https://example.com/`` and ``https://example.com`` hash alike
+    while ``https://example.com/?a=1`` keeps its slash.
     """
     if isinstance(filtered_query_params, str):
         raise TypeError("filtered_query_params must be a sequence of keys, not a single string")
     try:
-        return _normalize_url(url, frozenset(filtered_query_params))
+        return _normalize_url(url, frozenset(filtered_query_params), query_rule)
     except UnicodeError as exc:
         raise InvalidUrl(f"invalid URL {url[:200]!r}: {exc}") from exc
 
 
-def _normalize_url(url: str, filtered: frozenset[str]) -> str:
+def _normalize_url(url: str, filtered: frozenset[str], query_rule: QueryRule) -> str:
     raw = url
     url = url.strip(_C0_AND_SPACE).replace("\t", "").replace("\n", "").replace("\r", "")
     scheme_match = _SCHEME.match(url)
@@ -269,10 +355,7 @@ def _normalize_url(url: str, filtered: frozenset[str]) -> str:
     parts.append(path)
 
     if question_mark:
-        pairs = [(k, v) for k, v in _parse_form(query) if k not in filtered]
-        if pairs:
-            parts.append("?")
-            parts.append("&".join(f"{_form_encode(k)}={_form_encode(v)}" for k, v in pairs))
+        parts.append(_canonical_query(query, filtered, query_rule, special))
     if hash_sign:
         parts.append("#")
         parts.append(_percent_encode(fragment, _FRAGMENT_SET))
@@ -333,8 +416,7 @@ def _host(host: str, scheme: str, special: bool, raw: str) -> str:
             raise InvalidUrl(f"invalid URL {raw[:200]!r}: forbidden character in host {host!r}")
         return _percent_encode(host, frozenset())
 
-    domain = unquote_to_bytes(host).decode("utf-8")
-    domain = domain.encode("idna").decode("ascii") if not domain.isascii() else domain.lower()
+    domain = _domain_to_ascii(unquote_to_bytes(host).decode("utf-8"), raw)
     if any(c in _FORBIDDEN_DOMAIN or ord(c) < 0x20 or ord(c) == 0x7F for c in domain):
         raise InvalidUrl(f"invalid URL {raw[:200]!r}: forbidden character in host {host!r}")
     if not domain:
@@ -346,6 +428,33 @@ def _host(host: str, scheme: str, special: bool, raw: str) -> str:
 
     ipv4 = _parse_ipv4(domain, raw)
     return domain if ipv4 is None else str(ipaddress.IPv4Address(ipv4))
+
+
+def _domain_to_ascii(domain: str, raw: str) -> str:
+    """IDNA as the WHATWG URL parser applies it: UTS #46, non-transitional (``ß`` stays ``ß``), no STD3 rules.
+
+    Python's own ``idna`` codec is IDNA 2003 (``faß.de`` becomes ``fass.de``), which would give
+    such hosts task ids no upstream peer computes.
+    """
+    if domain.isascii():
+        return domain.lower()
+    try:
+        mapped = idna.uts46_remap(domain, std3_rules=False, transitional=False)
+        return ".".join(_label_to_ascii(label) for label in mapped.split("."))
+    except idna.IDNAError as exc:
+        raise InvalidUrl(f"invalid URL {raw[:200]!r}: invalid host {domain[:100]!r}: {exc}") from exc
+
+
+def _label_to_ascii(label: str) -> str:
+    """Punycode one mapped label after the checks UTS #46 asks for (combining marks, joiners, bidi)."""
+    if label.isascii():
+        return label
+    idna.check_initial_combiner(label)
+    for position, char in enumerate(label):
+        if char in _JOINERS and not idna.valid_contextj(label, position):
+            raise idna.IDNAError(f"joiner U+{ord(char):04X} not allowed at position {position}")
+    idna.check_bidi(label)
+    return "xn--" + label.encode("punycode").decode("ascii")
 
 
 def _parse_ipv4(domain: str, raw: str) -> int | None:
@@ -417,6 +526,20 @@ def _percent_encode(text: str, extra: frozenset[int]) -> str:
     return "".join(f"%{b:02X}" if b < 0x20 or b > 0x7E or b in extra else chr(b) for b in text.encode("utf-8"))
 
 
+def _canonical_query(query: str, filtered: frozenset[str], rule: QueryRule, special: bool) -> str:
+    """The query part of ``U``, ``?`` included, or ``""`` when no pair is left."""
+    if rule is QueryRule.GO_SORTED and not filtered:
+        return "?" + _percent_encode(query, _SPECIAL_QUERY_SET if special else _QUERY_SET)
+    pairs = [(k, v) for k, v in _parse_form(query) if k not in filtered]
+    if not pairs:
+        return ""
+    encode = _form_encode
+    if rule is QueryRule.GO_SORTED:
+        pairs.sort(key=lambda pair: pair[0])
+        encode = _go_query_escape
+    return "?" + "&".join(f"{encode(k)}={encode(v)}" for k, v in pairs)
+
+
 def _parse_form(query: str) -> list[tuple[str, str]]:
     """Decode ``application/x-www-form-urlencoded`` pairs; a bare ``a`` is ``("a", "")``."""
     pairs: list[tuple[str, str]] = []
@@ -435,6 +558,11 @@ def _form_decode(text: str) -> str:
 def _form_encode(text: str) -> str:
     """Form-encode: space as ``+``, bytes outside ``A-Za-z0-9*-._`` as uppercase ``%XX``."""
     return "".join(chr(b) if b in _FORM_SAFE else "+" if b == 0x20 else f"%{b:02X}" for b in text.encode("utf-8"))
+
+
+def _go_query_escape(text: str) -> str:
+    """Go's ``url.QueryEscape``: space as ``+``, bytes outside ``A-Za-z0-9-_.~`` as uppercase ``%XX``."""
+    return "".join(chr(b) if b in _GO_QUERY_SAFE else "+" if b == 0x20 else f"%{b:02X}" for b in text.encode("utf-8"))
 
 
 # --------------------------------------------------------------------------- pieces
@@ -467,7 +595,7 @@ def piece_length_for(content_length: int) -> int:
     if content_length < 0:
         raise ValueError(f"content_length must not be negative, got {content_length}")
     length = _next_power_of_two(content_length // MAX_PIECE_COUNT)
-    return max(MIN_PIECE_LENGTH, min(MAX_PIECE_LENGTH, length))
+    return max(MIN_DEFAULT_PIECE_LENGTH, min(MAX_DEFAULT_PIECE_LENGTH, length))
 
 
 def piece_count(content_length: int, piece_length: int) -> int:

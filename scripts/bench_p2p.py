@@ -559,7 +559,7 @@ def peers_benchmark(
     free = shutil.disk_usage(workdir).free - DISK_RESERVE
     if peers * size > free:
         scaled = max(0, free // (peers + 1)) // MiB * MiB  # the smaller file needs its own origin copy
-        if scaled < ids.MIN_PIECE_LENGTH:
+        if scaled < ids.MIN_DEFAULT_PIECE_LENGTH:
             report.note(f"peers: skipped, {fmt_size(free)} of disk cannot hold {peers} copies of even a small file")
             return
         report.note(

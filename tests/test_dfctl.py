@@ -18,8 +18,8 @@ from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from dfdaemon.api import common_pb2, dfdaemon_pb2
 from dfdaemon.api import dfdaemon_ext_pb2 as ext
-from dfdaemon.api import dfdaemon_pb2
 from dfdaemon.cli import dfctl
 from dfdaemon.config import DEFAULT_SOCKET_PATH
 from dfdaemon.rpc import download
@@ -313,10 +313,14 @@ async def test_use_acquire_sends_holder_ttl_and_every_kind_of_ref(
     assert request.tasks[0].task_id == TASK_A
     assert request.tasks[1].blob_digest == "sha256:" + TASK_B
     assert request.tasks[2].blob_digest == "sha512:" + SHA512_HEX
-    download_ref = request.tasks[3].download
-    assert download_ref.url == url
-    assert (download_ref.tag, download_ref.application, download_ref.piece_length) == ("v1", "app", 4 * MIB)
-    assert list(download_ref.filtered_query_params) == ["X-Amz-Signature", "Expires"]
+    # Exactly the fields the options name, nothing more: the daemon computes the task id from what is set.
+    assert request.tasks[3].download == common_pb2.Download(
+        url=url,
+        tag="v1",
+        application="app",
+        piece_length=4 * MIB,
+        filtered_query_params=["X-Amz-Signature", "Expires"],
+    )
     assert data == {
         "holder": "container:default/abc",
         "holds": [
@@ -348,8 +352,7 @@ async def test_use_release(daemon: FakeDaemon, capsys: pytest.CaptureFixture[str
     request = daemon.only_request("Release")
     assert request.holder == "user:alice"
     assert request.tasks[0].task_id == TASK_A
-    assert request.tasks[1].download.url == "https://a.example/f"
-    assert not request.tasks[1].download.HasField("tag")
+    assert request.tasks[1].download == common_pb2.Download(url="https://a.example/f")
     assert data == {"holder": "user:alice", "released": [TASK_A]}
 
 

@@ -22,9 +22,11 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 from google.protobuf import json_format
+from google.protobuf.duration_pb2 import Duration
 
 from dfdaemon.api import common_pb2, dfdaemon_pb2, errordetails_pb2
 from dfdaemon.cli.dfget import main
+from dfdaemon.ids import DEFAULT_FILTERED_QUERY_PARAMS
 from dfdaemon.rpc.download import SERVICE
 from dfdaemon.rpc.servers import HealthReporter, add_service, new_server
 from tests.support import REPO_ROOT, run_module
@@ -252,6 +254,20 @@ def test_request_carries_every_flag(
     assert download.HasField("timeout") and download.timeout.ToTimedelta().total_seconds() == 90
     assert download.overwrite and download.disable_back_to_source
     assert download.type == common_pb2.STANDARD
+    # Exactly these fields and no other: each set field can change the task id or what the daemon does.
+    assert download == common_pb2.Download(
+        url=URL,
+        output_path=str(tmp_path / "out.bin"),
+        digest=f"sha256:{sha.lower()}",
+        tag="v1",
+        application="trainer",
+        request_header={"Authorization": "Bearer token", "X-Range-Note": "a: b"},
+        filtered_query_params=["sig", "expires"],
+        piece_length=4 * 1024 * 1024,
+        timeout=Duration(seconds=90),
+        disable_back_to_source=True,
+        overwrite=True,
+    )
 
 
 def test_optional_fields_stay_unset(
@@ -265,7 +281,14 @@ def test_optional_fields_stay_unset(
     for name in ("digest", "tag", "application", "piece_length", "timeout"):
         assert not download.HasField(name), name  # presence changes the task id
     assert not download.overwrite and not download.disable_back_to_source
-    assert not download.request_header and not download.filtered_query_params
+    assert not download.request_header
+    # Without --filtered-query-param, upstream's dfget sends its default list of signing keys.
+    assert tuple(download.filtered_query_params) == DEFAULT_FILTERED_QUERY_PARAMS
+    assert download == common_pb2.Download(
+        url="http://origin.example/f",
+        output_path=str(tmp_path / "f"),
+        filtered_query_params=DEFAULT_FILTERED_QUERY_PARAMS,
+    )
 
 
 def test_json_output(serve: Callable[[object], FakeDaemon], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dfdaemon.gc import GarbageCollector, GCPolicy
-from dfdaemon.storage import Storage, StorageFull, TaskInfo, TaskNotFound, TaskState
+from dfdaemon.storage import Storage, StorageFull, TaskInfo, TaskNotFound, TaskState, TaskUse
 from tests.storage_support import FakeClock, fill, make_id, payload, read_all
 
 KB = 1000
@@ -241,6 +241,31 @@ async def test_acquire_racing_eviction_wins_or_gets_not_found(storage: Storage, 
         else:
             pytest.fail("acquire succeeded on a task whose eviction also succeeded")
     print(f"race outcomes seen: {sorted(outcomes)}")
+
+
+async def test_a_reference_taken_after_planning_wins(storage: Storage, clock: FakeClock) -> None:
+    """A hold acquired between the snapshot GC planned over and the eviction keeps the task: it is reported
+    skipped as "referenced", and the re-measured quota takes the next least recently used tasks instead."""
+    tasks = []
+    for i in range(3):
+        tasks.append(await fill(storage, f"late-{i}", 300 * KB))
+        clock.advance(100)  # late-0 is the least recently used
+    clock.advance(1000)
+    view = storage.gc_view
+
+    async def view_then_acquire(*, purge_lapsed: bool) -> list[TaskUse]:
+        snapshot = await view(purge_lapsed=purge_lapsed)
+        await storage.acquire("container:late", [tasks[0].id])
+        return snapshot
+
+    gc = collector(storage, quota_bytes=1000 * KB)  # 900 KB is over the high watermark: two must go
+    storage.gc_view = view_then_acquire  # type: ignore[method-assign]
+    report = await gc.run()
+    skips = [(s.task_id, s.reason, s.holders) for s in report.skipped]
+    assert skips == [(tasks[0].id, "referenced", ["container:late"])]
+    assert [(e.task_id, e.reason) for e in report.evicted] == [(tasks[1].id, "quota"), (tasks[2].id, "quota")]
+    assert await read_all(storage, tasks[0].id) == payload("late-0", 300 * KB)
+    assert await storage.get_task(tasks[1].id) is None
 
 
 async def test_growth_past_the_high_watermark_triggers_gc(storage: Storage, clock: FakeClock) -> None:

@@ -12,16 +12,19 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dfdaemon.ids import (
-    MAX_PIECE_LENGTH,
-    MIN_PIECE_LENGTH,
+    DEFAULT_FILTERED_QUERY_PARAMS,
+    MAX_DEFAULT_PIECE_LENGTH,
+    MIN_DEFAULT_PIECE_LENGTH,
     DigestMismatch,
     FileDigester,
     InvalidTaskId,
     InvalidUrl,
     PieceSpan,
+    QueryRule,
     blob_digest_from_url,
     blob_digest_task_id,
     crc32_update,
+    filtered_query_params_or_default,
     format_crc32,
     host_id,
     is_valid_task_id,
@@ -195,6 +198,177 @@ def test_filtered_query_params_must_not_be_a_bare_string() -> None:
         normalize_url("https://example.com/?a=1", "a")
 
 
+# ----------------------------------------------------------------------------- IDNA hosts
+# Expected hosts follow UTS #46 non-transitional processing without STD3 rules, which is what the
+# WHATWG URL standard (and so upstream's URL parser) applies; each id is sha256(U + "STANDARD"),
+# derived by hand from the task-id formula in PROTOCOL.md.
+
+
+@pytest.mark.parametrize(
+    ("url", "canonical", "expected_id"),
+    [
+        # ß survives non-transitional UTS #46; IDNA 2003 (Python's codec) would map it to "ss".
+        (
+            "https://Faß.DE/file",
+            "https://xn--fa-hia.de/file",
+            "629b259efef306b6d646defb9c37542c6c52ed8de8df22f5bdc5564f9202b200",
+        ),
+        # Mixed-case non-ASCII host: case-folded by the UTS #46 mapping before punycode.
+        (
+            "https://BÜCHER.de/x",
+            "https://xn--bcher-kva.de/x",
+            "f3f15f05aa69f4164a11d2f55235eb24aaef04fc758f71978b1819086225d939",
+        ),
+        # The ideographic full stop maps to "." and a symbol label is punycoded.
+        (
+            "http://I♥NY。de/",
+            "http://xn--iny-zx5a.de",
+            "74a090bd356b1d66efa44033d63b8e66e197f9287d7e6c2e12ae714215b241a2",
+        ),
+    ],
+)
+def test_idna_host_vectors(url: str, canonical: str, expected_id: str) -> None:
+    assert normalize_url(url) == canonical
+    assert task_id(url) == expected_id == hashlib.sha256(f"{canonical}STANDARD".encode()).hexdigest()
+
+
+def test_idna_is_not_python_idna_2003_codec() -> None:
+    assert "faß.de".encode("idna") == b"fass.de"  # the codec this module must not use
+    assert task_id("https://faß.de/f") != task_id("https://fass.de/f")
+
+
+def test_mixed_case_ascii_host_is_lowercased() -> None:
+    assert normalize_url("https://Registry.EXAMPLE.com/v2/") == "https://registry.example.com/v2/"
+    assert task_id("https://Registry.EXAMPLE.com/f") == task_id("https://registry.example.com/f")
+
+
+@pytest.mark.parametrize(
+    ("host", "reason"),
+    [
+        ("a\ufffdb.de", "not allowed"),  # disallowed by the UTS #46 table
+        ("\u0301a.de", "combining"),  # label starts with a combining mark
+        ("a\u200db.de", "joiner"),  # ZERO WIDTH JOINER outside its allowed context
+        ("a\u06271.de", "direction"),  # mixes left-to-right and Arabic against the bidi rule
+    ],
+)
+def test_invalid_idna_hosts_are_refused(host: str, reason: str) -> None:
+    with pytest.raises(InvalidUrl, match=reason):
+        normalize_url(f"https://{host}/f")
+
+
+# ----------------------------------------------------------------------------- default filtered params
+
+
+def test_default_filtered_query_params_are_upstreams_thirty_keys() -> None:
+    # The list in PROTOCOL.md ("Default filtered query params"), in upstream's order, duplicates dropped.
+    assert len(DEFAULT_FILTERED_QUERY_PARAMS) == len(set(DEFAULT_FILTERED_QUERY_PARAMS)) == 30
+    assert DEFAULT_FILTERED_QUERY_PARAMS[:2] == ("X-Amz-Algorithm", "X-Amz-Credential")
+    assert {"X-Goog-Signature", "OSSAccessKeyId", "X-Obs-Date", "q-signature", "x-cos-security-token"} <= set(
+        DEFAULT_FILTERED_QUERY_PARAMS
+    )
+    assert DEFAULT_FILTERED_QUERY_PARAMS[-1] == "ns"
+
+
+def test_default_applies_only_when_the_caller_names_no_keys() -> None:
+    assert filtered_query_params_or_default([]) == DEFAULT_FILTERED_QUERY_PARAMS
+    assert filtered_query_params_or_default(()) == DEFAULT_FILTERED_QUERY_PARAMS
+    assert filtered_query_params_or_default(["sig"]) == ("sig",)  # replaces the default, never extends it
+    with pytest.raises(TypeError):
+        filtered_query_params_or_default("sig")
+
+
+def test_presigned_s3_url_vector_with_default_filter() -> None:
+    # Derived by hand: every X-Amz-* key is in the default list, versionId is not.
+    url = (
+        "https://bucket.s3.amazonaws.com/model.bin?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIA%2F20260101"
+        "&X-Amz-Date=20260101T000000Z&X-Amz-Expires=3600&X-Amz-SignedHeaders=host&versionId=3&X-Amz-Signature=beef"
+    )
+    got = task_id(url, filtered_query_params=filtered_query_params_or_default([]))
+    assert got == "513d132312321bb3906f09a099223bc34a64da13101ac26ed8540003558f519c"
+    assert got == hashlib.sha256(b"https://bucket.s3.amazonaws.com/model.bin?versionId=3STANDARD").hexdigest()
+    assert task_id(url) != got  # without the default every signature is a new task
+
+
+def test_containerd_ns_param_is_filtered_by_default() -> None:
+    url = "https://mirror.example.com/v2/library/alpine/blobs/sha256:" + SHA256_HEX + "?ns=docker.io"
+    assert normalize_url(url, DEFAULT_FILTERED_QUERY_PARAMS) == url.partition("?")[0]
+
+
+def test_content_for_calculating_task_id_ignores_default_filter_and_url() -> None:
+    # sha256("This is a test file"): upstream's content vector (PROTOCOL.md).
+    got = task_id(
+        "https://example.com/f?X-Amz-Date=1",
+        tag="t",
+        piece_length=4096,
+        filtered_query_params=DEFAULT_FILTERED_QUERY_PARAMS,
+        content_for_calculating_task_id="This is a test file",
+    )
+    assert got == "e2d0fe1585a63ec6009c8016ff8dda8b17719a637405a4e23c0ff81339148249"
+
+
+# ----------------------------------------------------------------------------- query rules
+# FORM is the released clients' rule (through 1.5.1), GO_SORTED the one upstream's main branch adopted
+# after 1.5.1 to match the Go scheduler. Expected strings derived by hand from each rule.
+
+
+@pytest.mark.parametrize(
+    ("url", "filtered", "rule", "canonical", "expected_id"),
+    [
+        (
+            "https://example.com/f?b=2&a=1&b=0&c=x~y*z&z=9",
+            ["z"],
+            QueryRule.FORM,
+            "https://example.com/f?b=2&a=1&b=0&c=x%7Ey*z",
+            "35a265cf3a1491be04aee768bd6e0bf40e3d1e6e4ef67e462d9f91056bf5b0d6",
+        ),
+        (
+            "https://example.com/f?b=2&a=1&b=0&c=x~y*z&z=9",
+            ["z"],
+            QueryRule.GO_SORTED,
+            "https://example.com/f?a=1&b=2&b=0&c=x~y%2Az",
+            "486c9694798b3078d8f1e345fc39cab2b5983e1d557efd4aaee3d7430e69cec0",
+        ),
+        (
+            "https://example.com/f?c=~' x",
+            [],
+            QueryRule.FORM,
+            "https://example.com/f?c=%7E%27+x",
+            "bc3bee9259051eb6123dcc13f25473dabc462252a0a854120809ebe8af2927ac",
+        ),
+        (  # no filter: left as the URL parser serialised it (WHATWG special-query percent-encoding)
+            "https://example.com/f?c=~' x",
+            [],
+            QueryRule.GO_SORTED,
+            "https://example.com/f?c=~%27%20x",
+            "5d9d711d210be210b4151bd0cdf8aa74667702b45f67e5d22ad9867b0013ad6e",
+        ),
+        (
+            "https://example.com/f?b=2&a=1",
+            [],
+            QueryRule.GO_SORTED,
+            "https://example.com/f?b=2&a=1",
+            "d5fb627f5710ff9848b216dd87b656a600d83a27a06952d5e30cfd69486e261a",
+        ),
+    ],
+)
+def test_query_rule_vectors(url: str, filtered: list[str], rule: QueryRule, canonical: str, expected_id: str) -> None:
+    assert normalize_url(url, filtered, rule) == canonical
+    got = task_id(url, filtered_query_params=filtered, query_rule=rule)
+    assert got == expected_id == hashlib.sha256(f"{canonical}STANDARD".encode()).hexdigest()
+
+
+@pytest.mark.parametrize("rule", list(QueryRule))
+def test_query_left_empty_loses_its_question_mark_under_both_rules(rule: QueryRule) -> None:
+    # Upstream's own vector (PROTOCOL.md) holds under both rules.
+    got = task_id("https://example.com?foo=foo&bar=bar", filtered_query_params=["foo", "bar"], query_rule=rule)
+    assert got == "457b4328cde278e422c9e243f7bfd1e97f511fec43a80f535cf6b0ef6b086776"
+
+
+def test_released_clients_rule_is_the_default() -> None:
+    url = "https://example.com/f?b=2&a=1&s=x"
+    assert normalize_url(url, ["s"]) == normalize_url(url, ["s"], QueryRule.FORM) == "https://example.com/f?b=2&a=1"
+
+
 @pytest.mark.parametrize(
     "url",
     ["", "not-a-url", "://x", "http://", "http://h:99999/", "http://h:8a/", "http://[::1/", "http://1.2.3.4.5/"],
@@ -348,8 +522,8 @@ def test_peer_id_is_fresh_and_shaped() -> None:
 @pytest.mark.parametrize(
     ("content_length", "expected"),
     [
-        (0, MIN_PIECE_LENGTH),
-        (1, MIN_PIECE_LENGTH),
+        (0, MIN_DEFAULT_PIECE_LENGTH),
+        (1, MIN_DEFAULT_PIECE_LENGTH),
         (500 * 4 * MiB, 4 * MiB),
         (500 * 4 * MiB + 500, 8 * MiB),
         (500 * 8 * MiB, 8 * MiB),
@@ -357,10 +531,10 @@ def test_peer_id_is_fresh_and_shaped() -> None:
         (500 * 16 * MiB, 16 * MiB),
         (500 * 16 * MiB + 499, 16 * MiB),
         (500 * 16 * MiB + 500, 32 * MiB),
-        (500 * 64 * MiB, MAX_PIECE_LENGTH),
-        (500 * 64 * MiB + 500, MAX_PIECE_LENGTH),
-        (10**15, MAX_PIECE_LENGTH),
-        (2**64 - 1, MAX_PIECE_LENGTH),
+        (500 * 64 * MiB, MAX_DEFAULT_PIECE_LENGTH),
+        (500 * 64 * MiB + 500, MAX_DEFAULT_PIECE_LENGTH),
+        (10**15, MAX_DEFAULT_PIECE_LENGTH),
+        (2**64 - 1, MAX_DEFAULT_PIECE_LENGTH),
     ],
 )
 def test_piece_length_for(content_length: int, expected: int) -> None:
@@ -368,8 +542,8 @@ def test_piece_length_for(content_length: int, expected: int) -> None:
 
 
 def test_piece_length_bounds() -> None:
-    assert 4 * MiB == MIN_PIECE_LENGTH
-    assert 64 * MiB == MAX_PIECE_LENGTH
+    assert 4 * MiB == MIN_DEFAULT_PIECE_LENGTH
+    assert 64 * MiB == MAX_DEFAULT_PIECE_LENGTH
     with pytest.raises(ValueError):
         piece_length_for(-1)
 
@@ -377,9 +551,9 @@ def test_piece_length_bounds() -> None:
 @given(st.integers(min_value=0, max_value=2**64 - 1))
 def test_piece_length_for_is_a_clamped_power_of_two(content_length: int) -> None:
     length = piece_length_for(content_length)
-    assert MIN_PIECE_LENGTH <= length <= MAX_PIECE_LENGTH
+    assert MIN_DEFAULT_PIECE_LENGTH <= length <= MAX_DEFAULT_PIECE_LENGTH
     assert length & (length - 1) == 0
-    assert piece_count(content_length, length) <= max(501, -(-content_length // MAX_PIECE_LENGTH))
+    assert piece_count(content_length, length) <= max(501, -(-content_length // MAX_DEFAULT_PIECE_LENGTH))
 
 
 # ----------------------------------------------------------------------------- pieces

@@ -350,6 +350,46 @@ async def test_delete_host_forgets_it_and_its_peers(client: SchedulerStub) -> No
     child.call.cancel()
 
 
+async def test_delete_host_ends_its_downloads_and_keeps_the_other_parents(client: SchedulerStub) -> None:
+    leaving, staying, child_host = [await announce(client, n) for n in (28, 29, 30)]
+    task_id, other_task = new_task_id(), new_task_id()
+    await seeded(client, leaving, task_id)
+    kept = await seeded(client, staying, task_id)
+    running = PeerStream(client, leaving, other_task)
+    assert (await running.register()).WhichOneof("response") == "need_back_to_source_response"
+    await running.started()
+    await wait_for_state(client, running, "Running")
+
+    await client.DeleteHost(scheduler_pb2.DeleteHostRequest(host_id=leaving.id))
+
+    child = PeerStream(client, child_host, task_id)
+    assert parent_ids(await child.register()) == [kept.peer_id]
+    stat = await client.StatTask(scheduler_pb2.StatTaskRequest(task_id=task_id))
+    assert stat.peer_count == 2  # the staying parent and the new child
+    stat_running = scheduler_pb2.StatPeerRequest(task_id=other_task, peer_id=running.peer_id)
+    assert await status_of(client.StatPeer(stat_running)) == grpc.StatusCode.NOT_FOUND
+    # The leaving host's download in progress can neither report nor register again: nothing brings it back.
+    piece = common_pb2.Piece(number=0, offset=0, length=PIECE, digest="crc32:1")
+    await running.send(
+        download_piece_back_to_source_finished_request=scheduler_pb2.DownloadPieceBackToSourceFinishedRequest(
+            piece=piece
+        )
+    )
+    assert (await running.rejected()).code() == grpc.StatusCode.NOT_FOUND
+    again = PeerStream(client, leaving, task_id)
+    await again.send(register_peer_request=scheduler_pb2.RegisterPeerRequest(download=common_pb2.Download(url="u")))
+    assert (await again.rejected()).code() == grpc.StatusCode.FAILED_PRECONDITION
+    child.call.cancel()
+
+
+async def test_delete_host_is_idempotent_and_needs_an_id(client: SchedulerStub) -> None:
+    leaving = await announce(client, 31)
+    for _ in range(2):
+        await client.DeleteHost(scheduler_pb2.DeleteHostRequest(host_id=leaving.id))
+    empty = scheduler_pb2.DeleteHostRequest(host_id="")
+    assert await status_of(client.DeleteHost(empty)) == grpc.StatusCode.INVALID_ARGUMENT
+
+
 async def test_list_hosts_filters_by_type(client: SchedulerStub) -> None:
     normal, seed = await announce(client, 16), await announce(client, 17, host_type=1)
     everyone = (await client.ListHosts(scheduler_pb2.ListHostsRequest())).hosts
@@ -459,6 +499,25 @@ def test_candidates_prefer_succeeded_then_most_pieces_at_most_three() -> None:
 
     schedule = registry.register_peer("peer-child", "child", task)
     assert [parent.peer.id for parent in schedule.parents] == ["peer-b", "peer-a", "peer-c"]
+
+
+def test_deleted_host_peers_are_never_candidates_even_after_it_rejoins() -> None:
+    registry = Registry()
+    for number in (1, 2, 3):
+        registry.announce_host(f"h{number}", f"10.0.0.{number}", 4000, f"h{number}", 0, 60.0)
+    for host in ("h1", "h2"):
+        registry.register_peer(f"{host}-peer", host, Task("t"), need_back_to_source=True)
+        registry.peer_finished(f"{host}-peer", succeeded=True)
+    registry.register_peer("h1-only", "h1", Task("t-h1"), need_back_to_source=True)
+
+    registry.delete_host("h1")
+
+    assert {host.id for host in registry.list_hosts()} == {"h2", "h3"}
+    assert set(registry.peers) == {"h2-peer"} and set(registry.tasks) == {"t"}
+    registry.announce_host("h1", "10.0.0.1", 4000, "h1", 0, 60.0)  # a restarted daemon joins afresh
+    schedule = registry.register_peer("child", "h3", Task("t"))
+    assert [view.peer.id for view in schedule.parents] == ["h2-peer"]
+    assert registry.register_peer("child-h1", "h3", Task("t-h1")).answer is Answer.BACK_TO_SOURCE
 
 
 def test_hosts_expire_after_three_intervals_default_five_minutes() -> None:

@@ -6,9 +6,10 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dfdaemon.api import dfdaemon_pb2
-from dfdaemon.rpc.servers import add_service, details
+from dfdaemon.rpc.servers import SERVER_OPTIONS, BoundServer, add_service, bind, details, new_server
 
 SERVICE = dfdaemon_pb2.DESCRIPTOR.services_by_name["DfdaemonUpload"]
 
@@ -64,3 +65,32 @@ def test_details_are_one_bounded_line() -> None:
     assert details("a\n  b") == "a b"
     long = details("x" * 5000)
     assert len(long) <= 1024 and long.endswith("(5000 characters)")
+
+
+async def test_bind_answers_zero_for_a_port_already_taken() -> None:
+    first = grpc.aio.server(options=SERVER_OPTIONS)
+    port = bind(first, "127.0.0.1:0")
+    assert port > 0
+    await first.start()
+    try:
+        assert bind(grpc.aio.server(options=SERVER_OPTIONS), f"127.0.0.1:{port}") == 0
+    finally:
+        await first.stop(0)
+
+
+async def test_a_bound_server_reports_the_health_it_is_given() -> None:
+    server, health = new_server([SERVICE.full_name], lambda s: add_service(s, SERVICE, OnlyStat()))
+    part = BoundServer(server, health, bind(server, "127.0.0.1:0"))
+    await part.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{part.port}") as channel:
+            check = health_pb2_grpc.HealthStub(channel).Check
+            for serving, status in [
+                (True, health_pb2.HealthCheckResponse.SERVING),
+                (False, health_pb2.HealthCheckResponse.NOT_SERVING),
+            ]:
+                await part.set_serving(serving)
+                for name in ("", SERVICE.full_name):
+                    assert (await check(health_pb2.HealthCheckRequest(service=name))).status == status
+    finally:
+        await part.stop(0)

@@ -923,7 +923,7 @@ class StorageMachine(RuleBasedStateMachine):
     @invariant()
     def no_lock_outlives_its_users(self) -> None:
         """Between steps nobody holds or awaits a per-task lock, so none is remembered."""
-        assert not self.storage._locks and not self.storage._lock_users, sorted(self.storage._locks)
+        assert not self.storage.locked_task_ids(), self.storage.locked_task_ids()
 
 
 StorageMachine.TestCase.settings = settings(max_examples=50, stateful_step_count=40, deadline=None)

@@ -3,11 +3,14 @@
 Both sets of modules register ``common.v2.*`` (and the other v2 packages) in protobuf's default
 descriptor pool, so neither is imported here: ``wire_descriptors.py`` describes each set in its own
 subprocess and this module compares the two JSON documents (see docs/PROTOCOL.md, "Which version
-we mirror": API 2.2.9 plus ListLocalTasks/DeleteLocalTask, checked against dragonfly-api 2.3.x).
+we mirror"). Every message, enum and RPC of upstream's 2.3.x ``common``, ``errordetails``,
+``dfdaemon`` and ``scheduler`` files must exist on our side with identical descriptors; the only
+accepted difference is our extra ``DfdaemonUpload.DownloadPiece`` and its two messages.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -29,21 +32,6 @@ Document: TypeAlias = dict[str, dict[str, Any]]
 
 FIELD_ATTRIBUTES: tuple[str, ...] = ("number", "type", "label", "type_name", "optional", "oneof")
 METHOD_ATTRIBUTES: tuple[str, ...] = ("path", "input_type", "output_type", "client_streaming", "server_streaming")
-
-# Fields upstream added after API 2.2.9, the version we mirror. We may lack them; the number is
-# checked so that the allow-list cannot silently cover a renumbered field.
-UPSTREAM_NEWER_FIELDS: dict[str, dict[str, int]] = {
-    "common.v2.Download": {
-        "hugging_face": 31,  # optional common.v2.HuggingFace
-        "model_scope": 32,  # optional common.v2.ModelScope
-        "metadata_only": 33,  # bool
-        "open_csg": 34,  # optional common.v2.OpenCSG
-        "scheduling_policy": 35,  # common.v2.SchedulingPolicy
-    },
-    "scheduler.v2.AnnouncePeerResponse": {
-        "metadata_only_response": 4,  # in oneof response: scheduler.v2.MetadataOnlyResponse
-    },
-}
 
 
 def _field(
@@ -135,12 +123,21 @@ REQUIRED_MESSAGES: tuple[str, ...] = (
     "scheduler.v2.DeleteHostRequest",
     "scheduler.v2.ListHostsRequest",
     "errordetails.v2.Backend",
+    "common.v2.HuggingFace",
+    "common.v2.ModelScope",
+    "common.v2.OpenCSG",
+    "scheduler.v2.MetadataOnlyResponse",
+    "scheduler.v2.PreheatImageRequest",
+    "scheduler.v2.PreheatFileRequest",
+    "dfdaemon.v2.ListTaskEntriesRequest",
+    "dfdaemon.v2.ListTaskEntriesResponse",
 )
 REQUIRED_ENUMS: tuple[str, ...] = (
     "common.v2.TaskType",
     "common.v2.TrafficType",
     "common.v2.Priority",
     "common.v2.SizeScope",
+    "common.v2.SchedulingPolicy",
 )
 # Every RPC PROTOCOL.md names, as (service, method).
 REQUIRED_METHODS: tuple[tuple[str, str], ...] = (
@@ -163,6 +160,13 @@ REQUIRED_METHODS: tuple[tuple[str, str], ...] = (
     ("scheduler.v2.Scheduler", "DeleteTask"),
     ("scheduler.v2.Scheduler", "DeleteHost"),
     ("scheduler.v2.Scheduler", "ListHosts"),
+    # API 2.3.x additions a peer sees (issue 17): task entries and the preheat RPCs.
+    ("dfdaemon.v2.DfdaemonUpload", "ListTaskEntries"),
+    ("dfdaemon.v2.DfdaemonDownload", "ListTaskEntries"),
+    ("scheduler.v2.Scheduler", "PreheatImage"),
+    ("scheduler.v2.Scheduler", "StatImage"),
+    ("scheduler.v2.Scheduler", "PreheatFile"),
+    ("scheduler.v2.Scheduler", "StatFile"),
 )
 
 
@@ -175,7 +179,6 @@ def _compare_fields(
 ) -> list[str]:
     """Differences of one message's fields; ``reference`` names where ``theirs`` comes from."""
     problems: list[str] = []
-    allowed = UPSTREAM_NEWER_FIELDS.get(message, {}) if reference == "upstream" else {}
     for name, field in sorted(ours.items()):
         if name not in theirs:
             problems.append(f"{message}.{name}: field {field['number']} is ours only, {reference} has no such field")
@@ -187,14 +190,8 @@ def _compare_fields(
                     f"={theirs[name][attribute]!r}"
                 )
     for name, field in sorted(theirs.items()):
-        if name in ours:
-            continue
-        if name not in allowed:
+        if name not in ours:
             problems.append(f"{message}.{name}: {reference} field {field['number']} missing from ours")
-        elif allowed[name] != field["number"]:
-            problems.append(
-                f"{message}.{name}: allow-listed as upstream field {allowed[name]}, upstream has {field['number']}"
-            )
     return problems
 
 
@@ -210,6 +207,8 @@ def _compare_messages(ours: Document, theirs: Document) -> list[str]:
     for message in sorted(DROPPED_UPSTREAM_MESSAGES):
         if message not in ours["messages"]:
             problems.append(f"{message}: message missing from ours (PROTOCOL.md requires it)")
+    for message in sorted(set(theirs["messages"]) - set(ours["messages"])):
+        problems.append(f"{message}: upstream message missing from ours")
     return problems
 
 
@@ -225,6 +224,10 @@ def _compare_enums(ours: Document, theirs: Document) -> list[str]:
                 problems.append(f"{enum}.{name}: value {number} is ours only")
             elif number != upstream[name]:
                 problems.append(f"{enum}.{name}: number ours={number!r} theirs={upstream[name]!r}")
+        problems += [f"{enum}.{name}: upstream value missing from ours" for name in sorted(set(upstream) - set(values))]
+    problems += [
+        f"{enum}: upstream enum missing from ours" for enum in sorted(set(theirs["enums"]) - set(ours["enums"]))
+    ]
     return problems
 
 
@@ -246,6 +249,9 @@ def _compare_services(ours: Document, theirs: Document) -> list[str]:
                     problems.append(
                         f"{service}/{name}: {attribute} ours={method[attribute]!r} {reference}={expected[attribute]!r}"
                     )
+    for service, methods in sorted(theirs["services"].items()):
+        missing = sorted(set(methods) - set(ours["services"].get(service, {})))
+        problems += [f"{service}/{name}: upstream method missing from ours" for name in missing]
     return problems
 
 
@@ -357,3 +363,19 @@ def test_compare_detects_renumbered_field(documents: tuple[Document, Document], 
     problems = compare(mutated, theirs)
     assert "common.v2.Piece.length: number ours=14 theirs=4" in problems, "\n".join(problems)
     assert all(p.startswith("common.v2.Piece.length:") for p in problems), "\n".join(problems)
+
+
+def test_compare_detects_missing_upstream_field_message_and_method(documents: tuple[Document, Document]) -> None:
+    ours, theirs = copy.deepcopy(documents[0]), documents[1]
+    del ours["messages"]["common.v2.Download"]["scheduling_policy"]
+    del ours["messages"]["scheduler.v2.PreheatFileRequest"]
+    del ours["services"]["dfdaemon.v2.DfdaemonDownload"]["ListTaskEntries"]
+    del ours["enums"]["common.v2.SchedulingPolicy"]["ALWAYS"]
+    problems = compare(ours, theirs)
+    for expected in (
+        "common.v2.Download.scheduling_policy: upstream field 35 missing from ours",
+        "scheduler.v2.PreheatFileRequest: upstream message missing from ours",
+        "dfdaemon.v2.DfdaemonDownload/ListTaskEntries: upstream method missing from ours",
+        "common.v2.SchedulingPolicy.ALWAYS: upstream value missing from ours",
+    ):
+        assert expected in problems, "\n".join(problems)

@@ -108,6 +108,21 @@ LEVEL5: Priority.ValueType  # 5
 LEVEL6: Priority.ValueType  # 6
 Global___Priority: _TypeAlias = Priority  # noqa: Y015
 
+class _SchedulingPolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SchedulingPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SchedulingPolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    AUTO: _SchedulingPolicy.ValueType  # 0
+    ALWAYS: _SchedulingPolicy.ValueType  # 1
+
+class SchedulingPolicy(_SchedulingPolicy, metaclass=_SchedulingPolicyEnumTypeWrapper): ...
+
+AUTO: SchedulingPolicy.ValueType  # 0
+ALWAYS: SchedulingPolicy.ValueType  # 1
+Global___SchedulingPolicy: _TypeAlias = SchedulingPolicy  # noqa: Y015
+
 @_typing.final
 class Peer(_message.Message):
     """One download of one task by one host."""
@@ -794,6 +809,11 @@ class Download(_message.Message):
     ACTUAL_CONTENT_LENGTH_FIELD_NUMBER: _builtins.int
     ACTUAL_PIECE_COUNT_FIELD_NUMBER: _builtins.int
     ENABLE_TASK_ID_BASED_BLOB_DIGEST_FIELD_NUMBER: _builtins.int
+    HUGGING_FACE_FIELD_NUMBER: _builtins.int
+    MODEL_SCOPE_FIELD_NUMBER: _builtins.int
+    METADATA_ONLY_FIELD_NUMBER: _builtins.int
+    OPEN_CSG_FIELD_NUMBER: _builtins.int
+    SCHEDULING_POLICY_FIELD_NUMBER: _builtins.int
     url: _builtins.str
     digest: _builtins.str
     type: Global___TaskType.ValueType
@@ -816,6 +836,8 @@ class Download(_message.Message):
     actual_content_length: _builtins.int
     actual_piece_count: _builtins.int
     enable_task_id_based_blob_digest: _builtins.bool
+    metadata_only: _builtins.bool
+    scheduling_policy: Global___SchedulingPolicy.ValueType
     @_builtins.property
     def range(self) -> Global___Range: ...
     @_builtins.property
@@ -830,6 +852,16 @@ class Download(_message.Message):
     def object_storage(self) -> Global___ObjectStorage: ...
     @_builtins.property
     def hdfs(self) -> Global___HDFS: ...
+    @_builtins.property
+    def hugging_face(self) -> Global___HuggingFace:
+        """API 2.3: model hub sources (the daemon refuses them), metadata-only
+        downloads and the scheduling policy; accepted on the wire.
+        """
+
+    @_builtins.property
+    def model_scope(self) -> Global___ModelScope: ...
+    @_builtins.property
+    def open_csg(self) -> Global___OpenCSG: ...
     def __init__(
         self,
         *,
@@ -862,10 +894,15 @@ class Download(_message.Message):
         actual_content_length: _builtins.int | None = ...,
         actual_piece_count: _builtins.int | None = ...,
         enable_task_id_based_blob_digest: _builtins.bool = ...,
+        hugging_face: Global___HuggingFace | None = ...,
+        model_scope: Global___ModelScope | None = ...,
+        metadata_only: _builtins.bool = ...,
+        open_csg: Global___OpenCSG | None = ...,
+        scheduling_policy: Global___SchedulingPolicy.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_actual_content_length", b"_actual_content_length", "_actual_piece_count", b"_actual_piece_count", "_actual_piece_length", b"_actual_piece_length", "_application", b"_application", "_concurrent_piece_count", b"_concurrent_piece_count", "_content_for_calculating_task_id", b"_content_for_calculating_task_id", "_digest", b"_digest", "_hdfs", b"_hdfs", "_object_storage", b"_object_storage", "_output_path", b"_output_path", "_piece_length", b"_piece_length", "_range", b"_range", "_remote_ip", b"_remote_ip", "_tag", b"_tag", "_timeout", b"_timeout", "actual_content_length", b"actual_content_length", "actual_piece_count", b"actual_piece_count", "actual_piece_length", b"actual_piece_length", "application", b"application", "concurrent_piece_count", b"concurrent_piece_count", "content_for_calculating_task_id", b"content_for_calculating_task_id", "digest", b"digest", "hdfs", b"hdfs", "object_storage", b"object_storage", "output_path", b"output_path", "piece_length", b"piece_length", "range", b"range", "remote_ip", b"remote_ip", "tag", b"tag", "timeout", b"timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_actual_content_length", b"_actual_content_length", "_actual_piece_count", b"_actual_piece_count", "_actual_piece_length", b"_actual_piece_length", "_application", b"_application", "_concurrent_piece_count", b"_concurrent_piece_count", "_content_for_calculating_task_id", b"_content_for_calculating_task_id", "_digest", b"_digest", "_hdfs", b"_hdfs", "_hugging_face", b"_hugging_face", "_model_scope", b"_model_scope", "_object_storage", b"_object_storage", "_open_csg", b"_open_csg", "_output_path", b"_output_path", "_piece_length", b"_piece_length", "_range", b"_range", "_remote_ip", b"_remote_ip", "_tag", b"_tag", "_timeout", b"_timeout", "actual_content_length", b"actual_content_length", "actual_piece_count", b"actual_piece_count", "actual_piece_length", b"actual_piece_length", "application", b"application", "concurrent_piece_count", b"concurrent_piece_count", "content_for_calculating_task_id", b"content_for_calculating_task_id", "digest", b"digest", "hdfs", b"hdfs", "hugging_face", b"hugging_face", "model_scope", b"model_scope", "object_storage", b"object_storage", "open_csg", b"open_csg", "output_path", b"output_path", "piece_length", b"piece_length", "range", b"range", "remote_ip", b"remote_ip", "tag", b"tag", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_actual_content_length", b"_actual_content_length", "_actual_piece_count", b"_actual_piece_count", "_actual_piece_length", b"_actual_piece_length", "_application", b"_application", "_concurrent_piece_count", b"_concurrent_piece_count", "_content_for_calculating_task_id", b"_content_for_calculating_task_id", "_digest", b"_digest", "_hdfs", b"_hdfs", "_object_storage", b"_object_storage", "_output_path", b"_output_path", "_piece_length", b"_piece_length", "_range", b"_range", "_remote_ip", b"_remote_ip", "_tag", b"_tag", "_timeout", b"_timeout", "actual_content_length", b"actual_content_length", "actual_piece_count", b"actual_piece_count", "actual_piece_length", b"actual_piece_length", "application", b"application", "certificate_chain", b"certificate_chain", "concurrent_piece_count", b"concurrent_piece_count", "content_for_calculating_task_id", b"content_for_calculating_task_id", "digest", b"digest", "disable_back_to_source", b"disable_back_to_source", "enable_task_id_based_blob_digest", b"enable_task_id_based_blob_digest", "filtered_query_params", b"filtered_query_params", "force_hard_link", b"force_hard_link", "hdfs", b"hdfs", "is_prefetch", b"is_prefetch", "need_back_to_source", b"need_back_to_source", "need_piece_content", b"need_piece_content", "object_storage", b"object_storage", "output_path", b"output_path", "overwrite", b"overwrite", "piece_length", b"piece_length", "prefetch", b"prefetch", "priority", b"priority", "range", b"range", "remote_ip", b"remote_ip", "request_header", b"request_header", "tag", b"tag", "timeout", b"timeout", "type", b"type", "url", b"url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_actual_content_length", b"_actual_content_length", "_actual_piece_count", b"_actual_piece_count", "_actual_piece_length", b"_actual_piece_length", "_application", b"_application", "_concurrent_piece_count", b"_concurrent_piece_count", "_content_for_calculating_task_id", b"_content_for_calculating_task_id", "_digest", b"_digest", "_hdfs", b"_hdfs", "_hugging_face", b"_hugging_face", "_model_scope", b"_model_scope", "_object_storage", b"_object_storage", "_open_csg", b"_open_csg", "_output_path", b"_output_path", "_piece_length", b"_piece_length", "_range", b"_range", "_remote_ip", b"_remote_ip", "_tag", b"_tag", "_timeout", b"_timeout", "actual_content_length", b"actual_content_length", "actual_piece_count", b"actual_piece_count", "actual_piece_length", b"actual_piece_length", "application", b"application", "certificate_chain", b"certificate_chain", "concurrent_piece_count", b"concurrent_piece_count", "content_for_calculating_task_id", b"content_for_calculating_task_id", "digest", b"digest", "disable_back_to_source", b"disable_back_to_source", "enable_task_id_based_blob_digest", b"enable_task_id_based_blob_digest", "filtered_query_params", b"filtered_query_params", "force_hard_link", b"force_hard_link", "hdfs", b"hdfs", "hugging_face", b"hugging_face", "is_prefetch", b"is_prefetch", "metadata_only", b"metadata_only", "model_scope", b"model_scope", "need_back_to_source", b"need_back_to_source", "need_piece_content", b"need_piece_content", "object_storage", b"object_storage", "open_csg", b"open_csg", "output_path", b"output_path", "overwrite", b"overwrite", "piece_length", b"piece_length", "prefetch", b"prefetch", "priority", b"priority", "range", b"range", "remote_ip", b"remote_ip", "request_header", b"request_header", "scheduling_policy", b"scheduling_policy", "tag", b"tag", "timeout", b"timeout", "type", b"type", "url", b"url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__actual_content_length: _TypeAlias = _typing.Literal["actual_content_length"]  # noqa: Y015
     _WhichOneofArgType__actual_content_length: _TypeAlias = _typing.Literal["_actual_content_length", b"_actual_content_length"]  # noqa: Y015
@@ -883,8 +920,14 @@ class Download(_message.Message):
     _WhichOneofArgType__digest: _TypeAlias = _typing.Literal["_digest", b"_digest"]  # noqa: Y015
     _WhichOneofReturnType__hdfs: _TypeAlias = _typing.Literal["hdfs"]  # noqa: Y015
     _WhichOneofArgType__hdfs: _TypeAlias = _typing.Literal["_hdfs", b"_hdfs"]  # noqa: Y015
+    _WhichOneofReturnType__hugging_face: _TypeAlias = _typing.Literal["hugging_face"]  # noqa: Y015
+    _WhichOneofArgType__hugging_face: _TypeAlias = _typing.Literal["_hugging_face", b"_hugging_face"]  # noqa: Y015
+    _WhichOneofReturnType__model_scope: _TypeAlias = _typing.Literal["model_scope"]  # noqa: Y015
+    _WhichOneofArgType__model_scope: _TypeAlias = _typing.Literal["_model_scope", b"_model_scope"]  # noqa: Y015
     _WhichOneofReturnType__object_storage: _TypeAlias = _typing.Literal["object_storage"]  # noqa: Y015
     _WhichOneofArgType__object_storage: _TypeAlias = _typing.Literal["_object_storage", b"_object_storage"]  # noqa: Y015
+    _WhichOneofReturnType__open_csg: _TypeAlias = _typing.Literal["open_csg"]  # noqa: Y015
+    _WhichOneofArgType__open_csg: _TypeAlias = _typing.Literal["_open_csg", b"_open_csg"]  # noqa: Y015
     _WhichOneofReturnType__output_path: _TypeAlias = _typing.Literal["output_path"]  # noqa: Y015
     _WhichOneofArgType__output_path: _TypeAlias = _typing.Literal["_output_path", b"_output_path"]  # noqa: Y015
     _WhichOneofReturnType__piece_length: _TypeAlias = _typing.Literal["piece_length"]  # noqa: Y015
@@ -914,7 +957,13 @@ class Download(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__hdfs) -> _WhichOneofReturnType__hdfs | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__hugging_face) -> _WhichOneofReturnType__hugging_face | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__model_scope) -> _WhichOneofReturnType__model_scope | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__object_storage) -> _WhichOneofReturnType__object_storage | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__open_csg) -> _WhichOneofReturnType__open_csg | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__output_path) -> _WhichOneofReturnType__output_path | None: ...
     @_typing.overload
@@ -1110,3 +1159,484 @@ class Piece(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__traffic_type) -> _WhichOneofReturnType__traffic_type | None: ...
 
 Global___Piece: _TypeAlias = Piece  # noqa: Y015
+
+@_typing.final
+class CachePeer(_message.Message):
+    """---------------------------------------------------------------------------
+    API 2.3.x: messages of the cache, persistent and persistent-cache task
+    families and the model hub sources. Mirrored so that every message a peer
+    may receive decodes; the daemon implements none of these task families.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    RANGE_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    PIECES_FIELD_NUMBER: _builtins.int
+    COST_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    TASK_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
+    NEED_BACK_TO_SOURCE_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    CONCURRENT_PIECE_COUNT_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    priority: Global___Priority.ValueType
+    state: _builtins.str
+    need_back_to_source: _builtins.bool
+    concurrent_piece_count: _builtins.int
+    @_builtins.property
+    def range(self) -> Global___Range: ...
+    @_builtins.property
+    def pieces(self) -> _containers.RepeatedCompositeFieldContainer[Global___Piece]: ...
+    @_builtins.property
+    def cost(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def task(self) -> Global___CacheTask: ...
+    @_builtins.property
+    def host(self) -> Global___Host: ...
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        range: Global___Range | None = ...,
+        priority: Global___Priority.ValueType = ...,
+        pieces: _abc.Iterable[Global___Piece] | None = ...,
+        cost: _duration_pb2.Duration | None = ...,
+        state: _builtins.str = ...,
+        task: Global___CacheTask | None = ...,
+        host: Global___Host | None = ...,
+        need_back_to_source: _builtins.bool = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+        concurrent_piece_count: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_concurrent_piece_count", b"_concurrent_piece_count", "_range", b"_range", "concurrent_piece_count", b"concurrent_piece_count", "cost", b"cost", "created_at", b"created_at", "host", b"host", "range", b"range", "task", b"task", "updated_at", b"updated_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_concurrent_piece_count", b"_concurrent_piece_count", "_range", b"_range", "concurrent_piece_count", b"concurrent_piece_count", "cost", b"cost", "created_at", b"created_at", "host", b"host", "id", b"id", "need_back_to_source", b"need_back_to_source", "pieces", b"pieces", "priority", b"priority", "range", b"range", "state", b"state", "task", b"task", "updated_at", b"updated_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__concurrent_piece_count: _TypeAlias = _typing.Literal["concurrent_piece_count"]  # noqa: Y015
+    _WhichOneofArgType__concurrent_piece_count: _TypeAlias = _typing.Literal["_concurrent_piece_count", b"_concurrent_piece_count"]  # noqa: Y015
+    _WhichOneofReturnType__range: _TypeAlias = _typing.Literal["range"]  # noqa: Y015
+    _WhichOneofArgType__range: _TypeAlias = _typing.Literal["_range", b"_range"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__concurrent_piece_count) -> _WhichOneofReturnType__concurrent_piece_count | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__range) -> _WhichOneofReturnType__range | None: ...
+
+Global___CachePeer: _TypeAlias = CachePeer  # noqa: Y015
+
+@_typing.final
+class PersistentPeer(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    PERSISTENT_FIELD_NUMBER: _builtins.int
+    COST_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    TASK_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    CONCURRENT_PIECE_COUNT_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    persistent: _builtins.bool
+    state: _builtins.str
+    concurrent_piece_count: _builtins.int
+    @_builtins.property
+    def cost(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def task(self) -> Global___PersistentTask: ...
+    @_builtins.property
+    def host(self) -> Global___Host: ...
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        persistent: _builtins.bool = ...,
+        cost: _duration_pb2.Duration | None = ...,
+        state: _builtins.str = ...,
+        task: Global___PersistentTask | None = ...,
+        host: Global___Host | None = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+        concurrent_piece_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "created_at", b"created_at", "host", b"host", "task", b"task", "updated_at", b"updated_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrent_piece_count", b"concurrent_piece_count", "cost", b"cost", "created_at", b"created_at", "host", b"host", "id", b"id", "persistent", b"persistent", "state", b"state", "task", b"task", "updated_at", b"updated_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PersistentPeer: _TypeAlias = PersistentPeer  # noqa: Y015
+
+@_typing.final
+class PersistentCachePeer(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    PERSISTENT_FIELD_NUMBER: _builtins.int
+    COST_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    TASK_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    CONCURRENT_PIECE_COUNT_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    persistent: _builtins.bool
+    state: _builtins.str
+    concurrent_piece_count: _builtins.int
+    @_builtins.property
+    def cost(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def task(self) -> Global___PersistentCacheTask: ...
+    @_builtins.property
+    def host(self) -> Global___Host: ...
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        persistent: _builtins.bool = ...,
+        cost: _duration_pb2.Duration | None = ...,
+        state: _builtins.str = ...,
+        task: Global___PersistentCacheTask | None = ...,
+        host: Global___Host | None = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+        concurrent_piece_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "created_at", b"created_at", "host", b"host", "task", b"task", "updated_at", b"updated_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrent_piece_count", b"concurrent_piece_count", "cost", b"cost", "created_at", b"created_at", "host", b"host", "id", b"id", "persistent", b"persistent", "state", b"state", "task", b"task", "updated_at", b"updated_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PersistentCachePeer: _TypeAlias = PersistentCachePeer  # noqa: Y015
+
+@_typing.final
+class CacheTask(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class RequestHeaderEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ID_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    TAG_FIELD_NUMBER: _builtins.int
+    APPLICATION_FIELD_NUMBER: _builtins.int
+    FILTERED_QUERY_PARAMS_FIELD_NUMBER: _builtins.int
+    REQUEST_HEADER_FIELD_NUMBER: _builtins.int
+    CONTENT_LENGTH_FIELD_NUMBER: _builtins.int
+    PIECE_COUNT_FIELD_NUMBER: _builtins.int
+    SIZE_SCOPE_FIELD_NUMBER: _builtins.int
+    PIECES_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    PEER_COUNT_FIELD_NUMBER: _builtins.int
+    HAS_AVAILABLE_PEER_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    type: Global___TaskType.ValueType
+    url: _builtins.str
+    digest: _builtins.str
+    tag: _builtins.str
+    application: _builtins.str
+    content_length: _builtins.int
+    piece_count: _builtins.int
+    size_scope: Global___SizeScope.ValueType
+    state: _builtins.str
+    peer_count: _builtins.int
+    has_available_peer: _builtins.bool
+    @_builtins.property
+    def filtered_query_params(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def request_header(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def pieces(self) -> _containers.RepeatedCompositeFieldContainer[Global___Piece]: ...
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        type: Global___TaskType.ValueType = ...,
+        url: _builtins.str = ...,
+        digest: _builtins.str | None = ...,
+        tag: _builtins.str | None = ...,
+        application: _builtins.str | None = ...,
+        filtered_query_params: _abc.Iterable[_builtins.str] | None = ...,
+        request_header: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        content_length: _builtins.int = ...,
+        piece_count: _builtins.int = ...,
+        size_scope: Global___SizeScope.ValueType = ...,
+        pieces: _abc.Iterable[Global___Piece] | None = ...,
+        state: _builtins.str = ...,
+        peer_count: _builtins.int = ...,
+        has_available_peer: _builtins.bool = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_application", b"_application", "_digest", b"_digest", "_tag", b"_tag", "application", b"application", "created_at", b"created_at", "digest", b"digest", "tag", b"tag", "updated_at", b"updated_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_application", b"_application", "_digest", b"_digest", "_tag", b"_tag", "application", b"application", "content_length", b"content_length", "created_at", b"created_at", "digest", b"digest", "filtered_query_params", b"filtered_query_params", "has_available_peer", b"has_available_peer", "id", b"id", "peer_count", b"peer_count", "piece_count", b"piece_count", "pieces", b"pieces", "request_header", b"request_header", "size_scope", b"size_scope", "state", b"state", "tag", b"tag", "type", b"type", "updated_at", b"updated_at", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__application: _TypeAlias = _typing.Literal["application"]  # noqa: Y015
+    _WhichOneofArgType__application: _TypeAlias = _typing.Literal["_application", b"_application"]  # noqa: Y015
+    _WhichOneofReturnType__digest: _TypeAlias = _typing.Literal["digest"]  # noqa: Y015
+    _WhichOneofArgType__digest: _TypeAlias = _typing.Literal["_digest", b"_digest"]  # noqa: Y015
+    _WhichOneofReturnType__tag: _TypeAlias = _typing.Literal["tag"]  # noqa: Y015
+    _WhichOneofArgType__tag: _TypeAlias = _typing.Literal["_tag", b"_tag"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__application) -> _WhichOneofReturnType__application | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__digest) -> _WhichOneofReturnType__digest | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tag) -> _WhichOneofReturnType__tag | None: ...
+
+Global___CacheTask: _TypeAlias = CacheTask  # noqa: Y015
+
+@_typing.final
+class PersistentTask(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    PERSISTENT_REPLICA_COUNT_FIELD_NUMBER: _builtins.int
+    CURRENT_PERSISTENT_REPLICA_COUNT_FIELD_NUMBER: _builtins.int
+    CURRENT_REPLICA_COUNT_FIELD_NUMBER: _builtins.int
+    CONTENT_LENGTH_FIELD_NUMBER: _builtins.int
+    PIECE_COUNT_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    persistent_replica_count: _builtins.int
+    current_persistent_replica_count: _builtins.int
+    current_replica_count: _builtins.int
+    content_length: _builtins.int
+    piece_count: _builtins.int
+    state: _builtins.str
+    @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        persistent_replica_count: _builtins.int = ...,
+        current_persistent_replica_count: _builtins.int = ...,
+        current_replica_count: _builtins.int = ...,
+        content_length: _builtins.int = ...,
+        piece_count: _builtins.int = ...,
+        state: _builtins.str = ...,
+        ttl: _duration_pb2.Duration | None = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "ttl", b"ttl", "updated_at", b"updated_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_length", b"content_length", "created_at", b"created_at", "current_persistent_replica_count", b"current_persistent_replica_count", "current_replica_count", b"current_replica_count", "id", b"id", "persistent_replica_count", b"persistent_replica_count", "piece_count", b"piece_count", "state", b"state", "ttl", b"ttl", "updated_at", b"updated_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PersistentTask: _TypeAlias = PersistentTask  # noqa: Y015
+
+@_typing.final
+class PersistentCacheTask(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    PERSISTENT_REPLICA_COUNT_FIELD_NUMBER: _builtins.int
+    CURRENT_PERSISTENT_REPLICA_COUNT_FIELD_NUMBER: _builtins.int
+    CURRENT_REPLICA_COUNT_FIELD_NUMBER: _builtins.int
+    TAG_FIELD_NUMBER: _builtins.int
+    APPLICATION_FIELD_NUMBER: _builtins.int
+    PIECE_LENGTH_FIELD_NUMBER: _builtins.int
+    CONTENT_LENGTH_FIELD_NUMBER: _builtins.int
+    PIECE_COUNT_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    persistent_replica_count: _builtins.int
+    current_persistent_replica_count: _builtins.int
+    current_replica_count: _builtins.int
+    tag: _builtins.str
+    application: _builtins.str
+    piece_length: _builtins.int
+    content_length: _builtins.int
+    piece_count: _builtins.int
+    state: _builtins.str
+    @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        persistent_replica_count: _builtins.int = ...,
+        current_persistent_replica_count: _builtins.int = ...,
+        current_replica_count: _builtins.int = ...,
+        tag: _builtins.str | None = ...,
+        application: _builtins.str | None = ...,
+        piece_length: _builtins.int = ...,
+        content_length: _builtins.int = ...,
+        piece_count: _builtins.int = ...,
+        state: _builtins.str = ...,
+        ttl: _duration_pb2.Duration | None = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_application", b"_application", "_tag", b"_tag", "application", b"application", "created_at", b"created_at", "tag", b"tag", "ttl", b"ttl", "updated_at", b"updated_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_application", b"_application", "_tag", b"_tag", "application", b"application", "content_length", b"content_length", "created_at", b"created_at", "current_persistent_replica_count", b"current_persistent_replica_count", "current_replica_count", b"current_replica_count", "id", b"id", "persistent_replica_count", b"persistent_replica_count", "piece_count", b"piece_count", "piece_length", b"piece_length", "state", b"state", "tag", b"tag", "ttl", b"ttl", "updated_at", b"updated_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__application: _TypeAlias = _typing.Literal["application"]  # noqa: Y015
+    _WhichOneofArgType__application: _TypeAlias = _typing.Literal["_application", b"_application"]  # noqa: Y015
+    _WhichOneofReturnType__tag: _TypeAlias = _typing.Literal["tag"]  # noqa: Y015
+    _WhichOneofArgType__tag: _TypeAlias = _typing.Literal["_tag", b"_tag"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__application) -> _WhichOneofReturnType__application | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tag) -> _WhichOneofReturnType__tag | None: ...
+
+Global___PersistentCacheTask: _TypeAlias = PersistentCacheTask  # noqa: Y015
+
+@_typing.final
+class HuggingFace(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    BASE_URL_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    revision: _builtins.str
+    base_url: _builtins.str
+    def __init__(
+        self,
+        *,
+        token: _builtins.str | None = ...,
+        revision: _builtins.str = ...,
+        base_url: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_base_url", b"_base_url", "_token", b"_token", "base_url", b"base_url", "token", b"token"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_base_url", b"_base_url", "_token", b"_token", "base_url", b"base_url", "revision", b"revision", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__base_url: _TypeAlias = _typing.Literal["base_url"]  # noqa: Y015
+    _WhichOneofArgType__base_url: _TypeAlias = _typing.Literal["_base_url", b"_base_url"]  # noqa: Y015
+    _WhichOneofReturnType__token: _TypeAlias = _typing.Literal["token"]  # noqa: Y015
+    _WhichOneofArgType__token: _TypeAlias = _typing.Literal["_token", b"_token"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__base_url) -> _WhichOneofReturnType__base_url | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__token) -> _WhichOneofReturnType__token | None: ...
+
+Global___HuggingFace: _TypeAlias = HuggingFace  # noqa: Y015
+
+@_typing.final
+class ModelScope(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    BASE_URL_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    revision: _builtins.str
+    base_url: _builtins.str
+    def __init__(
+        self,
+        *,
+        token: _builtins.str | None = ...,
+        revision: _builtins.str = ...,
+        base_url: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_base_url", b"_base_url", "_token", b"_token", "base_url", b"base_url", "token", b"token"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_base_url", b"_base_url", "_token", b"_token", "base_url", b"base_url", "revision", b"revision", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__base_url: _TypeAlias = _typing.Literal["base_url"]  # noqa: Y015
+    _WhichOneofArgType__base_url: _TypeAlias = _typing.Literal["_base_url", b"_base_url"]  # noqa: Y015
+    _WhichOneofReturnType__token: _TypeAlias = _typing.Literal["token"]  # noqa: Y015
+    _WhichOneofArgType__token: _TypeAlias = _typing.Literal["_token", b"_token"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__base_url) -> _WhichOneofReturnType__base_url | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__token) -> _WhichOneofReturnType__token | None: ...
+
+Global___ModelScope: _TypeAlias = ModelScope  # noqa: Y015
+
+@_typing.final
+class OpenCSG(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    BASE_URL_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    revision: _builtins.str
+    base_url: _builtins.str
+    def __init__(
+        self,
+        *,
+        token: _builtins.str | None = ...,
+        revision: _builtins.str = ...,
+        base_url: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_base_url", b"_base_url", "_token", b"_token", "base_url", b"base_url", "token", b"token"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_base_url", b"_base_url", "_token", b"_token", "base_url", b"base_url", "revision", b"revision", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__base_url: _TypeAlias = _typing.Literal["base_url"]  # noqa: Y015
+    _WhichOneofArgType__base_url: _TypeAlias = _typing.Literal["_base_url", b"_base_url"]  # noqa: Y015
+    _WhichOneofReturnType__token: _TypeAlias = _typing.Literal["token"]  # noqa: Y015
+    _WhichOneofArgType__token: _TypeAlias = _typing.Literal["_token", b"_token"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__base_url) -> _WhichOneofReturnType__base_url | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__token) -> _WhichOneofReturnType__token | None: ...
+
+Global___OpenCSG: _TypeAlias = OpenCSG  # noqa: Y015

@@ -9,6 +9,7 @@ DownloadPiece that moves piece bytes over gRPC.
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -534,3 +535,1520 @@ class SyncHostRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SyncHostRequest: _TypeAlias = SyncHostRequest  # noqa: Y015
+
+@_typing.final
+class ListTaskEntriesRequest(_message.Message):
+    """---------------------------------------------------------------------------
+    API 2.3.x messages of the RPCs this daemon mirrors but does not implement
+    (task entries, cache, persistent and persistent-cache tasks).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class RequestHeaderEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    REQUEST_HEADER_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_CHAIN_FIELD_NUMBER: _builtins.int
+    OBJECT_STORAGE_FIELD_NUMBER: _builtins.int
+    HDFS_FIELD_NUMBER: _builtins.int
+    REMOTE_IP_FIELD_NUMBER: _builtins.int
+    HUGGING_FACE_FIELD_NUMBER: _builtins.int
+    MODEL_SCOPE_FIELD_NUMBER: _builtins.int
+    OPEN_CSG_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    url: _builtins.str
+    remote_ip: _builtins.str
+    @_builtins.property
+    def request_header(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def certificate_chain(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    @_builtins.property
+    def object_storage(self) -> _common_pb2.ObjectStorage: ...
+    @_builtins.property
+    def hdfs(self) -> _common_pb2.HDFS: ...
+    @_builtins.property
+    def hugging_face(self) -> _common_pb2.HuggingFace: ...
+    @_builtins.property
+    def model_scope(self) -> _common_pb2.ModelScope: ...
+    @_builtins.property
+    def open_csg(self) -> _common_pb2.OpenCSG: ...
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        url: _builtins.str = ...,
+        request_header: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+        certificate_chain: _abc.Iterable[_builtins.bytes] | None = ...,
+        object_storage: _common_pb2.ObjectStorage | None = ...,
+        hdfs: _common_pb2.HDFS | None = ...,
+        remote_ip: _builtins.str | None = ...,
+        hugging_face: _common_pb2.HuggingFace | None = ...,
+        model_scope: _common_pb2.ModelScope | None = ...,
+        open_csg: _common_pb2.OpenCSG | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_hdfs", b"_hdfs", "_hugging_face", b"_hugging_face", "_model_scope", b"_model_scope", "_object_storage", b"_object_storage", "_open_csg", b"_open_csg", "_remote_ip", b"_remote_ip", "_timeout", b"_timeout", "hdfs", b"hdfs", "hugging_face", b"hugging_face", "model_scope", b"model_scope", "object_storage", b"object_storage", "open_csg", b"open_csg", "remote_ip", b"remote_ip", "timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_hdfs", b"_hdfs", "_hugging_face", b"_hugging_face", "_model_scope", b"_model_scope", "_object_storage", b"_object_storage", "_open_csg", b"_open_csg", "_remote_ip", b"_remote_ip", "_timeout", b"_timeout", "certificate_chain", b"certificate_chain", "hdfs", b"hdfs", "hugging_face", b"hugging_face", "model_scope", b"model_scope", "object_storage", b"object_storage", "open_csg", b"open_csg", "remote_ip", b"remote_ip", "request_header", b"request_header", "task_id", b"task_id", "timeout", b"timeout", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__hdfs: _TypeAlias = _typing.Literal["hdfs"]  # noqa: Y015
+    _WhichOneofArgType__hdfs: _TypeAlias = _typing.Literal["_hdfs", b"_hdfs"]  # noqa: Y015
+    _WhichOneofReturnType__hugging_face: _TypeAlias = _typing.Literal["hugging_face"]  # noqa: Y015
+    _WhichOneofArgType__hugging_face: _TypeAlias = _typing.Literal["_hugging_face", b"_hugging_face"]  # noqa: Y015
+    _WhichOneofReturnType__model_scope: _TypeAlias = _typing.Literal["model_scope"]  # noqa: Y015
+    _WhichOneofArgType__model_scope: _TypeAlias = _typing.Literal["_model_scope", b"_model_scope"]  # noqa: Y015
+    _WhichOneofReturnType__object_storage: _TypeAlias = _typing.Literal["object_storage"]  # noqa: Y015
+    _WhichOneofArgType__object_storage: _TypeAlias = _typing.Literal["_object_storage", b"_object_storage"]  # noqa: Y015
+    _WhichOneofReturnType__open_csg: _TypeAlias = _typing.Literal["open_csg"]  # noqa: Y015
+    _WhichOneofArgType__open_csg: _TypeAlias = _typing.Literal["_open_csg", b"_open_csg"]  # noqa: Y015
+    _WhichOneofReturnType__remote_ip: _TypeAlias = _typing.Literal["remote_ip"]  # noqa: Y015
+    _WhichOneofArgType__remote_ip: _TypeAlias = _typing.Literal["_remote_ip", b"_remote_ip"]  # noqa: Y015
+    _WhichOneofReturnType__timeout: _TypeAlias = _typing.Literal["timeout"]  # noqa: Y015
+    _WhichOneofArgType__timeout: _TypeAlias = _typing.Literal["_timeout", b"_timeout"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__hdfs) -> _WhichOneofReturnType__hdfs | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__hugging_face) -> _WhichOneofReturnType__hugging_face | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__model_scope) -> _WhichOneofReturnType__model_scope | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__object_storage) -> _WhichOneofReturnType__object_storage | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__open_csg) -> _WhichOneofReturnType__open_csg | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__remote_ip) -> _WhichOneofReturnType__remote_ip | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__timeout) -> _WhichOneofReturnType__timeout | None: ...
+
+Global___ListTaskEntriesRequest: _TypeAlias = ListTaskEntriesRequest  # noqa: Y015
+
+@_typing.final
+class ListTaskEntriesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ResponseHeaderEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    CONTENT_LENGTH_FIELD_NUMBER: _builtins.int
+    RESPONSE_HEADER_FIELD_NUMBER: _builtins.int
+    STATUS_CODE_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    content_length: _builtins.int
+    status_code: _builtins.int
+    @_builtins.property
+    def response_header(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___Entry]: ...
+    def __init__(
+        self,
+        *,
+        content_length: _builtins.int = ...,
+        response_header: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        status_code: _builtins.int | None = ...,
+        entries: _abc.Iterable[Global___Entry] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_status_code", b"_status_code", "status_code", b"status_code"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_status_code", b"_status_code", "content_length", b"content_length", "entries", b"entries", "response_header", b"response_header", "status_code", b"status_code"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__status_code: _TypeAlias = _typing.Literal["status_code"]  # noqa: Y015
+    _WhichOneofArgType__status_code: _TypeAlias = _typing.Literal["_status_code", b"_status_code"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__status_code) -> _WhichOneofReturnType__status_code | None: ...
+
+Global___ListTaskEntriesResponse: _TypeAlias = ListTaskEntriesResponse  # noqa: Y015
+
+@_typing.final
+class Entry(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URL_FIELD_NUMBER: _builtins.int
+    CONTENT_LENGTH_FIELD_NUMBER: _builtins.int
+    IS_DIR_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    content_length: _builtins.int
+    is_dir: _builtins.bool
+    def __init__(
+        self,
+        *,
+        url: _builtins.str = ...,
+        content_length: _builtins.int = ...,
+        is_dir: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_length", b"content_length", "is_dir", b"is_dir", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Entry: _TypeAlias = Entry  # noqa: Y015
+
+@_typing.final
+class DownloadCacheTaskRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class RequestHeaderEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    URL_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    RANGE_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    TAG_FIELD_NUMBER: _builtins.int
+    APPLICATION_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    FILTERED_QUERY_PARAMS_FIELD_NUMBER: _builtins.int
+    REQUEST_HEADER_FIELD_NUMBER: _builtins.int
+    PIECE_LENGTH_FIELD_NUMBER: _builtins.int
+    OUTPUT_PATH_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    DISABLE_BACK_TO_SOURCE_FIELD_NUMBER: _builtins.int
+    NEED_BACK_TO_SOURCE_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_CHAIN_FIELD_NUMBER: _builtins.int
+    PREFETCH_FIELD_NUMBER: _builtins.int
+    OBJECT_STORAGE_FIELD_NUMBER: _builtins.int
+    HDFS_FIELD_NUMBER: _builtins.int
+    IS_PREFETCH_FIELD_NUMBER: _builtins.int
+    NEED_PIECE_CONTENT_FIELD_NUMBER: _builtins.int
+    CONTENT_FOR_CALCULATING_TASK_ID_FIELD_NUMBER: _builtins.int
+    REMOTE_IP_FIELD_NUMBER: _builtins.int
+    OVERWRITE_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    digest: _builtins.str
+    type: _common_pb2.TaskType.ValueType
+    tag: _builtins.str
+    application: _builtins.str
+    priority: _common_pb2.Priority.ValueType
+    piece_length: _builtins.int
+    output_path: _builtins.str
+    disable_back_to_source: _builtins.bool
+    need_back_to_source: _builtins.bool
+    prefetch: _builtins.bool
+    is_prefetch: _builtins.bool
+    need_piece_content: _builtins.bool
+    content_for_calculating_task_id: _builtins.str
+    remote_ip: _builtins.str
+    overwrite: _builtins.bool
+    @_builtins.property
+    def range(self) -> _common_pb2.Range: ...
+    @_builtins.property
+    def filtered_query_params(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def request_header(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def certificate_chain(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    @_builtins.property
+    def object_storage(self) -> _common_pb2.ObjectStorage: ...
+    @_builtins.property
+    def hdfs(self) -> _common_pb2.HDFS: ...
+    def __init__(
+        self,
+        *,
+        url: _builtins.str = ...,
+        digest: _builtins.str | None = ...,
+        range: _common_pb2.Range | None = ...,
+        type: _common_pb2.TaskType.ValueType = ...,
+        tag: _builtins.str | None = ...,
+        application: _builtins.str | None = ...,
+        priority: _common_pb2.Priority.ValueType = ...,
+        filtered_query_params: _abc.Iterable[_builtins.str] | None = ...,
+        request_header: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        piece_length: _builtins.int | None = ...,
+        output_path: _builtins.str | None = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+        disable_back_to_source: _builtins.bool = ...,
+        need_back_to_source: _builtins.bool = ...,
+        certificate_chain: _abc.Iterable[_builtins.bytes] | None = ...,
+        prefetch: _builtins.bool = ...,
+        object_storage: _common_pb2.ObjectStorage | None = ...,
+        hdfs: _common_pb2.HDFS | None = ...,
+        is_prefetch: _builtins.bool = ...,
+        need_piece_content: _builtins.bool = ...,
+        content_for_calculating_task_id: _builtins.str | None = ...,
+        remote_ip: _builtins.str | None = ...,
+        overwrite: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_application", b"_application", "_content_for_calculating_task_id", b"_content_for_calculating_task_id", "_digest", b"_digest", "_hdfs", b"_hdfs", "_object_storage", b"_object_storage", "_output_path", b"_output_path", "_piece_length", b"_piece_length", "_range", b"_range", "_remote_ip", b"_remote_ip", "_tag", b"_tag", "_timeout", b"_timeout", "application", b"application", "content_for_calculating_task_id", b"content_for_calculating_task_id", "digest", b"digest", "hdfs", b"hdfs", "object_storage", b"object_storage", "output_path", b"output_path", "piece_length", b"piece_length", "range", b"range", "remote_ip", b"remote_ip", "tag", b"tag", "timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_application", b"_application", "_content_for_calculating_task_id", b"_content_for_calculating_task_id", "_digest", b"_digest", "_hdfs", b"_hdfs", "_object_storage", b"_object_storage", "_output_path", b"_output_path", "_piece_length", b"_piece_length", "_range", b"_range", "_remote_ip", b"_remote_ip", "_tag", b"_tag", "_timeout", b"_timeout", "application", b"application", "certificate_chain", b"certificate_chain", "content_for_calculating_task_id", b"content_for_calculating_task_id", "digest", b"digest", "disable_back_to_source", b"disable_back_to_source", "filtered_query_params", b"filtered_query_params", "hdfs", b"hdfs", "is_prefetch", b"is_prefetch", "need_back_to_source", b"need_back_to_source", "need_piece_content", b"need_piece_content", "object_storage", b"object_storage", "output_path", b"output_path", "overwrite", b"overwrite", "piece_length", b"piece_length", "prefetch", b"prefetch", "priority", b"priority", "range", b"range", "remote_ip", b"remote_ip", "request_header", b"request_header", "tag", b"tag", "timeout", b"timeout", "type", b"type", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__application: _TypeAlias = _typing.Literal["application"]  # noqa: Y015
+    _WhichOneofArgType__application: _TypeAlias = _typing.Literal["_application", b"_application"]  # noqa: Y015
+    _WhichOneofReturnType__content_for_calculating_task_id: _TypeAlias = _typing.Literal["content_for_calculating_task_id"]  # noqa: Y015
+    _WhichOneofArgType__content_for_calculating_task_id: _TypeAlias = _typing.Literal["_content_for_calculating_task_id", b"_content_for_calculating_task_id"]  # noqa: Y015
+    _WhichOneofReturnType__digest: _TypeAlias = _typing.Literal["digest"]  # noqa: Y015
+    _WhichOneofArgType__digest: _TypeAlias = _typing.Literal["_digest", b"_digest"]  # noqa: Y015
+    _WhichOneofReturnType__hdfs: _TypeAlias = _typing.Literal["hdfs"]  # noqa: Y015
+    _WhichOneofArgType__hdfs: _TypeAlias = _typing.Literal["_hdfs", b"_hdfs"]  # noqa: Y015
+    _WhichOneofReturnType__object_storage: _TypeAlias = _typing.Literal["object_storage"]  # noqa: Y015
+    _WhichOneofArgType__object_storage: _TypeAlias = _typing.Literal["_object_storage", b"_object_storage"]  # noqa: Y015
+    _WhichOneofReturnType__output_path: _TypeAlias = _typing.Literal["output_path"]  # noqa: Y015
+    _WhichOneofArgType__output_path: _TypeAlias = _typing.Literal["_output_path", b"_output_path"]  # noqa: Y015
+    _WhichOneofReturnType__piece_length: _TypeAlias = _typing.Literal["piece_length"]  # noqa: Y015
+    _WhichOneofArgType__piece_length: _TypeAlias = _typing.Literal["_piece_length", b"_piece_length"]  # noqa: Y015
+    _WhichOneofReturnType__range: _TypeAlias = _typing.Literal["range"]  # noqa: Y015
+    _WhichOneofArgType__range: _TypeAlias = _typing.Literal["_range", b"_range"]  # noqa: Y015
+    _WhichOneofReturnType__remote_ip: _TypeAlias = _typing.Literal["remote_ip"]  # noqa: Y015
+    _WhichOneofArgType__remote_ip: _TypeAlias = _typing.Literal["_remote_ip", b"_remote_ip"]  # noqa: Y015
+    _WhichOneofReturnType__tag: _TypeAlias = _typing.Literal["tag"]  # noqa: Y015
+    _WhichOneofArgType__tag: _TypeAlias = _typing.Literal["_tag", b"_tag"]  # noqa: Y015
+    _WhichOneofReturnType__timeout: _TypeAlias = _typing.Literal["timeout"]  # noqa: Y015
+    _WhichOneofArgType__timeout: _TypeAlias = _typing.Literal["_timeout", b"_timeout"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__application) -> _WhichOneofReturnType__application | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__content_for_calculating_task_id) -> _WhichOneofReturnType__content_for_calculating_task_id | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__digest) -> _WhichOneofReturnType__digest | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__hdfs) -> _WhichOneofReturnType__hdfs | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__object_storage) -> _WhichOneofReturnType__object_storage | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__output_path) -> _WhichOneofReturnType__output_path | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__piece_length) -> _WhichOneofReturnType__piece_length | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__range) -> _WhichOneofReturnType__range | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__remote_ip) -> _WhichOneofReturnType__remote_ip | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tag) -> _WhichOneofReturnType__tag | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__timeout) -> _WhichOneofReturnType__timeout | None: ...
+
+Global___DownloadCacheTaskRequest: _TypeAlias = DownloadCacheTaskRequest  # noqa: Y015
+
+@_typing.final
+class DownloadCacheTaskStartedResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ResponseHeaderEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    CONTENT_LENGTH_FIELD_NUMBER: _builtins.int
+    RANGE_FIELD_NUMBER: _builtins.int
+    RESPONSE_HEADER_FIELD_NUMBER: _builtins.int
+    PIECES_FIELD_NUMBER: _builtins.int
+    IS_FINISHED_FIELD_NUMBER: _builtins.int
+    content_length: _builtins.int
+    is_finished: _builtins.bool
+    @_builtins.property
+    def range(self) -> _common_pb2.Range: ...
+    @_builtins.property
+    def response_header(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def pieces(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Piece]: ...
+    def __init__(
+        self,
+        *,
+        content_length: _builtins.int = ...,
+        range: _common_pb2.Range | None = ...,
+        response_header: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        pieces: _abc.Iterable[_common_pb2.Piece] | None = ...,
+        is_finished: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_range", b"_range", "range", b"range"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_range", b"_range", "content_length", b"content_length", "is_finished", b"is_finished", "pieces", b"pieces", "range", b"range", "response_header", b"response_header"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__range: _TypeAlias = _typing.Literal["range"]  # noqa: Y015
+    _WhichOneofArgType__range: _TypeAlias = _typing.Literal["_range", b"_range"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__range) -> _WhichOneofReturnType__range | None: ...
+
+Global___DownloadCacheTaskStartedResponse: _TypeAlias = DownloadCacheTaskStartedResponse  # noqa: Y015
+
+@_typing.final
+class DownloadCacheTaskResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    PEER_ID_FIELD_NUMBER: _builtins.int
+    DOWNLOAD_CACHE_TASK_STARTED_RESPONSE_FIELD_NUMBER: _builtins.int
+    DOWNLOAD_PIECE_FINISHED_RESPONSE_FIELD_NUMBER: _builtins.int
+    host_id: _builtins.str
+    task_id: _builtins.str
+    peer_id: _builtins.str
+    @_builtins.property
+    def download_cache_task_started_response(self) -> Global___DownloadCacheTaskStartedResponse: ...
+    @_builtins.property
+    def download_piece_finished_response(self) -> Global___DownloadPieceFinishedResponse: ...
+    def __init__(
+        self,
+        *,
+        host_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        peer_id: _builtins.str = ...,
+        download_cache_task_started_response: Global___DownloadCacheTaskStartedResponse | None = ...,
+        download_piece_finished_response: Global___DownloadPieceFinishedResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["download_cache_task_started_response", b"download_cache_task_started_response", "download_piece_finished_response", b"download_piece_finished_response", "response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["download_cache_task_started_response", b"download_cache_task_started_response", "download_piece_finished_response", b"download_piece_finished_response", "host_id", b"host_id", "peer_id", b"peer_id", "response", b"response", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_response: _TypeAlias = _typing.Literal["download_cache_task_started_response", "download_piece_finished_response"]  # noqa: Y015
+    _WhichOneofArgType_response: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_response) -> _WhichOneofReturnType_response | None: ...
+
+Global___DownloadCacheTaskResponse: _TypeAlias = DownloadCacheTaskResponse  # noqa: Y015
+
+@_typing.final
+class SyncCachePiecesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    INTERESTED_CACHE_PIECE_NUMBERS_FIELD_NUMBER: _builtins.int
+    host_id: _builtins.str
+    task_id: _builtins.str
+    @_builtins.property
+    def interested_cache_piece_numbers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        host_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        interested_cache_piece_numbers: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_id", b"host_id", "interested_cache_piece_numbers", b"interested_cache_piece_numbers", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SyncCachePiecesRequest: _TypeAlias = SyncCachePiecesRequest  # noqa: Y015
+
+@_typing.final
+class SyncCachePiecesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NUMBER_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    number: _builtins.int
+    offset: _builtins.int
+    length: _builtins.int
+    def __init__(
+        self,
+        *,
+        number: _builtins.int = ...,
+        offset: _builtins.int = ...,
+        length: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["length", b"length", "number", b"number", "offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SyncCachePiecesResponse: _TypeAlias = SyncCachePiecesResponse  # noqa: Y015
+
+@_typing.final
+class DownloadCachePieceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    PIECE_NUMBER_FIELD_NUMBER: _builtins.int
+    host_id: _builtins.str
+    task_id: _builtins.str
+    piece_number: _builtins.int
+    def __init__(
+        self,
+        *,
+        host_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        piece_number: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_id", b"host_id", "piece_number", b"piece_number", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DownloadCachePieceRequest: _TypeAlias = DownloadCachePieceRequest  # noqa: Y015
+
+@_typing.final
+class DownloadCachePieceResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PIECE_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    digest: _builtins.str
+    @_builtins.property
+    def piece(self) -> _common_pb2.Piece: ...
+    def __init__(
+        self,
+        *,
+        piece: _common_pb2.Piece | None = ...,
+        digest: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_digest", b"_digest", "digest", b"digest", "piece", b"piece"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_digest", b"_digest", "digest", b"digest", "piece", b"piece"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__digest: _TypeAlias = _typing.Literal["digest"]  # noqa: Y015
+    _WhichOneofArgType__digest: _TypeAlias = _typing.Literal["_digest", b"_digest"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__digest) -> _WhichOneofReturnType__digest | None: ...
+
+Global___DownloadCachePieceResponse: _TypeAlias = DownloadCachePieceResponse  # noqa: Y015
+
+@_typing.final
+class StatCacheTaskRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    REMOTE_IP_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    remote_ip: _builtins.str
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        remote_ip: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_remote_ip", b"_remote_ip", "remote_ip", b"remote_ip"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_remote_ip", b"_remote_ip", "remote_ip", b"remote_ip", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__remote_ip: _TypeAlias = _typing.Literal["remote_ip"]  # noqa: Y015
+    _WhichOneofArgType__remote_ip: _TypeAlias = _typing.Literal["_remote_ip", b"_remote_ip"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__remote_ip) -> _WhichOneofReturnType__remote_ip | None: ...
+
+Global___StatCacheTaskRequest: _TypeAlias = StatCacheTaskRequest  # noqa: Y015
+
+@_typing.final
+class DeleteCacheTaskRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    REMOTE_IP_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    remote_ip: _builtins.str
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        remote_ip: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_remote_ip", b"_remote_ip", "remote_ip", b"remote_ip"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_remote_ip", b"_remote_ip", "remote_ip", b"remote_ip", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__remote_ip: _TypeAlias = _typing.Literal["remote_ip"]  # noqa: Y015
+    _WhichOneofArgType__remote_ip: _TypeAlias = _typing.Literal["_remote_ip", b"_remote_ip"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__remote_ip) -> _WhichOneofReturnType__remote_ip | None: ...
+
+Global___DeleteCacheTaskRequest: _TypeAlias = DeleteCacheTaskRequest  # noqa: Y015
+
+@_typing.final
+class DownloadPersistentTaskRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URL_FIELD_NUMBER: _builtins.int
+    OBJECT_STORAGE_FIELD_NUMBER: _builtins.int
+    PERSISTENT_FIELD_NUMBER: _builtins.int
+    OUTPUT_PATH_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    NEED_PIECE_CONTENT_FIELD_NUMBER: _builtins.int
+    FORCE_HARD_LINK_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    REMOTE_IP_FIELD_NUMBER: _builtins.int
+    OVERWRITE_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    persistent: _builtins.bool
+    output_path: _builtins.str
+    need_piece_content: _builtins.bool
+    force_hard_link: _builtins.bool
+    digest: _builtins.str
+    remote_ip: _builtins.str
+    overwrite: _builtins.bool
+    @_builtins.property
+    def object_storage(self) -> _common_pb2.ObjectStorage: ...
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration: ...
+    def __init__(
+        self,
+        *,
+        url: _builtins.str = ...,
+        object_storage: _common_pb2.ObjectStorage | None = ...,
+        persistent: _builtins.bool = ...,
+        output_path: _builtins.str | None = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+        need_piece_content: _builtins.bool = ...,
+        force_hard_link: _builtins.bool = ...,
+        digest: _builtins.str | None = ...,
+        remote_ip: _builtins.str | None = ...,
+        overwrite: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_digest", b"_digest", "_output_path", b"_output_path", "_remote_ip", b"_remote_ip", "_timeout", b"_timeout", "digest", b"digest", "object_storage", b"object_storage", "output_path", b"output_path", "remote_ip", b"remote_ip", "timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_digest", b"_digest", "_output_path", b"_output_path", "_remote_ip", b"_remote_ip", "_timeout", b"_timeout", "digest", b"digest", "force_hard_link", b"force_hard_link", "need_piece_content", b"need_piece_content", "object_storage", b"object_storage", "output_path", b"output_path", "overwrite", b"overwrite", "persistent", b"persistent", "remote_ip", b"remote_ip", "timeout", b"timeout", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__digest: _TypeAlias = _typing.Literal["digest"]  # noqa: Y015
+    _WhichOneofArgType__digest: _TypeAlias = _typing.Literal["_digest", b"_digest"]  # noqa: Y015
+    _WhichOneofReturnType__output_path: _TypeAlias = _typing.Literal["output_path"]  # noqa: Y015
+    _WhichOneofArgType__output_path: _TypeAlias = _typing.Literal["_output_path", b"_output_path"]  # noqa: Y015
+    _WhichOneofReturnType__remote_ip: _TypeAlias = _typing.Literal["remote_ip"]  # noqa: Y015
+    _WhichOneofArgType__remote_ip: _TypeAlias = _typing.Literal["_remote_ip", b"_remote_ip"]  # noqa: Y015
+    _WhichOneofReturnType__timeout: _TypeAlias = _typing.Literal["timeout"]  # noqa: Y015
+    _WhichOneofArgType__timeout: _TypeAlias = _typing.Literal["_timeout", b"_timeout"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__digest) -> _WhichOneofReturnType__digest | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__output_path) -> _WhichOneofReturnType__output_path | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__remote_ip) -> _WhichOneofReturnType__remote_ip | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__timeout) -> _WhichOneofReturnType__timeout | None: ...
+
+Global___DownloadPersistentTaskRequest: _TypeAlias = DownloadPersistentTaskRequest  # noqa: Y015
+
+@_typing.final
+class DownloadPersistentTaskStartedResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTENT_LENGTH_FIELD_NUMBER: _builtins.int
+    content_length: _builtins.int
+    def __init__(
+        self,
+        *,
+        content_length: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_length", b"content_length"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DownloadPersistentTaskStartedResponse: _TypeAlias = DownloadPersistentTaskStartedResponse  # noqa: Y015
+
+@_typing.final
+class DownloadPersistentTaskResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    PEER_ID_FIELD_NUMBER: _builtins.int
+    DOWNLOAD_PERSISTENT_TASK_STARTED_RESPONSE_FIELD_NUMBER: _builtins.int
+    DOWNLOAD_PIECE_FINISHED_RESPONSE_FIELD_NUMBER: _builtins.int
+    host_id: _builtins.str
+    task_id: _builtins.str
+    peer_id: _builtins.str
+    @_builtins.property
+    def download_persistent_task_started_response(self) -> Global___DownloadPersistentTaskStartedResponse: ...
+    @_builtins.property
+    def download_piece_finished_response(self) -> Global___DownloadPieceFinishedResponse: ...
+    def __init__(
+        self,
+        *,
+        host_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        peer_id: _builtins.str = ...,
+        download_persistent_task_started_response: Global___DownloadPersistentTaskStartedResponse | None = ...,
+        download_piece_finished_response: Global___DownloadPieceFinishedResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["download_persistent_task_started_response", b"download_persistent_task_started_response", "download_piece_finished_response", b"download_piece_finished_response", "response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["download_persistent_task_started_response", b"download_persistent_task_started_response", "download_piece_finished_response", b"download_piece_finished_response", "host_id", b"host_id", "peer_id", b"peer_id", "response", b"response", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_response: _TypeAlias = _typing.Literal["download_persistent_task_started_response", "download_piece_finished_response"]  # noqa: Y015
+    _WhichOneofArgType_response: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_response) -> _WhichOneofReturnType_response | None: ...
+
+Global___DownloadPersistentTaskResponse: _TypeAlias = DownloadPersistentTaskResponse  # noqa: Y015
+
+@_typing.final
+class UploadPersistentTaskRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URL_FIELD_NUMBER: _builtins.int
+    OBJECT_STORAGE_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    PERSISTENT_REPLICA_COUNT_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    REMOTE_IP_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    path: _builtins.str
+    persistent_replica_count: _builtins.int
+    remote_ip: _builtins.str
+    @_builtins.property
+    def object_storage(self) -> _common_pb2.ObjectStorage: ...
+    @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration: ...
+    def __init__(
+        self,
+        *,
+        url: _builtins.str = ...,
+        object_storage: _common_pb2.ObjectStorage | None = ...,
+        path: _builtins.str = ...,
+        persistent_replica_count: _builtins.int = ...,
+        ttl: _duration_pb2.Duration | None = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+        remote_ip: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_remote_ip", b"_remote_ip", "_timeout", b"_timeout", "object_storage", b"object_storage", "remote_ip", b"remote_ip", "timeout", b"timeout", "ttl", b"ttl"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_remote_ip", b"_remote_ip", "_timeout", b"_timeout", "object_storage", b"object_storage", "path", b"path", "persistent_replica_count", b"persistent_replica_count", "remote_ip", b"remote_ip", "timeout", b"timeout", "ttl", b"ttl", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__remote_ip: _TypeAlias = _typing.Literal["remote_ip"]  # noqa: Y015
+    _WhichOneofArgType__remote_ip: _TypeAlias = _typing.Literal["_remote_ip", b"_remote_ip"]  # noqa: Y015
+    _WhichOneofReturnType__timeout: _TypeAlias = _typing.Literal["timeout"]  # noqa: Y015
+    _WhichOneofArgType__timeout: _TypeAlias = _typing.Literal["_timeout", b"_timeout"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__remote_ip) -> _WhichOneofReturnType__remote_ip | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__timeout) -> _WhichOneofReturnType__timeout | None: ...
+
+Global___UploadPersistentTaskRequest: _TypeAlias = UploadPersistentTaskRequest  # noqa: Y015
+
+@_typing.final
+class UpdatePersistentTaskRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    PERSISTENT_FIELD_NUMBER: _builtins.int
+    REMOTE_IP_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    persistent: _builtins.bool
+    remote_ip: _builtins.str
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        persistent: _builtins.bool = ...,
+        remote_ip: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_remote_ip", b"_remote_ip", "remote_ip", b"remote_ip"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_remote_ip", b"_remote_ip", "persistent", b"persistent", "remote_ip", b"remote_ip", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__remote_ip: _TypeAlias = _typing.Literal["remote_ip"]  # noqa: Y015
+    _WhichOneofArgType__remote_ip: _TypeAlias = _typing.Literal["_remote_ip", b"_remote_ip"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__remote_ip) -> _WhichOneofReturnType__remote_ip | None: ...
+
+Global___UpdatePersistentTaskRequest: _TypeAlias = UpdatePersistentTaskRequest  # noqa: Y015
+
+@_typing.final
+class StatPersistentTaskRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    REMOTE_IP_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    remote_ip: _builtins.str
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        remote_ip: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_remote_ip", b"_remote_ip", "remote_ip", b"remote_ip"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_remote_ip", b"_remote_ip", "remote_ip", b"remote_ip", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__remote_ip: _TypeAlias = _typing.Literal["remote_ip"]  # noqa: Y015
+    _WhichOneofArgType__remote_ip: _TypeAlias = _typing.Literal["_remote_ip", b"_remote_ip"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__remote_ip) -> _WhichOneofReturnType__remote_ip | None: ...
+
+Global___StatPersistentTaskRequest: _TypeAlias = StatPersistentTaskRequest  # noqa: Y015
+
+@_typing.final
+class StatLocalPersistentTaskRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    REMOTE_IP_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    remote_ip: _builtins.str
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        remote_ip: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_remote_ip", b"_remote_ip", "remote_ip", b"remote_ip"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_remote_ip", b"_remote_ip", "remote_ip", b"remote_ip", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__remote_ip: _TypeAlias = _typing.Literal["remote_ip"]  # noqa: Y015
+    _WhichOneofArgType__remote_ip: _TypeAlias = _typing.Literal["_remote_ip", b"_remote_ip"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__remote_ip) -> _WhichOneofReturnType__remote_ip | None: ...
+
+Global___StatLocalPersistentTaskRequest: _TypeAlias = StatLocalPersistentTaskRequest  # noqa: Y015
+
+@_typing.final
+class StatLocalPersistentTaskResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    PERSISTENT_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
+    PIECE_LENGTH_FIELD_NUMBER: _builtins.int
+    CONTENT_LENGTH_FIELD_NUMBER: _builtins.int
+    UPLOADING_COUNT_FIELD_NUMBER: _builtins.int
+    UPLOADED_COUNT_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    FAILED_AT_FIELD_NUMBER: _builtins.int
+    FINISHED_AT_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    persistent: _builtins.bool
+    piece_length: _builtins.int
+    content_length: _builtins.int
+    uploading_count: _builtins.int
+    uploaded_count: _builtins.int
+    @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def failed_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def finished_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        persistent: _builtins.bool = ...,
+        ttl: _duration_pb2.Duration | None = ...,
+        piece_length: _builtins.int | None = ...,
+        content_length: _builtins.int | None = ...,
+        uploading_count: _builtins.int = ...,
+        uploaded_count: _builtins.int = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+        failed_at: _timestamp_pb2.Timestamp | None = ...,
+        finished_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_content_length", b"_content_length", "_failed_at", b"_failed_at", "_finished_at", b"_finished_at", "_piece_length", b"_piece_length", "content_length", b"content_length", "created_at", b"created_at", "failed_at", b"failed_at", "finished_at", b"finished_at", "piece_length", b"piece_length", "ttl", b"ttl", "updated_at", b"updated_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_content_length", b"_content_length", "_failed_at", b"_failed_at", "_finished_at", b"_finished_at", "_piece_length", b"_piece_length", "content_length", b"content_length", "created_at", b"created_at", "failed_at", b"failed_at", "finished_at", b"finished_at", "persistent", b"persistent", "piece_length", b"piece_length", "task_id", b"task_id", "ttl", b"ttl", "updated_at", b"updated_at", "uploaded_count", b"uploaded_count", "uploading_count", b"uploading_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__content_length: _TypeAlias = _typing.Literal["content_length"]  # noqa: Y015
+    _WhichOneofArgType__content_length: _TypeAlias = _typing.Literal["_content_length", b"_content_length"]  # noqa: Y015
+    _WhichOneofReturnType__failed_at: _TypeAlias = _typing.Literal["failed_at"]  # noqa: Y015
+    _WhichOneofArgType__failed_at: _TypeAlias = _typing.Literal["_failed_at", b"_failed_at"]  # noqa: Y015
+    _WhichOneofReturnType__finished_at: _TypeAlias = _typing.Literal["finished_at"]  # noqa: Y015
+    _WhichOneofArgType__finished_at: _TypeAlias = _typing.Literal["_finished_at", b"_finished_at"]  # noqa: Y015
+    _WhichOneofReturnType__piece_length: _TypeAlias = _typing.Literal["piece_length"]  # noqa: Y015
+    _WhichOneofArgType__piece_length: _TypeAlias = _typing.Literal["_piece_length", b"_piece_length"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__content_length) -> _WhichOneofReturnType__content_length | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__failed_at) -> _WhichOneofReturnType__failed_at | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__finished_at) -> _WhichOneofReturnType__finished_at | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__piece_length) -> _WhichOneofReturnType__piece_length | None: ...
+
+Global___StatLocalPersistentTaskResponse: _TypeAlias = StatLocalPersistentTaskResponse  # noqa: Y015
+
+@_typing.final
+class ListLocalPersistentTasksRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REMOTE_IP_FIELD_NUMBER: _builtins.int
+    remote_ip: _builtins.str
+    def __init__(
+        self,
+        *,
+        remote_ip: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_remote_ip", b"_remote_ip", "remote_ip", b"remote_ip"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_remote_ip", b"_remote_ip", "remote_ip", b"remote_ip"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__remote_ip: _TypeAlias = _typing.Literal["remote_ip"]  # noqa: Y015
+    _WhichOneofArgType__remote_ip: _TypeAlias = _typing.Literal["_remote_ip", b"_remote_ip"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__remote_ip) -> _WhichOneofReturnType__remote_ip | None: ...
+
+Global___ListLocalPersistentTasksRequest: _TypeAlias = ListLocalPersistentTasksRequest  # noqa: Y015
+
+@_typing.final
+class ListLocalPersistentTasksResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASKS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___StatLocalPersistentTaskResponse]: ...
+    def __init__(
+        self,
+        *,
+        tasks: _abc.Iterable[Global___StatLocalPersistentTaskResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tasks", b"tasks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListLocalPersistentTasksResponse: _TypeAlias = ListLocalPersistentTasksResponse  # noqa: Y015
+
+@_typing.final
+class DeletePersistentTaskRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    REMOTE_IP_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    remote_ip: _builtins.str
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        remote_ip: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_remote_ip", b"_remote_ip", "remote_ip", b"remote_ip"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_remote_ip", b"_remote_ip", "remote_ip", b"remote_ip", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__remote_ip: _TypeAlias = _typing.Literal["remote_ip"]  # noqa: Y015
+    _WhichOneofArgType__remote_ip: _TypeAlias = _typing.Literal["_remote_ip", b"_remote_ip"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__remote_ip) -> _WhichOneofReturnType__remote_ip | None: ...
+
+Global___DeletePersistentTaskRequest: _TypeAlias = DeletePersistentTaskRequest  # noqa: Y015
+
+@_typing.final
+class SyncPersistentPiecesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    INTERESTED_PIECE_NUMBERS_FIELD_NUMBER: _builtins.int
+    host_id: _builtins.str
+    task_id: _builtins.str
+    @_builtins.property
+    def interested_piece_numbers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        host_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        interested_piece_numbers: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_id", b"host_id", "interested_piece_numbers", b"interested_piece_numbers", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SyncPersistentPiecesRequest: _TypeAlias = SyncPersistentPiecesRequest  # noqa: Y015
+
+@_typing.final
+class SyncPersistentPiecesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NUMBER_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    IP_FIELD_NUMBER: _builtins.int
+    TCP_PORT_FIELD_NUMBER: _builtins.int
+    QUIC_PORT_FIELD_NUMBER: _builtins.int
+    number: _builtins.int
+    offset: _builtins.int
+    length: _builtins.int
+    ip: _builtins.str
+    tcp_port: _builtins.int
+    quic_port: _builtins.int
+    def __init__(
+        self,
+        *,
+        number: _builtins.int = ...,
+        offset: _builtins.int = ...,
+        length: _builtins.int = ...,
+        ip: _builtins.str = ...,
+        tcp_port: _builtins.int | None = ...,
+        quic_port: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_quic_port", b"_quic_port", "_tcp_port", b"_tcp_port", "quic_port", b"quic_port", "tcp_port", b"tcp_port"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_quic_port", b"_quic_port", "_tcp_port", b"_tcp_port", "ip", b"ip", "length", b"length", "number", b"number", "offset", b"offset", "quic_port", b"quic_port", "tcp_port", b"tcp_port"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__quic_port: _TypeAlias = _typing.Literal["quic_port"]  # noqa: Y015
+    _WhichOneofArgType__quic_port: _TypeAlias = _typing.Literal["_quic_port", b"_quic_port"]  # noqa: Y015
+    _WhichOneofReturnType__tcp_port: _TypeAlias = _typing.Literal["tcp_port"]  # noqa: Y015
+    _WhichOneofArgType__tcp_port: _TypeAlias = _typing.Literal["_tcp_port", b"_tcp_port"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__quic_port) -> _WhichOneofReturnType__quic_port | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tcp_port) -> _WhichOneofReturnType__tcp_port | None: ...
+
+Global___SyncPersistentPiecesResponse: _TypeAlias = SyncPersistentPiecesResponse  # noqa: Y015
+
+@_typing.final
+class DownloadPersistentCacheTaskRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    PERSISTENT_FIELD_NUMBER: _builtins.int
+    TAG_FIELD_NUMBER: _builtins.int
+    APPLICATION_FIELD_NUMBER: _builtins.int
+    OUTPUT_PATH_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    NEED_PIECE_CONTENT_FIELD_NUMBER: _builtins.int
+    FORCE_HARD_LINK_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    REMOTE_IP_FIELD_NUMBER: _builtins.int
+    OVERWRITE_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    persistent: _builtins.bool
+    tag: _builtins.str
+    application: _builtins.str
+    output_path: _builtins.str
+    need_piece_content: _builtins.bool
+    force_hard_link: _builtins.bool
+    digest: _builtins.str
+    remote_ip: _builtins.str
+    overwrite: _builtins.bool
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration: ...
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        persistent: _builtins.bool = ...,
+        tag: _builtins.str | None = ...,
+        application: _builtins.str | None = ...,
+        output_path: _builtins.str | None = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+        need_piece_content: _builtins.bool = ...,
+        force_hard_link: _builtins.bool = ...,
+        digest: _builtins.str | None = ...,
+        remote_ip: _builtins.str | None = ...,
+        overwrite: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_application", b"_application", "_digest", b"_digest", "_output_path", b"_output_path", "_remote_ip", b"_remote_ip", "_tag", b"_tag", "_timeout", b"_timeout", "application", b"application", "digest", b"digest", "output_path", b"output_path", "remote_ip", b"remote_ip", "tag", b"tag", "timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_application", b"_application", "_digest", b"_digest", "_output_path", b"_output_path", "_remote_ip", b"_remote_ip", "_tag", b"_tag", "_timeout", b"_timeout", "application", b"application", "digest", b"digest", "force_hard_link", b"force_hard_link", "need_piece_content", b"need_piece_content", "output_path", b"output_path", "overwrite", b"overwrite", "persistent", b"persistent", "remote_ip", b"remote_ip", "tag", b"tag", "task_id", b"task_id", "timeout", b"timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__application: _TypeAlias = _typing.Literal["application"]  # noqa: Y015
+    _WhichOneofArgType__application: _TypeAlias = _typing.Literal["_application", b"_application"]  # noqa: Y015
+    _WhichOneofReturnType__digest: _TypeAlias = _typing.Literal["digest"]  # noqa: Y015
+    _WhichOneofArgType__digest: _TypeAlias = _typing.Literal["_digest", b"_digest"]  # noqa: Y015
+    _WhichOneofReturnType__output_path: _TypeAlias = _typing.Literal["output_path"]  # noqa: Y015
+    _WhichOneofArgType__output_path: _TypeAlias = _typing.Literal["_output_path", b"_output_path"]  # noqa: Y015
+    _WhichOneofReturnType__remote_ip: _TypeAlias = _typing.Literal["remote_ip"]  # noqa: Y015
+    _WhichOneofArgType__remote_ip: _TypeAlias = _typing.Literal["_remote_ip", b"_remote_ip"]  # noqa: Y015
+    _WhichOneofReturnType__tag: _TypeAlias = _typing.Literal["tag"]  # noqa: Y015
+    _WhichOneofArgType__tag: _TypeAlias = _typing.Literal["_tag", b"_tag"]  # noqa: Y015
+    _WhichOneofReturnType__timeout: _TypeAlias = _typing.Literal["timeout"]  # noqa: Y015
+    _WhichOneofArgType__timeout: _TypeAlias = _typing.Literal["_timeout", b"_timeout"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__application) -> _WhichOneofReturnType__application | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__digest) -> _WhichOneofReturnType__digest | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__output_path) -> _WhichOneofReturnType__output_path | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__remote_ip) -> _WhichOneofReturnType__remote_ip | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tag) -> _WhichOneofReturnType__tag | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__timeout) -> _WhichOneofReturnType__timeout | None: ...
+
+Global___DownloadPersistentCacheTaskRequest: _TypeAlias = DownloadPersistentCacheTaskRequest  # noqa: Y015
+
+@_typing.final
+class DownloadPersistentCacheTaskStartedResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTENT_LENGTH_FIELD_NUMBER: _builtins.int
+    content_length: _builtins.int
+    def __init__(
+        self,
+        *,
+        content_length: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_length", b"content_length"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DownloadPersistentCacheTaskStartedResponse: _TypeAlias = DownloadPersistentCacheTaskStartedResponse  # noqa: Y015
+
+@_typing.final
+class DownloadPersistentCacheTaskResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    PEER_ID_FIELD_NUMBER: _builtins.int
+    DOWNLOAD_PERSISTENT_CACHE_TASK_STARTED_RESPONSE_FIELD_NUMBER: _builtins.int
+    DOWNLOAD_PIECE_FINISHED_RESPONSE_FIELD_NUMBER: _builtins.int
+    host_id: _builtins.str
+    task_id: _builtins.str
+    peer_id: _builtins.str
+    @_builtins.property
+    def download_persistent_cache_task_started_response(self) -> Global___DownloadPersistentCacheTaskStartedResponse: ...
+    @_builtins.property
+    def download_piece_finished_response(self) -> Global___DownloadPieceFinishedResponse: ...
+    def __init__(
+        self,
+        *,
+        host_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        peer_id: _builtins.str = ...,
+        download_persistent_cache_task_started_response: Global___DownloadPersistentCacheTaskStartedResponse | None = ...,
+        download_piece_finished_response: Global___DownloadPieceFinishedResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["download_persistent_cache_task_started_response", b"download_persistent_cache_task_started_response", "download_piece_finished_response", b"download_piece_finished_response", "response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["download_persistent_cache_task_started_response", b"download_persistent_cache_task_started_response", "download_piece_finished_response", b"download_piece_finished_response", "host_id", b"host_id", "peer_id", b"peer_id", "response", b"response", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_response: _TypeAlias = _typing.Literal["download_persistent_cache_task_started_response", "download_piece_finished_response"]  # noqa: Y015
+    _WhichOneofArgType_response: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_response) -> _WhichOneofReturnType_response | None: ...
+
+Global___DownloadPersistentCacheTaskResponse: _TypeAlias = DownloadPersistentCacheTaskResponse  # noqa: Y015
+
+@_typing.final
+class UploadPersistentCacheTaskRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTENT_FOR_CALCULATING_TASK_ID_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    PERSISTENT_REPLICA_COUNT_FIELD_NUMBER: _builtins.int
+    TAG_FIELD_NUMBER: _builtins.int
+    APPLICATION_FIELD_NUMBER: _builtins.int
+    PIECE_LENGTH_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    REMOTE_IP_FIELD_NUMBER: _builtins.int
+    content_for_calculating_task_id: _builtins.str
+    path: _builtins.str
+    persistent_replica_count: _builtins.int
+    tag: _builtins.str
+    application: _builtins.str
+    piece_length: _builtins.int
+    remote_ip: _builtins.str
+    @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration: ...
+    def __init__(
+        self,
+        *,
+        content_for_calculating_task_id: _builtins.str | None = ...,
+        path: _builtins.str = ...,
+        persistent_replica_count: _builtins.int = ...,
+        tag: _builtins.str | None = ...,
+        application: _builtins.str | None = ...,
+        piece_length: _builtins.int | None = ...,
+        ttl: _duration_pb2.Duration | None = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+        remote_ip: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_application", b"_application", "_content_for_calculating_task_id", b"_content_for_calculating_task_id", "_piece_length", b"_piece_length", "_remote_ip", b"_remote_ip", "_tag", b"_tag", "_timeout", b"_timeout", "application", b"application", "content_for_calculating_task_id", b"content_for_calculating_task_id", "piece_length", b"piece_length", "remote_ip", b"remote_ip", "tag", b"tag", "timeout", b"timeout", "ttl", b"ttl"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_application", b"_application", "_content_for_calculating_task_id", b"_content_for_calculating_task_id", "_piece_length", b"_piece_length", "_remote_ip", b"_remote_ip", "_tag", b"_tag", "_timeout", b"_timeout", "application", b"application", "content_for_calculating_task_id", b"content_for_calculating_task_id", "path", b"path", "persistent_replica_count", b"persistent_replica_count", "piece_length", b"piece_length", "remote_ip", b"remote_ip", "tag", b"tag", "timeout", b"timeout", "ttl", b"ttl"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__application: _TypeAlias = _typing.Literal["application"]  # noqa: Y015
+    _WhichOneofArgType__application: _TypeAlias = _typing.Literal["_application", b"_application"]  # noqa: Y015
+    _WhichOneofReturnType__content_for_calculating_task_id: _TypeAlias = _typing.Literal["content_for_calculating_task_id"]  # noqa: Y015
+    _WhichOneofArgType__content_for_calculating_task_id: _TypeAlias = _typing.Literal["_content_for_calculating_task_id", b"_content_for_calculating_task_id"]  # noqa: Y015
+    _WhichOneofReturnType__piece_length: _TypeAlias = _typing.Literal["piece_length"]  # noqa: Y015
+    _WhichOneofArgType__piece_length: _TypeAlias = _typing.Literal["_piece_length", b"_piece_length"]  # noqa: Y015
+    _WhichOneofReturnType__remote_ip: _TypeAlias = _typing.Literal["remote_ip"]  # noqa: Y015
+    _WhichOneofArgType__remote_ip: _TypeAlias = _typing.Literal["_remote_ip", b"_remote_ip"]  # noqa: Y015
+    _WhichOneofReturnType__tag: _TypeAlias = _typing.Literal["tag"]  # noqa: Y015
+    _WhichOneofArgType__tag: _TypeAlias = _typing.Literal["_tag", b"_tag"]  # noqa: Y015
+    _WhichOneofReturnType__timeout: _TypeAlias = _typing.Literal["timeout"]  # noqa: Y015
+    _WhichOneofArgType__timeout: _TypeAlias = _typing.Literal["_timeout", b"_timeout"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__application) -> _WhichOneofReturnType__application | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__content_for_calculating_task_id) -> _WhichOneofReturnType__content_for_calculating_task_id | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__piece_length) -> _WhichOneofReturnType__piece_length | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__remote_ip) -> _WhichOneofReturnType__remote_ip | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tag) -> _WhichOneofReturnType__tag | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__timeout) -> _WhichOneofReturnType__timeout | None: ...
+
+Global___UploadPersistentCacheTaskRequest: _TypeAlias = UploadPersistentCacheTaskRequest  # noqa: Y015
+
+@_typing.final
+class UpdatePersistentCacheTaskRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    PERSISTENT_FIELD_NUMBER: _builtins.int
+    REMOTE_IP_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    persistent: _builtins.bool
+    remote_ip: _builtins.str
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        persistent: _builtins.bool = ...,
+        remote_ip: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_remote_ip", b"_remote_ip", "remote_ip", b"remote_ip"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_remote_ip", b"_remote_ip", "persistent", b"persistent", "remote_ip", b"remote_ip", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__remote_ip: _TypeAlias = _typing.Literal["remote_ip"]  # noqa: Y015
+    _WhichOneofArgType__remote_ip: _TypeAlias = _typing.Literal["_remote_ip", b"_remote_ip"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__remote_ip) -> _WhichOneofReturnType__remote_ip | None: ...
+
+Global___UpdatePersistentCacheTaskRequest: _TypeAlias = UpdatePersistentCacheTaskRequest  # noqa: Y015
+
+@_typing.final
+class StatPersistentCacheTaskRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    REMOTE_IP_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    remote_ip: _builtins.str
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        remote_ip: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_remote_ip", b"_remote_ip", "remote_ip", b"remote_ip"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_remote_ip", b"_remote_ip", "remote_ip", b"remote_ip", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__remote_ip: _TypeAlias = _typing.Literal["remote_ip"]  # noqa: Y015
+    _WhichOneofArgType__remote_ip: _TypeAlias = _typing.Literal["_remote_ip", b"_remote_ip"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__remote_ip) -> _WhichOneofReturnType__remote_ip | None: ...
+
+Global___StatPersistentCacheTaskRequest: _TypeAlias = StatPersistentCacheTaskRequest  # noqa: Y015
+
+@_typing.final
+class StatLocalPersistentCacheTaskRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    REMOTE_IP_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    remote_ip: _builtins.str
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        remote_ip: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_remote_ip", b"_remote_ip", "remote_ip", b"remote_ip"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_remote_ip", b"_remote_ip", "remote_ip", b"remote_ip", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__remote_ip: _TypeAlias = _typing.Literal["remote_ip"]  # noqa: Y015
+    _WhichOneofArgType__remote_ip: _TypeAlias = _typing.Literal["_remote_ip", b"_remote_ip"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__remote_ip) -> _WhichOneofReturnType__remote_ip | None: ...
+
+Global___StatLocalPersistentCacheTaskRequest: _TypeAlias = StatLocalPersistentCacheTaskRequest  # noqa: Y015
+
+@_typing.final
+class StatLocalPersistentCacheTaskResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    PERSISTENT_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
+    PIECE_LENGTH_FIELD_NUMBER: _builtins.int
+    CONTENT_LENGTH_FIELD_NUMBER: _builtins.int
+    UPLOADING_COUNT_FIELD_NUMBER: _builtins.int
+    UPLOADED_COUNT_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    FAILED_AT_FIELD_NUMBER: _builtins.int
+    FINISHED_AT_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    persistent: _builtins.bool
+    piece_length: _builtins.int
+    content_length: _builtins.int
+    uploading_count: _builtins.int
+    uploaded_count: _builtins.int
+    @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def failed_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def finished_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        persistent: _builtins.bool = ...,
+        ttl: _duration_pb2.Duration | None = ...,
+        piece_length: _builtins.int | None = ...,
+        content_length: _builtins.int | None = ...,
+        uploading_count: _builtins.int = ...,
+        uploaded_count: _builtins.int = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+        failed_at: _timestamp_pb2.Timestamp | None = ...,
+        finished_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_content_length", b"_content_length", "_failed_at", b"_failed_at", "_finished_at", b"_finished_at", "_piece_length", b"_piece_length", "content_length", b"content_length", "created_at", b"created_at", "failed_at", b"failed_at", "finished_at", b"finished_at", "piece_length", b"piece_length", "ttl", b"ttl", "updated_at", b"updated_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_content_length", b"_content_length", "_failed_at", b"_failed_at", "_finished_at", b"_finished_at", "_piece_length", b"_piece_length", "content_length", b"content_length", "created_at", b"created_at", "failed_at", b"failed_at", "finished_at", b"finished_at", "persistent", b"persistent", "piece_length", b"piece_length", "task_id", b"task_id", "ttl", b"ttl", "updated_at", b"updated_at", "uploaded_count", b"uploaded_count", "uploading_count", b"uploading_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__content_length: _TypeAlias = _typing.Literal["content_length"]  # noqa: Y015
+    _WhichOneofArgType__content_length: _TypeAlias = _typing.Literal["_content_length", b"_content_length"]  # noqa: Y015
+    _WhichOneofReturnType__failed_at: _TypeAlias = _typing.Literal["failed_at"]  # noqa: Y015
+    _WhichOneofArgType__failed_at: _TypeAlias = _typing.Literal["_failed_at", b"_failed_at"]  # noqa: Y015
+    _WhichOneofReturnType__finished_at: _TypeAlias = _typing.Literal["finished_at"]  # noqa: Y015
+    _WhichOneofArgType__finished_at: _TypeAlias = _typing.Literal["_finished_at", b"_finished_at"]  # noqa: Y015
+    _WhichOneofReturnType__piece_length: _TypeAlias = _typing.Literal["piece_length"]  # noqa: Y015
+    _WhichOneofArgType__piece_length: _TypeAlias = _typing.Literal["_piece_length", b"_piece_length"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__content_length) -> _WhichOneofReturnType__content_length | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__failed_at) -> _WhichOneofReturnType__failed_at | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__finished_at) -> _WhichOneofReturnType__finished_at | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__piece_length) -> _WhichOneofReturnType__piece_length | None: ...
+
+Global___StatLocalPersistentCacheTaskResponse: _TypeAlias = StatLocalPersistentCacheTaskResponse  # noqa: Y015
+
+@_typing.final
+class ListLocalPersistentCacheTasksRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REMOTE_IP_FIELD_NUMBER: _builtins.int
+    remote_ip: _builtins.str
+    def __init__(
+        self,
+        *,
+        remote_ip: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_remote_ip", b"_remote_ip", "remote_ip", b"remote_ip"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_remote_ip", b"_remote_ip", "remote_ip", b"remote_ip"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__remote_ip: _TypeAlias = _typing.Literal["remote_ip"]  # noqa: Y015
+    _WhichOneofArgType__remote_ip: _TypeAlias = _typing.Literal["_remote_ip", b"_remote_ip"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__remote_ip) -> _WhichOneofReturnType__remote_ip | None: ...
+
+Global___ListLocalPersistentCacheTasksRequest: _TypeAlias = ListLocalPersistentCacheTasksRequest  # noqa: Y015
+
+@_typing.final
+class ListLocalPersistentCacheTasksResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASKS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___StatLocalPersistentCacheTaskResponse]: ...
+    def __init__(
+        self,
+        *,
+        tasks: _abc.Iterable[Global___StatLocalPersistentCacheTaskResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tasks", b"tasks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListLocalPersistentCacheTasksResponse: _TypeAlias = ListLocalPersistentCacheTasksResponse  # noqa: Y015
+
+@_typing.final
+class DeletePersistentCacheTaskRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    REMOTE_IP_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    remote_ip: _builtins.str
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        remote_ip: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_remote_ip", b"_remote_ip", "remote_ip", b"remote_ip"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_remote_ip", b"_remote_ip", "remote_ip", b"remote_ip", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__remote_ip: _TypeAlias = _typing.Literal["remote_ip"]  # noqa: Y015
+    _WhichOneofArgType__remote_ip: _TypeAlias = _typing.Literal["_remote_ip", b"_remote_ip"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__remote_ip) -> _WhichOneofReturnType__remote_ip | None: ...
+
+Global___DeletePersistentCacheTaskRequest: _TypeAlias = DeletePersistentCacheTaskRequest  # noqa: Y015
+
+@_typing.final
+class SyncPersistentCachePiecesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    INTERESTED_PIECE_NUMBERS_FIELD_NUMBER: _builtins.int
+    host_id: _builtins.str
+    task_id: _builtins.str
+    @_builtins.property
+    def interested_piece_numbers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        host_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        interested_piece_numbers: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_id", b"host_id", "interested_piece_numbers", b"interested_piece_numbers", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SyncPersistentCachePiecesRequest: _TypeAlias = SyncPersistentCachePiecesRequest  # noqa: Y015
+
+@_typing.final
+class SyncPersistentCachePiecesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NUMBER_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    IP_FIELD_NUMBER: _builtins.int
+    TCP_PORT_FIELD_NUMBER: _builtins.int
+    QUIC_PORT_FIELD_NUMBER: _builtins.int
+    number: _builtins.int
+    offset: _builtins.int
+    length: _builtins.int
+    ip: _builtins.str
+    tcp_port: _builtins.int
+    quic_port: _builtins.int
+    def __init__(
+        self,
+        *,
+        number: _builtins.int = ...,
+        offset: _builtins.int = ...,
+        length: _builtins.int = ...,
+        ip: _builtins.str = ...,
+        tcp_port: _builtins.int | None = ...,
+        quic_port: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_quic_port", b"_quic_port", "_tcp_port", b"_tcp_port", "quic_port", b"quic_port", "tcp_port", b"tcp_port"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_quic_port", b"_quic_port", "_tcp_port", b"_tcp_port", "ip", b"ip", "length", b"length", "number", b"number", "offset", b"offset", "quic_port", b"quic_port", "tcp_port", b"tcp_port"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__quic_port: _TypeAlias = _typing.Literal["quic_port"]  # noqa: Y015
+    _WhichOneofArgType__quic_port: _TypeAlias = _typing.Literal["_quic_port", b"_quic_port"]  # noqa: Y015
+    _WhichOneofReturnType__tcp_port: _TypeAlias = _typing.Literal["tcp_port"]  # noqa: Y015
+    _WhichOneofArgType__tcp_port: _TypeAlias = _typing.Literal["_tcp_port", b"_tcp_port"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__quic_port) -> _WhichOneofReturnType__quic_port | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tcp_port) -> _WhichOneofReturnType__tcp_port | None: ...
+
+Global___SyncPersistentCachePiecesResponse: _TypeAlias = SyncPersistentCachePiecesResponse  # noqa: Y015
+
+@_typing.final
+class IBVerbsQueuePairEndpoint(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NUM_FIELD_NUMBER: _builtins.int
+    LID_FIELD_NUMBER: _builtins.int
+    GID_FIELD_NUMBER: _builtins.int
+    num: _builtins.int
+    lid: _builtins.int
+    gid: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        num: _builtins.int = ...,
+        lid: _builtins.int = ...,
+        gid: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gid", b"gid", "lid", b"lid", "num", b"num"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IBVerbsQueuePairEndpoint: _TypeAlias = IBVerbsQueuePairEndpoint  # noqa: Y015

@@ -7,7 +7,7 @@ from . import common_pb2 as common__pb2
 from . import dfdaemon_pb2 as dfdaemon__pb2
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -72,6 +72,86 @@ class DfdaemonUploadStub:
                 request_serializer=dfdaemon__pb2.SyncHostRequest.SerializeToString,
                 response_deserializer=common__pb2.Host.FromString,
                 _registered_method=True)
+        self.ListTaskEntries = channel.unary_unary(
+                '/dfdaemon.v2.DfdaemonUpload/ListTaskEntries',
+                request_serializer=dfdaemon__pb2.ListTaskEntriesRequest.SerializeToString,
+                response_deserializer=dfdaemon__pb2.ListTaskEntriesResponse.FromString,
+                _registered_method=True)
+        self.DownloadCacheTask = channel.unary_stream(
+                '/dfdaemon.v2.DfdaemonUpload/DownloadCacheTask',
+                request_serializer=dfdaemon__pb2.DownloadCacheTaskRequest.SerializeToString,
+                response_deserializer=dfdaemon__pb2.DownloadCacheTaskResponse.FromString,
+                _registered_method=True)
+        self.StatCacheTask = channel.unary_unary(
+                '/dfdaemon.v2.DfdaemonUpload/StatCacheTask',
+                request_serializer=dfdaemon__pb2.StatCacheTaskRequest.SerializeToString,
+                response_deserializer=common__pb2.CacheTask.FromString,
+                _registered_method=True)
+        self.DeleteCacheTask = channel.unary_unary(
+                '/dfdaemon.v2.DfdaemonUpload/DeleteCacheTask',
+                request_serializer=dfdaemon__pb2.DeleteCacheTaskRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                _registered_method=True)
+        self.SyncCachePieces = channel.unary_stream(
+                '/dfdaemon.v2.DfdaemonUpload/SyncCachePieces',
+                request_serializer=dfdaemon__pb2.SyncCachePiecesRequest.SerializeToString,
+                response_deserializer=dfdaemon__pb2.SyncCachePiecesResponse.FromString,
+                _registered_method=True)
+        self.DownloadCachePiece = channel.unary_unary(
+                '/dfdaemon.v2.DfdaemonUpload/DownloadCachePiece',
+                request_serializer=dfdaemon__pb2.DownloadCachePieceRequest.SerializeToString,
+                response_deserializer=dfdaemon__pb2.DownloadCachePieceResponse.FromString,
+                _registered_method=True)
+        self.DownloadPersistentTask = channel.unary_stream(
+                '/dfdaemon.v2.DfdaemonUpload/DownloadPersistentTask',
+                request_serializer=dfdaemon__pb2.DownloadPersistentTaskRequest.SerializeToString,
+                response_deserializer=dfdaemon__pb2.DownloadPersistentTaskResponse.FromString,
+                _registered_method=True)
+        self.SyncPersistentPieces = channel.unary_stream(
+                '/dfdaemon.v2.DfdaemonUpload/SyncPersistentPieces',
+                request_serializer=dfdaemon__pb2.SyncPersistentPiecesRequest.SerializeToString,
+                response_deserializer=dfdaemon__pb2.SyncPersistentPiecesResponse.FromString,
+                _registered_method=True)
+        self.UpdatePersistentTask = channel.unary_unary(
+                '/dfdaemon.v2.DfdaemonUpload/UpdatePersistentTask',
+                request_serializer=dfdaemon__pb2.UpdatePersistentTaskRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                _registered_method=True)
+        self.StatPersistentTask = channel.unary_unary(
+                '/dfdaemon.v2.DfdaemonUpload/StatPersistentTask',
+                request_serializer=dfdaemon__pb2.StatPersistentTaskRequest.SerializeToString,
+                response_deserializer=common__pb2.PersistentTask.FromString,
+                _registered_method=True)
+        self.DeletePersistentTask = channel.unary_unary(
+                '/dfdaemon.v2.DfdaemonUpload/DeletePersistentTask',
+                request_serializer=dfdaemon__pb2.DeletePersistentTaskRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                _registered_method=True)
+        self.DownloadPersistentCacheTask = channel.unary_stream(
+                '/dfdaemon.v2.DfdaemonUpload/DownloadPersistentCacheTask',
+                request_serializer=dfdaemon__pb2.DownloadPersistentCacheTaskRequest.SerializeToString,
+                response_deserializer=dfdaemon__pb2.DownloadPersistentCacheTaskResponse.FromString,
+                _registered_method=True)
+        self.UpdatePersistentCacheTask = channel.unary_unary(
+                '/dfdaemon.v2.DfdaemonUpload/UpdatePersistentCacheTask',
+                request_serializer=dfdaemon__pb2.UpdatePersistentCacheTaskRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                _registered_method=True)
+        self.StatPersistentCacheTask = channel.unary_unary(
+                '/dfdaemon.v2.DfdaemonUpload/StatPersistentCacheTask',
+                request_serializer=dfdaemon__pb2.StatPersistentCacheTaskRequest.SerializeToString,
+                response_deserializer=common__pb2.PersistentCacheTask.FromString,
+                _registered_method=True)
+        self.DeletePersistentCacheTask = channel.unary_unary(
+                '/dfdaemon.v2.DfdaemonUpload/DeletePersistentCacheTask',
+                request_serializer=dfdaemon__pb2.DeletePersistentCacheTaskRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                _registered_method=True)
+        self.SyncPersistentCachePieces = channel.unary_stream(
+                '/dfdaemon.v2.DfdaemonUpload/SyncPersistentCachePieces',
+                request_serializer=dfdaemon__pb2.SyncPersistentCachePiecesRequest.SerializeToString,
+                response_deserializer=dfdaemon__pb2.SyncPersistentCachePiecesResponse.FromString,
+                _registered_method=True)
 
 
 class DfdaemonUploadServicer:
@@ -120,6 +200,104 @@ class DfdaemonUploadServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTaskEntries(self, request, context):
+        """API 2.3.x RPCs below: mirrored for wire compatibility, answered
+        UNIMPLEMENTED by this daemon.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadCacheTask(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StatCacheTask(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteCacheTask(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SyncCachePieces(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadCachePiece(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadPersistentTask(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SyncPersistentPieces(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdatePersistentTask(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StatPersistentTask(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeletePersistentTask(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadPersistentCacheTask(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdatePersistentCacheTask(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StatPersistentCacheTask(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeletePersistentCacheTask(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SyncPersistentCachePieces(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DfdaemonUploadServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -157,6 +335,86 @@ def add_DfdaemonUploadServicer_to_server(servicer, server):
                     servicer.SyncHost,
                     request_deserializer=dfdaemon__pb2.SyncHostRequest.FromString,
                     response_serializer=common__pb2.Host.SerializeToString,
+            ),
+            'ListTaskEntries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTaskEntries,
+                    request_deserializer=dfdaemon__pb2.ListTaskEntriesRequest.FromString,
+                    response_serializer=dfdaemon__pb2.ListTaskEntriesResponse.SerializeToString,
+            ),
+            'DownloadCacheTask': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadCacheTask,
+                    request_deserializer=dfdaemon__pb2.DownloadCacheTaskRequest.FromString,
+                    response_serializer=dfdaemon__pb2.DownloadCacheTaskResponse.SerializeToString,
+            ),
+            'StatCacheTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.StatCacheTask,
+                    request_deserializer=dfdaemon__pb2.StatCacheTaskRequest.FromString,
+                    response_serializer=common__pb2.CacheTask.SerializeToString,
+            ),
+            'DeleteCacheTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteCacheTask,
+                    request_deserializer=dfdaemon__pb2.DeleteCacheTaskRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            ),
+            'SyncCachePieces': grpc.unary_stream_rpc_method_handler(
+                    servicer.SyncCachePieces,
+                    request_deserializer=dfdaemon__pb2.SyncCachePiecesRequest.FromString,
+                    response_serializer=dfdaemon__pb2.SyncCachePiecesResponse.SerializeToString,
+            ),
+            'DownloadCachePiece': grpc.unary_unary_rpc_method_handler(
+                    servicer.DownloadCachePiece,
+                    request_deserializer=dfdaemon__pb2.DownloadCachePieceRequest.FromString,
+                    response_serializer=dfdaemon__pb2.DownloadCachePieceResponse.SerializeToString,
+            ),
+            'DownloadPersistentTask': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadPersistentTask,
+                    request_deserializer=dfdaemon__pb2.DownloadPersistentTaskRequest.FromString,
+                    response_serializer=dfdaemon__pb2.DownloadPersistentTaskResponse.SerializeToString,
+            ),
+            'SyncPersistentPieces': grpc.unary_stream_rpc_method_handler(
+                    servicer.SyncPersistentPieces,
+                    request_deserializer=dfdaemon__pb2.SyncPersistentPiecesRequest.FromString,
+                    response_serializer=dfdaemon__pb2.SyncPersistentPiecesResponse.SerializeToString,
+            ),
+            'UpdatePersistentTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdatePersistentTask,
+                    request_deserializer=dfdaemon__pb2.UpdatePersistentTaskRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            ),
+            'StatPersistentTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.StatPersistentTask,
+                    request_deserializer=dfdaemon__pb2.StatPersistentTaskRequest.FromString,
+                    response_serializer=common__pb2.PersistentTask.SerializeToString,
+            ),
+            'DeletePersistentTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeletePersistentTask,
+                    request_deserializer=dfdaemon__pb2.DeletePersistentTaskRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            ),
+            'DownloadPersistentCacheTask': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadPersistentCacheTask,
+                    request_deserializer=dfdaemon__pb2.DownloadPersistentCacheTaskRequest.FromString,
+                    response_serializer=dfdaemon__pb2.DownloadPersistentCacheTaskResponse.SerializeToString,
+            ),
+            'UpdatePersistentCacheTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdatePersistentCacheTask,
+                    request_deserializer=dfdaemon__pb2.UpdatePersistentCacheTaskRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            ),
+            'StatPersistentCacheTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.StatPersistentCacheTask,
+                    request_deserializer=dfdaemon__pb2.StatPersistentCacheTaskRequest.FromString,
+                    response_serializer=common__pb2.PersistentCacheTask.SerializeToString,
+            ),
+            'DeletePersistentCacheTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeletePersistentCacheTask,
+                    request_deserializer=dfdaemon__pb2.DeletePersistentCacheTaskRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            ),
+            'SyncPersistentCachePieces': grpc.unary_stream_rpc_method_handler(
+                    servicer.SyncPersistentCachePieces,
+                    request_deserializer=dfdaemon__pb2.SyncPersistentCachePiecesRequest.FromString,
+                    response_serializer=dfdaemon__pb2.SyncPersistentCachePiecesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -359,6 +617,438 @@ class DfdaemonUpload:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def ListTaskEntries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dfdaemon.v2.DfdaemonUpload/ListTaskEntries',
+            dfdaemon__pb2.ListTaskEntriesRequest.SerializeToString,
+            dfdaemon__pb2.ListTaskEntriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadCacheTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dfdaemon.v2.DfdaemonUpload/DownloadCacheTask',
+            dfdaemon__pb2.DownloadCacheTaskRequest.SerializeToString,
+            dfdaemon__pb2.DownloadCacheTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StatCacheTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dfdaemon.v2.DfdaemonUpload/StatCacheTask',
+            dfdaemon__pb2.StatCacheTaskRequest.SerializeToString,
+            common__pb2.CacheTask.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteCacheTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dfdaemon.v2.DfdaemonUpload/DeleteCacheTask',
+            dfdaemon__pb2.DeleteCacheTaskRequest.SerializeToString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SyncCachePieces(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dfdaemon.v2.DfdaemonUpload/SyncCachePieces',
+            dfdaemon__pb2.SyncCachePiecesRequest.SerializeToString,
+            dfdaemon__pb2.SyncCachePiecesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadCachePiece(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dfdaemon.v2.DfdaemonUpload/DownloadCachePiece',
+            dfdaemon__pb2.DownloadCachePieceRequest.SerializeToString,
+            dfdaemon__pb2.DownloadCachePieceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadPersistentTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dfdaemon.v2.DfdaemonUpload/DownloadPersistentTask',
+            dfdaemon__pb2.DownloadPersistentTaskRequest.SerializeToString,
+            dfdaemon__pb2.DownloadPersistentTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SyncPersistentPieces(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dfdaemon.v2.DfdaemonUpload/SyncPersistentPieces',
+            dfdaemon__pb2.SyncPersistentPiecesRequest.SerializeToString,
+            dfdaemon__pb2.SyncPersistentPiecesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdatePersistentTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dfdaemon.v2.DfdaemonUpload/UpdatePersistentTask',
+            dfdaemon__pb2.UpdatePersistentTaskRequest.SerializeToString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StatPersistentTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dfdaemon.v2.DfdaemonUpload/StatPersistentTask',
+            dfdaemon__pb2.StatPersistentTaskRequest.SerializeToString,
+            common__pb2.PersistentTask.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeletePersistentTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dfdaemon.v2.DfdaemonUpload/DeletePersistentTask',
+            dfdaemon__pb2.DeletePersistentTaskRequest.SerializeToString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadPersistentCacheTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dfdaemon.v2.DfdaemonUpload/DownloadPersistentCacheTask',
+            dfdaemon__pb2.DownloadPersistentCacheTaskRequest.SerializeToString,
+            dfdaemon__pb2.DownloadPersistentCacheTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdatePersistentCacheTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dfdaemon.v2.DfdaemonUpload/UpdatePersistentCacheTask',
+            dfdaemon__pb2.UpdatePersistentCacheTaskRequest.SerializeToString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StatPersistentCacheTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dfdaemon.v2.DfdaemonUpload/StatPersistentCacheTask',
+            dfdaemon__pb2.StatPersistentCacheTaskRequest.SerializeToString,
+            common__pb2.PersistentCacheTask.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeletePersistentCacheTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dfdaemon.v2.DfdaemonUpload/DeletePersistentCacheTask',
+            dfdaemon__pb2.DeletePersistentCacheTaskRequest.SerializeToString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SyncPersistentCachePieces(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dfdaemon.v2.DfdaemonUpload/SyncPersistentCachePieces',
+            dfdaemon__pb2.SyncPersistentCachePiecesRequest.SerializeToString,
+            dfdaemon__pb2.SyncPersistentCachePiecesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class DfdaemonDownloadStub:
     """Served on a unix socket to local clients (dfget, container runtimes).
@@ -404,6 +1094,76 @@ class DfdaemonDownloadStub:
                 '/dfdaemon.v2.DfdaemonDownload/DeleteHost',
                 request_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
                 response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                _registered_method=True)
+        self.ListTaskEntries = channel.unary_unary(
+                '/dfdaemon.v2.DfdaemonDownload/ListTaskEntries',
+                request_serializer=dfdaemon__pb2.ListTaskEntriesRequest.SerializeToString,
+                response_deserializer=dfdaemon__pb2.ListTaskEntriesResponse.FromString,
+                _registered_method=True)
+        self.DownloadCacheTask = channel.unary_stream(
+                '/dfdaemon.v2.DfdaemonDownload/DownloadCacheTask',
+                request_serializer=dfdaemon__pb2.DownloadCacheTaskRequest.SerializeToString,
+                response_deserializer=dfdaemon__pb2.DownloadCacheTaskResponse.FromString,
+                _registered_method=True)
+        self.StatCacheTask = channel.unary_unary(
+                '/dfdaemon.v2.DfdaemonDownload/StatCacheTask',
+                request_serializer=dfdaemon__pb2.StatCacheTaskRequest.SerializeToString,
+                response_deserializer=common__pb2.CacheTask.FromString,
+                _registered_method=True)
+        self.DeleteCacheTask = channel.unary_unary(
+                '/dfdaemon.v2.DfdaemonDownload/DeleteCacheTask',
+                request_serializer=dfdaemon__pb2.DeleteCacheTaskRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                _registered_method=True)
+        self.DownloadPersistentTask = channel.unary_stream(
+                '/dfdaemon.v2.DfdaemonDownload/DownloadPersistentTask',
+                request_serializer=dfdaemon__pb2.DownloadPersistentTaskRequest.SerializeToString,
+                response_deserializer=dfdaemon__pb2.DownloadPersistentTaskResponse.FromString,
+                _registered_method=True)
+        self.UploadPersistentTask = channel.unary_unary(
+                '/dfdaemon.v2.DfdaemonDownload/UploadPersistentTask',
+                request_serializer=dfdaemon__pb2.UploadPersistentTaskRequest.SerializeToString,
+                response_deserializer=common__pb2.PersistentTask.FromString,
+                _registered_method=True)
+        self.StatPersistentTask = channel.unary_unary(
+                '/dfdaemon.v2.DfdaemonDownload/StatPersistentTask',
+                request_serializer=dfdaemon__pb2.StatPersistentTaskRequest.SerializeToString,
+                response_deserializer=common__pb2.PersistentTask.FromString,
+                _registered_method=True)
+        self.StatLocalPersistentTask = channel.unary_unary(
+                '/dfdaemon.v2.DfdaemonDownload/StatLocalPersistentTask',
+                request_serializer=dfdaemon__pb2.StatLocalPersistentTaskRequest.SerializeToString,
+                response_deserializer=dfdaemon__pb2.StatLocalPersistentTaskResponse.FromString,
+                _registered_method=True)
+        self.ListLocalPersistentTasks = channel.unary_unary(
+                '/dfdaemon.v2.DfdaemonDownload/ListLocalPersistentTasks',
+                request_serializer=dfdaemon__pb2.ListLocalPersistentTasksRequest.SerializeToString,
+                response_deserializer=dfdaemon__pb2.ListLocalPersistentTasksResponse.FromString,
+                _registered_method=True)
+        self.DownloadPersistentCacheTask = channel.unary_stream(
+                '/dfdaemon.v2.DfdaemonDownload/DownloadPersistentCacheTask',
+                request_serializer=dfdaemon__pb2.DownloadPersistentCacheTaskRequest.SerializeToString,
+                response_deserializer=dfdaemon__pb2.DownloadPersistentCacheTaskResponse.FromString,
+                _registered_method=True)
+        self.UploadPersistentCacheTask = channel.unary_unary(
+                '/dfdaemon.v2.DfdaemonDownload/UploadPersistentCacheTask',
+                request_serializer=dfdaemon__pb2.UploadPersistentCacheTaskRequest.SerializeToString,
+                response_deserializer=common__pb2.PersistentCacheTask.FromString,
+                _registered_method=True)
+        self.StatPersistentCacheTask = channel.unary_unary(
+                '/dfdaemon.v2.DfdaemonDownload/StatPersistentCacheTask',
+                request_serializer=dfdaemon__pb2.StatPersistentCacheTaskRequest.SerializeToString,
+                response_deserializer=common__pb2.PersistentCacheTask.FromString,
+                _registered_method=True)
+        self.StatLocalPersistentCacheTask = channel.unary_unary(
+                '/dfdaemon.v2.DfdaemonDownload/StatLocalPersistentCacheTask',
+                request_serializer=dfdaemon__pb2.StatLocalPersistentCacheTaskRequest.SerializeToString,
+                response_deserializer=dfdaemon__pb2.StatLocalPersistentCacheTaskResponse.FromString,
+                _registered_method=True)
+        self.ListLocalPersistentCacheTasks = channel.unary_unary(
+                '/dfdaemon.v2.DfdaemonDownload/ListLocalPersistentCacheTasks',
+                request_serializer=dfdaemon__pb2.ListLocalPersistentCacheTasksRequest.SerializeToString,
+                response_deserializer=dfdaemon__pb2.ListLocalPersistentCacheTasksResponse.FromString,
                 _registered_method=True)
 
 
@@ -453,6 +1213,92 @@ class DfdaemonDownloadServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTaskEntries(self, request, context):
+        """API 2.3.x RPCs below: mirrored for wire compatibility, answered
+        UNIMPLEMENTED by this daemon.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadCacheTask(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StatCacheTask(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteCacheTask(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadPersistentTask(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadPersistentTask(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StatPersistentTask(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StatLocalPersistentTask(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListLocalPersistentTasks(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadPersistentCacheTask(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadPersistentCacheTask(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StatPersistentCacheTask(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StatLocalPersistentCacheTask(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListLocalPersistentCacheTasks(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DfdaemonDownloadServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -490,6 +1336,76 @@ def add_DfdaemonDownloadServicer_to_server(servicer, server):
                     servicer.DeleteHost,
                     request_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
                     response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            ),
+            'ListTaskEntries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTaskEntries,
+                    request_deserializer=dfdaemon__pb2.ListTaskEntriesRequest.FromString,
+                    response_serializer=dfdaemon__pb2.ListTaskEntriesResponse.SerializeToString,
+            ),
+            'DownloadCacheTask': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadCacheTask,
+                    request_deserializer=dfdaemon__pb2.DownloadCacheTaskRequest.FromString,
+                    response_serializer=dfdaemon__pb2.DownloadCacheTaskResponse.SerializeToString,
+            ),
+            'StatCacheTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.StatCacheTask,
+                    request_deserializer=dfdaemon__pb2.StatCacheTaskRequest.FromString,
+                    response_serializer=common__pb2.CacheTask.SerializeToString,
+            ),
+            'DeleteCacheTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteCacheTask,
+                    request_deserializer=dfdaemon__pb2.DeleteCacheTaskRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            ),
+            'DownloadPersistentTask': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadPersistentTask,
+                    request_deserializer=dfdaemon__pb2.DownloadPersistentTaskRequest.FromString,
+                    response_serializer=dfdaemon__pb2.DownloadPersistentTaskResponse.SerializeToString,
+            ),
+            'UploadPersistentTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.UploadPersistentTask,
+                    request_deserializer=dfdaemon__pb2.UploadPersistentTaskRequest.FromString,
+                    response_serializer=common__pb2.PersistentTask.SerializeToString,
+            ),
+            'StatPersistentTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.StatPersistentTask,
+                    request_deserializer=dfdaemon__pb2.StatPersistentTaskRequest.FromString,
+                    response_serializer=common__pb2.PersistentTask.SerializeToString,
+            ),
+            'StatLocalPersistentTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.StatLocalPersistentTask,
+                    request_deserializer=dfdaemon__pb2.StatLocalPersistentTaskRequest.FromString,
+                    response_serializer=dfdaemon__pb2.StatLocalPersistentTaskResponse.SerializeToString,
+            ),
+            'ListLocalPersistentTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLocalPersistentTasks,
+                    request_deserializer=dfdaemon__pb2.ListLocalPersistentTasksRequest.FromString,
+                    response_serializer=dfdaemon__pb2.ListLocalPersistentTasksResponse.SerializeToString,
+            ),
+            'DownloadPersistentCacheTask': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadPersistentCacheTask,
+                    request_deserializer=dfdaemon__pb2.DownloadPersistentCacheTaskRequest.FromString,
+                    response_serializer=dfdaemon__pb2.DownloadPersistentCacheTaskResponse.SerializeToString,
+            ),
+            'UploadPersistentCacheTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.UploadPersistentCacheTask,
+                    request_deserializer=dfdaemon__pb2.UploadPersistentCacheTaskRequest.FromString,
+                    response_serializer=common__pb2.PersistentCacheTask.SerializeToString,
+            ),
+            'StatPersistentCacheTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.StatPersistentCacheTask,
+                    request_deserializer=dfdaemon__pb2.StatPersistentCacheTaskRequest.FromString,
+                    response_serializer=common__pb2.PersistentCacheTask.SerializeToString,
+            ),
+            'StatLocalPersistentCacheTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.StatLocalPersistentCacheTask,
+                    request_deserializer=dfdaemon__pb2.StatLocalPersistentCacheTaskRequest.FromString,
+                    response_serializer=dfdaemon__pb2.StatLocalPersistentCacheTaskResponse.SerializeToString,
+            ),
+            'ListLocalPersistentCacheTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLocalPersistentCacheTasks,
+                    request_deserializer=dfdaemon__pb2.ListLocalPersistentCacheTasksRequest.FromString,
+                    response_serializer=dfdaemon__pb2.ListLocalPersistentCacheTasksResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -682,6 +1598,384 @@ class DfdaemonDownload:
             '/dfdaemon.v2.DfdaemonDownload/DeleteHost',
             google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
             google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTaskEntries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dfdaemon.v2.DfdaemonDownload/ListTaskEntries',
+            dfdaemon__pb2.ListTaskEntriesRequest.SerializeToString,
+            dfdaemon__pb2.ListTaskEntriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadCacheTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dfdaemon.v2.DfdaemonDownload/DownloadCacheTask',
+            dfdaemon__pb2.DownloadCacheTaskRequest.SerializeToString,
+            dfdaemon__pb2.DownloadCacheTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StatCacheTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dfdaemon.v2.DfdaemonDownload/StatCacheTask',
+            dfdaemon__pb2.StatCacheTaskRequest.SerializeToString,
+            common__pb2.CacheTask.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteCacheTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dfdaemon.v2.DfdaemonDownload/DeleteCacheTask',
+            dfdaemon__pb2.DeleteCacheTaskRequest.SerializeToString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadPersistentTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dfdaemon.v2.DfdaemonDownload/DownloadPersistentTask',
+            dfdaemon__pb2.DownloadPersistentTaskRequest.SerializeToString,
+            dfdaemon__pb2.DownloadPersistentTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadPersistentTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dfdaemon.v2.DfdaemonDownload/UploadPersistentTask',
+            dfdaemon__pb2.UploadPersistentTaskRequest.SerializeToString,
+            common__pb2.PersistentTask.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StatPersistentTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dfdaemon.v2.DfdaemonDownload/StatPersistentTask',
+            dfdaemon__pb2.StatPersistentTaskRequest.SerializeToString,
+            common__pb2.PersistentTask.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StatLocalPersistentTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dfdaemon.v2.DfdaemonDownload/StatLocalPersistentTask',
+            dfdaemon__pb2.StatLocalPersistentTaskRequest.SerializeToString,
+            dfdaemon__pb2.StatLocalPersistentTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLocalPersistentTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dfdaemon.v2.DfdaemonDownload/ListLocalPersistentTasks',
+            dfdaemon__pb2.ListLocalPersistentTasksRequest.SerializeToString,
+            dfdaemon__pb2.ListLocalPersistentTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadPersistentCacheTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dfdaemon.v2.DfdaemonDownload/DownloadPersistentCacheTask',
+            dfdaemon__pb2.DownloadPersistentCacheTaskRequest.SerializeToString,
+            dfdaemon__pb2.DownloadPersistentCacheTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadPersistentCacheTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dfdaemon.v2.DfdaemonDownload/UploadPersistentCacheTask',
+            dfdaemon__pb2.UploadPersistentCacheTaskRequest.SerializeToString,
+            common__pb2.PersistentCacheTask.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StatPersistentCacheTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dfdaemon.v2.DfdaemonDownload/StatPersistentCacheTask',
+            dfdaemon__pb2.StatPersistentCacheTaskRequest.SerializeToString,
+            common__pb2.PersistentCacheTask.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StatLocalPersistentCacheTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dfdaemon.v2.DfdaemonDownload/StatLocalPersistentCacheTask',
+            dfdaemon__pb2.StatLocalPersistentCacheTaskRequest.SerializeToString,
+            dfdaemon__pb2.StatLocalPersistentCacheTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLocalPersistentCacheTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dfdaemon.v2.DfdaemonDownload/ListLocalPersistentCacheTasks',
+            dfdaemon__pb2.ListLocalPersistentCacheTasksRequest.SerializeToString,
+            dfdaemon__pb2.ListLocalPersistentCacheTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,

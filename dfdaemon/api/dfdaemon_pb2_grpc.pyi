@@ -46,6 +46,25 @@ class DfdaemonUploadStub:
     SyncPieces: _grpc.UnaryStreamMultiCallable[_dfdaemon_pb2.SyncPiecesRequest, _dfdaemon_pb2.SyncPiecesResponse]
     DownloadPiece: _grpc.UnaryUnaryMultiCallable[_dfdaemon_pb2.DownloadPieceRequest, _dfdaemon_pb2.DownloadPieceResponse]
     SyncHost: _grpc.UnaryStreamMultiCallable[_dfdaemon_pb2.SyncHostRequest, _common_pb2.Host]
+    ListTaskEntries: _grpc.UnaryUnaryMultiCallable[_dfdaemon_pb2.ListTaskEntriesRequest, _dfdaemon_pb2.ListTaskEntriesResponse]
+    """API 2.3.x RPCs below: mirrored for wire compatibility, answered
+    UNIMPLEMENTED by this daemon.
+    """
+    DownloadCacheTask: _grpc.UnaryStreamMultiCallable[_dfdaemon_pb2.DownloadCacheTaskRequest, _dfdaemon_pb2.DownloadCacheTaskResponse]
+    StatCacheTask: _grpc.UnaryUnaryMultiCallable[_dfdaemon_pb2.StatCacheTaskRequest, _common_pb2.CacheTask]
+    DeleteCacheTask: _grpc.UnaryUnaryMultiCallable[_dfdaemon_pb2.DeleteCacheTaskRequest, _empty_pb2.Empty]
+    SyncCachePieces: _grpc.UnaryStreamMultiCallable[_dfdaemon_pb2.SyncCachePiecesRequest, _dfdaemon_pb2.SyncCachePiecesResponse]
+    DownloadCachePiece: _grpc.UnaryUnaryMultiCallable[_dfdaemon_pb2.DownloadCachePieceRequest, _dfdaemon_pb2.DownloadCachePieceResponse]
+    DownloadPersistentTask: _grpc.UnaryStreamMultiCallable[_dfdaemon_pb2.DownloadPersistentTaskRequest, _dfdaemon_pb2.DownloadPersistentTaskResponse]
+    SyncPersistentPieces: _grpc.UnaryStreamMultiCallable[_dfdaemon_pb2.SyncPersistentPiecesRequest, _dfdaemon_pb2.SyncPersistentPiecesResponse]
+    UpdatePersistentTask: _grpc.UnaryUnaryMultiCallable[_dfdaemon_pb2.UpdatePersistentTaskRequest, _empty_pb2.Empty]
+    StatPersistentTask: _grpc.UnaryUnaryMultiCallable[_dfdaemon_pb2.StatPersistentTaskRequest, _common_pb2.PersistentTask]
+    DeletePersistentTask: _grpc.UnaryUnaryMultiCallable[_dfdaemon_pb2.DeletePersistentTaskRequest, _empty_pb2.Empty]
+    DownloadPersistentCacheTask: _grpc.UnaryStreamMultiCallable[_dfdaemon_pb2.DownloadPersistentCacheTaskRequest, _dfdaemon_pb2.DownloadPersistentCacheTaskResponse]
+    UpdatePersistentCacheTask: _grpc.UnaryUnaryMultiCallable[_dfdaemon_pb2.UpdatePersistentCacheTaskRequest, _empty_pb2.Empty]
+    StatPersistentCacheTask: _grpc.UnaryUnaryMultiCallable[_dfdaemon_pb2.StatPersistentCacheTaskRequest, _common_pb2.PersistentCacheTask]
+    DeletePersistentCacheTask: _grpc.UnaryUnaryMultiCallable[_dfdaemon_pb2.DeletePersistentCacheTaskRequest, _empty_pb2.Empty]
+    SyncPersistentCachePieces: _grpc.UnaryStreamMultiCallable[_dfdaemon_pb2.SyncPersistentCachePiecesRequest, _dfdaemon_pb2.SyncPersistentCachePiecesResponse]
 
 @_typing.type_check_only
 class DfdaemonUploadAsyncStub(DfdaemonUploadStub):
@@ -59,6 +78,25 @@ class DfdaemonUploadAsyncStub(DfdaemonUploadStub):
     SyncPieces: _aio.UnaryStreamMultiCallable[_dfdaemon_pb2.SyncPiecesRequest, _dfdaemon_pb2.SyncPiecesResponse]  # type: ignore[assignment]
     DownloadPiece: _aio.UnaryUnaryMultiCallable[_dfdaemon_pb2.DownloadPieceRequest, _dfdaemon_pb2.DownloadPieceResponse]  # type: ignore[assignment]
     SyncHost: _aio.UnaryStreamMultiCallable[_dfdaemon_pb2.SyncHostRequest, _common_pb2.Host]  # type: ignore[assignment]
+    ListTaskEntries: _aio.UnaryUnaryMultiCallable[_dfdaemon_pb2.ListTaskEntriesRequest, _dfdaemon_pb2.ListTaskEntriesResponse]  # type: ignore[assignment]
+    """API 2.3.x RPCs below: mirrored for wire compatibility, answered
+    UNIMPLEMENTED by this daemon.
+    """
+    DownloadCacheTask: _aio.UnaryStreamMultiCallable[_dfdaemon_pb2.DownloadCacheTaskRequest, _dfdaemon_pb2.DownloadCacheTaskResponse]  # type: ignore[assignment]
+    StatCacheTask: _aio.UnaryUnaryMultiCallable[_dfdaemon_pb2.StatCacheTaskRequest, _common_pb2.CacheTask]  # type: ignore[assignment]
+    DeleteCacheTask: _aio.UnaryUnaryMultiCallable[_dfdaemon_pb2.DeleteCacheTaskRequest, _empty_pb2.Empty]  # type: ignore[assignment]
+    SyncCachePieces: _aio.UnaryStreamMultiCallable[_dfdaemon_pb2.SyncCachePiecesRequest, _dfdaemon_pb2.SyncCachePiecesResponse]  # type: ignore[assignment]
+    DownloadCachePiece: _aio.UnaryUnaryMultiCallable[_dfdaemon_pb2.DownloadCachePieceRequest, _dfdaemon_pb2.DownloadCachePieceResponse]  # type: ignore[assignment]
+    DownloadPersistentTask: _aio.UnaryStreamMultiCallable[_dfdaemon_pb2.DownloadPersistentTaskRequest, _dfdaemon_pb2.DownloadPersistentTaskResponse]  # type: ignore[assignment]
+    SyncPersistentPieces: _aio.UnaryStreamMultiCallable[_dfdaemon_pb2.SyncPersistentPiecesRequest, _dfdaemon_pb2.SyncPersistentPiecesResponse]  # type: ignore[assignment]
+    UpdatePersistentTask: _aio.UnaryUnaryMultiCallable[_dfdaemon_pb2.UpdatePersistentTaskRequest, _empty_pb2.Empty]  # type: ignore[assignment]
+    StatPersistentTask: _aio.UnaryUnaryMultiCallable[_dfdaemon_pb2.StatPersistentTaskRequest, _common_pb2.PersistentTask]  # type: ignore[assignment]
+    DeletePersistentTask: _aio.UnaryUnaryMultiCallable[_dfdaemon_pb2.DeletePersistentTaskRequest, _empty_pb2.Empty]  # type: ignore[assignment]
+    DownloadPersistentCacheTask: _aio.UnaryStreamMultiCallable[_dfdaemon_pb2.DownloadPersistentCacheTaskRequest, _dfdaemon_pb2.DownloadPersistentCacheTaskResponse]  # type: ignore[assignment]
+    UpdatePersistentCacheTask: _aio.UnaryUnaryMultiCallable[_dfdaemon_pb2.UpdatePersistentCacheTaskRequest, _empty_pb2.Empty]  # type: ignore[assignment]
+    StatPersistentCacheTask: _aio.UnaryUnaryMultiCallable[_dfdaemon_pb2.StatPersistentCacheTaskRequest, _common_pb2.PersistentCacheTask]  # type: ignore[assignment]
+    DeletePersistentCacheTask: _aio.UnaryUnaryMultiCallable[_dfdaemon_pb2.DeletePersistentCacheTaskRequest, _empty_pb2.Empty]  # type: ignore[assignment]
+    SyncPersistentCachePieces: _aio.UnaryStreamMultiCallable[_dfdaemon_pb2.SyncPersistentCachePiecesRequest, _dfdaemon_pb2.SyncPersistentCachePiecesResponse]  # type: ignore[assignment]
 
 class DfdaemonUploadServicer(metaclass=_abc_1.ABCMeta):
     """Served on TCP to other peers and to schedulers."""
@@ -112,6 +150,121 @@ class DfdaemonUploadServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_common_pb2.Host], _abc.AsyncIterator[_common_pb2.Host]]: ...
 
+    @_abc_1.abstractmethod
+    def ListTaskEntries(
+        self,
+        request: _dfdaemon_pb2.ListTaskEntriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dfdaemon_pb2.ListTaskEntriesResponse, _abc.Awaitable[_dfdaemon_pb2.ListTaskEntriesResponse]]:
+        """API 2.3.x RPCs below: mirrored for wire compatibility, answered
+        UNIMPLEMENTED by this daemon.
+        """
+
+    @_abc_1.abstractmethod
+    def DownloadCacheTask(
+        self,
+        request: _dfdaemon_pb2.DownloadCacheTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_dfdaemon_pb2.DownloadCacheTaskResponse], _abc.AsyncIterator[_dfdaemon_pb2.DownloadCacheTaskResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def StatCacheTask(
+        self,
+        request: _dfdaemon_pb2.StatCacheTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.CacheTask, _abc.Awaitable[_common_pb2.CacheTask]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteCacheTask(
+        self,
+        request: _dfdaemon_pb2.DeleteCacheTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]: ...
+
+    @_abc_1.abstractmethod
+    def SyncCachePieces(
+        self,
+        request: _dfdaemon_pb2.SyncCachePiecesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_dfdaemon_pb2.SyncCachePiecesResponse], _abc.AsyncIterator[_dfdaemon_pb2.SyncCachePiecesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DownloadCachePiece(
+        self,
+        request: _dfdaemon_pb2.DownloadCachePieceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dfdaemon_pb2.DownloadCachePieceResponse, _abc.Awaitable[_dfdaemon_pb2.DownloadCachePieceResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DownloadPersistentTask(
+        self,
+        request: _dfdaemon_pb2.DownloadPersistentTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_dfdaemon_pb2.DownloadPersistentTaskResponse], _abc.AsyncIterator[_dfdaemon_pb2.DownloadPersistentTaskResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SyncPersistentPieces(
+        self,
+        request: _dfdaemon_pb2.SyncPersistentPiecesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_dfdaemon_pb2.SyncPersistentPiecesResponse], _abc.AsyncIterator[_dfdaemon_pb2.SyncPersistentPiecesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def UpdatePersistentTask(
+        self,
+        request: _dfdaemon_pb2.UpdatePersistentTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]: ...
+
+    @_abc_1.abstractmethod
+    def StatPersistentTask(
+        self,
+        request: _dfdaemon_pb2.StatPersistentTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.PersistentTask, _abc.Awaitable[_common_pb2.PersistentTask]]: ...
+
+    @_abc_1.abstractmethod
+    def DeletePersistentTask(
+        self,
+        request: _dfdaemon_pb2.DeletePersistentTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]: ...
+
+    @_abc_1.abstractmethod
+    def DownloadPersistentCacheTask(
+        self,
+        request: _dfdaemon_pb2.DownloadPersistentCacheTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_dfdaemon_pb2.DownloadPersistentCacheTaskResponse], _abc.AsyncIterator[_dfdaemon_pb2.DownloadPersistentCacheTaskResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def UpdatePersistentCacheTask(
+        self,
+        request: _dfdaemon_pb2.UpdatePersistentCacheTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]: ...
+
+    @_abc_1.abstractmethod
+    def StatPersistentCacheTask(
+        self,
+        request: _dfdaemon_pb2.StatPersistentCacheTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.PersistentCacheTask, _abc.Awaitable[_common_pb2.PersistentCacheTask]]: ...
+
+    @_abc_1.abstractmethod
+    def DeletePersistentCacheTask(
+        self,
+        request: _dfdaemon_pb2.DeletePersistentCacheTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]: ...
+
+    @_abc_1.abstractmethod
+    def SyncPersistentCachePieces(
+        self,
+        request: _dfdaemon_pb2.SyncPersistentCachePiecesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_dfdaemon_pb2.SyncPersistentCachePiecesResponse], _abc.AsyncIterator[_dfdaemon_pb2.SyncPersistentCachePiecesResponse]]: ...
+
 def add_DfdaemonUploadServicer_to_server(servicer: DfdaemonUploadServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
 class DfdaemonDownloadStub:
@@ -128,6 +281,23 @@ class DfdaemonDownloadStub:
     DeleteTask: _grpc.UnaryUnaryMultiCallable[_dfdaemon_pb2.DeleteTaskRequest, _empty_pb2.Empty]
     DeleteLocalTask: _grpc.UnaryUnaryMultiCallable[_dfdaemon_pb2.DeleteLocalTaskRequest, _empty_pb2.Empty]
     DeleteHost: _grpc.UnaryUnaryMultiCallable[_empty_pb2.Empty, _empty_pb2.Empty]
+    ListTaskEntries: _grpc.UnaryUnaryMultiCallable[_dfdaemon_pb2.ListTaskEntriesRequest, _dfdaemon_pb2.ListTaskEntriesResponse]
+    """API 2.3.x RPCs below: mirrored for wire compatibility, answered
+    UNIMPLEMENTED by this daemon.
+    """
+    DownloadCacheTask: _grpc.UnaryStreamMultiCallable[_dfdaemon_pb2.DownloadCacheTaskRequest, _dfdaemon_pb2.DownloadCacheTaskResponse]
+    StatCacheTask: _grpc.UnaryUnaryMultiCallable[_dfdaemon_pb2.StatCacheTaskRequest, _common_pb2.CacheTask]
+    DeleteCacheTask: _grpc.UnaryUnaryMultiCallable[_dfdaemon_pb2.DeleteCacheTaskRequest, _empty_pb2.Empty]
+    DownloadPersistentTask: _grpc.UnaryStreamMultiCallable[_dfdaemon_pb2.DownloadPersistentTaskRequest, _dfdaemon_pb2.DownloadPersistentTaskResponse]
+    UploadPersistentTask: _grpc.UnaryUnaryMultiCallable[_dfdaemon_pb2.UploadPersistentTaskRequest, _common_pb2.PersistentTask]
+    StatPersistentTask: _grpc.UnaryUnaryMultiCallable[_dfdaemon_pb2.StatPersistentTaskRequest, _common_pb2.PersistentTask]
+    StatLocalPersistentTask: _grpc.UnaryUnaryMultiCallable[_dfdaemon_pb2.StatLocalPersistentTaskRequest, _dfdaemon_pb2.StatLocalPersistentTaskResponse]
+    ListLocalPersistentTasks: _grpc.UnaryUnaryMultiCallable[_dfdaemon_pb2.ListLocalPersistentTasksRequest, _dfdaemon_pb2.ListLocalPersistentTasksResponse]
+    DownloadPersistentCacheTask: _grpc.UnaryStreamMultiCallable[_dfdaemon_pb2.DownloadPersistentCacheTaskRequest, _dfdaemon_pb2.DownloadPersistentCacheTaskResponse]
+    UploadPersistentCacheTask: _grpc.UnaryUnaryMultiCallable[_dfdaemon_pb2.UploadPersistentCacheTaskRequest, _common_pb2.PersistentCacheTask]
+    StatPersistentCacheTask: _grpc.UnaryUnaryMultiCallable[_dfdaemon_pb2.StatPersistentCacheTaskRequest, _common_pb2.PersistentCacheTask]
+    StatLocalPersistentCacheTask: _grpc.UnaryUnaryMultiCallable[_dfdaemon_pb2.StatLocalPersistentCacheTaskRequest, _dfdaemon_pb2.StatLocalPersistentCacheTaskResponse]
+    ListLocalPersistentCacheTasks: _grpc.UnaryUnaryMultiCallable[_dfdaemon_pb2.ListLocalPersistentCacheTasksRequest, _dfdaemon_pb2.ListLocalPersistentCacheTasksResponse]
 
 @_typing.type_check_only
 class DfdaemonDownloadAsyncStub(DfdaemonDownloadStub):
@@ -141,6 +311,23 @@ class DfdaemonDownloadAsyncStub(DfdaemonDownloadStub):
     DeleteTask: _aio.UnaryUnaryMultiCallable[_dfdaemon_pb2.DeleteTaskRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     DeleteLocalTask: _aio.UnaryUnaryMultiCallable[_dfdaemon_pb2.DeleteLocalTaskRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     DeleteHost: _aio.UnaryUnaryMultiCallable[_empty_pb2.Empty, _empty_pb2.Empty]  # type: ignore[assignment]
+    ListTaskEntries: _aio.UnaryUnaryMultiCallable[_dfdaemon_pb2.ListTaskEntriesRequest, _dfdaemon_pb2.ListTaskEntriesResponse]  # type: ignore[assignment]
+    """API 2.3.x RPCs below: mirrored for wire compatibility, answered
+    UNIMPLEMENTED by this daemon.
+    """
+    DownloadCacheTask: _aio.UnaryStreamMultiCallable[_dfdaemon_pb2.DownloadCacheTaskRequest, _dfdaemon_pb2.DownloadCacheTaskResponse]  # type: ignore[assignment]
+    StatCacheTask: _aio.UnaryUnaryMultiCallable[_dfdaemon_pb2.StatCacheTaskRequest, _common_pb2.CacheTask]  # type: ignore[assignment]
+    DeleteCacheTask: _aio.UnaryUnaryMultiCallable[_dfdaemon_pb2.DeleteCacheTaskRequest, _empty_pb2.Empty]  # type: ignore[assignment]
+    DownloadPersistentTask: _aio.UnaryStreamMultiCallable[_dfdaemon_pb2.DownloadPersistentTaskRequest, _dfdaemon_pb2.DownloadPersistentTaskResponse]  # type: ignore[assignment]
+    UploadPersistentTask: _aio.UnaryUnaryMultiCallable[_dfdaemon_pb2.UploadPersistentTaskRequest, _common_pb2.PersistentTask]  # type: ignore[assignment]
+    StatPersistentTask: _aio.UnaryUnaryMultiCallable[_dfdaemon_pb2.StatPersistentTaskRequest, _common_pb2.PersistentTask]  # type: ignore[assignment]
+    StatLocalPersistentTask: _aio.UnaryUnaryMultiCallable[_dfdaemon_pb2.StatLocalPersistentTaskRequest, _dfdaemon_pb2.StatLocalPersistentTaskResponse]  # type: ignore[assignment]
+    ListLocalPersistentTasks: _aio.UnaryUnaryMultiCallable[_dfdaemon_pb2.ListLocalPersistentTasksRequest, _dfdaemon_pb2.ListLocalPersistentTasksResponse]  # type: ignore[assignment]
+    DownloadPersistentCacheTask: _aio.UnaryStreamMultiCallable[_dfdaemon_pb2.DownloadPersistentCacheTaskRequest, _dfdaemon_pb2.DownloadPersistentCacheTaskResponse]  # type: ignore[assignment]
+    UploadPersistentCacheTask: _aio.UnaryUnaryMultiCallable[_dfdaemon_pb2.UploadPersistentCacheTaskRequest, _common_pb2.PersistentCacheTask]  # type: ignore[assignment]
+    StatPersistentCacheTask: _aio.UnaryUnaryMultiCallable[_dfdaemon_pb2.StatPersistentCacheTaskRequest, _common_pb2.PersistentCacheTask]  # type: ignore[assignment]
+    StatLocalPersistentCacheTask: _aio.UnaryUnaryMultiCallable[_dfdaemon_pb2.StatLocalPersistentCacheTaskRequest, _dfdaemon_pb2.StatLocalPersistentCacheTaskResponse]  # type: ignore[assignment]
+    ListLocalPersistentCacheTasks: _aio.UnaryUnaryMultiCallable[_dfdaemon_pb2.ListLocalPersistentCacheTasksRequest, _dfdaemon_pb2.ListLocalPersistentCacheTasksResponse]  # type: ignore[assignment]
 
 class DfdaemonDownloadServicer(metaclass=_abc_1.ABCMeta):
     """Served on a unix socket to local clients (dfget, container runtimes)."""
@@ -193,5 +380,106 @@ class DfdaemonDownloadServicer(metaclass=_abc_1.ABCMeta):
         request: _empty_pb2.Empty,
         context: _ServicerContext,
     ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]: ...
+
+    @_abc_1.abstractmethod
+    def ListTaskEntries(
+        self,
+        request: _dfdaemon_pb2.ListTaskEntriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dfdaemon_pb2.ListTaskEntriesResponse, _abc.Awaitable[_dfdaemon_pb2.ListTaskEntriesResponse]]:
+        """API 2.3.x RPCs below: mirrored for wire compatibility, answered
+        UNIMPLEMENTED by this daemon.
+        """
+
+    @_abc_1.abstractmethod
+    def DownloadCacheTask(
+        self,
+        request: _dfdaemon_pb2.DownloadCacheTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_dfdaemon_pb2.DownloadCacheTaskResponse], _abc.AsyncIterator[_dfdaemon_pb2.DownloadCacheTaskResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def StatCacheTask(
+        self,
+        request: _dfdaemon_pb2.StatCacheTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.CacheTask, _abc.Awaitable[_common_pb2.CacheTask]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteCacheTask(
+        self,
+        request: _dfdaemon_pb2.DeleteCacheTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]: ...
+
+    @_abc_1.abstractmethod
+    def DownloadPersistentTask(
+        self,
+        request: _dfdaemon_pb2.DownloadPersistentTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_dfdaemon_pb2.DownloadPersistentTaskResponse], _abc.AsyncIterator[_dfdaemon_pb2.DownloadPersistentTaskResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def UploadPersistentTask(
+        self,
+        request: _dfdaemon_pb2.UploadPersistentTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.PersistentTask, _abc.Awaitable[_common_pb2.PersistentTask]]: ...
+
+    @_abc_1.abstractmethod
+    def StatPersistentTask(
+        self,
+        request: _dfdaemon_pb2.StatPersistentTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.PersistentTask, _abc.Awaitable[_common_pb2.PersistentTask]]: ...
+
+    @_abc_1.abstractmethod
+    def StatLocalPersistentTask(
+        self,
+        request: _dfdaemon_pb2.StatLocalPersistentTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dfdaemon_pb2.StatLocalPersistentTaskResponse, _abc.Awaitable[_dfdaemon_pb2.StatLocalPersistentTaskResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListLocalPersistentTasks(
+        self,
+        request: _dfdaemon_pb2.ListLocalPersistentTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dfdaemon_pb2.ListLocalPersistentTasksResponse, _abc.Awaitable[_dfdaemon_pb2.ListLocalPersistentTasksResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DownloadPersistentCacheTask(
+        self,
+        request: _dfdaemon_pb2.DownloadPersistentCacheTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_dfdaemon_pb2.DownloadPersistentCacheTaskResponse], _abc.AsyncIterator[_dfdaemon_pb2.DownloadPersistentCacheTaskResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def UploadPersistentCacheTask(
+        self,
+        request: _dfdaemon_pb2.UploadPersistentCacheTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.PersistentCacheTask, _abc.Awaitable[_common_pb2.PersistentCacheTask]]: ...
+
+    @_abc_1.abstractmethod
+    def StatPersistentCacheTask(
+        self,
+        request: _dfdaemon_pb2.StatPersistentCacheTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.PersistentCacheTask, _abc.Awaitable[_common_pb2.PersistentCacheTask]]: ...
+
+    @_abc_1.abstractmethod
+    def StatLocalPersistentCacheTask(
+        self,
+        request: _dfdaemon_pb2.StatLocalPersistentCacheTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dfdaemon_pb2.StatLocalPersistentCacheTaskResponse, _abc.Awaitable[_dfdaemon_pb2.StatLocalPersistentCacheTaskResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListLocalPersistentCacheTasks(
+        self,
+        request: _dfdaemon_pb2.ListLocalPersistentCacheTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dfdaemon_pb2.ListLocalPersistentCacheTasksResponse, _abc.Awaitable[_dfdaemon_pb2.ListLocalPersistentCacheTasksResponse]]: ...
 
 def add_DfdaemonDownloadServicer_to_server(servicer: DfdaemonDownloadServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -417,24 +417,28 @@ class AnnouncePeerResponse(_message.Message):
     EMPTY_TASK_RESPONSE_FIELD_NUMBER: _builtins.int
     NORMAL_TASK_RESPONSE_FIELD_NUMBER: _builtins.int
     NEED_BACK_TO_SOURCE_RESPONSE_FIELD_NUMBER: _builtins.int
+    METADATA_ONLY_RESPONSE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def empty_task_response(self) -> Global___EmptyTaskResponse: ...
     @_builtins.property
     def normal_task_response(self) -> Global___NormalTaskResponse: ...
     @_builtins.property
     def need_back_to_source_response(self) -> Global___NeedBackToSourceResponse: ...
+    @_builtins.property
+    def metadata_only_response(self) -> Global___MetadataOnlyResponse: ...
     def __init__(
         self,
         *,
         empty_task_response: Global___EmptyTaskResponse | None = ...,
         normal_task_response: Global___NormalTaskResponse | None = ...,
         need_back_to_source_response: Global___NeedBackToSourceResponse | None = ...,
+        metadata_only_response: Global___MetadataOnlyResponse | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["empty_task_response", b"empty_task_response", "need_back_to_source_response", b"need_back_to_source_response", "normal_task_response", b"normal_task_response", "response", b"response"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["empty_task_response", b"empty_task_response", "metadata_only_response", b"metadata_only_response", "need_back_to_source_response", b"need_back_to_source_response", "normal_task_response", b"normal_task_response", "response", b"response"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["empty_task_response", b"empty_task_response", "need_back_to_source_response", b"need_back_to_source_response", "normal_task_response", b"normal_task_response", "response", b"response"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["empty_task_response", b"empty_task_response", "metadata_only_response", b"metadata_only_response", "need_back_to_source_response", b"need_back_to_source_response", "normal_task_response", b"normal_task_response", "response", b"response"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_response: _TypeAlias = _typing.Literal["empty_task_response", "normal_task_response", "need_back_to_source_response"]  # noqa: Y015
+    _WhichOneofReturnType_response: _TypeAlias = _typing.Literal["empty_task_response", "normal_task_response", "need_back_to_source_response", "metadata_only_response"]  # noqa: Y015
     _WhichOneofArgType_response: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_response) -> _WhichOneofReturnType_response | None: ...
 
@@ -619,3 +623,2209 @@ class DeleteHostRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteHostRequest: _TypeAlias = DeleteHostRequest  # noqa: Y015
+
+@_typing.final
+class MetadataOnlyResponse(_message.Message):
+    """---------------------------------------------------------------------------
+    API 2.3.x messages: metadata-only answers, preheat and the cache,
+    persistent and persistent-cache peer families. The embedded scheduler
+    answers the RPCs that use them UNIMPLEMENTED.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MetadataOnlyResponse: _TypeAlias = MetadataOnlyResponse  # noqa: Y015
+
+@_typing.final
+class RegisterCachePeerRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class RequestHeaderEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    URL_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    RANGE_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    TAG_FIELD_NUMBER: _builtins.int
+    APPLICATION_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    FILTERED_QUERY_PARAMS_FIELD_NUMBER: _builtins.int
+    REQUEST_HEADER_FIELD_NUMBER: _builtins.int
+    PIECE_LENGTH_FIELD_NUMBER: _builtins.int
+    OUTPUT_PATH_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    DISABLE_BACK_TO_SOURCE_FIELD_NUMBER: _builtins.int
+    NEED_BACK_TO_SOURCE_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_CHAIN_FIELD_NUMBER: _builtins.int
+    PREFETCH_FIELD_NUMBER: _builtins.int
+    OBJECT_STORAGE_FIELD_NUMBER: _builtins.int
+    HDFS_FIELD_NUMBER: _builtins.int
+    IS_PREFETCH_FIELD_NUMBER: _builtins.int
+    NEED_PIECE_CONTENT_FIELD_NUMBER: _builtins.int
+    CONTENT_FOR_CALCULATING_TASK_ID_FIELD_NUMBER: _builtins.int
+    REMOTE_IP_FIELD_NUMBER: _builtins.int
+    CONCURRENT_PIECE_COUNT_FIELD_NUMBER: _builtins.int
+    ACTUAL_PIECE_LENGTH_FIELD_NUMBER: _builtins.int
+    ACTUAL_CONTENT_LENGTH_FIELD_NUMBER: _builtins.int
+    ACTUAL_PIECE_COUNT_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    digest: _builtins.str
+    type: _common_pb2.TaskType.ValueType
+    tag: _builtins.str
+    application: _builtins.str
+    priority: _common_pb2.Priority.ValueType
+    piece_length: _builtins.int
+    output_path: _builtins.str
+    disable_back_to_source: _builtins.bool
+    need_back_to_source: _builtins.bool
+    prefetch: _builtins.bool
+    is_prefetch: _builtins.bool
+    need_piece_content: _builtins.bool
+    content_for_calculating_task_id: _builtins.str
+    remote_ip: _builtins.str
+    concurrent_piece_count: _builtins.int
+    actual_piece_length: _builtins.int
+    actual_content_length: _builtins.int
+    actual_piece_count: _builtins.int
+    @_builtins.property
+    def range(self) -> _common_pb2.Range: ...
+    @_builtins.property
+    def filtered_query_params(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def request_header(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def certificate_chain(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    @_builtins.property
+    def object_storage(self) -> _common_pb2.ObjectStorage: ...
+    @_builtins.property
+    def hdfs(self) -> _common_pb2.HDFS: ...
+    def __init__(
+        self,
+        *,
+        url: _builtins.str = ...,
+        digest: _builtins.str | None = ...,
+        range: _common_pb2.Range | None = ...,
+        type: _common_pb2.TaskType.ValueType = ...,
+        tag: _builtins.str | None = ...,
+        application: _builtins.str | None = ...,
+        priority: _common_pb2.Priority.ValueType = ...,
+        filtered_query_params: _abc.Iterable[_builtins.str] | None = ...,
+        request_header: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        piece_length: _builtins.int | None = ...,
+        output_path: _builtins.str | None = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+        disable_back_to_source: _builtins.bool = ...,
+        need_back_to_source: _builtins.bool = ...,
+        certificate_chain: _abc.Iterable[_builtins.bytes] | None = ...,
+        prefetch: _builtins.bool = ...,
+        object_storage: _common_pb2.ObjectStorage | None = ...,
+        hdfs: _common_pb2.HDFS | None = ...,
+        is_prefetch: _builtins.bool = ...,
+        need_piece_content: _builtins.bool = ...,
+        content_for_calculating_task_id: _builtins.str | None = ...,
+        remote_ip: _builtins.str | None = ...,
+        concurrent_piece_count: _builtins.int | None = ...,
+        actual_piece_length: _builtins.int | None = ...,
+        actual_content_length: _builtins.int | None = ...,
+        actual_piece_count: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_actual_content_length", b"_actual_content_length", "_actual_piece_count", b"_actual_piece_count", "_actual_piece_length", b"_actual_piece_length", "_application", b"_application", "_concurrent_piece_count", b"_concurrent_piece_count", "_content_for_calculating_task_id", b"_content_for_calculating_task_id", "_digest", b"_digest", "_hdfs", b"_hdfs", "_object_storage", b"_object_storage", "_output_path", b"_output_path", "_piece_length", b"_piece_length", "_range", b"_range", "_remote_ip", b"_remote_ip", "_tag", b"_tag", "_timeout", b"_timeout", "actual_content_length", b"actual_content_length", "actual_piece_count", b"actual_piece_count", "actual_piece_length", b"actual_piece_length", "application", b"application", "concurrent_piece_count", b"concurrent_piece_count", "content_for_calculating_task_id", b"content_for_calculating_task_id", "digest", b"digest", "hdfs", b"hdfs", "object_storage", b"object_storage", "output_path", b"output_path", "piece_length", b"piece_length", "range", b"range", "remote_ip", b"remote_ip", "tag", b"tag", "timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_actual_content_length", b"_actual_content_length", "_actual_piece_count", b"_actual_piece_count", "_actual_piece_length", b"_actual_piece_length", "_application", b"_application", "_concurrent_piece_count", b"_concurrent_piece_count", "_content_for_calculating_task_id", b"_content_for_calculating_task_id", "_digest", b"_digest", "_hdfs", b"_hdfs", "_object_storage", b"_object_storage", "_output_path", b"_output_path", "_piece_length", b"_piece_length", "_range", b"_range", "_remote_ip", b"_remote_ip", "_tag", b"_tag", "_timeout", b"_timeout", "actual_content_length", b"actual_content_length", "actual_piece_count", b"actual_piece_count", "actual_piece_length", b"actual_piece_length", "application", b"application", "certificate_chain", b"certificate_chain", "concurrent_piece_count", b"concurrent_piece_count", "content_for_calculating_task_id", b"content_for_calculating_task_id", "digest", b"digest", "disable_back_to_source", b"disable_back_to_source", "filtered_query_params", b"filtered_query_params", "hdfs", b"hdfs", "is_prefetch", b"is_prefetch", "need_back_to_source", b"need_back_to_source", "need_piece_content", b"need_piece_content", "object_storage", b"object_storage", "output_path", b"output_path", "piece_length", b"piece_length", "prefetch", b"prefetch", "priority", b"priority", "range", b"range", "remote_ip", b"remote_ip", "request_header", b"request_header", "tag", b"tag", "timeout", b"timeout", "type", b"type", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__actual_content_length: _TypeAlias = _typing.Literal["actual_content_length"]  # noqa: Y015
+    _WhichOneofArgType__actual_content_length: _TypeAlias = _typing.Literal["_actual_content_length", b"_actual_content_length"]  # noqa: Y015
+    _WhichOneofReturnType__actual_piece_count: _TypeAlias = _typing.Literal["actual_piece_count"]  # noqa: Y015
+    _WhichOneofArgType__actual_piece_count: _TypeAlias = _typing.Literal["_actual_piece_count", b"_actual_piece_count"]  # noqa: Y015
+    _WhichOneofReturnType__actual_piece_length: _TypeAlias = _typing.Literal["actual_piece_length"]  # noqa: Y015
+    _WhichOneofArgType__actual_piece_length: _TypeAlias = _typing.Literal["_actual_piece_length", b"_actual_piece_length"]  # noqa: Y015
+    _WhichOneofReturnType__application: _TypeAlias = _typing.Literal["application"]  # noqa: Y015
+    _WhichOneofArgType__application: _TypeAlias = _typing.Literal["_application", b"_application"]  # noqa: Y015
+    _WhichOneofReturnType__concurrent_piece_count: _TypeAlias = _typing.Literal["concurrent_piece_count"]  # noqa: Y015
+    _WhichOneofArgType__concurrent_piece_count: _TypeAlias = _typing.Literal["_concurrent_piece_count", b"_concurrent_piece_count"]  # noqa: Y015
+    _WhichOneofReturnType__content_for_calculating_task_id: _TypeAlias = _typing.Literal["content_for_calculating_task_id"]  # noqa: Y015
+    _WhichOneofArgType__content_for_calculating_task_id: _TypeAlias = _typing.Literal["_content_for_calculating_task_id", b"_content_for_calculating_task_id"]  # noqa: Y015
+    _WhichOneofReturnType__digest: _TypeAlias = _typing.Literal["digest"]  # noqa: Y015
+    _WhichOneofArgType__digest: _TypeAlias = _typing.Literal["_digest", b"_digest"]  # noqa: Y015
+    _WhichOneofReturnType__hdfs: _TypeAlias = _typing.Literal["hdfs"]  # noqa: Y015
+    _WhichOneofArgType__hdfs: _TypeAlias = _typing.Literal["_hdfs", b"_hdfs"]  # noqa: Y015
+    _WhichOneofReturnType__object_storage: _TypeAlias = _typing.Literal["object_storage"]  # noqa: Y015
+    _WhichOneofArgType__object_storage: _TypeAlias = _typing.Literal["_object_storage", b"_object_storage"]  # noqa: Y015
+    _WhichOneofReturnType__output_path: _TypeAlias = _typing.Literal["output_path"]  # noqa: Y015
+    _WhichOneofArgType__output_path: _TypeAlias = _typing.Literal["_output_path", b"_output_path"]  # noqa: Y015
+    _WhichOneofReturnType__piece_length: _TypeAlias = _typing.Literal["piece_length"]  # noqa: Y015
+    _WhichOneofArgType__piece_length: _TypeAlias = _typing.Literal["_piece_length", b"_piece_length"]  # noqa: Y015
+    _WhichOneofReturnType__range: _TypeAlias = _typing.Literal["range"]  # noqa: Y015
+    _WhichOneofArgType__range: _TypeAlias = _typing.Literal["_range", b"_range"]  # noqa: Y015
+    _WhichOneofReturnType__remote_ip: _TypeAlias = _typing.Literal["remote_ip"]  # noqa: Y015
+    _WhichOneofArgType__remote_ip: _TypeAlias = _typing.Literal["_remote_ip", b"_remote_ip"]  # noqa: Y015
+    _WhichOneofReturnType__tag: _TypeAlias = _typing.Literal["tag"]  # noqa: Y015
+    _WhichOneofArgType__tag: _TypeAlias = _typing.Literal["_tag", b"_tag"]  # noqa: Y015
+    _WhichOneofReturnType__timeout: _TypeAlias = _typing.Literal["timeout"]  # noqa: Y015
+    _WhichOneofArgType__timeout: _TypeAlias = _typing.Literal["_timeout", b"_timeout"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__actual_content_length) -> _WhichOneofReturnType__actual_content_length | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__actual_piece_count) -> _WhichOneofReturnType__actual_piece_count | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__actual_piece_length) -> _WhichOneofReturnType__actual_piece_length | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__application) -> _WhichOneofReturnType__application | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__concurrent_piece_count) -> _WhichOneofReturnType__concurrent_piece_count | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__content_for_calculating_task_id) -> _WhichOneofReturnType__content_for_calculating_task_id | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__digest) -> _WhichOneofReturnType__digest | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__hdfs) -> _WhichOneofReturnType__hdfs | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__object_storage) -> _WhichOneofReturnType__object_storage | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__output_path) -> _WhichOneofReturnType__output_path | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__piece_length) -> _WhichOneofReturnType__piece_length | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__range) -> _WhichOneofReturnType__range | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__remote_ip) -> _WhichOneofReturnType__remote_ip | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tag) -> _WhichOneofReturnType__tag | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__timeout) -> _WhichOneofReturnType__timeout | None: ...
+
+Global___RegisterCachePeerRequest: _TypeAlias = RegisterCachePeerRequest  # noqa: Y015
+
+@_typing.final
+class DownloadCachePeerStartedRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DownloadCachePeerStartedRequest: _TypeAlias = DownloadCachePeerStartedRequest  # noqa: Y015
+
+@_typing.final
+class DownloadCachePeerBackToSourceStartedRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    description: _builtins.str
+    def __init__(
+        self,
+        *,
+        description: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "description", b"description"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "description", b"description"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__description: _TypeAlias = _typing.Literal["description"]  # noqa: Y015
+    _WhichOneofArgType__description: _TypeAlias = _typing.Literal["_description", b"_description"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__description) -> _WhichOneofReturnType__description | None: ...
+
+Global___DownloadCachePeerBackToSourceStartedRequest: _TypeAlias = DownloadCachePeerBackToSourceStartedRequest  # noqa: Y015
+
+@_typing.final
+class RescheduleCachePeerRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CANDIDATE_PARENTS_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    description: _builtins.str
+    @_builtins.property
+    def candidate_parents(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.CachePeer]: ...
+    def __init__(
+        self,
+        *,
+        candidate_parents: _abc.Iterable[_common_pb2.CachePeer] | None = ...,
+        description: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "description", b"description"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "candidate_parents", b"candidate_parents", "description", b"description"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__description: _TypeAlias = _typing.Literal["description"]  # noqa: Y015
+    _WhichOneofArgType__description: _TypeAlias = _typing.Literal["_description", b"_description"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__description) -> _WhichOneofReturnType__description | None: ...
+
+Global___RescheduleCachePeerRequest: _TypeAlias = RescheduleCachePeerRequest  # noqa: Y015
+
+@_typing.final
+class DownloadCachePeerFinishedRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DownloadCachePeerFinishedRequest: _TypeAlias = DownloadCachePeerFinishedRequest  # noqa: Y015
+
+@_typing.final
+class DownloadCachePeerBackToSourceFinishedRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DownloadCachePeerBackToSourceFinishedRequest: _TypeAlias = DownloadCachePeerBackToSourceFinishedRequest  # noqa: Y015
+
+@_typing.final
+class DownloadCachePeerFailedRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    description: _builtins.str
+    def __init__(
+        self,
+        *,
+        description: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "description", b"description"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "description", b"description"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__description: _TypeAlias = _typing.Literal["description"]  # noqa: Y015
+    _WhichOneofArgType__description: _TypeAlias = _typing.Literal["_description", b"_description"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__description) -> _WhichOneofReturnType__description | None: ...
+
+Global___DownloadCachePeerFailedRequest: _TypeAlias = DownloadCachePeerFailedRequest  # noqa: Y015
+
+@_typing.final
+class DownloadCachePeerBackToSourceFailedRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    description: _builtins.str
+    def __init__(
+        self,
+        *,
+        description: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "description", b"description"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "description", b"description"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__description: _TypeAlias = _typing.Literal["description"]  # noqa: Y015
+    _WhichOneofArgType__description: _TypeAlias = _typing.Literal["_description", b"_description"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__description) -> _WhichOneofReturnType__description | None: ...
+
+Global___DownloadCachePeerBackToSourceFailedRequest: _TypeAlias = DownloadCachePeerBackToSourceFailedRequest  # noqa: Y015
+
+@_typing.final
+class AnnounceCachePeerRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    PEER_ID_FIELD_NUMBER: _builtins.int
+    REGISTER_CACHE_PEER_REQUEST_FIELD_NUMBER: _builtins.int
+    DOWNLOAD_CACHE_PEER_STARTED_REQUEST_FIELD_NUMBER: _builtins.int
+    DOWNLOAD_CACHE_PEER_BACK_TO_SOURCE_STARTED_REQUEST_FIELD_NUMBER: _builtins.int
+    RESCHEDULE_CACHE_PEER_REQUEST_FIELD_NUMBER: _builtins.int
+    DOWNLOAD_CACHE_PEER_FINISHED_REQUEST_FIELD_NUMBER: _builtins.int
+    DOWNLOAD_CACHE_PEER_BACK_TO_SOURCE_FINISHED_REQUEST_FIELD_NUMBER: _builtins.int
+    DOWNLOAD_CACHE_PEER_FAILED_REQUEST_FIELD_NUMBER: _builtins.int
+    DOWNLOAD_CACHE_PEER_BACK_TO_SOURCE_FAILED_REQUEST_FIELD_NUMBER: _builtins.int
+    DOWNLOAD_PIECE_FINISHED_REQUEST_FIELD_NUMBER: _builtins.int
+    DOWNLOAD_PIECE_BACK_TO_SOURCE_FINISHED_REQUEST_FIELD_NUMBER: _builtins.int
+    DOWNLOAD_PIECE_FAILED_REQUEST_FIELD_NUMBER: _builtins.int
+    DOWNLOAD_PIECE_BACK_TO_SOURCE_FAILED_REQUEST_FIELD_NUMBER: _builtins.int
+    host_id: _builtins.str
+    task_id: _builtins.str
+    peer_id: _builtins.str
+    @_builtins.property
+    def register_cache_peer_request(self) -> Global___RegisterCachePeerRequest: ...
+    @_builtins.property
+    def download_cache_peer_started_request(self) -> Global___DownloadCachePeerStartedRequest: ...
+    @_builtins.property
+    def download_cache_peer_back_to_source_started_request(self) -> Global___DownloadCachePeerBackToSourceStartedRequest: ...
+    @_builtins.property
+    def reschedule_cache_peer_request(self) -> Global___RescheduleCachePeerRequest: ...
+    @_builtins.property
+    def download_cache_peer_finished_request(self) -> Global___DownloadCachePeerFinishedRequest: ...
+    @_builtins.property
+    def download_cache_peer_back_to_source_finished_request(self) -> Global___DownloadCachePeerBackToSourceFinishedRequest: ...
+    @_builtins.property
+    def download_cache_peer_failed_request(self) -> Global___DownloadCachePeerFailedRequest: ...
+    @_builtins.property
+    def download_cache_peer_back_to_source_failed_request(self) -> Global___DownloadCachePeerBackToSourceFailedRequest: ...
+    @_builtins.property
+    def download_piece_finished_request(self) -> Global___DownloadPieceFinishedRequest: ...
+    @_builtins.property
+    def download_piece_back_to_source_finished_request(self) -> Global___DownloadPieceBackToSourceFinishedRequest: ...
+    @_builtins.property
+    def download_piece_failed_request(self) -> Global___DownloadPieceFailedRequest: ...
+    @_builtins.property
+    def download_piece_back_to_source_failed_request(self) -> Global___DownloadPieceBackToSourceFailedRequest: ...
+    def __init__(
+        self,
+        *,
+        host_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        peer_id: _builtins.str = ...,
+        register_cache_peer_request: Global___RegisterCachePeerRequest | None = ...,
+        download_cache_peer_started_request: Global___DownloadCachePeerStartedRequest | None = ...,
+        download_cache_peer_back_to_source_started_request: Global___DownloadCachePeerBackToSourceStartedRequest | None = ...,
+        reschedule_cache_peer_request: Global___RescheduleCachePeerRequest | None = ...,
+        download_cache_peer_finished_request: Global___DownloadCachePeerFinishedRequest | None = ...,
+        download_cache_peer_back_to_source_finished_request: Global___DownloadCachePeerBackToSourceFinishedRequest | None = ...,
+        download_cache_peer_failed_request: Global___DownloadCachePeerFailedRequest | None = ...,
+        download_cache_peer_back_to_source_failed_request: Global___DownloadCachePeerBackToSourceFailedRequest | None = ...,
+        download_piece_finished_request: Global___DownloadPieceFinishedRequest | None = ...,
+        download_piece_back_to_source_finished_request: Global___DownloadPieceBackToSourceFinishedRequest | None = ...,
+        download_piece_failed_request: Global___DownloadPieceFailedRequest | None = ...,
+        download_piece_back_to_source_failed_request: Global___DownloadPieceBackToSourceFailedRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["download_cache_peer_back_to_source_failed_request", b"download_cache_peer_back_to_source_failed_request", "download_cache_peer_back_to_source_finished_request", b"download_cache_peer_back_to_source_finished_request", "download_cache_peer_back_to_source_started_request", b"download_cache_peer_back_to_source_started_request", "download_cache_peer_failed_request", b"download_cache_peer_failed_request", "download_cache_peer_finished_request", b"download_cache_peer_finished_request", "download_cache_peer_started_request", b"download_cache_peer_started_request", "download_piece_back_to_source_failed_request", b"download_piece_back_to_source_failed_request", "download_piece_back_to_source_finished_request", b"download_piece_back_to_source_finished_request", "download_piece_failed_request", b"download_piece_failed_request", "download_piece_finished_request", b"download_piece_finished_request", "register_cache_peer_request", b"register_cache_peer_request", "request", b"request", "reschedule_cache_peer_request", b"reschedule_cache_peer_request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["download_cache_peer_back_to_source_failed_request", b"download_cache_peer_back_to_source_failed_request", "download_cache_peer_back_to_source_finished_request", b"download_cache_peer_back_to_source_finished_request", "download_cache_peer_back_to_source_started_request", b"download_cache_peer_back_to_source_started_request", "download_cache_peer_failed_request", b"download_cache_peer_failed_request", "download_cache_peer_finished_request", b"download_cache_peer_finished_request", "download_cache_peer_started_request", b"download_cache_peer_started_request", "download_piece_back_to_source_failed_request", b"download_piece_back_to_source_failed_request", "download_piece_back_to_source_finished_request", b"download_piece_back_to_source_finished_request", "download_piece_failed_request", b"download_piece_failed_request", "download_piece_finished_request", b"download_piece_finished_request", "host_id", b"host_id", "peer_id", b"peer_id", "register_cache_peer_request", b"register_cache_peer_request", "request", b"request", "reschedule_cache_peer_request", b"reschedule_cache_peer_request", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_request: _TypeAlias = _typing.Literal["register_cache_peer_request", "download_cache_peer_started_request", "download_cache_peer_back_to_source_started_request", "reschedule_cache_peer_request", "download_cache_peer_finished_request", "download_cache_peer_back_to_source_finished_request", "download_cache_peer_failed_request", "download_cache_peer_back_to_source_failed_request", "download_piece_finished_request", "download_piece_back_to_source_finished_request", "download_piece_failed_request", "download_piece_back_to_source_failed_request"]  # noqa: Y015
+    _WhichOneofArgType_request: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_request) -> _WhichOneofReturnType_request | None: ...
+
+Global___AnnounceCachePeerRequest: _TypeAlias = AnnounceCachePeerRequest  # noqa: Y015
+
+@_typing.final
+class EmptyCacheTaskResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmptyCacheTaskResponse: _TypeAlias = EmptyCacheTaskResponse  # noqa: Y015
+
+@_typing.final
+class NormalCacheTaskResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CANDIDATE_PARENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def candidate_parents(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.CachePeer]: ...
+    def __init__(
+        self,
+        *,
+        candidate_parents: _abc.Iterable[_common_pb2.CachePeer] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate_parents", b"candidate_parents"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NormalCacheTaskResponse: _TypeAlias = NormalCacheTaskResponse  # noqa: Y015
+
+@_typing.final
+class AnnounceCachePeerResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EMPTY_CACHE_TASK_RESPONSE_FIELD_NUMBER: _builtins.int
+    NORMAL_CACHE_TASK_RESPONSE_FIELD_NUMBER: _builtins.int
+    NEED_BACK_TO_SOURCE_RESPONSE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def empty_cache_task_response(self) -> Global___EmptyCacheTaskResponse: ...
+    @_builtins.property
+    def normal_cache_task_response(self) -> Global___NormalCacheTaskResponse: ...
+    @_builtins.property
+    def need_back_to_source_response(self) -> Global___NeedBackToSourceResponse: ...
+    def __init__(
+        self,
+        *,
+        empty_cache_task_response: Global___EmptyCacheTaskResponse | None = ...,
+        normal_cache_task_response: Global___NormalCacheTaskResponse | None = ...,
+        need_back_to_source_response: Global___NeedBackToSourceResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["empty_cache_task_response", b"empty_cache_task_response", "need_back_to_source_response", b"need_back_to_source_response", "normal_cache_task_response", b"normal_cache_task_response", "response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["empty_cache_task_response", b"empty_cache_task_response", "need_back_to_source_response", b"need_back_to_source_response", "normal_cache_task_response", b"normal_cache_task_response", "response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_response: _TypeAlias = _typing.Literal["empty_cache_task_response", "normal_cache_task_response", "need_back_to_source_response"]  # noqa: Y015
+    _WhichOneofArgType_response: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_response) -> _WhichOneofReturnType_response | None: ...
+
+Global___AnnounceCachePeerResponse: _TypeAlias = AnnounceCachePeerResponse  # noqa: Y015
+
+@_typing.final
+class StatCachePeerRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    PEER_ID_FIELD_NUMBER: _builtins.int
+    host_id: _builtins.str
+    task_id: _builtins.str
+    peer_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        host_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        peer_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_id", b"host_id", "peer_id", b"peer_id", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatCachePeerRequest: _TypeAlias = StatCachePeerRequest  # noqa: Y015
+
+@_typing.final
+class DeleteCachePeerRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    PEER_ID_FIELD_NUMBER: _builtins.int
+    host_id: _builtins.str
+    task_id: _builtins.str
+    peer_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        host_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        peer_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_id", b"host_id", "peer_id", b"peer_id", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteCachePeerRequest: _TypeAlias = DeleteCachePeerRequest  # noqa: Y015
+
+@_typing.final
+class StatCacheTaskRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    host_id: _builtins.str
+    task_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        host_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_id", b"host_id", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatCacheTaskRequest: _TypeAlias = StatCacheTaskRequest  # noqa: Y015
+
+@_typing.final
+class DeleteCacheTaskRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    host_id: _builtins.str
+    task_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        host_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_id", b"host_id", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteCacheTaskRequest: _TypeAlias = DeleteCacheTaskRequest  # noqa: Y015
+
+@_typing.final
+class RegisterPersistentPeerRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URL_FIELD_NUMBER: _builtins.int
+    OBJECT_STORAGE_FIELD_NUMBER: _builtins.int
+    PERSISTENT_FIELD_NUMBER: _builtins.int
+    OUTPUT_PATH_FIELD_NUMBER: _builtins.int
+    CONCURRENT_PIECE_COUNT_FIELD_NUMBER: _builtins.int
+    PIECE_COUNT_FIELD_NUMBER: _builtins.int
+    NEED_BACK_TO_SOURCE_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    persistent: _builtins.bool
+    output_path: _builtins.str
+    concurrent_piece_count: _builtins.int
+    piece_count: _builtins.int
+    need_back_to_source: _builtins.bool
+    @_builtins.property
+    def object_storage(self) -> _common_pb2.ObjectStorage: ...
+    def __init__(
+        self,
+        *,
+        url: _builtins.str = ...,
+        object_storage: _common_pb2.ObjectStorage | None = ...,
+        persistent: _builtins.bool = ...,
+        output_path: _builtins.str | None = ...,
+        concurrent_piece_count: _builtins.int | None = ...,
+        piece_count: _builtins.int = ...,
+        need_back_to_source: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_concurrent_piece_count", b"_concurrent_piece_count", "_output_path", b"_output_path", "concurrent_piece_count", b"concurrent_piece_count", "object_storage", b"object_storage", "output_path", b"output_path"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_concurrent_piece_count", b"_concurrent_piece_count", "_output_path", b"_output_path", "concurrent_piece_count", b"concurrent_piece_count", "need_back_to_source", b"need_back_to_source", "object_storage", b"object_storage", "output_path", b"output_path", "persistent", b"persistent", "piece_count", b"piece_count", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__concurrent_piece_count: _TypeAlias = _typing.Literal["concurrent_piece_count"]  # noqa: Y015
+    _WhichOneofArgType__concurrent_piece_count: _TypeAlias = _typing.Literal["_concurrent_piece_count", b"_concurrent_piece_count"]  # noqa: Y015
+    _WhichOneofReturnType__output_path: _TypeAlias = _typing.Literal["output_path"]  # noqa: Y015
+    _WhichOneofArgType__output_path: _TypeAlias = _typing.Literal["_output_path", b"_output_path"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__concurrent_piece_count) -> _WhichOneofReturnType__concurrent_piece_count | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__output_path) -> _WhichOneofReturnType__output_path | None: ...
+
+Global___RegisterPersistentPeerRequest: _TypeAlias = RegisterPersistentPeerRequest  # noqa: Y015
+
+@_typing.final
+class DownloadPersistentPeerStartedRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DownloadPersistentPeerStartedRequest: _TypeAlias = DownloadPersistentPeerStartedRequest  # noqa: Y015
+
+@_typing.final
+class DownloadPersistentPeerBackToSourceStartedRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    description: _builtins.str
+    def __init__(
+        self,
+        *,
+        description: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "description", b"description"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "description", b"description"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__description: _TypeAlias = _typing.Literal["description"]  # noqa: Y015
+    _WhichOneofArgType__description: _TypeAlias = _typing.Literal["_description", b"_description"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__description) -> _WhichOneofReturnType__description | None: ...
+
+Global___DownloadPersistentPeerBackToSourceStartedRequest: _TypeAlias = DownloadPersistentPeerBackToSourceStartedRequest  # noqa: Y015
+
+@_typing.final
+class ReschedulePersistentPeerRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CANDIDATE_PARENTS_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    description: _builtins.str
+    @_builtins.property
+    def candidate_parents(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.PersistentPeer]: ...
+    def __init__(
+        self,
+        *,
+        candidate_parents: _abc.Iterable[_common_pb2.PersistentPeer] | None = ...,
+        description: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "description", b"description"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "candidate_parents", b"candidate_parents", "description", b"description"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__description: _TypeAlias = _typing.Literal["description"]  # noqa: Y015
+    _WhichOneofArgType__description: _TypeAlias = _typing.Literal["_description", b"_description"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__description) -> _WhichOneofReturnType__description | None: ...
+
+Global___ReschedulePersistentPeerRequest: _TypeAlias = ReschedulePersistentPeerRequest  # noqa: Y015
+
+@_typing.final
+class DownloadPersistentPeerFinishedRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DownloadPersistentPeerFinishedRequest: _TypeAlias = DownloadPersistentPeerFinishedRequest  # noqa: Y015
+
+@_typing.final
+class DownloadPersistentPeerBackToSourceFinishedRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DownloadPersistentPeerBackToSourceFinishedRequest: _TypeAlias = DownloadPersistentPeerBackToSourceFinishedRequest  # noqa: Y015
+
+@_typing.final
+class DownloadPersistentPeerFailedRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    description: _builtins.str
+    def __init__(
+        self,
+        *,
+        description: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "description", b"description"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "description", b"description"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__description: _TypeAlias = _typing.Literal["description"]  # noqa: Y015
+    _WhichOneofArgType__description: _TypeAlias = _typing.Literal["_description", b"_description"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__description) -> _WhichOneofReturnType__description | None: ...
+
+Global___DownloadPersistentPeerFailedRequest: _TypeAlias = DownloadPersistentPeerFailedRequest  # noqa: Y015
+
+@_typing.final
+class DownloadPersistentPeerBackToSourceFailedRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    description: _builtins.str
+    def __init__(
+        self,
+        *,
+        description: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "description", b"description"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "description", b"description"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__description: _TypeAlias = _typing.Literal["description"]  # noqa: Y015
+    _WhichOneofArgType__description: _TypeAlias = _typing.Literal["_description", b"_description"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__description) -> _WhichOneofReturnType__description | None: ...
+
+Global___DownloadPersistentPeerBackToSourceFailedRequest: _TypeAlias = DownloadPersistentPeerBackToSourceFailedRequest  # noqa: Y015
+
+@_typing.final
+class AnnouncePersistentPeerRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    PEER_ID_FIELD_NUMBER: _builtins.int
+    REGISTER_PERSISTENT_PEER_REQUEST_FIELD_NUMBER: _builtins.int
+    DOWNLOAD_PERSISTENT_PEER_STARTED_REQUEST_FIELD_NUMBER: _builtins.int
+    DOWNLOAD_PERSISTENT_PEER_BACK_TO_SOURCE_STARTED_REQUEST_FIELD_NUMBER: _builtins.int
+    RESCHEDULE_PERSISTENT_PEER_REQUEST_FIELD_NUMBER: _builtins.int
+    DOWNLOAD_PERSISTENT_PEER_FINISHED_REQUEST_FIELD_NUMBER: _builtins.int
+    DOWNLOAD_PERSISTENT_PEER_BACK_TO_SOURCE_FINISHED_REQUEST_FIELD_NUMBER: _builtins.int
+    DOWNLOAD_PERSISTENT_PEER_FAILED_REQUEST_FIELD_NUMBER: _builtins.int
+    DOWNLOAD_PERSISTENT_PEER_BACK_TO_SOURCE_FAILED_REQUEST_FIELD_NUMBER: _builtins.int
+    DOWNLOAD_PIECE_FINISHED_REQUEST_FIELD_NUMBER: _builtins.int
+    DOWNLOAD_PIECE_BACK_TO_SOURCE_FINISHED_REQUEST_FIELD_NUMBER: _builtins.int
+    DOWNLOAD_PIECE_FAILED_REQUEST_FIELD_NUMBER: _builtins.int
+    DOWNLOAD_PIECE_BACK_TO_SOURCE_FAILED_REQUEST_FIELD_NUMBER: _builtins.int
+    host_id: _builtins.str
+    task_id: _builtins.str
+    peer_id: _builtins.str
+    @_builtins.property
+    def register_persistent_peer_request(self) -> Global___RegisterPersistentPeerRequest: ...
+    @_builtins.property
+    def download_persistent_peer_started_request(self) -> Global___DownloadPersistentPeerStartedRequest: ...
+    @_builtins.property
+    def download_persistent_peer_back_to_source_started_request(self) -> Global___DownloadPersistentPeerBackToSourceStartedRequest: ...
+    @_builtins.property
+    def reschedule_persistent_peer_request(self) -> Global___ReschedulePersistentPeerRequest: ...
+    @_builtins.property
+    def download_persistent_peer_finished_request(self) -> Global___DownloadPersistentPeerFinishedRequest: ...
+    @_builtins.property
+    def download_persistent_peer_back_to_source_finished_request(self) -> Global___DownloadPersistentPeerBackToSourceFinishedRequest: ...
+    @_builtins.property
+    def download_persistent_peer_failed_request(self) -> Global___DownloadPersistentPeerFailedRequest: ...
+    @_builtins.property
+    def download_persistent_peer_back_to_source_failed_request(self) -> Global___DownloadPersistentPeerBackToSourceFailedRequest: ...
+    @_builtins.property
+    def download_piece_finished_request(self) -> Global___DownloadPieceFinishedRequest: ...
+    @_builtins.property
+    def download_piece_back_to_source_finished_request(self) -> Global___DownloadPieceBackToSourceFinishedRequest: ...
+    @_builtins.property
+    def download_piece_failed_request(self) -> Global___DownloadPieceFailedRequest: ...
+    @_builtins.property
+    def download_piece_back_to_source_failed_request(self) -> Global___DownloadPieceBackToSourceFailedRequest: ...
+    def __init__(
+        self,
+        *,
+        host_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        peer_id: _builtins.str = ...,
+        register_persistent_peer_request: Global___RegisterPersistentPeerRequest | None = ...,
+        download_persistent_peer_started_request: Global___DownloadPersistentPeerStartedRequest | None = ...,
+        download_persistent_peer_back_to_source_started_request: Global___DownloadPersistentPeerBackToSourceStartedRequest | None = ...,
+        reschedule_persistent_peer_request: Global___ReschedulePersistentPeerRequest | None = ...,
+        download_persistent_peer_finished_request: Global___DownloadPersistentPeerFinishedRequest | None = ...,
+        download_persistent_peer_back_to_source_finished_request: Global___DownloadPersistentPeerBackToSourceFinishedRequest | None = ...,
+        download_persistent_peer_failed_request: Global___DownloadPersistentPeerFailedRequest | None = ...,
+        download_persistent_peer_back_to_source_failed_request: Global___DownloadPersistentPeerBackToSourceFailedRequest | None = ...,
+        download_piece_finished_request: Global___DownloadPieceFinishedRequest | None = ...,
+        download_piece_back_to_source_finished_request: Global___DownloadPieceBackToSourceFinishedRequest | None = ...,
+        download_piece_failed_request: Global___DownloadPieceFailedRequest | None = ...,
+        download_piece_back_to_source_failed_request: Global___DownloadPieceBackToSourceFailedRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["download_persistent_peer_back_to_source_failed_request", b"download_persistent_peer_back_to_source_failed_request", "download_persistent_peer_back_to_source_finished_request", b"download_persistent_peer_back_to_source_finished_request", "download_persistent_peer_back_to_source_started_request", b"download_persistent_peer_back_to_source_started_request", "download_persistent_peer_failed_request", b"download_persistent_peer_failed_request", "download_persistent_peer_finished_request", b"download_persistent_peer_finished_request", "download_persistent_peer_started_request", b"download_persistent_peer_started_request", "download_piece_back_to_source_failed_request", b"download_piece_back_to_source_failed_request", "download_piece_back_to_source_finished_request", b"download_piece_back_to_source_finished_request", "download_piece_failed_request", b"download_piece_failed_request", "download_piece_finished_request", b"download_piece_finished_request", "register_persistent_peer_request", b"register_persistent_peer_request", "request", b"request", "reschedule_persistent_peer_request", b"reschedule_persistent_peer_request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["download_persistent_peer_back_to_source_failed_request", b"download_persistent_peer_back_to_source_failed_request", "download_persistent_peer_back_to_source_finished_request", b"download_persistent_peer_back_to_source_finished_request", "download_persistent_peer_back_to_source_started_request", b"download_persistent_peer_back_to_source_started_request", "download_persistent_peer_failed_request", b"download_persistent_peer_failed_request", "download_persistent_peer_finished_request", b"download_persistent_peer_finished_request", "download_persistent_peer_started_request", b"download_persistent_peer_started_request", "download_piece_back_to_source_failed_request", b"download_piece_back_to_source_failed_request", "download_piece_back_to_source_finished_request", b"download_piece_back_to_source_finished_request", "download_piece_failed_request", b"download_piece_failed_request", "download_piece_finished_request", b"download_piece_finished_request", "host_id", b"host_id", "peer_id", b"peer_id", "register_persistent_peer_request", b"register_persistent_peer_request", "request", b"request", "reschedule_persistent_peer_request", b"reschedule_persistent_peer_request", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_request: _TypeAlias = _typing.Literal["register_persistent_peer_request", "download_persistent_peer_started_request", "download_persistent_peer_back_to_source_started_request", "reschedule_persistent_peer_request", "download_persistent_peer_finished_request", "download_persistent_peer_back_to_source_finished_request", "download_persistent_peer_failed_request", "download_persistent_peer_back_to_source_failed_request", "download_piece_finished_request", "download_piece_back_to_source_finished_request", "download_piece_failed_request", "download_piece_back_to_source_failed_request"]  # noqa: Y015
+    _WhichOneofArgType_request: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_request) -> _WhichOneofReturnType_request | None: ...
+
+Global___AnnouncePersistentPeerRequest: _TypeAlias = AnnouncePersistentPeerRequest  # noqa: Y015
+
+@_typing.final
+class EmptyPersistentTaskResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmptyPersistentTaskResponse: _TypeAlias = EmptyPersistentTaskResponse  # noqa: Y015
+
+@_typing.final
+class NormalPersistentTaskResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CANDIDATE_PARENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def candidate_parents(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.PersistentPeer]: ...
+    def __init__(
+        self,
+        *,
+        candidate_parents: _abc.Iterable[_common_pb2.PersistentPeer] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate_parents", b"candidate_parents"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NormalPersistentTaskResponse: _TypeAlias = NormalPersistentTaskResponse  # noqa: Y015
+
+@_typing.final
+class AnnouncePersistentPeerResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EMPTY_PERSISTENT_TASK_RESPONSE_FIELD_NUMBER: _builtins.int
+    NORMAL_PERSISTENT_TASK_RESPONSE_FIELD_NUMBER: _builtins.int
+    NEED_BACK_TO_SOURCE_RESPONSE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def empty_persistent_task_response(self) -> Global___EmptyPersistentTaskResponse: ...
+    @_builtins.property
+    def normal_persistent_task_response(self) -> Global___NormalPersistentTaskResponse: ...
+    @_builtins.property
+    def need_back_to_source_response(self) -> Global___NeedBackToSourceResponse: ...
+    def __init__(
+        self,
+        *,
+        empty_persistent_task_response: Global___EmptyPersistentTaskResponse | None = ...,
+        normal_persistent_task_response: Global___NormalPersistentTaskResponse | None = ...,
+        need_back_to_source_response: Global___NeedBackToSourceResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["empty_persistent_task_response", b"empty_persistent_task_response", "need_back_to_source_response", b"need_back_to_source_response", "normal_persistent_task_response", b"normal_persistent_task_response", "response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["empty_persistent_task_response", b"empty_persistent_task_response", "need_back_to_source_response", b"need_back_to_source_response", "normal_persistent_task_response", b"normal_persistent_task_response", "response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_response: _TypeAlias = _typing.Literal["empty_persistent_task_response", "normal_persistent_task_response", "need_back_to_source_response"]  # noqa: Y015
+    _WhichOneofArgType_response: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_response) -> _WhichOneofReturnType_response | None: ...
+
+Global___AnnouncePersistentPeerResponse: _TypeAlias = AnnouncePersistentPeerResponse  # noqa: Y015
+
+@_typing.final
+class StatPersistentPeerRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    PEER_ID_FIELD_NUMBER: _builtins.int
+    host_id: _builtins.str
+    task_id: _builtins.str
+    peer_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        host_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        peer_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_id", b"host_id", "peer_id", b"peer_id", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatPersistentPeerRequest: _TypeAlias = StatPersistentPeerRequest  # noqa: Y015
+
+@_typing.final
+class DeletePersistentPeerRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    PEER_ID_FIELD_NUMBER: _builtins.int
+    host_id: _builtins.str
+    task_id: _builtins.str
+    peer_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        host_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        peer_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_id", b"host_id", "peer_id", b"peer_id", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeletePersistentPeerRequest: _TypeAlias = DeletePersistentPeerRequest  # noqa: Y015
+
+@_typing.final
+class UploadPersistentTaskStartedRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    PEER_ID_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    OBJECT_STORAGE_FIELD_NUMBER: _builtins.int
+    PERSISTENT_REPLICA_COUNT_FIELD_NUMBER: _builtins.int
+    CONTENT_LENGTH_FIELD_NUMBER: _builtins.int
+    PIECE_COUNT_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
+    host_id: _builtins.str
+    task_id: _builtins.str
+    peer_id: _builtins.str
+    url: _builtins.str
+    persistent_replica_count: _builtins.int
+    content_length: _builtins.int
+    piece_count: _builtins.int
+    @_builtins.property
+    def object_storage(self) -> _common_pb2.ObjectStorage: ...
+    @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration: ...
+    def __init__(
+        self,
+        *,
+        host_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        peer_id: _builtins.str = ...,
+        url: _builtins.str = ...,
+        object_storage: _common_pb2.ObjectStorage | None = ...,
+        persistent_replica_count: _builtins.int = ...,
+        content_length: _builtins.int = ...,
+        piece_count: _builtins.int = ...,
+        ttl: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["object_storage", b"object_storage", "ttl", b"ttl"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_length", b"content_length", "host_id", b"host_id", "object_storage", b"object_storage", "peer_id", b"peer_id", "persistent_replica_count", b"persistent_replica_count", "piece_count", b"piece_count", "task_id", b"task_id", "ttl", b"ttl", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadPersistentTaskStartedRequest: _TypeAlias = UploadPersistentTaskStartedRequest  # noqa: Y015
+
+@_typing.final
+class UploadPersistentTaskFinishedRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    PEER_ID_FIELD_NUMBER: _builtins.int
+    host_id: _builtins.str
+    task_id: _builtins.str
+    peer_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        host_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        peer_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_id", b"host_id", "peer_id", b"peer_id", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadPersistentTaskFinishedRequest: _TypeAlias = UploadPersistentTaskFinishedRequest  # noqa: Y015
+
+@_typing.final
+class UploadPersistentTaskFailedRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    PEER_ID_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    host_id: _builtins.str
+    task_id: _builtins.str
+    peer_id: _builtins.str
+    description: _builtins.str
+    def __init__(
+        self,
+        *,
+        host_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        peer_id: _builtins.str = ...,
+        description: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "description", b"description"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "description", b"description", "host_id", b"host_id", "peer_id", b"peer_id", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__description: _TypeAlias = _typing.Literal["description"]  # noqa: Y015
+    _WhichOneofArgType__description: _TypeAlias = _typing.Literal["_description", b"_description"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__description) -> _WhichOneofReturnType__description | None: ...
+
+Global___UploadPersistentTaskFailedRequest: _TypeAlias = UploadPersistentTaskFailedRequest  # noqa: Y015
+
+@_typing.final
+class StatPersistentTaskRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    host_id: _builtins.str
+    task_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        host_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_id", b"host_id", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatPersistentTaskRequest: _TypeAlias = StatPersistentTaskRequest  # noqa: Y015
+
+@_typing.final
+class DeletePersistentTaskRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    host_id: _builtins.str
+    task_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        host_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_id", b"host_id", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeletePersistentTaskRequest: _TypeAlias = DeletePersistentTaskRequest  # noqa: Y015
+
+@_typing.final
+class RegisterPersistentCachePeerRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PERSISTENT_FIELD_NUMBER: _builtins.int
+    TAG_FIELD_NUMBER: _builtins.int
+    APPLICATION_FIELD_NUMBER: _builtins.int
+    PIECE_LENGTH_FIELD_NUMBER: _builtins.int
+    OUTPUT_PATH_FIELD_NUMBER: _builtins.int
+    CONCURRENT_PIECE_COUNT_FIELD_NUMBER: _builtins.int
+    PIECE_COUNT_FIELD_NUMBER: _builtins.int
+    persistent: _builtins.bool
+    tag: _builtins.str
+    application: _builtins.str
+    piece_length: _builtins.int
+    output_path: _builtins.str
+    concurrent_piece_count: _builtins.int
+    piece_count: _builtins.int
+    def __init__(
+        self,
+        *,
+        persistent: _builtins.bool = ...,
+        tag: _builtins.str | None = ...,
+        application: _builtins.str | None = ...,
+        piece_length: _builtins.int = ...,
+        output_path: _builtins.str | None = ...,
+        concurrent_piece_count: _builtins.int | None = ...,
+        piece_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_application", b"_application", "_concurrent_piece_count", b"_concurrent_piece_count", "_output_path", b"_output_path", "_tag", b"_tag", "application", b"application", "concurrent_piece_count", b"concurrent_piece_count", "output_path", b"output_path", "tag", b"tag"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_application", b"_application", "_concurrent_piece_count", b"_concurrent_piece_count", "_output_path", b"_output_path", "_tag", b"_tag", "application", b"application", "concurrent_piece_count", b"concurrent_piece_count", "output_path", b"output_path", "persistent", b"persistent", "piece_count", b"piece_count", "piece_length", b"piece_length", "tag", b"tag"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__application: _TypeAlias = _typing.Literal["application"]  # noqa: Y015
+    _WhichOneofArgType__application: _TypeAlias = _typing.Literal["_application", b"_application"]  # noqa: Y015
+    _WhichOneofReturnType__concurrent_piece_count: _TypeAlias = _typing.Literal["concurrent_piece_count"]  # noqa: Y015
+    _WhichOneofArgType__concurrent_piece_count: _TypeAlias = _typing.Literal["_concurrent_piece_count", b"_concurrent_piece_count"]  # noqa: Y015
+    _WhichOneofReturnType__output_path: _TypeAlias = _typing.Literal["output_path"]  # noqa: Y015
+    _WhichOneofArgType__output_path: _TypeAlias = _typing.Literal["_output_path", b"_output_path"]  # noqa: Y015
+    _WhichOneofReturnType__tag: _TypeAlias = _typing.Literal["tag"]  # noqa: Y015
+    _WhichOneofArgType__tag: _TypeAlias = _typing.Literal["_tag", b"_tag"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__application) -> _WhichOneofReturnType__application | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__concurrent_piece_count) -> _WhichOneofReturnType__concurrent_piece_count | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__output_path) -> _WhichOneofReturnType__output_path | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tag) -> _WhichOneofReturnType__tag | None: ...
+
+Global___RegisterPersistentCachePeerRequest: _TypeAlias = RegisterPersistentCachePeerRequest  # noqa: Y015
+
+@_typing.final
+class DownloadPersistentCachePeerStartedRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DownloadPersistentCachePeerStartedRequest: _TypeAlias = DownloadPersistentCachePeerStartedRequest  # noqa: Y015
+
+@_typing.final
+class ReschedulePersistentCachePeerRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CANDIDATE_PARENTS_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    description: _builtins.str
+    @_builtins.property
+    def candidate_parents(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.PersistentCachePeer]: ...
+    def __init__(
+        self,
+        *,
+        candidate_parents: _abc.Iterable[_common_pb2.PersistentCachePeer] | None = ...,
+        description: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "description", b"description"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "candidate_parents", b"candidate_parents", "description", b"description"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__description: _TypeAlias = _typing.Literal["description"]  # noqa: Y015
+    _WhichOneofArgType__description: _TypeAlias = _typing.Literal["_description", b"_description"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__description) -> _WhichOneofReturnType__description | None: ...
+
+Global___ReschedulePersistentCachePeerRequest: _TypeAlias = ReschedulePersistentCachePeerRequest  # noqa: Y015
+
+@_typing.final
+class DownloadPersistentCachePeerFinishedRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DownloadPersistentCachePeerFinishedRequest: _TypeAlias = DownloadPersistentCachePeerFinishedRequest  # noqa: Y015
+
+@_typing.final
+class DownloadPersistentCachePeerFailedRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    description: _builtins.str
+    def __init__(
+        self,
+        *,
+        description: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "description", b"description"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "description", b"description"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__description: _TypeAlias = _typing.Literal["description"]  # noqa: Y015
+    _WhichOneofArgType__description: _TypeAlias = _typing.Literal["_description", b"_description"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__description) -> _WhichOneofReturnType__description | None: ...
+
+Global___DownloadPersistentCachePeerFailedRequest: _TypeAlias = DownloadPersistentCachePeerFailedRequest  # noqa: Y015
+
+@_typing.final
+class AnnouncePersistentCachePeerRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    PEER_ID_FIELD_NUMBER: _builtins.int
+    REGISTER_PERSISTENT_CACHE_PEER_REQUEST_FIELD_NUMBER: _builtins.int
+    DOWNLOAD_PERSISTENT_CACHE_PEER_STARTED_REQUEST_FIELD_NUMBER: _builtins.int
+    RESCHEDULE_PERSISTENT_CACHE_PEER_REQUEST_FIELD_NUMBER: _builtins.int
+    DOWNLOAD_PERSISTENT_CACHE_PEER_FINISHED_REQUEST_FIELD_NUMBER: _builtins.int
+    DOWNLOAD_PERSISTENT_CACHE_PEER_FAILED_REQUEST_FIELD_NUMBER: _builtins.int
+    DOWNLOAD_PIECE_FINISHED_REQUEST_FIELD_NUMBER: _builtins.int
+    DOWNLOAD_PIECE_FAILED_REQUEST_FIELD_NUMBER: _builtins.int
+    host_id: _builtins.str
+    task_id: _builtins.str
+    peer_id: _builtins.str
+    @_builtins.property
+    def register_persistent_cache_peer_request(self) -> Global___RegisterPersistentCachePeerRequest: ...
+    @_builtins.property
+    def download_persistent_cache_peer_started_request(self) -> Global___DownloadPersistentCachePeerStartedRequest: ...
+    @_builtins.property
+    def reschedule_persistent_cache_peer_request(self) -> Global___ReschedulePersistentCachePeerRequest: ...
+    @_builtins.property
+    def download_persistent_cache_peer_finished_request(self) -> Global___DownloadPersistentCachePeerFinishedRequest: ...
+    @_builtins.property
+    def download_persistent_cache_peer_failed_request(self) -> Global___DownloadPersistentCachePeerFailedRequest: ...
+    @_builtins.property
+    def download_piece_finished_request(self) -> Global___DownloadPieceFinishedRequest: ...
+    @_builtins.property
+    def download_piece_failed_request(self) -> Global___DownloadPieceFailedRequest: ...
+    def __init__(
+        self,
+        *,
+        host_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        peer_id: _builtins.str = ...,
+        register_persistent_cache_peer_request: Global___RegisterPersistentCachePeerRequest | None = ...,
+        download_persistent_cache_peer_started_request: Global___DownloadPersistentCachePeerStartedRequest | None = ...,
+        reschedule_persistent_cache_peer_request: Global___ReschedulePersistentCachePeerRequest | None = ...,
+        download_persistent_cache_peer_finished_request: Global___DownloadPersistentCachePeerFinishedRequest | None = ...,
+        download_persistent_cache_peer_failed_request: Global___DownloadPersistentCachePeerFailedRequest | None = ...,
+        download_piece_finished_request: Global___DownloadPieceFinishedRequest | None = ...,
+        download_piece_failed_request: Global___DownloadPieceFailedRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["download_persistent_cache_peer_failed_request", b"download_persistent_cache_peer_failed_request", "download_persistent_cache_peer_finished_request", b"download_persistent_cache_peer_finished_request", "download_persistent_cache_peer_started_request", b"download_persistent_cache_peer_started_request", "download_piece_failed_request", b"download_piece_failed_request", "download_piece_finished_request", b"download_piece_finished_request", "register_persistent_cache_peer_request", b"register_persistent_cache_peer_request", "request", b"request", "reschedule_persistent_cache_peer_request", b"reschedule_persistent_cache_peer_request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["download_persistent_cache_peer_failed_request", b"download_persistent_cache_peer_failed_request", "download_persistent_cache_peer_finished_request", b"download_persistent_cache_peer_finished_request", "download_persistent_cache_peer_started_request", b"download_persistent_cache_peer_started_request", "download_piece_failed_request", b"download_piece_failed_request", "download_piece_finished_request", b"download_piece_finished_request", "host_id", b"host_id", "peer_id", b"peer_id", "register_persistent_cache_peer_request", b"register_persistent_cache_peer_request", "request", b"request", "reschedule_persistent_cache_peer_request", b"reschedule_persistent_cache_peer_request", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_request: _TypeAlias = _typing.Literal["register_persistent_cache_peer_request", "download_persistent_cache_peer_started_request", "reschedule_persistent_cache_peer_request", "download_persistent_cache_peer_finished_request", "download_persistent_cache_peer_failed_request", "download_piece_finished_request", "download_piece_failed_request"]  # noqa: Y015
+    _WhichOneofArgType_request: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_request) -> _WhichOneofReturnType_request | None: ...
+
+Global___AnnouncePersistentCachePeerRequest: _TypeAlias = AnnouncePersistentCachePeerRequest  # noqa: Y015
+
+@_typing.final
+class EmptyPersistentCacheTaskResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmptyPersistentCacheTaskResponse: _TypeAlias = EmptyPersistentCacheTaskResponse  # noqa: Y015
+
+@_typing.final
+class NormalPersistentCacheTaskResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CANDIDATE_CACHE_PARENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def candidate_cache_parents(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.PersistentCachePeer]: ...
+    def __init__(
+        self,
+        *,
+        candidate_cache_parents: _abc.Iterable[_common_pb2.PersistentCachePeer] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate_cache_parents", b"candidate_cache_parents"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NormalPersistentCacheTaskResponse: _TypeAlias = NormalPersistentCacheTaskResponse  # noqa: Y015
+
+@_typing.final
+class AnnouncePersistentCachePeerResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EMPTY_PERSISTENT_CACHE_TASK_RESPONSE_FIELD_NUMBER: _builtins.int
+    NORMAL_PERSISTENT_CACHE_TASK_RESPONSE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def empty_persistent_cache_task_response(self) -> Global___EmptyPersistentCacheTaskResponse: ...
+    @_builtins.property
+    def normal_persistent_cache_task_response(self) -> Global___NormalPersistentCacheTaskResponse: ...
+    def __init__(
+        self,
+        *,
+        empty_persistent_cache_task_response: Global___EmptyPersistentCacheTaskResponse | None = ...,
+        normal_persistent_cache_task_response: Global___NormalPersistentCacheTaskResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["empty_persistent_cache_task_response", b"empty_persistent_cache_task_response", "normal_persistent_cache_task_response", b"normal_persistent_cache_task_response", "response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["empty_persistent_cache_task_response", b"empty_persistent_cache_task_response", "normal_persistent_cache_task_response", b"normal_persistent_cache_task_response", "response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_response: _TypeAlias = _typing.Literal["empty_persistent_cache_task_response", "normal_persistent_cache_task_response"]  # noqa: Y015
+    _WhichOneofArgType_response: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_response) -> _WhichOneofReturnType_response | None: ...
+
+Global___AnnouncePersistentCachePeerResponse: _TypeAlias = AnnouncePersistentCachePeerResponse  # noqa: Y015
+
+@_typing.final
+class StatPersistentCachePeerRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    PEER_ID_FIELD_NUMBER: _builtins.int
+    host_id: _builtins.str
+    task_id: _builtins.str
+    peer_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        host_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        peer_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_id", b"host_id", "peer_id", b"peer_id", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatPersistentCachePeerRequest: _TypeAlias = StatPersistentCachePeerRequest  # noqa: Y015
+
+@_typing.final
+class DeletePersistentCachePeerRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    PEER_ID_FIELD_NUMBER: _builtins.int
+    host_id: _builtins.str
+    task_id: _builtins.str
+    peer_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        host_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        peer_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_id", b"host_id", "peer_id", b"peer_id", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeletePersistentCachePeerRequest: _TypeAlias = DeletePersistentCachePeerRequest  # noqa: Y015
+
+@_typing.final
+class UploadPersistentCacheTaskStartedRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    PEER_ID_FIELD_NUMBER: _builtins.int
+    PERSISTENT_REPLICA_COUNT_FIELD_NUMBER: _builtins.int
+    TAG_FIELD_NUMBER: _builtins.int
+    APPLICATION_FIELD_NUMBER: _builtins.int
+    PIECE_LENGTH_FIELD_NUMBER: _builtins.int
+    CONTENT_LENGTH_FIELD_NUMBER: _builtins.int
+    PIECE_COUNT_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
+    host_id: _builtins.str
+    task_id: _builtins.str
+    peer_id: _builtins.str
+    persistent_replica_count: _builtins.int
+    tag: _builtins.str
+    application: _builtins.str
+    piece_length: _builtins.int
+    content_length: _builtins.int
+    piece_count: _builtins.int
+    @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration: ...
+    def __init__(
+        self,
+        *,
+        host_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        peer_id: _builtins.str = ...,
+        persistent_replica_count: _builtins.int = ...,
+        tag: _builtins.str | None = ...,
+        application: _builtins.str | None = ...,
+        piece_length: _builtins.int = ...,
+        content_length: _builtins.int = ...,
+        piece_count: _builtins.int = ...,
+        ttl: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_application", b"_application", "_tag", b"_tag", "application", b"application", "tag", b"tag", "ttl", b"ttl"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_application", b"_application", "_tag", b"_tag", "application", b"application", "content_length", b"content_length", "host_id", b"host_id", "peer_id", b"peer_id", "persistent_replica_count", b"persistent_replica_count", "piece_count", b"piece_count", "piece_length", b"piece_length", "tag", b"tag", "task_id", b"task_id", "ttl", b"ttl"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__application: _TypeAlias = _typing.Literal["application"]  # noqa: Y015
+    _WhichOneofArgType__application: _TypeAlias = _typing.Literal["_application", b"_application"]  # noqa: Y015
+    _WhichOneofReturnType__tag: _TypeAlias = _typing.Literal["tag"]  # noqa: Y015
+    _WhichOneofArgType__tag: _TypeAlias = _typing.Literal["_tag", b"_tag"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__application) -> _WhichOneofReturnType__application | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tag) -> _WhichOneofReturnType__tag | None: ...
+
+Global___UploadPersistentCacheTaskStartedRequest: _TypeAlias = UploadPersistentCacheTaskStartedRequest  # noqa: Y015
+
+@_typing.final
+class UploadPersistentCacheTaskFinishedRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    PEER_ID_FIELD_NUMBER: _builtins.int
+    host_id: _builtins.str
+    task_id: _builtins.str
+    peer_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        host_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        peer_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_id", b"host_id", "peer_id", b"peer_id", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadPersistentCacheTaskFinishedRequest: _TypeAlias = UploadPersistentCacheTaskFinishedRequest  # noqa: Y015
+
+@_typing.final
+class UploadPersistentCacheTaskFailedRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    PEER_ID_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    host_id: _builtins.str
+    task_id: _builtins.str
+    peer_id: _builtins.str
+    description: _builtins.str
+    def __init__(
+        self,
+        *,
+        host_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        peer_id: _builtins.str = ...,
+        description: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "description", b"description"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "description", b"description", "host_id", b"host_id", "peer_id", b"peer_id", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__description: _TypeAlias = _typing.Literal["description"]  # noqa: Y015
+    _WhichOneofArgType__description: _TypeAlias = _typing.Literal["_description", b"_description"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__description) -> _WhichOneofReturnType__description | None: ...
+
+Global___UploadPersistentCacheTaskFailedRequest: _TypeAlias = UploadPersistentCacheTaskFailedRequest  # noqa: Y015
+
+@_typing.final
+class StatPersistentCacheTaskRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    host_id: _builtins.str
+    task_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        host_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_id", b"host_id", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatPersistentCacheTaskRequest: _TypeAlias = StatPersistentCacheTaskRequest  # noqa: Y015
+
+@_typing.final
+class DeletePersistentCacheTaskRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    host_id: _builtins.str
+    task_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        host_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_id", b"host_id", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeletePersistentCacheTaskRequest: _TypeAlias = DeletePersistentCacheTaskRequest  # noqa: Y015
+
+@_typing.final
+class PreheatImageRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class HeaderEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    URL_FIELD_NUMBER: _builtins.int
+    PIECE_LENGTH_FIELD_NUMBER: _builtins.int
+    TAG_FIELD_NUMBER: _builtins.int
+    APPLICATION_FIELD_NUMBER: _builtins.int
+    FILTERED_QUERY_PARAMS_FIELD_NUMBER: _builtins.int
+    HEADER_FIELD_NUMBER: _builtins.int
+    USERNAME_FIELD_NUMBER: _builtins.int
+    PASSWORD_FIELD_NUMBER: _builtins.int
+    PLATFORM_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    IPS_FIELD_NUMBER: _builtins.int
+    PERCENTAGE_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    CONCURRENT_TASK_COUNT_FIELD_NUMBER: _builtins.int
+    CONCURRENT_PEER_COUNT_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_CHAIN_FIELD_NUMBER: _builtins.int
+    INSECURE_SKIP_VERIFY_FIELD_NUMBER: _builtins.int
+    ENABLE_TASK_ID_BASED_BLOB_DIGEST_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    piece_length: _builtins.int
+    tag: _builtins.str
+    application: _builtins.str
+    username: _builtins.str
+    password: _builtins.str
+    platform: _builtins.str
+    scope: _builtins.str
+    percentage: _builtins.int
+    count: _builtins.int
+    concurrent_task_count: _builtins.int
+    concurrent_peer_count: _builtins.int
+    priority: _common_pb2.Priority.ValueType
+    insecure_skip_verify: _builtins.bool
+    enable_task_id_based_blob_digest: _builtins.bool
+    @_builtins.property
+    def filtered_query_params(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def header(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def ips(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def certificate_chain(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    def __init__(
+        self,
+        *,
+        url: _builtins.str = ...,
+        piece_length: _builtins.int | None = ...,
+        tag: _builtins.str | None = ...,
+        application: _builtins.str | None = ...,
+        filtered_query_params: _abc.Iterable[_builtins.str] | None = ...,
+        header: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        username: _builtins.str | None = ...,
+        password: _builtins.str | None = ...,
+        platform: _builtins.str | None = ...,
+        scope: _builtins.str = ...,
+        ips: _abc.Iterable[_builtins.str] | None = ...,
+        percentage: _builtins.int | None = ...,
+        count: _builtins.int | None = ...,
+        concurrent_task_count: _builtins.int | None = ...,
+        concurrent_peer_count: _builtins.int | None = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+        priority: _common_pb2.Priority.ValueType = ...,
+        certificate_chain: _abc.Iterable[_builtins.bytes] | None = ...,
+        insecure_skip_verify: _builtins.bool = ...,
+        enable_task_id_based_blob_digest: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_application", b"_application", "_concurrent_peer_count", b"_concurrent_peer_count", "_concurrent_task_count", b"_concurrent_task_count", "_count", b"_count", "_password", b"_password", "_percentage", b"_percentage", "_piece_length", b"_piece_length", "_platform", b"_platform", "_tag", b"_tag", "_timeout", b"_timeout", "_username", b"_username", "application", b"application", "concurrent_peer_count", b"concurrent_peer_count", "concurrent_task_count", b"concurrent_task_count", "count", b"count", "password", b"password", "percentage", b"percentage", "piece_length", b"piece_length", "platform", b"platform", "tag", b"tag", "timeout", b"timeout", "username", b"username"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_application", b"_application", "_concurrent_peer_count", b"_concurrent_peer_count", "_concurrent_task_count", b"_concurrent_task_count", "_count", b"_count", "_password", b"_password", "_percentage", b"_percentage", "_piece_length", b"_piece_length", "_platform", b"_platform", "_tag", b"_tag", "_timeout", b"_timeout", "_username", b"_username", "application", b"application", "certificate_chain", b"certificate_chain", "concurrent_peer_count", b"concurrent_peer_count", "concurrent_task_count", b"concurrent_task_count", "count", b"count", "enable_task_id_based_blob_digest", b"enable_task_id_based_blob_digest", "filtered_query_params", b"filtered_query_params", "header", b"header", "insecure_skip_verify", b"insecure_skip_verify", "ips", b"ips", "password", b"password", "percentage", b"percentage", "piece_length", b"piece_length", "platform", b"platform", "priority", b"priority", "scope", b"scope", "tag", b"tag", "timeout", b"timeout", "url", b"url", "username", b"username"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__application: _TypeAlias = _typing.Literal["application"]  # noqa: Y015
+    _WhichOneofArgType__application: _TypeAlias = _typing.Literal["_application", b"_application"]  # noqa: Y015
+    _WhichOneofReturnType__concurrent_peer_count: _TypeAlias = _typing.Literal["concurrent_peer_count"]  # noqa: Y015
+    _WhichOneofArgType__concurrent_peer_count: _TypeAlias = _typing.Literal["_concurrent_peer_count", b"_concurrent_peer_count"]  # noqa: Y015
+    _WhichOneofReturnType__concurrent_task_count: _TypeAlias = _typing.Literal["concurrent_task_count"]  # noqa: Y015
+    _WhichOneofArgType__concurrent_task_count: _TypeAlias = _typing.Literal["_concurrent_task_count", b"_concurrent_task_count"]  # noqa: Y015
+    _WhichOneofReturnType__count: _TypeAlias = _typing.Literal["count"]  # noqa: Y015
+    _WhichOneofArgType__count: _TypeAlias = _typing.Literal["_count", b"_count"]  # noqa: Y015
+    _WhichOneofReturnType__password: _TypeAlias = _typing.Literal["password"]  # noqa: Y015
+    _WhichOneofArgType__password: _TypeAlias = _typing.Literal["_password", b"_password"]  # noqa: Y015
+    _WhichOneofReturnType__percentage: _TypeAlias = _typing.Literal["percentage"]  # noqa: Y015
+    _WhichOneofArgType__percentage: _TypeAlias = _typing.Literal["_percentage", b"_percentage"]  # noqa: Y015
+    _WhichOneofReturnType__piece_length: _TypeAlias = _typing.Literal["piece_length"]  # noqa: Y015
+    _WhichOneofArgType__piece_length: _TypeAlias = _typing.Literal["_piece_length", b"_piece_length"]  # noqa: Y015
+    _WhichOneofReturnType__platform: _TypeAlias = _typing.Literal["platform"]  # noqa: Y015
+    _WhichOneofArgType__platform: _TypeAlias = _typing.Literal["_platform", b"_platform"]  # noqa: Y015
+    _WhichOneofReturnType__tag: _TypeAlias = _typing.Literal["tag"]  # noqa: Y015
+    _WhichOneofArgType__tag: _TypeAlias = _typing.Literal["_tag", b"_tag"]  # noqa: Y015
+    _WhichOneofReturnType__timeout: _TypeAlias = _typing.Literal["timeout"]  # noqa: Y015
+    _WhichOneofArgType__timeout: _TypeAlias = _typing.Literal["_timeout", b"_timeout"]  # noqa: Y015
+    _WhichOneofReturnType__username: _TypeAlias = _typing.Literal["username"]  # noqa: Y015
+    _WhichOneofArgType__username: _TypeAlias = _typing.Literal["_username", b"_username"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__application) -> _WhichOneofReturnType__application | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__concurrent_peer_count) -> _WhichOneofReturnType__concurrent_peer_count | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__concurrent_task_count) -> _WhichOneofReturnType__concurrent_task_count | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__count) -> _WhichOneofReturnType__count | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__password) -> _WhichOneofReturnType__password | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__percentage) -> _WhichOneofReturnType__percentage | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__piece_length) -> _WhichOneofReturnType__piece_length | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__platform) -> _WhichOneofReturnType__platform | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tag) -> _WhichOneofReturnType__tag | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__timeout) -> _WhichOneofReturnType__timeout | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__username) -> _WhichOneofReturnType__username | None: ...
+
+Global___PreheatImageRequest: _TypeAlias = PreheatImageRequest  # noqa: Y015
+
+@_typing.final
+class StatImageRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class HeaderEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    URL_FIELD_NUMBER: _builtins.int
+    PIECE_LENGTH_FIELD_NUMBER: _builtins.int
+    TAG_FIELD_NUMBER: _builtins.int
+    APPLICATION_FIELD_NUMBER: _builtins.int
+    FILTERED_QUERY_PARAMS_FIELD_NUMBER: _builtins.int
+    HEADER_FIELD_NUMBER: _builtins.int
+    USERNAME_FIELD_NUMBER: _builtins.int
+    PASSWORD_FIELD_NUMBER: _builtins.int
+    PLATFORM_FIELD_NUMBER: _builtins.int
+    CONCURRENT_LAYER_COUNT_FIELD_NUMBER: _builtins.int
+    CONCURRENT_PEER_COUNT_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_CHAIN_FIELD_NUMBER: _builtins.int
+    INSECURE_SKIP_VERIFY_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    ENABLE_TASK_ID_BASED_BLOB_DIGEST_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    piece_length: _builtins.int
+    tag: _builtins.str
+    application: _builtins.str
+    username: _builtins.str
+    password: _builtins.str
+    platform: _builtins.str
+    concurrent_layer_count: _builtins.int
+    concurrent_peer_count: _builtins.int
+    insecure_skip_verify: _builtins.bool
+    scope: _builtins.str
+    enable_task_id_based_blob_digest: _builtins.bool
+    @_builtins.property
+    def filtered_query_params(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def header(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def certificate_chain(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    def __init__(
+        self,
+        *,
+        url: _builtins.str = ...,
+        piece_length: _builtins.int | None = ...,
+        tag: _builtins.str | None = ...,
+        application: _builtins.str | None = ...,
+        filtered_query_params: _abc.Iterable[_builtins.str] | None = ...,
+        header: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        username: _builtins.str | None = ...,
+        password: _builtins.str | None = ...,
+        platform: _builtins.str | None = ...,
+        concurrent_layer_count: _builtins.int | None = ...,
+        concurrent_peer_count: _builtins.int | None = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+        certificate_chain: _abc.Iterable[_builtins.bytes] | None = ...,
+        insecure_skip_verify: _builtins.bool = ...,
+        scope: _builtins.str = ...,
+        enable_task_id_based_blob_digest: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_application", b"_application", "_concurrent_layer_count", b"_concurrent_layer_count", "_concurrent_peer_count", b"_concurrent_peer_count", "_password", b"_password", "_piece_length", b"_piece_length", "_platform", b"_platform", "_tag", b"_tag", "_timeout", b"_timeout", "_username", b"_username", "application", b"application", "concurrent_layer_count", b"concurrent_layer_count", "concurrent_peer_count", b"concurrent_peer_count", "password", b"password", "piece_length", b"piece_length", "platform", b"platform", "tag", b"tag", "timeout", b"timeout", "username", b"username"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_application", b"_application", "_concurrent_layer_count", b"_concurrent_layer_count", "_concurrent_peer_count", b"_concurrent_peer_count", "_password", b"_password", "_piece_length", b"_piece_length", "_platform", b"_platform", "_tag", b"_tag", "_timeout", b"_timeout", "_username", b"_username", "application", b"application", "certificate_chain", b"certificate_chain", "concurrent_layer_count", b"concurrent_layer_count", "concurrent_peer_count", b"concurrent_peer_count", "enable_task_id_based_blob_digest", b"enable_task_id_based_blob_digest", "filtered_query_params", b"filtered_query_params", "header", b"header", "insecure_skip_verify", b"insecure_skip_verify", "password", b"password", "piece_length", b"piece_length", "platform", b"platform", "scope", b"scope", "tag", b"tag", "timeout", b"timeout", "url", b"url", "username", b"username"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__application: _TypeAlias = _typing.Literal["application"]  # noqa: Y015
+    _WhichOneofArgType__application: _TypeAlias = _typing.Literal["_application", b"_application"]  # noqa: Y015
+    _WhichOneofReturnType__concurrent_layer_count: _TypeAlias = _typing.Literal["concurrent_layer_count"]  # noqa: Y015
+    _WhichOneofArgType__concurrent_layer_count: _TypeAlias = _typing.Literal["_concurrent_layer_count", b"_concurrent_layer_count"]  # noqa: Y015
+    _WhichOneofReturnType__concurrent_peer_count: _TypeAlias = _typing.Literal["concurrent_peer_count"]  # noqa: Y015
+    _WhichOneofArgType__concurrent_peer_count: _TypeAlias = _typing.Literal["_concurrent_peer_count", b"_concurrent_peer_count"]  # noqa: Y015
+    _WhichOneofReturnType__password: _TypeAlias = _typing.Literal["password"]  # noqa: Y015
+    _WhichOneofArgType__password: _TypeAlias = _typing.Literal["_password", b"_password"]  # noqa: Y015
+    _WhichOneofReturnType__piece_length: _TypeAlias = _typing.Literal["piece_length"]  # noqa: Y015
+    _WhichOneofArgType__piece_length: _TypeAlias = _typing.Literal["_piece_length", b"_piece_length"]  # noqa: Y015
+    _WhichOneofReturnType__platform: _TypeAlias = _typing.Literal["platform"]  # noqa: Y015
+    _WhichOneofArgType__platform: _TypeAlias = _typing.Literal["_platform", b"_platform"]  # noqa: Y015
+    _WhichOneofReturnType__tag: _TypeAlias = _typing.Literal["tag"]  # noqa: Y015
+    _WhichOneofArgType__tag: _TypeAlias = _typing.Literal["_tag", b"_tag"]  # noqa: Y015
+    _WhichOneofReturnType__timeout: _TypeAlias = _typing.Literal["timeout"]  # noqa: Y015
+    _WhichOneofArgType__timeout: _TypeAlias = _typing.Literal["_timeout", b"_timeout"]  # noqa: Y015
+    _WhichOneofReturnType__username: _TypeAlias = _typing.Literal["username"]  # noqa: Y015
+    _WhichOneofArgType__username: _TypeAlias = _typing.Literal["_username", b"_username"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__application) -> _WhichOneofReturnType__application | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__concurrent_layer_count) -> _WhichOneofReturnType__concurrent_layer_count | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__concurrent_peer_count) -> _WhichOneofReturnType__concurrent_peer_count | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__password) -> _WhichOneofReturnType__password | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__piece_length) -> _WhichOneofReturnType__piece_length | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__platform) -> _WhichOneofReturnType__platform | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tag) -> _WhichOneofReturnType__tag | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__timeout) -> _WhichOneofReturnType__timeout | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__username) -> _WhichOneofReturnType__username | None: ...
+
+Global___StatImageRequest: _TypeAlias = StatImageRequest  # noqa: Y015
+
+@_typing.final
+class StatImageResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMAGE_FIELD_NUMBER: _builtins.int
+    PEERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def image(self) -> Global___Image: ...
+    @_builtins.property
+    def peers(self) -> _containers.RepeatedCompositeFieldContainer[Global___PeerImage]: ...
+    def __init__(
+        self,
+        *,
+        image: Global___Image | None = ...,
+        peers: _abc.Iterable[Global___PeerImage] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["image", b"image"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "peers", b"peers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatImageResponse: _TypeAlias = StatImageResponse  # noqa: Y015
+
+@_typing.final
+class PeerImage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IP_FIELD_NUMBER: _builtins.int
+    HOSTNAME_FIELD_NUMBER: _builtins.int
+    CACHED_LAYERS_FIELD_NUMBER: _builtins.int
+    ip: _builtins.str
+    hostname: _builtins.str
+    @_builtins.property
+    def cached_layers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Layer]: ...
+    def __init__(
+        self,
+        *,
+        ip: _builtins.str = ...,
+        hostname: _builtins.str = ...,
+        cached_layers: _abc.Iterable[Global___Layer] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_layers", b"cached_layers", "hostname", b"hostname", "ip", b"ip"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PeerImage: _TypeAlias = PeerImage  # noqa: Y015
+
+@_typing.final
+class Image(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LAYERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def layers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Layer]: ...
+    def __init__(
+        self,
+        *,
+        layers: _abc.Iterable[Global___Layer] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["layers", b"layers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Image: _TypeAlias = Image  # noqa: Y015
+
+@_typing.final
+class Layer(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URL_FIELD_NUMBER: _builtins.int
+    IS_FINISHED_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    is_finished: _builtins.bool
+    def __init__(
+        self,
+        *,
+        url: _builtins.str = ...,
+        is_finished: _builtins.bool | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_is_finished", b"_is_finished", "is_finished", b"is_finished"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_is_finished", b"_is_finished", "is_finished", b"is_finished", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__is_finished: _TypeAlias = _typing.Literal["is_finished"]  # noqa: Y015
+    _WhichOneofArgType__is_finished: _TypeAlias = _typing.Literal["_is_finished", b"_is_finished"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__is_finished) -> _WhichOneofReturnType__is_finished | None: ...
+
+Global___Layer: _TypeAlias = Layer  # noqa: Y015
+
+@_typing.final
+class PreheatFileRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class HeaderEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    URL_FIELD_NUMBER: _builtins.int
+    PIECE_LENGTH_FIELD_NUMBER: _builtins.int
+    TAG_FIELD_NUMBER: _builtins.int
+    APPLICATION_FIELD_NUMBER: _builtins.int
+    FILTERED_QUERY_PARAMS_FIELD_NUMBER: _builtins.int
+    HEADER_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    IPS_FIELD_NUMBER: _builtins.int
+    PERCENTAGE_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    CONCURRENT_TASK_COUNT_FIELD_NUMBER: _builtins.int
+    CONCURRENT_PEER_COUNT_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_CHAIN_FIELD_NUMBER: _builtins.int
+    INSECURE_SKIP_VERIFY_FIELD_NUMBER: _builtins.int
+    OBJECT_STORAGE_FIELD_NUMBER: _builtins.int
+    HDFS_FIELD_NUMBER: _builtins.int
+    OUTPUT_PATH_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    piece_length: _builtins.int
+    tag: _builtins.str
+    application: _builtins.str
+    scope: _builtins.str
+    percentage: _builtins.int
+    count: _builtins.int
+    concurrent_task_count: _builtins.int
+    concurrent_peer_count: _builtins.int
+    priority: _common_pb2.Priority.ValueType
+    insecure_skip_verify: _builtins.bool
+    output_path: _builtins.str
+    @_builtins.property
+    def filtered_query_params(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def header(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def ips(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def certificate_chain(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    @_builtins.property
+    def object_storage(self) -> _common_pb2.ObjectStorage: ...
+    @_builtins.property
+    def hdfs(self) -> _common_pb2.HDFS: ...
+    def __init__(
+        self,
+        *,
+        url: _builtins.str = ...,
+        piece_length: _builtins.int | None = ...,
+        tag: _builtins.str | None = ...,
+        application: _builtins.str | None = ...,
+        filtered_query_params: _abc.Iterable[_builtins.str] | None = ...,
+        header: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        scope: _builtins.str = ...,
+        ips: _abc.Iterable[_builtins.str] | None = ...,
+        percentage: _builtins.int | None = ...,
+        count: _builtins.int | None = ...,
+        concurrent_task_count: _builtins.int | None = ...,
+        concurrent_peer_count: _builtins.int | None = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+        priority: _common_pb2.Priority.ValueType = ...,
+        certificate_chain: _abc.Iterable[_builtins.bytes] | None = ...,
+        insecure_skip_verify: _builtins.bool = ...,
+        object_storage: _common_pb2.ObjectStorage | None = ...,
+        hdfs: _common_pb2.HDFS | None = ...,
+        output_path: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_application", b"_application", "_concurrent_peer_count", b"_concurrent_peer_count", "_concurrent_task_count", b"_concurrent_task_count", "_count", b"_count", "_hdfs", b"_hdfs", "_object_storage", b"_object_storage", "_output_path", b"_output_path", "_percentage", b"_percentage", "_piece_length", b"_piece_length", "_tag", b"_tag", "_timeout", b"_timeout", "application", b"application", "concurrent_peer_count", b"concurrent_peer_count", "concurrent_task_count", b"concurrent_task_count", "count", b"count", "hdfs", b"hdfs", "object_storage", b"object_storage", "output_path", b"output_path", "percentage", b"percentage", "piece_length", b"piece_length", "tag", b"tag", "timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_application", b"_application", "_concurrent_peer_count", b"_concurrent_peer_count", "_concurrent_task_count", b"_concurrent_task_count", "_count", b"_count", "_hdfs", b"_hdfs", "_object_storage", b"_object_storage", "_output_path", b"_output_path", "_percentage", b"_percentage", "_piece_length", b"_piece_length", "_tag", b"_tag", "_timeout", b"_timeout", "application", b"application", "certificate_chain", b"certificate_chain", "concurrent_peer_count", b"concurrent_peer_count", "concurrent_task_count", b"concurrent_task_count", "count", b"count", "filtered_query_params", b"filtered_query_params", "hdfs", b"hdfs", "header", b"header", "insecure_skip_verify", b"insecure_skip_verify", "ips", b"ips", "object_storage", b"object_storage", "output_path", b"output_path", "percentage", b"percentage", "piece_length", b"piece_length", "priority", b"priority", "scope", b"scope", "tag", b"tag", "timeout", b"timeout", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__application: _TypeAlias = _typing.Literal["application"]  # noqa: Y015
+    _WhichOneofArgType__application: _TypeAlias = _typing.Literal["_application", b"_application"]  # noqa: Y015
+    _WhichOneofReturnType__concurrent_peer_count: _TypeAlias = _typing.Literal["concurrent_peer_count"]  # noqa: Y015
+    _WhichOneofArgType__concurrent_peer_count: _TypeAlias = _typing.Literal["_concurrent_peer_count", b"_concurrent_peer_count"]  # noqa: Y015
+    _WhichOneofReturnType__concurrent_task_count: _TypeAlias = _typing.Literal["concurrent_task_count"]  # noqa: Y015
+    _WhichOneofArgType__concurrent_task_count: _TypeAlias = _typing.Literal["_concurrent_task_count", b"_concurrent_task_count"]  # noqa: Y015
+    _WhichOneofReturnType__count: _TypeAlias = _typing.Literal["count"]  # noqa: Y015
+    _WhichOneofArgType__count: _TypeAlias = _typing.Literal["_count", b"_count"]  # noqa: Y015
+    _WhichOneofReturnType__hdfs: _TypeAlias = _typing.Literal["hdfs"]  # noqa: Y015
+    _WhichOneofArgType__hdfs: _TypeAlias = _typing.Literal["_hdfs", b"_hdfs"]  # noqa: Y015
+    _WhichOneofReturnType__object_storage: _TypeAlias = _typing.Literal["object_storage"]  # noqa: Y015
+    _WhichOneofArgType__object_storage: _TypeAlias = _typing.Literal["_object_storage", b"_object_storage"]  # noqa: Y015
+    _WhichOneofReturnType__output_path: _TypeAlias = _typing.Literal["output_path"]  # noqa: Y015
+    _WhichOneofArgType__output_path: _TypeAlias = _typing.Literal["_output_path", b"_output_path"]  # noqa: Y015
+    _WhichOneofReturnType__percentage: _TypeAlias = _typing.Literal["percentage"]  # noqa: Y015
+    _WhichOneofArgType__percentage: _TypeAlias = _typing.Literal["_percentage", b"_percentage"]  # noqa: Y015
+    _WhichOneofReturnType__piece_length: _TypeAlias = _typing.Literal["piece_length"]  # noqa: Y015
+    _WhichOneofArgType__piece_length: _TypeAlias = _typing.Literal["_piece_length", b"_piece_length"]  # noqa: Y015
+    _WhichOneofReturnType__tag: _TypeAlias = _typing.Literal["tag"]  # noqa: Y015
+    _WhichOneofArgType__tag: _TypeAlias = _typing.Literal["_tag", b"_tag"]  # noqa: Y015
+    _WhichOneofReturnType__timeout: _TypeAlias = _typing.Literal["timeout"]  # noqa: Y015
+    _WhichOneofArgType__timeout: _TypeAlias = _typing.Literal["_timeout", b"_timeout"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__application) -> _WhichOneofReturnType__application | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__concurrent_peer_count) -> _WhichOneofReturnType__concurrent_peer_count | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__concurrent_task_count) -> _WhichOneofReturnType__concurrent_task_count | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__count) -> _WhichOneofReturnType__count | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__hdfs) -> _WhichOneofReturnType__hdfs | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__object_storage) -> _WhichOneofReturnType__object_storage | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__output_path) -> _WhichOneofReturnType__output_path | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__percentage) -> _WhichOneofReturnType__percentage | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__piece_length) -> _WhichOneofReturnType__piece_length | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tag) -> _WhichOneofReturnType__tag | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__timeout) -> _WhichOneofReturnType__timeout | None: ...
+
+Global___PreheatFileRequest: _TypeAlias = PreheatFileRequest  # noqa: Y015
+
+@_typing.final
+class StatFileRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class HeaderEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    URL_FIELD_NUMBER: _builtins.int
+    PIECE_LENGTH_FIELD_NUMBER: _builtins.int
+    TAG_FIELD_NUMBER: _builtins.int
+    APPLICATION_FIELD_NUMBER: _builtins.int
+    FILTERED_QUERY_PARAMS_FIELD_NUMBER: _builtins.int
+    HEADER_FIELD_NUMBER: _builtins.int
+    CONCURRENT_PEER_COUNT_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_CHAIN_FIELD_NUMBER: _builtins.int
+    INSECURE_SKIP_VERIFY_FIELD_NUMBER: _builtins.int
+    OBJECT_STORAGE_FIELD_NUMBER: _builtins.int
+    HDFS_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    piece_length: _builtins.int
+    tag: _builtins.str
+    application: _builtins.str
+    concurrent_peer_count: _builtins.int
+    insecure_skip_verify: _builtins.bool
+    @_builtins.property
+    def filtered_query_params(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def header(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def certificate_chain(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    @_builtins.property
+    def object_storage(self) -> _common_pb2.ObjectStorage: ...
+    @_builtins.property
+    def hdfs(self) -> _common_pb2.HDFS: ...
+    def __init__(
+        self,
+        *,
+        url: _builtins.str = ...,
+        piece_length: _builtins.int | None = ...,
+        tag: _builtins.str | None = ...,
+        application: _builtins.str | None = ...,
+        filtered_query_params: _abc.Iterable[_builtins.str] | None = ...,
+        header: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        concurrent_peer_count: _builtins.int | None = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+        certificate_chain: _abc.Iterable[_builtins.bytes] | None = ...,
+        insecure_skip_verify: _builtins.bool = ...,
+        object_storage: _common_pb2.ObjectStorage | None = ...,
+        hdfs: _common_pb2.HDFS | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_application", b"_application", "_concurrent_peer_count", b"_concurrent_peer_count", "_hdfs", b"_hdfs", "_object_storage", b"_object_storage", "_piece_length", b"_piece_length", "_tag", b"_tag", "_timeout", b"_timeout", "application", b"application", "concurrent_peer_count", b"concurrent_peer_count", "hdfs", b"hdfs", "object_storage", b"object_storage", "piece_length", b"piece_length", "tag", b"tag", "timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_application", b"_application", "_concurrent_peer_count", b"_concurrent_peer_count", "_hdfs", b"_hdfs", "_object_storage", b"_object_storage", "_piece_length", b"_piece_length", "_tag", b"_tag", "_timeout", b"_timeout", "application", b"application", "certificate_chain", b"certificate_chain", "concurrent_peer_count", b"concurrent_peer_count", "filtered_query_params", b"filtered_query_params", "hdfs", b"hdfs", "header", b"header", "insecure_skip_verify", b"insecure_skip_verify", "object_storage", b"object_storage", "piece_length", b"piece_length", "tag", b"tag", "timeout", b"timeout", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__application: _TypeAlias = _typing.Literal["application"]  # noqa: Y015
+    _WhichOneofArgType__application: _TypeAlias = _typing.Literal["_application", b"_application"]  # noqa: Y015
+    _WhichOneofReturnType__concurrent_peer_count: _TypeAlias = _typing.Literal["concurrent_peer_count"]  # noqa: Y015
+    _WhichOneofArgType__concurrent_peer_count: _TypeAlias = _typing.Literal["_concurrent_peer_count", b"_concurrent_peer_count"]  # noqa: Y015
+    _WhichOneofReturnType__hdfs: _TypeAlias = _typing.Literal["hdfs"]  # noqa: Y015
+    _WhichOneofArgType__hdfs: _TypeAlias = _typing.Literal["_hdfs", b"_hdfs"]  # noqa: Y015
+    _WhichOneofReturnType__object_storage: _TypeAlias = _typing.Literal["object_storage"]  # noqa: Y015
+    _WhichOneofArgType__object_storage: _TypeAlias = _typing.Literal["_object_storage", b"_object_storage"]  # noqa: Y015
+    _WhichOneofReturnType__piece_length: _TypeAlias = _typing.Literal["piece_length"]  # noqa: Y015
+    _WhichOneofArgType__piece_length: _TypeAlias = _typing.Literal["_piece_length", b"_piece_length"]  # noqa: Y015
+    _WhichOneofReturnType__tag: _TypeAlias = _typing.Literal["tag"]  # noqa: Y015
+    _WhichOneofArgType__tag: _TypeAlias = _typing.Literal["_tag", b"_tag"]  # noqa: Y015
+    _WhichOneofReturnType__timeout: _TypeAlias = _typing.Literal["timeout"]  # noqa: Y015
+    _WhichOneofArgType__timeout: _TypeAlias = _typing.Literal["_timeout", b"_timeout"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__application) -> _WhichOneofReturnType__application | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__concurrent_peer_count) -> _WhichOneofReturnType__concurrent_peer_count | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__hdfs) -> _WhichOneofReturnType__hdfs | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__object_storage) -> _WhichOneofReturnType__object_storage | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__piece_length) -> _WhichOneofReturnType__piece_length | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tag) -> _WhichOneofReturnType__tag | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__timeout) -> _WhichOneofReturnType__timeout | None: ...
+
+Global___StatFileRequest: _TypeAlias = StatFileRequest  # noqa: Y015
+
+@_typing.final
+class StatFileResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PEERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def peers(self) -> _containers.RepeatedCompositeFieldContainer[Global___PeerFile]: ...
+    def __init__(
+        self,
+        *,
+        peers: _abc.Iterable[Global___PeerFile] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["peers", b"peers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatFileResponse: _TypeAlias = StatFileResponse  # noqa: Y015
+
+@_typing.final
+class PeerFile(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IP_FIELD_NUMBER: _builtins.int
+    HOSTNAME_FIELD_NUMBER: _builtins.int
+    CACHED_FILES_FIELD_NUMBER: _builtins.int
+    ip: _builtins.str
+    hostname: _builtins.str
+    @_builtins.property
+    def cached_files(self) -> _containers.RepeatedCompositeFieldContainer[Global___File]: ...
+    def __init__(
+        self,
+        *,
+        ip: _builtins.str = ...,
+        hostname: _builtins.str = ...,
+        cached_files: _abc.Iterable[Global___File] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_files", b"cached_files", "hostname", b"hostname", "ip", b"ip"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PeerFile: _TypeAlias = PeerFile  # noqa: Y015
+
+@_typing.final
+class File(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URL_FIELD_NUMBER: _builtins.int
+    IS_FINISHED_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    is_finished: _builtins.bool
+    def __init__(
+        self,
+        *,
+        url: _builtins.str = ...,
+        is_finished: _builtins.bool | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_is_finished", b"_is_finished", "is_finished", b"is_finished"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_is_finished", b"_is_finished", "is_finished", b"is_finished", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__is_finished: _TypeAlias = _typing.Literal["is_finished"]  # noqa: Y015
+    _WhichOneofArgType__is_finished: _TypeAlias = _typing.Literal["_is_finished", b"_is_finished"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__is_finished) -> _WhichOneofReturnType__is_finished | None: ...
+
+Global___File: _TypeAlias = File  # noqa: Y015

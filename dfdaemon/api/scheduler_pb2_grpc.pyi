@@ -41,6 +41,34 @@ class SchedulerStub:
     AnnounceHost: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.AnnounceHostRequest, _empty_pb2.Empty]
     ListHosts: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.ListHostsRequest, _scheduler_pb2.ListHostsResponse]
     DeleteHost: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.DeleteHostRequest, _empty_pb2.Empty]
+    AnnounceCachePeer: _grpc.StreamStreamMultiCallable[_scheduler_pb2.AnnounceCachePeerRequest, _scheduler_pb2.AnnounceCachePeerResponse]
+    """API 2.3.x RPCs below, preheat included: mirrored for wire compatibility;
+    the embedded scheduler answers them UNIMPLEMENTED.
+    """
+    StatCachePeer: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.StatCachePeerRequest, _common_pb2.CachePeer]
+    DeleteCachePeer: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.DeleteCachePeerRequest, _empty_pb2.Empty]
+    StatCacheTask: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.StatCacheTaskRequest, _common_pb2.CacheTask]
+    DeleteCacheTask: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.DeleteCacheTaskRequest, _empty_pb2.Empty]
+    AnnouncePersistentPeer: _grpc.StreamStreamMultiCallable[_scheduler_pb2.AnnouncePersistentPeerRequest, _scheduler_pb2.AnnouncePersistentPeerResponse]
+    StatPersistentPeer: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.StatPersistentPeerRequest, _common_pb2.PersistentPeer]
+    DeletePersistentPeer: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.DeletePersistentPeerRequest, _empty_pb2.Empty]
+    UploadPersistentTaskStarted: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.UploadPersistentTaskStartedRequest, _empty_pb2.Empty]
+    UploadPersistentTaskFinished: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.UploadPersistentTaskFinishedRequest, _common_pb2.PersistentTask]
+    UploadPersistentTaskFailed: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.UploadPersistentTaskFailedRequest, _empty_pb2.Empty]
+    StatPersistentTask: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.StatPersistentTaskRequest, _common_pb2.PersistentTask]
+    DeletePersistentTask: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.DeletePersistentTaskRequest, _empty_pb2.Empty]
+    AnnouncePersistentCachePeer: _grpc.StreamStreamMultiCallable[_scheduler_pb2.AnnouncePersistentCachePeerRequest, _scheduler_pb2.AnnouncePersistentCachePeerResponse]
+    StatPersistentCachePeer: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.StatPersistentCachePeerRequest, _common_pb2.PersistentCachePeer]
+    DeletePersistentCachePeer: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.DeletePersistentCachePeerRequest, _empty_pb2.Empty]
+    UploadPersistentCacheTaskStarted: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.UploadPersistentCacheTaskStartedRequest, _empty_pb2.Empty]
+    UploadPersistentCacheTaskFinished: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.UploadPersistentCacheTaskFinishedRequest, _common_pb2.PersistentCacheTask]
+    UploadPersistentCacheTaskFailed: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.UploadPersistentCacheTaskFailedRequest, _empty_pb2.Empty]
+    StatPersistentCacheTask: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.StatPersistentCacheTaskRequest, _common_pb2.PersistentCacheTask]
+    DeletePersistentCacheTask: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.DeletePersistentCacheTaskRequest, _empty_pb2.Empty]
+    PreheatImage: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.PreheatImageRequest, _empty_pb2.Empty]
+    StatImage: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.StatImageRequest, _scheduler_pb2.StatImageResponse]
+    PreheatFile: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.PreheatFileRequest, _empty_pb2.Empty]
+    StatFile: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.StatFileRequest, _scheduler_pb2.StatFileResponse]
 
 @_typing.type_check_only
 class SchedulerAsyncStub(SchedulerStub):
@@ -53,6 +81,34 @@ class SchedulerAsyncStub(SchedulerStub):
     AnnounceHost: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.AnnounceHostRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     ListHosts: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.ListHostsRequest, _scheduler_pb2.ListHostsResponse]  # type: ignore[assignment]
     DeleteHost: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.DeleteHostRequest, _empty_pb2.Empty]  # type: ignore[assignment]
+    AnnounceCachePeer: _aio.StreamStreamMultiCallable[_scheduler_pb2.AnnounceCachePeerRequest, _scheduler_pb2.AnnounceCachePeerResponse]  # type: ignore[assignment]
+    """API 2.3.x RPCs below, preheat included: mirrored for wire compatibility;
+    the embedded scheduler answers them UNIMPLEMENTED.
+    """
+    StatCachePeer: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.StatCachePeerRequest, _common_pb2.CachePeer]  # type: ignore[assignment]
+    DeleteCachePeer: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.DeleteCachePeerRequest, _empty_pb2.Empty]  # type: ignore[assignment]
+    StatCacheTask: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.StatCacheTaskRequest, _common_pb2.CacheTask]  # type: ignore[assignment]
+    DeleteCacheTask: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.DeleteCacheTaskRequest, _empty_pb2.Empty]  # type: ignore[assignment]
+    AnnouncePersistentPeer: _aio.StreamStreamMultiCallable[_scheduler_pb2.AnnouncePersistentPeerRequest, _scheduler_pb2.AnnouncePersistentPeerResponse]  # type: ignore[assignment]
+    StatPersistentPeer: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.StatPersistentPeerRequest, _common_pb2.PersistentPeer]  # type: ignore[assignment]
+    DeletePersistentPeer: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.DeletePersistentPeerRequest, _empty_pb2.Empty]  # type: ignore[assignment]
+    UploadPersistentTaskStarted: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.UploadPersistentTaskStartedRequest, _empty_pb2.Empty]  # type: ignore[assignment]
+    UploadPersistentTaskFinished: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.UploadPersistentTaskFinishedRequest, _common_pb2.PersistentTask]  # type: ignore[assignment]
+    UploadPersistentTaskFailed: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.UploadPersistentTaskFailedRequest, _empty_pb2.Empty]  # type: ignore[assignment]
+    StatPersistentTask: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.StatPersistentTaskRequest, _common_pb2.PersistentTask]  # type: ignore[assignment]
+    DeletePersistentTask: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.DeletePersistentTaskRequest, _empty_pb2.Empty]  # type: ignore[assignment]
+    AnnouncePersistentCachePeer: _aio.StreamStreamMultiCallable[_scheduler_pb2.AnnouncePersistentCachePeerRequest, _scheduler_pb2.AnnouncePersistentCachePeerResponse]  # type: ignore[assignment]
+    StatPersistentCachePeer: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.StatPersistentCachePeerRequest, _common_pb2.PersistentCachePeer]  # type: ignore[assignment]
+    DeletePersistentCachePeer: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.DeletePersistentCachePeerRequest, _empty_pb2.Empty]  # type: ignore[assignment]
+    UploadPersistentCacheTaskStarted: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.UploadPersistentCacheTaskStartedRequest, _empty_pb2.Empty]  # type: ignore[assignment]
+    UploadPersistentCacheTaskFinished: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.UploadPersistentCacheTaskFinishedRequest, _common_pb2.PersistentCacheTask]  # type: ignore[assignment]
+    UploadPersistentCacheTaskFailed: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.UploadPersistentCacheTaskFailedRequest, _empty_pb2.Empty]  # type: ignore[assignment]
+    StatPersistentCacheTask: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.StatPersistentCacheTaskRequest, _common_pb2.PersistentCacheTask]  # type: ignore[assignment]
+    DeletePersistentCacheTask: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.DeletePersistentCacheTaskRequest, _empty_pb2.Empty]  # type: ignore[assignment]
+    PreheatImage: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.PreheatImageRequest, _empty_pb2.Empty]  # type: ignore[assignment]
+    StatImage: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.StatImageRequest, _scheduler_pb2.StatImageResponse]  # type: ignore[assignment]
+    PreheatFile: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.PreheatFileRequest, _empty_pb2.Empty]  # type: ignore[assignment]
+    StatFile: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.StatFileRequest, _scheduler_pb2.StatFileResponse]  # type: ignore[assignment]
 
 class SchedulerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -110,5 +166,183 @@ class SchedulerServicer(metaclass=_abc_1.ABCMeta):
         request: _scheduler_pb2.DeleteHostRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]: ...
+
+    @_abc_1.abstractmethod
+    def AnnounceCachePeer(
+        self,
+        request_iterator: _MaybeAsyncIterator[_scheduler_pb2.AnnounceCachePeerRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_scheduler_pb2.AnnounceCachePeerResponse], _abc.AsyncIterator[_scheduler_pb2.AnnounceCachePeerResponse]]:
+        """API 2.3.x RPCs below, preheat included: mirrored for wire compatibility;
+        the embedded scheduler answers them UNIMPLEMENTED.
+        """
+
+    @_abc_1.abstractmethod
+    def StatCachePeer(
+        self,
+        request: _scheduler_pb2.StatCachePeerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.CachePeer, _abc.Awaitable[_common_pb2.CachePeer]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteCachePeer(
+        self,
+        request: _scheduler_pb2.DeleteCachePeerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]: ...
+
+    @_abc_1.abstractmethod
+    def StatCacheTask(
+        self,
+        request: _scheduler_pb2.StatCacheTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.CacheTask, _abc.Awaitable[_common_pb2.CacheTask]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteCacheTask(
+        self,
+        request: _scheduler_pb2.DeleteCacheTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]: ...
+
+    @_abc_1.abstractmethod
+    def AnnouncePersistentPeer(
+        self,
+        request_iterator: _MaybeAsyncIterator[_scheduler_pb2.AnnouncePersistentPeerRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_scheduler_pb2.AnnouncePersistentPeerResponse], _abc.AsyncIterator[_scheduler_pb2.AnnouncePersistentPeerResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def StatPersistentPeer(
+        self,
+        request: _scheduler_pb2.StatPersistentPeerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.PersistentPeer, _abc.Awaitable[_common_pb2.PersistentPeer]]: ...
+
+    @_abc_1.abstractmethod
+    def DeletePersistentPeer(
+        self,
+        request: _scheduler_pb2.DeletePersistentPeerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]: ...
+
+    @_abc_1.abstractmethod
+    def UploadPersistentTaskStarted(
+        self,
+        request: _scheduler_pb2.UploadPersistentTaskStartedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]: ...
+
+    @_abc_1.abstractmethod
+    def UploadPersistentTaskFinished(
+        self,
+        request: _scheduler_pb2.UploadPersistentTaskFinishedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.PersistentTask, _abc.Awaitable[_common_pb2.PersistentTask]]: ...
+
+    @_abc_1.abstractmethod
+    def UploadPersistentTaskFailed(
+        self,
+        request: _scheduler_pb2.UploadPersistentTaskFailedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]: ...
+
+    @_abc_1.abstractmethod
+    def StatPersistentTask(
+        self,
+        request: _scheduler_pb2.StatPersistentTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.PersistentTask, _abc.Awaitable[_common_pb2.PersistentTask]]: ...
+
+    @_abc_1.abstractmethod
+    def DeletePersistentTask(
+        self,
+        request: _scheduler_pb2.DeletePersistentTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]: ...
+
+    @_abc_1.abstractmethod
+    def AnnouncePersistentCachePeer(
+        self,
+        request_iterator: _MaybeAsyncIterator[_scheduler_pb2.AnnouncePersistentCachePeerRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_scheduler_pb2.AnnouncePersistentCachePeerResponse], _abc.AsyncIterator[_scheduler_pb2.AnnouncePersistentCachePeerResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def StatPersistentCachePeer(
+        self,
+        request: _scheduler_pb2.StatPersistentCachePeerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.PersistentCachePeer, _abc.Awaitable[_common_pb2.PersistentCachePeer]]: ...
+
+    @_abc_1.abstractmethod
+    def DeletePersistentCachePeer(
+        self,
+        request: _scheduler_pb2.DeletePersistentCachePeerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]: ...
+
+    @_abc_1.abstractmethod
+    def UploadPersistentCacheTaskStarted(
+        self,
+        request: _scheduler_pb2.UploadPersistentCacheTaskStartedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]: ...
+
+    @_abc_1.abstractmethod
+    def UploadPersistentCacheTaskFinished(
+        self,
+        request: _scheduler_pb2.UploadPersistentCacheTaskFinishedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.PersistentCacheTask, _abc.Awaitable[_common_pb2.PersistentCacheTask]]: ...
+
+    @_abc_1.abstractmethod
+    def UploadPersistentCacheTaskFailed(
+        self,
+        request: _scheduler_pb2.UploadPersistentCacheTaskFailedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]: ...
+
+    @_abc_1.abstractmethod
+    def StatPersistentCacheTask(
+        self,
+        request: _scheduler_pb2.StatPersistentCacheTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.PersistentCacheTask, _abc.Awaitable[_common_pb2.PersistentCacheTask]]: ...
+
+    @_abc_1.abstractmethod
+    def DeletePersistentCacheTask(
+        self,
+        request: _scheduler_pb2.DeletePersistentCacheTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]: ...
+
+    @_abc_1.abstractmethod
+    def PreheatImage(
+        self,
+        request: _scheduler_pb2.PreheatImageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]: ...
+
+    @_abc_1.abstractmethod
+    def StatImage(
+        self,
+        request: _scheduler_pb2.StatImageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.StatImageResponse, _abc.Awaitable[_scheduler_pb2.StatImageResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def PreheatFile(
+        self,
+        request: _scheduler_pb2.PreheatFileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]: ...
+
+    @_abc_1.abstractmethod
+    def StatFile(
+        self,
+        request: _scheduler_pb2.StatFileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.StatFileResponse, _abc.Awaitable[_scheduler_pb2.StatFileResponse]]: ...
 
 def add_SchedulerServicer_to_server(servicer: SchedulerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -20,10 +20,12 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from dfdaemon.api import common_pb2, dfdaemon_ext_pb2, dfdaemon_ext_pb2_grpc, dfdaemon_pb2, dfdaemon_pb2_grpc
+from dfdaemon.api import dfdaemon_ext_pb2, dfdaemon_ext_pb2_grpc, dfdaemon_pb2, dfdaemon_pb2_grpc
 from dfdaemon.cli.args import positive_duration, positive_size
 from dfdaemon.cli.channel import daemon_channel
+from dfdaemon.download import DownloadRequest
 from dfdaemon.ids import InvalidTaskId, blob_digest_task_id, is_valid_task_id, normalize_url
+from dfdaemon.rpc import convert
 from dfdaemon.units import format_size
 
 # The daemon's default (dfdaemon.config.DEFAULT_SOCKET_PATH), repeated because importing the configuration
@@ -124,7 +126,7 @@ def _ref(text: str) -> dfdaemon_ext_pb2.TaskRef:
             normalize_url(url)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(f"invalid REF {text!r}: {exc}") from None
-        return dfdaemon_ext_pb2.TaskRef(download=common_pb2.Download(url=url))
+        return dfdaemon_ext_pb2.TaskRef(download=convert.download(DownloadRequest(url=url)))
     lowered = text.lower()
     if is_valid_task_id(lowered):
         return dfdaemon_ext_pb2.TaskRef(task_id=lowered)
@@ -147,13 +149,14 @@ def _task_refs(args: argparse.Namespace) -> list[dfdaemon_ext_pb2.TaskRef]:
     if given and not downloads:
         raise UsageError(f"{', '.join(given)}: only valid with url= refs")
     for download in downloads:
-        if args.tag is not None:
-            download.tag = args.tag
-        if args.application is not None:
-            download.application = args.application
-        if args.piece_length is not None:
-            download.piece_length = args.piece_length
-        download.filtered_query_params.extend(args.filtered_query_params)
+        request = DownloadRequest(
+            url=download.url,
+            tag=args.tag,
+            application=args.application,
+            piece_length=args.piece_length,
+            filtered_query_params=tuple(args.filtered_query_params),
+        )
+        download.CopyFrom(convert.download(request))
     return refs
 
 

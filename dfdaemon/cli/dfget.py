@@ -17,7 +17,6 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import NoReturn
 from urllib.parse import urlsplit
 
@@ -31,7 +30,9 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from dfdaemon.api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc, errordetails_pb2
 from dfdaemon.cli.args import positive_duration, positive_size
 from dfdaemon.cli.channel import daemon_channel
-from dfdaemon.ids import parse_file_digest
+from dfdaemon.download import DownloadRequest
+from dfdaemon.ids import filtered_query_params_or_default, parse_file_digest
+from dfdaemon.rpc import convert
 
 DEFAULT_ENDPOINT = "/var/run/dragonfly/dfdaemon.sock"
 DOWNLOAD_SERVICE = "dfdaemon.v2.DfdaemonDownload"
@@ -153,7 +154,7 @@ def _build_parser() -> _Parser:
         action="append",
         default=[],
         metavar="PARAM",
-        help="query parameter left out of the task id (e.g. a signature)",
+        help="query parameter left out of the task id (repeatable); by default upstream's list of signing keys",
     )
     parser.add_argument(
         "--piece-length", type=positive_size, metavar="SIZE", help="e.g. 4MiB; chosen by the daemon by default"
@@ -201,7 +202,7 @@ def parse_args(argv: list[str] | None) -> Options:
         tag=args.tag,
         application=args.application,
         headers=dict(args.headers),
-        filtered_query_params=args.filtered_query_params,
+        filtered_query_params=list(filtered_query_params_or_default(args.filtered_query_params)),
         piece_length=args.piece_length,
         timeout=args.timeout,
         disable_back_to_source=args.disable_back_to_source,
@@ -235,27 +236,21 @@ def _check_health(channel: grpc.Channel, endpoint: str) -> None:
 
 
 def download_request(options: Options) -> dfdaemon_pb2.DownloadTaskRequest:
-    """The request, with optional fields set only when given: presence changes the task id."""
-    download = common_pb2.Download(
+    """The request for the command line; flags not given stay unset, since presence changes the task id."""
+    request = DownloadRequest(
         url=options.url,
         output_path=options.output,
-        type=common_pb2.STANDARD,
         request_header=options.headers,
-        filtered_query_params=options.filtered_query_params,
+        filtered_query_params=tuple(options.filtered_query_params),
         disable_back_to_source=options.disable_back_to_source,
         overwrite=options.overwrite,
+        digest=options.digest,
+        tag=options.tag,
+        application=options.application,
+        piece_length=options.piece_length,
+        timeout=options.timeout,
     )
-    if options.digest is not None:
-        download.digest = options.digest
-    if options.tag is not None:
-        download.tag = options.tag
-    if options.application is not None:
-        download.application = options.application
-    if options.piece_length is not None:
-        download.piece_length = options.piece_length
-    if options.timeout is not None:
-        download.timeout.FromTimedelta(timedelta(seconds=options.timeout))
-    return dfdaemon_pb2.DownloadTaskRequest(download=download)
+    return dfdaemon_pb2.DownloadTaskRequest(download=convert.download(request))
 
 
 def _progress_bar(enabled: bool) -> Progress:

@@ -54,9 +54,6 @@ def tracing_range(url: str, span: PieceSpan, attempt: int) -> contextlib.Abstrac
     return tracing.span("back_to_source", url=url, range_start=span.offset, range_length=span.length, attempt=attempt)
 
 
-# Bounds of a requested piece length: enough pieces to share, few enough requests to the origin.
-MIN_PIECE_LENGTH = 1024
-MAX_PIECE_LENGTH = 1024 * 1024 * 1024
 # Headers the daemon sets itself for each ranged request; a caller's copy would change what is fetched.
 _RESERVED_HEADERS = {
     "content-length",
@@ -255,10 +252,9 @@ class DownloadManager:
                 ids.parse_file_digest(request.digest)
             except ValueError as exc:
                 raise InvalidDownload(f"download.digest: {exc}") from None
-        if request.piece_length is not None and not MIN_PIECE_LENGTH <= request.piece_length <= MAX_PIECE_LENGTH:
-            raise InvalidDownload(
-                f"download.piece_length must be between {MIN_PIECE_LENGTH} and {MAX_PIECE_LENGTH} bytes"
-            )
+        low, high = ids.MIN_REQUESTED_PIECE_LENGTH, ids.MAX_REQUESTED_PIECE_LENGTH
+        if request.piece_length is not None and not low <= request.piece_length <= high:
+            raise InvalidDownload(f"download.piece_length must be between {low} and {high} bytes")
         _check_headers(request.request_header)
         if request.output_path is not None:
             _check_output_path(request.output_path, request.overwrite)
@@ -284,26 +280,20 @@ class DownloadManager:
             metrics.DOWNLOADS.labels(result).inc()
 
     async def _download(self, request: DownloadRequest) -> AsyncGenerator[Started | PieceDone, None]:
-        task_id = self.validate(request)
-        if request.from_network and request.output_path is not None:
-            raise SourceNotAllowed("a download requested over the network may not write an output file")
-        await self.source_policy.check(request.url, from_network=request.from_network)
+        task_id = await self._admit(request)
         peer_id = ids.peer_id(self.host_ip, self.hostname)
         # The timeout bounds the daemon's own waits, never the hand-over of a response to gRPC (a cancellation
         # there would look like the client leaving and end the call without a status).
         deadline = None if request.timeout is None else asyncio.get_running_loop().time() + request.timeout
-
-        def limit() -> asyncio.Timeout:
-            return asyncio.timeout_at(deadline)
-
         # From before the first look at the cache until the output is written, the task is in use.
         async with self.storage.reading(task_id):
             job = self._job(task_id, peer_id, request)
-            async with limit():
+            async with asyncio.timeout_at(deadline):
                 await self._wait(job, lambda: job.ready)
             wanted = self._wanted(job, request.range)
             async with job.changed:
-                local = {number for number in job.done if number in {p.number for p in wanted}}
+                numbers = {piece.number for piece in wanted}
+                local = numbers & job.done.keys()
                 is_finished = job.finished
             yield Started(
                 task_id=task_id,
@@ -314,41 +304,67 @@ class DownloadManager:
                 pieces=wanted,
                 is_finished=is_finished,
             )
-            remaining = {piece.number for piece in wanted}
-            while remaining:
-                async with limit():
-                    await self._wait(job, lambda: bool(remaining & job.done.keys()) or job.finished)
-                for number in sorted(remaining & job.done.keys(), key=lambda n: job.done[n][0].created_at):
-                    piece, traffic = job.done[number]
-                    remaining.discard(number)
-                    if number in local:
-                        traffic = TrafficType.LOCAL_PEER
-                    content = None
-                    if request.need_piece_content:
-                        async with limit():
-                            _, content = await self.storage.read_piece(task_id, number)
-                    yield PieceDone(piece, traffic, peer_id, content)
-                if job.finished and remaining - job.done.keys():
-                    missing = sorted(remaining - job.done.keys())
-                    raise DownloadFailed(f"task {task_id} finished without pieces {missing}")
-            async with limit():
-                if request.digest is not None or _blob_digest(request) is not None:
-                    # A digest covers the whole file (and a blob's content is checked when the task completes),
-                    # so a ranged request waits for the rest of the task too.
-                    await self._wait(job, lambda: job.finished)
-                if request.digest is not None:
-                    await asyncio.to_thread(_verify_digest, self.storage.content.path(task_id), request.digest)
-                if request.output_path is not None:
-                    await asyncio.to_thread(
-                        _write_output,
-                        self.storage.content.path(task_id),
-                        Path(request.output_path),
-                        request.range,
-                        job.content_length,
-                        request.overwrite,
-                        request.force_hard_link,
-                    )
+            async with contextlib.aclosing(self._follow(job, request, peer_id, numbers, local, deadline)) as pieces:
+                async for piece in pieces:
+                    yield piece
+            async with asyncio.timeout_at(deadline):
+                await self._deliver(job, request)
             await self.storage.touch(task_id)
+
+    async def _admit(self, request: DownloadRequest) -> str:
+        """Everything a request must pass before it may start or join a job; returns the task id."""
+        task_id = self.validate(request)
+        if request.from_network and request.output_path is not None:
+            raise SourceNotAllowed("a download requested over the network may not write an output file")
+        await self.source_policy.check(request.url, from_network=request.from_network)
+        return task_id
+
+    async def _follow(
+        self,
+        job: TaskJob,
+        request: DownloadRequest,
+        peer_id: str,
+        wanted: set[int],
+        local: set[int],
+        deadline: float | None,
+    ) -> AsyncGenerator[PieceDone, None]:
+        """One request's pieces in the order the job stores them; those stored before it joined are LOCAL_PEER."""
+        remaining = set(wanted)
+        while remaining:
+            async with asyncio.timeout_at(deadline):
+                await self._wait(job, lambda: bool(remaining & job.done.keys()) or job.finished)
+            for number in sorted(remaining & job.done.keys(), key=lambda n: job.done[n][0].created_at):
+                piece, traffic = job.done[number]
+                remaining.discard(number)
+                if number in local:
+                    traffic = TrafficType.LOCAL_PEER
+                content = None
+                if request.need_piece_content:
+                    async with asyncio.timeout_at(deadline):
+                        _, content = await self.storage.read_piece(job.task_id, number)
+                yield PieceDone(piece, traffic, peer_id, content)
+            if job.finished and remaining - job.done.keys():
+                missing = sorted(remaining - job.done.keys())
+                raise DownloadFailed(f"task {job.task_id} finished without pieces {missing}")
+
+    async def _deliver(self, job: TaskJob, request: DownloadRequest) -> None:
+        """What a request asks for once it has its pieces: the whole file's digest checked, an output file."""
+        if request.digest is not None or _blob_digest(request) is not None:
+            # A digest covers the whole file (and a blob's content is checked when the task completes),
+            # so a ranged request waits for the rest of the task too.
+            await self._wait(job, lambda: job.finished)
+        if request.digest is not None:
+            await asyncio.to_thread(_verify_digest, self.storage.content.path(job.task_id), request.digest)
+        if request.output_path is not None:
+            await asyncio.to_thread(
+                _write_output,
+                self.storage.content.path(job.task_id),
+                Path(request.output_path),
+                request.range,
+                job.content_length,
+                request.overwrite,
+                request.force_hard_link,
+            )
 
     async def _wait(self, job: TaskJob, predicate: Callable[[], bool]) -> None:
         async with job.changed:
@@ -415,14 +431,33 @@ class DownloadManager:
 
     async def _run_job(self, job: TaskJob) -> bool:
         """Complete the task in storage; returns False when it was already complete (a cache hit)."""
-        request = job.request
         existing = await self.storage.get_task(job.task_id)
         if existing is not None and existing.state is TaskState.SUCCEEDED and existing.content_length is not None:
             await self._load_local(job, existing)
             await job.announce(ready=True, finished=True)
             return False
-        if request.disable_back_to_source and self.fetch_missing == self.back_to_source:
+        if job.request.disable_back_to_source and self.fetch_missing == self.back_to_source:
             raise DownloadFailed("back to source is disabled and no scheduler is configured")
+        stored = await self._size_up(job, existing)
+        missing = [p for p in job.pieces if p.number not in stored]
+        async with (
+            self.gc.reservation(job.task_id, sum(p.length for p in missing)),
+            self.storage.download(job.task_id, _task_info(job)) as writer,
+        ):
+            log.info("download started task=%s url=%s bytes=%d", job.task_id, job.request.url, job.content_length)
+            for piece in stored.values():
+                job.done[piece.number] = (piece, TrafficType.LOCAL_PEER)
+            await self._fill(job, writer)
+            await writer.finish()
+        await job.announce(finished=True)
+        return True
+
+    async def _size_up(self, job: TaskJob, existing: TaskRecord | None) -> dict[int, PieceRecord]:
+        """Learn the content's length from the origin and fix the piece length; returns the pieces still usable.
+
+        An unfinished task of the same length keeps its piece length, so the pieces it already has count.
+        """
+        request = job.request
         info = await self.backend.stat(request.url, request.request_header, from_network=request.from_network)
         piece_length = request.piece_length or ids.piece_length_for(info.content_length)
         if existing is not None and existing.piece_length and existing.content_length == info.content_length:
@@ -433,52 +468,36 @@ class DownloadManager:
             and existing.content_length == info.content_length
             and existing.piece_length == piece_length
         )
-        stored = {p.number: p for p in await self.storage.pieces(job.task_id)} if reusable else {}
-        missing = [p for p in job.pieces if p.number not in stored]
-        task_info = TaskInfo(
-            url=request.url,
-            tag=request.tag or "",
-            application=request.application or "",
-            piece_length=piece_length,
-            content_length=info.content_length,
-            response_header=info.headers,
-        )
-        async with (
-            self.gc.reservation(job.task_id, sum(p.length for p in missing)),
-            self.storage.download(job.task_id, task_info) as writer,
-        ):
-            log.info("download started task=%s url=%s bytes=%d", job.task_id, request.url, info.content_length)
-            for piece in stored.values():
-                job.done[piece.number] = (piece, TrafficType.LOCAL_PEER)
-            job.writer = writer
-            await job.announce(ready=True)
-            blob = _blob_digest(request)
-            hashing = asyncio.create_task(self._hash_in_order(job, blob)) if blob is not None else None
-            try:
-                await self.fetch_missing(job)
-                short = [span.number for span in job.missing_pieces()]
-                if short:  # a fetch that returned short must not leave the hashing waiting
-                    raise DownloadFailed(f"task {job.task_id} ended without pieces {short[:10]}")
-                if hashing is not None and blob is not None:
-                    digester = await hashing
-                    if not digester.matches():
-                        raise ContentMismatch(
-                            f"the origin's content is not blob {blob} (it hashes to {digester.hexdigest()})"
-                        )
-            except ContentMismatch:
-                await writer.fail(discard=True)  # forged bytes must never be served again, nor reused
-                raise
-            except BaseException:
-                await writer.fail()
-                raise
-            finally:
-                if hashing is not None and not hashing.done():
-                    hashing.cancel()
-                    with contextlib.suppress(BaseException):
-                        await hashing
-            await writer.finish()
-        await job.announce(finished=True)
-        return True
+        return {p.number: p for p in await self.storage.pieces(job.task_id)} if reusable else {}
+
+    async def _fill(self, job: TaskJob, writer: TaskWriter) -> None:
+        """Fetch the missing pieces through ``writer``, checking a blob's digest as they land; fail it on error."""
+        job.writer = writer
+        await job.announce(ready=True)
+        blob = _blob_digest(job.request)
+        hashing = asyncio.create_task(self._hash_in_order(job, blob)) if blob is not None else None
+        try:
+            await self.fetch_missing(job)
+            short = [span.number for span in job.missing_pieces()]
+            if short:  # a fetch that returned short must not leave the hashing waiting
+                raise DownloadFailed(f"task {job.task_id} ended without pieces {short[:10]}")
+            if hashing is not None and blob is not None:
+                digester = await hashing
+                if not digester.matches():
+                    raise ContentMismatch(
+                        f"the origin's content is not blob {blob} (it hashes to {digester.hexdigest()})"
+                    )
+        except ContentMismatch:
+            await writer.fail(discard=True)  # forged bytes must never be served again, nor reused
+            raise
+        except BaseException:
+            await writer.fail()
+            raise
+        finally:
+            if hashing is not None and not hashing.done():
+                hashing.cancel()
+                with contextlib.suppress(BaseException):
+                    await hashing
 
     async def _hash_in_order(self, job: TaskJob, blob: str) -> ids.FileDigester:
         """Hash a blob's pieces in offset order while the later ones are still arriving (no re-read at the end)."""
@@ -547,6 +566,19 @@ class DownloadManager:
                     raise
                 log.info("piece %d of task %s broke off (%s); retrying", span.number, job.task_id, exc)
         raise AssertionError("unreachable")
+
+
+def _task_info(job: TaskJob) -> TaskInfo:
+    """What storage records of a task when its download starts."""
+    request = job.request
+    return TaskInfo(
+        url=request.url,
+        tag=request.tag or "",
+        application=request.application or "",
+        piece_length=job.piece_length,
+        content_length=job.content_length,
+        response_header=job.response_header,
+    )
 
 
 def _blob_digest(request: DownloadRequest) -> str | None:

@@ -16,7 +16,6 @@ import logging
 import time
 import zlib
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 
 from dfdaemon import ids
 from dfdaemon.download.peering import FetchedPiece, Parent, ParentClient, PieceUnavailable
@@ -34,18 +33,43 @@ class BadPiece(PieceUnavailable):
     """A parent sent bytes that do not match the piece's digests or place."""
 
 
-@dataclass
-class _Collection:
-    wanted: dict[int, PieceSpan]
-    available: dict[int, list[Parent]] = field(default_factory=dict)
-    done: set[int] = field(default_factory=set)
-    queued: set[int] = field(default_factory=set)
-    busy: set[int] = field(default_factory=set)
-    failed: dict[str, Parent] = field(default_factory=dict)
-    # (parent, piece) pairs that failed on the piece alone: a bad copy, or one the parent no longer has.
-    bad: set[tuple[str, int]] = field(default_factory=set)
-    open_syncs: int = 0
-    last_progress: float = field(default_factory=time.monotonic)
+class PieceCollection:
+    """One collection of pieces from parents: what is wanted, who has what, and the jobs that move it on.
+
+    Syncs learn which parent holds which piece and offer it to the queue; workers take pieces off the queue
+    and fetch each from a parent that has it. A piece is in at most one of queued, busy and done.
+    """
+
+    def __init__(
+        self,
+        task_id: str,
+        spans: list[PieceSpan],
+        client: ParentClient,
+        writer: TaskWriter,
+        *,
+        piece_timeout: float,
+        on_piece: PieceReport,
+        on_failure: FailureReport,
+    ) -> None:
+        self.task_id = task_id
+        self.wanted = {span.number: span for span in spans}
+        self.client = client
+        self.writer = writer
+        self.piece_timeout = piece_timeout
+        self.on_piece = on_piece
+        self.on_failure = on_failure
+        self.available: dict[int, list[Parent]] = {}
+        self.done: set[int] = set()
+        self.queued: set[int] = set()
+        self.busy: set[int] = set()
+        self.failed: dict[str, Parent] = {}
+        # (parent, piece) pairs that failed on the piece alone: a bad copy, or one the parent no longer has.
+        self.bad: set[tuple[str, int]] = set()
+        self.open_syncs = 0
+        self.last_progress = time.monotonic()
+        self.wake = asyncio.Event()
+        self.queue: asyncio.Queue[int] = asyncio.Queue()
+        self._turn = itertools.count()  # spreads the pieces over the parents that hold them
 
     @property
     def complete(self) -> bool:
@@ -57,6 +81,138 @@ class _Collection:
             for p in self.available.get(number, [])
             if p.peer_id not in self.failed and (p.peer_id, number) not in self.bad
         ]
+
+    def offer(self, number: int) -> None:
+        """Queue a piece for the workers unless it is already in, queued or being fetched."""
+        if number not in self.done and number not in self.queued and number not in self.busy:
+            self.queued.add(number)
+            self.queue.put_nowait(number)
+
+    async def fail(self, parent: Parent, number: int, reason: str) -> None:
+        """Avoid ``parent`` from now on and offer again every piece another parent also holds."""
+        if parent.peer_id not in self.failed:
+            log.warning("parent %s failed on piece %d of task %s: %s", parent.peer_id, number, self.task_id, reason)
+            self.failed[parent.peer_id] = parent
+        await self.on_failure(number, parent)
+        for other, holders in self.available.items():
+            if other not in self.done and any(p.peer_id != parent.peer_id for p in holders):
+                self.offer(other)
+        self.wake.set()
+
+    async def sync(self, parent: Parent) -> None:
+        """Follow one parent's ``SyncPieces``: each wanted piece it holds (or gains) becomes fetchable."""
+        try:
+            async for span in self.client.sync_pieces(parent, self.task_id, sorted(self.wanted)):
+                expected = self.wanted.get(span.number)
+                if expected is None or (span.offset, span.length) != (expected.offset, expected.length):
+                    continue
+                self.available.setdefault(span.number, []).append(parent)
+                if parent.peer_id not in self.failed:
+                    self.offer(span.number)
+                self.wake.set()
+        except Exception as exc:
+            await self.fail(parent, -1, f"SyncPieces: {exc}")
+        finally:
+            self.open_syncs -= 1
+            self.wake.set()
+
+    async def worker(self) -> None:
+        """Fetch queued pieces one at a time, each from the next parent that can serve it."""
+        while True:
+            number = await self.queue.get()
+            self.queued.discard(number)
+            candidates = self.usable(number)
+            if number in self.done or not candidates:
+                continue
+            await self._fetch(candidates[next(self._turn) % len(candidates)], self.wanted[number])
+
+    async def _fetch(self, parent: Parent, span: PieceSpan) -> None:
+        """One attempt at one piece; a failure hands the piece back to the queue when another parent has it."""
+        number = span.number
+        self.busy.add(number)
+        try:
+            record = await self._download(parent, span)
+        except asyncio.CancelledError:
+            raise
+        except PieceUnavailable as exc:
+            self.busy.discard(number)
+            await self._refused(parent, number, exc)
+            return
+        except Exception as exc:
+            self.busy.discard(number)
+            await self.fail(parent, number, str(exc) or type(exc).__name__)
+            if self.usable(number):
+                self.offer(number)
+            return
+        self.busy.discard(number)
+        self.done.add(number)
+        self.last_progress = time.monotonic()
+        metrics.DOWNLOAD_BYTES.labels("peer").inc(record.length)
+        metrics.PIECE_SECONDS.labels("peer").observe(record.cost)
+        await self.on_piece(record)
+        self.wake.set()
+
+    async def _download(self, parent: Parent, span: PieceSpan) -> PieceRecord:
+        """Fetch, check and store one piece."""
+        started = time.monotonic()
+        with tracing.span(
+            "piece",
+            task_id=self.task_id,
+            piece_number=span.number,
+            piece_length=span.length,
+            traffic_type="REMOTE_PEER",
+            parent=parent.peer_id,
+        ):
+            fetched = await asyncio.wait_for(
+                self.client.download_piece(parent, self.task_id, span.number), self.piece_timeout
+            )
+            await asyncio.to_thread(check_piece, span, fetched)  # its CRC runs off the event loop
+            return await self.writer.write_piece(
+                span.number,
+                span.offset,
+                fetched.content,
+                parent_id=parent.peer_id,
+                traffic_type=TrafficType.REMOTE_PEER,
+                cost=time.monotonic() - started,
+            )
+
+    async def _refused(self, parent: Parent, number: int, reason: PieceUnavailable) -> None:
+        """The parent cannot serve this one piece: avoid it for that piece only."""
+        log.warning("parent %s cannot serve piece %d of task %s: %s", parent.peer_id, number, self.task_id, reason)
+        self.bad.add((parent.peer_id, number))
+        await self.on_failure(number, parent)
+        if self.usable(number):
+            self.offer(number)
+        self.wake.set()
+
+    async def run(self, parents: list[Parent], concurrency: int) -> list[Parent]:
+        """Sync every parent and run the workers until done or stuck; returns the parents that failed."""
+        self.open_syncs = len(parents)
+        tasks = [asyncio.create_task(self.sync(parent)) for parent in parents]
+        tasks += [asyncio.create_task(self.worker()) for _ in range(max(1, concurrency))]
+        try:
+            while not self.complete and not await self._stuck(parents):
+                self.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), timeout=min(1.0, self.piece_timeout))
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        return list(self.failed.values())
+
+    async def _stuck(self, parents: list[Parent]) -> bool:
+        """Whether no parent can make progress any more; parents silent for too long are failed."""
+        if not self.busy and self.queue.empty() and self.open_syncs == 0:
+            return True  # every parent told us all it has, and nobody can supply the rest
+        if all(p.peer_id in self.failed for p in parents):
+            return True
+        if time.monotonic() - self.last_progress > self.piece_timeout and not self.busy:
+            for parent in parents:
+                if parent.peer_id not in self.failed:
+                    await self.fail(parent, -1, f"no progress for {self.piece_timeout:.0f}s")
+            return True
+        return False
 
 
 def check_piece(span: PieceSpan, fetched: FetchedPiece) -> None:
@@ -90,120 +246,9 @@ async def collect_from_parents(
     on_failure: FailureReport,
 ) -> list[Parent]:
     """Fetch ``spans`` from ``parents``; returns the parents that failed. Check ``done`` by the pieces reported."""
-    state = _Collection(wanted={span.number: span for span in spans})
     if not spans:
         return []
-    wake = asyncio.Event()
-    queue: asyncio.Queue[int] = asyncio.Queue()
-
-    def offer(number: int) -> None:
-        if number not in state.done and number not in state.queued and number not in state.busy:
-            state.queued.add(number)
-            queue.put_nowait(number)
-
-    async def fail(parent: Parent, number: int, reason: str) -> None:
-        if parent.peer_id not in state.failed:
-            log.warning("parent %s failed on piece %d of task %s: %s", parent.peer_id, number, task_id, reason)
-            state.failed[parent.peer_id] = parent
-        await on_failure(number, parent)
-        for other, holders in state.available.items():
-            if other not in state.done and any(p.peer_id != parent.peer_id for p in holders):
-                offer(other)
-        wake.set()
-
-    async def sync(parent: Parent) -> None:
-        try:
-            async for span in client.sync_pieces(parent, task_id, sorted(state.wanted)):
-                expected = state.wanted.get(span.number)
-                if expected is None or (span.offset, span.length) != (expected.offset, expected.length):
-                    continue
-                state.available.setdefault(span.number, []).append(parent)
-                if parent.peer_id not in state.failed:
-                    offer(span.number)
-                wake.set()
-        except Exception as exc:
-            await fail(parent, -1, f"SyncPieces: {exc}")
-        finally:
-            state.open_syncs -= 1
-            wake.set()
-
-    counter = itertools.count()
-
-    async def worker() -> None:
-        while True:
-            number = await queue.get()
-            state.queued.discard(number)
-            candidates = state.usable(number)
-            if number in state.done or not candidates:
-                continue
-            parent = candidates[next(counter) % len(candidates)]
-            span = state.wanted[number]
-            state.busy.add(number)
-            started = time.monotonic()
-            try:
-                with tracing.span(
-                    "piece",
-                    task_id=task_id,
-                    piece_number=number,
-                    piece_length=span.length,
-                    traffic_type="REMOTE_PEER",
-                    parent=parent.peer_id,
-                ):
-                    fetched = await asyncio.wait_for(client.download_piece(parent, task_id, number), piece_timeout)
-                    await asyncio.to_thread(check_piece, span, fetched)  # its CRC runs off the event loop
-                    record = await writer.write_piece(
-                        number,
-                        span.offset,
-                        fetched.content,
-                        parent_id=parent.peer_id,
-                        traffic_type=TrafficType.REMOTE_PEER,
-                        cost=time.monotonic() - started,
-                    )
-            except asyncio.CancelledError:
-                raise
-            except PieceUnavailable as exc:
-                state.busy.discard(number)
-                log.warning("parent %s cannot serve piece %d of task %s: %s", parent.peer_id, number, task_id, exc)
-                state.bad.add((parent.peer_id, number))
-                await on_failure(number, parent)
-                if state.usable(number):
-                    offer(number)
-                wake.set()
-                continue
-            except Exception as exc:
-                state.busy.discard(number)
-                await fail(parent, number, str(exc) or type(exc).__name__)
-                if state.usable(number):
-                    offer(number)
-                continue
-            state.busy.discard(number)
-            state.done.add(number)
-            state.last_progress = time.monotonic()
-            metrics.DOWNLOAD_BYTES.labels("peer").inc(record.length)
-            metrics.PIECE_SECONDS.labels("peer").observe(record.cost)
-            await on_piece(record)
-            wake.set()
-
-    state.open_syncs = len(parents)
-    tasks = [asyncio.create_task(sync(parent)) for parent in parents]
-    tasks += [asyncio.create_task(worker()) for _ in range(max(1, concurrency))]
-    try:
-        while not state.complete:
-            idle = not state.busy and queue.empty()
-            if idle and state.open_syncs == 0:
-                break  # every parent told us all it has, and nobody can supply the rest
-            if all(p.peer_id in state.failed for p in parents):
-                break
-            if time.monotonic() - state.last_progress > piece_timeout and not state.busy:
-                for parent in parents:
-                    if parent.peer_id not in state.failed:
-                        await fail(parent, -1, f"no progress for {piece_timeout:.0f}s")
-                break
-            wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), timeout=min(1.0, piece_timeout))
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    return list(state.failed.values())
+    collection = PieceCollection(
+        task_id, spans, client, writer, piece_timeout=piece_timeout, on_piece=on_piece, on_failure=on_failure
+    )
+    return await collection.run(parents, concurrency)

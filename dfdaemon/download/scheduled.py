@@ -114,7 +114,8 @@ class ScheduledFetch:
             await session.piece_finished(piece)
 
         async def on_failure(number: int, parent: Parent) -> None:
-            await session.piece_failed(number, parent.peer_id, temporary=False)
+            # Temporary, as upstream always says: the scheduler then keeps this parent from this peer.
+            await session.piece_failed(number, parent.peer_id, temporary=True)
 
         return await collect_from_parents(
             job.task_id,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn, TypeVar
+from typing import Any, Literal, NoReturn, TypeVar, get_args
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -24,6 +24,7 @@ from dfdaemon.download import (
     PieceDone,
     Started,
 )
+from dfdaemon.download.peering import Registration
 from dfdaemon.gc import GCReport
 from dfdaemon.rpc.servers import Context, details
 from dfdaemon.storage import (
@@ -52,12 +53,17 @@ class Refused(Exception):
     """A request this daemon's configuration forbids (FAILED_PRECONDITION)."""
 
 
+class Unsupported(Exception):
+    """A well-formed request for something upstream serves and this daemon does not (UNIMPLEMENTED)."""
+
+
 # Domain errors and the status each maps to; the first match wins.
 _STATUS_OF: list[tuple[type[Exception], grpc.StatusCode]] = [
     (TaskNotFound, grpc.StatusCode.NOT_FOUND),
     (PieceNotFound, grpc.StatusCode.NOT_FOUND),
     (TaskInUse, grpc.StatusCode.FAILED_PRECONDITION),
     (Refused, grpc.StatusCode.FAILED_PRECONDITION),
+    (Unsupported, grpc.StatusCode.UNIMPLEMENTED),
     (StorageFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Busy, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (PieceCorrupt, grpc.StatusCode.DATA_LOSS),
@@ -213,41 +219,117 @@ def gc_run(report: GCReport) -> dfdaemon_ext_pb2.GCRun:
     )
 
 
+# The optional scalar fields of ``common.v2.Download`` that ``DownloadRequest`` carries under the same name;
+# ``None`` on one side is an unset field on the other (presence changes the task id).
+_OptionalDownloadField = Literal[
+    "digest",
+    "tag",
+    "application",
+    "piece_length",
+    "output_path",
+    "content_for_calculating_task_id",
+    "concurrent_piece_count",
+]
+_OPTIONAL_DOWNLOAD_FIELDS: tuple[_OptionalDownloadField, ...] = get_args(_OptionalDownloadField)
+
+
+# Model hubs upstream's Rust daemon downloads from (API 2.3 ``Download`` fields 31, 32, 34) and the URL
+# schemes its backends register for them. This daemon has no such backend.
+_MODEL_HUBS: tuple[tuple[Literal["hugging_face", "model_scope", "open_csg"], str, str], ...] = (
+    ("hugging_face", "hf", "Hugging Face"),
+    ("model_scope", "modelscope", "ModelScope"),
+    ("open_csg", "opencsg", "OpenCSG"),
+)
+
+
+def _check_supported_source(download: common_pb2.Download) -> None:
+    """Refuse model-hub downloads up front, naming the hub, instead of failing somewhere in the backend."""
+    scheme = download.url.partition(":")[0].lower() if ":" in download.url else ""
+    for field, hub_scheme, hub in _MODEL_HUBS:
+        if download.HasField(field) or scheme == hub_scheme:
+            raise Unsupported(
+                f"{hub} downloads (download.{field} or {hub_scheme}:// URLs) are not supported by this daemon: "
+                "it fetches http(s) origins and peers only"
+            )
+
+
 def download_request(download: common_pb2.Download, *, from_network: bool = False) -> DownloadRequest:
-    """A ``common.v2.Download`` as the download manager's request; ``from_network`` says who is asking."""
+    """A ``common.v2.Download`` as the download manager's request; ``from_network`` says who is asking.
 
-    def optional(name: Any) -> Any:
-        return getattr(download, name) if download.HasField(name) else None
-
+    API 2.3's ``metadata_only`` and ``scheduling_policy`` are accepted and not acted on (the README says so).
+    """
+    _check_supported_source(download)
     timeout = None
     if download.HasField("timeout"):
         timeout = duration_seconds(download.timeout, "download.timeout")
     return DownloadRequest(
         url=download.url,
-        digest=optional("digest"),
         range=ByteRange(download.range.start, download.range.length) if download.HasField("range") else None,
-        tag=optional("tag"),
-        application=optional("application"),
         filtered_query_params=tuple(download.filtered_query_params),
         request_header=dict(download.request_header),
-        piece_length=optional("piece_length"),
-        output_path=optional("output_path"),
         timeout=timeout,
         disable_back_to_source=download.disable_back_to_source,
         need_back_to_source=download.need_back_to_source,
         need_piece_content=download.need_piece_content,
         force_hard_link=download.force_hard_link,
         overwrite=download.overwrite,
-        content_for_calculating_task_id=optional("content_for_calculating_task_id"),
-        concurrent_piece_count=optional("concurrent_piece_count"),
         enable_task_id_based_blob_digest=download.enable_task_id_based_blob_digest,
         from_network=from_network,
+        **{name: getattr(download, name) if download.HasField(name) else None for name in _OPTIONAL_DOWNLOAD_FIELDS},
     )
 
 
+def download(request: DownloadRequest) -> common_pb2.Download:
+    """The ``common.v2.Download`` that asks for ``request``: the inverse of :func:`download_request`, and the one
+    place such a message is built (the CLIs, the scheduler registration). ``from_network`` is the server's to say."""
+    message = common_pb2.Download(
+        url=request.url,
+        type=common_pb2.STANDARD,
+        filtered_query_params=request.filtered_query_params,
+        request_header=request.request_header,
+        disable_back_to_source=request.disable_back_to_source,
+        need_back_to_source=request.need_back_to_source,
+        need_piece_content=request.need_piece_content,
+        force_hard_link=request.force_hard_link,
+        overwrite=request.overwrite,
+        enable_task_id_based_blob_digest=request.enable_task_id_based_blob_digest,
+    )
+    for name in _OPTIONAL_DOWNLOAD_FIELDS:
+        value = getattr(request, name)
+        if value is not None:
+            setattr(message, name, value)
+    if request.range is not None:
+        message.range.CopyFrom(common_pb2.Range(start=request.range.start, length=request.range.length))
+    if request.timeout is not None:
+        message.timeout.CopyFrom(duration(request.timeout))
+    return message
+
+
+def registered_download(registration: Registration) -> common_pb2.Download:
+    """What ``RegisterPeerRequest`` carries: the request's fields plus the sizes the registering peer measured."""
+    message = download(
+        DownloadRequest(
+            url=registration.url,
+            tag=registration.tag,
+            application=registration.application,
+            piece_length=registration.piece_length,
+            filtered_query_params=registration.filtered_query_params,
+            request_header=registration.request_header,
+            need_back_to_source=registration.need_back_to_source,
+            disable_back_to_source=registration.disable_back_to_source,
+            concurrent_piece_count=registration.concurrent_piece_count,
+        )
+    )
+    message.actual_content_length = registration.content_length
+    message.actual_piece_length = registration.actual_piece_length
+    message.actual_piece_count = registration.piece_count
+    return message
+
+
 def duration(seconds: float) -> Duration:
+    """Rounded to the nearest nanosecond, not truncated: a value read back from a Duration converts to itself."""
     value = Duration()
-    value.FromNanoseconds(int(seconds * 1e9))
+    value.FromNanoseconds(round(seconds * 1e9))
     return value
 
 

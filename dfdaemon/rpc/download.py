@@ -90,7 +90,9 @@ class DownloadServicer(TaskServicer):
 
     @unary
     async def DeleteHost(self, request: Empty, context: Context) -> Empty:
-        """Leave the cluster: stop announcing and tell the scheduler; downloads go back to source from now on."""
+        """Leave the cluster for good (until a restart): announcements stop, every scheduler forgets this host and
+        its peers, so no peer is sent here any more. Downloads under way finish; new ones skip the scheduler and
+        go back to source (or fail when back to source is disabled); the cache still serves local clients."""
         scheduler = self.membership.scheduler
         if scheduler is not None:
             self.membership.scheduler = None

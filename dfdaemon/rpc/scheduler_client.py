@@ -91,6 +91,8 @@ class SchedulerClient:
             for address in addresses
         }
         self._announcer: asyncio.Task[None] | None = None
+        # Set once by delete_host: from then on nothing re-announces the host or registers a download.
+        self._left = asyncio.Event()
 
     def stub(self, address: str) -> scheduler_pb2_grpc.SchedulerAsyncStub:
         return scheduler_pb2_grpc.SchedulerStub(self._channels[address])
@@ -98,8 +100,16 @@ class SchedulerClient:
     def stub_for(self, task_id: str) -> scheduler_pb2_grpc.SchedulerAsyncStub:
         return self.stub(pick_address(self.addresses, task_id))
 
+    @property
+    def left(self) -> bool:
+        """Whether this host has left the cluster (``delete_host``); it does not rejoin before a restart."""
+        return self._left.is_set()
+
     def open_session(self, task_id: str, peer_id: str) -> GrpcSchedulerSession:
-        return GrpcSchedulerSession(self.stub_for(task_id), self.host.host_id, task_id, peer_id)
+        """A download's AnnouncePeer session; once the host has left, one whose registration fails at once, so
+        the download goes back to source (or fails when it may not) without the schedulers hearing of it."""
+        stub = None if self.left else self.stub_for(task_id)
+        return GrpcSchedulerSession(stub, self.host.host_id, task_id, peer_id)
 
     # Host lifetime
 
@@ -107,12 +117,18 @@ class SchedulerClient:
         self._announcer = asyncio.create_task(self._announce_forever(), name="announce-host")
 
     async def _announce_forever(self) -> None:
-        while True:
+        """Announce every interval until the host leaves; an announcement under way when it does completes first,
+        so it cannot reach a scheduler after the DeleteHost and re-add the host."""
+        while not self.left:
             await self.announce_host()
-            await asyncio.sleep(self.announce_interval)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.announce_interval):
+                    await self._left.wait()
 
     async def announce_host(self) -> None:
         """Tell every scheduler about this host; one that is down hears again at the next interval."""
+        if self.left:
+            return
         request = scheduler_pb2.AnnounceHostRequest(
             host=self.host.message(), interval=convert.duration(self.announce_interval)
         )
@@ -127,7 +143,9 @@ class SchedulerClient:
         return await self.stub_for(task_id).StatTask(request, timeout=self.timeout)
 
     async def delete_task(self, task_id: str) -> None:
-        """This host no longer has the task: no child may be sent here for it."""
+        """This host no longer has the task: no child may be sent here for it (nothing to say once it left)."""
+        if self.left:
+            return
         request = scheduler_pb2.DeleteTaskRequest(host_id=self.host.host_id, task_id=task_id)
         try:
             await self.stub_for(task_id).DeleteTask(request, timeout=self.timeout)
@@ -142,14 +160,21 @@ class SchedulerClient:
             self._announcer = None
 
     async def delete_host(self) -> None:
-        """Leave the cluster; announcements stop first so that none re-adds the host afterwards."""
-        await self._stop_announcing()
+        """Leave the cluster for good (a second call does nothing): announcements stop first so that none re-adds
+        the host afterwards, then every scheduler forgets the host and its peers."""
+        if self.left:
+            return
+        self._left.set()
+        if self._announcer is not None:
+            await self._announcer
+            self._announcer = None
         request = scheduler_pb2.DeleteHostRequest(host_id=self.host.host_id)
         for address in self.addresses:
             try:
                 await self.stub(address).DeleteHost(request, timeout=self.timeout)
             except grpc.aio.AioRpcError as exc:
                 log.warning("leaving scheduler %s failed: %s", address, exc.details() or exc.code().name)
+        log.info("host %s left the cluster: new downloads go back to source without a scheduler", self.host.host_id)
 
     async def close(self) -> None:
         await self._stop_announcing()
@@ -160,7 +185,9 @@ class SchedulerClient:
 class GrpcSchedulerSession:
     """One AnnouncePeer stream, as the download path's SchedulerSession."""
 
-    def __init__(self, stub: scheduler_pb2_grpc.SchedulerAsyncStub, host_id: str, task_id: str, peer_id: str) -> None:
+    def __init__(
+        self, stub: scheduler_pb2_grpc.SchedulerAsyncStub | None, host_id: str, task_id: str, peer_id: str
+    ) -> None:
         self._stub = stub
         self._host_id, self._task_id, self._peer_id = host_id, task_id, peer_id
         self._call: Any = None
@@ -191,24 +218,9 @@ class GrpcSchedulerSession:
             log.warning("%s", exc)
 
     async def register(self, registration: Registration) -> None:
-        download = common_pb2.Download(
-            url=registration.url,
-            type=common_pb2.STANDARD,
-            filtered_query_params=list(registration.filtered_query_params),
-            request_header=registration.request_header,
-            need_back_to_source=registration.need_back_to_source,
-            disable_back_to_source=registration.disable_back_to_source,
-            concurrent_piece_count=registration.concurrent_piece_count,
-            actual_content_length=registration.content_length,
-            actual_piece_length=registration.actual_piece_length,
-            actual_piece_count=registration.piece_count,
-        )
-        if registration.tag is not None:
-            download.tag = registration.tag
-        if registration.application is not None:
-            download.application = registration.application
-        if registration.piece_length is not None:
-            download.piece_length = registration.piece_length
+        if self._stub is None:
+            raise SchedulerUnavailable("this host has left the cluster")
+        download = convert.registered_download(registration)
         self._call = self._stub.AnnouncePeer()
         await self._send(register_peer_request=scheduler_pb2.RegisterPeerRequest(download=download))
 

@@ -186,3 +186,32 @@ def new_server(
     reporter.attach(server)
     enable_reflection(server, names)
     return server, reporter
+
+
+def bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None = None) -> int:
+    """Bind and return the port (0 when binding failed); grpc raises on some failures and returns 0 on others."""
+    try:
+        if credentials is not None:
+            return int(server.add_secure_port(address, credentials))
+        return int(server.add_insecure_port(address))
+    except RuntimeError:
+        return 0
+
+
+class BoundServer:
+    """A server bound to its port, with its health service: one part a process starts and stops."""
+
+    def __init__(self, server: grpc.aio.Server, health: HealthReporter, port: int) -> None:
+        self.server = server
+        self.health = health
+        self.port = port
+
+    async def start(self) -> None:
+        await self.server.start()
+
+    async def set_serving(self, serving: bool) -> None:
+        await self.health.set_serving(serving)
+
+    async def stop(self, grace: float) -> None:
+        """Let calls in flight finish within ``grace`` seconds; new calls are refused at once."""
+        await self.server.stop(grace)

@@ -1,7 +1,38 @@
-"""The cache: metadata in SQLite, one content file per task, references that keep data in use."""
+"""The cache: metadata in SQLite, one content file per task, references that keep data in use.
+
+Everything the daemon does to the cache goes through ``Storage``. Each operation is at most one SQLite
+transaction (on the single database thread) plus the file work it implies (on worker threads); an operation
+that changes a task's references or removes it runs under that task's lock.
+
+==========================================  =================================================================
+Operation                                   Transaction, and the file work around it
+==========================================  =================================================================
+``download(id, info)`` (begin)              in-flight download reference; create or resume the task row;
+                                            create its content file. Yields a ``TaskWriter``.
+``write_piece`` / ``write_piece_stream``    bytes written at their offset and fdatasync'd, then one insert of
+                                            the piece row with the file's size (the piece is visible only then)
+``commit_pieces(id, pieces)``               one insert of many pieces whose bytes are already durable
+``finish_task`` / ``fail_task``             the task's state (and size); ``discard`` deletes the file first
+``piece(id, n)`` / ``pieces(id)``           read only
+``read_piece(id, n)``                       read and CRC-check the bytes; a corrupt piece's row is deleted
+``record_upload(id)`` / ``touch(id)``       last use (and the upload count) of the task
+``upload(id)`` / ``reading(id)``            in-flight upload / download reference, in memory only
+``acquire`` / ``release`` / ``sync``        the holder's holds, all named tasks in one transaction
+``keep_alive`` / ``expire_holds``           lease expiries; expiry stamps the task released when it lapsed
+``get_task`` / ``list_tasks`` / ``list_holds`` / ``get_references``   read only
+``gc_view(purge_lapsed=)``                  every task with bytes and references (lapsed leases purged first)
+``apply(victims)`` / ``evict(id, states)``  per victim: re-check references, mark evicting (one transaction
+                                            that also re-checks holds), delete the file, delete the rows
+``delete_task(id, force=)``                 as eviction, refused while referenced; ``force`` drops holds
+``record_gc_run`` / ``list_gc_runs``        one GC record (bounded history) / read only
+==========================================  =================================================================
+
+A crash between a mark and the file work is finished at the next ``open``.
+"""
 
 from dfdaemon.storage.manager import Storage, TaskReader, TaskWriter
 from dfdaemon.storage.models import (
+    Applied,
     DiskFull,
     Hold,
     InvalidPiece,
@@ -9,6 +40,7 @@ from dfdaemon.storage.models import (
     PieceNotFound,
     PieceRecord,
     References,
+    Refusal,
     StorageError,
     StorageFull,
     SyncResult,
@@ -17,11 +49,14 @@ from dfdaemon.storage.models import (
     TaskNotFound,
     TaskRecord,
     TaskState,
+    TaskUse,
     TrafficType,
     Usage,
+    Victim,
 )
 
 __all__ = [
+    "Applied",
     "DiskFull",
     "Hold",
     "InvalidPiece",
@@ -29,6 +64,7 @@ __all__ = [
     "PieceNotFound",
     "PieceRecord",
     "References",
+    "Refusal",
     "Storage",
     "StorageError",
     "StorageFull",
@@ -39,7 +75,9 @@ __all__ = [
     "TaskReader",
     "TaskRecord",
     "TaskState",
+    "TaskUse",
     "TaskWriter",
     "TrafficType",
     "Usage",
+    "Victim",
 ]

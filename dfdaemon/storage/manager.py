@@ -1,10 +1,11 @@
 """The storage manager: metadata, content files and references behind one asyncio API.
 
-SQLite work runs on one dedicated thread (the single writer), file work on worker threads; the
-event loop never blocks. In-flight references (downloads writing, uploads reading) live in memory
-and die with the process; use references (holds) live in SQLite. Every change of a task's
-references and its eviction take the same per-task lock, so an acquire and an eviction never
-interleave: the acquire either wins or finds the task gone.
+``Storage`` is the only way into the cache; the operations and the transaction each one is are listed in the
+package docstring (``dfdaemon.storage``). SQLite work runs on one dedicated thread (the single writer), file work
+on worker threads; the event loop never blocks. In-flight references (downloads writing, uploads reading) live in
+memory and die with the process; use references (holds) live in SQLite. Every change of a task's references and
+its eviction take the same per-task lock, so an acquire and an eviction never interleave: the acquire either wins
+or finds the task gone. ``TaskWriter`` and ``TaskReader`` are thin handles naming one task for that API.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sqlite3
 import time
 import zlib
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -29,6 +30,7 @@ from dfdaemon.ids import validate_task_id
 from dfdaemon.storage.content import ContentStore, remove_path, sync_and_size, write_at
 from dfdaemon.storage.metadata import MetadataStore
 from dfdaemon.storage.models import (
+    Applied,
     DiskFull,
     Hold,
     InvalidPiece,
@@ -36,6 +38,7 @@ from dfdaemon.storage.models import (
     PieceNotFound,
     PieceRecord,
     References,
+    Refusal,
     SyncResult,
     TaskInfo,
     TaskInUse,
@@ -43,7 +46,9 @@ from dfdaemon.storage.models import (
     TaskRecord,
     TaskState,
     TaskTimes,
+    TaskUse,
     TrafficType,
+    Victim,
 )
 
 log = logging.getLogger("dfdaemon.storage")
@@ -143,6 +148,18 @@ class Storage:
             if not self._lock_users[task_id]:
                 del self._lock_users[task_id]
                 del self._locks[task_id]
+
+    @contextlib.asynccontextmanager
+    async def _locks_in_order(self, task_ids: list[str]) -> AsyncIterator[None]:
+        """Take several per-task locks in a fixed order so two multi-task calls cannot deadlock."""
+        async with contextlib.AsyncExitStack() as stack:
+            for task_id in sorted(set(task_ids)):
+                await stack.enter_async_context(self._lock(task_id))
+            yield
+
+    def locked_task_ids(self) -> list[str]:
+        """Tasks whose lock is held or awaited right now (read only: a check that no lock outlives its users)."""
+        return sorted(set(self._locks) | set(self._lock_users))
 
     async def _reconcile(self) -> None:
         now = self.clock()
@@ -317,7 +334,7 @@ class Storage:
 
     async def read_piece(self, task_id: str, number: int) -> tuple[PieceRecord, bytes]:
         """Read and CRC-verify one piece; a piece whose bytes changed is forgotten and reported corrupt."""
-        piece = await self._db(self.meta.get_piece, task_id, number)
+        piece = await self.piece(task_id, number)
         if piece is None:
             raise PieceNotFound(task_id, number)
 
@@ -331,6 +348,120 @@ class Storage:
             await self._db(self.meta.remove_piece, task_id, number)
             raise PieceCorrupt(f"piece {number} of task {task_id} is corrupt on disk and was dropped")
         return piece, data
+
+    # Writing (under a download reference: ``download`` gives a TaskWriter naming the task)
+
+    async def write_piece(
+        self,
+        task_id: str,
+        number: int,
+        offset: int,
+        data: bytes,
+        *,
+        parent_id: str | None = None,
+        traffic_type: int = TrafficType.BACK_TO_SOURCE,
+        cost: float = 0.0,
+    ) -> PieceRecord:
+        """Write a piece held in memory durably, then commit it: it becomes visible only once both are done."""
+        _check_span(number, offset, len(data))
+        with self._disk_full_guard(task_id, number):
+            crc, size = await self._io(self.content.write_piece, task_id, offset, data)
+            piece = self._piece(task_id, number, offset, len(data), crc, parent_id, traffic_type, cost)
+            await self._commit(task_id, [piece], size)
+        return piece
+
+    async def write_piece_stream(
+        self,
+        task_id: str,
+        number: int,
+        offset: int,
+        length: int,
+        chunks: AsyncIterator[bytes],
+        *,
+        parent_id: str | None = None,
+        traffic_type: int = TrafficType.BACK_TO_SOURCE,
+    ) -> PieceRecord:
+        """Write a piece as its bytes arrive, computing the CRC on the way; memory stays one chunk.
+
+        The piece's cost is the time from here to its commit: how long its bytes took to arrive and land.
+        """
+        _check_span(number, offset, length)
+        started = time.monotonic()
+        with self._disk_full_guard(task_id, number):
+            fd = await self._io(self.content.open_for_write, task_id)
+            crc, position = 0, offset
+            try:
+                async for chunk in chunks:
+                    if position + len(chunk) > offset + length:
+                        raise InvalidPiece(f"piece {number} got more than its {length} bytes")
+                    crc = await self._io(write_at, fd, position, chunk, crc)
+                    position += len(chunk)
+                if position != offset + length:
+                    raise InvalidPiece(f"piece {number} got {position - offset} of its {length} bytes")
+                size = await self._io(sync_and_size, fd)
+            finally:
+                await self._io(os.close, fd)
+            cost = time.monotonic() - started
+            piece = self._piece(task_id, number, offset, length, crc, parent_id, traffic_type, cost)
+            await self._commit(task_id, [piece], size)
+        return piece
+
+    async def commit_pieces(self, task_id: str, pieces: Sequence[PieceRecord]) -> None:
+        """Make pieces whose bytes are already durable in the task's file visible, all in one transaction.
+
+        For a writer that batches its commits off the hot path; ``write_piece`` commits one piece itself.
+        """
+        validate_task_id(task_id)
+        for piece in pieces:
+            _check_span(piece.number, piece.offset, piece.length)
+            if piece.task_id != task_id:
+                raise InvalidPiece(f"piece {piece.number} belongs to task {piece.task_id}, not {task_id}")
+        await self._commit(task_id, pieces, await self._io(self.content.size, task_id))
+
+    def _piece(
+        self,
+        task_id: str,
+        number: int,
+        offset: int,
+        length: int,
+        crc: int,
+        parent_id: str | None,
+        traffic_type: int,
+        cost: float,
+    ) -> PieceRecord:
+        return PieceRecord(task_id, number, offset, length, crc, parent_id, traffic_type, cost, self.clock())
+
+    async def _commit(self, task_id: str, pieces: Sequence[PieceRecord], size: int) -> None:
+        """Only now, with their bytes durable, do the pieces' rows appear; waiters are woken."""
+        if pieces:
+            await self._db(self.meta.add_pieces, task_id, pieces, size, self.clock())
+        self._account(task_id, size)
+        self._changed(task_id)
+
+    async def finish_task(self, task_id: str) -> TaskRecord:
+        """Mark a task succeeded with its file's final size."""
+        size = await self._io(self.content.size, task_id)
+        await self._db(self.meta.finish_task, task_id, size, self.clock())
+        self._account(task_id, size)
+        self._changed(task_id)
+        return await self.require_task(task_id)
+
+    async def fail_task(self, task_id: str, *, discard: bool = False) -> None:
+        """Mark a task failed; with ``discard`` (bytes that must never be served) its pieces go too.
+
+        On a full disk the bytes go first as well: they are worthless and the mark needs room.
+        """
+        if not discard:
+            try:
+                await self._db(self.meta.fail_task, task_id, self.clock())
+            except DiskFull:
+                discard = True
+        if discard:
+            await self._io(self.content.delete, task_id)
+            await self._io(self.content.create, task_id)
+            self._content_bytes[task_id] = 0
+            await self._db(self.meta.fail_missing, task_id, self.clock())
+        self._changed(task_id)
 
     # Deletion and eviction
 
@@ -381,6 +512,71 @@ class Storage:
         await self._notify_deleted(task_id)
         return freed
 
+    async def apply(self, victims: Iterable[Victim]) -> Applied:
+        """Evict the victims GC chose, each re-checked inside its eviction: a reference taken since wins.
+
+        A victim still referenced, or no longer in the state it was chosen in, is refused and left alone.
+        """
+        evicted: list[Victim] = []
+        refused: list[Refusal] = []
+        for victim in victims:
+            freed = await self.evict(victim.task_id, [victim.state])
+            if freed is None:
+                refused.append(Refusal(victim, await self.get_references(victim.task_id)))
+                continue
+            log.info("evicted task %s reason=%s bytes=%d", victim.task_id, victim.reason, freed)
+            evicted.append(victim._replace(bytes=freed))
+        return Applied(evicted, refused)
+
+    async def gc_view(self, *, purge_lapsed: bool) -> list[TaskUse]:
+        """Every task not being evicted, with its bytes and references at one instant: what GC plans over.
+
+        Lapsed leases count as released when they lapsed; ``purge_lapsed`` deletes them as well (a real run),
+        otherwise they are only read (a dry run, or a disk too full to write).
+        """
+        lapsed = await self._lapsed_holds(purge_lapsed)
+        holding: dict[str, list[str]] = {}
+        for hold in await self._db(self.meta.live_holds, self.clock()):
+            holding.setdefault(hold.task_id, []).append(hold.holder)
+        holders = {task_id: tuple(names) for task_id, names in holding.items()}
+        rows = await self._db(self.meta.task_time_rows)
+        # Bound lookups: this runs once per task of a cache that may hold a hundred thousand.
+        size, held, downloads, uploads = self._content_bytes.get, holders.get, self._downloads.get, self._uploads.get
+        return [
+            TaskUse(
+                i,
+                s,
+                c,
+                u,
+                lu,
+                f,
+                max(r or 0.0, lapsed[i]) if i in lapsed else r,
+                size(i, 0),
+                held(i, ()),
+                downloads(i, 0),
+                uploads(i, 0),
+            )
+            for i, s, c, u, lu, f, r in rows
+        ]
+
+    async def _lapsed_holds(self, purge: bool) -> dict[str, float]:
+        """When each task's last lapsed lease lapsed; purged (and logged) when asked and the disk allows."""
+        expired: list[Hold] | None = None
+        if purge:
+            try:
+                expired = await self.expire_holds()
+            except DiskFull as exc:
+                log.warning("%s; evicting what frees space first", exc)  # failed tasks go without a metadata write
+            else:
+                for hold in expired:
+                    log.info("lease of holder %s on task %s expired", hold.holder, hold.task_id)
+        if expired is None:
+            expired = await self.expired_holds()  # read only: the grace after each lapse still counts
+        lapsed: dict[str, float] = {}
+        for hold in expired:
+            lapsed[hold.task_id] = max(lapsed.get(hold.task_id, 0.0), hold.expires_at or 0.0)
+        return lapsed
+
     async def _remove(self, task_id: str) -> int:
         """Delete a task already marked evicting: file first, then rows (a crash in between is finished at start)."""
         freed = self._content_bytes.pop(task_id, 0)
@@ -403,7 +599,7 @@ class Storage:
         _check_holder(holder)
         ids = _unique([validate_task_id(task_id) for task_id in task_ids])
         now = self.clock()
-        async with _locks_in_order(self, ids):
+        async with self._locks_in_order(ids):
             missing = await self._db(self.meta.acquire, holder, ids, ttl, now)
         if missing:
             raise TaskNotFound(missing[0])
@@ -412,7 +608,7 @@ class Storage:
     async def release(self, holder: str, task_ids: list[str]) -> list[str]:
         _check_holder(holder)
         ids = _unique([validate_task_id(task_id) for task_id in task_ids])
-        async with _locks_in_order(self, ids):
+        async with self._locks_in_order(ids):
             return await self._db(self.meta.release, holder, ids, self.clock())
 
     async def keep_alive(self, holder: str, ttl: float | None = None) -> list[Hold]:
@@ -430,7 +626,7 @@ class Storage:
         to_release = sorted(current - set(wanted))
         acquired: list[str] = []
         missing: list[str] = []
-        async with _locks_in_order(self, sorted(set(wanted) | current)):
+        async with self._locks_in_order(sorted(set(wanted) | current)):
             for task_id in wanted:
                 if await self._db(self.meta.acquire, holder, [task_id], ttl, now):
                     missing.append(task_id)
@@ -467,7 +663,7 @@ class Storage:
 
 
 class TaskWriter:
-    """Writes the pieces of one task; a piece becomes visible only once its bytes and its row are committed."""
+    """A handle on one task being downloaded: writes go through ``Storage``, under the download's reference."""
 
     def __init__(self, storage: Storage, task: TaskRecord) -> None:
         self.storage = storage
@@ -488,11 +684,9 @@ class TaskWriter:
         cost: float = 0.0,
     ) -> PieceRecord:
         """Write a piece held in memory (one from a peer's DownloadPiece)."""
-        _check_span(number, offset, len(data))
-        storage = self.storage
-        with storage._disk_full_guard(self.task_id, number):
-            crc, size = await storage._io(storage.content.write_piece, self.task_id, offset, data)
-            return await self._commit(number, offset, len(data), crc, size, parent_id, traffic_type, cost)
+        return await self.storage.write_piece(
+            self.task_id, number, offset, data, parent_id=parent_id, traffic_type=traffic_type, cost=cost
+        )
 
     async def write_piece_stream(
         self,
@@ -504,90 +698,23 @@ class TaskWriter:
         parent_id: str | None = None,
         traffic_type: int = TrafficType.BACK_TO_SOURCE,
     ) -> PieceRecord:
-        """Write a piece as its bytes arrive, computing the CRC on the way; memory stays one chunk.
-
-        The piece's cost is the time from here to its commit: how long its bytes took to arrive and land.
-        """
-        _check_span(number, offset, length)
-        storage = self.storage
-        started = time.monotonic()
-        with storage._disk_full_guard(self.task_id, number):
-            fd = await storage._io(storage.content.open_for_write, self.task_id)
-            crc, position = 0, offset
-            try:
-                async for chunk in chunks:
-                    if position + len(chunk) > offset + length:
-                        raise InvalidPiece(f"piece {number} got more than its {length} bytes")
-                    crc = await storage._io(write_at, fd, position, chunk, crc)
-                    position += len(chunk)
-                if position != offset + length:
-                    raise InvalidPiece(f"piece {number} got {position - offset} of its {length} bytes")
-                size = await storage._io(sync_and_size, fd)
-            finally:
-                await storage._io(os.close, fd)
-            return await self._commit(
-                number, offset, length, crc, size, parent_id, traffic_type, time.monotonic() - started
-            )
-
-    async def _commit(
-        self,
-        number: int,
-        offset: int,
-        length: int,
-        crc: int,
-        size: int,
-        parent_id: str | None,
-        traffic_type: int,
-        cost: float,
-    ) -> PieceRecord:
-        """Make a piece visible: only now, with its bytes durable, does its row appear."""
-        storage = self.storage
-        now = storage.clock()
-        piece = PieceRecord(
-            task_id=self.task_id,
-            number=number,
-            offset=offset,
-            length=length,
-            crc=crc,
-            parent_id=parent_id,
-            traffic_type=traffic_type,
-            cost=cost,
-            created_at=now,
+        """Write a piece as its bytes arrive (see ``Storage.write_piece_stream``)."""
+        return await self.storage.write_piece_stream(
+            self.task_id, number, offset, length, chunks, parent_id=parent_id, traffic_type=traffic_type
         )
-        await storage._db(storage.meta.add_piece, piece, size, now)
-        storage._account(self.task_id, size)
-        storage._changed(self.task_id)
-        return piece
+
+    async def commit_pieces(self, pieces: Sequence[PieceRecord]) -> None:
+        await self.storage.commit_pieces(self.task_id, pieces)
 
     async def finish(self) -> TaskRecord:
-        storage = self.storage
-        size = await storage._io(storage.content.size, self.task_id)
-        await storage._db(storage.meta.finish_task, self.task_id, size, storage.clock())
-        storage._account(self.task_id, size)
-        storage._changed(self.task_id)
-        return await storage.require_task(self.task_id)
+        return await self.storage.finish_task(self.task_id)
 
     async def fail(self, *, discard: bool = False) -> None:
-        """Mark the task failed; with ``discard`` (bytes that must never be served) its pieces go too.
-
-        On a full disk the bytes go first as well: they are worthless and the mark needs room.
-        """
-        storage = self.storage
-        if not discard:
-            try:
-                await storage._db(storage.meta.fail_task, self.task_id, storage.clock())
-            except DiskFull:
-                discard = True
-        if discard:
-            await storage._io(storage.content.delete, self.task_id)
-            await storage._io(storage.content.create, self.task_id)
-            storage._content_bytes[self.task_id] = 0
-            await storage._db(storage.meta.fail_missing, self.task_id, storage.clock())
-        storage._changed(self.task_id)
+        await self.storage.fail_task(self.task_id, discard=discard)
 
 
 class TaskReader:
-    """Reads the pieces of one task for an upload; each read is CRC-verified."""
+    """A handle on one task being uploaded: each read is CRC-verified and counts as a use of the task."""
 
     def __init__(self, storage: Storage, task: TaskRecord) -> None:
         self.storage = storage
@@ -595,7 +722,7 @@ class TaskReader:
 
     async def read_piece(self, number: int) -> tuple[PieceRecord, bytes]:
         piece, data = await self.storage.read_piece(self.task.id, number)
-        await self.storage._db(self.storage.meta.touch_task, self.task.id, self.storage.clock(), True)
+        await self.storage.record_upload(self.task.id)
         return piece, data
 
 
@@ -611,15 +738,6 @@ def _check_holder(holder: str) -> None:
 
 def _unique(items: list[str]) -> list[str]:
     return list(dict.fromkeys(items))
-
-
-@contextlib.asynccontextmanager
-async def _locks_in_order(storage: Storage, task_ids: list[str]) -> AsyncIterator[None]:
-    """Take several per-task locks in a fixed order so two multi-task calls cannot deadlock."""
-    async with contextlib.AsyncExitStack() as stack:
-        for task_id in sorted(set(task_ids)):
-            await stack.enter_async_context(storage._lock(task_id))
-        yield
 
 
 def _wipe(root: Path) -> None:

@@ -73,6 +73,49 @@ class TaskTimes(NamedTuple):
     released_at: float | None
 
 
+class TaskUse(NamedTuple):
+    """One task as GC sees it at one instant: its times, its bytes and what references it.
+
+    ``released_at`` already counts a lapsed lease as released at the moment it lapsed.
+    """
+
+    id: str
+    state: TaskState
+    created_at: float
+    updated_at: float
+    last_used_at: float
+    finished_at: float | None = None
+    released_at: float | None = None
+    bytes: int = 0
+    holders: tuple[str, ...] = ()
+    downloads: int = 0
+    uploads: int = 0
+
+
+class Victim(NamedTuple):
+    """A task chosen for eviction: it goes only if it is still in ``state`` and unreferenced when evicted."""
+
+    task_id: str
+    state: TaskState
+    reason: str
+    bytes: int
+
+
+class Refusal(NamedTuple):
+    """A victim that was not evicted: a reference taken since it was chosen wins (or it changed or went)."""
+
+    victim: Victim
+    references: References
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What an eviction batch really did: victims evicted (with the bytes they freed) and those refused."""
+
+    evicted: list[Victim]
+    refused: list[Refusal]
+
+
 @dataclass(frozen=True)
 class PieceRecord:
     task_id: str

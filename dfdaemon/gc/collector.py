@@ -1,16 +1,14 @@
-"""Garbage collection: references first, then grace, TTL and the quota; every run recorded.
+"""Doing garbage collection: when to run, measuring, applying a plan, room for downloads, every run recorded.
 
-A task is a candidate only when nothing references it (no holder, no download writing it, no upload
-reading it). Candidates that are failed or abandoned go first, then those idle longer than the TTL,
-then, while the cache is above its high watermark, the least recently used until it is below the low
-watermark. When data in use alone keeps the cache above the watermark, GC says so instead of
-evicting it, and downloads that cannot fit are refused early.
+What a run takes is decided by ``dfdaemon.gc.plan`` over a snapshot the storage gives; a dry run is that plan
+reported, a real run applies it through ``Storage.apply`` (which re-checks each victim's references) and then
+re-measures, taking the plan's spare candidates one by one while the prediction fell short of what eviction
+itself wrote.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import json
 import logging
@@ -19,41 +17,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from dfdaemon.gc.plan import Eviction, GCPolicy, Limits, Plan, PlanPolicy, Skip, Snapshot, plan, victim
 from dfdaemon.storage.manager import Storage
-from dfdaemon.storage.models import DiskFull, Hold, StorageFull, TaskState, TaskTimes, Usage
+from dfdaemon.storage.models import Applied, DiskFull, StorageFull, Usage
 from dfdaemon.telemetry import metrics, tracing
 
 log = logging.getLogger("dfdaemon.gc")
-
-
-@dataclass(frozen=True)
-class GCPolicy:
-    interval: float = 900.0
-    task_ttl: float = 21600.0
-    grace_period: float = 300.0
-    # Bytes; 0 means the filesystem holding the cache is the quota.
-    quota_bytes: int = 0
-    high_percent: int = 80
-    low_percent: int = 60
-    # An unfinished task with no writer for this long is abandoned.
-    stale_after: float = 120.0
-
-
-@dataclass(frozen=True)
-class Eviction:
-    task_id: str
-    reason: str
-    bytes: int
-
-
-@dataclass(frozen=True)
-class Skip:
-    task_id: str
-    reason: str
-    holders: list[str]
-    downloads: int
-    uploads: int
-    bytes: int
 
 
 @dataclass
@@ -97,21 +66,6 @@ class GCReport:
             skipped=[Skip(**item) for item in data["skipped"]],
             quota_exceeded_by_data_in_use=data["quota_exceeded_by_data_in_use"],
         )
-
-
-@dataclass(frozen=True)
-class Limits:
-    quota: int
-    high: int
-    low: int
-    fs_total: int
-    fs_free: int
-
-
-@dataclass(frozen=True)
-class _Candidate:
-    task: TaskTimes
-    reason: str  # "failed", "stale" or "" (only quota or TTL may take it)
 
 
 class GarbageCollector:
@@ -271,115 +225,62 @@ class GarbageCollector:
         return await self.storage.used_bytes()
 
     async def _run(self, trigger: str, dry_run: bool, reserve: int) -> GCReport:
-        storage, policy = self.storage, self.policy
-        now = storage.clock()
-        report = GCReport(id=0, dry_run=dry_run, trigger=trigger, started_at=now)
-        # Lapsed leases count as released when they lapsed; a dry run reads them, a real run purges them.
-        lapsed: dict[str, float] = {}
-        try:
-            expired = await (storage.expired_holds() if dry_run else storage.expire_holds())
-        except DiskFull as exc:
-            log.warning("%s; evicting what frees space first", exc)  # failed tasks go without a metadata write
-            expired = await storage.expired_holds()  # read only: the grace after each lapse still counts
-        for hold in expired:
-            if not dry_run:
-                log.info("lease of holder %s on task %s expired", hold.holder, hold.task_id)
-            lapsed[hold.task_id] = max(lapsed.get(hold.task_id, 0.0), hold.expires_at or 0.0)
-        holds_by_task: dict[str, list[Hold]] = {}
-        for hold in await storage.all_live_holds():
-            holds_by_task.setdefault(hold.task_id, []).append(hold)
-        used = report.bytes_before = await self._measure()
-
-        candidates: list[_Candidate] = []
-        for task in await storage.task_times():
-            skip = self._protection(task, holds_by_task.get(task.id, []), now, lapsed.get(task.id))
-            if skip is not None:
-                report.skipped.append(skip)
-            elif task.state is TaskState.FAILED:
-                candidates.append(_Candidate(task, "failed"))
-            elif task.state is TaskState.RUNNING:
-                candidates.append(_Candidate(task, "stale"))
-            else:
-                candidates.append(_Candidate(task, ""))
-
-        async def evict(task: TaskTimes, reason: str) -> None:
-            nonlocal used
-            size = storage.task_bytes(task.id)
-            if not dry_run:
-                freed = await storage.evict(task.id, [task.state])
-                if freed is None:
-                    refs = await storage.get_references(task.id)
-                    report.skipped.append(Skip(task.id, "referenced", refs.holders, refs.downloads, refs.uploads, size))
-                    return
-                size = freed
-                log.info("evicted task %s reason=%s bytes=%d", task.id, reason, size)
-            used -= size
-            report.evicted.append(Eviction(task.id, reason, size))
-
-        remaining: list[TaskTimes] = []
-        for candidate in candidates:
-            task = candidate.task
-            if candidate.reason:
-                await evict(task, candidate.reason)
-            elif now - task.last_used_at > policy.task_ttl:
-                await evict(task, "ttl")
-            else:
-                remaining.append(task)
-
-        limits = await self.limits()
-        target = min(limits.low, limits.quota - reserve)
-
-        def over() -> bool:
-            return used >= limits.high or used > limits.quota - reserve
-
-        if over():
-            queue = collections.deque(sorted(remaining, key=lambda t: (t.last_used_at, t.id)))
-            while queue and used > target:
-                await evict(queue.popleft(), "quota")
-            if not dry_run:
-                # The prediction ignores what eviction itself writes and removes; measure, and go on if short.
-                used = await self._measure()
-                while queue and used > target:
-                    await evict(queue.popleft(), "quota")
-                    used = await self._measure()
-            report.quota_exceeded_by_data_in_use = over()
-        if not dry_run:
-            used = await self._measure()
+        """Plan over a snapshot; a dry run reports the plan, a real run applies it and reports what happened."""
+        now = self.storage.clock()
+        tasks = await self.storage.gc_view(purge_lapsed=not dry_run)
+        policy = PlanPolicy.of(self.policy, await self.limits(), reserve)
+        decided = plan(Snapshot(tasks, await self._measure()), policy, now)
+        report = GCReport(
+            id=0,
+            dry_run=dry_run,
+            trigger=trigger,
+            started_at=now,
+            bytes_before=decided.bytes_before,
+            skipped=list(decided.skipped),
+            quota_exceeded_by_data_in_use=decided.quota_exceeded_by_data_in_use,
+        )
+        if dry_run:
+            report.evicted = [Eviction(item.task_id, item.reason, item.bytes) for item in decided.evict]
+            report.bytes_after = decided.bytes_after
+        else:
+            await self._apply(decided, policy, report)
             self.quota_exceeded_by_data_in_use = report.quota_exceeded_by_data_in_use
         if report.quota_exceeded_by_data_in_use:
             protected = sorted({holder for skip in report.skipped for holder in skip.holders})
             log.warning(
                 "quota exceeded by data in use: %d bytes used, high watermark %d, held by %s",
-                used,
-                limits.high,
+                report.bytes_after,
+                policy.high,
                 ", ".join(protected) or "in-flight work",
             )
-        report.bytes_after = used
-        report.finished_at = storage.clock()
+        report.finished_at = self.storage.clock()
         return report
 
-    def _protection(
-        self, task: TaskTimes, holds: list[Hold], now: float, lapsed_at: float | None = None
-    ) -> Skip | None:
-        """Why a task may not be collected now, or None when it may."""
-        downloads, uploads = self.storage.in_flight(task.id)
-        reason = ""
-        if holds:
-            reason = "held"
-        elif downloads:
-            reason = "downloading"
-        elif uploads:
-            reason = "uploading"
-        elif task.state is TaskState.RUNNING and now - task.updated_at < self.policy.stale_after:
-            reason = "downloading"
-        elif task.state is TaskState.SUCCEEDED:
-            settled = max(task.finished_at or task.created_at, task.released_at or 0.0, lapsed_at or 0.0)
-            if now - settled < self.policy.grace_period:
-                reason = "grace"
-        if not reason:
-            return None
-        holders = [hold.holder for hold in holds]
-        return Skip(task.id, reason, holders, downloads, uploads, self.storage.task_bytes(task.id))
+    async def _apply(self, decided: Plan, policy: PlanPolicy, report: GCReport) -> None:
+        """Evict the plan's victims; when the quota acts, measure, and go on down its spares while still short.
+
+        The prediction ignores what eviction itself writes, so the measured usage may stay above the target.
+        """
+        _record(await self.storage.apply(decided.evict), report)
+        if decided.pressure:
+            used = await self._measure()
+            for task in decided.spare:
+                if used <= policy.target:
+                    break
+                _record(await self.storage.apply([victim(task, "quota")]), report)
+                used = await self._measure()
+            report.quota_exceeded_by_data_in_use = policy.over(used)
+        report.bytes_after = await self._measure()
+
+
+def _record(applied: Applied, report: GCReport) -> None:
+    """Add what an eviction batch did to the report: a victim a reference kept becomes a "referenced" skip."""
+    report.evicted.extend(Eviction(item.task_id, item.reason, item.bytes) for item in applied.evicted)
+    for refusal in applied.refused:
+        refs, chosen = refusal.references, refusal.victim
+        report.skipped.append(
+            Skip(chosen.task_id, "referenced", refs.holders, refs.downloads, refs.uploads, chosen.bytes)
+        )
 
 
 def _protection_summary(report: GCReport) -> str:
