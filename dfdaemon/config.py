@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from dfdaemon.units import parse_duration, parse_size
@@ -89,6 +89,8 @@ class DownloadConfig(_Section):
     back_to_source: BackToSourceConfig = BackToSourceConfig()
     # Ours: distinct tasks downloading at once; a new one past this is refused with RESOURCE_EXHAUSTED.
     max_concurrent_tasks: Annotated[int, Field(ge=1)] = 128
+    # How pieces come from parents that offer vortex: "tcp" (upstream's default) or "grpc" (DownloadPiece always).
+    protocol: Literal["tcp", "grpc"] = "tcp"
 
 
 class TLSConfig(_Section):
@@ -146,8 +148,26 @@ class SchedulerConfig(_Section):
     schedule_timeout: Duration = 30.0
 
 
+class StorageServerConfig(_Section):
+    """The vortex TCP piece server; an empty ``ip`` means the upload server's, port 0 picks a free one."""
+
+    ip: str = ""
+    tcp_port: Port = 4005
+
+    @field_validator("ip")
+    @classmethod
+    def _ip_is_address(cls, ip: str) -> str:
+        if ip:
+            try:
+                ipaddress.ip_address(ip)
+            except ValueError:
+                raise ValueError(f"{ip!r} is not an IP address") from None
+        return ip
+
+
 class StorageConfig(_Section):
     dir: str = DEFAULT_STORAGE_DIR
+    server: StorageServerConfig = StorageServerConfig()
     # Here the default is true: holders (use references) must survive restarts.
     keep: bool = True
 

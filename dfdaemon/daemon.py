@@ -40,6 +40,8 @@ from dfdaemon.runtime.sync import CONTAINER_HOLDER, PINNED_HOLDER, RuntimeSync
 from dfdaemon.storage import Storage
 from dfdaemon.storage.metadata import SchemaTooNew
 from dfdaemon.telemetry.metrics import MetricsServer
+from dfdaemon.vortex.server import VortexServer
+from dfdaemon.vortex.tls import server_context
 
 if TYPE_CHECKING:
     from dfdaemon.proxy import MirrorServer
@@ -115,12 +117,18 @@ class Daemon:
         )
         self.membership = download.Membership()
         try:
-            self.parents = GrpcParentClient(self.downloads.host_id, config.upload.client)
+            self.parents = GrpcParentClient(
+                self.downloads.host_id,
+                config.upload.client,
+                use_vortex=config.download.protocol == "tcp",
+                piece_timeout=config.download.piece_timeout,
+            )
         except TLSError as exc:
             raise StartupError(f"upload.client: {exc}") from None
         self.scheduler: SchedulerClient | None = None
         self.metrics: _Metrics | None = None
         self.mirror: MirrorServer | None = None
+        self.vortex: VortexServer | None = None
         self.runtime_sync: RuntimeSync | None = None
         self._servers: list[BoundServer] = []
         self._storage_open = False
@@ -134,7 +142,10 @@ class Daemon:
         self.gc.start()
         if self.config.metrics.enable:
             self.metrics = _Metrics(self.config.metrics.server, self.gc)
-        upload_server = _upload_server(self.config, self.storage, self.downloads, self.membership, self.host_ip)
+        self.vortex, vortex_port = await _start_vortex(self.config, self.storage)
+        upload_server = _upload_server(
+            self.config, self.storage, self.downloads, self.membership, self.host_ip, vortex_port
+        )
         download_server = _download_server(self.config, self.storage, self.gc, self.downloads, self.membership)
         self._servers = [upload_server, download_server]
         for server in self._servers:
@@ -161,6 +172,9 @@ class Daemon:
         for server in reversed(self._servers):
             await server.stop(grace)
         self._servers = []
+        if self.vortex is not None:
+            await self.vortex.stop()
+            self.vortex = None
         if self.metrics is not None:
             await self.metrics.close()
             self.metrics = None
@@ -244,8 +258,31 @@ def _endpoints(ip: str, port: int, socket_path: Path) -> Endpoints:
     return Endpoints(upload_address=f"{address}:{port}", upload_port=port, socket_path=socket_path)
 
 
+async def _start_vortex(config: Config, storage: Storage) -> tuple[VortexServer, int]:
+    """The vortex TCP piece server, with upload.server's mutual TLS when that has certificates."""
+    server_cfg, upload_cfg = config.storage.server, config.upload.server
+    ip = server_cfg.ip or upload_cfg.ip
+    try:
+        context = server_context(upload_cfg.tls) if upload_cfg.tls.enabled else None
+    except TLSError as exc:
+        raise StartupError(f"upload.server: {exc}") from None
+    server = VortexServer(storage, config.download.piece_timeout, context)
+    try:
+        port = await server.start(ip, server_cfg.tcp_port)
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)  # asyncio rewords the bind error
+        raise StartupError(f"storage.server: cannot listen on {ip}:{server_cfg.tcp_port}: {reason}") from None
+    log.info("vortex server listening on %s:%d", f"[{ip}]" if ":" in ip else ip, port)
+    return server, port
+
+
 def _upload_server(
-    config: Config, storage: Storage, downloads: DownloadManager, membership: download.Membership, host_ip: str
+    config: Config,
+    storage: Storage,
+    downloads: DownloadManager,
+    membership: download.Membership,
+    host_ip: str,
+    tcp_port: int,
 ) -> BoundServer:
     """The TCP server other peers call: plaintext, or mutual TLS when upload.server has certificates."""
     server_cfg = config.upload.server
@@ -258,6 +295,7 @@ def _upload_server(
         Admission("DownloadPiece", config.upload.concurrent_piece_count, server_cfg.max_concurrent_requests),
         enable_delete_task=server_cfg.enable_delete_task,
         sync_host_interval=config.scheduler.announce_interval,
+        tcp_port=tcp_port,
     )
     server, health = new_server([upload.SERVICE.full_name], lambda s: add_service(s, upload.SERVICE, servicer))
     credentials = None

@@ -88,6 +88,7 @@ class DaemonProcess:
     upload_port: int
     metrics_port: int | None = None
     proxy_port: int | None = None
+    vortex_port: int | None = None
 
     @property
     def upload_address(self) -> str:
@@ -106,7 +107,7 @@ def daemon_config(workdir: Path, extra: dict[str, Any] | None = None) -> dict[st
         "host": {"ip": "127.0.0.1", "hostname": workdir.name},
         "upload": {"server": {"ip": "127.0.0.1", "port": 0}},
         "download": {"server": {"socketPath": str(workdir / "dfdaemon.sock")}},
-        "storage": {"dir": str(workdir / "storage")},
+        "storage": {"dir": str(workdir / "storage"), "server": {"tcpPort": 0}},
         "metrics": {"server": {"ip": "127.0.0.1", "port": 0}},
         # The registry mirror only where a test asks for it ("proxy": {"enable": True}): it costs start-up time.
         "proxy": {"enable": False, "server": {"ip": "127.0.0.1", "port": 0}},
@@ -145,6 +146,7 @@ def running_daemon(
         started = log_path.read_text()  # the optional servers log before the upload server does
         metrics = re.search(r"metrics server listening on [^\s]+:(\d+)", started)
         proxy = re.search(r"proxy server listening on [^\s]+:(\d+)", started)
+        vortex = re.search(r"vortex server listening on [^\s]+:(\d+)", started)
         yield DaemonProcess(
             proc=proc,
             config_path=config_path,
@@ -154,6 +156,7 @@ def running_daemon(
             upload_port=port,
             metrics_port=int(metrics.group(1)) if metrics else None,
             proxy_port=int(proxy.group(1)) if proxy else None,
+            vortex_port=int(vortex.group(1)) if vortex else None,
         )
     finally:
         stop_process(proc)

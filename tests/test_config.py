@@ -30,6 +30,14 @@ def test_defaults_follow_upstream() -> None:
     assert config.proxy.registry_mirror.enable_task_id_based_blob_digest is True
     assert config.runtime.containerd.address == ""
     assert config.runtime.sync_interval == 60
+    assert (config.storage.server.ip, config.storage.server.tcp_port) == ("", 4005)
+    assert config.download.protocol == "tcp"
+
+
+def test_vortex_keys() -> None:
+    config = parse_config({"storage": {"server": {"ip": "::1", "tcpPort": 0}}, "download": {"protocol": "grpc"}})
+    assert (config.storage.server.ip, config.storage.server.tcp_port) == ("::1", 0)
+    assert config.download.protocol == "grpc"
 
 
 def test_camel_case_keys_and_units() -> None:
@@ -102,6 +110,9 @@ def test_bad_sizes(bad: object) -> None:
         ({"runtime": {"syncInterval": "0s"}}, "runtime.syncInterval: Input should be greater than 0"),
         ({"runtime": {"pinnedImages": "pause:3.9"}}, "runtime.pinnedImages: Input should be a valid list"),
         (["not", "a", "mapping"], "the top level must be a mapping"),
+        ({"storage": {"server": {"ip": "localhost"}}}, "storage.server.ip: 'localhost' is not an IP address"),
+        ({"storage": {"server": {"tcpPort": 65536}}}, "storage.server.tcpPort: Input should be less than or equal"),
+        ({"download": {"protocol": "quic"}}, "download.protocol: Input should be 'tcp' or 'grpc'"),
     ],
 )
 def test_invalid_config_names_the_key(data: object, message: str) -> None:
@@ -191,4 +202,16 @@ def test_daemon_refuses_a_socket_in_use(tmp_path: Path) -> None:
         assert first.proc.poll() is None
     assert code != 0
     assert "is in use by another process" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_daemon_refuses_a_busy_vortex_port(tmp_path: Path) -> None:
+    with running_daemon(tmp_path / "a") as first:
+        assert first.vortex_port is not None
+        busy = {"storage": {"server": {"tcpPort": first.vortex_port}}}
+        code, stderr = _run_with_config(tmp_path, daemon_config(tmp_path / "b", busy))
+    assert code == 1
+    assert stderr.strip().splitlines()[-1] == (
+        f"dfdaemon: storage.server: cannot listen on 127.0.0.1:{first.vortex_port}: Address already in use"
+    )
     assert "Traceback" not in stderr

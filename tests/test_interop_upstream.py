@@ -231,8 +231,8 @@ def test_sync_pieces_over_tcp(first_download: tuple[Json, Path], daemon: DaemonP
     assert spans(synced) == spans(report["pieces"])
     for piece in synced:
         assert piece["ip"] == "127.0.0.1", piece
-        # No ports: a Rust child then fetches the bytes with gRPC DownloadPiece (PROTOCOL.md).
-        assert piece["has_tcp_port"] is False and piece["has_quic_port"] is False, piece
+        # The vortex port, which a Rust child >= 1.2.2 needs to fetch the bytes at all (PROTOCOL.md); no QUIC.
+        assert piece["tcp_port"] == daemon.vortex_port and piece["has_quic_port"] is False, piece
 
     one = upstream("sync", "--address", daemon.upload_address, "--task-id", task_id, "--interested", "2")["pieces"]
     assert spans(one) == [s for s in spans(report["pieces"]) if s[0] == 2]
@@ -296,7 +296,7 @@ def test_upstream_client_gets_remote_peer_pieces(origin: OriginProcess, tmp_path
         # The child now serves the task to upstream children too.
         synced = upstream("sync", "--address", child.upload_address, "--task-id", second["task_id"])["pieces"]
         assert spans(synced) == spans(pieces)
-        assert all(p["ip"] == "127.0.0.1" and not p["has_tcp_port"] for p in synced)
+        assert all(p["ip"] == "127.0.0.1" and p["tcp_port"] == child.vortex_port for p in synced)
 
 
 def test_the_client_imports_only_upstream_bindings() -> None:

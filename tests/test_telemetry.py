@@ -129,6 +129,8 @@ def test_one_trace_covers_child_parent_and_scheduler(
                 "tracing": {"protocol": "grpc", "endpoint": f"http://{endpoint}", "serviceName": name},
                 "log": {"format": "json"},
                 "proxy": {"enable": True},
+                # Vortex carries no trace context: the trace crosses peers on gRPC DownloadPiece.
+                "download": {"protocol": "grpc"},
             }
             peers.append(stack.enter_context(running_daemon(tmp_path / name, config, env=fast_export)))
         wait_for_hosts(scheduler, 2)

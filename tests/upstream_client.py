@@ -158,7 +158,7 @@ def command_sync(args: argparse.Namespace) -> Json:
             "offset": response.offset,
             "length": response.length,
             "ip": response.ip,
-            "has_tcp_port": response.HasField("tcp_port"),
+            "tcp_port": response.tcp_port if response.HasField("tcp_port") else None,
             "has_quic_port": response.HasField("quic_port"),
         }
         for response in stub.SyncPieces(request, timeout=args.timeout)

@@ -41,6 +41,7 @@ class UploadServicer(TaskServicer):
         admission: Admission,
         enable_delete_task: bool = False,
         sync_host_interval: float = 30.0,
+        tcp_port: int | None = None,
     ) -> None:
         super().__init__(storage, downloads, membership)
         self.host_ip = host_ip
@@ -48,6 +49,9 @@ class UploadServicer(TaskServicer):
         self.admission = admission
         self.enable_delete_task = enable_delete_task
         self.sync_host_interval = sync_host_interval
+        # The vortex port, advertised in every SyncPiecesResponse: an upstream child >= 1.2.2 fetches only over
+        # vortex and, without it, would send vortex bytes to the gRPC port.
+        self.tcp_port = tcp_port
 
     async def SyncHost(self, request: dfdaemon_pb2.SyncHostRequest, context: Context) -> AsyncIterator[common_pb2.Host]:
         """This host's description, now and then every announce interval, until the caller goes away."""
@@ -98,7 +102,11 @@ class UploadServicer(TaskServicer):
                 if piece.number not in sent and (not interested or piece.number in interested):
                     sent.add(piece.number)
                     yield dfdaemon_pb2.SyncPiecesResponse(
-                        number=piece.number, offset=piece.offset, length=piece.length, ip=self.host_ip
+                        number=piece.number,
+                        offset=piece.offset,
+                        length=piece.length,
+                        ip=self.host_ip,
+                        tcp_port=self.tcp_port,
                     )
             if (interested and interested <= sent) or task.state is TaskState.SUCCEEDED:
                 return

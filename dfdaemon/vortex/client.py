@@ -1,0 +1,187 @@
+"""The child side of vortex: fetch one piece per connection, its bytes received straight into a reused buffer.
+
+The protocol reads into the buffer it is pointed at (``asyncio.BufferedProtocol``: the transport calls
+``recv_into`` on that memory, TLS or not) and pauses reading between targets, so the header, the metadata and
+the piece's bytes each land exactly where they belong, without per-chunk ``bytes`` objects. The CRC is computed
+once, on the received bytes, and checked against the digest the parent sent with them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import zlib
+
+from dfdaemon import ids
+from dfdaemon.download.peering import FetchedPiece, ParentUnavailable, PieceUnavailable
+from dfdaemon.vortex.codec import (
+    HEADER_SIZE,
+    DownloadPiece,
+    Error,
+    ErrorCode,
+    PieceMetadata,
+    ProtocolError,
+    Tag,
+    decode_header,
+    value_limit,
+)
+from dfdaemon.vortex.server import tune_socket
+
+CONNECT_TIMEOUT = 2.0
+# The largest piece a parent may announce (the largest piece length a download may request).
+MAX_PIECE_LENGTH = 1024 * 1024 * 1024
+# Receive buffers kept for reuse between fetches: enough for the usual concurrency, none for outsized pieces.
+MAX_POOLED_BUFFERS = 16
+MAX_POOLED_BUFFER = 16 * 1024 * 1024
+
+
+class _Receiver(asyncio.BufferedProtocol):
+    """Fills one target buffer at a time; reading stays paused while there is none."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._target: memoryview | None = None
+        self._filled = 0
+        self._done: asyncio.Future[None] | None = None
+        self._closed: Exception | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.pause_reading()
+
+    async def read_into(self, target: memoryview) -> None:
+        """Fill ``target`` completely with the next bytes of the stream."""
+        if self._closed is not None:
+            raise self._closed
+        assert self.transport is not None
+        self._target, self._filled = target, 0
+        self._done = asyncio.get_running_loop().create_future()
+        self.transport.resume_reading()
+        try:
+            await self._done
+        finally:
+            self._target = self._done = None
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        assert self._target is not None
+        return self._target[self._filled :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        assert self._target is not None and self.transport is not None
+        self._filled += nbytes
+        if self._filled == len(self._target):
+            self.transport.pause_reading()
+            if self._done is not None and not self._done.done():
+                self._done.set_result(None)
+
+    def eof_received(self) -> bool:
+        self._end(ConnectionResetError("the parent closed the connection"))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end(exc or ConnectionResetError("the parent closed the connection"))
+
+    def _end(self, error: Exception) -> None:
+        if self._closed is None:
+            self._closed = error
+        if self._done is not None and not self._done.done():
+            self._done.set_exception(self._closed)
+
+
+class VortexClient:
+    """Fetches pieces over vortex TCP (mutual TLS when given a context); one reused buffer per concurrent fetch."""
+
+    def __init__(self, *, piece_timeout: float, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.piece_timeout = piece_timeout
+        self.ssl_context = ssl_context
+        self._free: list[bytearray] = []
+
+    async def download_piece(self, ip: str, port: int, task_id: str, number: int) -> FetchedPiece:
+        """One piece from the parent at ``ip:port``, its CRC checked against the digest sent with it.
+
+        Raises PieceUnavailable when only this piece cannot come from this parent (it lacks it, or its bytes do
+        not match their digest), ParentUnavailable when the parent cannot be reached or breaks the protocol.
+        """
+        where = f"vortex {ip}:{port}"
+        receiver = await self._connect(ip, port, where)
+        buffer = self._free.pop() if self._free else bytearray()
+        try:
+            async with asyncio.timeout(self.piece_timeout):
+                metadata = await _request(receiver, task_id, number)
+                if metadata.number != number:
+                    raise PieceUnavailable(f"{where}: asked for piece {number}, got #{metadata.number}")
+                if metadata.length > MAX_PIECE_LENGTH:
+                    raise ParentUnavailable(f"{where}: piece {number} claims {metadata.length} bytes")
+                if len(buffer) < metadata.length:
+                    buffer = bytearray(metadata.length)
+                view = memoryview(buffer)[: metadata.length]
+                await receiver.read_into(view)
+            # One thread hop: the CRC over the bytes, and the copy handed to the writer (the buffer is reused).
+            crc, content = await asyncio.to_thread(_crc_and_copy, view)
+            view.release()
+        except TimeoutError:
+            raise ParentUnavailable(f"{where}: piece {number} took longer than {self.piece_timeout:.0f}s") from None
+        except (OSError, ProtocolError) as exc:
+            raise ParentUnavailable(f"{where}: piece {number}: {exc}") from None
+        finally:
+            if receiver.transport is not None:
+                receiver.transport.close()
+            if len(self._free) < MAX_POOLED_BUFFERS and len(buffer) <= MAX_POOLED_BUFFER:
+                self._free.append(buffer)
+        if ids.format_crc32(crc) != metadata.digest:
+            raise PieceUnavailable(
+                f"{where}: piece {number} has digest {ids.format_crc32(crc)}, the parent sent {metadata.digest}"
+            )
+        return FetchedPiece(
+            number=metadata.number,
+            offset=metadata.offset,
+            length=metadata.length,
+            digest=metadata.digest,
+            metadata_digest=None,
+            content=content,
+        )
+
+    async def _connect(self, ip: str, port: int, where: str) -> _Receiver:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                transport, receiver = await loop.create_connection(
+                    _Receiver, ip, port, ssl=self.ssl_context, server_hostname=ip if self.ssl_context else None
+                )
+        except TimeoutError:
+            raise ParentUnavailable(f"{where}: no connection within {CONNECT_TIMEOUT:.0f}s") from None
+        except OSError as exc:
+            raise ParentUnavailable(f"{where}: cannot connect: {exc.strerror or exc}") from None
+        tune_socket(transport.get_extra_info("socket"))
+        return receiver
+
+
+async def _request(receiver: _Receiver, task_id: str, number: int) -> PieceMetadata:
+    """Send the DownloadPiece and read the answer up to the piece's bytes."""
+    assert receiver.transport is not None
+    receiver.transport.write(DownloadPiece(task_id, number).encode())
+    header_bytes = bytearray(HEADER_SIZE)
+    await receiver.read_into(memoryview(header_bytes))
+    header = decode_header(header_bytes)
+    if header.length > value_limit(header.tag):
+        raise ProtocolError(f"a packet with tag {header.tag} of {header.length} bytes is too large")
+    value = bytearray(header.length)
+    await receiver.read_into(memoryview(value))
+    if header.tag == Tag.ERROR:
+        error = Error.decode(value)
+        if error.code == ErrorCode.NOT_FOUND:
+            raise PieceUnavailable(f"NotFound: {error.message}")
+        raise ParentUnavailable(f"{error.code_name}: {error.message}")
+    if header.tag != Tag.PIECE_CONTENT:
+        raise ProtocolError(f"expected PieceContent, got tag {header.tag}")
+    metadata = PieceMetadata.decode(value)
+    if receiver.transport.can_write_eof():  # plain TCP only: TLS has no half-close
+        with contextlib.suppress(OSError):
+            receiver.transport.write_eof()  # as upstream: the request is all this side sends
+    return metadata
+
+
+def _crc_and_copy(view: memoryview) -> tuple[int, bytes]:
+    return zlib.crc32(view), bytes(view)
