@@ -749,7 +749,8 @@ def base_requests(env: Env) -> dict[str, list[Any]]:
     # the daemon nor the stub: any request will do, and learn_blanket_answers must then find UNIMPLEMENTED.
     for path in NOT_SERVED:
         assert path not in bases, f"{path} is served: move it out of NOT_SERVED"
-        bases[path] = [RPCS[path].request_class()]
+        empty = RPCS[path].request_class()
+        bases[path] = [[empty]] if RPCS[path].method.client_streaming else [empty]
     assert set(bases) == set(RPCS), "every RPC needs a valid request to mutate"
     return bases
 
@@ -859,4 +860,6 @@ def run_undecodable(env: Env, path: str, data: st.DataObject) -> None:
     if path == SCHEDULER + "AnnouncePeer":
         env.announce_fuzz_host()  # the registrations before the undecodable message need the host
     payload = mutated_payload(env, rpc, data, decodable=False)
-    expect(env, env.call(path, payload), rpc, {INVALID}, payload, fixed=True)
+    # A client stream to an RPC nobody serves is refused before its first message is read, as gRPC itself does.
+    unread = path in NOT_SERVED and rpc.method.client_streaming
+    expect(env, env.call(path, payload), rpc, {Code.UNIMPLEMENTED} if unread else {INVALID}, payload, fixed=True)
