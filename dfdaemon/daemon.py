@@ -11,7 +11,6 @@ import socket
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import grpc
 
@@ -30,6 +29,7 @@ from dfdaemon.config import (
 from dfdaemon.download import DownloadManager
 from dfdaemon.download.scheduled import ScheduledFetch
 from dfdaemon.gc import GarbageCollector, GCPolicy, publish_usage
+from dfdaemon.proxy import MirrorServer, RegistryMirror
 from dfdaemon.rpc import download, ext, upload
 from dfdaemon.rpc.peer_client import GrpcParentClient
 from dfdaemon.rpc.scheduler_client import HostInfo, SchedulerClient
@@ -42,9 +42,6 @@ from dfdaemon.storage.metadata import SchemaTooNew
 from dfdaemon.telemetry.metrics import MetricsServer
 from dfdaemon.vortex.server import VortexServer
 from dfdaemon.vortex.tls import server_context
-
-if TYPE_CHECKING:
-    from dfdaemon.proxy import MirrorServer
 
 log = logging.getLogger("dfdaemon")
 
@@ -396,9 +393,6 @@ async def _start_mirror(config: ProxyConfig, storage: Storage, downloads: Downlo
     """The registry mirror (``proxy``): blobs through the P2P network, the rest straight to the registry."""
     if not config.enable:
         return None
-    # Imported here: aiohttp costs a quarter of a second of start-up, which a daemon without the mirror skips.
-    from dfdaemon.proxy import MirrorServer, RegistryMirror
-
     mirror = RegistryMirror(
         storage,
         downloads,
