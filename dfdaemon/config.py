@@ -13,9 +13,19 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
+from dfdaemon.config_upstream import UnknownKey, ignored_warning, reconcile
 from dfdaemon.units import parse_duration, parse_size
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
@@ -279,6 +289,12 @@ class Config(_Section):
     log: LogConfig = LogConfig()
     proxy: ProxyConfig = ProxyConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    # Keys of upstream's dfdaemon.yaml that were given and are not acted on here (set by parse_config).
+    _upstream_ignored: tuple[str, ...] = PrivateAttr(default=())
+
+    def warnings(self) -> list[str]:
+        """Lines to log once at start-up: what in the file this daemon accepted but will not act on."""
+        return [ignored_warning(self._upstream_ignored)] if self._upstream_ignored else []
 
     @property
     def storage_dir(self) -> Path:
@@ -325,15 +341,20 @@ def _describe(error: ValidationError) -> str:
 
 
 def parse_config(data: Any, source: str = "config") -> Config:
-    """Validate already-parsed YAML data."""
+    """Validate already-parsed YAML data; keys only upstream's dfdaemon reads are set aside (``Config.warnings``)."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of keys")
     try:
-        return Config.model_validate(data)
+        reconciled = reconcile(data, Config)
+        config = Config.model_validate(reconciled.data)
+    except UnknownKey as exc:
+        raise ConfigError(f"{source}: {exc}") from None
     except ValidationError as exc:
         raise ConfigError(f"{source}: {_describe(exc)}") from None
+    config._upstream_ignored = reconciled.ignored
+    return config
 
 
 def load_config(path: Path | None) -> Config:

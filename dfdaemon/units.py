@@ -1,7 +1,9 @@
 """Parsing of the human units that configuration files and CLIs accept.
 
-Durations: ``30s``, ``5m``, ``2h``, ``1h30m``, ``250ms``, ``1d`` or plain seconds.
-Sizes: ``50MB`` (decimal), ``4MiB`` (binary), ``10k``-style short forms, or plain bytes.
+Durations: ``30s``, ``5m``, ``2h``, ``1h30m``, ``250ms``, ``1d`` or plain seconds, and the rest of upstream's
+(humantime) syntax: ``720h``, ``1h 30min``, ``2 days``, ``1w``.
+Sizes: ``50MB`` (decimal), ``4MiB`` (binary), ``10k``-style short forms, or plain bytes; units in any case and
+``Ki``/``Mi`` short forms as upstream's (bytesize) parser takes them: ``4mib``, ``50GB``, ``1 Gi``.
 """
 
 from __future__ import annotations
@@ -11,8 +13,22 @@ import re
 # Longer leases, timeouts or intervals are mistakes (and would overflow protobuf timestamps).
 MAX_DURATION_SECONDS = 100 * 365 * 86400
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_DURATION_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_UNITS: dict[str, tuple[str, ...]] = {
+    "ns": ("nsec", "ns"),
+    "us": ("usec", "us", "µs"),
+    "ms": ("msec", "ms"),
+    "s": ("seconds", "second", "secs", "sec", "s"),
+    "m": ("minutes", "minute", "mins", "min", "m"),
+    "h": ("hours", "hour", "hrs", "hr", "h"),
+    "d": ("days", "day", "d"),
+    "w": ("weeks", "week", "w"),
+}
+_DURATION_SECONDS = {"ns": 1e-9, "us": 1e-6, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+_DURATION_UNIT = {spelling: unit for unit, spellings in _DURATION_UNITS.items() for spelling in spellings}
+# Longest spellings first, so "msec" is not read as "m" followed by garbage.
+_DURATION_PART = re.compile(
+    r"\s*(\d+(?:\.\d+)?)\s*(" + "|".join(sorted(map(re.escape, _DURATION_UNIT), key=len, reverse=True)) + r")(?![a-zµ])"
+)
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
 _SIZE_FACTORS = {
@@ -26,10 +42,18 @@ _SIZE_FACTORS = {
     "gb": 1000**3,
     "t": 1000**4,
     "tb": 1000**4,
+    "p": 1000**5,
+    "pb": 1000**5,
+    "ki": 1024,
     "kib": 1024,
+    "mi": 1024**2,
     "mib": 1024**2,
+    "gi": 1024**3,
     "gib": 1024**3,
+    "ti": 1024**4,
     "tib": 1024**4,
+    "pi": 1024**5,
+    "pib": 1024**5,
 }
 
 
@@ -57,7 +81,7 @@ def parse_duration(value: object) -> float:
     for match in _DURATION_PART.finditer(text):
         if match.start() != pos:
             break
-        total += float(match.group(1)) * _DURATION_SECONDS[match.group(2)]
+        total += float(match.group(1)) * _DURATION_SECONDS[_DURATION_UNIT[match.group(2)]]
         pos = match.end()
     if pos != len(text) or not text:
         raise ValueError(f"invalid duration {value!r} (use e.g. 30s, 5m, 2h or plain seconds)")

@@ -65,7 +65,24 @@ def test_camel_case_keys_and_units() -> None:
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("30s", 30), ("5m", 300), ("2h", 7200), ("1h30m", 5400), ("250ms", 0.25), ("1d", 86400), ("12", 12), (7, 7)],
+    [
+        ("30s", 30),
+        ("5m", 300),
+        ("2h", 7200),
+        ("1h30m", 5400),
+        ("250ms", 0.25),
+        ("1d", 86400),
+        ("12", 12),
+        (7, 7),
+        # Upstream's (humantime) spellings, as its documented dfdaemon.yaml uses them.
+        ("300s", 300),
+        ("720h", 2_592_000),
+        ("5 minutes", 300),
+        ("1h 30min", 5400),
+        ("2days", 172_800),
+        ("1w", 604_800),
+        ("10msec", 0.01),
+    ],
 )
 def test_durations(text: str | int, seconds: float) -> None:
     assert parse_duration(text) == seconds
@@ -73,13 +90,25 @@ def test_durations(text: str | int, seconds: float) -> None:
 
 @pytest.mark.parametrize(
     ("text", "size"),
-    [("50MB", 50_000_000), ("4MiB", 4 * 1024 * 1024), ("1GiB", 1024**3), ("1000", 1000), (123, 123), ("2 kb", 2000)],
+    [
+        ("50MB", 50_000_000),
+        ("4MiB", 4 * 1024 * 1024),
+        ("1GiB", 1024**3),
+        ("1000", 1000),
+        (123, 123),
+        ("2 kb", 2000),
+        # Upstream's (bytesize) spellings: any case, "Ki"-style short binary units.
+        ("4mib", 4 * 1024 * 1024),
+        ("50gb", 50_000_000_000),
+        ("10Gi", 10 * 1024**3),
+        ("1 PB", 1000**5),
+    ],
 )
 def test_sizes(text: str | int, size: int) -> None:
     assert parse_size(text) == size
 
 
-@pytest.mark.parametrize("bad", ["", "5 minutes", "m5", "-1", "1h-5m", True])
+@pytest.mark.parametrize("bad", ["", "5 fortnights", "5mo", "m5", "-1", "1h-5m", "1h junk", True])
 def test_bad_durations(bad: object) -> None:
     with pytest.raises(ValueError):
         parse_duration(bad)
@@ -95,7 +124,7 @@ def test_bad_sizes(bad: object) -> None:
     ("data", "message"),
     [
         ({"upload": {"server": {"prot": 1}}}, "unknown key 'upload.server.prot'"),
-        ({"gc": {"policy": {"taskTtl": "1h"}}}, "unknown key 'gc.policy.taskTtl'"),
+        ({"gc": {"policy": {"taskTtl": "1h"}}}, "unknown key 'gc.policy.taskTtl'; did you mean 'gc.policy.taskTTL'?"),
         ({"upload": {"server": {"port": 70000}}}, "upload.server.port: Input should be less than or equal to 65535"),
         ({"upload": {"server": {"port": -1}}}, "upload.server.port: Input should be greater than or equal to 0"),
         ({"gc": {"interval": "soon"}}, "gc.interval: invalid duration 'soon'"),
@@ -106,7 +135,7 @@ def test_bad_sizes(bad: object) -> None:
         ),
         ({"scheduler": {"addrs": "127.0.0.1:8002"}}, "scheduler.addrs: Input should be a valid list"),
         ({"proxy": {"registryMirror": {"addr": "index.docker.io"}}}, "proxy.registryMirror: addr: 'index.docker.io'"),
-        ({"proxy": {"rules": []}}, "unknown key 'proxy.rules'"),
+        ({"proxy": {"rulez": []}}, "unknown key 'proxy.rulez'; did you mean 'proxy.rules'?"),
         ({"runtime": {"syncInterval": "0s"}}, "runtime.syncInterval: Input should be greater than 0"),
         ({"runtime": {"pinnedImages": "pause:3.9"}}, "runtime.pinnedImages: Input should be a valid list"),
         (["not", "a", "mapping"], "the top level must be a mapping"),

@@ -46,6 +46,8 @@ REQUESTS = st.builds(
     content_for_calculating_task_id=optional(TEXT),
     concurrent_piece_count=optional(UINT32),
     enable_task_id_based_blob_digest=st.booleans(),
+    priority=st.integers(0, 6),
+    remote_ip=optional(TEXT),
     from_network=st.just(False),
 )
 
@@ -90,6 +92,7 @@ def test_registration_carries_the_request_and_the_measured_sizes() -> None:
         concurrent_piece_count=8,
         need_back_to_source=False,
         disable_back_to_source=True,
+        priority=common_pb2.LEVEL6,
     )
     # Field for field what RegisterPeerRequest carried before the builder: nothing more, nothing less.
     assert convert.registered_download(registration) == common_pb2.Download(
@@ -100,6 +103,7 @@ def test_registration_carries_the_request_and_the_measured_sizes() -> None:
         request_header={"Authorization": "Bearer x"},
         disable_back_to_source=True,
         concurrent_piece_count=8,
+        priority=common_pb2.LEVEL6,  # what dfget asked for, as the scheduler sees it
         actual_content_length=10_000_000,
         actual_piece_length=4 * 1024 * 1024,
         actual_piece_count=3,
@@ -132,3 +136,10 @@ def test_model_hub_downloads_are_unimplemented_with_the_reason(download: common_
 def test_api_2_3_fields_the_daemon_does_not_act_on_are_accepted() -> None:
     message = common_pb2.Download(url="https://example.com/f", metadata_only=True, scheduling_policy=common_pb2.ALWAYS)
     assert convert.download_request(message).url == "https://example.com/f"
+
+
+def test_a_priority_outside_upstreams_levels_is_invalid() -> None:
+    message = common_pb2.Download(url="https://example.com/f")
+    message.priority = 7  # type: ignore[assignment]  # an open enum: the wire may carry any number
+    with pytest.raises(convert.InvalidRequest, match=r"download\.priority 7 is not a priority level"):
+        convert.download_request(message)

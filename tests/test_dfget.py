@@ -7,6 +7,7 @@ in the test's thread (``main``) or as its own process (``python -m dfdaemon.cli.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import pty
@@ -26,10 +27,11 @@ from google.protobuf.duration_pb2 import Duration
 
 from dfdaemon.api import common_pb2, dfdaemon_pb2, errordetails_pb2
 from dfdaemon.cli.dfget import main
+from dfdaemon.config import detect_ip
 from dfdaemon.ids import DEFAULT_FILTERED_QUERY_PARAMS
 from dfdaemon.rpc.download import SERVICE
 from dfdaemon.rpc.servers import HealthReporter, add_service, new_server
-from tests.support import REPO_ROOT, run_module
+from tests.support import REPO_ROOT, dfget, run_module, running_daemon, running_origin
 
 CONTENT = bytes(range(256)) * 40  # 10240 bytes: three pieces of 4096, 4096 and 2048
 PIECE_LENGTH = 4096
@@ -239,6 +241,11 @@ def test_request_carries_every_flag(
         "1m30s",
         "--disable-back-to-source",
         "--overwrite",
+        "--priority",
+        "3",
+        "--force-hard-link",
+        "--content-for-calculating-task-id",
+        "model-v1",
     )
     assert (code, out, err) == (0, "", "")
     assert (tmp_path / "out.bin").read_bytes() == CONTENT
@@ -267,6 +274,10 @@ def test_request_carries_every_flag(
         timeout=Duration(seconds=90),
         disable_back_to_source=True,
         overwrite=True,
+        priority=common_pb2.LEVEL3,
+        force_hard_link=True,
+        content_for_calculating_task_id="model-v1",
+        remote_ip=detect_ip(),
     )
 
 
@@ -278,7 +289,7 @@ def test_optional_fields_stay_unset(
     code, _, err = _run(capsys, "http://origin.example/f", "-O", str(tmp_path / "f"), "-e", str(daemon.socket_path))
     assert (code, err) == (0, "")
     download = fake.requests[0].download
-    for name in ("digest", "tag", "application", "piece_length", "timeout"):
+    for name in ("digest", "tag", "application", "piece_length", "timeout", "content_for_calculating_task_id"):
         assert not download.HasField(name), name  # presence changes the task id
     assert not download.overwrite and not download.disable_back_to_source
     assert not download.request_header
@@ -288,6 +299,8 @@ def test_optional_fields_stay_unset(
         url="http://origin.example/f",
         output_path=str(tmp_path / "f"),
         filtered_query_params=DEFAULT_FILTERED_QUERY_PARAMS,
+        priority=common_pb2.LEVEL6,  # upstream dfget's default
+        remote_ip=detect_ip(),  # the client's address, as upstream's dfget sends it
     )
 
 
@@ -430,6 +443,8 @@ def test_daemon_not_serving(
         ([URL, "-O", "missing/f"], "directory "),
         ([URL, "-O", "."], " is a directory"),
         ([URL, "-O", "f", "--bogus"], "unrecognized arguments: --bogus"),
+        ([URL, "-O", "f", "--priority", "7"], "argument --priority: invalid priority '7': a level from 0 to 6"),
+        ([URL, "-O", "f", "--priority", "high"], "argument --priority: invalid priority 'high'"),
     ],
 )
 def test_usage_errors_are_one_line_and_exit_2(
@@ -537,3 +552,23 @@ def test_ctrl_c_cancels_the_stream_and_removes_the_partial_file(
     assert (proc.returncode, out, err) == (130, "", "dfget: interrupted\n")
     assert not output.exists()
     assert fake.cancelled.wait(timeout=10)
+
+
+def test_content_for_calculating_task_id_names_the_task_in_a_real_daemon(tmp_path: Path) -> None:
+    """The flag reaches the daemon: the task id it reports is the sha256 of the content string, not of the URL."""
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "model.bin").write_bytes(os.urandom(100_000))
+    with running_origin(tmp_path / "files") as origin, running_daemon(tmp_path / "node") as daemon:
+        done = dfget(
+            daemon,
+            origin.url("model.bin"),
+            tmp_path / "out.bin",
+            "--json",
+            "--content-for-calculating-task-id",
+            "model-v1",
+            "--priority",
+            "2",
+        )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["task_id"] == hashlib.sha256(b"model-v1").hexdigest()
+    assert (tmp_path / "out.bin").read_bytes() == (tmp_path / "files" / "model.bin").read_bytes()

@@ -3,12 +3,21 @@
 Requests from the network and local ones never share a pool or a resolver: a connection opened for a local request
 may lead to an internal address a network request must not reach. Redirects are followed here, hop by hop, so each
 hop's scheme and host pass the policy before its connection is opened; the resolver checks the addresses.
+
+A forward proxy named by ``HTTP_PROXY``/``HTTPS_PROXY``/``ALL_PROXY`` (read once, at start; ``NO_PROXY`` lists
+the hosts reached directly) carries the requests it covers, as upstream's client does. The proxy is the operator's
+choice and its address is not checked; the origin is: its scheme and name pass the policy, and where addresses
+matter (a request from the network, or ``allowedNetworks`` set) the name is resolved here and refused if any address
+is outside the policy, before the request reaches the proxy. The proxy resolves the name again itself, so through a
+proxy the check is as good as the proxy's DNS agrees with this host's.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterable
+import ipaddress
+import urllib.request
+from collections.abc import AsyncIterator, Iterable, Mapping
 
 import aiohttp
 from aiohttp.abc import AbstractResolver
@@ -35,19 +44,30 @@ class OriginClient:
         timeout: float,
         pass_through: bool = False,
         resolver: AbstractResolver | None = None,
+        proxies: Mapping[str, str] | None = None,
     ) -> None:
+        """``proxies`` maps a scheme (and ``no``) as ``urllib.request.getproxies`` does; None reads the environment."""
         self.policy = policy
         self.pass_through = pass_through
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(timeout, 10.0), sock_read=timeout)
         self._resolver = resolver
-        self._sessions: dict[bool, aiohttp.ClientSession] = {}
+        self._proxies = dict(urllib.request.getproxies_environment() if proxies is None else proxies)
+        self._sessions: dict[tuple[bool, bool], aiohttp.ClientSession] = {}
         self._resolvers: list[AbstractResolver] = []
 
-    def _session(self, from_network: bool) -> aiohttp.ClientSession:
-        session = self._sessions.get(from_network)
+    def proxy_for(self, url: URL) -> URL | None:
+        """The forward proxy a request for ``url`` goes through, or None to connect to the origin directly."""
+        proxy = self._proxies.get(url.scheme) or self._proxies.get("all")
+        if not proxy or _bypasses_proxy(url.raw_host or "", self._proxies.get("no", "")):
+            return None
+        return URL(proxy if "://" in proxy else f"http://{proxy}")
+
+    def _session(self, from_network: bool, proxied: bool) -> aiohttp.ClientSession:
+        """One pool per kind of requester; proxied connections go to the proxy, whose address is not checked."""
+        session = self._sessions.get((from_network, proxied))
         if session is None or session.closed:
             resolver: AbstractResolver | None = self._resolver
-            if self.policy is not None:
+            if self.policy is not None and not proxied:
                 resolver = PolicyResolver(self.policy, from_network=from_network, resolver=self._resolver)
                 self._resolvers.append(resolver)
             connector = aiohttp.TCPConnector(limit=256, use_dns_cache=False, resolver=resolver)
@@ -60,7 +80,7 @@ class OriginClient:
                 skip_auto_headers=_AUTO_HEADERS if self.pass_through else (),
                 read_bufsize=_READ_BUFFER,
             )
-            self._sessions[from_network] = session
+            self._sessions[from_network, proxied] = session
         return session
 
     async def close(self) -> None:
@@ -85,12 +105,15 @@ class OriginClient:
 
         A response whose body was not read to its end closes its connection instead of returning it to the pool.
         """
-        session = self._session(from_network)
         target, send = URL(url), CIMultiDict(headers)
         for _ in range(MAX_REDIRECTS + 1):
-            if self.policy is not None:
+            proxy = self.proxy_for(target)
+            if self.policy is not None and proxy is not None:
+                await self.policy.check(str(target), from_network=from_network, resolver=self._resolver)
+            elif self.policy is not None:
                 self.policy.check_hop(target, from_network=from_network)
-            response = await session.request(method, target, headers=send, allow_redirects=False)
+            session = self._session(from_network, proxy is not None)
+            response = await session.request(method, target, headers=send, allow_redirects=False, proxy=proxy)
             location = response.headers.get("Location")
             if not follow_redirects or response.status not in _REDIRECTS or location is None:
                 try:
@@ -101,6 +124,26 @@ class OriginClient:
             response.release()
             target, method = _next_hop(target, location, method, response.status, send)
         raise BackendError(f"origin redirected more than {MAX_REDIRECTS} times for {url}")
+
+
+def _bypasses_proxy(host: str, no_proxy: str) -> bool:
+    """Whether ``NO_PROXY`` (``*``, domains matching their subdomains too, addresses, CIDR blocks) covers ``host``."""
+    host = host.lower().rstrip(".")
+    try:
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    for entry in (part.strip().lower() for part in no_proxy.split(",")):
+        if entry == "*":
+            return True
+        if address is not None:
+            with contextlib.suppress(ValueError):
+                if address in ipaddress.ip_network(entry, strict=False):
+                    return True
+        domain = entry.lstrip(".").rsplit(":", 1)[0] if entry.count(":") == 1 else entry.lstrip(".")
+        if domain and (host == domain or host.endswith(f".{domain}")):
+            return True
+    return False
 
 
 def _next_hop(current: URL, location: str, method: str, status: int, headers: CIMultiDict[str]) -> tuple[URL, str]:

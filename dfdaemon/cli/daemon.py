@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import signal
 import sys
 from pathlib import Path
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dfdaemon: {exc}", file=sys.stderr)
         return 2
     setup_logging(args.log_level or config.log.level, config.log.format)
+    for warning in config.warnings():
+        logging.getLogger("dfdaemon.config").warning(warning)
     tracing = config.tracing
     try:
         setup_tracing(

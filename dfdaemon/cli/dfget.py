@@ -30,6 +30,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from dfdaemon.api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc, errordetails_pb2
 from dfdaemon.cli.args import positive_duration, positive_size
 from dfdaemon.cli.channel import daemon_channel
+from dfdaemon.config import detect_ip
 from dfdaemon.download import DownloadRequest
 from dfdaemon.ids import filtered_query_params_or_default, parse_file_digest
 from dfdaemon.rpc import convert
@@ -79,6 +80,9 @@ class Options:
     timeout: float | None
     disable_back_to_source: bool
     overwrite: bool
+    priority: int
+    force_hard_link: bool
+    content_for_calculating_task_id: str | None
     progress: bool
     json: bool
 
@@ -125,6 +129,13 @@ def _header(text: str) -> tuple[str, str]:
     return name.strip(), value.strip()
 
 
+def _priority(text: str) -> int:
+    """``--priority``: upstream's levels, 0 to 6."""
+    if not (text.isascii() and text.isdigit()) or int(text) > 6:
+        raise argparse.ArgumentTypeError(f"invalid priority {text!r}: a level from 0 to 6")
+    return int(text)
+
+
 def _build_parser() -> _Parser:
     """Upstream dfget's flag names, so users' scripts and habits carry over."""
     parser = _Parser(prog="dfget", description="Download a file through the local dfdaemon (Dragonfly v2 P2P).")
@@ -164,6 +175,23 @@ def _build_parser() -> _Parser:
     )
     parser.add_argument("--disable-back-to-source", action="store_true", help="only peers, never the origin")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    parser.add_argument(
+        "--priority",
+        type=_priority,
+        default=6,
+        metavar="0-6",
+        help="scheduling priority level, as upstream's (%(default)s, the default, is the least urgent)",
+    )
+    parser.add_argument(
+        "--force-hard-link",
+        action="store_true",
+        help="hard-link -O to the cache file, failing if that is not possible (never a copy)",
+    )
+    parser.add_argument(
+        "--content-for-calculating-task-id",
+        metavar="TEXT",
+        help="the task id is the sha256 of TEXT instead of one computed from the URL, tag and application",
+    )
     parser.add_argument("--no-progress", action="store_true", help="draw no progress bar")
     parser.add_argument("--json", action="store_true", help="print one JSON document describing the download")
     return parser
@@ -207,6 +235,9 @@ def parse_args(argv: list[str] | None) -> Options:
         timeout=args.timeout,
         disable_back_to_source=args.disable_back_to_source,
         overwrite=args.overwrite,
+        priority=args.priority,
+        force_hard_link=args.force_hard_link,
+        content_for_calculating_task_id=args.content_for_calculating_task_id,
         progress=not args.no_progress,
         json=args.json,
     )
@@ -249,6 +280,10 @@ def download_request(options: Options) -> dfdaemon_pb2.DownloadTaskRequest:
         application=options.application,
         piece_length=options.piece_length,
         timeout=options.timeout,
+        priority=options.priority,
+        force_hard_link=options.force_hard_link,
+        content_for_calculating_task_id=options.content_for_calculating_task_id,
+        remote_ip=detect_ip(),
     )
     return dfdaemon_pb2.DownloadTaskRequest(download=convert.download(request))
 

@@ -117,6 +117,10 @@ class DownloadRequest:
     content_for_calculating_task_id: str | None = None
     concurrent_piece_count: int | None = None
     enable_task_id_based_blob_digest: bool = False
+    # common.v2.Priority level (0-6), passed on to the scheduler; 0 is the message's default, dfget asks for 6.
+    priority: int = 0
+    # The requesting client's address, as upstream's dfget reports it; carried, not acted on.
+    remote_ip: str | None = None
     # Set by the server, not the caller: the request came over the network (the upload server).
     from_network: bool = False
 

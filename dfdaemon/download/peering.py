@@ -65,6 +65,7 @@ class Registration:
     concurrent_piece_count: int
     need_back_to_source: bool
     disable_back_to_source: bool
+    priority: int = 0
 
 
 @dataclass(frozen=True)

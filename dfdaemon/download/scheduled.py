@@ -75,6 +75,7 @@ class ScheduledFetch:
             concurrent_piece_count=request.concurrent_piece_count or self.manager.concurrent_piece_count,
             need_back_to_source=request.need_back_to_source,
             disable_back_to_source=request.disable_back_to_source,
+            priority=request.priority,
         )
 
     async def _follow(self, job: TaskJob, session: SchedulerSession) -> None:

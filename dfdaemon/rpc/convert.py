@@ -229,6 +229,7 @@ _OptionalDownloadField = Literal[
     "output_path",
     "content_for_calculating_task_id",
     "concurrent_piece_count",
+    "remote_ip",
 ]
 _OPTIONAL_DOWNLOAD_FIELDS: tuple[_OptionalDownloadField, ...] = get_args(_OptionalDownloadField)
 
@@ -259,6 +260,8 @@ def download_request(download: common_pb2.Download, *, from_network: bool = Fals
     API 2.3's ``metadata_only`` and ``scheduling_policy`` are accepted and not acted on (the README says so).
     """
     _check_supported_source(download)
+    if download.priority not in common_pb2.Priority.values():
+        raise InvalidRequest(f"download.priority {download.priority} is not a priority level (0 to 6)")
     timeout = None
     if download.HasField("timeout"):
         timeout = duration_seconds(download.timeout, "download.timeout")
@@ -274,6 +277,7 @@ def download_request(download: common_pb2.Download, *, from_network: bool = Fals
         force_hard_link=download.force_hard_link,
         overwrite=download.overwrite,
         enable_task_id_based_blob_digest=download.enable_task_id_based_blob_digest,
+        priority=download.priority,
         from_network=from_network,
         **{name: getattr(download, name) if download.HasField(name) else None for name in _OPTIONAL_DOWNLOAD_FIELDS},
     )
@@ -293,6 +297,7 @@ def download(request: DownloadRequest) -> common_pb2.Download:
         force_hard_link=request.force_hard_link,
         overwrite=request.overwrite,
         enable_task_id_based_blob_digest=request.enable_task_id_based_blob_digest,
+        priority=common_pb2.Priority.ValueType(request.priority),
     )
     for name in _OPTIONAL_DOWNLOAD_FIELDS:
         value = getattr(request, name)
@@ -318,6 +323,7 @@ def registered_download(registration: Registration) -> common_pb2.Download:
             need_back_to_source=registration.need_back_to_source,
             disable_back_to_source=registration.disable_back_to_source,
             concurrent_piece_count=registration.concurrent_piece_count,
+            priority=registration.priority,
         )
     )
     message.actual_content_length = registration.content_length
