@@ -139,3 +139,26 @@ def test_evicting_a_task_whose_output_is_a_hard_link_frees_nothing(tmp_path: Pat
             assert after > LOW  # nothing evictable is left, and the record says each task was taken for the disk
             assert linked_output.stat().st_nlink == 1
             assert sha256(linked_output) == sha256(origin.root / "linked.bin")
+
+
+def test_dfget_says_link_or_copy_and_a_transferred_copy_frees_its_bytes(tmp_path: Path, small_fs: Path) -> None:
+    with running_origin(tmp_path / "origin") as origin:
+        for name in ("a.bin", "b.bin"):
+            (origin.root / name).write_bytes(os.urandom(TASK_SIZE))
+        with running_daemon(tmp_path / "daemon", config(small_fs / "storage", "1h")) as daemon:
+            linked = dfget(daemon, origin.url("a.bin"), small_fs / "a.bin")
+            assert linked.returncode == 0, linked.stderr
+            assert "hard link" in linked.stdout and (small_fs / "a.bin").stat().st_nlink == 2
+            # Asked for the bytes, dfget writes a copy even on the cache's own filesystem.
+            copied = dfget(daemon, origin.url("b.bin"), small_fs / "b.bin", "--transfer-from-dfdaemon", "--json")
+            assert copied.returncode == 0, copied.stderr
+            document = json.loads(copied.stdout)
+            assert document["written_as"] == "copy" and (small_fs / "b.bin").stat().st_nlink == 1
+            assert sha256(small_fs / "b.bin") == sha256(origin.root / "b.bin")
+            assert not [p.name for p in small_fs.iterdir() if p.name.startswith(".dfget-")]
+
+            before = fs_used(small_fs)
+            removed = dfctl_json(daemon, "task", "rm", "--force", document["task_id"])
+            assert removed["bytes"] == TASK_SIZE  # no other link: the cache file's bytes really went
+            assert before - fs_used(small_fs) >= TASK_SIZE - MiB
+            assert sha256(small_fs / "b.bin") == sha256(origin.root / "b.bin")
