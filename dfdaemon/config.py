@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AliasChoices,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -184,10 +185,16 @@ class StorageConfig(_Section):
 
 class GCPolicyConfig(_Section):
     task_ttl: Duration = Field(default=21600.0, alias="taskTTL")
-    disk_high_threshold_percent: Annotated[int, Field(ge=1, le=100)] = 80
-    disk_low_threshold_percent: Annotated[int, Field(ge=0, le=100)] = 60
+    # Percent of the quota, and of the filesystem holding the cache: past the high mark of either (the filesystem
+    # filled by anything), GC evicts down to the low one. Upstream's older ``dist*`` spellings are accepted too.
+    disk_high_threshold_percent: Annotated[int, Field(ge=1, le=100)] = Field(
+        default=80, validation_alias=AliasChoices("diskHighThresholdPercent", "distHighThresholdPercent")
+    )
+    disk_low_threshold_percent: Annotated[int, Field(ge=0, le=100)] = Field(
+        default=60, validation_alias=AliasChoices("diskLowThresholdPercent", "distLowThresholdPercent")
+    )
     # Non-zero: the cache quota in bytes over the cache's own files; zero: the filesystem is the limit.
-    disk_threshold: Size = 0
+    disk_threshold: Size = Field(default=0, validation_alias=AliasChoices("diskThreshold", "distThreshold"))
     # Ours: how long after a task finishes or is released before it may be collected.
     grace_period: Duration = 300.0
 

@@ -247,7 +247,8 @@ def test_request_carries_every_flag(
         "--content-for-calculating-task-id",
         "model-v1",
     )
-    assert (code, out, err) == (0, "", "")
+    # The fake daemon writes a new file: dfget says -O is a copy, not a link to the cache.
+    assert (code, out, err) == (0, f"{tmp_path / 'out.bin'}: copy\n", "")
     assert (tmp_path / "out.bin").read_bytes() == CONTENT
     [request] = fake.requests
     download = request.download
@@ -317,6 +318,7 @@ def test_json_output(serve: Callable[[object], FakeDaemon], tmp_path: Path, caps
         "peer_id": "peer-1",
         "content_length": len(CONTENT),
         "output": str(output),
+        "written_as": "copy",
         "pieces": {"BACK_TO_SOURCE": 1, "REMOTE_PEER": 1, "LOCAL_PEER": 1},
     }
 

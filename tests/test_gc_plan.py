@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dfdaemon.gc import Plan, PlanPolicy, Skip, Snapshot, plan
+from dfdaemon.gc import Disk, Plan, PlanPolicy, Skip, Snapshot, plan
 from dfdaemon.storage import TaskState, TaskUse, Victim
 
 NOW = 100_000.0
@@ -160,3 +160,90 @@ def test_victims_carry_the_state_and_bytes_they_were_chosen_in() -> None:
     result = decide([task("big", size=2000, idle=10)])
     assert result.evict == [Victim("big", TaskState.SUCCEEDED, "quota", 2000)]
     assert result.bytes_after == 0
+
+
+# Disk pressure: the filesystem holding the cache, 10_000 bytes, high mark 80% (8000), low 60% (6000).
+# The quota (1000 bytes) stays out of the way: POLICY_DISK's quota is as large as the filesystem.
+POLICY_DISK = PlanPolicy(task_ttl=3600, grace_period=60, stale_after=120, quota=10_000, high=8000, low=6000)
+
+
+def decide_disk(tasks: list[TaskUse], free: int, policy: PlanPolicy = POLICY_DISK) -> Plan:
+    return plan(Snapshot(tasks, sum(t.bytes for t in tasks), Disk(total=10_000, free=free)), policy, NOW)
+
+
+def test_disk_filled_from_outside_evicts_least_recently_used_down_to_the_low_mark() -> None:
+    # The cache holds 500 bytes; something else filled the filesystem to 8200 bytes in use.
+    tasks = [task(f"t{i}", idle=1000.0 - i, size=100) for i in range(5)]  # t0 least recently used
+    result = decide_disk(tasks, free=1800)
+    # Only 500 bytes are the cache's: all five go, and the filesystem is still over its low mark.
+    assert evicted(result) == [(f"t{i}", "disk") for i in range(5)]
+    assert result.disk_pressure and not result.pressure
+    assert result.disk_used_after == 7700
+    assert not result.quota_exceeded_by_data_in_use  # the quota is not what is over
+
+
+def test_disk_eviction_stops_at_the_low_mark_and_keeps_the_rest_spare() -> None:
+    tasks = [task(f"t{i}", idle=1000.0 - i, size=1000) for i in range(5)]
+    result = decide_disk(tasks, free=1500)  # 8500 in use: 2500 must go to reach 6000
+    assert evicted(result) == [("t0", "disk"), ("t1", "disk"), ("t2", "disk")]
+    assert [t.id for t in result.spare] == ["t3", "t4"]
+    assert result.disk_used_after == 5500
+
+
+def test_disk_below_the_high_mark_takes_nothing() -> None:
+    tasks = [task(f"t{i}", size=1000) for i in range(3)]
+    result = decide_disk(tasks, free=2001)  # 7999 in use: just under 8000
+    assert evicted(result) == [] and result.spare == []
+    assert not result.disk_pressure
+    assert decide_disk(tasks, free=2000).disk_pressure  # at the mark it acts
+
+
+def test_disk_pressure_never_takes_held_in_flight_or_fresh_tasks() -> None:
+    tasks = [
+        task("held", size=1000, idle=5000.0, holders=("pod-a",)),
+        task("up", size=1000, idle=4000.0, uploads=1),
+        task("fresh", size=1000, finished_ago=10.0),
+        task("idle", size=1000, idle=3000.0),
+    ]
+    result = decide_disk(tasks, free=500)
+    assert evicted(result) == [("idle", "disk")]
+    assert skipped(result) == [("held", "held"), ("up", "uploading"), ("fresh", "grace")]
+    assert result.disk_used_after == 8500  # data in use keeps it over; nothing else is taken
+
+
+def test_failed_and_idle_tasks_count_toward_the_disk_before_the_least_recently_used() -> None:
+    tasks = [
+        task("broken", size=1500, state=TaskState.FAILED),
+        task("old", size=1000, idle=7200.0),  # past the TTL
+        task("a", size=1000, idle=2000.0),
+        task("b", size=1000, idle=1000.0),
+    ]
+    # 8500 in use; failed and TTL free 2500, which already reaches 6000: no LRU eviction, and no pressure left.
+    result = decide_disk(tasks, free=1500)
+    assert evicted(result) == [("broken", "failed"), ("old", "ttl")]
+    assert not result.disk_pressure and result.spare == []
+
+
+def test_quota_and_disk_both_over_name_the_quota_first_then_the_disk() -> None:
+    # Quota 3000 (high 2400, low 1800) over the cache's 3000 bytes, and the filesystem at 9000 of 10_000.
+    policy = PlanPolicy(task_ttl=3600, grace_period=60, stale_after=120, quota=3000, high=2400, low=1800)
+    tasks = [task(f"t{i}", idle=1000.0 - i, size=600) for i in range(5)]
+    result = decide_disk(tasks, free=1000, policy=policy)
+    # The quota needs two gone (3000 -> 1800); the disk then needs 9000 - 1200 - 6000 = 1800 more: three.
+    assert evicted(result) == [("t0", "quota"), ("t1", "quota"), ("t2", "disk"), ("t3", "disk"), ("t4", "disk")]
+    assert result.pressure and result.disk_pressure
+
+
+def test_a_reserve_needs_room_on_the_disk_too() -> None:
+    tasks = [task(f"t{i}", idle=1000.0 - i, size=1000) for i in range(3)]
+    room = PlanPolicy(**{**vars(POLICY_DISK), "reserve": 5000})
+    # 7000 in use is under the high mark, but 5000 more will not fit in the 3000 free: evict down to 5000 in use.
+    result = decide_disk(tasks, free=3000, policy=room)
+    assert evicted(result) == [("t0", "disk"), ("t1", "disk")]
+    assert result.disk_used_after == 5000
+
+
+def test_no_disk_in_the_snapshot_leaves_disk_pressure_out() -> None:
+    tasks = [task(f"t{i}", size=100) for i in range(3)]
+    result = plan(Snapshot(tasks, 300), POLICY_DISK, NOW)
+    assert evicted(result) == [] and not result.disk_pressure and result.disk_used_after == 0

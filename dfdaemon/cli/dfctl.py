@@ -319,7 +319,7 @@ def _gc_run_text(run: dfdaemon_ext_pb2.GCRun) -> str:
                 ("finished", _local_time(run.finished_at)),
                 ("bytes before", format_size(run.bytes_before)),
                 ("bytes after", format_size(run.bytes_after)),
-                ("evicted", f"{len(run.evicted)} task(s), {format_size(evicted_bytes)}"),
+                ("evicted", f"{len(run.evicted)} task(s), {format_size(evicted_bytes)} freed on disk"),
                 ("skipped", f"{len(run.skipped)} task(s)"),
             ]
         )

@@ -2,8 +2,10 @@
 
 Everything that can be checked locally is checked before the daemon is contacted, so a typo costs
 no download. The daemon is reached over its unix socket only: one health check, then one
-``DownloadTask`` stream during which the daemon itself writes the file to ``-O``. Whatever goes
-wrong, the user gets one line (never a traceback) and no partial file is left behind.
+``DownloadTask`` stream during which the daemon itself writes the file to ``-O`` (a hard link to its
+cache file where it can, else a copy), or, with ``--transfer-from-dfdaemon``, sends the bytes for
+dfget to write (always a copy, so evicting the task frees its bytes). dfget says which ``-O`` is.
+Whatever goes wrong, the user gets one line (never a traceback) and no partial file is left behind.
 """
 
 from __future__ import annotations
@@ -81,10 +83,11 @@ class Options:
     disable_back_to_source: bool
     overwrite: bool
     priority: int
-    force_hard_link: bool
     content_for_calculating_task_id: str | None
     progress: bool
     json: bool
+    force_hard_link: bool = False
+    transfer_from_dfdaemon: bool = False
 
 
 @dataclass
@@ -96,6 +99,7 @@ class Summary:
     peer_id: str = ""
     content_length: int = 0
     pieces: Counter[str] = field(default_factory=lambda: Counter(dict.fromkeys(common_pb2.TrafficType.keys(), 0)))
+    written_as: str = ""  # "hard_link" (shares the cache file's bytes) or "copy"
 
     def as_json(self, output: str, elapsed: float) -> dict[str, object]:
         """The document ``--json`` prints; its keys are stable for scripts."""
@@ -104,6 +108,7 @@ class Summary:
             "peer_id": self.peer_id,
             "content_length": self.content_length,
             "output": output,
+            "written_as": self.written_as,
             "pieces": dict(self.pieces),
             "elapsed_seconds": round(elapsed, 3),
         }
@@ -183,14 +188,20 @@ def _build_parser() -> _Parser:
         help="scheduling priority level, as upstream's (%(default)s, the default, is the least urgent)",
     )
     parser.add_argument(
-        "--force-hard-link",
-        action="store_true",
-        help="hard-link -O to the cache file, failing if that is not possible (never a copy)",
-    )
-    parser.add_argument(
         "--content-for-calculating-task-id",
         metavar="TEXT",
         help="the task id is the sha256 of TEXT instead of one computed from the URL, tag and application",
+    )
+    link = parser.add_mutually_exclusive_group()
+    link.add_argument(
+        "--force-hard-link",
+        action="store_true",
+        help="-O must be a hard link to the cache file (fail if impossible); by default a link where possible",
+    )
+    link.add_argument(
+        "--transfer-from-dfdaemon",
+        action="store_true",
+        help="the daemon sends the bytes and dfget writes -O: always a copy, never a link to the cache",
     )
     parser.add_argument("--no-progress", action="store_true", help="draw no progress bar")
     parser.add_argument("--json", action="store_true", help="print one JSON document describing the download")
@@ -236,10 +247,11 @@ def parse_args(argv: list[str] | None) -> Options:
         disable_back_to_source=args.disable_back_to_source,
         overwrite=args.overwrite,
         priority=args.priority,
-        force_hard_link=args.force_hard_link,
         content_for_calculating_task_id=args.content_for_calculating_task_id,
         progress=not args.no_progress,
         json=args.json,
+        force_hard_link=args.force_hard_link,
+        transfer_from_dfdaemon=args.transfer_from_dfdaemon,
     )
 
 
@@ -270,7 +282,9 @@ def download_request(options: Options) -> dfdaemon_pb2.DownloadTaskRequest:
     """The request for the command line; flags not given stay unset, since presence changes the task id."""
     request = DownloadRequest(
         url=options.url,
-        output_path=options.output,
+        output_path=None if options.transfer_from_dfdaemon else options.output,
+        need_piece_content=options.transfer_from_dfdaemon,
+        force_hard_link=options.force_hard_link,
         request_header=options.headers,
         filtered_query_params=tuple(options.filtered_query_params),
         disable_back_to_source=options.disable_back_to_source,
@@ -281,7 +295,6 @@ def download_request(options: Options) -> dfdaemon_pb2.DownloadTaskRequest:
         piece_length=options.piece_length,
         timeout=options.timeout,
         priority=options.priority,
-        force_hard_link=options.force_hard_link,
         content_for_calculating_task_id=options.content_for_calculating_task_id,
         remote_ip=detect_ip(),
     )
@@ -301,8 +314,11 @@ def _progress_bar(enabled: bool) -> Progress:
     )
 
 
-def _consume(responses: Iterable[dfdaemon_pb2.DownloadTaskResponse], progress: Progress, label: str) -> Summary:
-    """Follow the stream: the started response sizes the bar, each finished piece advances it."""
+def _consume(
+    responses: Iterable[dfdaemon_pb2.DownloadTaskResponse], progress: Progress, label: str, sink: int | None = None
+) -> Summary:
+    """Follow the stream: the started response sizes the bar, each finished piece advances it (and, with a
+    ``sink``, its bytes are written there at the piece's offset)."""
     summary = Summary()
     bar = progress.add_task(label, total=None)
     for response in responses:
@@ -317,8 +333,19 @@ def _consume(responses: Iterable[dfdaemon_pb2.DownloadTaskResponse], progress: P
             piece = response.download_piece_finished_response.piece
             traffic = common_pb2.TrafficType.Name(piece.traffic_type) if piece.HasField("traffic_type") else "UNKNOWN"
             summary.pieces[traffic] += 1
+            if sink is not None:
+                _write_piece(sink, piece)
             progress.advance(bar, piece.length)
     return summary
+
+
+def _write_piece(sink: int, piece: common_pb2.Piece) -> None:
+    if len(piece.content) != piece.length:
+        raise DfgetError(f"download failed: piece {piece.number} came with {len(piece.content)} of its bytes")
+    view = memoryview(piece.content)
+    written = 0
+    while written < len(view):
+        written += os.pwrite(sink, view[written:], piece.offset + written)
 
 
 def _parse_backend(raw: bytes) -> errordetails_pb2.Backend | None:
@@ -360,18 +387,54 @@ def _stream(channel: grpc.Channel, options: Options) -> Summary:
     stub = dfdaemon_pb2_grpc.DfdaemonDownloadStub(channel)
     call = stub.DownloadTask(download_request(options), timeout=deadline)
     show_bar = options.progress and sys.stderr.isatty()
-    try:
-        with _progress_bar(show_bar) as progress:
-            summary = _consume(call, progress, os.path.basename(options.output))
-    except grpc.RpcError as exc:
-        raise DfgetError(describe_rpc_error(exc)) from None
-    finally:
-        call.cancel()
-    if not summary.started:
-        raise DfgetError("download failed: the daemon ended the stream without starting the download")
+    with contextlib.ExitStack() as cleanup:
+        sink, temporary = _open_transfer(options.output, cleanup) if options.transfer_from_dfdaemon else (None, "")
+        try:
+            with _progress_bar(show_bar) as progress:
+                summary = _consume(call, progress, os.path.basename(options.output), sink)
+        except grpc.RpcError as exc:
+            raise DfgetError(describe_rpc_error(exc)) from None
+        finally:
+            call.cancel()
+        if not summary.started:
+            raise DfgetError("download failed: the daemon ended the stream without starting the download")
+        if sink is not None:
+            _place(sink, temporary, options)
     if not os.path.lexists(options.output):
         raise DfgetError(f"download failed: the daemon reported success but did not write {options.output}")
+    summary.written_as = "hard_link" if os.stat(options.output).st_nlink > 1 else "copy"
     return summary
+
+
+def _open_transfer(output: str, cleanup: contextlib.ExitStack) -> tuple[int, str]:
+    """A temporary file beside ``output`` for the bytes the daemon sends; closed and removed on the way out."""
+    temporary = os.path.join(os.path.dirname(output), f".dfget-{os.getpid()}-{time.monotonic_ns()}.tmp")
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except OSError as exc:
+        raise DfgetError(f"cannot write beside {output}: {exc.strerror}") from None
+    cleanup.callback(_remove_quietly, temporary)
+    cleanup.callback(os.close, fd)
+    return fd, temporary
+
+
+def _place(sink: int, temporary: str, options: Options) -> None:
+    """Make the transferred bytes durable, then put them at ``-O``: never clobbering without ``--overwrite``."""
+    try:
+        os.fsync(sink)
+        if options.overwrite:
+            os.replace(temporary, options.output)
+        else:
+            os.link(temporary, options.output)
+    except FileExistsError:
+        raise DfgetError(f"{options.output} exists (use --overwrite)") from None
+    except OSError as exc:
+        raise DfgetError(f"cannot write {options.output}: {exc.strerror}") from None
+
+
+def _remove_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 _Stamp = tuple[int, int, int, int] | None
@@ -418,6 +481,10 @@ def _run(argv: list[str] | None) -> int:
         elapsed = time.monotonic() - started_at
     if options.json:
         print(json.dumps(summary.as_json(options.output, elapsed)))
+    elif summary.written_as == "hard_link":
+        print(f"{options.output}: hard link to the cached task (its bytes stay on disk while this file exists)")
+    else:
+        print(f"{options.output}: copy")
     return EXIT_OK
 
 

@@ -2,8 +2,8 @@
 
 What a run takes is decided by ``dfdaemon.gc.plan`` over a snapshot the storage gives; a dry run is that plan
 reported, a real run applies it through ``Storage.apply`` (which re-checks each victim's references) and then
-re-measures, taking the plan's spare candidates one by one while the prediction fell short of what eviction
-itself wrote.
+re-measures, taking the plan's spare candidates one by one while the prediction fell short: eviction writes
+metadata, and a task whose content file is hard-linked elsewhere (an output file) frees nothing on the disk.
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ class GCReport:
     evicted: list[Eviction] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
     quota_exceeded_by_data_in_use: bool = False
+    # The filesystem's bytes in use before and after (statvfs): what the evictions really gave back to it.
+    disk_used_before: int = 0
+    disk_used_after: int = 0
 
     def to_json(self) -> str:
         # Not dataclasses.asdict: it deep-copies every entry, 5x slower for the thousands of skips of a big cache.
@@ -48,6 +51,8 @@ class GCReport:
             "evicted": [vars(item) for item in self.evicted],
             "skipped": [vars(item) for item in self.skipped],
             "quota_exceeded_by_data_in_use": self.quota_exceeded_by_data_in_use,
+            "disk_used_before": self.disk_used_before,
+            "disk_used_after": self.disk_used_after,
         }
         return json.dumps(data, sort_keys=True)
 
@@ -65,11 +70,13 @@ class GCReport:
             evicted=[Eviction(**item) for item in data["evicted"]],
             skipped=[Skip(**item) for item in data["skipped"]],
             quota_exceeded_by_data_in_use=data["quota_exceeded_by_data_in_use"],
+            disk_used_before=data.get("disk_used_before", 0),  # absent from records written before
+            disk_used_after=data.get("disk_used_after", 0),
         )
 
 
 class GarbageCollector:
-    """Runs GC for one storage: periodically, on demand, and when the cache crosses its quota."""
+    """Runs GC for one storage: periodically, on demand, and when the cache crosses its quota or fills its disk."""
 
     def __init__(self, storage: Storage, policy: GCPolicy) -> None:
         self.storage = storage
@@ -111,11 +118,16 @@ class GarbageCollector:
     async def _relieve_pressure(self) -> None:
         """Called after writes: the cheap reading (WAL included, so never too low) spares most of them a checkpoint."""
         limits = await self.limits()
+        trigger = ""
         if await self.storage.used_bytes() >= limits.high and await self._measure() >= limits.high:
+            trigger = "quota"
+        elif PlanPolicy.of(self.policy, limits).disk_over(limits.disk, limits.disk.used):
+            trigger = "disk"
+        if trigger:
             try:
-                await self.run("quota")
+                await self.run(trigger)
             except Exception:
-                log.exception("quota GC run failed")
+                log.exception("%s GC run failed", trigger)
 
     # Accounting
 
@@ -157,9 +169,10 @@ class GarbageCollector:
         limits = await self.limits()
         if nbytes > limits.quota:
             raise StorageFull(f"{nbytes} bytes do not fit in a cache quota of {limits.quota} bytes")
-        if await self._measure() + pending + nbytes > limits.quota:
-            report = await self.run("quota", reserve=pending + nbytes)
-            used = await self._measure()
+        over_quota = await self._measure() + pending + nbytes > limits.quota
+        if over_quota or pending + nbytes > limits.fs_free:
+            report = await self.run("quota" if over_quota else "disk", reserve=pending + nbytes)
+            used, limits = await self._measure(), await self.limits()
             if used + pending + nbytes > limits.quota:
                 raise StorageFull(
                     f"{nbytes} bytes do not fit: {used} of the {limits.quota}-byte quota are in use or too recent "
@@ -228,8 +241,10 @@ class GarbageCollector:
         """Plan over a snapshot; a dry run reports the plan, a real run applies it and reports what happened."""
         now = self.storage.clock()
         tasks = await self.storage.gc_view(purge_lapsed=not dry_run)
-        policy = PlanPolicy.of(self.policy, await self.limits(), reserve)
-        decided = plan(Snapshot(tasks, await self._measure()), policy, now)
+        used = await self._measure()
+        limits = await self.limits()
+        policy = PlanPolicy.of(self.policy, limits, reserve)
+        decided = plan(Snapshot(tasks, used, limits.disk), policy, now)
         report = GCReport(
             id=0,
             dry_run=dry_run,
@@ -238,10 +253,12 @@ class GarbageCollector:
             bytes_before=decided.bytes_before,
             skipped=list(decided.skipped),
             quota_exceeded_by_data_in_use=decided.quota_exceeded_by_data_in_use,
+            disk_used_before=limits.disk.used,
         )
         if dry_run:
             report.evicted = [Eviction(item.task_id, item.reason, item.bytes) for item in decided.evict]
             report.bytes_after = decided.bytes_after
+            report.disk_used_after = decided.disk_used_after
         else:
             await self._apply(decided, policy, report)
             self.quota_exceeded_by_data_in_use = report.quota_exceeded_by_data_in_use
@@ -257,20 +274,29 @@ class GarbageCollector:
         return report
 
     async def _apply(self, decided: Plan, policy: PlanPolicy, report: GCReport) -> None:
-        """Evict the plan's victims; when the quota acts, measure, and go on down its spares while still short.
+        """Evict the plan's victims; when the quota or the disk acts, measure, and go on down the spares while short.
 
-        The prediction ignores what eviction itself writes, so the measured usage may stay above the target.
+        The prediction ignores what eviction itself writes and counts a hard-linked task's bytes as freed, so the
+        measured usage may stay above the target.
         """
         _record(await self.storage.apply(decided.evict), report)
-        if decided.pressure:
-            used = await self._measure()
+        if decided.pressure or decided.disk_pressure:
+            used, disk = await self._measure(), (await self.limits()).disk
             for task in decided.spare:
-                if used <= policy.target:
+                reason = policy.short(used, disk, quota_acts=decided.pressure, disk_acts=decided.disk_pressure)
+                if not reason:
                     break
-                _record(await self.storage.apply([victim(task, "quota")]), report)
-                used = await self._measure()
-            report.quota_exceeded_by_data_in_use = policy.over(used)
+                _record(await self.storage.apply([victim(task, reason)]), report)
+                used, disk = await self._measure(), (await self.limits()).disk
+            report.quota_exceeded_by_data_in_use = decided.pressure and policy.over(used)
+            if decided.disk_pressure and disk.used > policy.disk_target(disk):
+                log.warning(
+                    "the cache's filesystem stays over its low mark: %d of %d bytes in use, nothing more to evict",
+                    disk.used,
+                    disk.total,
+                )
         report.bytes_after = await self._measure()
+        report.disk_used_after = (await self.limits()).disk.used
 
 
 def _record(applied: Applied, report: GCReport) -> None:

@@ -5,7 +5,9 @@ a victim (with the reason it goes), or spare (a quota candidate kept while the p
 is a candidate only when nothing references it (no holder, no download writing it, no upload reading it) and
 it is past its grace. Failed and abandoned candidates go first, then those idle longer than the TTL, then,
 while the usage is at or above the high watermark (or eats into the reserve), the least recently used until
-it is down to the target. When data in use alone keeps the cache over, the plan says so instead of taking it.
+it is down to the target. The filesystem holding the cache is a second input: when it is filled past its high
+mark, by the cache or by anything else, the least recently used go (reason "disk") until the cache's share brings
+it under its low mark. When data in use alone keeps the cache over, the plan says so instead of taking it.
 The collector applies the victims through ``Storage.apply``, which re-checks each one's references.
 """
 
@@ -44,6 +46,10 @@ class Limits:
     fs_total: int
     fs_free: int
 
+    @property
+    def disk(self) -> Disk:
+        return Disk(self.fs_total, self.fs_free)
+
 
 @dataclass(frozen=True)
 class Eviction:
@@ -72,8 +78,11 @@ class PlanPolicy:
     quota: int
     high: int
     low: int
-    # Bytes a caller needs below the quota besides (a download asking for room).
+    # Bytes a caller needs below the quota (and on the filesystem) besides (a download asking for room).
     reserve: int = 0
+    # The filesystem's marks, in percent of its size: above the high one it is under pressure.
+    disk_high_percent: int = 80
+    disk_low_percent: int = 60
 
     @classmethod
     def of(cls, policy: GCPolicy, limits: Limits, reserve: int = 0) -> PlanPolicy:
@@ -85,6 +94,8 @@ class PlanPolicy:
             high=limits.high,
             low=limits.low,
             reserve=reserve,
+            disk_high_percent=policy.high_percent,
+            disk_low_percent=policy.low_percent,
         )
 
     @property
@@ -96,13 +107,43 @@ class PlanPolicy:
         """Whether ``used`` bytes call for quota eviction."""
         return used >= self.high or used > self.quota - self.reserve
 
+    def disk_target(self, disk: Disk) -> int:
+        """Filesystem bytes in use where disk eviction stops: the low mark, or lower when the reserve needs it."""
+        return min(disk.total * self.disk_low_percent // 100, disk.total - self.reserve)
+
+    def disk_over(self, disk: Disk, used: int) -> bool:
+        """Whether ``used`` bytes in use on the filesystem call for disk eviction."""
+        return used >= disk.total * self.disk_high_percent // 100 or used > disk.total - self.reserve
+
+    def short(self, used: int, disk: Disk | None, *, quota_acts: bool, disk_acts: bool) -> str:
+        """Why eviction must go on ("quota", "disk"), or "" once whatever acts is at its target."""
+        if quota_acts and used > self.target:
+            return "quota"
+        if disk_acts and disk is not None and disk.used > self.disk_target(disk):
+            return "disk"
+        return ""
+
+
+@dataclass(frozen=True)
+class Disk:
+    """The filesystem holding the cache, as ``statvfs`` reads it: its size and the bytes still available."""
+
+    total: int
+    free: int
+
+    @property
+    def used(self) -> int:
+        return self.total - self.free
+
 
 @dataclass(frozen=True)
 class Snapshot:
-    """The cache at one instant: every task not being evicted (in creation order) and the measured usage."""
+    """The cache at one instant: every task not being evicted (in creation order), the measured usage and,
+    when known, the filesystem it lives on (None leaves disk pressure out)."""
 
     tasks: Sequence[TaskUse]
     used_bytes: int
+    disk: Disk | None = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +157,8 @@ class Plan:
     bytes_after: int
     pressure: bool  # the quota acts: the usage was over once failed, stale and idle tasks were counted out
     quota_exceeded_by_data_in_use: bool
+    disk_pressure: bool = False  # the filesystem was over its high mark once those were counted out
+    disk_used_after: int = 0  # the filesystem's bytes in use the evictions are expected to leave (0: unknown)
 
 
 def plan(snapshot: Snapshot, policy: PlanPolicy, now: float) -> Plan:
@@ -131,14 +174,17 @@ def plan(snapshot: Snapshot, policy: PlanPolicy, now: float) -> Plan:
             evict.append(victim(task, reason))
         else:
             candidates.append(task)
-    used = snapshot.used_bytes - sum(item.bytes for item in evict)
+    used, disk = snapshot.used_bytes, snapshot.disk
+    for item in evict:
+        used, disk = _without(item.bytes, used, disk)
     pressure = policy.over(used)
-    queue = sorted(candidates, key=_LRU_ORDER) if pressure else []
+    disk_pressure = disk is not None and policy.disk_over(disk, disk.used)
+    queue = sorted(candidates, key=_LRU_ORDER) if pressure or disk_pressure else []
     taken = 0
-    while taken < len(queue) and used > policy.target:
-        used -= queue[taken].bytes
+    while taken < len(queue) and (reason := policy.short(used, disk, quota_acts=pressure, disk_acts=disk_pressure)):
+        evict.append(victim(queue[taken], reason))
+        used, disk = _without(queue[taken].bytes, used, disk)
         taken += 1
-    evict.extend(victim(task, "quota") for task in queue[:taken])
     return Plan(
         evict=evict,
         spare=queue[taken:],
@@ -147,7 +193,14 @@ def plan(snapshot: Snapshot, policy: PlanPolicy, now: float) -> Plan:
         bytes_after=used,
         pressure=pressure,
         quota_exceeded_by_data_in_use=pressure and policy.over(used),
+        disk_pressure=disk_pressure,
+        disk_used_after=disk.used if disk is not None else 0,
     )
+
+
+def _without(size: int, used: int, disk: Disk | None) -> tuple[int, Disk | None]:
+    """The usage and the filesystem predicted once a task of ``size`` bytes is gone."""
+    return used - size, None if disk is None else Disk(disk.total, min(disk.total, disk.free + size))
 
 
 def protection(task: TaskUse, policy: PlanPolicy, now: float) -> str:

@@ -85,12 +85,18 @@ class ContentStore:
             os.close(fd)
         return b"".join(chunks)
 
-    def delete(self, task_id: str) -> None:
+    def delete(self, task_id: str) -> int:
+        """Delete the task's file; returns the bytes the filesystem gets back: its size, or 0 while another hard
+        link (an output file) keeps the same bytes on disk."""
         path = self.path(task_id)
+        freed = 0
         with contextlib.suppress(FileNotFoundError):
+            st = path.lstat()
+            freed = st.st_size if st.st_nlink <= 1 else 0
             path.unlink()
         with contextlib.suppress(OSError):
             path.parent.rmdir()  # only succeeds when the shard directory became empty
+        return freed
 
     def scan(self) -> Iterator[tuple[Path, str | None]]:
         """Every file under the content root, with the task id its name denotes (None when it is no task id)."""

@@ -490,7 +490,10 @@ class Storage:
         return dropped, freed
 
     async def evict(self, task_id: str, expected_states: Iterable[TaskState]) -> int | None:
-        """Evict an unreferenced task for GC; returns bytes freed, or None when a reference appeared meanwhile."""
+        """Evict an unreferenced task for GC; returns bytes freed, or None when a reference appeared meanwhile.
+
+        Bytes freed are those the filesystem got back: none for a file another hard link still holds.
+        """
         now = self.clock()
         states = list(expected_states)
         async with self._lock(task_id):
@@ -504,8 +507,8 @@ class Storage:
             if task.state is TaskState.FAILED and not await self._db(self.meta.live_holds, now, task_id=task_id):
                 # A failed task's bytes are worth nothing: free them before writing anything, so eviction works
                 # even on a full disk. A crash right here leaves a failed row without a file, which start-up handles.
-                await self._io(self.content.delete, task_id)
-                freed_first, self._content_bytes[task_id] = self._content_bytes.get(task_id, 0), 0
+                freed_first = await self._io(self.content.delete, task_id)
+                self._content_bytes[task_id] = 0
             if not await self._db(self.meta.mark_evicting, task_id, states, now):
                 return None
             freed = freed_first + await self._remove(task_id)
@@ -578,9 +581,12 @@ class Storage:
         return lapsed
 
     async def _remove(self, task_id: str) -> int:
-        """Delete a task already marked evicting: file first, then rows (a crash in between is finished at start)."""
-        freed = self._content_bytes.pop(task_id, 0)
-        await self._io(self.content.delete, task_id)
+        """Delete a task already marked evicting: file first, then rows (a crash in between is finished at start).
+
+        Returns the bytes the filesystem got back (0 while an output file hard-linked to it remains).
+        """
+        self._content_bytes.pop(task_id, 0)
+        freed = await self._io(self.content.delete, task_id)
         await self._db(self.meta.delete_task, task_id)
         self._changed(task_id)
         return freed
