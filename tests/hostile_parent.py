@@ -28,8 +28,10 @@ import logging
 import os
 import socket
 import struct
+import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -39,6 +41,7 @@ from google.protobuf.message import Message
 from dfdaemon import ids
 from dfdaemon.api import common_pb2, dfdaemon_pb2, scheduler_pb2, scheduler_pb2_grpc
 from dfdaemon.vortex import codec
+from tests.support import REPO_ROOT, SchedulerProcess, stop_process, wait_for_line
 
 BEHAVIOURS = ("bad-byte", "wrong-digest", "short", "long", "wrong-number", "wrong-offset", "stall", "reset", "garbage")
 UPLOAD_SERVICE = "dfdaemon.v2.DfdaemonUpload"
@@ -110,6 +113,44 @@ class Hostile:
             self.progress_file.write_text(f"{self.pause_after}\n")
         log.info("hostile parent paused on piece %d after %d bytes", self.target, self.pause_after)
         await asyncio.Event().wait()
+
+
+@dataclass
+class HostileParentProcess:
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+
+@contextmanager
+def running_hostile_parent(
+    workdir: Path,
+    scheduler: SchedulerProcess,
+    url: str,
+    task_id: str,
+    file: Path,
+    piece_length: int,
+    behaviour: str,
+    piece: int,
+    *options: str,
+) -> Iterator[HostileParentProcess]:
+    """Start a hostile parent and wait until the scheduler knows it as a succeeded peer of the task."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / "hostile.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.hostile_parent", "--scheduler", scheduler.address, "--url", url,
+             "--task-id", task_id, "--file", str(file), "--piece-length", str(piece_length),
+             "--behaviour", behaviour, "--piece", str(piece), *options],
+            stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+        )  # fmt: skip
+    try:
+        wait_for_line(log_path, r"hostile parent serving on \d+", proc)
+        yield HostileParentProcess(proc, log_path)
+    finally:
+        stop_process(proc, timeout=5)
 
 
 def _resized(piece: Piece, content: bytes) -> Piece:

@@ -11,10 +11,7 @@ import hashlib
 import json
 import random
 import re
-import subprocess
-import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +20,8 @@ import pytest
 
 from dfdaemon import ids
 from dfdaemon.api import dfdaemon_pb2, dfdaemon_pb2_grpc
-from tests.hostile_parent import BEHAVIOURS, PEER_ID
+from tests.hostile_parent import BEHAVIOURS, PEER_ID, running_hostile_parent
 from tests.support import (
-    REPO_ROOT,
     DaemonProcess,
     OriginProcess,
     SchedulerProcess,
@@ -35,8 +31,6 @@ from tests.support import (
     running_daemon,
     running_origin,
     running_scheduler,
-    stop_process,
-    wait_for_line,
 )
 
 pytestmark = pytest.mark.slow
@@ -64,37 +58,6 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         running_daemon(root / "child", child_config(scheduler)) as child,
     ):
         yield Cluster(scheduler, origin, child)
-
-
-@dataclass
-class HostileParent:
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-
-@contextmanager
-def hostile_parent(
-    workdir: Path, scheduler: SchedulerProcess, url: str, file: Path, behaviour: str, *options: str
-) -> Iterator[HostileParent]:
-    """Start the hostile parent and wait until the scheduler knows it as a parent of the task."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    log_path = workdir / "hostile.log"
-    task_id = ids.task_id(url, piece_length=PIECE_LENGTH)
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.hostile_parent", "--scheduler", scheduler.address, "--url", url,
-             "--task-id", task_id, "--file", str(file), "--piece-length", str(PIECE_LENGTH),
-             "--behaviour", behaviour, "--piece", str(TARGET), *options],
-            stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
-        )  # fmt: skip
-    try:
-        wait_for_line(log_path, r"hostile parent serving on \d+", proc)
-        yield HostileParent(proc, log_path)
-    finally:
-        stop_process(proc, timeout=5)
 
 
 def child_config(scheduler: SchedulerProcess) -> dict[str, object]:
@@ -145,7 +108,10 @@ def test_a_hostile_parent_is_detected_and_the_piece_taken_elsewhere(
     task_id = ids.task_id(url, piece_length=PIECE_LENGTH)
     options = ["--vortex"] if protocol == "vortex" else []
     output = tmp_path / "out.bin"
-    with hostile_parent(tmp_path, shared.scheduler, url, shared.origin.root / name, behaviour, *options) as parent:
+    hostile = running_hostile_parent(
+        tmp_path, shared.scheduler, url, task_id, shared.origin.root / name, PIECE_LENGTH, behaviour, TARGET, *options
+    )
+    with hostile as parent:
         result = dfget(shared.child, url, output, "--piece-length", str(PIECE_LENGTH), "--json")
         assert result.returncode == 0, result.stderr
         assert f"DownloadPiece {TARGET} over {'vortex' if protocol == 'vortex' else 'gRPC'}" in parent.log()
