@@ -312,12 +312,23 @@ class Registry:
         self._expire()
         self._peer(peer_id).finished_pieces.add(number)
 
-    def piece_failed(self, peer_id: str, parent_id: str) -> None:
-        """The peer could not fetch a piece from ``parent_id``: never offer that parent to it again."""
+    def piece_failed(self, peer_id: str, parent_id: str, number: int | None = None, temporary: bool = False) -> None:
+        """The peer could not fetch a piece from ``parent_id``: never offer that parent to it again.
+
+        Logged with key=value fields, the record tests (and operators) read to see who blamed whom for what.
+        """
         self._expire()
         peer = self._peer(peer_id)
         if parent_id:
             peer.failing_parents.add(parent_id)
+        log.info(
+            "piece failed: task=%s peer=%s parent=%s piece=%s temporary=%s",
+            peer.task_id,
+            peer_id,
+            parent_id or "-",
+            "-" if number is None else number,
+            "true" if temporary else "false",
+        )
 
     def peer_finished(self, peer_id: str, succeeded: bool, description: str = "") -> None:
         """The terminal report of a download: a succeeded peer serves later children, a failed one never does."""

@@ -139,7 +139,9 @@ class SchedulerServicer:
                 piece = request.download_piece_back_to_source_finished_request.piece
                 self.registry.piece_finished(peer_id, piece.number)
             case "download_piece_failed_request":
-                self.registry.piece_failed(peer_id, request.download_piece_failed_request.parent_id)
+                failed = request.download_piece_failed_request
+                number = failed.piece_number if failed.HasField("piece_number") else None
+                self.registry.piece_failed(peer_id, failed.parent_id, number, failed.temporary)
             case "download_piece_back_to_source_failed_request":
                 # The origin failed the peer; no parent is to blame and the peer decides whether to give up.
                 return False

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import random
 import signal
 import sqlite3
 import subprocess
@@ -153,3 +154,106 @@ def test_sigkill_while_evicting(tmp_path: Path) -> None:
         assert not set(held) & {e["task_id"] for e in run["evicted"]}
     sizes = consistency(storage_dir)
     assert set(sizes) == set(held)
+
+
+def wait_for_pause(signal_file: Path, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    """Wait until the daemon's pause hook (DFDAEMON_TEST_PAUSE_AT) says it stopped at its point."""
+    deadline = time.monotonic() + timeout
+    while not signal_file.exists():
+        assert proc.poll() is None, f"the daemon exited with {proc.returncode} before pausing"
+        assert time.monotonic() < deadline, "the daemon never reached its pause point"
+        time.sleep(0.02)
+
+
+def committed(storage_dir: Path) -> dict[str, list[tuple[int, bytes]]]:
+    """Per task, each committed piece's number and bytes, read (and CRC-checked) offline."""
+
+    async def read() -> dict[str, list[tuple[int, bytes]]]:
+        storage = Storage(storage_dir)
+        await storage.open()
+        try:
+            out: dict[str, list[tuple[int, bytes]]] = {}
+            for task in await storage.list_tasks():
+                for piece in await storage.pieces(task.id):
+                    _, data = await storage.read_piece(task.id, piece.number)
+                    out.setdefault(task.id, []).append((piece.offset, data))
+            return out
+        finally:
+            await storage.close()
+
+    return asyncio.run(read())
+
+
+def test_sigkill_between_a_pieces_bytes_and_its_commit(tmp_path: Path) -> None:
+    """The daemon stops (test hook) at its third piece commit, the bytes on disk and no row yet, and is killed
+    there: after a restart only the two committed pieces exist, both the origin's bytes, and are reused."""
+    data = random.Random("commit").randbytes(6 * MB)
+    workdir = tmp_path / "daemon"
+    paused = tmp_path / "paused"
+    env = {"DFDAEMON_TEST_PAUSE_AT": "commit:3", "DFDAEMON_TEST_PAUSE_FILE": str(paused)}
+    with running_origin(tmp_path / "files") as origin:
+        (origin.root / "layer.bin").write_bytes(data)
+        args = ("--piece-length", "1MiB", "--json")
+        with running_daemon(workdir, {"download": {"concurrentPieceCount": 2}}, env=env) as daemon:
+            client = subprocess.Popen(
+                [sys.executable, "-m", "dfdaemon.cli.dfget", origin.url("layer.bin"), "-O", str(tmp_path / "out"),
+                 "-e", str(daemon.socket_path), *args],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO_ROOT,
+            )  # fmt: skip
+            wait_for_pause(paused, daemon.proc)
+            daemon.proc.send_signal(signal.SIGKILL)
+            daemon.proc.wait()
+            client.wait(30)
+        consistency(workdir / "storage")
+        (pieces,) = committed(workdir / "storage").values()
+        assert len(pieces) == 2
+        assert all(content == data[offset : offset + len(content)] for offset, content in pieces)
+        with running_daemon(workdir) as daemon:
+            resumed = dfget(daemon, origin.url("layer.bin"), tmp_path / "out", *args)
+        assert resumed.returncode == 0, resumed.stderr
+        assert json.loads(resumed.stdout)["pieces"]["LOCAL_PEER"] == 2
+    assert hashlib.sha256((tmp_path / "out").read_bytes()).digest() == hashlib.sha256(data).digest()
+    consistency(workdir / "storage")
+
+
+def test_sigkill_with_a_task_marked_evicting_then_restart_finishes_it(tmp_path: Path) -> None:
+    """The daemon stops (test hook) right after marking its first victim evicting, before deleting anything, and
+    is killed there; the restarted daemon finishes that eviction and leaves the rest intact."""
+    workdir = tmp_path / "daemon"
+    storage_dir = workdir / "storage"
+    paused = tmp_path / "paused"
+
+    async def prefill() -> tuple[list[str], list[str]]:
+        storage = Storage(storage_dir)
+        await storage.open()
+        try:
+            held = [(await fill(storage, f"held-{i}", 20_000)).id for i in range(2)]
+            await storage.acquire("container:default/keep", held)
+            loose = [(await fill(storage, f"loose-{i}", 500_000)).id for i in range(3)]  # over the 1MB quota
+            return held, loose
+        finally:
+            await storage.close()
+
+    held, loose = asyncio.run(prefill())
+    config = {"gc": {"interval": "1h", "policy": {"diskThreshold": "1MB", "gracePeriod": "0s"}}}
+    env = {"DFDAEMON_TEST_PAUSE_AT": "evict", "DFDAEMON_TEST_PAUSE_FILE": str(paused)}
+    with running_daemon(workdir, config, env=env) as daemon:
+        gc_run = subprocess.Popen(
+            [sys.executable, "-m", "dfdaemon.cli.dfctl", "-e", str(daemon.socket_path), "gc", "run"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO_ROOT,
+        )  # fmt: skip
+        wait_for_pause(paused, daemon.proc)
+        daemon.proc.send_signal(signal.SIGKILL)
+        daemon.proc.wait()
+        gc_run.wait(30)
+
+    with contextlib.closing(sqlite3.connect(storage_dir / "metadata.db")) as db:
+        evicting = [row[0] for row in db.execute("SELECT id FROM tasks WHERE state = 'evicting'")]
+    assert len(evicting) == 1 and evicting[0] in loose  # killed with the victim marked, its bytes still there
+    (victim,) = evicting
+    assert (storage_dir / "content" / "tasks" / victim[:3] / victim).is_file()
+
+    with running_daemon(workdir, config):
+        pass  # start-up finishes the eviction
+    sizes = consistency(storage_dir)
+    assert set(sizes) == set(held) | set(loose) - {victim}

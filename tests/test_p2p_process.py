@@ -9,19 +9,36 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import grpc
 import pytest
 
-from dfdaemon.api import dfdaemon_pb2, dfdaemon_pb2_grpc, scheduler_pb2
-from tests.support import REPO_ROOT, DaemonProcess, OriginProcess, cluster, dfget, running_origin
+from dfdaemon import ids
+from dfdaemon.api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc, scheduler_pb2
+from tests.hostile_parent import PEER_ID, running_hostile_parent
+from tests.support import (
+    REPO_ROOT,
+    DaemonProcess,
+    OriginProcess,
+    SchedulerProcess,
+    cluster,
+    dfget,
+    merge,
+    peer_config,
+    running_daemon,
+    running_origin,
+    running_scheduler,
+    wait_for_hosts,
+)
 
 MB = 1_000_000
 pytestmark = pytest.mark.slow
@@ -85,29 +102,73 @@ def test_four_peers_at_once_hit_the_origin_about_once(origin: OriginProcess, tmp
     assert origin.bytes_served("model.bin") <= 1.05 * size
 
 
-def test_a_parent_killed_mid_transfer(origin: OriginProcess, tmp_path: Path) -> None:
+def wait_for_file(path: Path, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> str:
+    """The contents of ``path`` once a process has created it; fails if the process exits first."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"the process exited with {proc.returncode} before creating {path.name}"
+        assert time.monotonic() < deadline, f"{path.name} never appeared"
+        time.sleep(0.05)
+    return path.read_text()
+
+
+def download_from_source(daemon: DaemonProcess, url: str) -> None:
+    """DownloadTask with need_back_to_source: the daemon registers and goes straight to the origin."""
+    with grpc.insecure_channel(f"unix:{daemon.socket_path}") as channel:
+        stub = dfdaemon_pb2_grpc.DfdaemonDownloadStub(channel)
+        download = common_pb2.Download(url=url, need_back_to_source=True)
+        for _ in stub.DownloadTask(dfdaemon_pb2.DownloadTaskRequest(download=download), timeout=120):
+            pass
+
+
+def test_a_parent_killed_mid_piece_is_replaced_by_another_parent(origin: OriginProcess, tmp_path: Path) -> None:
+    """The only parent (a real process) sends 100 000 bytes of piece 3, says so and stalls; another parent
+    appears, the stalled one is killed, and the child takes piece 3 from the new parent, none from the origin."""
+    size, target, sent = 40 * MB + 17, 3, 100_000
+    url = origin.url("model.bin")
+    task_id = ids.task_id(url)
+    paused = tmp_path / "paused"
     out = tmp_path / "out"
     out.mkdir()
-    with cluster(tmp_path, 3) as (_, daemons):
-        fetch_all(daemons[:2], origin.url("model.bin"), out, "parent")  # two complete parents
-        victim = daemons[0]
-        child = daemons[2]
+    with ExitStack() as stack:
+        scheduler = stack.enter_context(running_scheduler(tmp_path / "scheduler"))
+        config = merge(peer_config(scheduler), {"download": {"pieceTimeout": "120s"}})  # the kill ends the piece
+        good, child = (stack.enter_context(running_daemon(tmp_path / name, config)) for name in ("good", "child"))
+        wait_for_hosts(scheduler, 2)
+        victim = stack.enter_context(
+            running_hostile_parent(
+                tmp_path / "victim", scheduler, url, task_id, origin.root / "model.bin", ids.piece_length_for(size),
+                "stall", target, "--vortex", "--pause-after", str(sent), "--progress-file", str(paused),
+            )
+        )  # fmt: skip
         result: dict[str, subprocess.CompletedProcess[str]] = {}
-        thread = threading.Thread(
-            target=lambda: result.setdefault("r", dfget(child, origin.url("model.bin"), out / "child", "--json"))
-        )
+        thread = threading.Thread(target=lambda: result.setdefault("r", dfget(child, url, out / "child", "--json")))
         thread.start()
-        time.sleep(0.3)
+        assert wait_for_file(paused, victim.proc) == f"{sent}\n"  # those bytes of piece 3 went to the child
+        download_from_source(good, url)
         victim.proc.send_signal(signal.SIGKILL)
+        victim.proc.wait()
         thread.join()
-    assert result["r"].returncode == 0, result["r"].stderr
+        assert result["r"].returncode == 0, result["r"].stderr
+        assert blamed(scheduler, task_id, PEER_ID, target) == ["true"]
     assert sha256(out / "child") == sha256(origin.root / "model.bin")
+    pieces = json.loads(result["r"].stdout)["pieces"]
+    assert pieces["BACK_TO_SOURCE"] == 0 and pieces["REMOTE_PEER"] == len(
+        ids.pieces_for(size, ids.piece_length_for(size))
+    )
+    assert origin.bytes_served("model.bin") <= 1.05 * size  # the good parent's one trip
+
+
+def blamed(scheduler: SchedulerProcess, task_id: str, parent_id: str, number: int) -> list[str]:
+    """The temporary flags of every report the stub recorded of ``parent_id`` failing piece ``number``."""
+    pattern = rf"piece failed: task={task_id} peer=\S+ parent={re.escape(parent_id)} piece={number} temporary=(\w+)"
+    return re.findall(pattern, scheduler.log_path.read_text())
 
 
 def test_a_corrupt_parent_is_detected_and_avoided(origin: OriginProcess, tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
-    with cluster(tmp_path, 3) as (_, daemons):
+    with cluster(tmp_path, 3) as (scheduler, daemons):
         first = fetch_all(daemons[:1], origin.url("model.bin"), out, "first")[0]
         task_id = str(first["task_id"])
         content = daemons[0].storage_dir / "content" / "tasks" / task_id[:3] / task_id
@@ -118,10 +179,11 @@ def test_a_corrupt_parent_is_detected_and_avoided(origin: OriginProcess, tmp_pat
         second = dfget(daemons[1], origin.url("model.bin"), out / "second", "--json")
         assert second.returncode == 0, second.stderr
         assert sha256(out / "second") == sha256(origin.root / "model.bin")
-        assert "CRC" in daemons[0].log() or "corrupt" in daemons[0].log()
+        # The child caught the flipped bytes of piece 1 and blamed the parent for that piece: the stub's record.
+        assert blamed(scheduler, task_id, str(first["peer_id"]), 1) == ["true"]
         # The corrupt piece came from elsewhere (the origin), not from the parent.
         assert origin.bytes_served("model.bin") - served <= 8 * 1024 * 1024
-        # The parent dropped its corrupt copy: a third peer never gets it from there.
+        # A third peer gets the file whole: piece 1 from the second peer or the origin.
         third = dfget(daemons[2], origin.url("model.bin"), out / "third", "--json")
         assert third.returncode == 0, third.stderr
         assert sha256(out / "third") == sha256(origin.root / "model.bin")

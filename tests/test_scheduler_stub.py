@@ -289,7 +289,7 @@ async def test_peer_asking_for_the_source_gets_it_even_with_parents_around(clien
     peer.call.cancel()
 
 
-async def test_a_parent_reported_failing_is_not_offered_again(client: SchedulerStub) -> None:
+async def test_a_parent_reported_failing_is_not_offered_again(client: SchedulerStub, scheduler: Stub) -> None:
     hosts = [await announce(client, n) for n in (7, 8, 9)]
     task_id = new_task_id()
     bad = await seeded(client, hosts[0], task_id)
@@ -306,6 +306,9 @@ async def test_a_parent_reported_failing_is_not_offered_again(client: SchedulerS
     assert parent_ids(await child.reschedule()) == [good.peer_id]
     assert parent_ids(await child.reschedule()) == [good.peer_id]
     child.call.cancel()
+    # The report is on record with its fields (the stub answered the reschedule after reading it).
+    record = f"piece failed: task={task_id} peer={child.peer_id} parent={bad.peer_id} piece=0 temporary=true"
+    assert record in scheduler.log()
 
 
 async def test_peer_goes_back_to_source_after_four_fruitless_reschedules(client: SchedulerStub) -> None:

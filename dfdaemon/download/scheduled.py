@@ -8,6 +8,7 @@ back to source by itself, unless the request forbids it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING
 
@@ -110,25 +111,38 @@ class ScheduledFetch:
         writer = job.writer
         assert writer is not None, "pieces are fetched only while the job holds its writer"
 
-        async def on_piece(piece: PieceRecord) -> None:
+        pending: set[asyncio.Task[None]] = set()
+
+        async def record(piece: PieceRecord) -> None:
             await job.piece_done(piece, piece.traffic_type)
             await session.piece_finished(piece)
+
+        async def on_piece(piece: PieceRecord) -> None:
+            # The collection cancels its workers once the last piece is in; a piece already stored must still be
+            # counted and reported, so that runs on its own and the collection's end waits for it.
+            report = asyncio.ensure_future(record(piece))
+            pending.add(report)
+            report.add_done_callback(pending.discard)
+            await asyncio.shield(report)
 
         async def on_failure(number: int, parent: Parent) -> None:
             # Temporary, as upstream always says: the scheduler then keeps this parent from this peer.
             await session.piece_failed(number, parent.peer_id, temporary=True)
 
-        return await collect_from_parents(
-            job.task_id,
-            job.missing_pieces(),
-            parents,
-            self.parents,
-            writer,
-            concurrency=job.request.concurrent_piece_count or self.manager.concurrent_piece_count,
-            piece_timeout=self.piece_timeout,
-            on_piece=on_piece,
-            on_failure=on_failure,
-        )
+        try:
+            return await collect_from_parents(
+                job.task_id,
+                job.missing_pieces(),
+                parents,
+                self.parents,
+                writer,
+                concurrency=job.request.concurrent_piece_count or self.manager.concurrent_piece_count,
+                piece_timeout=self.piece_timeout,
+                on_piece=on_piece,
+                on_failure=on_failure,
+            )
+        finally:
+            await asyncio.gather(*pending)
 
     async def _back_to_source(self, job: TaskJob, session: SchedulerSession, description: str) -> None:
         if job.request.disable_back_to_source:

@@ -198,15 +198,22 @@ class GrpcSchedulerSession:
     async def _send(self, **request: Any) -> None:
         if self._call is None:
             raise SchedulerUnavailable("the session has not registered")
+        message = scheduler_pb2.AnnouncePeerRequest(
+            host_id=self._host_id, task_id=self._task_id, peer_id=self._peer_id, **request
+        )
+        # grpc.aio cancels the whole call when a write is cancelled, and reporters are cancelled routinely (the
+        # piece collection stops its workers once the last piece is in): the write runs to its end on its own.
+        write = asyncio.ensure_future(self._write(message))
+        write.add_done_callback(_retrieve)
         try:
-            message = scheduler_pb2.AnnouncePeerRequest(
-                host_id=self._host_id, task_id=self._task_id, peer_id=self._peer_id, **request
-            )
-            async with self._write_lock:
-                await self._call.write(message)
+            await asyncio.shield(write)
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
             self._broken = True
             raise SchedulerUnavailable(f"AnnouncePeer stream broke: {_describe(exc)}") from None
+
+    async def _write(self, message: scheduler_pb2.AnnouncePeerRequest) -> None:
+        async with self._write_lock:
+            await self._call.write(message)
 
     async def _report(self, **request: Any) -> None:
         """Progress reports never fail a download; a broken stream shows at the next decision."""
@@ -325,6 +332,12 @@ class GrpcSchedulerSession:
     async def close(self) -> None:
         if self._call is not None and not self._call.done():
             self._call.cancel()
+
+
+def _retrieve(write: asyncio.Future[None]) -> None:
+    """Consume the outcome of a write whose reporter was cancelled; the next write sees a broken stream anyway."""
+    if not write.cancelled():
+        write.exception()
 
 
 def _describe(error: BaseException) -> str:

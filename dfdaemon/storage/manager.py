@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import threading
 import time
 import zlib
 from collections import Counter
@@ -54,6 +55,23 @@ from dfdaemon.storage.models import (
 log = logging.getLogger("dfdaemon.storage")
 
 T = TypeVar("T")
+
+# Test hook, off unless the environment sets it: DFDAEMON_TEST_PAUSE_AT=<point>[:<n>] makes the n-th arrival
+# (default the first) at <point> create the file DFDAEMON_TEST_PAUSE_FILE names and block the event loop for
+# good, so a crash test can SIGKILL the daemon exactly there. Points: "commit" (a piece's bytes are on disk, its
+# row is not written) and "evict" (a task is marked evicting, nothing of it deleted yet).
+_PAUSE_POINT, _, _PAUSE_AT = os.environ.get("DFDAEMON_TEST_PAUSE_AT", "").partition(":")
+_pause_arrivals: Counter[str] = Counter()
+
+
+def _test_pause(point: str) -> None:
+    if point != _PAUSE_POINT:
+        return
+    _pause_arrivals[point] += 1
+    if _pause_arrivals[point] == int(_PAUSE_AT or 1):
+        Path(os.environ["DFDAEMON_TEST_PAUSE_FILE"]).write_text(point)
+        threading.Event().wait()
+
 
 METADATA_FILE = "metadata.db"
 
@@ -434,6 +452,7 @@ class Storage:
     async def _commit(self, task_id: str, pieces: Sequence[PieceRecord], size: int) -> None:
         """Only now, with their bytes durable, do the pieces' rows appear; waiters are woken."""
         if pieces:
+            _test_pause("commit")
             await self._db(self.meta.add_pieces, task_id, pieces, size, self.clock())
         self._account(task_id, size)
         self._changed(task_id)
@@ -511,6 +530,7 @@ class Storage:
                 self._content_bytes[task_id] = 0
             if not await self._db(self.meta.mark_evicting, task_id, states, now):
                 return None
+            _test_pause("evict")
             freed = freed_first + await self._remove(task_id)
         await self._notify_deleted(task_id)
         return freed
