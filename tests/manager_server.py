@@ -17,11 +17,11 @@ from concurrent import futures
 from typing import Any
 
 import grpc
-from dragonfly_api import manager_pb2, manager_pb2_grpc  # type: ignore[import-untyped]
+from dragonfly_api import manager_pb2, manager_pb2_grpc
 from google.protobuf.json_format import MessageToDict
 
 
-class Manager(manager_pb2_grpc.ManagerServicer):  # type: ignore[misc]
+class Manager(manager_pb2_grpc.ManagerServicer):
     def __init__(self, schedulers: list[Any]) -> None:
         self.schedulers = schedulers
 
