@@ -239,6 +239,8 @@ class SchedulerClient:
             await self.stub(address).AnnounceHost(request, timeout=self.timeout)
         except grpc.aio.AioRpcError as exc:
             log.warning("announcing host to scheduler %s failed: %s", address, exc.details() or exc.code().name)
+        except grpc.aio.UsageError:  # the scheduler was dropped from the list while this announcement ran
+            log.info("scheduler %s left the list before it heard this host", address)
 
     async def stat_task(self, task_id: str) -> common_pb2.Task:
         request = scheduler_pb2.StatTaskRequest(host_id=self.host.host_id, task_id=task_id)
