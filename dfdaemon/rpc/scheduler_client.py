@@ -213,10 +213,14 @@ class SchedulerClient:
     async def _announce_forever(self) -> None:
         """Announce every interval until the host leaves; an announcement under way when it does completes first,
         so it cannot reach a scheduler after the DeleteHost and re-add the host."""
+        loop = asyncio.get_running_loop()
         while not self.left:
+            # One announcement per interval however long sampling the machine takes: schedulers drop a host
+            # silent for two intervals.
+            next_at = loop.time() + self.announce_interval
             await self.announce_host()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.announce_interval):
+                async with asyncio.timeout_at(next_at):
                     await self._left.wait()
 
     async def announce_host(self) -> None:
