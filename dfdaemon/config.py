@@ -26,6 +26,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from dfdaemon.cluster.addresses import manager_target
 from dfdaemon.config_upstream import UnknownKey, ignored_warning, reconcile
 from dfdaemon.units import parse_duration, parse_size
 
@@ -52,6 +53,8 @@ class HostConfig(_Section):
     hostname: str = ""
     idc: str = ""
     location: str = ""
+    # The scheduler cluster the manager should pick for this host (0: let the manager match by scopes).
+    scheduler_cluster_id: Annotated[int, Field(ge=0)] = Field(default=0, alias="schedulerClusterID")
 
 
 def _octal_mode(value: object) -> int:
@@ -149,6 +152,9 @@ class UploadConfig(_Section):
     concurrent_piece_count: Annotated[int, Field(ge=1, le=1024)] = 8
     # How this daemon connects to other peers' upload servers (mutual TLS when set).
     client: TLSConfig = TLSConfig()
+    # Bytes per second; reported to schedulers as the cap of this host's transmit bandwidth (unset: upstream's
+    # default, 50 GB/s). Not enforced by this daemon.
+    bandwidth_limit: Size | None = None
 
 
 class SchedulerConfig(_Section):
@@ -157,6 +163,24 @@ class SchedulerConfig(_Section):
     addrs: list[str] = []
     announce_interval: Duration = 300.0
     schedule_timeout: Duration = 30.0
+
+
+class ManagerConfig(_Section):
+    """Dragonfly's manager, which names the schedulers (upstream's ``manager.addr``, e.g. http://manager:65003)."""
+
+    addr: str = ""
+
+    @field_validator("addr")
+    @classmethod
+    def _addr_is_manager(cls, addr: str) -> str:
+        if addr:
+            manager_target(addr)
+        return addr
+
+
+class DynconfigConfig(_Section):
+    # How often the scheduler list is asked of the manager again.
+    refresh_interval: Duration = Field(default=60.0, gt=0)
 
 
 class StorageServerConfig(_Section):
@@ -289,6 +313,8 @@ class Config(_Section):
     download: DownloadConfig = DownloadConfig()
     upload: UploadConfig = UploadConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    manager: ManagerConfig = ManagerConfig()
+    dynconfig: DynconfigConfig = DynconfigConfig()
     storage: StorageConfig = StorageConfig()
     gc: GCConfig = GCConfig()
     metrics: MetricsConfig = MetricsConfig()

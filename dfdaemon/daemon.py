@@ -16,6 +16,8 @@ import grpc
 
 from dfdaemon.admission import Admission
 from dfdaemon.backend import Backend, SourcePolicy
+from dfdaemon.cluster.host import HostProbe, system_info
+from dfdaemon.cluster.manager import DiscoveryError, PeerIdentity, SchedulerDiscovery
 from dfdaemon.config import (
     BackToSourceConfig,
     Config,
@@ -123,6 +125,7 @@ class Daemon:
         except TLSError as exc:
             raise StartupError(f"upload.client: {exc}") from None
         self.scheduler: SchedulerClient | None = None
+        self.discovery: SchedulerDiscovery | None = None
         self.metrics: _Metrics | None = None
         self.mirror: MirrorServer | None = None
         self.vortex: VortexServer | None = None
@@ -152,12 +155,9 @@ class Daemon:
         await asyncio.to_thread(_secure_socket, self.config.download.server, socket_path)
         self.mirror = await _start_mirror(self.config.proxy, self.storage, self.downloads)
         self.endpoints = _endpoints(self.config.upload.server.ip, upload_server.port, socket_path)
-        host = HostInfo(
-            host_id=self.downloads.host_id, ip=self.host_ip, hostname=self.hostname, port=upload_server.port
-        )
+        host = _host_info(self.config, self.downloads.host_id, self.host_ip, self.hostname, upload_server.port)
         self.membership.host = host
-        if self.config.scheduler.addrs:
-            self._join_scheduler(host)
+        await self._find_schedulers(host)
         log.info("upload server listening on %s", self.endpoints.upload_address)
         log.info("download server listening on unix:%s", socket_path)
         return self.endpoints
@@ -184,6 +184,9 @@ class Daemon:
         await self.downloads.close()
         await self.backend.close()
         await self.parents.close()
+        if self.discovery is not None:
+            await self.discovery.close()
+            self.discovery = None
         await self._leave_scheduler()
         await self.gc.stop()
         if self._storage_open:
@@ -202,15 +205,53 @@ class Daemon:
             raise StartupError(f"storage.dir: cannot open the metadata store: {exc}") from None
         self._storage_open = True
 
-    def _join_scheduler(self, host: HostInfo) -> None:
+    async def _find_schedulers(self, host: HostInfo) -> None:
+        """The manager's schedulers when it answers (kept current from then on), else ``scheduler.addrs`` with a
+        warning: upstream refuses to start without its manager, this daemon carries on."""
+        addresses = self.config.scheduler.addrs
+        if self.config.manager.addr:
+            system = await asyncio.to_thread(system_info)  # reads os-release and package metadata once
+            self.discovery = SchedulerDiscovery(
+                self.config.manager.addr,
+                PeerIdentity(
+                    hostname=host.hostname,
+                    ip=host.ip,
+                    idc=host.idc,
+                    location=host.location,
+                    version=system.build_version,
+                    scheduler_cluster_id=host.scheduler_cluster_id,
+                ),
+                refresh_interval=self.config.dynconfig.refresh_interval,
+                scheduler_credentials=self.parents.credentials,
+            )
+            try:
+                addresses = await self.discovery.discover()
+            except DiscoveryError as exc:
+                fallback = ", ".join(addresses) or "none, so back to source only"
+                log.warning("%s; using scheduler.addrs (%s) until the manager answers", exc, fallback)
+            self.discovery.start(lambda found: self._use_schedulers(host, found))
+        if addresses:
+            await self._use_schedulers(host, addresses)
+
+    async def _use_schedulers(self, host: HostInfo, addresses: list[str]) -> None:
+        if self.scheduler is not None:
+            await self.scheduler.set_addresses(addresses)
+            return
+        probe = await asyncio.to_thread(
+            HostProbe, host.ip, self.config.storage.dir, host.port, self.config.upload.bandwidth_limit
+        )
+        self._join_scheduler(host, addresses, probe)
+
+    def _join_scheduler(self, host: HostInfo, addresses: list[str], probe: HostProbe) -> None:
         """Announce this host and route downloads through the scheduler; deletions are reported to it."""
         config = self.config.scheduler
         self.scheduler = SchedulerClient(
-            config.addrs,
+            addresses,
             host,
             announce_interval=config.announce_interval,
             timeout=config.schedule_timeout,
             credentials=self.parents.credentials,  # upload.client's mutual TLS serves the scheduler too
+            probe=probe,
         )
         self.downloads.fetch_missing = ScheduledFetch(
             self.downloads, self.scheduler, self.parents, self.config.download.piece_timeout
@@ -218,7 +259,7 @@ class Daemon:
         self.storage.add_deletion_listener(self.scheduler.delete_task)
         self.scheduler.start()
         self.membership.scheduler = self.scheduler
-        log.info("scheduling through %s", ", ".join(config.addrs))
+        log.info("scheduling through %s", ", ".join(addresses))
 
     async def _leave_scheduler(self) -> None:
         if self.scheduler is None:
@@ -227,6 +268,20 @@ class Daemon:
         await self.scheduler.delete_host()
         await self.scheduler.close()
         self.scheduler = None
+
+
+def _host_info(config: Config, host_id: str, ip: str, hostname: str, port: int) -> HostInfo:
+    proxy_port = config.proxy.server.port if config.proxy.enable else 0
+    return HostInfo(
+        host_id=host_id,
+        ip=ip,
+        hostname=hostname,
+        port=port,
+        idc=config.host.idc,
+        location=config.host.location,
+        scheduler_cluster_id=config.host.scheduler_cluster_id,
+        proxy_port=proxy_port,
+    )
 
 
 def gc_policy(config: Config) -> GCPolicy:

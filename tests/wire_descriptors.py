@@ -2,7 +2,7 @@
 
 Usage: ``python tests/wire_descriptors.py MODULE_PREFIX`` (e.g. ``dfdaemon.api`` or ``dragonfly_api``),
 run from the repository root. The script imports ``common_pb2``, ``errordetails_pb2``,
-``dfdaemon_pb2`` and ``scheduler_pb2`` under that prefix and prints one JSON document::
+``dfdaemon_pb2``, ``scheduler_pb2`` and ``manager_pb2`` under that prefix and prints one JSON document::
 
     {
       "messages": {"<full.Name>": {"<field>": {"number", "type", "label", "type_name", "oneof", "optional"}}},
@@ -33,7 +33,7 @@ from google.protobuf.descriptor_pb2 import (
     ServiceDescriptorProto,
 )
 
-MODULES: tuple[str, ...] = ("common_pb2", "errordetails_pb2", "dfdaemon_pb2", "scheduler_pb2")
+MODULES: tuple[str, ...] = ("common_pb2", "errordetails_pb2", "dfdaemon_pb2", "scheduler_pb2", "manager_pb2")
 
 FieldInfo: TypeAlias = dict[str, int | str | bool | None]
 MessageInfo: TypeAlias = dict[str, FieldInfo]

@@ -1,7 +1,8 @@
 """Client of ``scheduler.v2.Scheduler``: host announcements, one AnnouncePeer stream per download, deletions.
 
-Several scheduler addresses may be configured; rendezvous hashing on the task id picks the one a
-task's downloads and deletions go to, so every peer of a task meets on the same scheduler.
+Several schedulers may be known (configured, or named by the manager); upstream's consistent-hash ring picks
+the one a task's calls go to, so every peer of a task, ours or upstream's, meets on the same scheduler.
+Host-wide calls (AnnounceHost, DeleteHost) go to every scheduler.
 Progress reports are best effort: a broken stream is noticed at the next decision or terminal
 report, where the download path falls back to the origin.
 """
@@ -10,15 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
-import platform
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from dfdaemon.api import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from dfdaemon.cluster.host import HostFigures, HostProbe, system_info
+from dfdaemon.cluster.ring import HashRing
 from dfdaemon.download.peering import (
     BackToSource,
     Decision,
@@ -46,23 +47,87 @@ class HostInfo:
     ip: str
     hostname: str
     port: int
+    idc: str = ""
+    location: str = ""
+    scheduler_cluster_id: int = 0
+    proxy_port: int = 0
 
-    def message(self) -> common_pb2.Host:
-        return common_pb2.Host(
+    def message(self, figures: HostFigures | None = None) -> common_pb2.Host:
+        """The ``common.v2.Host`` upstream's peers send; the machine's figures when sampled, else identity only."""
+        system = figures.system if figures is not None else system_info()
+        host = common_pb2.Host(
             id=self.host_id,
             type=0,
             hostname=self.hostname,
             ip=self.ip,
             port=self.port,
-            os=platform.system().lower(),
-            platform=platform.platform(),
-            kernel_version=platform.release(),
+            download_port=self.port,
+            os=system.os,
+            platform=system.platform,
+            platform_family=system.platform_family,
+            platform_version=system.platform_version,
+            kernel_version=system.kernel_version,
+            build=common_pb2.Build(git_version=system.build_version, platform=system.build_platform),
+            scheduler_cluster_id=self.scheduler_cluster_id,
+            proxy_port=self.proxy_port,
+            name=self.hostname,
         )
+        host.network.CopyFrom(_network(self, figures))
+        if figures is not None:
+            _fill_figures(host, figures)
+        return host
 
 
-def pick_address(addresses: list[str], task_id: str) -> str:
-    """Rendezvous hashing: stable per task, and only a removed scheduler's tasks move elsewhere."""
-    return max(addresses, key=lambda address: hashlib.sha256(f"{address}/{task_id}".encode()).digest())
+def _network(host: HostInfo, figures: HostFigures | None) -> common_pb2.Network:
+    network = common_pb2.Network()
+    if host.idc:
+        network.idc = host.idc
+    if host.location:
+        network.location = host.location
+    if figures is not None:
+        n = figures.network
+        network.tcp_connection_count = n.tcp_connection_count
+        network.upload_tcp_connection_count = n.upload_tcp_connection_count
+        network.max_rx_bandwidth, network.rx_bandwidth = n.max_rx_bandwidth, n.rx_bandwidth
+        network.max_tx_bandwidth, network.tx_bandwidth = n.max_tx_bandwidth, n.tx_bandwidth
+    return network
+
+
+def _fill_figures(host: common_pb2.Host, figures: HostFigures) -> None:
+    cpu, memory, disk = figures.cpu, figures.memory, figures.disk
+    host.cpu.CopyFrom(
+        common_pb2.CPU(
+            logical_count=cpu.logical_count,
+            physical_count=cpu.physical_count,
+            percent=cpu.percent,
+            process_percent=cpu.process_percent,
+            times=common_pb2.CPUTimes(**cpu.times),
+        )
+    )
+    host.memory.CopyFrom(
+        common_pb2.Memory(
+            total=memory.total,
+            available=memory.available,
+            used=memory.used,
+            used_percent=memory.used_percent,
+            process_used_percent=memory.process_used_percent,
+            free=memory.free,
+        )
+    )
+    host.disk.CopyFrom(
+        common_pb2.Disk(
+            total=disk.total,
+            free=disk.free,
+            used=disk.used,
+            used_percent=disk.used_percent,
+            inodes_total=disk.inodes_total,
+            inodes_used=disk.inodes_used,
+            inodes_free=disk.inodes_free,
+            inodes_used_percent=disk.inodes_used_percent,
+            read_bandwidth=disk.read_bandwidth,
+            write_bandwidth=disk.write_bandwidth,
+        )
+    )
 
 
 class SchedulerClient:
@@ -75,30 +140,59 @@ class SchedulerClient:
         announce_interval: float,
         timeout: float,
         credentials: grpc.ChannelCredentials | None = None,
+        probe: HostProbe | None = None,
     ) -> None:
         if not addresses:
             raise ValueError("at least one scheduler address is required")
-        self.addresses = addresses
         self.host = host
         self.announce_interval = announce_interval
         self.timeout = timeout
-        self._channels = {
-            address: (
-                grpc.aio.secure_channel(address, credentials, interceptors=client_interceptors())
-                if credentials is not None
-                else grpc.aio.insecure_channel(address, interceptors=client_interceptors())
-            )
-            for address in addresses
-        }
+        self.probe = probe
+        self._credentials = credentials
+        self._ring = HashRing(addresses)
+        self._channels: dict[str, grpc.aio.Channel] = {}
         self._announcer: asyncio.Task[None] | None = None
         # Set once by delete_host: from then on nothing re-announces the host or registers a download.
         self._left = asyncio.Event()
 
+    @property
+    def addresses(self) -> list[str]:
+        """The schedulers in use, in ring order."""
+        return self._ring.addresses
+
     def stub(self, address: str) -> scheduler_pb2_grpc.SchedulerAsyncStub:
-        return scheduler_pb2_grpc.SchedulerStub(self._channels[address])
+        channel = self._channels.get(address)
+        if channel is None:
+            if self._credentials is not None:
+                channel = grpc.aio.secure_channel(address, self._credentials, interceptors=client_interceptors())
+            else:
+                channel = grpc.aio.insecure_channel(address, interceptors=client_interceptors())
+            self._channels[address] = channel
+        return scheduler_pb2_grpc.SchedulerStub(channel)
+
+    def address_for(self, task_id: str) -> str:
+        """The scheduler owning ``task_id`` on upstream's ring."""
+        return self._ring.pick(task_id)
 
     def stub_for(self, task_id: str) -> scheduler_pb2_grpc.SchedulerAsyncStub:
-        return self.stub(pick_address(self.addresses, task_id))
+        return self.stub(self.address_for(task_id))
+
+    async def set_addresses(self, addresses: list[str]) -> None:
+        """Switch to a new scheduler list (the manager's): tasks move as the ring says, a scheduler seen for the
+        first time hears this host at once, and channels to dropped schedulers close."""
+        if not addresses:
+            raise ValueError("at least one scheduler address is required")
+        before = set(self.addresses)
+        self._ring = HashRing(addresses)
+        for address in before - set(addresses):
+            channel = self._channels.pop(address, None)
+            if channel is not None:
+                await channel.close()
+        added = [address for address in self.addresses if address not in before]
+        if added and not self.left:
+            request = await self._announce_request()
+            for address in added:
+                await self._announce_to(address, request)
 
     @property
     def left(self) -> bool:
@@ -119,24 +213,38 @@ class SchedulerClient:
     async def _announce_forever(self) -> None:
         """Announce every interval until the host leaves; an announcement under way when it does completes first,
         so it cannot reach a scheduler after the DeleteHost and re-add the host."""
+        loop = asyncio.get_running_loop()
         while not self.left:
+            # One announcement per interval however long sampling the machine takes: schedulers drop a host
+            # silent for two intervals.
+            next_at = loop.time() + self.announce_interval
             await self.announce_host()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.announce_interval):
+                async with asyncio.timeout_at(next_at):
                     await self._left.wait()
 
     async def announce_host(self) -> None:
         """Tell every scheduler about this host; one that is down hears again at the next interval."""
         if self.left:
             return
-        request = scheduler_pb2.AnnounceHostRequest(
-            host=self.host.message(), interval=convert.duration(self.announce_interval)
-        )
+        request = await self._announce_request()
         for address in self.addresses:
-            try:
-                await self.stub(address).AnnounceHost(request, timeout=self.timeout)
-            except grpc.aio.AioRpcError as exc:
-                log.warning("announcing host to scheduler %s failed: %s", address, exc.details() or exc.code().name)
+            await self._announce_to(address, request)
+
+    async def _announce_request(self) -> scheduler_pb2.AnnounceHostRequest:
+        """The host as it is now: the machine is sampled in a thread (psutil reads /proc and /sys)."""
+        figures = await asyncio.to_thread(self.probe.sample) if self.probe is not None else None
+        return scheduler_pb2.AnnounceHostRequest(
+            host=self.host.message(figures), interval=convert.duration(self.announce_interval)
+        )
+
+    async def _announce_to(self, address: str, request: scheduler_pb2.AnnounceHostRequest) -> None:
+        try:
+            await self.stub(address).AnnounceHost(request, timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("announcing host to scheduler %s failed: %s", address, exc.details() or exc.code().name)
+        except grpc.aio.UsageError:  # the scheduler was dropped from the list while this announcement ran
+            log.info("scheduler %s left the list before it heard this host", address)
 
     async def stat_task(self, task_id: str) -> common_pb2.Task:
         request = scheduler_pb2.StatTaskRequest(host_id=self.host.host_id, task_id=task_id)
@@ -180,6 +288,7 @@ class SchedulerClient:
         await self._stop_announcing()
         for channel in self._channels.values():
             await channel.close()
+        self._channels.clear()
 
 
 class GrpcSchedulerSession:
