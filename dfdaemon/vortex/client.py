@@ -2,8 +2,9 @@
 
 The protocol reads into the buffer it is pointed at (``asyncio.BufferedProtocol``: the transport calls
 ``recv_into`` on that memory, TLS or not) and pauses reading between targets, so the header, the metadata and
-the piece's bytes each land exactly where they belong, without per-chunk ``bytes`` objects. The CRC is computed
-once, on the received bytes, and checked against the digest the parent sent with them.
+the piece's bytes each land exactly where they belong, without per-chunk ``bytes`` objects. The piece is handed
+on as a view of that buffer, not copied: the collector computes its CRC while writing it (once) and hands the
+buffer back for the next fetch.
 """
 
 from __future__ import annotations
@@ -11,9 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-import zlib
 
-from dfdaemon import ids
 from dfdaemon.download.peering import FetchedPiece, ParentUnavailable, PieceUnavailable
 from dfdaemon.vortex.codec import (
     HEADER_SIZE,
@@ -99,14 +98,52 @@ class VortexClient:
         self._free: list[bytearray] = []
 
     async def download_piece(self, ip: str, port: int, task_id: str, number: int) -> FetchedPiece:
-        """One piece from the parent at ``ip:port``, its CRC checked against the digest sent with it.
+        """One piece from the parent at ``ip:port``, as a view of a pooled buffer; the caller checks its CRC.
 
-        Raises PieceUnavailable when only this piece cannot come from this parent (it lacks it, or its bytes do
-        not match their digest), ParentUnavailable when the parent cannot be reached or breaks the protocol.
+        The caller must call ``done()`` on the result once the bytes are written. Raises PieceUnavailable when
+        only this piece cannot come from this parent (it lacks it), ParentUnavailable when the parent cannot be
+        reached or breaks the protocol.
         """
         where = f"vortex {ip}:{port}"
         receiver = await self._connect(ip, port, where)
         buffer = self._free.pop() if self._free else bytearray()
+        try:
+            metadata, buffer = await self._receive(receiver, task_id, number, buffer, where)
+        except BaseException:
+            self._give_back(buffer)
+            raise
+        finally:
+            if receiver.transport is not None:
+                receiver.transport.close()
+        view = memoryview(buffer)[: metadata.length]
+
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:  # pooling the buffer twice would hand it to two fetches at once
+                return
+            released = True
+            try:
+                view.release()
+            except BufferError:
+                return  # a cancelled write's thread still reads it: let it go rather than reuse it
+            self._give_back(buffer)
+
+        return FetchedPiece(
+            number=metadata.number,
+            offset=metadata.offset,
+            length=metadata.length,
+            digest=metadata.digest,
+            metadata_digest=None,
+            content=view,
+            release=release,
+        )
+
+    async def _receive(
+        self, receiver: _Receiver, task_id: str, number: int, buffer: bytearray, where: str
+    ) -> tuple[PieceMetadata, bytearray]:
+        """Request the piece and read its bytes into ``buffer`` (replaced by a larger one when it is too small)."""
         try:
             async with asyncio.timeout(self.piece_timeout):
                 metadata = await _request(receiver, task_id, number)
@@ -116,32 +153,17 @@ class VortexClient:
                     raise ParentUnavailable(f"{where}: piece {number} claims {metadata.length} bytes")
                 if len(buffer) < metadata.length:
                     buffer = bytearray(metadata.length)
-                view = memoryview(buffer)[: metadata.length]
-                await receiver.read_into(view)
-            # One thread hop: the CRC over the bytes, and the copy handed to the writer (the buffer is reused).
-            crc, content = await asyncio.to_thread(_crc_and_copy, view)
-            view.release()
+                await receiver.read_into(memoryview(buffer)[: metadata.length])
         except TimeoutError:
             raise ParentUnavailable(f"{where}: piece {number} took longer than {self.piece_timeout:.0f}s") from None
         except (OSError, ProtocolError) as exc:
             raise ParentUnavailable(f"{where}: piece {number}: {exc}") from None
-        finally:
-            if receiver.transport is not None:
-                receiver.transport.close()
-            if len(self._free) < MAX_POOLED_BUFFERS and len(buffer) <= MAX_POOLED_BUFFER:
-                self._free.append(buffer)
-        if ids.format_crc32(crc) != metadata.digest:
-            raise PieceUnavailable(
-                f"{where}: piece {number} has digest {ids.format_crc32(crc)}, the parent sent {metadata.digest}"
-            )
-        return FetchedPiece(
-            number=metadata.number,
-            offset=metadata.offset,
-            length=metadata.length,
-            digest=metadata.digest,
-            metadata_digest=None,
-            content=content,
-        )
+        return metadata, buffer
+
+    def _give_back(self, buffer: bytearray) -> None:
+        """Keep a receive buffer for the next fetch, within the pool's bounds."""
+        if len(self._free) < MAX_POOLED_BUFFERS and len(buffer) <= MAX_POOLED_BUFFER:
+            self._free.append(buffer)
 
     async def _connect(self, ip: str, port: int, where: str) -> _Receiver:
         loop = asyncio.get_running_loop()
@@ -181,7 +203,3 @@ async def _request(receiver: _Receiver, task_id: str, number: int) -> PieceMetad
         with contextlib.suppress(OSError):
             receiver.transport.write_eof()  # as upstream: the request is all this side sends
     return metadata
-
-
-def _crc_and_copy(view: memoryview) -> tuple[int, bytes]:
-    return zlib.crc32(view), bytes(view)
