@@ -127,7 +127,7 @@ class PieceCollection:
         request is in flight while the previous piece lands; each worker waits for its previous piece's write
         before starting the next, so at most two pieces per worker are in memory.
         """
-        writing: asyncio.Task[None] | None = None
+        writing: tuple[asyncio.Task[None], FetchedPiece] | None = None
         try:
             while True:
                 number = await self.queue.get()
@@ -135,21 +135,23 @@ class PieceCollection:
                 candidates = self.usable(number)
                 if number in self.done or not candidates:
                     continue
-                parent, span, started = (
-                    candidates[next(self._turn) % len(candidates)],
-                    self.wanted[number],
-                    time.monotonic(),
-                )
+                parent, span = candidates[next(self._turn) % len(candidates)], self.wanted[number]
+                started = time.monotonic()
                 fetched = await self._fetch(parent, span)
-                if writing is not None:
-                    await writing
-                    writing = None
-                if fetched is not None:
-                    writing = asyncio.create_task(self._stage(parent, span, fetched, started))
+                if fetched is None:
+                    continue
+                try:
+                    if writing is not None:
+                        await writing[0]
+                except BaseException:
+                    fetched.done()
+                    raise
+                writing = asyncio.create_task(self._stage(parent, span, fetched, started)), fetched
         finally:
             if writing is not None:
-                writing.cancel()
-                await asyncio.gather(writing, return_exceptions=True)
+                writing[0].cancel()
+                await asyncio.gather(writing[0], return_exceptions=True)
+                writing[1].done()  # when the write was cancelled before it began
 
     async def _fetch(self, parent: Parent, span: PieceSpan) -> FetchedPiece | None:
         """One attempt at one piece's bytes; None when it failed (the piece went back to the queue if it could)."""
@@ -163,9 +165,9 @@ class PieceCollection:
                 traffic_type="REMOTE_PEER",
                 parent=parent.peer_id,
             ):
-                return await asyncio.wait_for(
-                    self.client.download_piece(parent, self.task_id, span.number), self.piece_timeout
-                )
+                # Not wait_for: a piece that arrives as the timeout fires must not be lost with its buffer.
+                async with asyncio.timeout(self.piece_timeout):
+                    return await self.client.download_piece(parent, self.task_id, span.number)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -241,9 +243,12 @@ class PieceCollection:
         self.open_syncs = len(parents)
         tasks = [asyncio.create_task(self.sync(parent)) for parent in parents]
         tasks += [asyncio.create_task(self.worker()) for _ in range(max(1, concurrency))]
-        tasks.append(asyncio.create_task(self.committer()))
+        committer = asyncio.create_task(self.committer())
+        tasks.append(committer)
         try:
             while not self.complete and not await self._stuck(parents):
+                if committer.done():
+                    committer.result()  # a report that raised: the collection cannot go on
                 self.wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), timeout=min(1.0, self.piece_timeout))

@@ -84,9 +84,11 @@ class FetchedPiece:
     release: Callable[[], None] | None = None
 
     def done(self) -> None:
-        """The bytes are no longer needed."""
-        if self.release is not None:
-            self.release()
+        """The bytes are no longer needed; the release hook runs once however often this is called."""
+        release = self.release
+        if release is not None:
+            object.__setattr__(self, "release", None)  # frozen for everything else
+            release()
 
 
 class SchedulerSession(Protocol):

@@ -30,9 +30,9 @@ from dfdaemon.vortex.server import tune_socket
 CONNECT_TIMEOUT = 2.0
 # The largest piece a parent may announce (the largest piece length a download may request).
 MAX_PIECE_LENGTH = 1024 * 1024 * 1024
-# Receive buffers kept for reuse between fetches: enough for the usual concurrency, none for outsized pieces.
-MAX_POOLED_BUFFERS = 16
-MAX_POOLED_BUFFER = 16 * 1024 * 1024
+# Bytes of receive buffers in existence at once (handed out or kept for reuse), whatever the number of fetches
+# and the piece length: a fetch waits for room before it allocates (a piece larger than this alone still goes).
+MEMORY_BUDGET = 40 * 1024 * 1024
 
 
 class _Receiver(asyncio.BufferedProtocol):
@@ -92,10 +92,15 @@ class _Receiver(asyncio.BufferedProtocol):
 class VortexClient:
     """Fetches pieces over vortex TCP (mutual TLS when given a context); one reused buffer per concurrent fetch."""
 
-    def __init__(self, *, piece_timeout: float, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, *, piece_timeout: float, ssl_context: ssl.SSLContext | None = None, memory_budget: int = MEMORY_BUDGET
+    ) -> None:
         self.piece_timeout = piece_timeout
         self.ssl_context = ssl_context
+        self.memory_budget = memory_budget
         self._free: list[bytearray] = []
+        self._out = 0  # bytes of the buffers handed out
+        self._waiters: list[asyncio.Future[None]] = []
 
     async def download_piece(self, ip: str, port: int, task_id: str, number: int) -> FetchedPiece:
         """One piece from the parent at ``ip:port``, as a view of a pooled buffer; the caller checks its CRC.
@@ -106,29 +111,20 @@ class VortexClient:
         """
         where = f"vortex {ip}:{port}"
         receiver = await self._connect(ip, port, where)
-        buffer = self._free.pop() if self._free else bytearray()
         try:
-            metadata, buffer = await self._receive(receiver, task_id, number, buffer, where)
-        except BaseException:
-            self._give_back(buffer)
-            raise
+            metadata, buffer = await self._receive(receiver, task_id, number, where)
         finally:
             if receiver.transport is not None:
                 receiver.transport.close()
         view = memoryview(buffer)[: metadata.length]
 
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if released:  # pooling the buffer twice would hand it to two fetches at once
-                return
-            released = True
+        def release() -> None:  # once only (FetchedPiece.done): pooling twice would give two fetches one buffer
             try:
                 view.release()
             except BufferError:
-                return  # a cancelled write's thread still reads it: let it go rather than reuse it
-            self._give_back(buffer)
+                self._give_back(buffer, keep=False)  # a cancelled write's thread still reads it: never reuse it
+            else:
+                self._give_back(buffer)
 
         return FetchedPiece(
             number=metadata.number,
@@ -141,9 +137,9 @@ class VortexClient:
         )
 
     async def _receive(
-        self, receiver: _Receiver, task_id: str, number: int, buffer: bytearray, where: str
+        self, receiver: _Receiver, task_id: str, number: int, where: str
     ) -> tuple[PieceMetadata, bytearray]:
-        """Request the piece and read its bytes into ``buffer`` (replaced by a larger one when it is too small)."""
+        """Request the piece and read its bytes into a buffer taken within the memory budget."""
         try:
             async with asyncio.timeout(self.piece_timeout):
                 metadata = await _request(receiver, task_id, number)
@@ -151,19 +147,48 @@ class VortexClient:
                     raise PieceUnavailable(f"{where}: asked for piece {number}, got #{metadata.number}")
                 if metadata.length > MAX_PIECE_LENGTH:
                     raise ParentUnavailable(f"{where}: piece {number} claims {metadata.length} bytes")
-                if len(buffer) < metadata.length:
-                    buffer = bytearray(metadata.length)
-                await receiver.read_into(memoryview(buffer)[: metadata.length])
+                buffer = await self._take(metadata.length)
+                try:
+                    await receiver.read_into(memoryview(buffer)[: metadata.length])
+                except BaseException:
+                    self._give_back(buffer)
+                    raise
         except TimeoutError:
             raise ParentUnavailable(f"{where}: piece {number} took longer than {self.piece_timeout:.0f}s") from None
         except (OSError, ProtocolError) as exc:
             raise ParentUnavailable(f"{where}: piece {number}: {exc}") from None
         return metadata, buffer
 
-    def _give_back(self, buffer: bytearray) -> None:
-        """Keep a receive buffer for the next fetch, within the pool's bounds."""
-        if len(self._free) < MAX_POOLED_BUFFERS and len(buffer) <= MAX_POOLED_BUFFER:
+    async def _take(self, length: int) -> bytearray:
+        """A buffer of at least ``length`` bytes, once the budget has room (always when no other is out).
+
+        Meanwhile the request is already sent: the parent's bytes wait in the socket buffers.
+        """
+        while self._out and self._out + length > self.memory_budget:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+        buffer = next((b for b in self._free if len(b) >= length), None)
+        if buffer is None:
+            self._free.clear()  # too small for this piece: freed before the new one is allocated
+            buffer = bytearray(length)
+        else:
+            self._free.remove(buffer)
+        self._out += len(buffer)
+        return buffer
+
+    def _give_back(self, buffer: bytearray, *, keep: bool = True) -> None:
+        """Return a buffer: kept for the next fetch while the budget allows, and a waiting fetch is woken."""
+        self._out -= len(buffer)
+        if keep and self._out + sum(map(len, self._free)) + len(buffer) <= self.memory_budget:
             self._free.append(buffer)
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def _connect(self, ip: str, port: int, where: str) -> _Receiver:
         loop = asyncio.get_running_loop()
