@@ -10,13 +10,14 @@ Usage::
 Benchmarks (positional names, default all of them):
 
 ``throughput``
-    A daemon (the *parent*) holds the file in its cache. This script, acting as a child, fetches every piece with
-    ``DfdaemonUpload.DownloadPiece`` over loopback TCP through the daemon's own parent client, ``--concurrency``
-    pieces at a time (8, the daemon's default ``concurrentPieceCount``). The baseline is a raw copy of the same bytes
-    over loopback: a plain asyncio TCP server in its own process reads each piece of the same file and writes it to
-    the socket, and a plain asyncio client here asks for the pieces with the same concurrency.
-    ``ratio = DownloadPiece MB/s / raw MB/s``: 1.0 means the gRPC upload path moves bytes as fast as a bare socket;
-    0.25 means it takes four times as long. The rounds alternate the two; the table shows the medians.
+    A daemon (the *parent*) holds the file in its cache. This script, acting as a child, fetches every piece twice:
+    over vortex TCP (the daemon's ``storage.server.tcpPort``) with the daemon's own vortex client, and with gRPC
+    ``DfdaemonUpload.DownloadPiece`` through its gRPC parent client, ``--concurrency`` pieces at a time (8, the
+    daemon's default ``concurrentPieceCount``). The baseline is a raw copy of the same bytes over loopback: a plain
+    asyncio TCP server in its own process reads each piece of the same file and writes it to the socket, and a plain
+    asyncio client here asks for the pieces with the same concurrency.
+    ``ratio = vortex (or DownloadPiece) MB/s / raw MB/s``: 1.0 means the upload path moves bytes as fast as a bare
+    socket; 0.25 means it takes four times as long. The rounds rotate the three; the table shows the medians.
 ``dfget``
     A file of ``--size`` on the loopback origin (``scripts/origin.py``), a scheduler stub and two daemons. The
     parent fetches the file with ``dfget`` first: no peer has it, so it goes back to source (``dfget back-to-source``).
@@ -38,11 +39,16 @@ Benchmarks (positional names, default all of them):
     from its parent during ``dfget P2P`` (and of the parent, which fetched it from the origin).
     ``ratio = peak RSS / file size``: it should be far below 1, since pieces are streamed, not held.
     The daemon's peak before the download (start-up) is shown next to it.
+``repeat``
+    Does memory creep? The parent daemon downloads ``--repeat`` (500) small distinct files one after the other
+    (gRPC ``DownloadTask`` over its socket, back to source); its resident memory (VmRSS) is read after a tenth of
+    them and after all. ``ratio = RSS after all / RSS after a tenth``: 1.0 is flat; the target is at most 1.10.
 
 Options: ``--size SIZE`` (default 1GiB; e.g. ``256MiB``, ``50MB`` or bytes), ``--quick`` (a small file, one round, a
 short origin throttle: a smoke run), ``--rounds N`` (throughput rounds, default 3), ``--concurrency N`` (pieces in
 flight in ``throughput``, default 8), ``--peers N`` (default 8), ``--origin-seconds S`` (default 8; 0 disables the
-throttle) and ``--dir DIR`` (where the temporary directory goes; default the system's temporary directory).
+throttle), ``--repeat N`` (downloads in ``repeat``, default 500, 50 with ``--quick``) and ``--dir DIR`` (where the
+temporary directory goes; default the system's temporary directory).
 
 Everything runs on loopback with ephemeral ports in a temporary directory that is removed afterwards; every process
 the script starts is stopped at the end, on Ctrl-C and on SIGTERM too. Machines are noisy: compare the numbers of one
@@ -76,12 +82,15 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import grpc  # noqa: E402
 import urllib3  # noqa: E402
 
 from dfdaemon import ids  # noqa: E402
+from dfdaemon.api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc  # noqa: E402
 from dfdaemon.download.peering import Parent  # noqa: E402
 from dfdaemon.rpc.peer_client import GrpcParentClient  # noqa: E402
 from dfdaemon.units import parse_size  # noqa: E402
+from dfdaemon.vortex.client import VortexClient  # noqa: E402
 from tests.support import (  # noqa: E402
     DaemonProcess,
     OriginProcess,
@@ -92,7 +101,7 @@ from tests.support import (  # noqa: E402
     wait_for_line,
 )
 
-BENCHMARKS = ("throughput", "dfget", "peers", "memory")
+BENCHMARKS = ("throughput", "dfget", "peers", "memory", "repeat")
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
@@ -101,6 +110,8 @@ QUICK_SIZE = 8 * MiB
 RAW_SERVER = "_raw-server"  # hidden mode: this script as the raw TCP server of the throughput baseline
 DISK_RESERVE = 1 * GiB  # left free on the disk whatever the benchmarks need
 FILE_NAME = "blob.bin"
+SMALL_FILE_NAME = "small.bin"  # what ``repeat`` downloads, under a different query each time
+SMALL_SIZE = 256 * KiB
 PEERS_FILE_NAME = "peers.bin"
 _HEADER = struct.Struct(">Q")
 DFGET_FLAGS = ("--json", "--no-progress")
@@ -394,6 +405,28 @@ async def grpc_copy(port: int, task_id: str, spans: list[ids.PieceSpan], concurr
         await client.close()
 
 
+async def vortex_copy(port: int, task_id: str, spans: list[ids.PieceSpan], concurrency: int) -> tuple[float, int]:
+    """Fetch every piece over vortex TCP with the daemon's own client, as a child daemon does; (seconds, bytes)."""
+    client = VortexClient(piece_timeout=120.0)
+    todo = iter(spans)
+    received = 0
+
+    async def worker() -> None:
+        nonlocal received
+        for span in todo:
+            piece = await client.download_piece("127.0.0.1", port, task_id, span.number)
+            try:
+                if len(piece.content) != span.length:
+                    raise RuntimeError(f"the daemon sent {len(piece.content)} bytes of piece {span.number}")
+                received += len(piece.content)
+            finally:
+                piece.done()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return time.perf_counter() - started, received
+
+
 def throughput_benchmark(
     args: argparse.Namespace,
     reaper: Reaper,
@@ -410,33 +443,38 @@ def throughput_benchmark(
         f"throughput: {len(spans)} pieces of {fmt_size(piece_length)}, {args.concurrency} in flight, "
         f"{args.rounds} round(s)"
     )
-    raw_rates: list[float] = []
-    grpc_rates: list[float] = []
+    if parent.vortex_port is None:
+        raise RuntimeError("the parent daemon did not report its vortex port")
+    vortex_port = parent.vortex_port
+    copies: dict[str, Callable[[int], Any]] = {
+        "raw": lambda raw_port: raw_copy(raw_port, spans, args.concurrency),
+        "vortex": lambda _: vortex_copy(vortex_port, task_id, spans, args.concurrency),
+        "grpc": lambda _: grpc_copy(parent.upload_port, task_id, spans, args.concurrency),
+    }
+    rates: dict[str, list[float]] = {kind: [] for kind in copies}
     with running_raw_server(reaper, workdir, source, piece_length) as raw_port:
         for round_number in range(args.rounds):
-            # Alternate which goes first, so drift on a noisy machine hits both alike.
-            order = ("raw", "grpc") if round_number % 2 == 0 else ("grpc", "raw")
-            for kind in order:
-                if kind == "raw":
-                    seconds, nbytes = asyncio.run(raw_copy(raw_port, spans, args.concurrency))
-                    raw_rates.append(mb_per_s(nbytes, seconds))
-                else:
-                    seconds, nbytes = asyncio.run(grpc_copy(parent.upload_port, task_id, spans, args.concurrency))
-                    grpc_rates.append(mb_per_s(nbytes, seconds))
+            # Rotate which goes first, so drift on a noisy machine hits all alike.
+            kinds = list(copies)
+            for kind in kinds[round_number % 3 :] + kinds[: round_number % 3]:
+                seconds, nbytes = asyncio.run(copies[kind](raw_port))
                 if nbytes != size:
                     raise RuntimeError(f"{kind} copy moved {nbytes} bytes, expected {size}")
+                rates[kind].append(mb_per_s(nbytes, seconds))
             say(
-                f"  round {round_number + 1}: DownloadPiece {grpc_rates[-1]:,.0f} MB/s, "
-                f"raw TCP {raw_rates[-1]:,.0f} MB/s"
+                f"  round {round_number + 1}: vortex {rates['vortex'][-1]:,.0f} MB/s, "
+                f"DownloadPiece {rates['grpc'][-1]:,.0f} MB/s, raw TCP {rates['raw'][-1]:,.0f} MB/s"
             )
-    grpc_rate, raw_rate = statistics.median(grpc_rates), statistics.median(raw_rates)
-    report.add(
-        "piece throughput: DownloadPiece / raw TCP",
-        f"{grpc_rate:,.0f} MB/s",
-        f"raw {raw_rate:,.0f} MB/s",
-        grpc_rate / raw_rate,
-        "1.0 (higher is better)",
-    )
+    raw_rate = statistics.median(rates["raw"])
+    for kind, name, target in (("vortex", "vortex", "0.7"), ("grpc", "DownloadPiece", "0.45")):
+        rate = statistics.median(rates[kind])
+        report.add(
+            f"piece throughput: {name} / raw TCP",
+            f"{rate:,.0f} MB/s",
+            f"raw {raw_rate:,.0f} MB/s",
+            rate / raw_rate,
+            f"1.0 (higher is better; target >= {target})",
+        )
 
 
 # --------------------------------------------------------------------------- dfget and memory
@@ -483,6 +521,9 @@ def pair_benchmarks(
 
         if "throughput" in selected:
             throughput_benchmark(args, reaper, workdir, source, parent, b2s.task_id, size, report)
+
+        if "repeat" in selected:
+            repeat_benchmark(args, parent, origin.url(SMALL_FILE_NAME), report)
 
         if child is None:
             return
@@ -534,6 +575,36 @@ def pair_benchmarks(
         report.note(
             f"peak RSS before the download (start-up): child {fmt_size(child_idle)}, parent {fmt_size(parent_idle)}"
         )
+
+
+async def sequential_downloads(socket_path: Path, url: str, numbers: range) -> None:
+    """Download ``url?n=N`` for each N, one after the other, through the daemon's ``DownloadTask``."""
+    async with grpc.aio.insecure_channel(f"unix:{socket_path}") as channel:
+        stub = dfdaemon_pb2_grpc.DfdaemonDownloadStub(channel)
+        for number in numbers:
+            request = dfdaemon_pb2.DownloadTaskRequest(download=common_pb2.Download(url=f"{url}?n={number}"))
+            async for _ in stub.DownloadTask(request, timeout=120):
+                pass
+
+
+def repeat_benchmark(args: argparse.Namespace, daemon: DaemonProcess, url: str, report: Report) -> None:
+    """RSS after a tenth of ``--repeat`` sequential downloads, then after all of them."""
+    total: int = args.repeat
+    early = max(1, total // 10)
+    say(f"repeat: {total} sequential downloads of {fmt_size(SMALL_SIZE)}, RSS read after {early} and {total}")
+    started = time.perf_counter()
+    asyncio.run(sequential_downloads(daemon.socket_path, url, range(early)))
+    rss_early = vm_bytes(daemon.proc.pid, "VmRSS")
+    asyncio.run(sequential_downloads(daemon.socket_path, url, range(early, total)))
+    rss_all = vm_bytes(daemon.proc.pid, "VmRSS")
+    say(f"  {total} downloads in {time.perf_counter() - started:.1f} s")
+    report.add(
+        f"RSS after {total} / after {early} downloads",
+        fmt_size(rss_all),
+        f"{early}: {fmt_size(rss_early)}",
+        rss_all / rss_early,
+        "1.0 (target <= 1.10)",
+    )
 
 
 def compact(pieces: dict[str, int]) -> str:
@@ -655,6 +726,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="how long the throttled origin takes alone in peers (default 8, 2 with --quick; 0: no throttle)",
     )
+    parser.add_argument("--repeat", type=int, default=None, help="downloads in repeat (default 500, 50 with --quick)")
     parser.add_argument("--dir", type=Path, default=None, help="where the temporary directory goes")
     args = parser.parse_args(argv)
     unknown = [name for name in args.benchmarks if name not in BENCHMARKS]
@@ -668,8 +740,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--size must be at least one byte")
     args.rounds = args.rounds if args.rounds is not None else 1 if args.quick else 3
     args.origin_seconds = args.origin_seconds if args.origin_seconds is not None else 2.0 if args.quick else 8.0
-    if args.rounds < 1 or args.concurrency < 1 or args.peers < 1 or args.origin_seconds < 0:
-        parser.error("--rounds, --concurrency and --peers must be positive, --origin-seconds not negative")
+    args.repeat = args.repeat if args.repeat is not None else 50 if args.quick else 500
+    if min(args.rounds, args.concurrency, args.peers, args.repeat) < 1 or args.origin_seconds < 0:
+        parser.error("--rounds, --concurrency, --peers and --repeat must be positive, --origin-seconds not negative")
     return args
 
 
@@ -709,7 +782,7 @@ def run(args: argparse.Namespace, selected: set[str], report: Report) -> None:
         stack.callback(shutil.rmtree, sockets, ignore_errors=True)
         stack.callback(reaper.stop_all)
 
-        pair = bool(selected & {"throughput", "dfget", "memory"})
+        pair = bool(selected & {"throughput", "dfget", "memory", "repeat"})
         # The origin file, two caches and a direct copy (every dfget output is a hard link into a cache).
         need = (4 if pair else 1) * size + DISK_RESERVE
         free = shutil.disk_usage(workdir).free
@@ -722,6 +795,7 @@ def run(args: argparse.Namespace, selected: set[str], report: Report) -> None:
         files.mkdir()
         say(f"writing a {fmt_size(size)} file of random bytes for the origin")
         write_random_file(files / FILE_NAME, size)
+        write_random_file(files / SMALL_FILE_NAME, SMALL_SIZE)
         origin = stack.enter_context(running_origin(files))
 
         if pair:

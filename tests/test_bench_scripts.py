@@ -46,11 +46,13 @@ def test_bench_p2p_quick_prints_its_table() -> None:
     ratio_table(
         lines,
         (
+            "piece throughput: vortex / raw TCP",
             "piece throughput: DownloadPiece / raw TCP",
             "dfget P2P / direct HTTP",
             "dfget back-to-source / direct HTTP",
             "peak RSS / file size, P2P child daemon",
             "origin bytes / file size, 3 peers at once",
+            "RSS after 50 / after 5 downloads",
         ),
     )
 

@@ -18,7 +18,7 @@ import pytest
 
 from dfdaemon import ids
 from dfdaemon.download.manager import DownloadManager, DownloadRequest, TaskJob
-from dfdaemon.download.parents import BadPiece, PieceCollection, check_piece, collect_from_parents
+from dfdaemon.download.parents import BadPiece, PieceCollection, check_digests, check_place, collect_from_parents
 from dfdaemon.download.peering import (
     Decision,
     FetchedPiece,
@@ -137,6 +137,59 @@ async def test_every_piece_comes_from_the_parents_that_hold_them(storage: Storag
     assert hashlib.sha256(await read_all(storage, TASK_ID)).digest() == hashlib.sha256(CONTENT).digest()
 
 
+@dataclass
+class BufferedParents(FakeParents):
+    """Parents whose pieces arrive as views of one reused buffer each, as the vortex client hands them over."""
+
+    released: list[int] = field(default_factory=list)
+
+    async def download_piece(self, parent: Parent, task_id: str, number: int) -> FetchedPiece:
+        piece = await super().download_piece(parent, task_id, number)
+        buffer = bytearray(piece.content)
+        view = memoryview(buffer)
+
+        def release() -> None:
+            view.release()
+            buffer[:] = b"\xee" * len(buffer)  # reused for the next fetch: a late write would store garbage
+            self.released.append(number)
+
+        return FetchedPiece(
+            piece.number, piece.offset, piece.length, piece.digest, piece.metadata_digest, view, release
+        )
+
+
+async def test_pieces_in_reused_buffers_are_stored_before_their_buffer_is_handed_back(storage: Storage) -> None:
+    client = BufferedParents({A.peer_id: set(range(5)), B.peer_id: {2}}, corrupt={(A.peer_id, 2)}, late={B.peer_id})
+    failed, reports = await collect(storage, [A, B], client, concurrency=3)
+    assert failed == []
+    assert reports.failures == [(2, A.peer_id)]
+    assert sorted(client.released) == sorted(number for _, number in client.asked)  # each buffer once, bad too
+    assert sorted(piece.number for piece in reports.pieces) == list(range(5))
+    assert await read_all(storage, TASK_ID) == CONTENT
+
+
+async def test_a_piece_is_reported_only_once_it_is_visible(storage: Storage) -> None:
+    client = FakeParents({A.peer_id: set(range(5))})
+    visible: list[bool] = []
+
+    async def on_piece(piece: PieceRecord) -> None:
+        visible.append(await storage.piece(TASK_ID, piece.number) == piece)
+
+    async with storage.download(TASK_ID, task_info()) as writer:
+        await collect_from_parents(
+            TASK_ID,
+            SPANS,
+            [A],
+            client,
+            writer,
+            concurrency=2,
+            piece_timeout=30.0,
+            on_piece=on_piece,
+            on_failure=Reports().on_failure,
+        )
+    assert visible == [True] * 5
+
+
 async def test_a_broken_parent_is_asked_once_then_avoided(storage: Storage) -> None:
     client = FakeParents({A.peer_id: set(range(5)), B.peer_id: set(range(5))}, broken={A.peer_id}, late={B.peer_id})
     failed, reports = await collect(storage, [A, B], client, concurrency=1)
@@ -204,11 +257,17 @@ def fetched(span: PieceSpan, content: bytes, *, number: int | None = None, metad
     )
 
 
+def check(span: PieceSpan, piece: FetchedPiece) -> None:
+    """Both checks, the CRC computed over the bytes as the writer does."""
+    check_place(span, piece)
+    check_digests(span, piece, zlib.crc32(piece.content))
+
+
 def test_check_piece_accepts_the_right_bytes_with_both_digests() -> None:
     span = SPANS[1]
     content = CONTENT[span.offset : span.end]
     metadata = ids.piece_metadata_digest(span.number, span.offset, span.length, ids.piece_digest(content))
-    check_piece(span, fetched(span, content, metadata=metadata))
+    check(span, fetched(span, content, metadata=metadata))
 
 
 @pytest.mark.parametrize(
@@ -216,7 +275,7 @@ def test_check_piece_accepts_the_right_bytes_with_both_digests() -> None:
     [
         ("wrong number", "parent sent #2"),
         ("short", "parent sent 1023 of 1024 bytes"),
-        ("flipped byte", "does not match the parent's"),
+        ("flipped byte", "piece 1 has digest crc32:[0-9]+, the parent sent"),
         ("wrong metadata digest", "metadata digest crc32:1 !="),
     ],
 )
@@ -230,7 +289,7 @@ def test_check_piece_refuses_what_does_not_match(case: str, message: str) -> Non
         "wrong metadata digest": fetched(span, content, metadata="crc32:1"),
     }[case]
     with pytest.raises(BadPiece, match=message):
-        check_piece(span, piece)
+        check(span, piece)
     assert issubclass(BadPiece, PieceUnavailable)  # a bad copy is the piece's fault, not the parent's
 
 

@@ -1,10 +1,12 @@
 """Collecting a task's missing pieces from candidate parents.
 
 Each parent's ``SyncPieces`` stream says which pieces it holds (and, for a parent still fetching,
-which it gains); a bounded pool of workers fetches each piece once with ``DownloadPiece`` from a
-parent that has it, checks the piece's CRC and metadata digest, and writes it. A parent that fails
-or sends bad bytes is reported and avoided; the piece goes back to the queue for another parent.
-Collection ends when every piece is in, or when no usable parent can make progress.
+which it gains); a bounded pool of workers fetches each piece once from a parent that has it. A
+fetched piece is written (its CRC computed in the same thread hop) while its worker already fetches
+the next one; its digests are checked against that CRC, and a committer makes the pieces written
+meanwhile durable and visible together, then reports them. A parent that fails or sends bad bytes is
+reported and avoided; the piece goes back to the queue for another parent. Collection ends when every
+piece is in, or when no usable parent can make progress.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import contextlib
 import itertools
 import logging
 import time
-import zlib
 from collections.abc import Awaitable, Callable
 
 from dfdaemon import ids
@@ -70,6 +71,9 @@ class PieceCollection:
         self.wake = asyncio.Event()
         self.queue: asyncio.Queue[int] = asyncio.Queue()
         self._turn = itertools.count()  # spreads the pieces over the parents that hold them
+        # Pieces written but not yet durable and visible, each with the parent it came from (see ``committer``).
+        self.staged: list[tuple[PieceRecord, Parent]] = []
+        self.staged_ready = asyncio.Event()
 
     @property
     def complete(self) -> bool:
@@ -117,57 +121,65 @@ class PieceCollection:
             self.wake.set()
 
     async def worker(self) -> None:
-        """Fetch queued pieces one at a time, each from the next parent that can serve it."""
-        while True:
-            number = await self.queue.get()
-            self.queued.discard(number)
-            candidates = self.usable(number)
-            if number in self.done or not candidates:
-                continue
-            await self._fetch(candidates[next(self._turn) % len(candidates)], self.wanted[number])
+        """Fetch queued pieces one at a time, each from the next parent that can serve it.
 
-    async def _fetch(self, parent: Parent, span: PieceSpan) -> None:
-        """One attempt at one piece; a failure hands the piece back to the queue when another parent has it."""
-        number = span.number
-        self.busy.add(number)
+        A fetched piece is written by a task of its own while the worker already fetches the next one, so a
+        request is in flight while the previous piece lands; each worker waits for its previous piece's write
+        before starting the next, so at most two pieces per worker are in memory.
+        """
+        writing: tuple[asyncio.Task[None], FetchedPiece] | None = None
         try:
-            record = await self._download(parent, span)
+            while True:
+                number = await self.queue.get()
+                self.queued.discard(number)
+                candidates = self.usable(number)
+                if number in self.done or not candidates:
+                    continue
+                parent, span = candidates[next(self._turn) % len(candidates)], self.wanted[number]
+                started = time.monotonic()
+                fetched = await self._fetch(parent, span)
+                if fetched is None:
+                    continue
+                try:
+                    if writing is not None:
+                        await writing[0]
+                except BaseException:
+                    fetched.done()
+                    raise
+                writing = asyncio.create_task(self._stage(parent, span, fetched, started)), fetched
+        finally:
+            if writing is not None:
+                writing[0].cancel()
+                await asyncio.gather(writing[0], return_exceptions=True)
+                writing[1].done()  # when the write was cancelled before it began
+
+    async def _fetch(self, parent: Parent, span: PieceSpan) -> FetchedPiece | None:
+        """One attempt at one piece's bytes; None when it failed (the piece went back to the queue if it could)."""
+        self.busy.add(span.number)
+        try:
+            with tracing.span(
+                "piece",
+                task_id=self.task_id,
+                piece_number=span.number,
+                piece_length=span.length,
+                traffic_type="REMOTE_PEER",
+                parent=parent.peer_id,
+            ):
+                # Not wait_for: a piece that arrives as the timeout fires must not be lost with its buffer.
+                async with asyncio.timeout(self.piece_timeout):
+                    return await self.client.download_piece(parent, self.task_id, span.number)
         except asyncio.CancelledError:
             raise
-        except PieceUnavailable as exc:
-            self.busy.discard(number)
-            await self._refused(parent, number, exc)
-            return
         except Exception as exc:
-            self.busy.discard(number)
-            await self.fail(parent, number, str(exc) or type(exc).__name__)
-            if self.usable(number):
-                self.offer(number)
-            return
-        self.busy.discard(number)
-        self.done.add(number)
-        self.last_progress = time.monotonic()
-        metrics.DOWNLOAD_BYTES.labels("peer").inc(record.length)
-        metrics.PIECE_SECONDS.labels("peer").observe(record.cost)
-        await self.on_piece(record)
-        self.wake.set()
+            await self._failed(parent, span.number, exc)
+            return None
 
-    async def _download(self, parent: Parent, span: PieceSpan) -> PieceRecord:
-        """Fetch, check and store one piece."""
-        started = time.monotonic()
-        with tracing.span(
-            "piece",
-            task_id=self.task_id,
-            piece_number=span.number,
-            piece_length=span.length,
-            traffic_type="REMOTE_PEER",
-            parent=parent.peer_id,
-        ):
-            fetched = await asyncio.wait_for(
-                self.client.download_piece(parent, self.task_id, span.number), self.piece_timeout
-            )
-            await asyncio.to_thread(check_piece, span, fetched)  # its CRC runs off the event loop
-            return await self.writer.write_piece(
+    async def _stage(self, parent: Parent, span: PieceSpan, fetched: FetchedPiece, started: float) -> None:
+        """Check the piece's place, write it (its CRC computed on the way, once), check its digests, then queue
+        it for the next commit."""
+        try:
+            check_place(span, fetched)
+            record = await self.writer.stage_piece(
                 span.number,
                 span.offset,
                 fetched.content,
@@ -175,6 +187,47 @@ class PieceCollection:
                 traffic_type=TrafficType.REMOTE_PEER,
                 cost=time.monotonic() - started,
             )
+            check_digests(span, fetched, record.crc)
+        except Exception as exc:
+            await self._failed(parent, span.number, exc)
+            return
+        finally:
+            fetched.done()
+        self.staged.append((record, parent))
+        self.staged_ready.set()
+
+    async def committer(self) -> None:
+        """Commit staged pieces in batches, one fdatasync and one transaction for all written meanwhile, then
+        report each; the workers never wait for this."""
+        while True:
+            await self.staged_ready.wait()
+            self.staged_ready.clear()
+            batch, self.staged = self.staged, []
+            try:
+                await self.writer.commit_staged([record for record, _ in batch])
+            except Exception as exc:
+                for record, parent in batch:
+                    await self._failed(parent, record.number, exc)
+                continue
+            for record, _ in batch:
+                metrics.DOWNLOAD_BYTES.labels("peer").inc(record.length)
+                metrics.PIECE_SECONDS.labels("peer").observe(record.cost)
+                await self.on_piece(record)
+                self.busy.discard(record.number)
+                self.done.add(record.number)
+            self.last_progress = time.monotonic()
+            self.wake.set()
+
+    async def _failed(self, parent: Parent, number: int, exc: Exception) -> None:
+        """A fetch, check or write failed: a piece the parent cannot serve avoids it for that piece, anything
+        else avoids the parent; the piece goes back to the queue when another parent has it."""
+        self.busy.discard(number)
+        if isinstance(exc, PieceUnavailable):
+            await self._refused(parent, number, exc)
+            return
+        await self.fail(parent, number, str(exc) or type(exc).__name__)
+        if self.usable(number):
+            self.offer(number)
 
     async def _refused(self, parent: Parent, number: int, reason: PieceUnavailable) -> None:
         """The parent cannot serve this one piece: avoid it for that piece only."""
@@ -190,8 +243,12 @@ class PieceCollection:
         self.open_syncs = len(parents)
         tasks = [asyncio.create_task(self.sync(parent)) for parent in parents]
         tasks += [asyncio.create_task(self.worker()) for _ in range(max(1, concurrency))]
+        committer = asyncio.create_task(self.committer())
+        tasks.append(committer)
         try:
             while not self.complete and not await self._stuck(parents):
+                if committer.done():
+                    committer.result()  # a report that raised: the collection cannot go on
                 self.wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), timeout=min(1.0, self.piece_timeout))
@@ -215,8 +272,8 @@ class PieceCollection:
         return False
 
 
-def check_piece(span: PieceSpan, fetched: FetchedPiece) -> None:
-    """Verify a fetched piece against its expected place and both of its digests."""
+def check_place(span: PieceSpan, fetched: FetchedPiece) -> None:
+    """Verify a fetched piece is the one asked for, where it belongs, with all of its bytes."""
     if (fetched.number, fetched.offset, fetched.length) != (span.number, span.offset, span.length):
         raise BadPiece(
             f"piece {span.number}: parent sent #{fetched.number} at {fetched.offset}+{fetched.length}, "
@@ -224,9 +281,13 @@ def check_piece(span: PieceSpan, fetched: FetchedPiece) -> None:
         )
     if len(fetched.content) != span.length:
         raise BadPiece(f"piece {span.number}: parent sent {len(fetched.content)} of {span.length} bytes")
-    actual = ids.format_crc32(zlib.crc32(fetched.content))
+
+
+def check_digests(span: PieceSpan, fetched: FetchedPiece, crc: int) -> None:
+    """Verify the bytes' CRC (computed while writing them) and the metadata digest against what the parent sent."""
+    actual = ids.format_crc32(crc)
     if fetched.digest != actual:
-        raise BadPiece(f"piece {span.number}: content digest {actual} does not match the parent's {fetched.digest}")
+        raise BadPiece(f"piece {span.number} has digest {actual}, the parent sent {fetched.digest}")
     if fetched.metadata_digest is not None:
         expected = ids.piece_metadata_digest(span.number, span.offset, span.length, fetched.digest)
         if fetched.metadata_digest != expected:

@@ -7,7 +7,7 @@ The gRPC layer implements both; the download path never sees protobuf.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -70,14 +70,26 @@ class Registration:
 
 @dataclass(frozen=True)
 class FetchedPiece:
-    """A piece's bytes as a parent sent them, with the digests to check them against."""
+    """A piece's bytes as a parent sent them, with the digests to check them against.
+
+    ``content`` may be a view of a client's reused receive buffer: the collector writes it, computing the CRC
+    in the same pass, then calls ``done`` so the client can reuse the buffer (no copy of the piece in between).
+    """
 
     number: int
     offset: int
     length: int
     digest: str
     metadata_digest: str | None
-    content: bytes
+    content: bytes | memoryview
+    release: Callable[[], None] | None = None
+
+    def done(self) -> None:
+        """The bytes are no longer needed; the release hook runs once however often this is called."""
+        release = self.release
+        if release is not None:
+            object.__setattr__(self, "release", None)  # frozen for everything else
+            release()
 
 
 class SchedulerSession(Protocol):

@@ -122,9 +122,19 @@ def add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer: o
         handlers[method.name] = factory(
             _guarded(method, implementation),
             request_deserializer=_lenient(request_class),
-            response_serializer=response_class.SerializeToString,
+            response_serializer=_serializer(response_class),
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+
+
+def _serializer(response_class: Any) -> Callable[[Any], bytes]:
+    """A message's wire bytes; a servicer that built them itself (``bytes``) has them passed through as they are."""
+    serialize = response_class.SerializeToString
+
+    def serializer(response: Any) -> bytes:
+        return response if isinstance(response, bytes) else bytes(serialize(response))
+
+    return serializer
 
 
 class HealthReporter:

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.empty_pb2 import Empty
 
 from dfdaemon import ids
@@ -16,10 +17,13 @@ from dfdaemon.rpc import convert
 from dfdaemon.rpc.convert import unary
 from dfdaemon.rpc.download import Membership, TaskServicer
 from dfdaemon.rpc.servers import Context
-from dfdaemon.storage import InvalidPiece, Storage, TaskNotFound, TaskState
+from dfdaemon.storage import InvalidPiece, PieceRecord, Storage, TaskNotFound, TaskState
 from dfdaemon.telemetry import metrics
 
 SERVICE = dfdaemon_pb2.DESCRIPTOR.services_by_name["DfdaemonUpload"]
+# DownloadPiece buffers kept between calls, and the largest kept (larger pieces get one of their own).
+MAX_POOLED_BUFFERS = 4
+MAX_POOLED_BUFFER = 16 * 1024 * 1024
 
 
 class UploadServicer(TaskServicer):
@@ -52,6 +56,8 @@ class UploadServicer(TaskServicer):
         # The vortex port, advertised in every SyncPiecesResponse: an upstream child >= 1.2.2 fetches only over
         # vortex and, without it, would send vortex bytes to the gRPC port.
         self.tcp_port = tcp_port
+        # Piece buffers reused by DownloadPiece: one per concurrent call, a few kept between calls.
+        self._buffers: list[bytearray] = []
 
     async def SyncHost(self, request: dfdaemon_pb2.SyncHostRequest, context: Context) -> AsyncIterator[common_pb2.Host]:
         """This host's description, now and then every announce interval, until the caller goes away."""
@@ -119,13 +125,13 @@ class UploadServicer(TaskServicer):
                 raise TimeoutError(f"task {task_id} made no progress for {self.piece_timeout:.0f}s") from None
 
     @unary
-    async def DownloadPiece(
-        self, request: dfdaemon_pb2.DownloadPieceRequest, context: Context
-    ) -> dfdaemon_pb2.DownloadPieceResponse:
-        """One piece's bytes, CRC-checked on the way out, with the piece metadata digest.
+    async def DownloadPiece(self, request: dfdaemon_pb2.DownloadPieceRequest, context: Context) -> bytes:
+        """One piece's bytes, CRC-checked on the way out, with the piece metadata digest, already serialized.
 
-        A slot is held until the response has been sent (its bytes are in memory until then): memory stays
-        bounded by the slots, whatever the number of callers.
+        The piece is read into a reused buffer and the response's wire bytes are built around it in one copy
+        (``encode_download_piece``): a protobuf message would copy the bytes in, then out again. A slot is held
+        until the response has been sent (its bytes are in memory until then): memory stays bounded by the
+        slots, whatever the number of callers.
         """
         release = await self.admission.enter()
 
@@ -133,14 +139,47 @@ class UploadServicer(TaskServicer):
             release()
 
         context.add_done_callback(done)  # type: ignore[arg-type]  # the stubs declare a non-Protocol callback type
-        async with self.storage.upload(ids.validate_task_id(request.task_id)) as reader:
-            piece, content = await reader.read_piece(request.piece_number)
-        response = dfdaemon_pb2.DownloadPieceResponse(
-            digest=ids.piece_metadata_digest(piece.number, piece.offset, piece.length, piece.digest)
-        )
-        # Filled in place: passing a Piece holding the bytes to the constructor would copy them once more.
-        response.piece.CopyFrom(convert.piece(piece, piece.traffic_type))
-        response.piece.content = content
+        buffer = self._buffers.pop() if self._buffers else bytearray()
+        try:
+            async with self.storage.upload(ids.validate_task_id(request.task_id)) as reader:
+                piece, content = await reader.read_piece_into(request.piece_number, buffer)
+            with content:
+                response = encode_download_piece(piece, content)
+        finally:
+            if len(self._buffers) < MAX_POOLED_BUFFERS and len(buffer) <= MAX_POOLED_BUFFER:
+                self._buffers.append(buffer)
         metrics.UPLOAD_PIECES.inc()
-        metrics.UPLOAD_BYTES.inc(len(content))
+        metrics.UPLOAD_BYTES.inc(piece.length)
         return response
+
+
+def encode_download_piece(piece: PieceRecord, content: memoryview) -> bytes:
+    """A ``DownloadPieceResponse``'s wire bytes, the content copied once (into the result).
+
+    Protobuf lets a message's fields come in any order, so the piece's content field follows the piece's other
+    fields, each length-delimited field being its tag, the varint length of its value, then the value.
+    """
+    metadata = convert.piece(piece, piece.traffic_type).SerializeToString()
+    content_field = _PIECE_CONTENT_TAG + _varint(len(content))
+    piece_length = len(metadata) + len(content_field) + len(content)
+    digest = ids.piece_metadata_digest(piece.number, piece.offset, piece.length, piece.digest)
+    tail = dfdaemon_pb2.DownloadPieceResponse(digest=digest).SerializeToString()
+    return b"".join((_RESPONSE_PIECE_TAG, _varint(piece_length), metadata, content_field, content, tail))
+
+
+def _varint(value: int) -> bytes:
+    """Protobuf's base-128 varint: seven bits a byte, least significant first, the high bit set on all but the last."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _length_delimited_tag(field: FieldDescriptor) -> bytes:
+    return _varint(field.number << 3 | 2)  # wire type 2: length-delimited
+
+
+_RESPONSE_PIECE_TAG = _length_delimited_tag(dfdaemon_pb2.DownloadPieceResponse.DESCRIPTOR.fields_by_name["piece"])
+_PIECE_CONTENT_TAG = _length_delimited_tag(common_pb2.Piece.DESCRIPTOR.fields_by_name["content"])

@@ -13,9 +13,14 @@ Operation                                   Transaction, and the file work aroun
                                             the piece row with the file's size (the piece is visible only then)
 ``commit_pieces(id, pieces)``               one insert of many pieces whose bytes are already durable
 ``finish_task`` / ``fail_task``             the task's state (and size); ``discard`` deletes the file first
+``stage_piece`` / ``commit_staged``         bytes written and CRC'd in one thread hop, not synced / one
+                                            fdatasync, then one insert of every staged piece (batched)
 ``piece(id, n)`` / ``pieces(id)``           read only
-``read_piece(id, n)``                       read and CRC-check the bytes; a corrupt piece's row is deleted
-``record_upload(id)`` / ``touch(id)``       last use (and the upload count) of the task
+``read_piece`` / ``read_piece_into``        read and CRC-check the bytes (into a reused buffer); a corrupt
+                                            piece's row is deleted
+``touch(id)``                               last use of the task
+``record_upload(id)`` / ``flush_uses()``    in memory (merged into task reads); every pending use in one
+                                            transaction, at most ``USE_FLUSH_DELAY`` later and before GC
 ``upload(id)`` / ``reading(id)``            in-flight upload / download reference, in memory only
 ``acquire`` / ``release`` / ``sync``        the holder's holds, all named tasks in one transaction
 ``keep_alive`` / ``expire_holds``           lease expiries; expiry stamps the task released when it lapsed

@@ -85,6 +85,36 @@ class ContentStore:
             os.close(fd)
         return b"".join(chunks)
 
+    def read_into(self, task_id: str, offset: int, target: memoryview) -> int:
+        """Fill ``target`` with the bytes at ``offset``; returns how many there were (fewer when the file is short)."""
+        fd = os.open(self.path(task_id), os.O_RDONLY)
+        try:
+            filled = 0
+            while filled < len(target):
+                read = os.preadv(fd, [target[filled:]], offset + filled)
+                if not read:
+                    break
+                filled += read
+        finally:
+            os.close(fd)
+        return filled
+
+    def write_unsynced(self, task_id: str, offset: int, data: bytes | memoryview) -> int:
+        """Write bytes at ``offset`` without syncing them; returns their CRC-32 (see ``sync``)."""
+        fd = self.open_for_write(task_id)
+        try:
+            return write_at(fd, offset, data, 0)
+        finally:
+            os.close(fd)
+
+    def sync(self, task_id: str) -> int:
+        """Make every write to the task's file durable; returns the file's size."""
+        fd = os.open(self.path(task_id), os.O_RDONLY)
+        try:
+            return sync_and_size(fd)
+        finally:
+            os.close(fd)
+
     def delete(self, task_id: str) -> int:
         """Delete the task's file; returns the bytes the filesystem gets back: its size, or 0 while another hard
         link (an output file) keeps the same bytes on disk."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -74,6 +75,8 @@ def _test_pause(point: str) -> None:
 
 
 METADATA_FILE = "metadata.db"
+# How long uses (pieces served) wait in memory before one transaction records them all.
+USE_FLUSH_DELAY = 5.0
 
 # Called after a task's bytes are deleted, e.g. to tell the scheduler (DeleteTask).
 DeletionListener = Callable[[str], Awaitable[None]]
@@ -97,6 +100,10 @@ class Storage:
         self._deletion_listeners: list[DeletionListener] = []
         self._growth_listeners: list[Callable[[], None]] = []
         self._changes: dict[str, asyncio.Event] = {}
+        # Uses not yet in SQLite: task id -> (last use, pieces served). Readers see them merged in.
+        self._uses: dict[str, tuple[float, int]] = {}
+        self._uses_timer: asyncio.TimerHandle | None = None
+        self._uses_flush: asyncio.Task[None] | None = None
 
     # Lifetime
 
@@ -109,7 +116,12 @@ class Storage:
         await self._reconcile()
 
     async def close(self) -> None:
+        if self._uses_timer is not None:
+            self._uses_timer.cancel()
+        if self._uses_flush is not None:
+            await self._uses_flush
         if self._meta is not None:
+            await self.flush_uses()
             await self._db(self._meta.close)
             self._meta = None
         self._db_thread.shutdown(wait=True)
@@ -253,7 +265,8 @@ class Storage:
 
     async def get_task(self, task_id: str) -> TaskRecord | None:
         validate_task_id(task_id)
-        return await self._db(self.meta.get_task, task_id)
+        task = await self._db(self.meta.get_task, task_id)
+        return None if task is None else self._with_uses(task)
 
     async def require_task(self, task_id: str) -> TaskRecord:
         task = await self.get_task(task_id)
@@ -262,10 +275,12 @@ class Storage:
         return task
 
     async def list_tasks(self) -> list[TaskRecord]:
-        return [task for task in await self._db(self.meta.list_tasks) if task.state is not TaskState.EVICTING]
+        tasks = await self._db(self.meta.list_tasks)
+        return [self._with_uses(task) for task in tasks if task.state is not TaskState.EVICTING]
 
     async def task_times(self) -> list[TaskTimes]:
         """The GC view of every task not being evicted (see ``MetadataStore.task_times``)."""
+        await self.flush_uses()
         return await self._db(self.meta.task_times)
 
     async def count_tasks(self) -> int:
@@ -285,8 +300,43 @@ class Storage:
         await self._db(self.meta.touch_task, task_id, self.clock())
 
     async def record_upload(self, task_id: str) -> None:
-        """A piece was served to a peer: the task counts as used now, and its upload count grows."""
-        await self._db(self.meta.touch_task, task_id, self.clock(), True)
+        """A piece was served to a peer: the task counts as used now, and its upload count grows.
+
+        Kept in memory and written with every other pending use at most ``USE_FLUSH_DELAY`` later, so serving
+        a piece costs no SQLite write. Task reads merge pending uses in, and GC flushes them before it looks.
+        """
+        _, served = self._uses.get(task_id, (0.0, 0))
+        self._uses[task_id] = (self.clock(), served + 1)
+        if self._uses_timer is None:
+            self._uses_timer = asyncio.get_running_loop().call_later(USE_FLUSH_DELAY, self._flush_uses_later)
+
+    def _flush_uses_later(self) -> None:
+        self._uses_timer = None
+        if self._uses_flush is None or self._uses_flush.done():
+            self._uses_flush = asyncio.create_task(self.flush_uses())
+
+    async def flush_uses(self) -> None:
+        """Record every pending use in one transaction; on failure they stay pending for the next flush."""
+        uses, self._uses = self._uses, {}
+        if not uses:
+            return
+        try:
+            await self._db(self.meta.record_uses, [(task_id, at, served) for task_id, (at, served) in uses.items()])
+        except (DiskFull, sqlite3.Error) as exc:
+            log.warning("could not record %d tasks' uploads yet: %s", len(uses), exc)
+            for task_id, (at, served) in uses.items():
+                later, more = self._uses.get(task_id, (0.0, 0))
+                self._uses[task_id] = (max(at, later), served + more)
+
+    def _with_uses(self, task: TaskRecord) -> TaskRecord:
+        """The task as it will be once its pending uses are written."""
+        pending = self._uses.get(task.id)
+        if pending is None:
+            return task
+        at, served = pending
+        return dataclasses.replace(
+            task, last_used_at=max(task.last_used_at, at), uploaded_count=task.uploaded_count + served
+        )
 
     def references(self, task_id: str, holds: list[Hold]) -> References:
         return References(
@@ -352,20 +402,47 @@ class Storage:
 
     async def read_piece(self, task_id: str, number: int) -> tuple[PieceRecord, bytes]:
         """Read and CRC-verify one piece; a piece whose bytes changed is forgotten and reported corrupt."""
-        piece = await self.piece(task_id, number)
-        if piece is None:
-            raise PieceNotFound(task_id, number)
+        piece = await self._stored_piece(task_id, number)
 
         def read_and_check() -> tuple[bytes, bool]:
             data = self.content.read_piece(task_id, piece.offset, piece.length)
             return data, len(data) == piece.length and zlib.crc32(data) == piece.crc
 
         data, intact = await self._io(read_and_check)  # the CRC runs off the loop (zlib releases the GIL)
-        if not intact:
-            log.error("piece %d of task %s failed its CRC check; dropping it", number, task_id)
-            await self._db(self.meta.remove_piece, task_id, number)
-            raise PieceCorrupt(f"piece {number} of task {task_id} is corrupt on disk and was dropped")
+        await self._drop_if_corrupt(piece, intact)
         return piece, data
+
+    async def read_piece_into(self, task_id: str, number: int, buffer: bytearray) -> tuple[PieceRecord, memoryview]:
+        """As ``read_piece``, into a caller's reused buffer (grown when too small): nothing allocated per piece.
+
+        Returns a view of the piece's bytes in ``buffer``; the caller releases it before reusing the buffer.
+        """
+        piece = await self._stored_piece(task_id, number)
+        if len(buffer) < piece.length:
+            buffer.extend(bytes(piece.length - len(buffer)))
+        view = memoryview(buffer)[: piece.length]
+
+        def read_and_check() -> bool:
+            read = self.content.read_into(task_id, piece.offset, view)
+            return read == piece.length and zlib.crc32(view) == piece.crc
+
+        intact = await self._io(read_and_check)
+        if not intact:
+            view.release()
+        await self._drop_if_corrupt(piece, intact)
+        return piece, view
+
+    async def _stored_piece(self, task_id: str, number: int) -> PieceRecord:
+        piece = await self.piece(task_id, number)
+        if piece is None:
+            raise PieceNotFound(task_id, number)
+        return piece
+
+    async def _drop_if_corrupt(self, piece: PieceRecord, intact: bool) -> None:
+        if not intact:
+            log.error("piece %d of task %s failed its CRC check; dropping it", piece.number, piece.task_id)
+            await self._db(self.meta.remove_piece, piece.task_id, piece.number)
+            raise PieceCorrupt(f"piece {piece.number} of task {piece.task_id} is corrupt on disk and was dropped")
 
     # Writing (under a download reference: ``download`` gives a TaskWriter naming the task)
 
@@ -435,6 +512,33 @@ class Storage:
             if piece.task_id != task_id:
                 raise InvalidPiece(f"piece {piece.number} belongs to task {piece.task_id}, not {task_id}")
         await self._commit(task_id, pieces, await self._io(self.content.size, task_id))
+
+    async def stage_piece(
+        self,
+        task_id: str,
+        number: int,
+        offset: int,
+        data: bytes | memoryview,
+        *,
+        parent_id: str | None = None,
+        traffic_type: int = TrafficType.REMOTE_PEER,
+        cost: float = 0.0,
+    ) -> PieceRecord:
+        """Write a piece's bytes at its offset, computing its CRC, in one thread hop; neither durable nor visible.
+
+        For a writer that checks the returned CRC and then commits many pieces at once with ``commit_staged``.
+        """
+        _check_span(number, offset, len(data))
+        with self._disk_full_guard(task_id, number):
+            crc = await self._io(self.content.write_unsynced, task_id, offset, data)
+        return self._piece(task_id, number, offset, len(data), crc, parent_id, traffic_type, cost)
+
+    async def commit_staged(self, task_id: str, pieces: Sequence[PieceRecord]) -> None:
+        """Make staged pieces durable (one fdatasync of the task's file) and visible (one transaction)."""
+        validate_task_id(task_id)
+        with self._disk_full_guard(task_id, pieces[0].number if pieces else -1):
+            size = await self._io(self.content.sync, task_id)
+            await self._commit(task_id, pieces, size)
 
     def _piece(
         self,
@@ -557,6 +661,7 @@ class Storage:
         Lapsed leases count as released when they lapsed; ``purge_lapsed`` deletes them as well (a real run),
         otherwise they are only read (a dry run, or a disk too full to write).
         """
+        await self.flush_uses()
         lapsed = await self._lapsed_holds(purge_lapsed)
         holding: dict[str, list[str]] = {}
         for hold in await self._db(self.meta.live_holds, self.clock()):
@@ -732,6 +837,24 @@ class TaskWriter:
     async def commit_pieces(self, pieces: Sequence[PieceRecord]) -> None:
         await self.storage.commit_pieces(self.task_id, pieces)
 
+    async def stage_piece(
+        self,
+        number: int,
+        offset: int,
+        data: bytes | memoryview,
+        *,
+        parent_id: str | None = None,
+        traffic_type: int = TrafficType.REMOTE_PEER,
+        cost: float = 0.0,
+    ) -> PieceRecord:
+        """Write a piece's bytes without making them visible (see ``Storage.stage_piece``)."""
+        return await self.storage.stage_piece(
+            self.task_id, number, offset, data, parent_id=parent_id, traffic_type=traffic_type, cost=cost
+        )
+
+    async def commit_staged(self, pieces: Sequence[PieceRecord]) -> None:
+        await self.storage.commit_staged(self.task_id, pieces)
+
     async def finish(self) -> TaskRecord:
         return await self.storage.finish_task(self.task_id)
 
@@ -750,6 +873,12 @@ class TaskReader:
         piece, data = await self.storage.read_piece(self.task.id, number)
         await self.storage.record_upload(self.task.id)
         return piece, data
+
+    async def read_piece_into(self, number: int, buffer: bytearray) -> tuple[PieceRecord, memoryview]:
+        """One piece into ``buffer`` (see ``Storage.read_piece_into``), counted as a use of the task."""
+        piece, view = await self.storage.read_piece_into(self.task.id, number, buffer)
+        await self.storage.record_upload(self.task.id)
+        return piece, view
 
 
 def _check_span(number: int, offset: int, length: int) -> None:

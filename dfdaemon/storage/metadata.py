@@ -257,6 +257,15 @@ class MetadataStore:
                 (now, 1 if uploaded else 0, task_id),
             )
 
+    def record_uses(self, uses: Sequence[tuple[str, float, int]]) -> None:
+        """Apply batched uses (task id, last use, uploads) in one transaction; a later use never moves back."""
+        with self.transaction() as db:
+            db.executemany(
+                "UPDATE tasks SET last_used_at = MAX(last_used_at, ?), uploaded_count = uploaded_count + ?"
+                " WHERE id = ?",
+                [(used_at, uploads, task_id) for task_id, used_at, uploads in uses],
+            )
+
     def mark_evicting(self, task_id: str, expected_states: Iterable[TaskState], now: float) -> bool:
         """Mark a task evicting only if it is still in an expected state and no live hold names it.
 

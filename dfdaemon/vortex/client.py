@@ -2,8 +2,9 @@
 
 The protocol reads into the buffer it is pointed at (``asyncio.BufferedProtocol``: the transport calls
 ``recv_into`` on that memory, TLS or not) and pauses reading between targets, so the header, the metadata and
-the piece's bytes each land exactly where they belong, without per-chunk ``bytes`` objects. The CRC is computed
-once, on the received bytes, and checked against the digest the parent sent with them.
+the piece's bytes each land exactly where they belong, without per-chunk ``bytes`` objects. The piece is handed
+on as a view of that buffer, not copied: the collector computes its CRC while writing it (once) and hands the
+buffer back for the next fetch.
 """
 
 from __future__ import annotations
@@ -11,9 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-import zlib
 
-from dfdaemon import ids
 from dfdaemon.download.peering import FetchedPiece, ParentUnavailable, PieceUnavailable
 from dfdaemon.vortex.codec import (
     HEADER_SIZE,
@@ -31,9 +30,9 @@ from dfdaemon.vortex.server import tune_socket
 CONNECT_TIMEOUT = 2.0
 # The largest piece a parent may announce (the largest piece length a download may request).
 MAX_PIECE_LENGTH = 1024 * 1024 * 1024
-# Receive buffers kept for reuse between fetches: enough for the usual concurrency, none for outsized pieces.
-MAX_POOLED_BUFFERS = 16
-MAX_POOLED_BUFFER = 16 * 1024 * 1024
+# Bytes of receive buffers in existence at once (handed out or kept for reuse), whatever the number of fetches
+# and the piece length: a fetch waits for room before it allocates (a piece larger than this alone still goes).
+MEMORY_BUDGET = 40 * 1024 * 1024
 
 
 class _Receiver(asyncio.BufferedProtocol):
@@ -93,20 +92,54 @@ class _Receiver(asyncio.BufferedProtocol):
 class VortexClient:
     """Fetches pieces over vortex TCP (mutual TLS when given a context); one reused buffer per concurrent fetch."""
 
-    def __init__(self, *, piece_timeout: float, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, *, piece_timeout: float, ssl_context: ssl.SSLContext | None = None, memory_budget: int = MEMORY_BUDGET
+    ) -> None:
         self.piece_timeout = piece_timeout
         self.ssl_context = ssl_context
+        self.memory_budget = memory_budget
         self._free: list[bytearray] = []
+        self._out = 0  # bytes of the buffers handed out
+        self._waiters: list[asyncio.Future[None]] = []
 
     async def download_piece(self, ip: str, port: int, task_id: str, number: int) -> FetchedPiece:
-        """One piece from the parent at ``ip:port``, its CRC checked against the digest sent with it.
+        """One piece from the parent at ``ip:port``, as a view of a pooled buffer; the caller checks its CRC.
 
-        Raises PieceUnavailable when only this piece cannot come from this parent (it lacks it, or its bytes do
-        not match their digest), ParentUnavailable when the parent cannot be reached or breaks the protocol.
+        The caller must call ``done()`` on the result once the bytes are written. Raises PieceUnavailable when
+        only this piece cannot come from this parent (it lacks it), ParentUnavailable when the parent cannot be
+        reached or breaks the protocol.
         """
         where = f"vortex {ip}:{port}"
         receiver = await self._connect(ip, port, where)
-        buffer = self._free.pop() if self._free else bytearray()
+        try:
+            metadata, buffer = await self._receive(receiver, task_id, number, where)
+        finally:
+            if receiver.transport is not None:
+                receiver.transport.close()
+        view = memoryview(buffer)[: metadata.length]
+
+        def release() -> None:  # once only (FetchedPiece.done): pooling twice would give two fetches one buffer
+            try:
+                view.release()
+            except BufferError:
+                self._give_back(buffer, keep=False)  # a cancelled write's thread still reads it: never reuse it
+            else:
+                self._give_back(buffer)
+
+        return FetchedPiece(
+            number=metadata.number,
+            offset=metadata.offset,
+            length=metadata.length,
+            digest=metadata.digest,
+            metadata_digest=None,
+            content=view,
+            release=release,
+        )
+
+    async def _receive(
+        self, receiver: _Receiver, task_id: str, number: int, where: str
+    ) -> tuple[PieceMetadata, bytearray]:
+        """Request the piece and read its bytes into a buffer taken within the memory budget."""
         try:
             async with asyncio.timeout(self.piece_timeout):
                 metadata = await _request(receiver, task_id, number)
@@ -114,34 +147,48 @@ class VortexClient:
                     raise PieceUnavailable(f"{where}: asked for piece {number}, got #{metadata.number}")
                 if metadata.length > MAX_PIECE_LENGTH:
                     raise ParentUnavailable(f"{where}: piece {number} claims {metadata.length} bytes")
-                if len(buffer) < metadata.length:
-                    buffer = bytearray(metadata.length)
-                view = memoryview(buffer)[: metadata.length]
-                await receiver.read_into(view)
-            # One thread hop: the CRC over the bytes, and the copy handed to the writer (the buffer is reused).
-            crc, content = await asyncio.to_thread(_crc_and_copy, view)
-            view.release()
+                buffer = await self._take(metadata.length)
+                try:
+                    await receiver.read_into(memoryview(buffer)[: metadata.length])
+                except BaseException:
+                    self._give_back(buffer)
+                    raise
         except TimeoutError:
             raise ParentUnavailable(f"{where}: piece {number} took longer than {self.piece_timeout:.0f}s") from None
         except (OSError, ProtocolError) as exc:
             raise ParentUnavailable(f"{where}: piece {number}: {exc}") from None
-        finally:
-            if receiver.transport is not None:
-                receiver.transport.close()
-            if len(self._free) < MAX_POOLED_BUFFERS and len(buffer) <= MAX_POOLED_BUFFER:
-                self._free.append(buffer)
-        if ids.format_crc32(crc) != metadata.digest:
-            raise PieceUnavailable(
-                f"{where}: piece {number} has digest {ids.format_crc32(crc)}, the parent sent {metadata.digest}"
-            )
-        return FetchedPiece(
-            number=metadata.number,
-            offset=metadata.offset,
-            length=metadata.length,
-            digest=metadata.digest,
-            metadata_digest=None,
-            content=content,
-        )
+        return metadata, buffer
+
+    async def _take(self, length: int) -> bytearray:
+        """A buffer of at least ``length`` bytes, once the budget has room (always when no other is out).
+
+        Meanwhile the request is already sent: the parent's bytes wait in the socket buffers.
+        """
+        while self._out and self._out + length > self.memory_budget:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+        buffer = next((b for b in self._free if len(b) >= length), None)
+        if buffer is None:
+            self._free.clear()  # too small for this piece: freed before the new one is allocated
+            buffer = bytearray(length)
+        else:
+            self._free.remove(buffer)
+        self._out += len(buffer)
+        return buffer
+
+    def _give_back(self, buffer: bytearray, *, keep: bool = True) -> None:
+        """Return a buffer: kept for the next fetch while the budget allows, and a waiting fetch is woken."""
+        self._out -= len(buffer)
+        if keep and self._out + sum(map(len, self._free)) + len(buffer) <= self.memory_budget:
+            self._free.append(buffer)
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def _connect(self, ip: str, port: int, where: str) -> _Receiver:
         loop = asyncio.get_running_loop()
@@ -181,7 +228,3 @@ async def _request(receiver: _Receiver, task_id: str, number: int) -> PieceMetad
         with contextlib.suppress(OSError):
             receiver.transport.write_eof()  # as upstream: the request is all this side sends
     return metadata
-
-
-def _crc_and_copy(view: memoryview) -> tuple[int, bytes]:
-    return zlib.crc32(view), bytes(view)
