@@ -262,8 +262,8 @@ class PieceCollection:
         """Whether no parent can make progress any more; parents silent for too long are failed."""
         if not self.busy and self.queue.empty() and self.open_syncs == 0:
             return True  # every parent told us all it has, and nobody can supply the rest
-        if all(p.peer_id in self.failed for p in parents):
-            return True
+        if all(p.peer_id in self.failed for p in parents) and not self.busy:
+            return True  # (pieces still busy may be written and staged already: let them land first)
         if time.monotonic() - self.last_progress > self.piece_timeout and not self.busy:
             for parent in parents:
                 if parent.peer_id not in self.failed:
