@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dfdaemon.gc import Plan, PlanPolicy, Skip, Snapshot, plan
+from dfdaemon.gc import GCPolicy, Limits, Plan, PlanPolicy, Skip, Snapshot, plan
 from dfdaemon.storage import TaskState, TaskUse, Victim
 
 NOW = 100_000.0
@@ -160,3 +160,25 @@ def test_victims_carry_the_state_and_bytes_they_were_chosen_in() -> None:
     result = decide([task("big", size=2000, idle=10)])
     assert result.evict == [Victim("big", TaskState.SUCCEEDED, "quota", 2000)]
     assert result.bytes_after == 0
+
+
+def test_every_time_limit_is_exclusive_at_its_boundary() -> None:
+    """Exactly at a limit a task is past it: the grace, a writer's staleness and the TTL each end at their second."""
+    tasks = [
+        task("grace-ends", finished_ago=60),
+        task("grace-runs", finished_ago=59.5),
+        task("stale-writer", state=TaskState.RUNNING, updated_ago=120),
+        task("live-writer", state=TaskState.RUNNING, updated_ago=119.5),
+        task("idle-at-ttl", idle=3600),
+        task("idle-past-ttl", idle=3600.5),
+    ]
+    result = decide(tasks, used=0)  # no pressure: only grace, staleness and the TTL decide
+    assert skipped(result) == [("grace-runs", "grace"), ("live-writer", "downloading")]
+    assert evicted(result) == [("stale-writer", "stale"), ("idle-past-ttl", "ttl")]
+
+
+def test_a_policy_built_from_the_configuration_reserves_nothing_unless_asked() -> None:
+    gc_policy = GCPolicy(grace_period=60, task_ttl=3600, quota_bytes=1000, stale_after=120)
+    limits = Limits(quota=1000, high=800, low=600, fs_total=10**9, fs_free=10**9)
+    assert PlanPolicy.of(gc_policy, limits) == POLICY
+    assert PlanPolicy.of(gc_policy, limits, reserve=700).target == 300
