@@ -78,9 +78,36 @@ def wait_for_line(log_path: Path, pattern: str, proc: subprocess.Popen[bytes], t
     raise AssertionError(f"timed out waiting for {pattern!r}:\n{log_path.read_text()}")
 
 
+class SignalledProcess(subprocess.Popen[bytes]):
+    """A child process that remembers whether the test itself SIGKILLed it (``kill()`` or ``send_signal``)."""
+
+    killed_by_test = False
+
+    def send_signal(self, sig: int) -> None:
+        if sig == signal.SIGKILL:
+            self.killed_by_test = True
+        super().send_signal(sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+TRACEBACK = "Traceback (most recent call last)"
+
+
+def check_exit(proc: SignalledProcess, killed_by_test: bool, status: int, log_path: Path) -> None:
+    """Fail unless a daemon exited 0 without logging a traceback; one the test SIGKILLed only must not have logged
+    a traceback before it died."""
+    log = log_path.read_text(errors="replace") if log_path.exists() else ""
+    where = f"dfdaemon (pid {proc.pid}, log {log_path.name})"
+    assert TRACEBACK not in log, f"{where} logged a traceback:\n{log[log.index(TRACEBACK) :][:4000]}"
+    if not killed_by_test:
+        assert status == 0, f"{where} exited with {status}:\n{tail(log_path)}"
+
+
 @dataclass
 class DaemonProcess:
-    proc: subprocess.Popen[bytes]
+    proc: SignalledProcess
     config_path: Path
     log_path: Path
     storage_dir: Path
@@ -126,14 +153,19 @@ def run_module(module: str, *args: str, **kwargs: Any) -> subprocess.CompletedPr
 def running_daemon(
     workdir: Path, extra: dict[str, Any] | None = None, env: dict[str, str] | None = None
 ) -> Iterator[DaemonProcess]:
-    """Start ``dfdaemon`` as its own process and stop it with SIGTERM afterwards."""
+    """Start ``dfdaemon`` as its own process and stop it with SIGTERM afterwards.
+
+    When the body ends without an exception, the test fails if the daemon exited non-zero (a crash, a failed
+    shutdown, one killed for not stopping in time) or logged a traceback. A test that ends a daemon on purpose says
+    so by SIGKILLing it itself (``daemon.proc.kill()`` or ``daemon.proc.send_signal(signal.SIGKILL)``): then only
+    the traceback check applies."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = daemon_config(workdir, extra)
     config_path = workdir / "dfdaemon.yaml"
     config_path.write_text(yaml.safe_dump(config))
     log_path = workdir / "dfdaemon.log"
     with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(
+        proc = SignalledProcess(
             [sys.executable, "-m", "dfdaemon.cli.daemon", "--config", str(config_path)],
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -159,7 +191,9 @@ def running_daemon(
             vortex_port=int(vortex.group(1)) if vortex else None,
         )
     finally:
-        stop_process(proc)
+        killed_by_test = proc.killed_by_test  # before stop_process, whose own SIGKILL (a hung stop) must not count
+        status = stop_process(proc)
+    check_exit(proc, killed_by_test, status, log_path)
 
 
 @dataclass

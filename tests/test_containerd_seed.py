@@ -92,6 +92,15 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = 20.0) 
     raise AssertionError(f"timed out after {timeout}s waiting until {what}")
 
 
+def run_container(containerd: Containerd, ref: str, container_id: str) -> None:
+    """Run ``ref`` as ``container_id`` and show its task is RUNNING: a container record alone (what ``run`` falls back
+    to where runc cannot start a task) would leave a running container untested."""
+    assert containerd.run(ref, container_id), f"no task could start: {containerd.task_skip_reason}"
+    rows = [line.split() for line in containerd.ctr("tasks", "ls").stdout.splitlines()[1:]]
+    status = {row[0]: row[-1] for row in rows if row}
+    assert status.get(container_id) == "RUNNING", status
+
+
 def node_config(registry: Registry, containerd: Containerd, scheduler: SchedulerProcess | None) -> dict[str, Any]:
     config: dict[str, Any] = {
         "gc": {
@@ -142,7 +151,7 @@ def test_a_running_busybox_survives_gc_and_goes_once_its_container_is_removed(
         holder = "container:default/busybox-1"
 
         node.containerd.pull(f"{registry.host}/library/busybox:1")
-        node.containerd.run(f"{registry.host}/library/busybox:1", "busybox-1")
+        run_container(node.containerd, f"{registry.host}/library/busybox:1", "busybox-1")
         # containerd's own events tell the daemon; no one calls the Use API.
         wait_until(lambda: node.holds(holder) == set(task_ids(busybox)), f"{holder} holds busybox's blobs")
         refused = run_dfctl(node.daemon, "task", "rm", task_ids(busybox)[1])
@@ -222,7 +231,7 @@ def test_a_second_node_pulls_the_image_from_the_first_not_the_registry(registry:
             for task_id in task_ids(image):
                 assert second.content_digest(task_id) == f"sha256:{task_id}"
         # And it runs there, holding its image on that node.
-        second.containerd.run(f"{registry.host}/library/busybox:1", "busybox-b")
+        run_container(second.containerd, f"{registry.host}/library/busybox:1", "busybox-b")
         wait_until(
             lambda: second.holds("container:default/busybox-b") == set(task_ids(busybox)),
             "the second node's container holds busybox",
@@ -287,7 +296,7 @@ def test_holds_outlive_a_daemon_restart_while_containerd_is_down(registry: Regis
         with running_daemon(tmp_path / "node", config) as daemon:
             containerd.set_mirror(registry.host, f"http://127.0.0.1:{daemon.proxy_port}")
             containerd.pull(f"{registry.host}/library/busybox:1")
-            containerd.run(f"{registry.host}/library/busybox:1", "survivor")
+            run_container(containerd, f"{registry.host}/library/busybox:1", "survivor")
             node = Node(daemon, containerd)
             wait_until(lambda: node.holds(holder) == set(task_ids(busybox)), f"{holder} holds busybox")
         containerd.stop()  # the runtime is down while the daemon restarts: nothing may conclude "not in use"

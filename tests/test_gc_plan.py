@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dfdaemon.gc import Disk, Plan, PlanPolicy, Skip, Snapshot, plan
+from dfdaemon.gc import Disk, GCPolicy, Limits, Plan, PlanPolicy, Skip, Snapshot, plan
 from dfdaemon.storage import TaskState, TaskUse, Victim
 
 NOW = 100_000.0
@@ -247,3 +247,25 @@ def test_no_disk_in_the_snapshot_leaves_disk_pressure_out() -> None:
     tasks = [task(f"t{i}", size=100) for i in range(3)]
     result = plan(Snapshot(tasks, 300), POLICY_DISK, NOW)
     assert evicted(result) == [] and not result.disk_pressure and result.disk_used_after == 0
+
+
+def test_every_time_limit_is_exclusive_at_its_boundary() -> None:
+    """Exactly at a limit a task is past it: the grace, a writer's staleness and the TTL each end at their second."""
+    tasks = [
+        task("grace-ends", finished_ago=60),
+        task("grace-runs", finished_ago=59.5),
+        task("stale-writer", state=TaskState.RUNNING, updated_ago=120),
+        task("live-writer", state=TaskState.RUNNING, updated_ago=119.5),
+        task("idle-at-ttl", idle=3600),
+        task("idle-past-ttl", idle=3600.5),
+    ]
+    result = decide(tasks, used=0)  # no pressure: only grace, staleness and the TTL decide
+    assert skipped(result) == [("grace-runs", "grace"), ("live-writer", "downloading")]
+    assert evicted(result) == [("stale-writer", "stale"), ("idle-past-ttl", "ttl")]
+
+
+def test_a_policy_built_from_the_configuration_reserves_nothing_unless_asked() -> None:
+    gc_policy = GCPolicy(grace_period=60, task_ttl=3600, quota_bytes=1000, stale_after=120)
+    limits = Limits(quota=1000, high=800, low=600, fs_total=10**9, fs_free=10**9)
+    assert PlanPolicy.of(gc_policy, limits) == POLICY
+    assert PlanPolicy.of(gc_policy, limits, reserve=700).target == 300

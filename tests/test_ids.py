@@ -796,3 +796,50 @@ def test_file_digester_mismatch() -> None:
 def test_file_digester_rejects_bad_digest() -> None:
     with pytest.raises(ValueError):
         FileDigester("md5:abc")
+
+
+U32_MAX, U64_MAX = 2**32 - 1, 2**64 - 1
+
+
+@pytest.mark.parametrize(
+    ("number", "offset", "length"),
+    [(0, 0, 0), (U32_MAX, 0, 1), (2**31, 2**63, 2**63), (7, U64_MAX, U64_MAX)],
+)
+def test_piece_metadata_digest_covers_the_whole_unsigned_range(number: int, offset: int, length: int) -> None:
+    """u32 and u64 fields, unsigned, big-endian, up to their maximum; length 0 is a valid (empty) piece."""
+    header = number.to_bytes(4, "big") + offset.to_bytes(8, "big") + length.to_bytes(8, "big")
+    expected = zlib.crc32(b"crc32:42", zlib.crc32(header))
+    assert piece_metadata_digest(number, offset, length, "crc32:42") == f"crc32:{expected}"
+
+
+@pytest.mark.parametrize(
+    ("number", "offset", "length", "message"),
+    [
+        (U32_MAX + 1, 0, 0, "piece number out of u32 range: 4294967296"),
+        (-1, 0, 0, "piece number out of u32 range: -1"),
+        (0, U64_MAX + 1, 0, "piece offset/length out of u64 range: 18446744073709551616/0"),
+        (0, 0, -1, "piece offset/length out of u64 range: 0/-1"),
+    ],
+)
+def test_piece_metadata_digest_names_the_field_out_of_range(
+    number: int, offset: int, length: int, message: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        piece_metadata_digest(number, offset, length, "crc32:1")
+
+
+def test_crc32_errors_name_the_bad_value() -> None:
+    with pytest.raises(ValueError, match=re.escape("crc32 value out of range: 4294967296")):
+        format_crc32(U32_MAX + 1)
+    for bad in (None, 42, b"crc32:1"):
+        with pytest.raises(ValueError, match="invalid crc32 digest"):
+            parse_crc32_digest(bad)  # type: ignore[arg-type]
+
+
+def test_piece_length_limits_name_the_bad_value() -> None:
+    with pytest.raises(ValueError, match=re.escape("content_length must not be negative, got -1")):
+        piece_length_for(-1)
+    # A piece length of 0 is hashed like any other; only a negative one is refused.
+    assert task_id("http://a.test/x", piece_length=0) != task_id("http://a.test/x")
+    with pytest.raises(ValueError):
+        task_id("http://a.test/x", piece_length=-1)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 
 from dfdaemon.api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc
 from dfdaemon.rpc.servers import CHANNEL_OPTIONS
+from tests.storage_support import seeded_bytes
 from tests.support import DaemonProcess, OriginProcess, dfctl_json, dfget, running_daemon, running_origin
 
 MB = 1_000_000
@@ -35,7 +35,7 @@ def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OriginProcess]:
     root.mkdir()
     for name, size in {**BUSYBOX, **OTHERS, "huge": 46 * MB, "held-0": 15 * MB, "held-1": 15 * MB,
                        "held-2": 15 * MB, "extra": 10 * MB}.items():  # fmt: skip
-        (root / name).write_bytes(os.urandom(size))
+        (root / name).write_bytes(seeded_bytes(name, size))
     with running_origin(root) as running:
         yield running
 
