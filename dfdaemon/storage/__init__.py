@@ -12,6 +12,9 @@ Operation                                   Transaction, and the file work aroun
 ``write_piece`` / ``write_piece_stream``    bytes written at their offset and fdatasync'd, then one insert of
                                             the piece row with the file's size (the piece is visible only then)
 ``commit_pieces(id, pieces)``               one insert of many pieces whose bytes are already durable
+``piece_file(id)`` write / commit            a writer's open file: pieces written (and CRC'd) in one thread hop
+                                            each, invisible until ``commit`` fdatasyncs the file and inserts
+                                            the batch's rows in one transaction
 ``finish_task`` / ``fail_task``             the task's state (and size); ``discard`` deletes the file first
 ``piece(id, n)`` / ``pieces(id)``           read only
 ``read_piece(id, n)``                       read and CRC-check the bytes; a corrupt piece's row is deleted
@@ -30,7 +33,7 @@ Operation                                   Transaction, and the file work aroun
 A crash between a mark and the file work is finished at the next ``open``.
 """
 
-from dfdaemon.storage.manager import Storage, TaskReader, TaskWriter
+from dfdaemon.storage.manager import PieceFile, Storage, TaskReader, TaskWriter
 from dfdaemon.storage.models import (
     Applied,
     DiskFull,
@@ -61,6 +64,7 @@ __all__ = [
     "Hold",
     "InvalidPiece",
     "PieceCorrupt",
+    "PieceFile",
     "PieceNotFound",
     "PieceRecord",
     "References",

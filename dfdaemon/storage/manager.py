@@ -418,6 +418,18 @@ class Storage:
                 raise InvalidPiece(f"piece {piece.number} belongs to task {piece.task_id}, not {task_id}")
         await self._commit(task_id, pieces, await self._io(self.content.size, task_id))
 
+    @contextlib.asynccontextmanager
+    async def piece_file(self, task_id: str) -> AsyncIterator[PieceFile]:
+        """The task's content file held open for a writer that writes pieces now and commits them in batches."""
+        validate_task_id(task_id)
+        fd = await self._io(self.content.open_for_write, task_id)
+        file = PieceFile(self, task_id, fd)
+        try:
+            yield file
+        finally:
+            await file.drain()
+            await self._io(os.close, fd)
+
     def _piece(
         self,
         task_id: str,
@@ -706,11 +718,77 @@ class TaskWriter:
     async def commit_pieces(self, pieces: Sequence[PieceRecord]) -> None:
         await self.storage.commit_pieces(self.task_id, pieces)
 
+    def piece_file(self) -> contextlib.AbstractAsyncContextManager[PieceFile]:
+        """The task's file held open for streamed pieces committed in batches (see ``PieceFile``)."""
+        return self.storage.piece_file(self.task_id)
+
     async def finish(self) -> TaskRecord:
         return await self.storage.finish_task(self.task_id)
 
     async def fail(self, *, discard: bool = False) -> None:
         await self.storage.fail_task(self.task_id, discard=discard)
+
+
+class PieceFile:
+    """A task's open content file: each piece written in one thread hop, made visible later by ``commit``.
+
+    Nothing written here is visible until committed; ``commit`` syncs the file before the rows go in, so a
+    crash never leaves a committed piece whose bytes are not on disk.
+    """
+
+    def __init__(self, storage: Storage, task_id: str, fd: int) -> None:
+        self.storage = storage
+        self.task_id = task_id
+        self._fd = fd
+        self._hops: set[asyncio.Future[Any]] = set()
+
+    async def _hop(self, fn: Callable[[], T]) -> T:
+        """Run file work in a thread; a caller cancelled meanwhile does not stop it, so ``drain`` waits for it."""
+        hop = asyncio.get_running_loop().run_in_executor(None, fn)
+        self._hops.add(hop)
+        hop.add_done_callback(self._hops.discard)
+        return await asyncio.shield(hop)
+
+    async def drain(self) -> None:
+        """Wait for every thread hop still using the file (before it is closed)."""
+        while self._hops:
+            await asyncio.wait(set(self._hops))
+
+    async def write(
+        self,
+        number: int,
+        offset: int,
+        data: memoryview,
+        *,
+        traffic_type: int,
+        parent_id: str | None = None,
+        started: float | None = None,
+        also: Callable[[memoryview], None] | None = None,
+    ) -> PieceRecord:
+        """Write one whole piece at its offset and compute its CRC (``also`` sees the bytes in the same hop).
+
+        The piece's cost runs from ``started`` (its first byte, by ``time.monotonic``) until it is written.
+        """
+        _check_span(number, offset, len(data))
+        begun = time.monotonic() if started is None else started
+
+        def write() -> int:
+            crc = write_at(self._fd, offset, data, 0)
+            if also is not None:
+                also(data)
+            return crc
+
+        with self.storage._disk_full_guard(self.task_id, number):
+            crc = await self._hop(write)
+        cost = time.monotonic() - begun
+        return self.storage._piece(self.task_id, number, offset, len(data), crc, parent_id, traffic_type, cost)
+
+    async def commit(self, pieces: Sequence[PieceRecord]) -> None:
+        """Make written pieces visible: the file is synced first, then their rows go in, in one transaction."""
+        number = pieces[0].number if pieces else -1
+        with self.storage._disk_full_guard(self.task_id, number):
+            size = await self._hop(partial(sync_and_size, self._fd))
+            await self.storage._commit(self.task_id, pieces, size)
 
 
 class TaskReader:
