@@ -152,7 +152,7 @@ class PieceDone:
 # Fetches the missing pieces of a job into storage; the default goes back to source.
 PieceFetcher = Callable[["TaskJob"], Awaitable[None]]
 PieceReport = Callable[[PieceRecord], Awaitable[None]]
-# Runs of missing pieces streamed from the origin at once (a fresh task is one run: one GET).
+# Ranges streamed from the origin at once; a fresh task of fewer than 32 pieces is one GET.
 _SOURCE_STREAMS = 4
 
 
@@ -525,10 +525,10 @@ class DownloadManager:
         the others (from parents, or stored before) are read back once they are committed."""
         path = self.storage.content.path(job.task_id)
         for span in job.pieces:
-            landed = functools.partial(_landed, job, digest, span.number)
+            landed = functools.partial(_landed, job, digest, span)
             async with job.changed:
                 await job.changed.wait_for(landed)
-            if digest.next <= span.number:
+            if digest.position < span.offset + span.length:
                 await asyncio.to_thread(digest.feed_from_file, path, span)
         return digest.digester
 
@@ -560,24 +560,27 @@ class DownloadManager:
         async with writer.piece_file() as file:
             committer = BatchCommitter(file, announce)
             try:
+                # A client tapping the bytes, and a blob's digest, take them in order: one stream serves them best.
                 # An origin without ranges sends its whole body each time: then the runs go one after another.
-                limit = asyncio.Semaphore(_SOURCE_STREAMS if job.accepts_ranges else 1)
+                ordered = job.task_id in self._taps or job.digest is not None or not job.accepts_ranges
+                streams = 1 if ordered else _SOURCE_STREAMS
+                limit = asyncio.Semaphore(streams)
 
                 async def one(spans: list[PieceSpan]) -> None:
                     async with limit:
                         await RunStream(origin, spans, file, committer, publish, job.digest).run()
 
                 async with asyncio.TaskGroup() as group:
-                    for spans in runs(job.missing_pieces()):
+                    for spans in runs(job.missing_pieces(), streams):
                         group.create_task(one(spans))
                 await committer.close()
             finally:
                 committer.abandon()
 
 
-def _landed(job: TaskJob, digest: InOrderDigest, number: int) -> bool:
+def _landed(job: TaskJob, digest: InOrderDigest, span: PieceSpan) -> bool:
     """Whether a piece is committed, or already fed to the digest by the stream that wrote it."""
-    return number in job.done or digest.next > number
+    return span.number in job.done or digest.position >= span.offset + span.length
 
 
 def _task_info(job: TaskJob) -> TaskInfo:

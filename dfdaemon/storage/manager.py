@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from dfdaemon.ids import validate_task_id
-from dfdaemon.storage.content import ContentStore, remove_path, sync_and_size, write_at
+from dfdaemon.storage.content import ContentStore, remove_path, sync_and_size, write_all_at, write_at
 from dfdaemon.storage.metadata import MetadataStore
 from dfdaemon.storage.models import (
     Applied,
@@ -742,8 +742,8 @@ class PieceFile:
         self._fd = fd
         self._hops: set[asyncio.Future[Any]] = set()
 
-    async def _hop(self, fn: Callable[[], T]) -> T:
-        """Run file work in a thread; a caller cancelled meanwhile does not stop it, so ``drain`` waits for it."""
+    async def hop(self, fn: Callable[[], T]) -> T:
+        """Run work on the piece bytes in a thread; a cancelled caller does not stop it, so ``drain`` waits for it."""
         hop = asyncio.get_running_loop().run_in_executor(None, fn)
         self._hops.add(hop)
         hop.add_done_callback(self._hops.discard)
@@ -754,40 +754,26 @@ class PieceFile:
         while self._hops:
             await asyncio.wait(set(self._hops))
 
-    async def write(
-        self,
-        number: int,
-        offset: int,
-        data: memoryview,
-        *,
-        traffic_type: int,
-        parent_id: str | None = None,
-        started: float | None = None,
-        also: Callable[[memoryview], None] | None = None,
-    ) -> PieceRecord:
-        """Write one whole piece at its offset and compute its CRC (``also`` sees the bytes in the same hop).
+    def write_at(self, offset: int, data: memoryview) -> None:
+        """Write bytes of a piece at their offset; blocking, so called inside ``hop``. Invisible until committed."""
+        try:
+            write_all_at(self._fd, offset, data)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(f"no space left on the cache's filesystem writing task {self.task_id}") from None
+            raise
 
-        The piece's cost runs from ``started`` (its first byte, by ``time.monotonic``) until it is written.
-        """
-        _check_span(number, offset, len(data))
-        begun = time.monotonic() if started is None else started
-
-        def write() -> int:
-            crc = write_at(self._fd, offset, data, 0)
-            if also is not None:
-                also(data)
-            return crc
-
-        with self.storage._disk_full_guard(self.task_id, number):
-            crc = await self._hop(write)
-        cost = time.monotonic() - begun
-        return self.storage._piece(self.task_id, number, offset, len(data), crc, parent_id, traffic_type, cost)
+    def piece(self, number: int, offset: int, length: int, crc: int, traffic_type: int, started: float) -> PieceRecord:
+        """The record of a piece whose bytes were written; its cost runs from ``started`` (``time.monotonic``)."""
+        _check_span(number, offset, length)
+        cost = time.monotonic() - started
+        return self.storage._piece(self.task_id, number, offset, length, crc, None, traffic_type, cost)
 
     async def commit(self, pieces: Sequence[PieceRecord]) -> None:
         """Make written pieces visible: the file is synced first, then their rows go in, in one transaction."""
         number = pieces[0].number if pieces else -1
         with self.storage._disk_full_guard(self.task_id, number):
-            size = await self._hop(partial(sync_and_size, self._fd))
+            size = await self.hop(partial(sync_and_size, self._fd))
             await self.storage._commit(self.task_id, pieces, size)
 
 
