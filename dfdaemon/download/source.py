@@ -1,8 +1,8 @@
 """Back to source as one stream: pieces cut from the origin's body as it arrives, committed in batches.
 
 Each run of consecutive missing pieces is one GET on a pooled connection (a long run a few ranges in parallel).
-Each chunk is CRC'd as it arrives and kept, without a copy, until its piece is whole; the piece is then written
-with one vectored write in one thread hop (and, for a blob, fed to the digest in order) while more arrive.
+Each chunk is CRC'd as it arrives (and, for a blob, hashed in the same pass) and copied into a reused 1 MiB
+segment buffer; a full segment is written in one thread hop while more bytes arrive.
 Written pieces become visible in batches: the file is synced, their rows committed in one transaction, then each
 is announced. A broken connection resumes at the byte where it broke, after a backoff. Followers may tap the
 bytes as they arrive (the registry mirror does), before any piece is complete.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import threading
 import time
@@ -183,10 +184,9 @@ class Origin:
 class RunStream:
     """One run of consecutive pieces from one GET (resumed after breaks), cut into pieces as bytes arrive.
 
-    Each chunk is copied at once into a segment buffer from a small pool (so the chunk's memory is reused at once)
-    and CRC'd; a full segment is written in one thread hop while the next fills. Segments of a blob are written
-    one after another, each fed to the digest in the same hop. A piece is queued for commit once all its
-    segments are written.
+    Each chunk is copied at once into a segment buffer from a small pool (so the chunk's memory is reused at once),
+    CRC'd and, for a blob, fed to its digest; a full segment is written in one thread hop while the next fills.
+    A piece is queued for commit once all its segments are written.
     """
 
     def __init__(
@@ -270,6 +270,8 @@ class RunStream:
             part = view[:take]
             self._buffer[self._segment_fill : self._segment_fill + take] = part
             self._crc = zlib.crc32(part, self._crc)
+            if self.digest is not None:  # one stream in byte order: the digest takes the bytes as they come
+                self.digest.feed(span.offset + self._filled, part)
             self._segment_fill += take
             self._filled += take
             view = view[take:]
@@ -281,24 +283,12 @@ class RunStream:
     def _write_segment(self) -> None:
         buffer, self._buffer = self._buffer, None
         assert buffer is not None
-        before = self._segments[-1] if self._segments else (self._writes[-1] if self._writes else None)
-        ordered = before if self.digest is not None else None  # a digest takes the bytes in order
-        segment = self._segment(buffer, self._segment_offset, self._segment_fill, ordered)
-        self._segments.append(asyncio.create_task(segment))
+        self._segments.append(asyncio.create_task(self._segment(buffer, self._segment_offset, self._segment_fill)))
 
-    async def _segment(self, buffer: bytearray, offset: int, length: int, before: asyncio.Task[None] | None) -> None:
-        """Write one segment (and feed it to the digest) in one thread hop, then give its buffer back."""
+    async def _segment(self, buffer: bytearray, offset: int, length: int) -> None:
+        """Write one segment in one thread hop, then give its buffer back."""
         try:
-            if before is not None:
-                await asyncio.shield(before)  # its failure is ours; our cancellation is not its
-            data, digest = memoryview(buffer)[:length], self.digest
-
-            def write() -> None:
-                self.file.write_at(offset, data)
-                if digest is not None:
-                    digest.feed(offset, data)
-
-            await self.file.hop(write)
+            await self.file.hop(functools.partial(self.file.write_at, offset, memoryview(buffer)[:length]))
         finally:
             self._free.put_nowait(buffer)
 
