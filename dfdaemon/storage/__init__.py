@@ -12,9 +12,9 @@ Operation                                   Transaction, and the file work aroun
 ``write_piece`` / ``write_piece_stream``    bytes written at their offset and fdatasync'd, then one insert of
                                             the piece row with the file's size (the piece is visible only then)
 ``commit_pieces(id, pieces)``               one insert of many pieces whose bytes are already durable
-``piece_file(id)`` write / commit            a writer's open file: pieces written (and CRC'd) in one thread hop
-                                            each, invisible until ``commit`` fdatasyncs the file and inserts
-                                            the batch's rows in one transaction
+``piece_file(id)`` write_at / commit         a writer's open file: bytes written in its thread hops (CRC taken
+                                            by the writer as they arrived), invisible until ``commit``
+                                            fdatasyncs the file and inserts the batch's rows in one transaction
 ``finish_task`` / ``fail_task``             the task's state (and size); ``discard`` deletes the file first
 ``piece(id, n)`` / ``pieces(id)``           read only
 ``read_piece(id, n)``                       read and CRC-check the bytes; a corrupt piece's row is deleted
