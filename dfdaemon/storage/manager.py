@@ -730,7 +730,7 @@ class TaskWriter:
 
 
 class PieceFile:
-    """A task's open content file: each piece written in one thread hop, made visible later by ``commit``.
+    """A task's open content file: bytes written in thread hops (``hop``), made visible later by ``commit``.
 
     Nothing written here is visible until committed; ``commit`` syncs the file before the rows go in, so a
     crash never leaves a committed piece whose bytes are not on disk.
