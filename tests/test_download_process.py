@@ -146,11 +146,12 @@ def test_digest_is_checked_over_the_whole_file(daemon: DaemonProcess, origin: Or
 
 
 def test_range_and_piece_content(daemon: DaemonProcess, origin: OriginProcess, tmp_path: Path) -> None:
-    data = (origin.root / "big.bin").read_bytes()
+    data = os.urandom(9 * MB + 123)
+    (origin.root / "ranged.bin").write_bytes(data)  # its own file: the shared daemon caches what it fetched
     output = tmp_path / "range.bin"
     responses = download(
         daemon,
-        url=origin.url("big.bin"),
+        url=origin.url("ranged.bin"),
         range=common_pb2.Range(start=4_000_000, length=2_000_000),
         output_path=str(output),
         need_piece_content=True,
@@ -218,8 +219,9 @@ def test_timeout_is_deadline_exceeded(daemon: DaemonProcess, origin: OriginProce
 
 def test_a_download_that_cannot_fit_is_resource_exhausted(tmp_path: Path, origin: OriginProcess) -> None:
     config = {"gc": {"policy": {"diskThreshold": "15MB", "gracePeriod": "1h"}}}
+    (origin.root / "fit.bin").write_bytes(os.urandom(9 * MB + 123))  # its own file: the origin counts per file
     with running_daemon(tmp_path / "d", config) as small:
-        first = dfget(small, origin.url("big.bin"), tmp_path / "first.bin", "--json")
+        first = dfget(small, origin.url("fit.bin"), tmp_path / "first.bin", "--json")
         assert first.returncode == 0, first.stderr
         task_id = json.loads(first.stdout)["task_id"]
         held = subprocess.run(
@@ -234,5 +236,5 @@ def test_a_download_that_cannot_fit_is_resource_exhausted(tmp_path: Path, origin
         assert not (tmp_path / "second.bin").exists()
         assert (tmp_path / "first.bin").exists()
         assert sha256(small.storage_dir / "content" / "tasks" / task_id[:3] / task_id) == sha256(
-            origin.root / "big.bin"
+            origin.root / "fit.bin"
         )

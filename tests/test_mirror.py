@@ -28,7 +28,7 @@ from tests.registry_support import (
     registry_skip_reason,
     running_registry,
 )
-from tests.support import DaemonProcess, dfctl_json, running_daemon, running_origin
+from tests.support import DaemonProcess, OriginProcess, dfctl_json, running_daemon, running_origin
 
 pytestmark = pytest.mark.skipif(registry_skip_reason() is not None, reason=str(registry_skip_reason()))
 
@@ -206,7 +206,8 @@ def mirror_of_origin_blob(tmp_path: Path, content: bytes, digest: str, *, rate: 
             origin.fault(path, rate=rate)
             config["download"] = {"concurrentPieceCount": 1}
         with running_daemon(tmp_path / "daemon", config) as daemon:
-            yield Blob(daemon, f"http://127.0.0.1:{daemon.proxy_port}/{path}?ns={origin.address}", digest[7:])
+            url = f"http://127.0.0.1:{daemon.proxy_port}/{path}?ns={origin.address}"
+            yield Blob(daemon, url, digest[7:], origin, "/" + path)
 
 
 @dataclass
@@ -214,10 +215,15 @@ class Blob:
     daemon: DaemonProcess
     url: str  # the blob through the mirror
     task_id: str
+    origin: OriginProcess
+    path: str  # on the origin
+
+    def origin_bytes(self) -> int:
+        return int(self.origin.stats()["by_path"].get(self.path, 0))
 
 
-def test_a_blob_streams_to_the_client_before_its_download_finishes(tmp_path: Path) -> None:
-    data = os.urandom(3 * 4 * MIB)  # three pieces, fetched one at a time from a throttled origin
+def test_a_blob_streams_to_the_client_as_the_registry_sends_it(tmp_path: Path) -> None:
+    data = os.urandom(3 * 4 * MIB)  # three pieces from an origin that takes about 3 s to send them
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     with mirror_of_origin_blob(tmp_path, data, digest, rate=4_000_000) as blob:
         received = bytearray()
@@ -226,14 +232,34 @@ def test_a_blob_streams_to_the_client_before_its_download_finishes(tmp_path: Pat
             assert response.status == 200
             chunks = response.stream(CHUNK)
             received += next(chunks)
-            # The client already has bytes while the daemon is still fetching the rest.
-            states = {task["task_id"]: task["state"] for task in dfctl_json(blob.daemon, "task", "ls")["tasks"]}
-            assert states[blob.task_id] == "unfinished"
+            # The client has bytes while the origin has not even sent the first piece: nothing waited for a piece
+            # to be stored and read back.
+            assert blob.origin_bytes() < 4 * MIB
             for chunk in chunks:
                 received += chunk
         finally:
             response.release_conn()
         assert hashlib.sha256(received).hexdigest() == blob.task_id
+        assert blob.origin_bytes() == len(data)  # one pass over the blob
+        task_file = blob.daemon.storage_dir / "content" / "tasks" / blob.task_id[:3] / blob.task_id
+        assert task_file.read_bytes() == data  # stored as a task too, for peers
+
+
+def test_a_second_client_and_a_range_during_a_cold_download_get_the_right_bytes(tmp_path: Path) -> None:
+    data = os.urandom(3 * 4 * MIB)
+    with mirror_of_origin_blob(tmp_path, data, "sha256:" + hashlib.sha256(data).hexdigest(), rate=8_000_000) as blob:
+        first = http_request("GET", blob.url, timeout=60, stream=True)
+        try:
+            head = first.read(CHUNK)
+            second = http_request("GET", blob.url, timeout=60)  # joins mid-download: stored pieces, then live bytes
+            ranged = http_request("GET", blob.url, headers={"Range": "bytes=5000000-9000000"}, timeout=60)
+            rest = first.read()
+        finally:
+            first.release_conn()
+        assert head + rest == data
+        assert second.status == 200 and second.data == data
+        assert ranged.status == 206 and ranged.data == data[5_000_000:9_000_001]
+        assert blob.origin_bytes() == len(data)
 
 
 _PATH_PART = st.text(alphabet=st.sampled_from("abcz09._-/:%?&=~"), max_size=40)

@@ -1,4 +1,4 @@
-"""Origin (back-to-source) access over HTTP(S): length and headers, then byte ranges streamed per piece.
+"""Origin (back-to-source) access over HTTP(S): length and headers, then byte ranges streamed as they arrive.
 
 Transient failures (connection errors, timeouts, 5xx, 429) are retried with exponential backoff; the
 origin's own answers (404, 403, ...) are not, and surface as ``BackendError`` carrying the status code
@@ -30,13 +30,14 @@ _CONTENT_RANGE = re.compile(r"^bytes\s+(\d+)-(\d+)/(\d+|\*)$")
 _TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 # Headers that describe one HTTP exchange, not the content; never recorded as the task's response headers.
 _HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-range", "date", "server", "content-length"}
-_CHUNK = 256 * 1024
 
 
 @dataclass(frozen=True)
 class OriginInfo:
     content_length: int
     headers: dict[str, str] = field(default_factory=dict)
+    # Whether the origin answers a Range with 206; one that does not sends the whole body for any request.
+    accepts_ranges: bool = True
 
 
 @dataclass(frozen=True)
@@ -151,8 +152,9 @@ class Backend:
     async def open_range(
         self, url: str, headers: Mapping[str, str], start: int, length: int, *, from_network: bool = False
     ) -> AsyncIterator[AsyncIterator[bytes]]:
-        """Open ``length`` bytes at ``start`` and yield a stream of chunks (connection retried before any byte).
+        """Open ``length`` bytes at ``start`` and yield them as they arrive (connection retried before any byte).
 
+        An origin that ignores ranges answers with its whole body; the bytes before ``start`` are then skipped.
         A range read to its end leaves its connection in the pool for the next one.
         """
         asked = f"bytes={start}-{start + length - 1}"
@@ -168,8 +170,9 @@ class Backend:
             return response, stack
 
         response, stack = await self._retrying(f"range {start}+{length} of {url}", once)
+        skip = start if response.status == 200 else 0
         async with stack:
-            yield _limited(response, length, url)
+            yield _limited(response, skip, length, url)
 
 
 def _stat_answer(response: aiohttp.ClientResponse, url: str) -> OriginInfo:
@@ -188,12 +191,12 @@ def _stat_answer(response: aiohttp.ClientResponse, url: str) -> OriginInfo:
         length = response.headers.get("Content-Length")
         if length is None:
             raise BackendError(f"origin gave no length for {url} and ignores Range", 200, headers)
-        return OriginInfo(int(length), _header_dict(response.headers, content_only=True))
+        return OriginInfo(int(length), _header_dict(response.headers, content_only=True), accepts_ranges=False)
     raise _error_from(response, url)
 
 
 def _check_range_answer(response: aiohttp.ClientResponse, url: str, start: int, length: int) -> None:
-    """Accept a 206 for exactly the asked range, or a whole-body 200 when the range starts at 0."""
+    """Accept a 206 for exactly the asked range, or a whole-body 200 (an origin that ignores ranges)."""
     if response.status == 206:
         expected = f"bytes {start}-{start + length - 1}/"
         if not response.headers.get("Content-Range", "").startswith(expected):
@@ -203,7 +206,7 @@ def _check_range_answer(response: aiohttp.ClientResponse, url: str, start: int, 
                 _header_dict(response.headers),
             )
         return
-    if response.status == 200 and start == 0:
+    if response.status == 200:
         return
     error = _error_from(response, url)
     if response.status in _TRANSIENT_STATUS:
@@ -211,11 +214,16 @@ def _check_range_answer(response: aiohttp.ClientResponse, url: str, start: int, 
     raise error
 
 
-async def _limited(response: aiohttp.ClientResponse, length: int, url: str) -> AsyncIterator[bytes]:
-    """Exactly ``length`` bytes from the body (a 200 answer to a range request is cut short)."""
+async def _limited(response: aiohttp.ClientResponse, skip: int, length: int, url: str) -> AsyncIterator[bytes]:
+    """Exactly ``length`` bytes of the body after its first ``skip`` bytes, as the connection delivers them."""
     remaining = length
     try:
-        async for chunk in response.content.iter_chunked(_CHUNK):
+        async for chunk in response.content.iter_any():
+            if skip:
+                if len(chunk) <= skip:
+                    skip -= len(chunk)
+                    continue
+                chunk, skip = chunk[skip:], 0
             if len(chunk) >= remaining:
                 yield chunk[:remaining]
                 return

@@ -25,7 +25,8 @@ from typing import BinaryIO
 
 from dfdaemon import ids
 from dfdaemon.admission import Busy
-from dfdaemon.backend import Backend, BackendError, SourceNotAllowed, SourcePolicy, check_url
+from dfdaemon.backend import Backend, SourceNotAllowed, SourcePolicy, check_url
+from dfdaemon.download.source import BatchCommitter, ByteTap, InOrderDigest, Origin, RunStream, runs
 from dfdaemon.gc import GarbageCollector
 from dfdaemon.ids import PieceSpan
 from dfdaemon.storage import (
@@ -47,11 +48,6 @@ TRAFFIC_NAMES = {
     TrafficType.REMOTE_PEER: "remote_peer",
     TrafficType.LOCAL_PEER: "local_peer",
 }
-
-
-def tracing_range(url: str, span: PieceSpan, attempt: int) -> contextlib.AbstractContextManager[object]:
-    """The span of one ranged request to the origin."""
-    return tracing.span("back_to_source", url=url, range_start=span.offset, range_length=span.length, attempt=attempt)
 
 
 # Headers the daemon sets itself for each ranged request; a caller's copy would change what is fetched.
@@ -159,6 +155,9 @@ class PieceDone:
 
 # Fetches the missing pieces of a job into storage; the default goes back to source.
 PieceFetcher = Callable[["TaskJob"], Awaitable[None]]
+PieceReport = Callable[[PieceRecord], Awaitable[None]]
+# Ranges streamed from the origin at once; a fresh task of fewer than 32 pieces is one GET.
+_SOURCE_STREAMS = 4
 
 
 class TaskJob:
@@ -177,8 +176,10 @@ class TaskJob:
         self.error: BaseException | None = None
         self.changed = asyncio.Condition()
         self.runner: asyncio.Task[None] | None = None
-        # Set while pieces are being fetched: where they go.
+        self.accepts_ranges = True
+        # Set while pieces are being fetched: where they go, and a blob's digest fed in offset order.
         self.writer: TaskWriter | None = None
+        self.digest: InOrderDigest | None = None
 
     @property
     def pieces(self) -> list[PieceSpan]:
@@ -231,6 +232,7 @@ class DownloadManager:
         self.max_concurrent_tasks = max_concurrent_tasks
         self.fetch_missing: PieceFetcher = self.back_to_source
         self._jobs: dict[str, TaskJob] = {}
+        self._taps: dict[str, set[ByteTap]] = {}
 
     async def close(self) -> None:
         for job in list(self._jobs.values()):
@@ -238,6 +240,23 @@ class DownloadManager:
                 job.runner.cancel()
                 with contextlib.suppress(BaseException):
                     await job.runner
+
+    @contextlib.contextmanager
+    def tap(self, task_id: str) -> Iterator[ByteTap]:
+        """The task's bytes as the origin sends them, while this is open (see ``ByteTap``); for the mirror."""
+        tap = ByteTap()
+        self._taps.setdefault(task_id, set()).add(tap)
+        try:
+            yield tap
+        finally:
+            taps = self._taps[task_id]
+            taps.discard(tap)
+            if not taps:
+                del self._taps[task_id]
+
+    def _publish(self, task_id: str, offset: int, chunk: bytes) -> None:
+        for tap in self._taps.get(task_id, ()):
+            tap.offer(offset, chunk)
 
     # Requests
 
@@ -467,6 +486,7 @@ class DownloadManager:
         if existing is not None and existing.piece_length and existing.content_length == info.content_length:
             piece_length = existing.piece_length
         job.content_length, job.piece_length, job.response_header = info.content_length, piece_length, info.headers
+        job.accepts_ranges = info.accepts_ranges
         reusable = (
             existing is not None
             and existing.content_length == info.content_length
@@ -477,15 +497,16 @@ class DownloadManager:
     async def _fill(self, job: TaskJob, writer: TaskWriter) -> None:
         """Fetch the missing pieces through ``writer``, checking a blob's digest as they land; fail it on error."""
         job.writer = writer
-        await job.announce(ready=True)
         blob = _blob_digest(job.request)
-        hashing = asyncio.create_task(self._hash_in_order(job, blob)) if blob is not None else None
+        job.digest = InOrderDigest(ids.FileDigester(blob)) if blob is not None else None
+        await job.announce(ready=True)
+        hashing = asyncio.create_task(self._hash_in_order(job, job.digest)) if job.digest is not None else None
         try:
             await self.fetch_missing(job)
             short = [span.number for span in job.missing_pieces()]
             if short:  # a fetch that returned short must not leave the hashing waiting
                 raise DownloadFailed(f"task {job.task_id} ended without pieces {short[:10]}")
-            if hashing is not None and blob is not None:
+            if hashing is not None:
                 digester = await hashing
                 if not digester.matches():
                     raise ContentMismatch(
@@ -503,15 +524,17 @@ class DownloadManager:
                 with contextlib.suppress(BaseException):
                     await hashing
 
-    async def _hash_in_order(self, job: TaskJob, blob: str) -> ids.FileDigester:
-        """Hash a blob's pieces in offset order while the later ones are still arriving (no re-read at the end)."""
-        digester = ids.FileDigester(blob)
+    async def _hash_in_order(self, job: TaskJob, digest: InOrderDigest) -> ids.FileDigester:
+        """Hash a blob in offset order as its pieces land: the stream feeds the ones it writes, in the same pass;
+        the others (from parents, or stored before) are read back once they are committed."""
         path = self.storage.content.path(job.task_id)
         for span in job.pieces:
+            landed = functools.partial(_landed, job, digest, span)
             async with job.changed:
-                await job.changed.wait_for(functools.partial(job.done.__contains__, span.number))
-            await asyncio.to_thread(_hash_span, path, span, digester)
-        return digester
+                await job.changed.wait_for(landed)
+            if digest.position < span.offset + span.length:
+                await asyncio.to_thread(digest.feed_from_file, path, span)
+        return digest.digester
 
     async def _load_local(self, job: TaskJob, task: TaskRecord) -> None:
         job.content_length = task.content_length or 0
@@ -520,56 +543,48 @@ class DownloadManager:
         for piece in await self.storage.pieces(task.id):
             job.done[piece.number] = (piece, TrafficType.LOCAL_PEER)
 
-    async def back_to_source(
-        self, job: TaskJob, on_piece: Callable[[PieceRecord], Awaitable[None]] | None = None
-    ) -> None:
-        """Fetch every missing piece from the origin with bounded concurrency; the first failure cancels the rest."""
-        limit = job.request.concurrent_piece_count or self.concurrent_piece_count
-        semaphore = asyncio.Semaphore(limit)
+    async def back_to_source(self, job: TaskJob, on_piece: PieceReport | None = None) -> None:
+        """Fetch every missing piece from the origin, one stream per run of missing pieces.
 
-        async def one(span: PieceSpan) -> None:
-            async with semaphore:
-                piece = await self.fetch_from_source(job, span)
+        Each piece is committed in a batch, then announced to followers and passed to ``on_piece``.
+        """
+        writer = job.writer
+        assert writer is not None, "pieces are fetched only while the job holds its writer"
+        request = job.request
+        origin = Origin(self.backend, request.url, request.request_header, request.from_network, self.piece_attempts)
+
+        async def announce(piece: PieceRecord) -> None:
+            metrics.DOWNLOAD_BYTES.labels("origin").inc(piece.length)
+            metrics.PIECE_SECONDS.labels("origin").observe(piece.cost)
             await job.piece_done(piece, TrafficType.BACK_TO_SOURCE)
             if on_piece is not None:
                 await on_piece(piece)
 
-        async with asyncio.TaskGroup() as group:
-            for span in job.missing_pieces():
-                group.create_task(one(span))
-
-    async def fetch_from_source(self, job: TaskJob, span: PieceSpan) -> PieceRecord:
-        """One piece from the origin, retried when the connection breaks mid-piece."""
-        with tracing.span(
-            "piece",
-            task_id=job.task_id,
-            piece_number=span.number,
-            piece_length=span.length,
-            traffic_type="BACK_TO_SOURCE",
-        ):
-            piece = await self._fetch_from_source(job, span)
-        metrics.DOWNLOAD_BYTES.labels("origin").inc(piece.length)
-        metrics.PIECE_SECONDS.labels("origin").observe(piece.cost)
-        return piece
-
-    async def _fetch_from_source(self, job: TaskJob, span: PieceSpan) -> PieceRecord:
-        request = job.request
-        for attempt in range(1, self.piece_attempts + 1):
-            writer = job.writer
-            assert writer is not None, "pieces are fetched only while the job holds its writer"
+        publish = functools.partial(self._publish, job.task_id)
+        async with writer.piece_file() as file:
+            committer = BatchCommitter(file, announce)
             try:
-                with tracing_range(request.url, span, attempt):
-                    async with self.backend.open_range(
-                        request.url, request.request_header, span.offset, span.length, from_network=request.from_network
-                    ) as body:
-                        return await writer.write_piece_stream(
-                            span.number, span.offset, span.length, body, traffic_type=TrafficType.BACK_TO_SOURCE
-                        )
-            except BackendError as exc:
-                if exc.status_code is not None or attempt == self.piece_attempts:
-                    raise
-                log.info("piece %d of task %s broke off (%s); retrying", span.number, job.task_id, exc)
-        raise AssertionError("unreachable")
+                # A client tapping the bytes, and a blob's digest, take them in order: one stream serves them best.
+                # An origin without ranges sends its whole body each time: then the runs go one after another.
+                ordered = job.task_id in self._taps or job.digest is not None or not job.accepts_ranges
+                streams = 1 if ordered else _SOURCE_STREAMS
+                limit = asyncio.Semaphore(streams)
+
+                async def one(spans: list[PieceSpan]) -> None:
+                    async with limit:
+                        await RunStream(origin, spans, file, committer, publish, job.digest).run()
+
+                async with asyncio.TaskGroup() as group:
+                    for spans in runs(job.missing_pieces(), streams):
+                        group.create_task(one(spans))
+                await committer.close()
+            finally:
+                committer.abandon()
+
+
+def _landed(job: TaskJob, digest: InOrderDigest, span: PieceSpan) -> bool:
+    """Whether a piece is committed, or already fed to the digest by the stream that wrote it."""
+    return span.number in job.done or digest.position >= span.offset + span.length
 
 
 def _task_info(job: TaskJob) -> TaskInfo:
@@ -688,11 +703,3 @@ def _verify_digest(path: Path, expected: str) -> None:
     digester = _file_digest(path, expected)
     if not digester.matches():
         raise DownloadPrecondition(f"digest mismatch: expected {expected}, got {digester.hexdigest()}")
-
-
-def _hash_span(path: Path, span: PieceSpan, digester: ids.FileDigester) -> None:
-    """Feed one stored piece to a digester (a task named by a blob digest must hold exactly that blob)."""
-    with path.open("rb") as f:
-        f.seek(span.offset)
-        for chunk in _read_exactly(f, span.length):
-            digester.update(chunk)

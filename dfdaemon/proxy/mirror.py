@@ -2,7 +2,9 @@
 
 ``GET /v2/<name>/blobs/<digest>`` becomes a P2P download whose task id is the blob's digest, so every
 node shares one copy of a layer whatever registry or repository it came from, and the bytes are checked
-against the digest. The response streams pieces in order as they arrive; a blob is never held whole.
+against the digest. A blob's bytes reach the runtime as they arrive from the registry (tapped from the download's
+stream), else as its pieces land in storage (a cached blob, pieces from peers, a client slower than the registry);
+the last piece is held back until the whole blob matched its digest. A blob is never held whole.
 Everything else (``/v2/``, manifests, tags, HEAD of an uncached blob) is passed to the registry as is,
 status, headers and body included, so auth challenges and errors reach the runtime unchanged. The
 registry is the one the runtime names with ``?ns=<host>``, else ``proxy.registryMirror.addr``.
@@ -28,6 +30,7 @@ from dfdaemon import ids
 from dfdaemon.admission import Busy
 from dfdaemon.backend import BackendError, OriginClient, SourceNotAllowed, SourcePolicy, UnsupportedURL, header_text
 from dfdaemon.download import DownloadManager, DownloadRequest, InvalidDownload, PieceDone, Started
+from dfdaemon.download.source import ByteTap
 from dfdaemon.ids import PieceSpan
 from dfdaemon.storage import Storage, StorageFull, TaskState
 from dfdaemon.telemetry import metrics, tracing
@@ -286,17 +289,18 @@ class RegistryMirror:
             disable_back_to_source=self.disable_back_to_source,
             from_network=from_network,
         )
-        events = self.downloads.download(download)
-        try:
-            started = await anext(events)
-        except Exception as exc:
-            await events.aclose()
-            return await self._refusal(request, url, task_id, exc)
-        assert isinstance(started, Started)
-        if started.task_id != task_id:  # the URL did not name the blob: never serve other bytes under its digest
-            await events.aclose()
-            return _registry_error(400, "DIGEST_INVALID", f"the request does not name blob {task_id} exactly")
-        return await self._stream(request, events, started)
+        with self.downloads.tap(task_id) as tap:  # taken before the download starts: no early byte is missed
+            events = self.downloads.download(download)
+            try:
+                started = await anext(events)
+            except Exception as exc:
+                await events.aclose()
+                return await self._refusal(request, url, task_id, exc)
+            assert isinstance(started, Started)
+            if started.task_id != task_id:  # the URL did not name the blob: never serve other bytes under its digest
+                await events.aclose()
+                return _registry_error(400, "DIGEST_INVALID", f"the request does not name blob {task_id} exactly")
+            return await self._stream(request, _Arrivals(events, tap), started)
 
     async def _refusal(self, request: web.Request, url: str, task_id: str, error: Exception) -> web.StreamResponse:
         """Answer a blob download that failed before its first byte."""
@@ -314,24 +318,23 @@ class RegistryMirror:
         log.warning("blob %s through the P2P network failed: %s", task_id, error)
         return _registry_error(502, "UNAVAILABLE", f"blob {task_id} could not be fetched: {error}")
 
-    async def _stream(
-        self, request: web.Request, events: AsyncGenerator[Started | PieceDone, None], started: Started
-    ) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, arrivals: _Arrivals, started: Started) -> web.StreamResponse:
         length = started.content_length
         try:
             span = parse_range(request.headers.get("Range"), length)
         except UnsatisfiableRange:
-            await events.aclose()
+            await arrivals.events.aclose()
             return web.Response(status=416, headers={"Content-Range": f"bytes */{length}"})
         first, last = span if span is not None else (0, length - 1)
         headers = self._blob_headers(started.task_id, last - first + 1)
         if span is not None:
             headers["Content-Range"] = f"bytes {first}-{last}/{length}"
         response = web.StreamResponse(status=206 if span is not None else 200, headers=headers)
-        await response.prepare(request)
-        wanted = [p for p in started.pieces if p.offset <= last and p.offset + p.length > first]
+        following = asyncio.create_task(arrivals.follow())
         try:
-            await self._send_in_order(response, events, started.task_id, wanted, first, last)
+            await response.prepare(request)
+            wanted = [p for p in started.pieces if p.offset <= last and p.offset + p.length > first]
+            await self._send_in_order(response, arrivals, started.task_id, wanted, first, last + 1)
         except (ConnectionError, asyncio.CancelledError):
             raise
         except Exception as exc:
@@ -341,46 +344,90 @@ class RegistryMirror:
                 request.transport.abort()
             return response
         finally:
-            await events.aclose()
+            following.cancel()
+            with contextlib.suppress(BaseException):
+                await following
         return response
 
     async def _send_in_order(
         self,
         response: web.StreamResponse,
-        events: AsyncGenerator[Started | PieceDone, None],
+        arrivals: _Arrivals,
         task_id: str,
         wanted: list[PieceSpan],
         first: int,
-        last: int,
+        end: int,
     ) -> None:
-        """Write the wanted pieces in offset order, each as soon as it and all before it are stored.
+        """Write bytes ``first`` to ``end`` in order: as the registry sends them, else as their pieces are stored.
 
         The last piece is held back until the whole blob has matched its digest: a forged blob never reaches
         the client complete, whatever the client checks itself.
         """
-        arrived: set[int] = set()
-        index = 0
-        held_back = b""
-        while index < len(wanted):
-            event = await anext(events)
-            if not isinstance(event, PieceDone):
-                continue
-            arrived.add(event.piece.number)
-            while index < len(wanted) and wanted[index].number in arrived:
-                piece = wanted[index]
-                _, data = await self.storage.read_piece(task_id, piece.number)
-                start = max(first, piece.offset) - piece.offset
-                end = min(last + 1, piece.offset + piece.length) - piece.offset
-                if index == len(wanted) - 1:
-                    held_back = data[start:end]
-                else:
-                    await response.write(data[start:end])
+        held_from = max(first, wanted[-1].offset) if wanted else end
+        position, index = first, 0
+        while position < held_from:
+            arrivals.tap.wake.clear()
+            while wanted[index].offset + wanted[index].length <= position:
                 index += 1
-        async for _ in events:  # the rest of the stream checks the whole blob against its digest
-            pass
-        if held_back:
-            await response.write(held_back)
+            chunk = arrivals.tap.take(position)
+            if chunk is not None:
+                await response.write(chunk[: held_from - position])
+                position += min(len(chunk), held_from - position)
+            elif wanted[index].number in arrivals.arrived:
+                position = await self._send_stored(response, task_id, wanted[index], position, held_from)
+            else:
+                arrivals.check()
+                await arrivals.tap.wake.wait()
+        await arrivals.finished()  # the rest of the download checks the whole blob against its digest
+        if wanted:
+            await self._send_stored(response, task_id, wanted[-1], held_from, end)
         await response.write_eof()
+
+    async def _send_stored(
+        self, response: web.StreamResponse, task_id: str, piece: PieceSpan, position: int, end: int
+    ) -> int:
+        """Write a stored piece's bytes from ``position`` up to ``end``; returns where that got to."""
+        _, data = await self.storage.read_piece(task_id, piece.number)
+        stop = min(end, piece.offset + piece.length)
+        await response.write(memoryview(data)[position - piece.offset : stop - piece.offset])
+        return stop
+
+
+class _Arrivals:
+    """Follows a blob's download for one response: which pieces are stored, and how the download ended.
+
+    Runs as its own task, which alone iterates (and closes) the download's events; each event wakes the response.
+    """
+
+    def __init__(self, events: AsyncGenerator[Started | PieceDone, None], tap: ByteTap) -> None:
+        self.events = events
+        self.tap = tap
+        self.arrived: set[int] = set()
+        self.done = asyncio.Event()
+        self.error: Exception | None = None
+
+    async def follow(self) -> None:
+        try:
+            async with contextlib.aclosing(self.events):
+                async for event in self.events:
+                    if isinstance(event, PieceDone):
+                        self.arrived.add(event.piece.number)
+                        self.tap.wake.set()
+        except Exception as exc:
+            self.error = exc
+        finally:
+            self.done.set()
+            self.tap.wake.set()
+
+    def check(self) -> None:
+        """Raise how the download failed, once it has; a download that ended has nothing more to wait for."""
+        if self.done.is_set():
+            raise self.error or RuntimeError("the blob's download ended without the bytes asked for")
+
+    async def finished(self) -> None:
+        await self.done.wait()
+        if self.error is not None:
+            raise self.error
 
 
 class MirrorServer:

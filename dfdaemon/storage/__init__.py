@@ -12,6 +12,9 @@ Operation                                   Transaction, and the file work aroun
 ``write_piece`` / ``write_piece_stream``    bytes written at their offset and fdatasync'd, then one insert of
                                             the piece row with the file's size (the piece is visible only then)
 ``commit_pieces(id, pieces)``               one insert of many pieces whose bytes are already durable
+``piece_file(id)`` write_at / commit         a writer's open file: bytes written in its thread hops (CRC taken
+                                            by the writer as they arrived), invisible until ``commit``
+                                            fdatasyncs the file and inserts the batch's rows in one transaction
 ``finish_task`` / ``fail_task``             the task's state (and size); ``discard`` deletes the file first
 ``stage_piece`` / ``commit_staged``         bytes written and CRC'd in one thread hop, not synced / one
                                             fdatasync, then one insert of every staged piece (batched)
@@ -35,7 +38,7 @@ Operation                                   Transaction, and the file work aroun
 A crash between a mark and the file work is finished at the next ``open``.
 """
 
-from dfdaemon.storage.manager import Storage, TaskReader, TaskWriter
+from dfdaemon.storage.manager import PieceFile, Storage, TaskReader, TaskWriter
 from dfdaemon.storage.models import (
     Applied,
     DiskFull,
@@ -66,6 +69,7 @@ __all__ = [
     "Hold",
     "InvalidPiece",
     "PieceCorrupt",
+    "PieceFile",
     "PieceNotFound",
     "PieceRecord",
     "References",

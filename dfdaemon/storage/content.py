@@ -163,6 +163,13 @@ def write_at(fd: int, offset: int, data: bytes | memoryview, crc: int) -> int:
     return zlib.crc32(view, crc)
 
 
+def write_all_at(fd: int, offset: int, data: memoryview) -> None:
+    """Write all of ``data`` at ``offset`` (its CRC was taken by the caller as the bytes arrived)."""
+    written = 0
+    while written < len(data):
+        written += os.pwrite(fd, data[written:], offset + written)
+
+
 def sync_and_size(fd: int) -> int:
     """Make the written bytes durable before their piece becomes visible; returns the file's size."""
     os.fdatasync(fd)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from dfdaemon.ids import validate_task_id
-from dfdaemon.storage.content import ContentStore, remove_path, sync_and_size, write_at
+from dfdaemon.storage.content import ContentStore, remove_path, sync_and_size, write_all_at, write_at
 from dfdaemon.storage.metadata import MetadataStore
 from dfdaemon.storage.models import (
     Applied,
@@ -540,6 +540,18 @@ class Storage:
             size = await self._io(self.content.sync, task_id)
             await self._commit(task_id, pieces, size)
 
+    @contextlib.asynccontextmanager
+    async def piece_file(self, task_id: str) -> AsyncIterator[PieceFile]:
+        """The task's content file held open for a writer that writes pieces now and commits them in batches."""
+        validate_task_id(task_id)
+        fd = await self._io(self.content.open_for_write, task_id)
+        file = PieceFile(self, task_id, fd)
+        try:
+            yield file
+        finally:
+            await file.drain()
+            await self._io(os.close, fd)
+
     def _piece(
         self,
         task_id: str,
@@ -855,11 +867,63 @@ class TaskWriter:
     async def commit_staged(self, pieces: Sequence[PieceRecord]) -> None:
         await self.storage.commit_staged(self.task_id, pieces)
 
+    def piece_file(self) -> contextlib.AbstractAsyncContextManager[PieceFile]:
+        """The task's file held open for streamed pieces committed in batches (see ``PieceFile``)."""
+        return self.storage.piece_file(self.task_id)
+
     async def finish(self) -> TaskRecord:
         return await self.storage.finish_task(self.task_id)
 
     async def fail(self, *, discard: bool = False) -> None:
         await self.storage.fail_task(self.task_id, discard=discard)
+
+
+class PieceFile:
+    """A task's open content file: bytes written in thread hops (``hop``), made visible later by ``commit``.
+
+    Nothing written here is visible until committed; ``commit`` syncs the file before the rows go in, so a
+    crash never leaves a committed piece whose bytes are not on disk.
+    """
+
+    def __init__(self, storage: Storage, task_id: str, fd: int) -> None:
+        self.storage = storage
+        self.task_id = task_id
+        self._fd = fd
+        self._hops: set[asyncio.Future[Any]] = set()
+
+    async def hop(self, fn: Callable[[], T]) -> T:
+        """Run work on the piece bytes in a thread; a cancelled caller does not stop it, so ``drain`` waits for it."""
+        hop = asyncio.get_running_loop().run_in_executor(None, fn)
+        self._hops.add(hop)
+        hop.add_done_callback(self._hops.discard)
+        return await asyncio.shield(hop)
+
+    async def drain(self) -> None:
+        """Wait for every thread hop still using the file (before it is closed)."""
+        while self._hops:
+            await asyncio.wait(set(self._hops))
+
+    def write_at(self, offset: int, data: memoryview) -> None:
+        """Write bytes of a piece at their offset; blocking, so called inside ``hop``. Invisible until committed."""
+        try:
+            write_all_at(self._fd, offset, data)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(f"no space left on the cache's filesystem writing task {self.task_id}") from None
+            raise
+
+    def piece(self, number: int, offset: int, length: int, crc: int, traffic_type: int, started: float) -> PieceRecord:
+        """The record of a piece whose bytes were written; its cost runs from ``started`` (``time.monotonic``)."""
+        _check_span(number, offset, length)
+        cost = time.monotonic() - started
+        return self.storage._piece(self.task_id, number, offset, length, crc, None, traffic_type, cost)
+
+    async def commit(self, pieces: Sequence[PieceRecord]) -> None:
+        """Make written pieces visible: the file is synced first, then their rows go in, in one transaction."""
+        number = pieces[0].number if pieces else -1
+        with self.storage._disk_full_guard(self.task_id, number):
+            size = await self.hop(partial(sync_and_size, self._fd))
+            await self.storage._commit(self.task_id, pieces, size)
 
 
 class TaskReader:

@@ -1,0 +1,163 @@
+"""Back to source as one stream: a DownloadManager with real storage against a loopback aiohttp origin.
+
+The origin counts connections and GETs, can cut its first answer after some bytes, and can ignore Range.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from dfdaemon.backend import Backend, BackendError, RetryPolicy
+from dfdaemon.download import DownloadManager, DownloadRequest, PieceDone, Started, TaskJob
+from dfdaemon.gc import GarbageCollector, GCPolicy
+from dfdaemon.storage import PieceRecord, Storage, TaskState, TrafficType
+
+MIB = 1024 * 1024
+_RANGE = re.compile(r"bytes=(\d+)-(\d+)")
+
+
+@dataclass
+class Origin:
+    body: bytes
+    ranges: bool = True
+    cut_first_at: int | None = None  # the first GETs' connections are dropped after this many body bytes
+    cuts: int = 1  # how many GETs are cut
+    connections: set[tuple[str, int]] = field(default_factory=set)
+    gets: list[str | None] = field(default_factory=list)  # each GET's Range header
+    url: str = ""
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.connections.add(request.transport.get_extra_info("peername") if request.transport else ("", 0))
+        start, end = 0, len(self.body)
+        match = _RANGE.fullmatch(request.headers.get("Range", ""))
+        ranged = self.ranges and match is not None
+        if match is not None and self.ranges:
+            start, end = int(match.group(1)), min(int(match.group(2)) + 1, len(self.body))
+        headers = {"Content-Length": str(end - start), "Accept-Ranges": "bytes" if self.ranges else "none"}
+        if ranged:
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(self.body)}"
+        response = web.StreamResponse(status=206 if ranged else 200, headers=headers)
+        await response.prepare(request)
+        if request.method == "HEAD" or request.headers.get("Range") == "bytes=0-0":  # a length probe is no stream
+            return response
+        self.gets.append(request.headers.get("Range"))
+        if self.cut_first_at is not None and len(self.gets) <= self.cuts:
+            await response.write(self.body[start : start + self.cut_first_at])
+            assert request.transport is not None
+            request.transport.abort()
+            return response
+        for offset in range(start, end, 256 * 1024):
+            await response.write(self.body[offset : min(offset + 256 * 1024, end)])
+        await response.write_eof()
+        return response
+
+
+@dataclass
+class Daemon:
+    storage: Storage
+    manager: DownloadManager
+    reported: list[tuple[PieceRecord, bool]]  # each piece reported to the scheduler, and whether it was committed
+
+
+@pytest.fixture
+async def daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
+    storage = Storage(tmp_path / "storage")
+    await storage.open()
+    backend = Backend(timeout=10, retry=RetryPolicy(attempts=2, initial_backoff=0.01))
+    manager = DownloadManager(
+        storage, GarbageCollector(storage, GCPolicy()), backend, host_ip="127.0.0.1", hostname="t"
+    )
+    reported: list[tuple[PieceRecord, bool]] = []
+
+    async def scheduled(job: TaskJob) -> None:  # reports each piece as the scheduler flow does
+        async def report(piece: PieceRecord) -> None:
+            reported.append((piece, await storage.piece(job.task_id, piece.number) is not None))
+
+        await manager.back_to_source(job, on_piece=report)
+
+    manager.fetch_missing = scheduled
+    try:
+        yield Daemon(storage, manager, reported)
+    finally:
+        await manager.close()
+        await backend.close()
+        await storage.close()
+
+
+@pytest.fixture
+async def origin() -> AsyncIterator[Origin]:
+    served = Origin(os.urandom(10 * MIB + 12345))
+    app = web.Application()
+    app.router.add_route("*", "/file", served.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    served.url = f"http://127.0.0.1:{port}/file"
+    try:
+        yield served
+    finally:
+        await runner.cleanup()
+
+
+async def fetch(daemon: Daemon, url: str) -> tuple[Started, list[PieceDone]]:
+    events = [event async for event in daemon.manager.download(DownloadRequest(url=url))]
+    started, pieces = events[0], events[1:]
+    assert isinstance(started, Started)
+    assert all(isinstance(piece, PieceDone) for piece in pieces)
+    return started, [piece for piece in pieces if isinstance(piece, PieceDone)]
+
+
+def stored(daemon: Daemon, task_id: str) -> bytes:
+    return daemon.storage.content.path(task_id).read_bytes()
+
+
+async def test_a_task_is_one_get_on_one_connection_and_each_piece_is_reported_once_committed(
+    daemon: Daemon, origin: Origin
+) -> None:
+    started, pieces = await fetch(daemon, origin.url)
+    assert hashlib.sha256(stored(daemon, started.task_id)).digest() == hashlib.sha256(origin.body).digest()
+    assert origin.gets == [f"bytes=0-{len(origin.body) - 1}"]
+    assert len(origin.connections) == 1  # the HEAD's connection was reused for the GET
+    assert sorted(p.piece.number for p in pieces) == [0, 1, 2]
+    assert all(p.traffic_type == TrafficType.BACK_TO_SOURCE for p in pieces)
+    assert sorted(piece.number for piece, _ in daemon.reported) == [0, 1, 2]
+    assert all(committed for _, committed in daemon.reported), "a piece was reported before it was committed"
+    for piece, _ in daemon.reported:
+        span = origin.body[piece.offset : piece.offset + piece.length]
+        assert (await daemon.storage.read_piece(started.task_id, piece.number))[1] == span
+
+
+async def test_a_stream_broken_mid_piece_resumes_at_the_byte_where_it_broke(daemon: Daemon, origin: Origin) -> None:
+    origin.cut_first_at = 5 * MIB + 777  # inside the second piece
+    started, pieces = await fetch(daemon, origin.url)
+    assert hashlib.sha256(stored(daemon, started.task_id)).hexdigest() == hashlib.sha256(origin.body).hexdigest()
+    assert origin.gets == [f"bytes=0-{len(origin.body) - 1}", f"bytes={5 * MIB + 777}-{len(origin.body) - 1}"]
+    assert sorted(p.piece.number for p in pieces) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("cut", [None, 3 * MIB])
+async def test_an_origin_that_ignores_ranges_is_read_whole(daemon: Daemon, origin: Origin, cut: int | None) -> None:
+    origin.ranges, origin.cut_first_at = False, cut
+    started, pieces = await fetch(daemon, origin.url)
+    assert stored(daemon, started.task_id) == origin.body
+    assert len(origin.gets) == (1 if cut is None else 2)  # a resume reads the body again, skipping what it has
+    assert sorted(p.piece.number for p in pieces) == [0, 1, 2]
+
+
+async def test_a_stream_that_breaks_without_progress_fails_after_its_attempts(daemon: Daemon, origin: Origin) -> None:
+    origin.cut_first_at, origin.cuts = MIB, 10  # every answer stops short of completing a 4 MiB piece
+    with pytest.raises(BackendError, match="broke"):
+        await fetch(daemon, origin.url)
+    assert len(origin.gets) == daemon.manager.piece_attempts
+    [task] = await daemon.storage.list_tasks()
+    assert task.state is TaskState.FAILED
