@@ -9,7 +9,7 @@ Operation                                   Transaction, and the file work aroun
 ==========================================  =================================================================
 ``download(id, info)`` (begin)              in-flight download reference; create or resume the task row;
                                             create its content file. Yields a ``TaskWriter``.
-``write_piece`` / ``write_piece_stream``    bytes written at their offset and fdatasync'd, then one insert of
+``write_piece``                             bytes written at their offset and fdatasync'd, then one insert of
                                             the piece row with the file's size (the piece is visible only then)
 ``commit_pieces(id, pieces)``               one insert of many pieces whose bytes are already durable
 ``piece_file(id)`` write_at / commit         a writer's open file: bytes written in its thread hops (CRC taken

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from dfdaemon.ids import validate_task_id
-from dfdaemon.storage.content import ContentStore, remove_path, sync_and_size, write_all_at, write_at
+from dfdaemon.storage.content import ContentStore, remove_path, sync_and_size, write_all_at
 from dfdaemon.storage.metadata import MetadataStore
 from dfdaemon.storage.models import (
     Applied,
@@ -465,42 +465,6 @@ class Storage:
             await self._commit(task_id, [piece], size)
         return piece
 
-    async def write_piece_stream(
-        self,
-        task_id: str,
-        number: int,
-        offset: int,
-        length: int,
-        chunks: AsyncIterator[bytes],
-        *,
-        parent_id: str | None = None,
-        traffic_type: int = TrafficType.BACK_TO_SOURCE,
-    ) -> PieceRecord:
-        """Write a piece as its bytes arrive, computing the CRC on the way; memory stays one chunk.
-
-        The piece's cost is the time from here to its commit: how long its bytes took to arrive and land.
-        """
-        _check_span(number, offset, length)
-        started = time.monotonic()
-        with self._disk_full_guard(task_id, number):
-            fd = await self._io(self.content.open_for_write, task_id)
-            crc, position = 0, offset
-            try:
-                async for chunk in chunks:
-                    if position + len(chunk) > offset + length:
-                        raise InvalidPiece(f"piece {number} got more than its {length} bytes")
-                    crc = await self._io(write_at, fd, position, chunk, crc)
-                    position += len(chunk)
-                if position != offset + length:
-                    raise InvalidPiece(f"piece {number} got {position - offset} of its {length} bytes")
-                size = await self._io(sync_and_size, fd)
-            finally:
-                await self._io(os.close, fd)
-            cost = time.monotonic() - started
-            piece = self._piece(task_id, number, offset, length, crc, parent_id, traffic_type, cost)
-            await self._commit(task_id, [piece], size)
-        return piece
-
     async def commit_pieces(self, task_id: str, pieces: Sequence[PieceRecord]) -> None:
         """Make pieces whose bytes are already durable in the task's file visible, all in one transaction.
 
@@ -829,21 +793,6 @@ class TaskWriter:
         """Write a piece held in memory (one from a peer's DownloadPiece)."""
         return await self.storage.write_piece(
             self.task_id, number, offset, data, parent_id=parent_id, traffic_type=traffic_type, cost=cost
-        )
-
-    async def write_piece_stream(
-        self,
-        number: int,
-        offset: int,
-        length: int,
-        chunks: AsyncIterator[bytes],
-        *,
-        parent_id: str | None = None,
-        traffic_type: int = TrafficType.BACK_TO_SOURCE,
-    ) -> PieceRecord:
-        """Write a piece as its bytes arrive (see ``Storage.write_piece_stream``)."""
-        return await self.storage.write_piece_stream(
-            self.task_id, number, offset, length, chunks, parent_id=parent_id, traffic_type=traffic_type
         )
 
     async def commit_pieces(self, pieces: Sequence[PieceRecord]) -> None:
