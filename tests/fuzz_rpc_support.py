@@ -52,6 +52,7 @@ from dfdaemon.api import common_pb2, dfdaemon_pb2, scheduler_pb2
 from dfdaemon.api import dfdaemon_ext_pb2 as ext_pb2
 from dfdaemon.rpc.servers import CHANNEL_OPTIONS
 from tests import fuzz_strategies as fs
+from tests.storage_support import seeded_bytes
 from tests.support import (
     DaemonProcess,
     OriginProcess,
@@ -327,11 +328,12 @@ CASE_ENTRIES = ("existing", "directory", "symlink-outside", "dangling-symlink-ou
 def fuzz_environment(root: Path) -> Iterator[Env]:
     """An origin, the scheduler stub and one daemon using it, under ``root``; stopped on leaving."""
     files = {
-        "small.bin": os.urandom(fs.SMALL_SIZE),
+        "small.bin": seeded_bytes("fuzz_rpc_support-1", fs.SMALL_SIZE),
         "empty.bin": b"",
-        "slow.bin": os.urandom(6000),
-        "other.bin": os.urandom(3000),
-        "big.bin": os.urandom(8 * 1024 * 1024),  # more than gRPC's flow control lets through unread
+        "slow.bin": seeded_bytes("fuzz_rpc_support-2", 6000),
+        "other.bin": seeded_bytes("fuzz_rpc_support-3", 3000),
+        # More than gRPC's flow control lets through unread:
+        "big.bin": seeded_bytes("fuzz_rpc_support-4", 8 * 1024 * 1024),
     }
     origin_root = root / "origin" / "files"
     origin_root.mkdir(parents=True)

@@ -22,6 +22,7 @@ import pytest
 from dfdaemon.api import scheduler_pb2
 from dfdaemon.cluster.ring import HashRing
 from dfdaemon.ids import filtered_query_params_or_default, task_id
+from tests.storage_support import seeded_bytes
 from tests.support import (
     REPO_ROOT,
     DaemonProcess,
@@ -84,7 +85,7 @@ def closed_port() -> str:
 def origin(tmp_path: Path) -> Iterator[OriginProcess]:
     root = tmp_path / "files"
     root.mkdir()
-    (root / FILE).write_bytes(os.urandom(300_000))
+    (root / FILE).write_bytes(seeded_bytes("test_cluster_discovery-1", 300_000))
     with running_origin(root) as running:
         yield running
 

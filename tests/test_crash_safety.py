@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from dfdaemon.storage import Storage, TaskState
-from tests.storage_support import fill
+from tests.storage_support import fill, seeded_bytes
 from tests.support import REPO_ROOT, dfget, run_dfctl, running_daemon, running_origin
 
 MB = 1_000_000
@@ -67,10 +67,10 @@ def _count_files(root: Path) -> int:
 
 
 def test_sigkill_while_storing_then_resume(tmp_path: Path) -> None:
-    data = os.urandom(24 * MB)
+    data = seeded_bytes("test_crash_safety-1", 24 * MB)
     with running_origin(tmp_path / "files") as origin:
         (origin.root / "layer.bin").write_bytes(data)
-        (origin.root / "kept.bin").write_bytes(b"k" * 1000)
+        (origin.root / "kept.bin").write_bytes(seeded_bytes("kept", 1000))
         workdir = tmp_path / "daemon"
         with running_daemon(workdir, {"download": {"concurrentPieceCount": 2}}) as daemon:
             kept = dfget(daemon, origin.url("kept.bin"), tmp_path / "kept.bin", "--json")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import re
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from google.protobuf.empty_pb2 import Empty
 from dfdaemon.api import dfdaemon_pb2, dfdaemon_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from dfdaemon.download.peering import Registration, SchedulerUnavailable
 from dfdaemon.rpc.scheduler_client import HostInfo, SchedulerClient
+from tests.storage_support import seeded_bytes
 from tests.support import (
     REPO_ROOT,
     DaemonProcess,
@@ -52,7 +52,7 @@ def origin(tmp_path: Path) -> Iterator[OriginProcess]:
     root = tmp_path / "files"
     root.mkdir()
     for name in ("model.bin", "other.bin", "slow.bin", "never.bin"):
-        (root / name).write_bytes(os.urandom(SIZE))
+        (root / name).write_bytes(seeded_bytes("test_delete_host-1", SIZE))
     with running_origin(root) as running:
         yield running
 

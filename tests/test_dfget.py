@@ -31,6 +31,7 @@ from dfdaemon.config import detect_ip
 from dfdaemon.ids import DEFAULT_FILTERED_QUERY_PARAMS
 from dfdaemon.rpc.download import SERVICE
 from dfdaemon.rpc.servers import HealthReporter, add_service, new_server
+from tests.storage_support import seeded_bytes
 from tests.support import REPO_ROOT, dfget, run_module, running_daemon, running_origin
 
 CONTENT = bytes(range(256)) * 40  # 10240 bytes: three pieces of 4096, 4096 and 2048
@@ -559,7 +560,7 @@ def test_ctrl_c_cancels_the_stream_and_removes_the_partial_file(
 def test_content_for_calculating_task_id_names_the_task_in_a_real_daemon(tmp_path: Path) -> None:
     """The flag reaches the daemon: the task id it reports is the sha256 of the content string, not of the URL."""
     (tmp_path / "files").mkdir()
-    (tmp_path / "files" / "model.bin").write_bytes(os.urandom(100_000))
+    (tmp_path / "files" / "model.bin").write_bytes(seeded_bytes("test_dfget-1", 100_000))
     with running_origin(tmp_path / "files") as origin, running_daemon(tmp_path / "node") as daemon:
         done = dfget(
             daemon,

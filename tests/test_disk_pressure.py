@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from tests.storage_support import seeded_bytes
 from tests.support import DaemonProcess, dfctl_json, dfget, running_daemon, running_origin
 
 MiB = 1024 * 1024
@@ -89,7 +90,7 @@ def test_filesystem_filled_from_outside_evicts_unheld_tasks_down_to_the_low_mark
 ) -> None:
     with running_origin(tmp_path / "origin") as origin:
         for i in range(7):
-            (origin.root / f"f{i}.bin").write_bytes(os.urandom(TASK_SIZE if i < 6 else MiB))
+            (origin.root / f"f{i}.bin").write_bytes(seeded_bytes("test_disk_pressure-1", TASK_SIZE if i < 6 else MiB))
         # Only the growth listener runs GC here: the periodic run waits an hour.
         with running_daemon(tmp_path / "daemon", config(small_fs / "storage", "1h")) as daemon:
             ids = [download(daemon, origin.url(f"f{i}.bin"), tmp_path / f"f{i}.bin") for i in range(6)]
@@ -119,7 +120,7 @@ def test_filesystem_filled_from_outside_evicts_unheld_tasks_down_to_the_low_mark
 def test_evicting_a_task_whose_output_is_a_hard_link_frees_nothing(tmp_path: Path, small_fs: Path) -> None:
     with running_origin(tmp_path / "origin") as origin:
         for name in ("linked.bin", "copied.bin"):
-            (origin.root / name).write_bytes(os.urandom(2 * TASK_SIZE))
+            (origin.root / name).write_bytes(seeded_bytes("test_disk_pressure-2", 2 * TASK_SIZE))
         with running_daemon(tmp_path / "daemon", config(small_fs / "storage", "1s")) as daemon:
             linked_output = small_fs / "linked.bin"  # on the cache's filesystem: the daemon hard-links it
             linked = download(daemon, origin.url("linked.bin"), linked_output)
@@ -144,7 +145,7 @@ def test_evicting_a_task_whose_output_is_a_hard_link_frees_nothing(tmp_path: Pat
 def test_dfget_says_link_or_copy_and_a_transferred_copy_frees_its_bytes(tmp_path: Path, small_fs: Path) -> None:
     with running_origin(tmp_path / "origin") as origin:
         for name in ("a.bin", "b.bin"):
-            (origin.root / name).write_bytes(os.urandom(TASK_SIZE))
+            (origin.root / name).write_bytes(seeded_bytes("test_disk_pressure-3", TASK_SIZE))
         with running_daemon(tmp_path / "daemon", config(small_fs / "storage", "1h")) as daemon:
             linked = dfget(daemon, origin.url("a.bin"), small_fs / "a.bin")
             assert linked.returncode == 0, linked.stderr

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -16,6 +15,7 @@ import pytest
 
 from dfdaemon.api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc
 from dfdaemon.rpc.servers import CHANNEL_OPTIONS
+from tests.storage_support import seeded_bytes
 from tests.support import REPO_ROOT, DaemonProcess, OriginProcess, dfget, running_daemon, running_origin
 
 MB = 1_000_000
@@ -25,9 +25,9 @@ MB = 1_000_000
 def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OriginProcess]:
     root = tmp_path_factory.mktemp("origin") / "files"
     root.mkdir()
-    (root / "big.bin").write_bytes(os.urandom(9 * MB + 123))
-    (root / "shared.bin").write_bytes(os.urandom(12 * MB + 7))
-    (root / "small.txt").write_bytes(b"hello, peer to peer\n" * 1000)
+    (root / "big.bin").write_bytes(seeded_bytes("test_download_process-1", 9 * MB + 123))
+    (root / "shared.bin").write_bytes(seeded_bytes("test_download_process-2", 12 * MB + 7))
+    (root / "small.txt").write_bytes(seeded_bytes("small", 20_000))
     (root / "empty.bin").write_bytes(b"")
     with running_origin(root) as running:
         yield running
@@ -108,7 +108,7 @@ def test_origin_404_is_a_clear_error_and_leaves_no_file(
 
 
 def test_origin_500_is_retried_then_reported(daemon: DaemonProcess, origin: OriginProcess, tmp_path: Path) -> None:
-    (origin.root / "flaky.bin").write_bytes(b"x" * 1000)
+    (origin.root / "flaky.bin").write_bytes(seeded_bytes("flaky", 1000))
     origin.fault("flaky.bin", status=500)
     try:
         out = dfget(daemon, origin.url("flaky.bin"), tmp_path / "flaky.bin")
@@ -119,11 +119,11 @@ def test_origin_500_is_retried_then_reported(daemon: DaemonProcess, origin: Orig
     assert not (tmp_path / "flaky.bin").exists()
     retry = dfget(daemon, origin.url("flaky.bin"), tmp_path / "flaky.bin")
     assert retry.returncode == 0, retry.stderr
-    assert (tmp_path / "flaky.bin").read_bytes() == b"x" * 1000
+    assert (tmp_path / "flaky.bin").read_bytes() == seeded_bytes("flaky", 1000)
 
 
 def test_origin_dropping_the_connection_mid_piece(daemon: DaemonProcess, origin: OriginProcess, tmp_path: Path) -> None:
-    (origin.root / "cut.bin").write_bytes(os.urandom(3 * MB))
+    (origin.root / "cut.bin").write_bytes(seeded_bytes("test_download_process-3", 3 * MB))
     origin.fault("cut.bin", cut=100_000)
     try:
         out = dfget(daemon, origin.url("cut.bin"), tmp_path / "cut.bin")
@@ -146,7 +146,7 @@ def test_digest_is_checked_over_the_whole_file(daemon: DaemonProcess, origin: Or
 
 
 def test_range_and_piece_content(daemon: DaemonProcess, origin: OriginProcess, tmp_path: Path) -> None:
-    data = os.urandom(9 * MB + 123)
+    data = seeded_bytes("test_download_process-4", 9 * MB + 123)
     (origin.root / "ranged.bin").write_bytes(data)  # its own file: the shared daemon caches what it fetched
     output = tmp_path / "range.bin"
     responses = download(
@@ -206,7 +206,7 @@ def test_existing_output_needs_overwrite(daemon: DaemonProcess, origin: OriginPr
 
 
 def test_timeout_is_deadline_exceeded(daemon: DaemonProcess, origin: OriginProcess, tmp_path: Path) -> None:
-    (origin.root / "slow.bin").write_bytes(b"s" * 100)
+    (origin.root / "slow.bin").write_bytes(seeded_bytes("slow", 100))
     origin.fault("slow.bin", delay=3)
     try:
         out = dfget(daemon, origin.url("slow.bin"), tmp_path / "slow.bin", "--timeout", "1s")
@@ -219,7 +219,9 @@ def test_timeout_is_deadline_exceeded(daemon: DaemonProcess, origin: OriginProce
 
 def test_a_download_that_cannot_fit_is_resource_exhausted(tmp_path: Path, origin: OriginProcess) -> None:
     config = {"gc": {"policy": {"diskThreshold": "15MB", "gracePeriod": "1h"}}}
-    (origin.root / "fit.bin").write_bytes(os.urandom(9 * MB + 123))  # its own file: the origin counts per file
+    (origin.root / "fit.bin").write_bytes(
+        seeded_bytes("test_download_process-5", 9 * MB + 123)
+    )  # its own file: the origin counts per file
     with running_daemon(tmp_path / "d", config) as small:
         first = dfget(small, origin.url("fit.bin"), tmp_path / "first.bin", "--json")
         assert first.returncode == 0, first.stderr

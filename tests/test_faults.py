@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import random
 import signal
 import subprocess
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from dfdaemon.storage import Storage, TaskState
+from tests.storage_support import seeded_bytes
 from tests.support import (
     REPO_ROOT,
     OriginProcess,
@@ -76,8 +76,8 @@ def test_disk_full_mid_piece_fails_cleanly_and_the_daemon_keeps_serving(tmp_path
     with ExitStack() as stack:
         disk = stack.enter_context(small_filesystem(tmp_path / "disk", "24m"))
         origin = stack.enter_context(running_origin(tmp_path / "files"))
-        (origin.root / "layer.bin").write_bytes(os.urandom(16 * MB))
-        (origin.root / "small.bin").write_bytes(os.urandom(1 * MB))
+        (origin.root / "layer.bin").write_bytes(seeded_bytes("test_faults-1", 16 * MB))
+        (origin.root / "small.bin").write_bytes(seeded_bytes("test_faults-2", 1 * MB))
         origin.fault("layer.bin", rate=4 * MB)
         config = {"storage": {"dir": str(disk / "storage")}, "download": {"concurrentPieceCount": 2}}
         daemon = stack.enter_context(running_daemon(tmp_path / "daemon", config))
@@ -116,7 +116,7 @@ def test_disk_full_mid_piece_fails_cleanly_and_the_daemon_keeps_serving(tmp_path
 
 def test_sigkill_at_random_points_twenty_times(tmp_path: Path) -> None:
     rng = random.Random(20)
-    data = os.urandom(40 * MB)
+    data = seeded_bytes("test_faults-3", 40 * MB)
     workdir = tmp_path / "daemon"
     with running_origin(tmp_path / "files") as origin:
         (origin.root / "model.bin").write_bytes(data)
@@ -146,8 +146,8 @@ def test_sigkill_at_random_points_twenty_times(tmp_path: Path) -> None:
 def origin(tmp_path: Path) -> Iterator[OriginProcess]:
     root = tmp_path / "files"
     root.mkdir()
-    (root / "one.bin").write_bytes(os.urandom(12 * MB))
-    (root / "two.bin").write_bytes(os.urandom(12 * MB))
+    (root / "one.bin").write_bytes(seeded_bytes("test_faults-4", 12 * MB))
+    (root / "two.bin").write_bytes(seeded_bytes("test_faults-5", 12 * MB))
     with running_origin(root) as running:
         yield running
 

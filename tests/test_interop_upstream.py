@@ -11,7 +11,6 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import zlib
@@ -21,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from tests.storage_support import seeded_bytes
 from tests.support import REPO_ROOT, DaemonProcess, OriginProcess, cluster, running_daemon, running_origin
 
 pytestmark = pytest.mark.slow
@@ -88,8 +88,8 @@ def spans(pieces: list[Json]) -> list[tuple[int, int, int]]:
 def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OriginProcess]:
     root = tmp_path_factory.mktemp("origin") / "files"
     root.mkdir()
-    (root / "big.bin").write_bytes(os.urandom(BIG_SIZE))
-    (root / "shared.bin").write_bytes(os.urandom(BIG_SIZE))
+    (root / "big.bin").write_bytes(seeded_bytes("test_interop_upstream-1", BIG_SIZE))
+    (root / "shared.bin").write_bytes(seeded_bytes("test_interop_upstream-2", BIG_SIZE))
     (root / "small.txt").write_bytes(b"upstream interop\n" * 100)
     (root / "empty.bin").write_bytes(b"")
     with running_origin(root) as running:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from tests.registry_support import (
     registry_skip_reason,
     running_registry,
 )
+from tests.storage_support import seeded_bytes
 from tests.support import DaemonProcess, OriginProcess, dfctl_json, running_daemon, running_origin
 
 pytestmark = pytest.mark.skipif(registry_skip_reason() is not None, reason=str(registry_skip_reason()))
@@ -223,7 +223,7 @@ class Blob:
 
 
 def test_a_blob_streams_to_the_client_as_the_registry_sends_it(tmp_path: Path) -> None:
-    data = os.urandom(3 * 4 * MIB)  # three pieces from an origin that takes about 3 s to send them
+    data = seeded_bytes("test_mirror-1", 3 * 4 * MIB)  # three pieces from an origin that takes about 3 s to send them
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     with mirror_of_origin_blob(tmp_path, data, digest, rate=4_000_000) as blob:
         received = bytearray()
@@ -246,7 +246,7 @@ def test_a_blob_streams_to_the_client_as_the_registry_sends_it(tmp_path: Path) -
 
 
 def test_a_second_client_and_a_range_during_a_cold_download_get_the_right_bytes(tmp_path: Path) -> None:
-    data = os.urandom(3 * 4 * MIB)
+    data = seeded_bytes("test_mirror-2", 3 * 4 * MIB)
     with mirror_of_origin_blob(tmp_path, data, "sha256:" + hashlib.sha256(data).hexdigest(), rate=8_000_000) as blob:
         first = http_request("GET", blob.url, timeout=60, stream=True)
         try:
@@ -324,8 +324,8 @@ def test_only_pulls_are_served_and_paths_stay_under_v2(mirror: Mirror) -> None:
 
 
 def test_a_forged_blob_never_reaches_the_client_complete(tmp_path: Path) -> None:
-    promised = os.urandom(2 * MIB)
-    forged = os.urandom(len(promised))
+    promised = seeded_bytes("test_mirror-3", 2 * MIB)
+    forged = seeded_bytes("test_mirror-4", len(promised))
     with mirror_of_origin_blob(tmp_path, forged, "sha256:" + hashlib.sha256(promised).hexdigest()) as blob:
         received = bytearray()
         response = http_request("GET", blob.url, timeout=60, stream=True)
@@ -342,7 +342,7 @@ def test_a_forged_blob_never_reaches_the_client_complete(tmp_path: Path) -> None
 
 
 def test_a_client_that_leaves_mid_blob_costs_one_log_line(tmp_path: Path) -> None:
-    data = os.urandom(3 * 4 * MIB)
+    data = seeded_bytes("test_mirror-5", 3 * 4 * MIB)
     with mirror_of_origin_blob(tmp_path, data, "sha256:" + hashlib.sha256(data).hexdigest(), rate=4_000_000) as blob:
         response = http_request("GET", blob.url, timeout=60, stream=True)
         assert response.read(CHUNK)

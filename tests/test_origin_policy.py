@@ -7,7 +7,6 @@ Two loopback servers stand in for an allowed origin (127.0.0.1) and an internal 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import socket
 from collections.abc import AsyncIterator
@@ -19,9 +18,10 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 
 from dfdaemon.backend import Backend, BackendError, OriginClient, SourceNotAllowed, SourcePolicy, check_url
 from dfdaemon.backend.policy import UnsupportedURL
+from tests.storage_support import seeded_bytes
 
 ALLOWED, FORBIDDEN = "127.0.0.1", "127.0.0.2"
-BODY = os.urandom(3 * 1024 * 1024 + 17)
+BODY = seeded_bytes("test_origin_policy-1", 3 * 1024 * 1024 + 17)
 ONLY_ALLOWED = SourcePolicy(allowed_networks=(f"{ALLOWED}/32",))
 
 

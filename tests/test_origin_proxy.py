@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 from aiohttp import web
 
 from dfdaemon.backend import OriginClient, SourceNotAllowed, SourcePolicy
+from tests.storage_support import seeded_bytes
 from tests.support import OriginProcess, dfget, running_daemon, running_origin
 
 SIZE = 5 * 1024 * 1024 + 3
@@ -66,7 +66,7 @@ async def proxy() -> AsyncIterator[ForwardProxy]:
 def origin(tmp_path: Path) -> Iterator[OriginProcess]:
     root = tmp_path / "files"
     root.mkdir()
-    (root / "blob.bin").write_bytes(os.urandom(SIZE))
+    (root / "blob.bin").write_bytes(seeded_bytes("test_origin_proxy-1", SIZE))
     with running_origin(root) as running:
         yield running
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import signal
 import subprocess
@@ -25,6 +24,7 @@ import pytest
 from dfdaemon import ids
 from dfdaemon.api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc, scheduler_pb2
 from tests.hostile_parent import PEER_ID, running_hostile_parent
+from tests.storage_support import seeded_bytes
 from tests.support import (
     REPO_ROOT,
     DaemonProcess,
@@ -52,7 +52,7 @@ def sha256(path: Path) -> str:
 def origin(tmp_path: Path) -> Iterator[OriginProcess]:
     root = tmp_path / "files"
     root.mkdir()
-    (root / "model.bin").write_bytes(os.urandom(40 * MB + 17))
+    (root / "model.bin").write_bytes(seeded_bytes("test_p2p_process-1", 40 * MB + 17))
     with running_origin(root) as running:
         yield running
 

@@ -24,6 +24,7 @@ from cryptography.x509.oid import NameOID
 
 from dfdaemon.api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc
 from dfdaemon.rpc.servers import CHANNEL_OPTIONS
+from tests.storage_support import seeded_bytes
 from tests.support import (
     REPO_ROOT,
     DaemonProcess,
@@ -43,7 +44,7 @@ MB = 1_000_000
 def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OriginProcess]:
     root = tmp_path_factory.mktemp("origin") / "files"
     root.mkdir()
-    (root / "file.bin").write_bytes(os.urandom(9 * MB))
+    (root / "file.bin").write_bytes(seeded_bytes("test_security-1", 9 * MB))
     with running_origin(root) as running:
         yield running
 

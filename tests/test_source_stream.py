@@ -6,7 +6,6 @@ The origin counts connections and GETs, can cut its first answer after some byte
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from dfdaemon.backend import Backend, BackendError, RetryPolicy
 from dfdaemon.download import DownloadManager, DownloadRequest, PieceDone, Started, TaskJob
 from dfdaemon.gc import GarbageCollector, GCPolicy
 from dfdaemon.storage import PieceRecord, Storage, TaskState, TrafficType
+from tests.storage_support import seeded_bytes
 
 MIB = 1024 * 1024
 _RANGE = re.compile(r"bytes=(\d+)-(\d+)")
@@ -94,7 +94,7 @@ async def daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
 
 @pytest.fixture
 async def origin() -> AsyncIterator[Origin]:
-    served = Origin(os.urandom(10 * MIB + 12345))
+    served = Origin(seeded_bytes("test_source_stream-1", 10 * MIB + 12345))
     app = web.Application()
     app.router.add_route("*", "/file", served.handle)
     runner = web.AppRunner(app, access_log=None)

@@ -10,7 +10,6 @@ dropped or mangled any of these fields on the way from the RPC to the id fails h
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -19,10 +18,11 @@ import pytest
 
 from dfdaemon.api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc
 from dfdaemon.rpc.servers import CHANNEL_OPTIONS
+from tests.storage_support import seeded_bytes
 from tests.support import DaemonProcess, OriginProcess, running_daemon, running_origin
 
 MiB = 1024 * 1024
-CONTENT = os.urandom(3000)
+CONTENT = seeded_bytes("test_task_id_rpc-1", 3000)
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.registry_support import http_request
+from tests.storage_support import seeded_bytes
 from tests.support import (
     REPO_ROOT,
     DaemonProcess,
@@ -101,9 +102,9 @@ def receiver() -> Iterator[tuple[OtlpReceiver, str]]:
 def origin(tmp_path: Path) -> Iterator[OriginProcess]:
     root = tmp_path / "files"
     root.mkdir()
-    (root / "blob.bin").write_bytes(os.urandom(9 * MB))
-    (root / "a.bin").write_bytes(os.urandom(5 * MB))
-    (root / "b.bin").write_bytes(os.urandom(5 * MB))
+    (root / "blob.bin").write_bytes(seeded_bytes("test_telemetry-1", 9 * MB))
+    (root / "a.bin").write_bytes(seeded_bytes("test_telemetry-2", 5 * MB))
+    (root / "b.bin").write_bytes(seeded_bytes("test_telemetry-3", 5 * MB))
     with running_origin(root) as running:
         yield running
 

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import os
 import re
 import socket
 import ssl
@@ -27,6 +26,7 @@ from dfdaemon.download.peering import ParentUnavailable
 from dfdaemon.vortex.client import VortexClient
 from dfdaemon.vortex.codec import HEADER_SIZE, DownloadPiece, Error, ErrorCode, PieceMetadata, Tag, decode_header
 from tests import test_security
+from tests.storage_support import seeded_bytes
 from tests.support import (
     DaemonProcess,
     OriginProcess,
@@ -58,8 +58,8 @@ def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OriginProcess]:
     root = tmp_path_factory.mktemp("vortex-origin")
     with (root / "big.bin").open("wb") as f:
         for _ in range(SIZE // MB):
-            f.write(os.urandom(MB))
-        f.write(os.urandom(SIZE % MB))
+            f.write(seeded_bytes("test_vortex_process-1", MB))
+        f.write(seeded_bytes("test_vortex_process-2", SIZE % MB))
     with running_origin(root) as running:
         yield running
 
@@ -212,7 +212,7 @@ async def serve_once(answer: bytes) -> tuple[asyncio.Server, int]:
 
 
 async def test_a_parent_closing_mid_piece_is_a_parent_failure_and_the_client_goes_on() -> None:
-    content = os.urandom(1024 * 1024)
+    content = seeded_bytes("test_vortex_process-3", 1024 * 1024)
     metadata = PieceMetadata(
         number=3, offset=3 * len(content), length=len(content), digest=f"crc32:{zlib.crc32(content)}"
     )
