@@ -192,6 +192,12 @@ def _build_parser() -> _Parser:
         metavar="TEXT",
         help="the task id is the sha256 of TEXT instead of one computed from the URL, tag and application",
     )
+    _add_output_options(parser)
+    return parser
+
+
+def _add_output_options(parser: _Parser) -> None:
+    """How -O is written (a link to the cache or a copy) and what dfget prints."""
     link = parser.add_mutually_exclusive_group()
     link.add_argument(
         "--force-hard-link",
@@ -205,7 +211,6 @@ def _build_parser() -> _Parser:
     )
     parser.add_argument("--no-progress", action="store_true", help="draw no progress bar")
     parser.add_argument("--json", action="store_true", help="print one JSON document describing the download")
-    return parser
 
 
 def _check_url(url: str) -> None:
