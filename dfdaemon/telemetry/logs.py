@@ -57,8 +57,26 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+class _ClientGone(logging.Filter):
+    """grpc.aio logs a caller that went away before its answer was sent (a peer that cancelled a piece, a killed
+    child) as an ERROR with a traceback from its core; for a server that is a routine event: one INFO line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("ExecuteBatchError raised in core by servicer method"):
+            method = record.getMessage().rsplit(" ", 1)[-1]
+            record.msg, record.args, record.exc_info, record.exc_text = (
+                f"caller went away before {method}",
+                (),
+                None,
+                None,
+            )
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
     """Configure the root logger for this process."""
+    logging.getLogger("grpc._cython.cygrpc").addFilter(_ClientGone())
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_TraceContext())
     handler.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter())
