@@ -293,8 +293,8 @@ def test_blob_digest_task_id_is_checked_against_the_content(fuzz_env: Env) -> No
 
 
 class _RangeLiar(BaseHTTPRequestHandler):
-    """Answers every ranged GET with 206 and the right number of bytes, but always from the start of the file
-    (saying so in Content-Range), until ``server.honest`` is set."""
+    """Answers every ranged GET with 206, but for the range one byte further on than the one asked (saying so in
+    Content-Range), until ``server.honest`` is set."""
 
     protocol_version = "HTTP/1.1"
     server: Any
@@ -313,7 +313,7 @@ class _RangeLiar(BaseHTTPRequestHandler):
             return
         start, end = int(match.group(1)), min(int(match.group(2)), len(body) - 1)
         if not self.server.honest:
-            start, end = 0, end - start
+            start, end = start + 1, min(end + 1, len(body) - 1)
         self.send_response(206)
         self.send_header("Content-Range", f"bytes {start}-{end}/{len(body)}")
         self.send_header("Content-Length", str(end - start + 1))

@@ -213,11 +213,13 @@ def test_metrics_move_by_the_right_amounts(origin: OriginProcess, tmp_path: Path
             key = (name, tuple(sorted(labels.items())))
             return scrape(daemon).get(key, 0.0) - before.get(key, 0.0)
 
-        assert dfget(daemon, origin.url("a.bin"), tmp_path / "a1").returncode == 0
+        # Copies, not hard links to the cache: evicting a must give its bytes back to the filesystem.
+        copy = "--transfer-from-dfdaemon"
+        assert dfget(daemon, origin.url("a.bin"), tmp_path / "a1", copy).returncode == 0
         assert delta("dfdaemon_downloads_total", result="success") == 1
         assert delta("dfdaemon_download_bytes_total", source="origin") == 5 * MB
         assert delta("dfdaemon_download_pieces_total", traffic_type="back_to_source") == 2
-        assert dfget(daemon, origin.url("a.bin"), tmp_path / "a2").returncode == 0
+        assert dfget(daemon, origin.url("a.bin"), tmp_path / "a2", copy).returncode == 0
         assert delta("dfdaemon_download_bytes_total", source="local") == 5 * MB
         assert delta("dfdaemon_download_pieces_total", traffic_type="local_peer") == 2
 

@@ -283,7 +283,10 @@ class RunStream:
     def _write_segment(self) -> None:
         buffer, self._buffer = self._buffer, None
         assert buffer is not None
-        self._segments.append(asyncio.create_task(self._segment(buffer, self._segment_offset, self._segment_fill)))
+        segment = asyncio.create_task(self._segment(buffer, self._segment_offset, self._segment_fill))
+        # Its failure reaches the stream through the piece's commit; a stream already ending may never await it.
+        segment.add_done_callback(_outcome_read)
+        self._segments.append(segment)
 
     async def _segment(self, buffer: bytearray, offset: int, length: int) -> None:
         """Write one segment in one thread hop, then give its buffer back."""
@@ -303,12 +306,22 @@ class RunStream:
     async def _commit_when_written(
         self, span: PieceSpan, segments: list[asyncio.Task[None]], crc: int, started: float
     ) -> None:
-        """Queue a piece for commit once every segment of it is written."""
-        for segment in segments:
-            await asyncio.shield(segment)
+        """Queue a piece for commit once every segment of it is written.
+
+        Every segment's outcome is read (a failed write must not go unreported because an earlier one failed),
+        and shielded: a segment's buffer goes back to the pool only once its thread hop is over."""
+        outcomes = await asyncio.gather(*(asyncio.shield(segment) for segment in segments), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
         self.committer.add(
             self.file.piece(span.number, span.offset, span.length, crc, TrafficType.BACK_TO_SOURCE, started)
         )
+
+
+def _outcome_read(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def runs(spans: list[PieceSpan], streams: int) -> list[list[PieceSpan]]:

@@ -91,6 +91,8 @@ class GrpcParentClient:
             if exc.code() in _PIECE_CODES:
                 raise PieceUnavailable(reason) from None
             raise ParentUnavailable(reason) from None
+        if response is None:  # grpc hands back None for bytes that do not parse (and logs it)
+            raise ParentUnavailable("the parent's DownloadPiece answer does not parse")
         piece = response.piece
         return FetchedPiece(
             number=piece.number,

@@ -57,26 +57,30 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-class _ClientGone(logging.Filter):
-    """grpc.aio logs a caller that went away before its answer was sent (a peer that cancelled a piece, a killed
-    child) as an ERROR with a traceback from its core; for a server that is a routine event: one INFO line."""
+class _GrpcNoise(logging.Filter):
+    """grpc logs two routine events of a P2P network from its core, with tracebacks: a caller that went away before
+    its answer was sent (a peer that cancelled a piece), and a peer's message that does not parse (the code that
+    made the call reports it, with the peer's name). Each becomes one line without the traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.getMessage().startswith("ExecuteBatchError raised in core by servicer method"):
-            method = record.getMessage().rsplit(" ", 1)[-1]
-            record.msg, record.args, record.exc_info, record.exc_text = (
-                f"caller went away before {method}",
-                (),
-                None,
-                None,
-            )
-            record.levelno, record.levelname = logging.INFO, "INFO"
+        message = record.getMessage()
+        if message.startswith("ExecuteBatchError raised in core by servicer method"):
+            self._rewrite(record, logging.INFO, f"caller went away before {message.rsplit(' ', 1)[-1]} answered")
+        elif message.startswith("Exception deserializing message"):
+            self._rewrite(record, logging.WARNING, "a gRPC message from a peer does not parse")
         return True
+
+    @staticmethod
+    def _rewrite(record: logging.LogRecord, level: int, message: str) -> None:
+        record.msg, record.args = message, ()
+        record.exc_info, record.exc_text = None, None
+        record.levelno, record.levelname = level, logging.getLevelName(level)
 
 
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
     """Configure the root logger for this process."""
-    logging.getLogger("grpc._cython.cygrpc").addFilter(_ClientGone())
+    for name in ("grpc._cython.cygrpc", "grpc._common"):
+        logging.getLogger(name).addFilter(_GrpcNoise())
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_TraceContext())
     handler.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter())
