@@ -16,15 +16,12 @@ from dfdaemon.storage import (
     InvalidPiece,
     PieceCorrupt,
     PieceNotFound,
-    PieceRecord,
     Storage,
     TaskInfo,
     TaskInUse,
     TaskNotFound,
     TaskState,
-    TrafficType,
 )
-from dfdaemon.storage.content import sync_and_size, write_at
 from dfdaemon.storage.metadata import SCHEMA_VERSION, MetadataStore
 from tests.storage_support import FakeClock, du_bytes, fill, make_id, payload, read_all
 
@@ -64,25 +61,15 @@ async def test_out_of_order_pieces_and_crc_digests(storage: Storage) -> None:
 
 
 async def test_batched_commit_makes_durable_pieces_visible_at_once(storage: Storage) -> None:
-    """A writer that lands bytes itself and commits them in one batch: nothing is visible before the commit."""
+    """A writer that stages pieces and commits them in one batch: nothing is visible before the commit."""
     tid = make_id("batched")
     data = payload("batched", 3000)
     async with storage.download(tid, TaskInfo(url="http://origin.test/batched", content_length=3000)) as writer:
-        fd = await asyncio.to_thread(storage.content.open_for_write, tid)
-        try:
-            crcs = [
-                await asyncio.to_thread(write_at, fd, n * 1000, data[n * 1000 : n * 1000 + 1000], 0) for n in range(3)
-            ]
-            await asyncio.to_thread(sync_and_size, fd)
-        finally:
-            os.close(fd)
+        pieces = [await writer.stage_piece(n, n * 1000, data[n * 1000 : n * 1000 + 1000]) for n in range(3)]
         assert await storage.piece(tid, 0) is None
-        pieces = [
-            PieceRecord(tid, n, n * 1000, 1000, crcs[n], None, TrafficType.BACK_TO_SOURCE, 0.0, 0.0) for n in range(3)
-        ]
         with pytest.raises(InvalidPiece, match="belongs to task"):
-            await writer.commit_pieces([replace(pieces[0], task_id=make_id("other"))])
-        await writer.commit_pieces(pieces)
+            await writer.commit_staged([replace(pieces[0], task_id=make_id("other"))])
+        await writer.commit_staged(pieces)
         assert await storage.piece(tid, 2) == pieces[2]
         await writer.finish()
     assert storage.task_bytes(tid) == 3000

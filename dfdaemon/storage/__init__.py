@@ -11,7 +11,6 @@ Operation                                   Transaction, and the file work aroun
                                             create its content file. Yields a ``TaskWriter``.
 ``write_piece``                             bytes written at their offset and fdatasync'd, then one insert of
                                             the piece row with the file's size (the piece is visible only then)
-``commit_pieces(id, pieces)``               one insert of many pieces whose bytes are already durable
 ``piece_file(id)`` write_at / commit         a writer's open file: bytes written in its thread hops (CRC taken
                                             by the writer as they arrived), invisible until ``commit``
                                             fdatasyncs the file and inserts the batch's rows in one transaction

@@ -465,18 +465,6 @@ class Storage:
             await self._commit(task_id, [piece], size)
         return piece
 
-    async def commit_pieces(self, task_id: str, pieces: Sequence[PieceRecord]) -> None:
-        """Make pieces whose bytes are already durable in the task's file visible, all in one transaction.
-
-        For a writer that batches its commits off the hot path; ``write_piece`` commits one piece itself.
-        """
-        validate_task_id(task_id)
-        for piece in pieces:
-            _check_span(piece.number, piece.offset, piece.length)
-            if piece.task_id != task_id:
-                raise InvalidPiece(f"piece {piece.number} belongs to task {piece.task_id}, not {task_id}")
-        await self._commit(task_id, pieces, await self._io(self.content.size, task_id))
-
     async def stage_piece(
         self,
         task_id: str,
@@ -500,6 +488,9 @@ class Storage:
     async def commit_staged(self, task_id: str, pieces: Sequence[PieceRecord]) -> None:
         """Make staged pieces durable (one fdatasync of the task's file) and visible (one transaction)."""
         validate_task_id(task_id)
+        for piece in pieces:
+            if piece.task_id != task_id:
+                raise InvalidPiece(f"piece {piece.number} belongs to task {piece.task_id}, not {task_id}")
         with self._disk_full_guard(task_id, pieces[0].number if pieces else -1):
             size = await self._io(self.content.sync, task_id)
             await self._commit(task_id, pieces, size)
@@ -794,9 +785,6 @@ class TaskWriter:
         return await self.storage.write_piece(
             self.task_id, number, offset, data, parent_id=parent_id, traffic_type=traffic_type, cost=cost
         )
-
-    async def commit_pieces(self, pieces: Sequence[PieceRecord]) -> None:
-        await self.storage.commit_pieces(self.task_id, pieces)
 
     async def stage_piece(
         self,
