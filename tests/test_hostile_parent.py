@@ -37,7 +37,7 @@ pytestmark = pytest.mark.slow
 
 PIECE_LENGTH = 64 * 1024
 SIZE = 64 * PIECE_LENGTH + 100  # 65 pieces, the last one short: over 4 MiB, so the child asks the scheduler
-TARGET = 2
+TARGET = 60  # late, so most pieces come honestly from the parent before the lie (a reset drops the parent)
 
 
 @dataclass
