@@ -174,23 +174,32 @@ def no_parents(stream: Stream, request: scheduler_pb2.AnnouncePeerRequest) -> An
 
 def test_max_schedule_count_ends_the_stream_then_the_origin_serves(origin: OriginProcess, tmp_path: Path) -> None:
     download = common_pb2.Download(url=origin.url("model.bin"), tag="max-count", output_path=str(tmp_path / "out"))
+    p2p_only = common_pb2.Download(url=origin.url("model.bin"), tag="max-count-p2p", disable_back_to_source=True)
     with (
         recording_scheduler(no_parents) as (scheduler, address),
         daemon_for(tmp_path, address, maxScheduleCount=2) as daemon,
     ):
         download_task(daemon, download)
-        stream = only_stream(scheduler)
+        with pytest.raises(grpc.RpcError) as failed:
+            download_task(daemon, p2p_only)
+        streams = scheduler.streams
+        assert len(streams) == 2
+        assert all(stream.closed.wait(30) for stream in streams)
     assert (tmp_path / "out").read_bytes() == DATA
-    # Two answers followed, the third one is one too many: the stream ends as failed, the origin is used directly.
-    assert stream.kinds() == [
-        "register_peer_request",
-        "download_peer_started_request",
-        "reschedule_peer_request",
-        "reschedule_peer_request",
-        "download_peer_failed_request",
-    ]
-    assert stream.requests[-1].download_peer_failed_request.description == "max schedule count exceeded"
-    assert stream.half_closed
+    assert failed.value.code() == grpc.StatusCode.INTERNAL
+    assert "scheduler.maxScheduleCount" in str(failed.value.details())
+    # Two answers followed, the third one is one too many: the stream ends as failed, then the origin is used
+    # directly when it may be.
+    for stream in streams:
+        assert stream.kinds() == [
+            "register_peer_request",
+            "download_peer_started_request",
+            "reschedule_peer_request",
+            "reschedule_peer_request",
+            "download_peer_failed_request",
+        ]
+        assert stream.requests[-1].download_peer_failed_request.description == "max schedule count exceeded"
+        assert stream.half_closed
 
 
 def silent(stream: Stream, request: scheduler_pb2.AnnouncePeerRequest) -> None:
