@@ -68,7 +68,7 @@ class ScheduledFetch:
 
     async def __call__(self, job: TaskJob) -> None:
         if self._is_small(job):
-            log.info("task %s is small: downloading it from the source without the scheduler", job.task_id)
+            log.debug("task %s is small: downloading it from the source without the scheduler", job.task_id)
             await self.manager.back_to_source(job)
             return
         session = self.scheduler.open_session(job.task_id, job.peer_id)
@@ -101,9 +101,9 @@ class ScheduledFetch:
             concurrent_piece_count=job.request.concurrent_piece_count or self.manager.concurrent_piece_count,
         )
 
-    async def _decision(self, session: SchedulerSession, count: int) -> Decision:
+    async def _decision(self, job: TaskJob, session: SchedulerSession, count: int) -> Decision:
         """The scheduler's next answer, waited for at most ``schedule_timeout``."""
-        with tracing.span("schedule", attempt=count) as current:
+        with tracing.span("schedule", task_id=job.task_id, attempt=count) as current:
             try:
                 async with asyncio.timeout(self.schedule_timeout):
                     decision = await session.decision()
@@ -119,7 +119,7 @@ class ScheduledFetch:
             await session.register(self._registration(job))
         started = False
         for count in itertools.count(1):
-            decision = await self._decision(session, count)
+            decision = await self._decision(job, session, count)
             if count > self.max_schedule_count:
                 await session.failed("max schedule count exceeded", back_to_source=False)
                 raise SchedulerUnavailable(f"the scheduler answered {count} times (scheduler.maxScheduleCount)")
