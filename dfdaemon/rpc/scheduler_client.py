@@ -395,12 +395,13 @@ class GrpcSchedulerSession:
             failed.piece_number = number
         await self._report(download_piece_failed_request=failed)
 
-    async def reschedule(self, failed_parents: list[Parent], description: str) -> None:
+    async def reschedule(self, candidates: list[Parent], description: str) -> None:
+        """Ask for new parents; every candidate named is kept from this peer from then on."""
         await self._send(
             reschedule_peer_request=scheduler_pb2.ReschedulePeerRequest(
                 candidate_parents=[
                     common_pb2.Peer(id=p.peer_id, host=common_pb2.Host(id=p.host_id, ip=p.ip, port=p.port))
-                    for p in failed_parents
+                    for p in candidates
                 ],
                 description=description,
             )
