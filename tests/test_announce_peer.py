@@ -20,6 +20,7 @@ import pytest
 
 from dfdaemon import ids
 from dfdaemon.api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc, scheduler_pb2
+from dfdaemon.config import Config, ConfigError, parse_config
 from dfdaemon.rpc.servers import CHANNEL_OPTIONS
 from tests.recording_scheduler import RecordingScheduler, Script, Stream, normal_task, recording_scheduler
 from tests.storage_support import seeded_bytes
@@ -69,6 +70,14 @@ def dead_parent(name: str) -> common_pb2.Peer:
         port = probe.getsockname()[1]
     host = common_pb2.Host(id=f"127.0.0.1-{name}", ip="127.0.0.1", port=port, download_port=port)
     return common_pb2.Peer(id=f"127.0.0.1-{name}-peer", host=host)
+
+
+def test_the_scheduler_keys_take_upstreams_names_and_defaults() -> None:
+    assert (Config().scheduler.schedule_timeout, Config().scheduler.max_schedule_count) == (3 * 3600, 5)
+    scheduler = parse_config({"scheduler": {"scheduleTimeout": "90s", "maxScheduleCount": 2}}).scheduler
+    assert (scheduler.schedule_timeout, scheduler.max_schedule_count) == (90, 2)
+    with pytest.raises(ConfigError, match=r"^config: scheduler\.maxScheduleCount: .*greater than or equal to 1"):
+        parse_config({"scheduler": {"maxScheduleCount": 0}})
 
 
 def test_registration_forwards_the_callers_download_with_the_measured_sizes(

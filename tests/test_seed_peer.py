@@ -18,6 +18,8 @@ import grpc
 import pytest
 
 from dfdaemon.api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc, scheduler_pb2
+from dfdaemon.cluster.host import host_type
+from dfdaemon.config import ConfigError, parse_config
 from dfdaemon.rpc.servers import CHANNEL_OPTIONS
 from tests.recording_scheduler import recording_scheduler
 from tests.storage_support import seeded_bytes
@@ -57,11 +59,25 @@ def upload_download_task(daemon: DaemonProcess, download: common_pb2.Download) -
 
 
 @pytest.mark.parametrize(
-    ("seed_peer", "host_type", "seed"),
+    ("section", "kind"),
+    [({}, 0), ({"seedPeer": {"enable": False, "type": "super"}}, 0), ({"seedPeer": {"enable": True}}, 1)],
+)
+def test_the_host_type_follows_upstreams_seed_peer_keys(section: dict[str, Any], kind: int) -> None:
+    seed_peer = parse_config(section).seed_peer
+    assert host_type(seed_peer.enable, seed_peer.type) == kind
+
+
+def test_an_unknown_seed_peer_type_is_one_line_naming_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"seedPeer\.type: .*'normal' or 'super'"):
+        parse_config({"seedPeer": {"enable": True, "type": "weak"}})
+
+
+@pytest.mark.parametrize(
+    ("seed_peer", "announced_type", "seed"),
     [({"enable": True}, 1, True), ({"enable": True, "type": "normal"}, 0, True), ({"enable": False}, 0, False)],
 )
 def test_a_seed_announces_its_type_and_seed_ids(
-    origin: OriginProcess, tmp_path: Path, seed_peer: dict[str, object], host_type: int, seed: bool
+    origin: OriginProcess, tmp_path: Path, seed_peer: dict[str, object], announced_type: int, seed: bool
 ) -> None:
     download = common_pb2.Download(url=origin.url("model.bin"), need_back_to_source=True)
     with recording_scheduler() as (scheduler, address):
@@ -71,7 +87,7 @@ def test_a_seed_announces_its_type_and_seed_ids(
         (stream,) = scheduler.streams
     host = scheduler.hosts[0]
     suffix = "-seed" if seed else ""
-    assert (host.type, host.id) == (host_type, f"127.0.0.1-node{suffix}")
+    assert (host.type, host.id) == (announced_type, f"127.0.0.1-node{suffix}")
     register = stream.requests[0]
     assert register.host_id == host.id
     assert register.peer_id.startswith("127.0.0.1-node-") and register.peer_id.endswith(suffix)
