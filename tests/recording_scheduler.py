@@ -42,9 +42,6 @@ class Stream:
     def kinds(self) -> list[str]:
         return [str(request.WhichOneof("request")) for request in self.requests]
 
-    def first(self, kind: str) -> scheduler_pb2.AnnouncePeerRequest:
-        return next(request for request in self.requests if request.WhichOneof("request") == kind)
-
     def all(self, kind: str) -> list[scheduler_pb2.AnnouncePeerRequest]:
         return [request for request in self.requests if request.WhichOneof("request") == kind]
 
