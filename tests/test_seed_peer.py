@@ -17,8 +17,9 @@ from typing import Any
 import grpc
 import pytest
 
-from dfdaemon.api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc, scheduler_pb2
+from dfdaemon.api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc, manager_pb2, scheduler_pb2
 from dfdaemon.cluster.host import host_type
+from dfdaemon.cluster.manager import PeerIdentity
 from dfdaemon.config import ConfigError, parse_config
 from dfdaemon.rpc.servers import CHANNEL_OPTIONS
 from tests.recording_scheduler import recording_scheduler
@@ -65,6 +66,11 @@ def upload_download_task(daemon: DaemonProcess, download: common_pb2.Download) -
 def test_the_host_type_follows_upstreams_seed_peer_keys(section: dict[str, Any], kind: int) -> None:
     seed_peer = parse_config(section).seed_peer
     assert host_type(seed_peer.enable, seed_peer.type) == kind
+
+
+@pytest.mark.parametrize(("seed", "source"), [(True, manager_pb2.SEED_PEER_SOURCE), (False, manager_pb2.PEER_SOURCE)])
+def test_a_seed_asks_the_manager_for_schedulers_as_a_seed_peer(seed: bool, source: int) -> None:
+    assert PeerIdentity(hostname="node", ip="10.0.0.1", seed=seed).request().source_type == source
 
 
 def test_an_unknown_seed_peer_type_is_one_line_naming_the_key() -> None:
