@@ -158,11 +158,22 @@ class UploadConfig(_Section):
 
 
 class SchedulerConfig(_Section):
-    """Scheduler endpoints (ours): empty means the daemon only goes back to source."""
+    """Scheduler endpoints (``addrs`` is ours: empty, and no manager, means back to source only)."""
 
     addrs: list[str] = []
     announce_interval: Duration = 300.0
-    schedule_timeout: Duration = 30.0
+    # Upstream's: how long a download waits for each scheduler message before it goes back to source (or fails).
+    schedule_timeout: Duration = Field(default=3 * 3600.0, gt=0)
+    # Upstream's: scheduler answers one download follows; past this it reports failure and goes back to source.
+    max_schedule_count: Annotated[int, Field(ge=1)] = 5
+
+
+class SeedPeerConfig(_Section):
+    """Upstream's seed peer mode: announced as a seed (host id suffix ``-seed``), downloads what schedulers ask."""
+
+    enable: bool = False
+    # Upstream's host type names; "super" (host type 1) is upstream's default once the section is given.
+    type: Literal["normal", "super"] = "super"
 
 
 class ManagerConfig(_Section):
@@ -313,6 +324,7 @@ class Config(_Section):
     download: DownloadConfig = DownloadConfig()
     upload: UploadConfig = UploadConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    seed_peer: SeedPeerConfig = SeedPeerConfig()
     manager: ManagerConfig = ManagerConfig()
     dynconfig: DynconfigConfig = DynconfigConfig()
     storage: StorageConfig = StorageConfig()

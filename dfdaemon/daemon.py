@@ -16,7 +16,7 @@ import grpc
 
 from dfdaemon.admission import Admission
 from dfdaemon.backend import Backend, SourcePolicy
-from dfdaemon.cluster.host import HostProbe, system_info
+from dfdaemon.cluster.host import HostProbe, host_type, system_info
 from dfdaemon.cluster.manager import DiscoveryError, PeerIdentity, SchedulerDiscovery
 from dfdaemon.config import (
     BackToSourceConfig,
@@ -113,6 +113,7 @@ class Daemon:
             concurrent_piece_count=config.download.concurrent_piece_count,
             max_concurrent_tasks=config.download.max_concurrent_tasks,
             source_policy=source_policy,
+            seed=config.seed_peer.enable,
         )
         self.membership = download.Membership()
         try:
@@ -220,6 +221,7 @@ class Daemon:
                     location=host.location,
                     version=system.build_version,
                     scheduler_cluster_id=host.scheduler_cluster_id,
+                    seed=self.config.seed_peer.enable,
                 ),
                 refresh_interval=self.config.dynconfig.refresh_interval,
                 scheduler_credentials=self.parents.credentials,
@@ -249,12 +251,16 @@ class Daemon:
             addresses,
             host,
             announce_interval=config.announce_interval,
-            timeout=config.schedule_timeout,
             credentials=self.parents.credentials,  # upload.client's mutual TLS serves the scheduler too
             probe=probe,
         )
         self.downloads.fetch_missing = ScheduledFetch(
-            self.downloads, self.scheduler, self.parents, self.config.download.piece_timeout
+            self.downloads,
+            self.scheduler,
+            self.parents,
+            self.config.download.piece_timeout,
+            schedule_timeout=config.schedule_timeout,
+            max_schedule_count=config.max_schedule_count,
         )
         self.storage.add_deletion_listener(self.scheduler.delete_task)
         self.scheduler.start()
@@ -281,6 +287,7 @@ def _host_info(config: Config, host_id: str, ip: str, hostname: str, port: int) 
         location=config.host.location,
         scheduler_cluster_id=config.host.scheduler_cluster_id,
         proxy_port=proxy_port,
+        type=host_type(config.seed_peer.enable, config.seed_peer.type),
     )
 
 

@@ -85,7 +85,8 @@ def closed_port() -> str:
 def origin(tmp_path: Path) -> Iterator[OriginProcess]:
     root = tmp_path / "files"
     root.mkdir()
-    (root / FILE).write_bytes(seeded_bytes("test_cluster_discovery-1", 300_000))
+    # Over 4 MiB: smaller downloads skip the scheduler, as upstream's do.
+    (root / FILE).write_bytes(seeded_bytes("test_cluster_discovery-1", 4 * 1024 * 1024 + 1))
     with running_origin(root) as running:
         yield running
 

@@ -80,19 +80,18 @@ def test_registration_carries_the_request_and_the_measured_sizes() -> None:
     registration = Registration(
         task_id="t" * 64,
         peer_id="peer",
-        url="http://origin.example/f?sig=1",
-        tag="v1",
-        application=None,
-        piece_length=None,
-        filtered_query_params=("sig",),
-        request_header={"Authorization": "Bearer x"},
+        download=DownloadRequest(
+            url="http://origin.example/f?sig=1",
+            tag="v1",
+            filtered_query_params=("sig",),
+            request_header={"Authorization": "Bearer x"},
+            disable_back_to_source=True,
+            priority=common_pb2.LEVEL6,
+        ),
         content_length=10_000_000,
         actual_piece_length=4 * 1024 * 1024,
         piece_count=3,
         concurrent_piece_count=8,
-        need_back_to_source=False,
-        disable_back_to_source=True,
-        priority=common_pb2.LEVEL6,
     )
     # Field for field what RegisterPeerRequest carried before the builder: nothing more, nothing less.
     assert convert.registered_download(registration) == common_pb2.Download(

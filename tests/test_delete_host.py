@@ -23,6 +23,7 @@ import pytest
 from google.protobuf.empty_pb2 import Empty
 
 from dfdaemon.api import dfdaemon_pb2, dfdaemon_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from dfdaemon.download import DownloadRequest
 from dfdaemon.download.peering import Registration, SchedulerUnavailable
 from dfdaemon.rpc.scheduler_client import HostInfo, SchedulerClient
 from tests.storage_support import seeded_bytes
@@ -248,16 +249,9 @@ async def test_leaving_waits_for_the_announcement_under_way_and_stays_left(
 REGISTRATION = Registration(
     task_id="a" * 64,
     peer_id="peer",
-    url="http://origin.example/f",
-    tag=None,
-    application=None,
-    piece_length=None,
-    filtered_query_params=(),
-    request_header={},
+    download=DownloadRequest(url="http://origin.example/f"),
     content_length=1,
     actual_piece_length=1,
     piece_count=1,
     concurrent_piece_count=1,
-    need_back_to_source=False,
-    disable_back_to_source=False,
 )

@@ -36,8 +36,8 @@ from tests.support import (
 pytestmark = pytest.mark.slow
 
 PIECE_LENGTH = 64 * 1024
-SIZE = 5 * PIECE_LENGTH + 100  # six pieces, the last one short
-TARGET = 2
+SIZE = 64 * PIECE_LENGTH + 100  # 65 pieces, the last one short: over 4 MiB, so the child asks the scheduler
+TARGET = 60  # late, so most pieces come honestly from the parent before the lie (a reset drops the parent)
 
 
 @dataclass

@@ -352,7 +352,9 @@ class FakeManager:
 async def test_a_failing_parent_is_reported_temporary_to_the_scheduler(storage: Storage) -> None:
     session = FakeSession([A, B])
     client = FakeParents({A.peer_id: set(range(5)), B.peer_id: set(range(5))}, broken={A.peer_id}, late={B.peer_id})
-    fetch = ScheduledFetch(cast(DownloadManager, FakeManager()), FakeScheduler(session), client, piece_timeout=30.0)
+    fetch = ScheduledFetch(  # a task this small would otherwise skip the scheduler (test_small_download)
+        cast(DownloadManager, FakeManager()), FakeScheduler(session), client, piece_timeout=30.0, small_download_limit=0
+    )
     job = TaskJob(TASK_ID, "peer-self", DownloadRequest(url="http://origin.test/parents", concurrent_piece_count=1))
     job.content_length, job.piece_length = SIZE, PIECE_LENGTH
     async with storage.download(TASK_ID, task_info()) as writer:

@@ -197,8 +197,8 @@ def test_the_example_starts_the_daemon_with_one_warning_line(tmp_path: Path) -> 
     assert len(warnings) == 1, log
     assert "does not act on" in warnings[0]
     named = set(warnings[0].split("(ignored): ", 1)[1].split(", "))
-    assert {"seedPeer", "download.bandwidthLimit", "storage.cacheCapacity"} <= named
-    acted_on = {"gc", "gc.policy.taskTTL", "download.pieceTimeout", "storage.dir", "manager", "dynconfig"}
+    assert {"scheduler.caCert", "download.bandwidthLimit", "storage.cacheCapacity"} <= named
+    acted_on = {"gc", "gc.policy.taskTTL", "download.pieceTimeout", "storage.dir", "manager", "dynconfig", "seedPeer"}
     assert acted_on.isdisjoint(named)
 
 
@@ -260,8 +260,8 @@ def test_renamed_rate_limits_are_named_by_their_current_keys() -> None:
 
 
 def test_nulls_mean_upstreams_defaults() -> None:
-    config = parse_config({"host": {"ip": None}, "upload": {"server": {"ip": None}}, "manager": None, "seedPeer": None})
+    config = parse_config({"host": {"ip": None}, "upload": {"server": {"ip": None}}, "manager": None, "stats": None})
     assert config.host.ip == ""
     assert config.upload.server.ip == "0.0.0.0"
     assert config.manager.addr == ""  # no manager: scheduler.addrs or back to source
-    assert config.warnings() == ["upstream dfdaemon keys this daemon does not act on (ignored): seedPeer"]
+    assert config.warnings() == ["upstream dfdaemon keys this daemon does not act on (ignored): stats"]

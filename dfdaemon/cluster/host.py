@@ -19,10 +19,18 @@ from dataclasses import dataclass
 
 import psutil
 
+# ``common.v2.Host.type`` as upstream numbers its host types: 0 a normal peer, 1 a super seed peer.
+HOST_TYPES = {"normal": 0, "super": 1}
+
 # Upstream's default upload.bandwidthLimit (50 GB/s): the cap when none is configured.
 DEFAULT_UPLOAD_LIMIT = 50 * 1000**3
 # The CPU time fields common.v2.CPUTimes carries, in its order.
 CPU_TIME_FIELDS = ("user", "system", "idle", "nice", "iowait", "irq", "softirq", "steal", "guest", "guest_nice")
+
+
+def host_type(seed_peer: bool, seed_peer_type: str) -> int:
+    """The type a daemon announces: its ``seedPeer.type`` when ``seedPeer.enable``, else normal (as upstream)."""
+    return HOST_TYPES[seed_peer_type] if seed_peer else HOST_TYPES["normal"]
 
 
 @dataclass(frozen=True)

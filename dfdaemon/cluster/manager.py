@@ -39,10 +39,12 @@ class PeerIdentity:
     location: str = ""
     version: str = ""
     scheduler_cluster_id: int = 0
+    # A seed peer asks as one (SEED_PEER_SOURCE), as upstream's does.
+    seed: bool = False
 
     def request(self) -> manager_pb2.ListSchedulersRequest:
         request = manager_pb2.ListSchedulersRequest(
-            source_type=manager_pb2.PEER_SOURCE,
+            source_type=manager_pb2.SEED_PEER_SOURCE if self.seed else manager_pb2.PEER_SOURCE,
             hostname=self.hostname,
             ip=self.ip,
             version=self.version,

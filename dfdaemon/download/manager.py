@@ -219,13 +219,15 @@ class DownloadManager:
         piece_attempts: int = 3,
         source_policy: SourcePolicy | None = None,
         max_concurrent_tasks: int = 128,
+        seed: bool = False,
     ) -> None:
         self.storage = storage
         self.gc = gc
         self.backend = backend
         self.host_ip = host_ip
         self.hostname = hostname
-        self.host_id = ids.host_id(host_ip, hostname)
+        self.seed = seed  # a seed peer's host and peer ids end in "-seed", as upstream's
+        self.host_id = ids.host_id(host_ip, hostname, seed)
         self.concurrent_piece_count = concurrent_piece_count
         self.piece_attempts = piece_attempts
         self.source_policy = source_policy or SourcePolicy()
@@ -304,7 +306,7 @@ class DownloadManager:
 
     async def _download(self, request: DownloadRequest) -> AsyncGenerator[Started | PieceDone, None]:
         task_id = await self._admit(request)
-        peer_id = ids.peer_id(self.host_ip, self.hostname)
+        peer_id = ids.peer_id(self.host_ip, self.hostname, self.seed)
         # The timeout bounds the daemon's own waits, never the hand-over of a response to gRPC (a cancellation
         # there would look like the client leaving and end the call without a status).
         deadline = None if request.timeout is None else asyncio.get_running_loop().time() + request.timeout

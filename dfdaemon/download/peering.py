@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from dfdaemon.download.manager import DownloadRequest
 from dfdaemon.ids import PieceSpan
 from dfdaemon.storage import PieceRecord
 
@@ -49,23 +50,16 @@ Decision = EmptyTask | NormalTask | BackToSource
 
 @dataclass(frozen=True)
 class Registration:
-    """What a peer tells the scheduler when it registers for a task."""
+    """What a peer tells the scheduler when it registers for a task: the caller's download as received (the
+    scheduler passes it on to a seed peer, which must name the same task), and the sizes this peer measured."""
 
     task_id: str
     peer_id: str
-    url: str
-    tag: str | None
-    application: str | None
-    piece_length: int | None
-    filtered_query_params: tuple[str, ...]
-    request_header: dict[str, str]
+    download: DownloadRequest
     content_length: int
     actual_piece_length: int
     piece_count: int
     concurrent_piece_count: int
-    need_back_to_source: bool
-    disable_back_to_source: bool
-    priority: int = 0
 
 
 @dataclass(frozen=True)
@@ -109,7 +103,7 @@ class SchedulerSession(Protocol):
 
     async def piece_failed(self, number: int, parent_id: str, temporary: bool) -> None: ...
 
-    async def reschedule(self, failed_parents: list[Parent], description: str) -> None: ...
+    async def reschedule(self, candidates: list[Parent], description: str) -> None: ...
 
     async def finished(self, *, back_to_source: bool) -> None: ...
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from collections.abc import Awaitable, Callable
@@ -311,21 +312,10 @@ def download(request: DownloadRequest) -> common_pb2.Download:
 
 
 def registered_download(registration: Registration) -> common_pb2.Download:
-    """What ``RegisterPeerRequest`` carries: the request's fields plus the sizes the registering peer measured."""
-    message = download(
-        DownloadRequest(
-            url=registration.url,
-            tag=registration.tag,
-            application=registration.application,
-            piece_length=registration.piece_length,
-            filtered_query_params=registration.filtered_query_params,
-            request_header=registration.request_header,
-            need_back_to_source=registration.need_back_to_source,
-            disable_back_to_source=registration.disable_back_to_source,
-            concurrent_piece_count=registration.concurrent_piece_count,
-            priority=registration.priority,
-        )
-    )
+    """What ``RegisterPeerRequest`` carries: the caller's download as upstream forwards it, with the concurrency
+    in use and the sizes the registering peer measured."""
+    request = dataclasses.replace(registration.download, concurrent_piece_count=registration.concurrent_piece_count)
+    message = download(request)
     message.actual_content_length = registration.content_length
     message.actual_piece_length = registration.actual_piece_length
     message.actual_piece_count = registration.piece_count

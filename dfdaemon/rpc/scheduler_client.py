@@ -37,6 +37,8 @@ log = logging.getLogger("dfdaemon.scheduler")
 
 # How long a peer waits for the scheduler to close the stream after a terminal report.
 CLOSE_TIMEOUT = 10.0
+# The deadline of a unary scheduler call (AnnounceHost, StatTask, DeleteTask, DeleteHost).
+RPC_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -51,13 +53,15 @@ class HostInfo:
     location: str = ""
     scheduler_cluster_id: int = 0
     proxy_port: int = 0
+    # common.v2.Host.type: 0 normal, 1 super seed (``seedPeer``).
+    type: int = 0
 
     def message(self, figures: HostFigures | None = None) -> common_pb2.Host:
         """The ``common.v2.Host`` upstream's peers send; the machine's figures when sampled, else identity only."""
         system = figures.system if figures is not None else system_info()
         host = common_pb2.Host(
             id=self.host_id,
-            type=0,
+            type=self.type,
             hostname=self.hostname,
             ip=self.ip,
             port=self.port,
@@ -138,7 +142,7 @@ class SchedulerClient:
         addresses: list[str],
         host: HostInfo,
         announce_interval: float,
-        timeout: float,
+        timeout: float = RPC_TIMEOUT,
         credentials: grpc.ChannelCredentials | None = None,
         probe: HostProbe | None = None,
     ) -> None:
@@ -391,12 +395,13 @@ class GrpcSchedulerSession:
             failed.piece_number = number
         await self._report(download_piece_failed_request=failed)
 
-    async def reschedule(self, failed_parents: list[Parent], description: str) -> None:
+    async def reschedule(self, candidates: list[Parent], description: str) -> None:
+        """Ask for new parents; every candidate named is kept from this peer from then on."""
         await self._send(
             reschedule_peer_request=scheduler_pb2.ReschedulePeerRequest(
                 candidate_parents=[
                     common_pb2.Peer(id=p.peer_id, host=common_pb2.Host(id=p.host_id, ip=p.ip, port=p.port))
-                    for p in failed_parents
+                    for p in candidates
                 ],
                 description=description,
             )
