@@ -494,6 +494,9 @@ class DownloadManager:
             raise DownloadFailed("back to source is disabled and no scheduler is configured")
         stored = await self._size_up(job, existing)
         job.target = _job_target(job)
+        if job.target == set():  # its first request's range selects nothing: that request fails, nothing is kept
+            await job.announce(ready=True, ended=True)
+            return False
         missing = [p for p in job.missing_pieces() if p.number not in stored]
         async with (
             self.gc.reservation(job.task_id, sum(p.length for p in missing)),
