@@ -13,7 +13,7 @@ import re
 import threading
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,7 +26,16 @@ import pytest
 from dfdaemon import ids
 from dfdaemon.api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc
 from dfdaemon.download.ranges import ByteRange, covering_pieces
-from tests.support import DaemonProcess, cluster, dfget, running_daemon
+from tests.support import (
+    DaemonProcess,
+    cluster,
+    dfget,
+    merge,
+    peer_config,
+    running_daemon,
+    running_scheduler,
+    wait_for_hosts,
+)
 
 MB = 1_000_000
 BLOCK = 1024 * 1024
@@ -252,3 +261,42 @@ def test_a_ranged_download_from_a_peer_with_the_whole_task_fetches_only_those_pi
         assert {p.traffic_type for p in downloaded.pieces} == {common_pb2.REMOTE_PEER}
         assert upload_bytes(parent) - uploaded_before == sum(s.length for s in spans)
         assert output.read_bytes() == seeded_slice("shared.bin", wanted.start, wanted.length)
+
+
+def synced_pieces(daemon: DaemonProcess, task_id: str, interested: list[int]) -> list[int]:
+    """The pieces a parent's SyncPieces stream names before it ends (it must end on its own)."""
+    with grpc.insecure_channel(daemon.upload_address) as channel:
+        stub = dfdaemon_pb2_grpc.DfdaemonUploadStub(channel)
+        request = dfdaemon_pb2.SyncPiecesRequest(host_id="test", task_id=task_id, interested_piece_numbers=interested)
+        return sorted(response.number for response in stub.SyncPieces(request, timeout=60))
+
+
+def test_a_full_download_takes_a_partial_peers_pieces_and_the_rest_from_the_origin(tmp_path: Path) -> None:
+    size = 64 * MB + 12345
+    wanted = ByteRange(30 * MB, 10 * MB)
+    spans = covered(size, wanted)
+    # A piece timeout far beyond the test's patience: a parent stream that waited for pieces a partial task will
+    # never get would stall the child for all of it.
+    slow_timeout = {"download": {"pieceTimeout": "300s"}}
+    with ExitStack() as stack:
+        origin = stack.enter_context(seeded_origin({"partial.bin": size}))
+        scheduler = stack.enter_context(running_scheduler(tmp_path / "scheduler"))
+        ranged, full = (
+            stack.enter_context(running_daemon(tmp_path / name, merge(peer_config(scheduler), slow_timeout)))
+            for name in ("ranged", "full")
+        )
+        wait_for_hosts(scheduler, 2)
+        url = origin.url("partial.bin")
+        result = dfget(ranged, url, tmp_path / "part.bin", "-H", f"Range: bytes={wanted.start}-{wanted.end - 1}")
+        assert result.returncode == 0, result.stderr
+        assert origin.bytes_served("partial.bin") == sum(s.length for s in spans)
+
+        task_id = ids.task_id(url)
+        every_piece = list(range(ids.piece_count(size, ids.piece_length_for(size))))
+        assert synced_pieces(ranged, task_id, every_piece) == [s.number for s in spans]
+
+        whole = tmp_path / "whole.bin"
+        result = dfget(full, url, whole)
+        assert result.returncode == 0, result.stderr
+        assert file_sha256(whole) == seeded_sha256("partial.bin", size)
+        assert origin.bytes_served("partial.bin") == size  # the range's pieces came from the partial peer
