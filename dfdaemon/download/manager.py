@@ -183,6 +183,9 @@ class TaskJob:
         self.finished = False  # the task is complete here
         self.ended = False  # the job fetched its target (the task may still be partial)
         self.target: set[int] | None = None
+        # The first request's range (download.range, or its Range header converted), as upstream forwards it to
+        # the scheduler.
+        self.range: ByteRange | None = None
         self.error: BaseException | None = None
         self.changed = asyncio.Condition()
         self.runner: asyncio.Task[None] | None = None
@@ -493,7 +496,7 @@ class DownloadManager:
         if job.request.disable_back_to_source and self.fetch_missing == self.back_to_source:
             raise DownloadFailed("back to source is disabled and no scheduler is configured")
         stored = await self._size_up(job, existing)
-        job.target = _job_target(job)
+        _aim(job)
         if job.target == set():  # its first request's range selects nothing: that request fails, nothing is kept
             await job.announce(ready=True, ended=True)
             return False
@@ -503,10 +506,11 @@ class DownloadManager:
             self.storage.download(job.task_id, _task_info(job)) as writer,
         ):
             log.info(
-                "download started task=%s url=%s bytes=%d fetching=%d",
+                "download started task=%s url=%s bytes=%d range=%s fetching=%d",
                 job.task_id,
                 job.request.url,
                 job.content_length,
+                "all" if job.range is None else f"{job.range.start}+{job.range.length}",
                 sum(p.length for p in missing),
             )
             for piece in stored.values():
@@ -663,17 +667,16 @@ def _needs_whole_task(request: DownloadRequest) -> bool:
     return request.digest is not None or _blob_digest(request) is not None
 
 
-def _job_target(job: TaskJob) -> set[int] | None:
-    """The pieces a job fetches: those its first request needs (None for all). A range that selects nothing
-    fetches nothing; that request fails on it, and a later one starts a job of its own."""
-    request = job.request
-    if _needs_whole_task(request):
-        return None
+def _aim(job: TaskJob) -> None:
+    """Fix what a job fetches: the pieces its first request needs (None for all), and that request's range with
+    its ``Range`` header converted. A range that selects nothing fetches nothing; that request fails on it, and a
+    later one starts a job of its own."""
     try:
-        byte_range = _resolve_range(request, job.content_length)
-        return None if byte_range is None else {span.number for span in _covering(job, byte_range)}
+        job.range = _resolve_range(job.request, job.content_length)
+        covering = None if job.range is None else {span.number for span in _covering(job, job.range)}
     except DownloadPrecondition:
-        return set()
+        job.range, covering = None, set()
+    job.target = None if _needs_whole_task(job.request) else covering
 
 
 def _landed(job: TaskJob, digest: InOrderDigest, span: PieceSpan) -> bool:
