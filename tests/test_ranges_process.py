@@ -300,3 +300,14 @@ def test_a_full_download_takes_a_partial_peers_pieces_and_the_rest_from_the_orig
         assert result.returncode == 0, result.stderr
         assert file_sha256(whole) == seeded_sha256("partial.bin", size)
         assert origin.bytes_served("partial.bin") == size  # the range's pieces came from the partial peer
+
+
+def test_dfget_transferring_a_range_through_the_stream_writes_exactly_the_range(tmp_path: Path) -> None:
+    size = 64 * MB + 12345
+    with seeded_origin({"stream.bin": size}) as origin, running_daemon(tmp_path / "daemon") as daemon:
+        for start, last in ((4 * MB + 1, 14 * MB), (size - 100, size - 1)):  # across pieces; the file's tail
+            output = tmp_path / f"stream-{start}.bin"
+            headers = ("-H", f"Range: bytes={start}-{last}")
+            result = dfget(daemon, origin.url("stream.bin"), output, "--transfer-from-dfdaemon", *headers)
+            assert result.returncode == 0, result.stderr
+            assert output.read_bytes() == seeded_slice("stream.bin", start, last - start + 1)
