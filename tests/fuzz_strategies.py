@@ -30,7 +30,8 @@ DURATION_MAX_SECONDS = 315_576_000_000
 # download.piece_length must lie in [1 KiB, 1 GiB].
 MIN_PIECE_LENGTH = 1024
 MAX_PIECE_LENGTH = 1024**3
-# Headers the daemon sets itself for each ranged request: a caller may not send them (in any case).
+# Headers the daemon sets itself for each origin request: a caller may not send them (in any case). A Range header
+# is no longer among them: it asks for a ranged download (the listed cases cover it).
 RESERVED_HEADERS: tuple[str, ...] = (
     "content-length",
     "transfer-encoding",
@@ -40,7 +41,6 @@ RESERVED_HEADERS: tuple[str, ...] = (
     "te",
     "trailer",
     "upgrade",
-    "range",
     "if-range",
     "accept-encoding",
 )

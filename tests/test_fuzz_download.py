@@ -178,8 +178,15 @@ DOWNLOAD_CASES = [
         listed(replace(SMALL, tag=unique(), headers={mixed_case(name): "1"}), {INVALID}, f"header-reserved-{name}")
         for name in fs.RESERVED_HEADERS
     ),
-    listed(replace(SMALL, headers={"Range": "bytes=1-"}, output="new"), {INVALID}, "header-Range"),
-    listed(replace(SMALL, headers={"range": "bytes=0-"}, output="new"), {INVALID}, "header-lowercase-range"),
+    # A Range header asks for a ranged download unless download.range is set (then it is ignored, as upstream).
+    listed(
+        replace(SMALL, tag=unique(), headers={"Range": "bytes=1-"}, byte_range=(10, 20), output="new"),
+        {Code.OK},
+        "header-Range-behind-download-range",
+    ),
+    listed(replace(SMALL, headers={"range": "bytes=0-"}, output="new"), {Code.OK}, "header-lowercase-range-whole"),
+    listed(replace(SMALL, headers={"Range": "bytes=1"}, output="new"), {PRECONDITION}, "header-Range-malformed"),
+    listed(replace(SMALL, headers={"Range": "bytes=10-5"}), {PRECONDITION}, "header-Range-reversed"),
     *(
         listed(replace(SMALL, tag=unique(), headers=headers), {INVALID}, f"header-illegal-{name}")
         for name, headers in (

@@ -326,31 +326,41 @@ def _consume(
     ``sink``, its bytes are written there at the piece's offset)."""
     summary = Summary()
     bar = progress.add_task(label, total=None)
+    window: tuple[int, int] | None = None  # the requested bytes, [start, end), when the download is ranged
     for response in responses:
         if response.HasField("download_task_started_response"):
             started = response.download_task_started_response
             summary.started = True
             summary.task_id, summary.peer_id = response.task_id, response.peer_id
             summary.content_length = started.content_length
-            total = started.range.length if started.HasField("range") else started.content_length
-            progress.update(bar, total=total)
+            if started.HasField("range"):
+                window = (started.range.start, started.range.start + started.range.length)
+            progress.update(bar, total=started.range.length if window is not None else started.content_length)
         elif response.HasField("download_piece_finished_response"):
             piece = response.download_piece_finished_response.piece
             traffic = common_pb2.TrafficType.Name(piece.traffic_type) if piece.HasField("traffic_type") else "UNKNOWN"
             summary.pieces[traffic] += 1
+            start, end = _wanted_part(piece, window)
             if sink is not None:
-                _write_piece(sink, piece)
-            progress.advance(bar, piece.length)
+                _write_piece(sink, piece, start, end, 0 if window is None else window[0])
+            progress.advance(bar, end - start)
     return summary
 
 
-def _write_piece(sink: int, piece: common_pb2.Piece) -> None:
+def _wanted_part(piece: common_pb2.Piece, window: tuple[int, int] | None) -> tuple[int, int]:
+    """The file offsets ``[start, end)`` of a piece's bytes that were asked for: all, or those in the range."""
+    end = piece.offset + piece.length
+    return (piece.offset, end) if window is None else (max(piece.offset, window[0]), min(end, window[1]))
+
+
+def _write_piece(sink: int, piece: common_pb2.Piece, start: int, end: int, base: int) -> None:
+    """Write the piece's bytes of file offsets ``[start, end)`` at ``start - base`` (a ranged output starts at 0)."""
     if len(piece.content) != piece.length:
         raise DfgetError(f"download failed: piece {piece.number} came with {len(piece.content)} of its bytes")
-    view = memoryview(piece.content)
+    view = memoryview(piece.content)[start - piece.offset : end - piece.offset]
     written = 0
     while written < len(view):
-        written += os.pwrite(sink, view[written:], piece.offset + written)
+        written += os.pwrite(sink, view[written:], start - base + written)
 
 
 def _parse_backend(raw: bytes) -> errordetails_pb2.Backend | None:

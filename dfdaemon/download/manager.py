@@ -26,6 +26,15 @@ from typing import BinaryIO
 from dfdaemon import ids
 from dfdaemon.admission import Busy
 from dfdaemon.backend import Backend, SourceNotAllowed, SourcePolicy, check_url
+from dfdaemon.download.ranges import ByteRange as ByteRange
+from dfdaemon.download.ranges import (
+    RangeNotSatisfiable,
+    check_range_header,
+    covering_pieces,
+    effective_range,
+    origin_headers,
+    range_header,
+)
 from dfdaemon.download.source import BatchCommitter, ByteTap, InOrderDigest, Origin, RunStream, runs
 from dfdaemon.gc import GarbageCollector
 from dfdaemon.ids import PieceSpan
@@ -50,7 +59,8 @@ TRAFFIC_NAMES = {
 }
 
 
-# Headers the daemon sets itself for each ranged request; a caller's copy would change what is fetched.
+# Headers the daemon sets itself for each origin request; a caller's copy would change what is fetched. A caller's
+# ``Range`` is not among them: it says which bytes the caller wants (see ``ranges``) and never reaches the origin.
 _RESERVED_HEADERS = {
     "content-length",
     "transfer-encoding",
@@ -60,7 +70,6 @@ _RESERVED_HEADERS = {
     "te",
     "trailer",
     "upgrade",
-    "range",
     "if-range",
     "accept-encoding",
 }
@@ -83,12 +92,6 @@ class DownloadFailed(Exception):
 
 class ContentMismatch(DownloadFailed):
     """The bytes are not what the task's name promises (DATA_LOSS); the task is failed and collected."""
-
-
-@dataclass(frozen=True)
-class ByteRange:
-    start: int
-    length: int
 
 
 @dataclass(frozen=True)
@@ -161,7 +164,12 @@ _SOURCE_STREAMS = 4
 
 
 class TaskJob:
-    """The one download of a task in this daemon, followed by every request for it."""
+    """The one download of a task in this daemon, followed by every request for it.
+
+    A job fetches the pieces its first request needs (``target``; None for all of them): a ranged request's job
+    fetches only the pieces covering the range and leaves the task partial, its pieces recorded for later jobs.
+    A request needing pieces outside a running job's target waits for that job to end and starts the next.
+    """
 
     def __init__(self, task_id: str, peer_id: str, request: DownloadRequest) -> None:
         self.task_id = task_id
@@ -172,7 +180,12 @@ class TaskJob:
         self.response_header: dict[str, str] = {}
         self.done: dict[int, tuple[PieceRecord, int]] = {}
         self.ready = False
-        self.finished = False
+        self.finished = False  # the task is complete here
+        self.ended = False  # the job fetched its target (the task may still be partial)
+        self.target: set[int] | None = None
+        # The first request's range (download.range, or its Range header converted), as upstream forwards it to
+        # the scheduler.
+        self.range: ByteRange | None = None
         self.error: BaseException | None = None
         self.changed = asyncio.Condition()
         self.runner: asyncio.Task[None] | None = None
@@ -186,14 +199,23 @@ class TaskJob:
         return ids.pieces_for(self.content_length, self.piece_length)
 
     def missing_pieces(self) -> list[PieceSpan]:
-        return [span for span in self.pieces if span.number not in self.done]
+        """The pieces of the target not yet stored: what the job still fetches."""
+        target = self.target
+        return [
+            span for span in self.pieces if span.number not in self.done and (target is None or span.number in target)
+        ]
+
+    def covers(self, numbers: set[int]) -> bool:
+        """Whether the job has or fetches every one of these pieces."""
+        return self.target is None or numbers <= self.target | self.done.keys()
 
     async def announce(
-        self, *, ready: bool = False, finished: bool = False, error: BaseException | None = None
+        self, *, ready: bool = False, finished: bool = False, ended: bool = False, error: BaseException | None = None
     ) -> None:
         async with self.changed:
             self.ready = self.ready or ready
             self.finished = self.finished or finished
+            self.ended = self.ended or ended or finished
             if error is not None:
                 self.error = error
             self.changed.notify_all()
@@ -270,8 +292,7 @@ class DownloadManager:
             check_url(request.url)
         except ValueError as exc:
             raise InvalidDownload(str(exc)) from None
-        if request.range is not None and request.range.length == 0:
-            raise DownloadPrecondition("download.range.length must be positive")
+        _check_range(request)
         if request.digest is not None:
             try:
                 ids.parse_file_digest(request.digest)
@@ -312,10 +333,8 @@ class DownloadManager:
         deadline = None if request.timeout is None else asyncio.get_running_loop().time() + request.timeout
         # From before the first look at the cache until the output is written, the task is in use.
         async with self.storage.reading(task_id):
-            job = self._job(task_id, peer_id, request)
             async with asyncio.timeout_at(deadline):
-                await self._wait(job, lambda: job.ready)
-            wanted = self._wanted(job, request.range)
+                job, byte_range, wanted = await self._join(task_id, peer_id, request)
             async with job.changed:
                 numbers = {piece.number for piece in wanted}
                 local = numbers & job.done.keys()
@@ -324,7 +343,7 @@ class DownloadManager:
                 task_id=task_id,
                 peer_id=peer_id,
                 content_length=job.content_length,
-                range=request.range,
+                range=byte_range,
                 response_header=job.response_header,
                 pieces=wanted,
                 is_finished=is_finished,
@@ -333,8 +352,27 @@ class DownloadManager:
                 async for piece in pieces:
                     yield piece
             async with asyncio.timeout_at(deadline):
-                await self._deliver(job, request)
+                await self._deliver(job, request, byte_range)
             await self.storage.touch(task_id)
+
+    async def _join(
+        self, task_id: str, peer_id: str, request: DownloadRequest
+    ) -> tuple[TaskJob, ByteRange | None, list[PieceSpan]]:
+        """The job that has or fetches every piece the request needs, with the request's range and its pieces.
+
+        A running job fetching other pieces (another range) is let finish first; the next job then fetches
+        only what is still missing."""
+        while True:
+            job = self._job(task_id, peer_id, request)
+            await self._until_ready(job)
+            byte_range = _resolve_range(request, job.content_length)
+            wanted = _covering(job, byte_range)
+            needed = {span.number for span in (job.pieces if _needs_whole_task(request) else wanted)}
+            if job.covers(needed):
+                return job, byte_range, wanted
+            runner = job.runner
+            assert runner is not None
+            await asyncio.wait({runner})
 
     async def _admit(self, request: DownloadRequest) -> str:
         """Everything a request must pass before it may start or join a job; returns the task id."""
@@ -357,7 +395,7 @@ class DownloadManager:
         remaining = set(wanted)
         while remaining:
             async with asyncio.timeout_at(deadline):
-                await self._wait(job, lambda: bool(remaining & job.done.keys()) or job.finished)
+                await self._wait(job, lambda: bool(remaining & job.done.keys()) or job.ended)
             for number in sorted(remaining & job.done.keys(), key=lambda n: job.done[n][0].created_at):
                 piece, traffic = job.done[number]
                 remaining.discard(number)
@@ -368,16 +406,18 @@ class DownloadManager:
                     async with asyncio.timeout_at(deadline):
                         _, content = await self.storage.read_piece(job.task_id, number)
                 yield PieceDone(piece, traffic, peer_id, content)
-            if job.finished and remaining - job.done.keys():
+            if job.ended and remaining - job.done.keys():
                 missing = sorted(remaining - job.done.keys())
-                raise DownloadFailed(f"task {job.task_id} finished without pieces {missing}")
+                raise DownloadFailed(f"task {job.task_id} ended without pieces {missing}")
 
-    async def _deliver(self, job: TaskJob, request: DownloadRequest) -> None:
+    async def _deliver(self, job: TaskJob, request: DownloadRequest, byte_range: ByteRange | None) -> None:
         """What a request asks for once it has its pieces: the whole file's digest checked, an output file."""
-        if request.digest is not None or _blob_digest(request) is not None:
+        if _needs_whole_task(request):
             # A digest covers the whole file (and a blob's content is checked when the task completes),
             # so a ranged request waits for the rest of the task too.
-            await self._wait(job, lambda: job.finished)
+            await self._wait(job, lambda: job.ended)
+            if not job.finished:
+                raise DownloadFailed(f"task {job.task_id} ended incomplete")
         if request.digest is not None:
             await asyncio.to_thread(_verify_digest, self.storage.content.path(job.task_id), request.digest)
         if request.output_path is not None:
@@ -385,28 +425,21 @@ class DownloadManager:
                 _write_output,
                 self.storage.content.path(job.task_id),
                 Path(request.output_path),
-                request.range,
+                byte_range,
                 job.content_length,
                 request.overwrite,
                 request.force_hard_link,
             )
+
+    async def _until_ready(self, job: TaskJob) -> None:
+        """Until the job knows the content's length and its piece length."""
+        await self._wait(job, lambda: job.ready)
 
     async def _wait(self, job: TaskJob, predicate: Callable[[], bool]) -> None:
         async with job.changed:
             await job.changed.wait_for(lambda: predicate() or job.error is not None)
             if job.error is not None and not predicate():
                 raise job.error
-
-    @staticmethod
-    def _wanted(job: TaskJob, byte_range: ByteRange | None) -> list[PieceSpan]:
-        if byte_range is None:
-            return job.pieces
-        if byte_range.start + byte_range.length > job.content_length:
-            raise DownloadPrecondition(
-                f"download.range {byte_range.start}+{byte_range.length} is past the end of "
-                f"the {job.content_length}-byte content"
-            )
-        return ids.pieces_for(job.content_length, job.piece_length, byte_range.start, byte_range.length)
 
     def _job(self, task_id: str, peer_id: str, request: DownloadRequest) -> TaskJob:
         job = self._jobs.get(task_id)
@@ -455,7 +488,8 @@ class DownloadManager:
         await self.gc.run("disk-full")
 
     async def _run_job(self, job: TaskJob) -> bool:
-        """Complete the task in storage; returns False when it was already complete (a cache hit)."""
+        """Fetch the job's target into storage, completing the task when nothing else is missing; returns False
+        when it was already complete (a cache hit). A partial task stays unfinished, its pieces recorded."""
         existing = await self.storage.get_task(job.task_id)
         if existing is not None and existing.state is TaskState.SUCCEEDED and existing.content_length is not None:
             await self._load_local(job, existing)
@@ -464,17 +498,30 @@ class DownloadManager:
         if job.request.disable_back_to_source and self.fetch_missing == self.back_to_source:
             raise DownloadFailed("back to source is disabled and no scheduler is configured")
         stored = await self._size_up(job, existing)
-        missing = [p for p in job.pieces if p.number not in stored]
+        _aim(job)
+        if job.target == set():  # its first request's range selects nothing: that request fails, nothing is kept
+            await job.announce(ready=True, ended=True)
+            return False
+        missing = [p for p in job.missing_pieces() if p.number not in stored]
         async with (
             self.gc.reservation(job.task_id, sum(p.length for p in missing)),
             self.storage.download(job.task_id, _task_info(job)) as writer,
         ):
-            log.info("download started task=%s url=%s bytes=%d", job.task_id, job.request.url, job.content_length)
+            log.info(
+                "download started task=%s url=%s bytes=%d range=%s fetching=%d",
+                job.task_id,
+                job.request.url,
+                job.content_length,
+                "all" if job.range is None else f"{job.range.start}+{job.range.length}",
+                sum(p.length for p in missing),
+            )
             for piece in stored.values():
                 job.done[piece.number] = (piece, TrafficType.LOCAL_PEER)
             await self._fill(job, writer)
-            await writer.finish()
-        await job.announce(finished=True)
+            complete = len(job.done) == len(job.pieces)
+            if complete:
+                await writer.finish()
+        await job.announce(finished=complete, ended=True)
         return True
 
     async def _size_up(self, job: TaskJob, existing: TaskRecord | None) -> dict[int, PieceRecord]:
@@ -483,7 +530,8 @@ class DownloadManager:
         An unfinished task of the same length keeps its piece length, so the pieces it already has count.
         """
         request = job.request
-        info = await self.backend.stat(request.url, request.request_header, from_network=request.from_network)
+        headers = origin_headers(request.request_header)
+        info = await self.backend.stat(request.url, headers, from_network=request.from_network)
         piece_length = request.piece_length or ids.piece_length_for(info.content_length)
         if existing is not None and existing.piece_length and existing.content_length == info.content_length:
             piece_length = existing.piece_length
@@ -504,7 +552,8 @@ class DownloadManager:
         await job.announce(ready=True)
         hashing = asyncio.create_task(self._hash_in_order(job, job.digest)) if job.digest is not None else None
         try:
-            await self.fetch_missing(job)
+            if job.missing_pieces():
+                await self.fetch_missing(job)
             short = [span.number for span in job.missing_pieces()]
             if short:  # a fetch that returned short must not leave the hashing waiting
                 raise DownloadFailed(f"task {job.task_id} ended without pieces {short[:10]}")
@@ -553,7 +602,8 @@ class DownloadManager:
         writer = job.writer
         assert writer is not None, "pieces are fetched only while the job holds its writer"
         request = job.request
-        origin = Origin(self.backend, request.url, request.request_header, request.from_network, self.piece_attempts)
+        headers = origin_headers(request.request_header)
+        origin = Origin(self.backend, request.url, headers, request.from_network, self.piece_attempts)
 
         async def announce(piece: PieceRecord) -> None:
             metrics.DOWNLOAD_BYTES.labels("origin").inc(piece.length)
@@ -582,6 +632,53 @@ class DownloadManager:
                 await committer.close()
             finally:
                 committer.abandon()
+
+
+def _check_range(request: DownloadRequest) -> None:
+    """A zero-length range, or a ``Range`` header that can never parse, fails before any work."""
+    if request.range is not None:
+        if request.range.length == 0:
+            raise DownloadPrecondition("download.range.length must be positive")
+        return
+    value = range_header(request.request_header)
+    if value is not None:
+        try:
+            check_range_header(value)
+        except RangeNotSatisfiable as exc:
+            raise DownloadPrecondition(str(exc)) from None
+
+
+def _resolve_range(request: DownloadRequest, content_length: int) -> ByteRange | None:
+    """The range a request asks for in the task's content (FAILED_PRECONDITION when it selects nothing)."""
+    try:
+        return effective_range(request.range, request.request_header, content_length)
+    except RangeNotSatisfiable as exc:
+        raise DownloadPrecondition(str(exc)) from None
+
+
+def _covering(job: TaskJob, byte_range: ByteRange | None) -> list[PieceSpan]:
+    """The job's pieces that hold ``byte_range`` (all without one)."""
+    try:
+        return covering_pieces(job.content_length, job.piece_length, byte_range)
+    except RangeNotSatisfiable as exc:
+        raise DownloadPrecondition(str(exc)) from None
+
+
+def _needs_whole_task(request: DownloadRequest) -> bool:
+    """A digest covers the whole file, so a request with one needs every piece, whatever its range."""
+    return request.digest is not None or _blob_digest(request) is not None
+
+
+def _aim(job: TaskJob) -> None:
+    """Fix what a job fetches: the pieces its first request needs (None for all), and that request's range with
+    its ``Range`` header converted. A range that selects nothing fetches nothing; that request fails on it, and a
+    later one starts a job of its own."""
+    try:
+        job.range = _resolve_range(job.request, job.content_length)
+        covering = None if job.range is None else {span.number for span in _covering(job, job.range)}
+    except DownloadPrecondition:
+        job.range, covering = None, set()
+    job.target = None if _needs_whole_task(job.request) else covering
 
 
 def _landed(job: TaskJob, digest: InOrderDigest, span: PieceSpan) -> bool:

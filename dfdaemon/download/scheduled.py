@@ -11,6 +11,7 @@ the download back to source by itself, unless the request forbids it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 from typing import TYPE_CHECKING
@@ -88,13 +89,13 @@ class ScheduledFetch:
         request, limit = job.request, self.small_download_limit
         if request.disable_back_to_source:
             return False
-        return job.content_length <= limit or (request.range is not None and request.range.length <= limit)
+        return job.content_length <= limit or (job.range is not None and job.range.length <= limit)
 
     def _registration(self, job: TaskJob) -> Registration:
         return Registration(
             task_id=job.task_id,
             peer_id=job.peer_id,
-            download=job.request,
+            download=dataclasses.replace(job.request, range=job.range),  # a Range header travels converted
             content_length=job.content_length,
             actual_piece_length=job.piece_length,
             piece_count=len(job.pieces),

@@ -82,8 +82,9 @@ class UploadServicer(TaskServicer):
     ) -> AsyncIterator[dfdaemon_pb2.SyncPiecesResponse]:
         """Tell a child which pieces are here, then each new one as it is committed.
 
-        Ends once the child has every piece it asked for (all of them when it named none) or the task is
-        complete here; a task that stops making progress for a piece timeout ends with DEADLINE_EXCEEDED.
+        Ends once the child has every piece it asked for (all of them when it named none), the task is
+        complete here, or it is partial with no download filling it; a task that stops making progress for a
+        piece timeout ends with DEADLINE_EXCEEDED.
         """
         try:
             async for response in self._sync_pieces(request):
@@ -116,6 +117,8 @@ class UploadServicer(TaskServicer):
                     )
             if (interested and interested <= sent) or task.state is TaskState.SUCCEEDED:
                 return
+            if task.state is TaskState.RUNNING and not self.storage.in_flight(task_id)[0]:
+                return  # a partial task (a ranged download's) that nothing is filling: no more pieces will come
             if task.state is TaskState.FAILED:
                 raise TaskNotFound(task_id)
             try:
