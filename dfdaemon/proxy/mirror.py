@@ -20,6 +20,8 @@ import logging
 import re
 import socket
 from collections.abc import AsyncGenerator
+from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import urlencode
 
 import aiohttp
@@ -32,7 +34,8 @@ from dfdaemon.backend import BackendError, OriginClient, SourceNotAllowed, Sourc
 from dfdaemon.download import DownloadManager, DownloadRequest, InvalidDownload, PieceDone, Started
 from dfdaemon.download.source import ByteTap
 from dfdaemon.ids import PieceSpan
-from dfdaemon.storage import Storage, StorageFull, TaskState
+from dfdaemon.proxy.cache import rotten_pieces, send_range
+from dfdaemon.storage import PieceCorrupt, PieceRecord, Storage, StorageFull, TaskState
 from dfdaemon.telemetry import metrics, tracing
 
 log = logging.getLogger("dfdaemon.proxy")
@@ -55,6 +58,8 @@ _HOP_BY_HOP = frozenset(
 )
 # Docker Hub is named "docker.io" in image references, but its API lives elsewhere.
 _REGISTRY_ALIASES = {"docker.io": "registry-1.docker.io", "index.docker.io": "registry-1.docker.io"}
+# Bytes of a blob that reach the client only once the blob is verified (its digest, or its cached pieces' CRCs).
+HELD_TAIL = 64 * 1024
 _HOST_PORT = re.compile(r"[A-Za-z0-9.-]+(?::[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](?::[0-9]{1,5})?")
 
 
@@ -240,6 +245,16 @@ class RegistryMirror:
             "Accept-Ranges": "bytes",
         }
 
+    @classmethod
+    def _blob_response(cls, task_id: str, length: int, span: tuple[int, int] | None) -> web.StreamResponse:
+        """The response for a blob, or for the inclusive ``span`` of it (206)."""
+        if span is None:
+            return web.StreamResponse(status=200, headers=cls._blob_headers(task_id, length))
+        first, last = span
+        headers = cls._blob_headers(task_id, last - first + 1)
+        headers["Content-Range"] = f"bytes {first}-{last}/{length}"
+        return web.StreamResponse(status=206, headers=headers)
+
     async def _pass(self, request: web.Request, url: str, *, refusals_only: bool = False) -> web.StreamResponse:
         """Send the request to the registry and its answer back, byte for byte.
 
@@ -281,6 +296,9 @@ class RegistryMirror:
         return response
 
     async def _blob(self, request: web.Request, url: str, task_id: str, from_network: bool) -> web.StreamResponse:
+        cached = await self._from_cache(request, task_id)
+        if cached is not None:
+            return cached
         authorization = request.headers.get("Authorization")
         download = DownloadRequest(
             url=url,
@@ -301,6 +319,62 @@ class RegistryMirror:
                 await events.aclose()
                 return _registry_error(400, "DIGEST_INVALID", f"the request does not name blob {task_id} exactly")
             return await self._stream(request, _Arrivals(events, tap), started)
+
+    async def _from_cache(self, request: web.Request, task_id: str) -> web.StreamResponse | None:
+        """Serve a blob the cache holds whole straight from its file; None when it does not (the download path then
+        fetches, or fails, as it would for any task)."""
+        async with self.storage.reading(task_id):  # from here on GC leaves the task alone
+            task = await self.storage.get_task(task_id)
+            if task is None or task.state is not TaskState.SUCCEEDED or task.content_length is None:
+                return None
+            pieces = await self.storage.pieces(task_id)
+            if sum(piece.length for piece in pieces) != task.content_length:
+                return None  # a piece was dropped as corrupt: the download path decides what happens
+            length = task.content_length
+            try:
+                span = parse_range(request.headers.get("Range"), length)
+            except UnsatisfiableRange:
+                return web.Response(status=416, headers={"Content-Range": f"bytes */{length}"})
+            try:
+                content = await asyncio.to_thread(self.storage.content.path(task_id).open, "rb")
+            except OSError as exc:
+                log.warning("cached blob %s cannot be opened: %s", task_id, exc)
+                return None
+            response = self._blob_response(task_id, length, span)
+            first, last = span if span is not None else (0, length - 1)
+            try:
+                await response.prepare(request)
+                await self._send_checked(request, content, task_id, pieces, first, last + 1)
+                await response.write_eof()
+            except PieceCorrupt as exc:
+                log.error("%s; the connection is cut", exc)
+                if request.transport is not None:
+                    request.transport.abort()  # the status went out already: a failed, never a short, blob
+                return response
+            finally:
+                content.close()
+        await self.storage.touch(task_id)
+        return response
+
+    async def _send_checked(
+        self, request: web.Request, content: BinaryIO, task_id: str, pieces: list[PieceRecord], first: int, end: int
+    ) -> None:
+        """Send bytes ``first`` to ``end`` by sendfile while their pieces' CRCs are checked; the last ``HELD_TAIL``
+        bytes wait for the check, so rotten bytes never reach the client complete."""
+        covered = [piece for piece in pieces if piece.offset < end and piece.offset + piece.length > first]
+        checking = asyncio.create_task(asyncio.to_thread(rotten_pieces, Path(content.name), covered))
+        held_from = max(first, end - HELD_TAIL)
+        try:
+            await send_range(request, content, first, held_from - first)
+            rotten = await checking
+        finally:
+            checking.cancel()  # the thread runs to its end; its result is not wanted once the client left
+        if rotten:
+            with contextlib.suppress(PieceCorrupt):
+                await self.storage.read_piece(task_id, rotten[0].number)  # drops the piece, logs it
+            await self.storage.fail_task(task_id)  # the next request fetches what rotted again
+            raise PieceCorrupt(f"cached blob {task_id} failed its CRC check in piece {rotten[0].number}")
+        await send_range(request, content, held_from, end - held_from)
 
     async def _refusal(self, request: web.Request, url: str, task_id: str, error: Exception) -> web.StreamResponse:
         """Answer a blob download that failed before its first byte."""
@@ -326,10 +400,7 @@ class RegistryMirror:
             await arrivals.events.aclose()
             return web.Response(status=416, headers={"Content-Range": f"bytes */{length}"})
         first, last = span if span is not None else (0, length - 1)
-        headers = self._blob_headers(started.task_id, last - first + 1)
-        if span is not None:
-            headers["Content-Range"] = f"bytes {first}-{last}/{length}"
-        response = web.StreamResponse(status=206 if span is not None else 200, headers=headers)
+        response = self._blob_response(started.task_id, length, span)
         following = asyncio.create_task(arrivals.follow())
         try:
             await response.prepare(request)
@@ -360,10 +431,10 @@ class RegistryMirror:
     ) -> None:
         """Write bytes ``first`` to ``end`` in order: as the registry sends them, else as their pieces are stored.
 
-        The last piece is held back until the whole blob has matched its digest: a forged blob never reaches
-        the client complete, whatever the client checks itself.
+        The last ``HELD_TAIL`` bytes are held back until the whole blob has matched its digest: a forged blob never
+        reaches the client complete, whatever the client checks itself.
         """
-        held_from = max(first, wanted[-1].offset) if wanted else end
+        held_from = max(first, end - HELD_TAIL)
         position, index = first, 0
         while position < held_from:
             arrivals.tap.wake.clear()
@@ -379,8 +450,9 @@ class RegistryMirror:
                 arrivals.check()
                 await arrivals.tap.wake.wait()
         await arrivals.finished()  # the rest of the download checks the whole blob against its digest
-        if wanted:
-            await self._send_stored(response, task_id, wanted[-1], held_from, end)
+        for piece in wanted:
+            if piece.offset + piece.length > position:
+                position = await self._send_stored(response, task_id, piece, position, end)
         await response.write_eof()
 
     async def _send_stored(
