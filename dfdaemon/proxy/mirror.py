@@ -372,7 +372,8 @@ class RegistryMirror:
         if rotten:
             with contextlib.suppress(PieceCorrupt):
                 await self.storage.read_piece(task_id, rotten[0].number)  # drops the piece, logs it
-            await self.storage.fail_task(task_id)  # the next request fetches what rotted again
+            # A finished task keeps its state when a piece is dropped; discarded, the next request fetches it anew.
+            await self.storage.fail_task(task_id, discard=True)
             raise PieceCorrupt(f"cached blob {task_id} failed its CRC check in piece {rotten[0].number}")
         await send_range(request, content, held_from, end - held_from)
 
