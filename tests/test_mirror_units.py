@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dfdaemon.proxy import parse_range, upstream_base
+from dfdaemon.proxy.access import AccessMemory
 from dfdaemon.proxy.mirror import UnsatisfiableRange
 
 DEFAULT = "https://mirror.example.com/"
@@ -72,3 +73,36 @@ def test_a_satisfiable_range_stays_inside_the_blob(length: int, first: int, last
         return
     assert 0 <= span[0] <= span[1] < length
     assert span[0] == first
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_registrys_yes_holds_for_its_credential_and_repository_until_it_lapses() -> None:
+    clock = FakeClock()
+    memory = AccessMemory(ttl=60.0, clock=clock)
+    alice = memory.key("registry:5000", "team/app", "Basic YWxpY2U6cw==")
+    memory.remember(alice)
+    assert memory.allowed(alice)
+    assert not memory.allowed(memory.key("registry:5000", "team/app", None))
+    assert not memory.allowed(memory.key("registry:5000", "team/other", "Basic YWxpY2U6cw=="))
+    assert not memory.allowed(memory.key("other:5000", "team/app", "Basic YWxpY2U6cw=="))
+    assert "YWxpY2U6cw==" not in "".join(alice)  # only a hash of the credential is kept
+    clock.now += 59.0
+    assert memory.allowed(alice)
+    clock.now += 1.0
+    assert not memory.allowed(alice)
+
+
+def test_the_oldest_yes_goes_first_past_the_limit() -> None:
+    memory = AccessMemory(limit=2, clock=FakeClock())
+    first, second, third = (memory.key("r", "repo", f"Bearer {n}") for n in range(3))
+    for key in (first, second, third):
+        memory.remember(key)
+    assert not memory.allowed(first)
+    assert memory.allowed(second) and memory.allowed(third)

@@ -22,7 +22,7 @@ import socket
 from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import BinaryIO
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -34,13 +34,14 @@ from dfdaemon.backend import BackendError, OriginClient, SourceNotAllowed, Sourc
 from dfdaemon.download import DownloadManager, DownloadRequest, InvalidDownload, PieceDone, Started
 from dfdaemon.download.source import ByteTap
 from dfdaemon.ids import PieceSpan
+from dfdaemon.proxy.access import AccessMemory
 from dfdaemon.proxy.cache import rotten_pieces, send_range
 from dfdaemon.storage import PieceCorrupt, PieceRecord, Storage, StorageFull, TaskState
 from dfdaemon.telemetry import metrics, tracing
 
 log = logging.getLogger("dfdaemon.proxy")
 
-_BLOB_PATH = re.compile(r"/v2/(?:[^/]+/)+blobs/(?P<digest>[^/]+)")
+_BLOB_PATH = re.compile(r"/v2/(?P<name>(?:[^/]+/)*[^/]+)/blobs/(?P<digest>[^/]+)")
 # Headers that describe one connection, not the message (RFC 9110 7.6.1), plus the ones each side sets itself.
 _HOP_BY_HOP = frozenset(
     {
@@ -144,6 +145,7 @@ class RegistryMirror:
         *,
         default_registry: str,
         insecure_registries: frozenset[str] = frozenset(),
+        public_registries: frozenset[str] = frozenset(),
         blobs_by_digest: bool = True,
         disable_back_to_source: bool = False,
         timeout: float = 60.0,
@@ -153,6 +155,9 @@ class RegistryMirror:
         self.policy = policy
         self.default_registry = default_registry
         self.insecure_registries = frozenset(host.lower() for host in insecure_registries)
+        # Registries whose blobs any client may read: served from the cache without asking the registry first.
+        self.public_registries = frozenset(host.lower() for host in public_registries)
+        self.access = AccessMemory()
         self.blobs_by_digest = blobs_by_digest
         self.disable_back_to_source = disable_back_to_source
         # The back-to-source policy holds at connect time here too; redirects are the runtime's to follow (they
@@ -211,13 +216,70 @@ class RegistryMirror:
             return _registry_error(502, "UNAVAILABLE", str(exc)), "refused"
         except UnsupportedURL as exc:
             return _registry_error(400, "UNSUPPORTED", str(exc)), "refused"
-        if task_id is not None and request.method == "GET":
-            return await self._blob(request, url, task_id, from_network), "blob"
-        if task_id is not None and request.method == "HEAD":
-            cached = await self._cached_blob_head(task_id)
-            if cached is not None:
-                return cached, "blob"
+        if task_id is not None:
+            return await self._blob_request(request, base, url, task_id, from_network)
         return await self._pass(request, url), "registry"
+
+    async def _blob_request(
+        self, request: web.Request, base: str, url: str, task_id: str, from_network: bool
+    ) -> tuple[web.StreamResponse, str]:
+        """A blob's GET (the cache or the P2P network) or HEAD (the cache, else the registry)."""
+        if request.method == "GET":
+            confirming = self._confirming(request, base, url)  # asked while the blob is looked up
+            try:
+                return await self._blob(request, url, task_id, from_network, confirming), "blob"
+            finally:
+                _abandon(confirming)
+        cached = await self._cached_blob_head(request, base, url, task_id)
+        if cached is not None:
+            return cached, "blob"
+        return await self._pass(request, url), "registry"
+
+    def _confirming(self, request: web.Request, base: str, url: str) -> asyncio.Task[int | None] | None:
+        """Ask the registry whether this client may read the blob; None when there is no need to ask.
+
+        The cache is shared by every client of the node, so a blob one client pulled with credentials must not
+        reach another without them; a public registry, or a yes remembered for this credential, needs no question.
+        """
+        registry = urlsplit(base).netloc.lower()
+        if registry in self.public_registries:
+            return None
+        match = _BLOB_PATH.fullmatch(request.path)
+        assert match is not None, "only a blob request asks"
+        key = self.access.key(registry, match.group("name"), request.headers.get("Authorization"))
+        if self.access.allowed(key):
+            return None
+        return asyncio.create_task(self._ask(request, url, key))
+
+    async def _ask(self, request: web.Request, url: str, key: tuple[str, str, str]) -> int | None:
+        """HEAD the blob at the registry as the client: None (and remembered) when it may read it, else the status."""
+        headers = _forwarded(request.headers)
+        from_network = not _is_loopback(request.remote)
+        async with self.client.request("HEAD", url, headers, from_network=from_network, follow_redirects=False) as got:
+            status = got.status
+        if status >= 400:
+            return status
+        self.access.remember(key)
+        return None
+
+    async def _denial(
+        self, request: web.Request, url: str, confirming: asyncio.Task[int | None] | None
+    ) -> web.StreamResponse | None:
+        """None when the client may read the blob; else what the registry answers it (its 401 and challenge)."""
+        if confirming is None:
+            return None
+        try:
+            status = await confirming
+        except SourceNotAllowed as exc:
+            return _registry_error(403, "DENIED", str(exc))
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("could not ask the registry whether %s may be read: %s", url, exc or type(exc).__name__)
+            return _registry_error(
+                502, "UNAVAILABLE", "the registry did not confirm that this client may read the blob"
+            )
+        if status is None:
+            return None
+        return await self._pass(request, url, refusals_only=True)
 
     def _blob_task_id(self, request: web.Request) -> str | None:
         match = _BLOB_PATH.fullmatch(request.path)
@@ -228,11 +290,14 @@ class RegistryMirror:
         except ids.InvalidTaskId:
             return None  # an algorithm we do not name tasks by: the registry answers for itself
 
-    async def _cached_blob_head(self, task_id: str) -> web.Response | None:
+    async def _cached_blob_head(
+        self, request: web.Request, base: str, url: str, task_id: str
+    ) -> web.StreamResponse | None:
         task = await self.storage.get_task(task_id)
         if task is None or task.state is not TaskState.SUCCEEDED or task.content_length is None:
             return None
-        return web.Response(status=200, headers=self._blob_headers(task_id, task.content_length))
+        denial = await self._denial(request, url, self._confirming(request, base, url))
+        return denial or web.Response(status=200, headers=self._blob_headers(task_id, task.content_length))
 
     @staticmethod
     def _blob_headers(task_id: str, length: int) -> dict[str, str]:
@@ -295,8 +360,15 @@ class RegistryMirror:
         await response.write_eof()
         return response
 
-    async def _blob(self, request: web.Request, url: str, task_id: str, from_network: bool) -> web.StreamResponse:
-        cached = await self._from_cache(request, task_id)
+    async def _blob(
+        self,
+        request: web.Request,
+        url: str,
+        task_id: str,
+        from_network: bool,
+        confirming: asyncio.Task[int | None] | None,
+    ) -> web.StreamResponse:
+        cached = await self._from_cache(request, url, task_id, confirming)
         if cached is not None:
             return cached
         authorization = request.headers.get("Authorization")
@@ -318,9 +390,15 @@ class RegistryMirror:
             if started.task_id != task_id:  # the URL did not name the blob: never serve other bytes under its digest
                 await events.aclose()
                 return _registry_error(400, "DIGEST_INVALID", f"the request does not name blob {task_id} exactly")
+            denial = await self._denial(request, url, confirming)  # the download may be another client's
+            if denial is not None:
+                await events.aclose()
+                return denial
             return await self._stream(request, _Arrivals(events, tap), started)
 
-    async def _from_cache(self, request: web.Request, task_id: str) -> web.StreamResponse | None:
+    async def _from_cache(
+        self, request: web.Request, url: str, task_id: str, confirming: asyncio.Task[int | None] | None
+    ) -> web.StreamResponse | None:
         """Serve a blob the cache holds whole straight from its file; None when it does not (the download path then
         fetches, or fails, as it would for any task)."""
         async with self.storage.reading(task_id):  # from here on GC leaves the task alone
@@ -330,6 +408,9 @@ class RegistryMirror:
             pieces = await self.storage.pieces(task_id)
             if sum(piece.length for piece in pieces) != task.content_length:
                 return None  # a piece was dropped as corrupt: the download path decides what happens
+            denial = await self._denial(request, url, confirming)
+            if denial is not None:
+                return denial
             length = task.content_length
             try:
                 span = parse_range(request.headers.get("Range"), length)
@@ -464,6 +545,13 @@ class RegistryMirror:
         stop = min(end, piece.offset + piece.length)
         await response.write(memoryview(data)[position - piece.offset : stop - piece.offset])
         return stop
+
+
+def _abandon(task: asyncio.Task[int | None] | None) -> None:
+    """Cancel a question no longer needed; its outcome is read, so a failure is not reported as unretrieved."""
+    if task is not None:
+        task.cancel()
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
 class _Arrivals:
