@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from dfdaemon.proxy import parse_range, upstream_base
 from dfdaemon.proxy.access import AccessMemory
+from dfdaemon.proxy.cache import IntactFiles, file_state, open_content
 from dfdaemon.proxy.mirror import UnsatisfiableRange
 
 DEFAULT = "https://mirror.example.com/"
@@ -106,3 +109,30 @@ def test_the_oldest_yes_goes_first_past_the_limit() -> None:
         memory.remember(key)
     assert not memory.allowed(first)
     assert memory.allowed(second) and memory.allowed(third)
+
+
+def test_a_content_file_is_intact_only_in_the_state_it_was_checked_in(tmp_path: Path) -> None:
+    path = tmp_path / "content"
+    path.write_bytes(b"a" * 4096)
+    intact = IntactFiles()
+    content, state = open_content(path)
+    content.close()
+    assert state == file_state(path)
+    assert not intact.intact("task", state)
+    intact.remember("task", state)
+    assert intact.intact("task", state)
+    assert not intact.intact("other", state)
+    with path.open("r+b") as f:  # one byte changes in place: same size, same inode
+        f.write(b"b")
+    assert not intact.intact("task", file_state(path))
+
+
+def test_the_least_recently_served_intact_file_is_forgotten_first() -> None:
+    intact = IntactFiles(limit=2)
+    states = [(1, n, 10, 0, 0) for n in range(3)]
+    intact.remember("a", states[0])
+    intact.remember("b", states[1])
+    assert intact.intact("a", states[0])  # served: now the most recent
+    intact.remember("c", states[2])
+    assert intact.intact("a", states[0]) and intact.intact("c", states[2])
+    assert not intact.intact("b", states[1])

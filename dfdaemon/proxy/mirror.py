@@ -35,7 +35,7 @@ from dfdaemon.download import DownloadManager, DownloadRequest, InvalidDownload,
 from dfdaemon.download.source import ByteTap
 from dfdaemon.ids import PieceSpan
 from dfdaemon.proxy.access import AccessMemory
-from dfdaemon.proxy.cache import rotten_pieces, send_range
+from dfdaemon.proxy.cache import FileState, IntactFiles, file_state, open_content, rotten_pieces, send_range
 from dfdaemon.storage import PieceCorrupt, PieceRecord, Storage, StorageFull, TaskState
 from dfdaemon.telemetry import metrics, tracing
 
@@ -158,6 +158,7 @@ class RegistryMirror:
         # Registries whose blobs any client may read: served from the cache without asking the registry first.
         self.public_registries = frozenset(host.lower() for host in public_registries)
         self.access = AccessMemory()
+        self.intact = IntactFiles()
         self.blobs_by_digest = blobs_by_digest
         self.disable_back_to_source = disable_back_to_source
         # The back-to-source policy holds at connect time here too; redirects are the runtime's to follow (they
@@ -417,24 +418,43 @@ class RegistryMirror:
             except UnsatisfiableRange:
                 return web.Response(status=416, headers={"Content-Range": f"bytes */{length}"})
             try:
-                content = await asyncio.to_thread(self.storage.content.path(task_id).open, "rb")
+                content, state = await asyncio.to_thread(open_content, self.storage.content.path(task_id))
             except OSError as exc:
                 log.warning("cached blob %s cannot be opened: %s", task_id, exc)
                 return None
-            response = self._blob_response(task_id, length, span)
-            first, last = span if span is not None else (0, length - 1)
             try:
-                await response.prepare(request)
-                await self._send_checked(request, content, task_id, pieces, first, last + 1)
-                await response.write_eof()
-            except PieceCorrupt as exc:
-                log.error("%s; the connection is cut", exc)
-                if request.transport is not None:
-                    request.transport.abort()  # the status went out already: a failed, never a short, blob
-                return response
+                response = await self._send_file(request, content, state, task_id, pieces, span)
             finally:
                 content.close()
         await self.storage.touch(task_id)
+        return response
+
+    async def _send_file(
+        self,
+        request: web.Request,
+        content: BinaryIO,
+        state: FileState,
+        task_id: str,
+        pieces: list[PieceRecord],
+        span: tuple[int, int] | None,
+    ) -> web.StreamResponse:
+        """The blob's bytes (or ``span`` of them) from its content file, CRC-checked unless known intact as it is."""
+        length = pieces[-1].offset + pieces[-1].length if pieces else 0
+        first, last = span if span is not None else (0, length - 1)
+        response = self._blob_response(task_id, length, span)
+        try:
+            await response.prepare(request)
+            if self.intact.intact(task_id, state):
+                await send_range(request, content, first, last + 1 - first)
+            else:
+                await self._send_checked(request, content, task_id, pieces, first, last + 1)
+                if span is None:
+                    self.intact.remember(task_id, state)
+            await response.write_eof()
+        except PieceCorrupt as exc:
+            log.error("%s; the connection is cut", exc)
+            if request.transport is not None:
+                request.transport.abort()  # the status went out already: a failed, never a short, blob
         return response
 
     async def _send_checked(
@@ -536,6 +556,8 @@ class RegistryMirror:
             if piece.offset + piece.length > position:
                 position = await self._send_stored(response, task_id, piece, position, end)
         await response.write_eof()
+        with contextlib.suppress(OSError):  # the file just matched the blob's digest: intact as it is now
+            self.intact.remember(task_id, await asyncio.to_thread(file_state, self.storage.content.path(task_id)))
 
     async def _send_stored(
         self, response: web.StreamResponse, task_id: str, piece: PieceSpan, position: int, end: int
