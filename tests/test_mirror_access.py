@@ -61,10 +61,10 @@ class Private:
 
 
 @contextmanager
-def private_mirror(tmp_path: Path, *, public: bool = False) -> Iterator[Private]:
-    """A private repository holding one 5 MB layer, and a daemon whose mirror fronts its registry (as a registry
-    configured public with ``public``)."""
-    image = filler_image("private", [5_000_000], seed=41)
+def private_mirror(tmp_path: Path, *, public: bool = False, size: int = 5_000_000) -> Iterator[Private]:
+    """A private repository holding one layer of about ``size`` bytes, and a daemon whose mirror fronts its registry
+    (as a registry configured public with ``public``)."""
+    image = filler_image("private", [size], seed=41)
     with running_registry(tmp_path / "registry", users=USERS) as registry:
         push_image(registry.url, REPOSITORY, "v1", image, headers=ALICE)
         registry_mirror: dict[str, Any] = {"insecureRegistries": [registry.host]}
@@ -98,6 +98,21 @@ def test_a_cached_private_blob_reaches_only_clients_the_registry_lets_read_it(tm
         assert private.registry.blob_bytes_served() == served, "the second pull's bytes came from the registry"
         log = private.daemon.log()
         assert "Traceback" not in log and "Error handling request" not in log
+
+
+def test_a_client_without_access_joining_a_download_in_flight_gets_no_byte_of_it(tmp_path: Path) -> None:
+    with private_mirror(tmp_path, size=48_000_000) as private:
+        url = f"http://127.0.0.1:{private.daemon.proxy_port}{private.path}?{urlencode({'ns': private.registry.host})}"
+        alice = http_request("GET", url, headers=ALICE, timeout=60, stream=True)
+        try:
+            head = alice.read(64 * 1024)  # alice's download is under way (usually still running below)
+            refused = private.pull()
+            assert refused.status == 401 and refused.headers["www-authenticate"].startswith("Basic realm=")
+            rest = alice.read()
+        finally:
+            alice.release_conn()
+        assert head + rest == private.layer.data
+        assert private.pull(BOB).data == private.layer.data
 
 
 def test_a_yes_is_remembered_per_credential(tmp_path: Path) -> None:
