@@ -135,3 +135,15 @@ def test_a_registry_configured_public_serves_its_cached_blobs_to_anyone_unasked(
         anyone = private.pull()
         assert anyone.status == 200 and anyone.data == private.layer.data
         assert len(private.registry.request_entries()) == asked
+
+
+def test_while_the_registry_is_down_only_a_remembered_yes_opens_the_cache(tmp_path: Path) -> None:
+    with private_mirror(tmp_path) as private:
+        assert private.pull(ALICE).status == 200
+        private.registry.stop()
+        remembered = private.pull(ALICE)
+        assert remembered.status == 200 and remembered.data == private.layer.data
+        unconfirmed = private.pull(BOB)
+        assert unconfirmed.status == 502
+        assert unconfirmed.json()["errors"][0]["code"] == "UNAVAILABLE"
+        assert "Traceback" not in private.daemon.log()

@@ -273,7 +273,7 @@ class RegistryMirror:
             status = await confirming
         except SourceNotAllowed as exc:
             return _registry_error(403, "DENIED", str(exc))
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (aiohttp.ClientError, TimeoutError, BackendError) as exc:
             log.warning("could not ask the registry whether %s may be read: %s", url, exc or type(exc).__name__)
             return _registry_error(
                 502, "UNAVAILABLE", "the registry did not confirm that this client may read the blob"
