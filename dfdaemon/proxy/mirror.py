@@ -3,8 +3,10 @@
 ``GET /v2/<name>/blobs/<digest>`` becomes a P2P download whose task id is the blob's digest, so every
 node shares one copy of a layer whatever registry or repository it came from, and the bytes are checked
 against the digest. A blob's bytes reach the runtime as they arrive from the registry (tapped from the download's
-stream), else as its pieces land in storage (a cached blob, pieces from peers, a client slower than the registry);
-the last piece is held back until the whole blob matched its digest. A blob is never held whole.
+stream), else as its pieces land in storage (pieces from peers, a client slower than the registry); the last
+``HELD_TAIL`` bytes are held back until the whole blob matched its digest. A blob is never held whole. A blob the
+cache holds whole goes out by ``sendfile`` from its content file (see ``cache``). Before any blob is served, the
+registry is asked whether this client may read it, unless it is configured public (see ``access``).
 Everything else (``/v2/``, manifests, tags, HEAD of an uncached blob) is passed to the registry as is,
 status, headers and body included, so auth challenges and errors reach the runtime unchanged. The
 registry is the one the runtime names with ``?ns=<host>``, else ``proxy.registryMirror.addr``.
