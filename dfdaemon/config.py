@@ -278,6 +278,9 @@ class RegistryMirrorConfig(_Section):
     enable_task_id_based_blob_digest: bool = Field(default=True, alias="enableTaskIDBasedBlobDigest")
     # Ours: registries (host[:port]) reached over plain HTTP when named by ``ns``, like Docker's insecure-registries.
     insecure_registries: list[str] = []
+    # Ours: registries (host[:port]) whose blobs any client may read; the cache serves them without first asking
+    # the registry whether this client may (which it does for every other registry).
+    public_registries: list[str] = []
 
     @model_validator(mode="after")
     def _addr_is_url(self) -> RegistryMirrorConfig:

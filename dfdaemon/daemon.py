@@ -461,6 +461,7 @@ async def _start_mirror(config: ProxyConfig, storage: Storage, downloads: Downlo
         downloads.source_policy,
         default_registry=config.registry_mirror.addr,
         insecure_registries=frozenset(config.registry_mirror.insecure_registries),
+        public_registries=frozenset(config.registry_mirror.public_registries),
         blobs_by_digest=config.registry_mirror.enable_task_id_based_blob_digest,
         disable_back_to_source=config.disable_back_to_source,
     )

@@ -13,8 +13,9 @@ bytes, so it does not compress). A client in this script then GETs ``/v2/<name>/
 *mirror*
     from a daemon's ``proxy.server`` port with ``?ns=<registry host>``, as containerd does with a ``hosts.toml``
     mirror. The daemon turns the request into a P2P task named by the digest (with no scheduler it goes back to
-    source: ranged GETs to the registry), stores and syncs each piece, and streams the pieces to the client in order;
-    the last bytes wait until the whole blob has matched its digest.
+    source: one streamed GET to the registry), passes the registry's bytes to the client as they arrive while it
+    stores them as pieces, and holds the last 64 KiB until the whole blob has matched its digest. A cached blob goes
+    out by ``sendfile`` from the daemon's content file while its pieces' CRCs are checked.
 *direct*
     from the registry itself, the baseline: what the client would see without the mirror.
 
@@ -27,7 +28,8 @@ have the blob) and measures, in this order, each pair alternating which of the t
     The mirror's first fetch of the blob (a cache miss: the daemon fetches it from the registry while it streams it)
     next to a direct fetch. ``ratio = mirror seconds / direct seconds``: 1.0 would mean the mirror costs nothing on a
     miss; 2.0 that a pull through it takes twice as long. The registry's access log must show that it served the blob
-    during the mirror's fetch (the daemon learns the length with a HEAD, which moves no blob bytes).
+    during the mirror's fetch (the daemon learns the length, and whether the client may read the blob, with HEADs,
+    which move no blob bytes).
 ``cached``
     The same blob again through the mirror, now a cache hit, next to another direct fetch.
     ``ratio = mirror seconds / direct seconds``. The registry must have served no blob byte during the mirror's fetch

@@ -36,6 +36,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import bcrypt
 import urllib3
 import yaml
 from cryptography import x509
@@ -58,6 +59,7 @@ IMAGE_PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/
 TOKEN_SERVICE = "dfdaemon-test-registry"
 TOKEN_ISSUER = "dfdaemon-test-token-issuer"
 TOKEN_LIFETIME = 300
+BASIC_REALM = "dfdaemon-test-registry"
 
 _TAR_BLOCK = 512
 
@@ -591,12 +593,12 @@ def _registry_env() -> dict[str, str]:
     return {key: value for key, value in os.environ.items() if not key.startswith("REGISTRY_")}
 
 
-def _wait_ready(process: subprocess.Popen[bytes], log_path: Path, token_auth: bool, timeout: float) -> str:
+def _wait_ready(process: subprocess.Popen[bytes], log_path: Path, auth: bool, timeout: float) -> str:
     """Wait for the registry to listen and answer ``GET /v2/``; returns ``host:port``."""
     listening = re.compile(r'"msg":"listening on (127\.0\.0\.1:\d+)"')
     deadline = time.monotonic() + timeout
     host: str | None = None
-    expected = 401 if token_auth else 200
+    expected = 401 if auth else 200
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RegistryError(f"{REGISTRY_BINARY} exited with {process.returncode}:\n{tail(log_path)}")
@@ -612,11 +614,14 @@ def _wait_ready(process: subprocess.Popen[bytes], log_path: Path, token_auth: bo
 
 
 @contextlib.contextmanager
-def running_registry(workdir: Path, *, token_auth: bool = False, timeout: float = 20.0) -> Iterator[Registry]:
+def running_registry(
+    workdir: Path, *, token_auth: bool = False, users: Mapping[str, str] | None = None, timeout: float = 20.0
+) -> Iterator[Registry]:
     """Run a distribution registry on 127.0.0.1 (ephemeral port) with its files under ``workdir``.
 
     With ``token_auth`` it demands bearer tokens from a token server this process runs in a thread (see
-    ``Registry.token_realm`` and ``fetch_token``). The registry is stopped when the block exits.
+    ``Registry.token_realm`` and ``fetch_token``); with ``users`` (name to password) it demands HTTP basic auth
+    checked against an htpasswd file of their bcrypt hashes. The registry is stopped when the block exits.
     """
     binary = find_binary(REGISTRY_BINARY)
     if binary is None:
@@ -653,6 +658,15 @@ def running_registry(workdir: Path, *, token_auth: bool = False, timeout: float 
                     "rootcertbundle": str(bundle),
                 }
             }
+        if users:
+            htpasswd = workdir / "htpasswd"
+            htpasswd.write_text(
+                "".join(
+                    f"{name}:{bcrypt.hashpw(word.encode(), bcrypt.gensalt(4)).decode()}\n"
+                    for name, word in users.items()
+                )
+            )
+            config["auth"] = {"htpasswd": {"realm": BASIC_REALM, "path": str(htpasswd)}}
         config_path = workdir / "registry.yml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         # A fresh log per start: the port and the served-bytes counts are read from it.
@@ -676,5 +690,5 @@ def running_registry(workdir: Path, *, token_auth: bool = False, timeout: float 
             _token_server=server,
         )
         stack.callback(registry.stop)
-        registry.host = _wait_ready(process, log_path, token_auth, timeout)
+        registry.host = _wait_ready(process, log_path, token_auth or bool(users), timeout)
         yield registry

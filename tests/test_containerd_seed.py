@@ -194,7 +194,8 @@ def test_a_running_busybox_survives_gc_and_goes_once_its_container_is_removed(
         time.sleep(GRACE + 0.5)
         mirror = f"http://127.0.0.1:{node.daemon.proxy_port}"
         for task_id in kept:  # cache hits make the fillers more recently used than busybox
-            response = http_request("GET", f"{mirror}/v2/library/any/blobs/sha256:{task_id}")
+            repository = f"library/filler-{pull_order[task_id]}"  # the mirror asks the registry there first
+            response = http_request("GET", f"{mirror}/v2/{repository}/blobs/sha256:{task_id}?ns={registry.host}")
             assert response.status == 200
         for i in (4, 5):  # over the high watermark again
             node.containerd.pull(f"{registry.host}/library/filler-{i}:1")

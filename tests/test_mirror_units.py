@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from dfdaemon.proxy import parse_range, upstream_base
+from dfdaemon.proxy.access import AccessMemory
+from dfdaemon.proxy.cache import IntactFiles, file_state, open_content
 from dfdaemon.proxy.mirror import UnsatisfiableRange
 
 DEFAULT = "https://mirror.example.com/"
@@ -72,3 +76,63 @@ def test_a_satisfiable_range_stays_inside_the_blob(length: int, first: int, last
         return
     assert 0 <= span[0] <= span[1] < length
     assert span[0] == first
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_registrys_yes_holds_for_its_credential_and_repository_until_it_lapses() -> None:
+    clock = FakeClock()
+    memory = AccessMemory(ttl=60.0, clock=clock)
+    alice = memory.key("registry:5000", "team/app", "Basic YWxpY2U6cw==")
+    memory.remember(alice)
+    assert memory.allowed(alice)
+    assert not memory.allowed(memory.key("registry:5000", "team/app", None))
+    assert not memory.allowed(memory.key("registry:5000", "team/other", "Basic YWxpY2U6cw=="))
+    assert not memory.allowed(memory.key("other:5000", "team/app", "Basic YWxpY2U6cw=="))
+    assert "YWxpY2U6cw==" not in "".join(alice)  # only a hash of the credential is kept
+    clock.now += 59.0
+    assert memory.allowed(alice)
+    clock.now += 1.0
+    assert not memory.allowed(alice)
+
+
+def test_the_oldest_yes_goes_first_past_the_limit() -> None:
+    memory = AccessMemory(limit=2, clock=FakeClock())
+    first, second, third = (memory.key("r", "repo", f"Bearer {n}") for n in range(3))
+    for key in (first, second, third):
+        memory.remember(key)
+    assert not memory.allowed(first)
+    assert memory.allowed(second) and memory.allowed(third)
+
+
+def test_a_content_file_is_intact_only_in_the_state_it_was_checked_in(tmp_path: Path) -> None:
+    path = tmp_path / "content"
+    path.write_bytes(b"a" * 4096)
+    intact = IntactFiles()
+    content, state = open_content(path)
+    content.close()
+    assert state == file_state(path)
+    assert not intact.intact("task", state)
+    intact.remember("task", state)
+    assert intact.intact("task", state)
+    assert not intact.intact("other", state)
+    with path.open("r+b") as f:  # one byte changes in place: same size, same inode
+        f.write(b"b")
+    assert not intact.intact("task", file_state(path))
+
+
+def test_the_least_recently_served_intact_file_is_forgotten_first() -> None:
+    intact = IntactFiles(limit=2)
+    states = [(1, n, 10, 0, 0) for n in range(3)]
+    intact.remember("a", states[0])
+    intact.remember("b", states[1])
+    assert intact.intact("a", states[0])  # served: now the most recent
+    intact.remember("c", states[2])
+    assert intact.intact("a", states[0]) and intact.intact("c", states[2])
+    assert not intact.intact("b", states[1])

@@ -3,8 +3,10 @@
 ``GET /v2/<name>/blobs/<digest>`` becomes a P2P download whose task id is the blob's digest, so every
 node shares one copy of a layer whatever registry or repository it came from, and the bytes are checked
 against the digest. A blob's bytes reach the runtime as they arrive from the registry (tapped from the download's
-stream), else as its pieces land in storage (a cached blob, pieces from peers, a client slower than the registry);
-the last piece is held back until the whole blob matched its digest. A blob is never held whole.
+stream), else as its pieces land in storage (pieces from peers, a client slower than the registry); the last
+``HELD_TAIL`` bytes are held back until the whole blob matched its digest. A blob is never held whole. A blob the
+cache holds whole goes out by ``sendfile`` from its content file (see ``cache``). Before any blob is served, the
+registry is asked whether this client may read it, unless it is configured public (see ``access``).
 Everything else (``/v2/``, manifests, tags, HEAD of an uncached blob) is passed to the registry as is,
 status, headers and body included, so auth challenges and errors reach the runtime unchanged. The
 registry is the one the runtime names with ``?ns=<host>``, else ``proxy.registryMirror.addr``.
@@ -20,7 +22,9 @@ import logging
 import re
 import socket
 from collections.abc import AsyncGenerator
-from urllib.parse import urlencode
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import urlencode, urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -32,12 +36,14 @@ from dfdaemon.backend import BackendError, OriginClient, SourceNotAllowed, Sourc
 from dfdaemon.download import DownloadManager, DownloadRequest, InvalidDownload, PieceDone, Started
 from dfdaemon.download.source import ByteTap
 from dfdaemon.ids import PieceSpan
-from dfdaemon.storage import Storage, StorageFull, TaskState
+from dfdaemon.proxy.access import AccessMemory
+from dfdaemon.proxy.cache import FileState, IntactFiles, file_state, open_content, rotten_pieces, send_range
+from dfdaemon.storage import PieceCorrupt, PieceRecord, Storage, StorageFull, TaskState
 from dfdaemon.telemetry import metrics, tracing
 
 log = logging.getLogger("dfdaemon.proxy")
 
-_BLOB_PATH = re.compile(r"/v2/(?:[^/]+/)+blobs/(?P<digest>[^/]+)")
+_BLOB_PATH = re.compile(r"/v2/(?P<name>(?:[^/]+/)*[^/]+)/blobs/(?P<digest>[^/]+)")
 # Headers that describe one connection, not the message (RFC 9110 7.6.1), plus the ones each side sets itself.
 _HOP_BY_HOP = frozenset(
     {
@@ -55,6 +61,8 @@ _HOP_BY_HOP = frozenset(
 )
 # Docker Hub is named "docker.io" in image references, but its API lives elsewhere.
 _REGISTRY_ALIASES = {"docker.io": "registry-1.docker.io", "index.docker.io": "registry-1.docker.io"}
+# Bytes of a blob that reach the client only once the blob is verified (its digest, or its cached pieces' CRCs).
+HELD_TAIL = 64 * 1024
 _HOST_PORT = re.compile(r"[A-Za-z0-9.-]+(?::[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](?::[0-9]{1,5})?")
 
 
@@ -139,6 +147,7 @@ class RegistryMirror:
         *,
         default_registry: str,
         insecure_registries: frozenset[str] = frozenset(),
+        public_registries: frozenset[str] = frozenset(),
         blobs_by_digest: bool = True,
         disable_back_to_source: bool = False,
         timeout: float = 60.0,
@@ -148,6 +157,10 @@ class RegistryMirror:
         self.policy = policy
         self.default_registry = default_registry
         self.insecure_registries = frozenset(host.lower() for host in insecure_registries)
+        # Registries whose blobs any client may read: served from the cache without asking the registry first.
+        self.public_registries = frozenset(host.lower() for host in public_registries)
+        self.access = AccessMemory()
+        self.intact = IntactFiles()
         self.blobs_by_digest = blobs_by_digest
         self.disable_back_to_source = disable_back_to_source
         # The back-to-source policy holds at connect time here too; redirects are the runtime's to follow (they
@@ -206,13 +219,70 @@ class RegistryMirror:
             return _registry_error(502, "UNAVAILABLE", str(exc)), "refused"
         except UnsupportedURL as exc:
             return _registry_error(400, "UNSUPPORTED", str(exc)), "refused"
-        if task_id is not None and request.method == "GET":
-            return await self._blob(request, url, task_id, from_network), "blob"
-        if task_id is not None and request.method == "HEAD":
-            cached = await self._cached_blob_head(task_id)
-            if cached is not None:
-                return cached, "blob"
+        if task_id is not None:
+            return await self._blob_request(request, base, url, task_id, from_network)
         return await self._pass(request, url), "registry"
+
+    async def _blob_request(
+        self, request: web.Request, base: str, url: str, task_id: str, from_network: bool
+    ) -> tuple[web.StreamResponse, str]:
+        """A blob's GET (the cache or the P2P network) or HEAD (the cache, else the registry)."""
+        if request.method == "GET":
+            confirming = self._confirming(request, base, url)  # asked while the blob is looked up
+            try:
+                return await self._blob(request, url, task_id, from_network, confirming), "blob"
+            finally:
+                _abandon(confirming)
+        cached = await self._cached_blob_head(request, base, url, task_id)
+        if cached is not None:
+            return cached, "blob"
+        return await self._pass(request, url), "registry"
+
+    def _confirming(self, request: web.Request, base: str, url: str) -> asyncio.Task[int | None] | None:
+        """Ask the registry whether this client may read the blob; None when there is no need to ask.
+
+        The cache is shared by every client of the node, so a blob one client pulled with credentials must not
+        reach another without them; a public registry, or a yes remembered for this credential, needs no question.
+        """
+        registry = urlsplit(base).netloc.lower()
+        if registry in self.public_registries:
+            return None
+        match = _BLOB_PATH.fullmatch(request.path)
+        assert match is not None, "only a blob request asks"
+        key = self.access.key(registry, match.group("name"), request.headers.get("Authorization"))
+        if self.access.allowed(key):
+            return None
+        return asyncio.create_task(self._ask(request, url, key))
+
+    async def _ask(self, request: web.Request, url: str, key: tuple[str, str, str]) -> int | None:
+        """HEAD the blob at the registry as the client: None (and remembered) when it may read it, else the status."""
+        headers = _forwarded(request.headers)
+        from_network = not _is_loopback(request.remote)
+        async with self.client.request("HEAD", url, headers, from_network=from_network, follow_redirects=False) as got:
+            status = got.status
+        if status >= 400:
+            return status
+        self.access.remember(key)
+        return None
+
+    async def _denial(
+        self, request: web.Request, url: str, confirming: asyncio.Task[int | None] | None
+    ) -> web.StreamResponse | None:
+        """None when the client may read the blob; else what the registry answers it (its 401 and challenge)."""
+        if confirming is None:
+            return None
+        try:
+            status = await confirming
+        except SourceNotAllowed as exc:
+            return _registry_error(403, "DENIED", str(exc))
+        except (aiohttp.ClientError, TimeoutError, BackendError) as exc:
+            log.warning("could not ask the registry whether %s may be read: %s", url, exc or type(exc).__name__)
+            return _registry_error(
+                502, "UNAVAILABLE", "the registry did not confirm that this client may read the blob"
+            )
+        if status is None:
+            return None
+        return await self._pass(request, url, refusals_only=True)
 
     def _blob_task_id(self, request: web.Request) -> str | None:
         match = _BLOB_PATH.fullmatch(request.path)
@@ -223,11 +293,14 @@ class RegistryMirror:
         except ids.InvalidTaskId:
             return None  # an algorithm we do not name tasks by: the registry answers for itself
 
-    async def _cached_blob_head(self, task_id: str) -> web.Response | None:
+    async def _cached_blob_head(
+        self, request: web.Request, base: str, url: str, task_id: str
+    ) -> web.StreamResponse | None:
         task = await self.storage.get_task(task_id)
         if task is None or task.state is not TaskState.SUCCEEDED or task.content_length is None:
             return None
-        return web.Response(status=200, headers=self._blob_headers(task_id, task.content_length))
+        denial = await self._denial(request, url, self._confirming(request, base, url))
+        return denial or web.Response(status=200, headers=self._blob_headers(task_id, task.content_length))
 
     @staticmethod
     def _blob_headers(task_id: str, length: int) -> dict[str, str]:
@@ -239,6 +312,16 @@ class RegistryMirror:
             "Etag": f'"{digest}"',
             "Accept-Ranges": "bytes",
         }
+
+    @classmethod
+    def _blob_response(cls, task_id: str, length: int, span: tuple[int, int] | None) -> web.StreamResponse:
+        """The response for a blob, or for the inclusive ``span`` of it (206)."""
+        if span is None:
+            return web.StreamResponse(status=200, headers=cls._blob_headers(task_id, length))
+        first, last = span
+        headers = cls._blob_headers(task_id, last - first + 1)
+        headers["Content-Range"] = f"bytes {first}-{last}/{length}"
+        return web.StreamResponse(status=206, headers=headers)
 
     async def _pass(self, request: web.Request, url: str, *, refusals_only: bool = False) -> web.StreamResponse:
         """Send the request to the registry and its answer back, byte for byte.
@@ -280,7 +363,17 @@ class RegistryMirror:
         await response.write_eof()
         return response
 
-    async def _blob(self, request: web.Request, url: str, task_id: str, from_network: bool) -> web.StreamResponse:
+    async def _blob(
+        self,
+        request: web.Request,
+        url: str,
+        task_id: str,
+        from_network: bool,
+        confirming: asyncio.Task[int | None] | None,
+    ) -> web.StreamResponse:
+        cached = await self._from_cache(request, url, task_id, confirming)
+        if cached is not None:
+            return cached
         authorization = request.headers.get("Authorization")
         download = DownloadRequest(
             url=url,
@@ -300,7 +393,92 @@ class RegistryMirror:
             if started.task_id != task_id:  # the URL did not name the blob: never serve other bytes under its digest
                 await events.aclose()
                 return _registry_error(400, "DIGEST_INVALID", f"the request does not name blob {task_id} exactly")
+            denial = await self._denial(request, url, confirming)  # the download may be another client's
+            if denial is not None:
+                await events.aclose()
+                return denial
             return await self._stream(request, _Arrivals(events, tap), started)
+
+    async def _from_cache(
+        self, request: web.Request, url: str, task_id: str, confirming: asyncio.Task[int | None] | None
+    ) -> web.StreamResponse | None:
+        """Serve a blob the cache holds whole straight from its file; None when it does not (the download path then
+        fetches, or fails, as it would for any task)."""
+        async with self.storage.reading(task_id):  # from here on GC leaves the task alone
+            task = await self.storage.get_task(task_id)
+            if task is None or task.state is not TaskState.SUCCEEDED or task.content_length is None:
+                return None
+            pieces = await self.storage.pieces(task_id)
+            if sum(piece.length for piece in pieces) != task.content_length:
+                return None  # a piece was dropped as corrupt: the download path decides what happens
+            denial = await self._denial(request, url, confirming)
+            if denial is not None:
+                return denial
+            length = task.content_length
+            try:
+                span = parse_range(request.headers.get("Range"), length)
+            except UnsatisfiableRange:
+                return web.Response(status=416, headers={"Content-Range": f"bytes */{length}"})
+            try:
+                content, state = await asyncio.to_thread(open_content, self.storage.content.path(task_id))
+            except OSError as exc:
+                log.warning("cached blob %s cannot be opened: %s", task_id, exc)
+                return None
+            try:
+                response = await self._send_file(request, content, state, task_id, pieces, span)
+            finally:
+                content.close()
+        await self.storage.touch(task_id)
+        return response
+
+    async def _send_file(
+        self,
+        request: web.Request,
+        content: BinaryIO,
+        state: FileState,
+        task_id: str,
+        pieces: list[PieceRecord],
+        span: tuple[int, int] | None,
+    ) -> web.StreamResponse:
+        """The blob's bytes (or ``span`` of them) from its content file, CRC-checked unless known intact as it is."""
+        length = pieces[-1].offset + pieces[-1].length if pieces else 0
+        first, last = span if span is not None else (0, length - 1)
+        response = self._blob_response(task_id, length, span)
+        try:
+            await response.prepare(request)
+            if self.intact.intact(task_id, state):
+                await send_range(request, content, first, last + 1 - first)
+            else:
+                await self._send_checked(request, content, task_id, pieces, first, last + 1)
+                if span is None:
+                    self.intact.remember(task_id, state)
+            await response.write_eof()
+        except PieceCorrupt as exc:
+            log.error("%s; the connection is cut", exc)
+            if request.transport is not None:
+                request.transport.abort()  # the status went out already: a failed, never a short, blob
+        return response
+
+    async def _send_checked(
+        self, request: web.Request, content: BinaryIO, task_id: str, pieces: list[PieceRecord], first: int, end: int
+    ) -> None:
+        """Send bytes ``first`` to ``end`` by sendfile while their pieces' CRCs are checked; the last ``HELD_TAIL``
+        bytes wait for the check, so rotten bytes never reach the client complete."""
+        covered = [piece for piece in pieces if piece.offset < end and piece.offset + piece.length > first]
+        checking = asyncio.create_task(asyncio.to_thread(rotten_pieces, Path(content.name), covered))
+        held_from = max(first, end - HELD_TAIL)
+        try:
+            await send_range(request, content, first, held_from - first)
+            rotten = await checking
+        finally:
+            checking.cancel()  # the thread runs to its end; its result is not wanted once the client left
+        if rotten:
+            with contextlib.suppress(PieceCorrupt):
+                await self.storage.read_piece(task_id, rotten[0].number)  # drops the piece, logs it
+            # A finished task keeps its state when a piece is dropped; discarded, the next request fetches it anew.
+            await self.storage.fail_task(task_id, discard=True)
+            raise PieceCorrupt(f"cached blob {task_id} failed its CRC check in piece {rotten[0].number}")
+        await send_range(request, content, held_from, end - held_from)
 
     async def _refusal(self, request: web.Request, url: str, task_id: str, error: Exception) -> web.StreamResponse:
         """Answer a blob download that failed before its first byte."""
@@ -326,10 +504,7 @@ class RegistryMirror:
             await arrivals.events.aclose()
             return web.Response(status=416, headers={"Content-Range": f"bytes */{length}"})
         first, last = span if span is not None else (0, length - 1)
-        headers = self._blob_headers(started.task_id, last - first + 1)
-        if span is not None:
-            headers["Content-Range"] = f"bytes {first}-{last}/{length}"
-        response = web.StreamResponse(status=206 if span is not None else 200, headers=headers)
+        response = self._blob_response(started.task_id, length, span)
         following = asyncio.create_task(arrivals.follow())
         try:
             await response.prepare(request)
@@ -360,10 +535,10 @@ class RegistryMirror:
     ) -> None:
         """Write bytes ``first`` to ``end`` in order: as the registry sends them, else as their pieces are stored.
 
-        The last piece is held back until the whole blob has matched its digest: a forged blob never reaches
-        the client complete, whatever the client checks itself.
+        The last ``HELD_TAIL`` bytes are held back until the whole blob has matched its digest: a forged blob never
+        reaches the client complete, whatever the client checks itself.
         """
-        held_from = max(first, wanted[-1].offset) if wanted else end
+        held_from = max(first, end - HELD_TAIL)
         position, index = first, 0
         while position < held_from:
             arrivals.tap.wake.clear()
@@ -379,9 +554,12 @@ class RegistryMirror:
                 arrivals.check()
                 await arrivals.tap.wake.wait()
         await arrivals.finished()  # the rest of the download checks the whole blob against its digest
-        if wanted:
-            await self._send_stored(response, task_id, wanted[-1], held_from, end)
+        for piece in wanted:
+            if piece.offset + piece.length > position:
+                position = await self._send_stored(response, task_id, piece, position, end)
         await response.write_eof()
+        with contextlib.suppress(OSError):  # the file just matched the blob's digest: intact as it is now
+            self.intact.remember(task_id, await asyncio.to_thread(file_state, self.storage.content.path(task_id)))
 
     async def _send_stored(
         self, response: web.StreamResponse, task_id: str, piece: PieceSpan, position: int, end: int
@@ -391,6 +569,13 @@ class RegistryMirror:
         stop = min(end, piece.offset + piece.length)
         await response.write(memoryview(data)[position - piece.offset : stop - piece.offset])
         return stop
+
+
+def _abandon(task: asyncio.Task[int | None] | None) -> None:
+    """Cancel a question no longer needed; its outcome is read, so a failure is not reported as unretrieved."""
+    if task is not None:
+        task.cancel()
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
 class _Arrivals:
