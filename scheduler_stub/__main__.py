@@ -52,10 +52,11 @@ async def _sweep(registry: Registry) -> None:
 
 async def _serve(listen: str, tls: TLSConfig, as_manager: bool) -> int:
     registry = Registry()
+    scheduler = SchedulerServicer(registry)
     manager_servicer = manager.ManagerServicer()  # told its address once the port is bound
 
     def register(server: grpc.aio.Server) -> None:
-        add_service(server, SERVICE, SchedulerServicer(registry))
+        add_service(server, SERVICE, scheduler)
         if as_manager:
             add_service(server, manager.SERVICE, manager_servicer)
 
@@ -90,6 +91,7 @@ async def _serve(listen: str, tls: TLSConfig, as_manager: bool) -> int:
     await stop.wait()
     await health.set_serving(False)
     await server.stop(5.0)
+    await scheduler.close()
     sweep.cancel()
     return 0
 
