@@ -92,7 +92,13 @@ class SchedulerServicer:
     def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.create_task(work)
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        """Forget finished background work; a failure is one log line, not a stray traceback."""
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background work failed: %s", task.exception())
 
     async def close(self) -> None:
         """Stop seed downloads and preheats still running (at shutdown)."""
@@ -176,8 +182,11 @@ class SchedulerServicer:
         download.need_back_to_source = True
         download.ClearField("output_path")
         log.info("asking seed peer %s to download task %s", seed.id, task_id)
-        outcome = await peers.download_task(seed.ip, seed.port, download, SEED_DOWNLOAD_TIMEOUT)
-        self.registry.seed_finished(task_id, outcome.ok)
+        succeeded = False
+        try:
+            succeeded = (await peers.download_task(seed.ip, seed.port, download, SEED_DOWNLOAD_TIMEOUT)).ok
+        finally:
+            self.registry.seed_finished(task_id, succeeded)
 
     def _report(self, peer_id: str, request: scheduler_pb2.AnnouncePeerRequest) -> bool:
         """Record one progress report; true when it was the final one."""
