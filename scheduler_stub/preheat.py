@@ -161,19 +161,33 @@ async def resolve_image(
         if manifest.get("mediaType") in _INDEX_TYPES or "manifests" in manifest:
             digest = _platform_digest(manifest, platform)
             manifest = await registry.manifest(f"{base}/v2/{repository}/manifests/{digest}")
-        layers = manifest.get("layers")
-        if not isinstance(layers, list):
-            raise ManifestError(f"{url}: the manifest lists no layers")
-        return Image([f"{base}/v2/{repository}/blobs/{layer['digest']}" for layer in layers], registry.headers)
+        layers = [_digest(layer) for layer in _entries(manifest, "layers")]
+        return Image([f"{base}/v2/{repository}/blobs/{digest}" for digest in layers], registry.headers)
+
+
+def _entries(document: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    entries = document.get(key)
+    if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
+        raise ManifestError(f"the manifest has no list of {key}")
+    return entries
+
+
+def _digest(entry: dict[str, Any]) -> str:
+    digest = entry.get("digest")
+    if not isinstance(digest, str) or not re.fullmatch(r"[a-z0-9]+:[0-9a-f]{32,128}", digest):
+        raise ManifestError(f"the manifest names an invalid digest: {digest!r}")
+    return digest
 
 
 def _platform_digest(index: dict[str, Any], platform: str) -> str:
     wanted = platform.split("/")
-    for entry in index.get("manifests", []):
-        described = entry.get("platform", {})
+    for entry in _entries(index, "manifests"):
+        described = entry.get("platform")
+        if not isinstance(described, dict):
+            continue
         have = [described.get("os", ""), described.get("architecture", ""), described.get("variant", "")]
         if have[: len(wanted)] == wanted:
-            return str(entry["digest"])
+            return _digest(entry)
     raise ManifestError(f"the image has no manifest for platform {platform}")
 
 

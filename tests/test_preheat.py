@@ -13,6 +13,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from scheduler_stub import preheat
 from tests.registry_support import (
@@ -209,3 +210,30 @@ async def test_resolving_an_image_answers_the_registrys_token_challenge(tmp_path
         assert single.layers == [f"{registry.url}/v2/app/blobs/{layer.digest}" for layer in image.layers]
         with pytest.raises(preheat.ManifestError, match="answered 404"):
             await preheat.resolve_image(f"{registry.url}/v2/app/manifests/missing", ours, {})
+
+
+@pytest.mark.parametrize(
+    ("document", "error"),
+    [
+        ({"layers": [{"digest": "sha256:../../etc"}]}, "invalid digest"),
+        ({"config": {}}, "no list of layers"),
+        ({"mediaType": OCI_INDEX, "manifests": [{"digest": "sha256:" + "a" * 64}]}, "no manifest for platform"),
+        ([1, 2], "not a JSON object"),
+    ],
+)
+async def test_a_manifest_that_does_not_make_sense_is_refused(document: object, error: str) -> None:
+    async def manifest(request: web.Request) -> web.Response:
+        return web.json_response(document)
+
+    app = web.Application()
+    app.router.add_get("/v2/app/manifests/1", manifest)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        with pytest.raises(preheat.ManifestError, match=error):
+            await preheat.resolve_image(f"http://127.0.0.1:{port}/v2/app/manifests/1", "linux/amd64", {})
+    finally:
+        await runner.cleanup()
