@@ -235,8 +235,8 @@ class Registry:
             host.load, host.upload_failures = known.load, known.upload_failures
         self.hosts[host_id] = host
         if known is None:
-            kind = "seed peer" if host.is_seed else "peer"
-            log.info("%s %s joined at %s:%d (announces every %gs)", kind, host_id, ip, port, host.interval)
+            kind = "seed peer" if host.is_seed else "normal"
+            log.info("host %s joined at %s:%d (%s, announces every %gs)", host_id, ip, port, kind, host.interval)
         return host
 
     def list_hosts(self, host_type: int | None = None) -> list[Host]:
