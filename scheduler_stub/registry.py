@@ -30,6 +30,9 @@ MISSED_ANNOUNCEMENTS = 2
 DEFAULT_ANNOUNCE_INTERVAL = 300.0
 # Pieces a child fetches at once when its registration does not say (upstream's fallback).
 DEFAULT_CONCURRENT_PIECES = 8
+# common.v2.Priority levels that keep a new task from a seed, as upstream reads them when a seed is at hand: 1 forbids
+# the download, 2 refuses it for want of parents, 3 sends the peer to the source itself; 0 and 4 to 6 ask the seed.
+FORBIDDEN, NO_PARENT_NO_SEED, SOURCE_NOT_SEED = 1, 2, 3
 NORMAL_HOST = evaluator.NORMAL_HOST
 # Preheat scopes, as the manager and the scheduler API spell them; the first is the default.
 SINGLE_SEED_PEER = "single_seed_peer"
@@ -310,6 +313,7 @@ class Registry:
         need_back_to_source: bool = False,
         may_back_to_source: bool = True,
         concurrent_pieces: int | None = None,
+        priority: int = 0,
     ) -> Schedule:
         """Record a new download and decide how it starts; registering an existing peer id starts it afresh.
 
@@ -333,21 +337,27 @@ class Registry:
         elif need_back_to_source and may_back_to_source:
             schedule = self._to_source(peer, "the peer asked to download from the source")
         else:
-            schedule = self._schedule_new(peer, known)
+            schedule = self._schedule_new(peer, known, priority)
         log.info("register peer %s of task %s on host %s: %s", peer_id, task.id, host_id, schedule)
         return schedule
 
-    def _schedule_new(self, peer: Peer, task: Task) -> Schedule:
+    def _schedule_new(self, peer: Peer, task: Task, priority: int) -> Schedule:
         parents = self._candidates(peer)
         if parents:
             return Schedule(Answer.NORMAL, parents)
+        seed = self._seed_for(peer, task)
+        if seed is None:
+            return self._no_parent(peer, "no peer of the task can serve it yet")
+        if priority == FORBIDDEN:
+            raise NoParentAvailable(f"priority LEVEL1: peer {peer.id} is forbidden to download task {task.id}")
+        if priority == NO_PARENT_NO_SEED:
+            raise NotFound(f"priority LEVEL2: no candidate parent for peer {peer.id}")
+        if priority == SOURCE_NOT_SEED:
+            return self._no_parent(peer, "priority LEVEL3: the first peer goes to the source itself")
         if task.seed is SeedState.TRIGGERED:
             return Schedule(Answer.AWAIT_SEED)
-        seed = self._seed_for(task) if not self.hosts[peer.host_id].is_seed and task.seed is SeedState.NONE else None
-        if seed is not None:
-            task.seed = SeedState.TRIGGERED
-            return Schedule(Answer.AWAIT_SEED, trigger=seed)
-        return self._no_parent(peer, "no peer of the task can serve it yet")
+        task.seed = SeedState.TRIGGERED
+        return Schedule(Answer.AWAIT_SEED, trigger=seed)
 
     def seed_scheduled(self, peer_id: str, give_up: bool) -> Schedule | None:
         """After AWAIT_SEED: parents once the seed's peer registered; the source (or a retry) when the seed failed
@@ -370,7 +380,10 @@ class Registry:
         if task is not None:
             task.seed = SeedState.NONE if succeeded else SeedState.FAILED
 
-    def _seed_for(self, task: Task) -> Host | None:
+    def _seed_for(self, peer: Peer, task: Task) -> Host | None:
+        """The seed to ask for a task: none for a seed's own peer or a task a seed failed at."""
+        if self.hosts[peer.host_id].is_seed or task.seed is SeedState.FAILED:
+            return None
         seeds = [host for host in self.hosts.values() if host.is_seed]
         return pick(seeds, task.id) if seeds else None
 

@@ -158,6 +158,7 @@ class SchedulerServicer:
             need_back_to_source=download.need_back_to_source,
             may_back_to_source=not download.disable_back_to_source,
             concurrent_pieces=download.concurrent_piece_count if download.HasField("concurrent_piece_count") else None,
+            priority=download.priority,
         )
 
     async def _after_seed(

@@ -16,6 +16,8 @@ from scheduler_stub.registry import (
     Answer,
     InvalidRequest,
     NoHostAvailable,
+    NoParentAvailable,
+    NotFound,
     PeerState,
     Registry,
     SeedState,
@@ -244,3 +246,29 @@ def test_preheat_without_seeds_is_refused() -> None:
     host(registry, "peer")
     with pytest.raises(NoHostAvailable, match="no seed peer"):
         registry.preheat_hosts("single_seed_peer", "http://origin.test/f")
+
+
+@pytest.mark.parametrize("with_seed", [True, False])
+def test_priority_decides_whether_a_new_task_goes_to_the_seed(with_seed: bool) -> None:
+    registry = Registry()
+    if with_seed:
+        host(registry, "seed", seed=True)
+    host(registry, "n")
+    answers = {}
+    for level in (0, 3, 4, 5, 6):
+        answers[level] = registry.register_peer(f"p{level}", "n", task(f"t{level}"), priority=level).answer
+    if not with_seed:  # without a seed, priority changes nothing: the first peer goes to the source
+        assert set(answers.values()) == {Answer.BACK_TO_SOURCE}
+        assert registry.register_peer("p1", "n", task("t1"), priority=1).answer is Answer.BACK_TO_SOURCE
+        return
+    assert answers == {
+        0: Answer.AWAIT_SEED,
+        3: Answer.BACK_TO_SOURCE,
+        4: Answer.AWAIT_SEED,
+        5: Answer.AWAIT_SEED,
+        6: Answer.AWAIT_SEED,
+    }
+    with pytest.raises(NoParentAvailable, match="LEVEL1"):
+        registry.register_peer("p1", "n", task("t1"), priority=1)
+    with pytest.raises(NotFound, match="LEVEL2"):
+        registry.register_peer("p2", "n", task("t2"), priority=2)
