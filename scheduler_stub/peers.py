@@ -39,11 +39,25 @@ def address(ip: str, port: int) -> str:
     return f"[{ip}]:{port}" if bracket else f"{ip}:{port}"
 
 
-async def download_task(ip: str, port: int, download: common_pb2.Download, deadline: float | None) -> Outcome:
-    """Ask the peer at ``ip:port`` to download ``download`` into its cache and wait until it has, at most
-    ``deadline`` seconds."""
-    target = address(ip, port)
-    async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+@dataclass(frozen=True)
+class Target:
+    """A peer's upload server, and the mutual TLS identity to call it with (None: plaintext)."""
+
+    ip: str
+    port: int
+    credentials: grpc.ChannelCredentials | None = None
+
+    def channel(self) -> grpc.aio.Channel:
+        where = address(self.ip, self.port)
+        if self.credentials is None:
+            return grpc.aio.insecure_channel(where, options=CHANNEL_OPTIONS)
+        return grpc.aio.secure_channel(where, self.credentials, options=CHANNEL_OPTIONS)
+
+
+async def download_task(peer: Target, download: common_pb2.Download, deadline: float | None) -> Outcome:
+    """Ask ``peer`` to download ``download`` into its cache and wait until it has, at most ``deadline`` seconds."""
+    target = address(peer.ip, peer.port)
+    async with peer.channel() as channel:
         call = dfdaemon_pb2_grpc.DfdaemonUploadStub(channel).DownloadTask(
             dfdaemon_pb2.DownloadTaskRequest(download=download), timeout=deadline
         )

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import grpc
 
 from dfdaemon.api import common_pb2, scheduler_pb2
 from scheduler_stub import peers
@@ -101,9 +102,14 @@ def plan(request: PreheatRequest) -> Plan:
 
 
 async def preheat(
-    registry: Registry, plan: Plan, urls: Iterable[str], headers: Mapping[str, str] | None = None
+    registry: Registry,
+    plan: Plan,
+    urls: Iterable[str],
+    credentials: grpc.ChannelCredentials | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> list[peers.Outcome]:
-    """Ask the hosts the plan chooses for each URL to download it; returns how each call ended."""
+    """Ask the hosts the plan chooses for each URL to download it (with ``credentials`` for mutual TLS); returns
+    how each call ended."""
     limit = asyncio.Semaphore(plan.concurrent_peers)
 
     async def one(host: Host, url: str) -> peers.Outcome:
@@ -112,7 +118,7 @@ async def preheat(
         download.url = url
         download.request_header.update(headers or {})
         async with limit:
-            return await peers.download_task(host.ip, host.port, download, plan.timeout)
+            return await peers.download_task(peers.Target(host.ip, host.port, credentials), download, plan.timeout)
 
     calls: list[Coroutine[Any, Any, peers.Outcome]] = []
     for url in urls:

@@ -86,6 +86,8 @@ class SchedulerServicer:
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
+        # Mutual TLS towards seeds and peers, when the stub serves with it (set once the server is bound).
+        self.peer_credentials: grpc.ChannelCredentials | None = None
         # Seed downloads and preheats run past the RPC that started them; kept here so none is collected mid-way.
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -185,7 +187,8 @@ class SchedulerServicer:
         log.info("asking seed peer %s to download task %s", seed.id, task_id)
         succeeded = False
         try:
-            succeeded = (await peers.download_task(seed.ip, seed.port, download, SEED_DOWNLOAD_TIMEOUT)).ok
+            target = peers.Target(seed.ip, seed.port, self.peer_credentials)
+            succeeded = (await peers.download_task(target, download, SEED_DOWNLOAD_TIMEOUT)).ok
         finally:
             self.registry.seed_finished(task_id, succeeded)
 
@@ -276,7 +279,7 @@ class SchedulerServicer:
         plan = preheat.plan(request)
         hosts = plan.hosts(self.registry, request.url)
         log.info("preheat file %s on %d host(s) (%s)", request.url, len(hosts), plan.scope)
-        self._spawn(preheat.preheat(self.registry, plan, [request.url]))
+        self._spawn(preheat.preheat(self.registry, plan, [request.url], self.peer_credentials))
         return Empty()
 
     @_unary
@@ -302,7 +305,7 @@ class SchedulerServicer:
             log.warning("preheat image %s failed: %s", request.url, error)
             return
         log.info("preheat image %s: %d layer(s)", request.url, len(image.layers))
-        await preheat.preheat(self.registry, plan, image.layers, image.headers)
+        await preheat.preheat(self.registry, plan, image.layers, self.peer_credentials, image.headers)
 
     @_unary
     async def DeletePeer(self, request: scheduler_pb2.DeletePeerRequest, context: Context) -> Empty:

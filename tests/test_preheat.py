@@ -12,10 +12,13 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+import grpc
 import pytest
 from aiohttp import web
 
+from dfdaemon.api import scheduler_pb2, scheduler_pb2_grpc
 from scheduler_stub import preheat
+from tests import test_security
 from tests.registry_support import (
     OCI_MANIFEST,
     OciImage,
@@ -42,8 +45,10 @@ from tests.support import (
     wait_for_hosts,
     wait_for_line,
 )
+from tests.test_security import Pki, tls_config, tls_scheduler_args
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+pki = test_security.pki  # the fixture: a test CA with server and client certificates
 needs_registry = pytest.mark.skipif(registry_skip_reason() is not None, reason=str(registry_skip_reason()))
 
 
@@ -237,3 +242,29 @@ async def test_a_manifest_that_does_not_make_sense_is_refused(document: object, 
             await preheat.resolve_image(f"http://127.0.0.1:{port}/v2/app/manifests/1", "linux/amd64", {})
     finally:
         await runner.cleanup()
+
+
+def test_preheat_over_mutual_tls_reaches_peers_that_demand_certificates(tmp_path: Path, pki: Pki) -> None:
+    data = seeded_bytes("test_preheat-tls", 2 * 1024 * 1024)
+    with ExitStack() as stack:
+        origin = stack.enter_context(running_origin(tmp_path / "origin"))
+        (origin.root / "tls.bin").write_bytes(data)
+        scheduler = stack.enter_context(running_scheduler(tmp_path / "scheduler", args=tls_scheduler_args(pki)))
+        config = merge(
+            tls_config(pki),
+            {
+                "scheduler": {"addrs": [scheduler.address], "announceInterval": "2s"},
+                "download": {"backToSource": {"allowedNetworks": ["127.0.0.0/8"]}},
+            },
+        )
+        daemons = [stack.enter_context(running_daemon(tmp_path / f"peer{n}", config)) for n in range(2)]
+        for daemon in daemons:
+            wait_for_line(scheduler.log_path, rf"host \S+-{daemon.storage_dir.parent.name} joined", scheduler.proc)
+        credentials = grpc.ssl_channel_credentials(
+            pki.ca.read_bytes(), pki.client_key.read_bytes(), pki.client_cert.read_bytes()
+        )
+        with grpc.secure_channel(scheduler.address, credentials) as channel:
+            request = scheduler_pb2.PreheatFileRequest(url=origin.url("tls.bin"), scope="all_peers")
+            scheduler_pb2_grpc.SchedulerStub(channel).PreheatFile(request, timeout=30)
+        wait_for_sizes(daemons, [len(data)])
+        assert local_read(daemons[0], origin.url("tls.bin"), tmp_path / "tls.bin") == data
