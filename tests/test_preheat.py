@@ -12,11 +12,9 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-import grpc
 import pytest
 from aiohttp import web
 
-from dfdaemon.api import scheduler_pb2, scheduler_pb2_grpc
 from scheduler_stub import preheat
 from tests import test_security
 from tests.registry_support import (
@@ -260,11 +258,13 @@ def test_preheat_over_mutual_tls_reaches_peers_that_demand_certificates(tmp_path
         daemons = [stack.enter_context(running_daemon(tmp_path / f"peer{n}", config)) for n in range(2)]
         for daemon in daemons:
             wait_for_line(scheduler.log_path, rf"host \S+-{daemon.storage_dir.parent.name} joined", scheduler.proc)
-        credentials = grpc.ssl_channel_credentials(
-            pki.ca.read_bytes(), pki.client_key.read_bytes(), pki.client_cert.read_bytes()
-        )
-        with grpc.secure_channel(scheduler.address, credentials) as channel:
-            request = scheduler_pb2.PreheatFileRequest(url=origin.url("tls.bin"), scope="all_peers")
-            scheduler_pb2_grpc.SchedulerStub(channel).PreheatFile(request, timeout=30)
+        url = origin.url("tls.bin")
+        plaintext = preheat_cli(scheduler, "file", url, "--scope", "all_peers")
+        assert plaintext.returncode == 1 and "cannot reach the scheduler" in plaintext.stderr
+        half = preheat_cli(scheduler, "file", url, "--scope", "all_peers", "--ca-cert", str(pki.ca))
+        assert half.stderr == "dfctl: --ca-cert, --cert and --key go together\n"
+        certificates = ["--ca-cert", str(pki.ca), "--cert", str(pki.client_cert), "--key", str(pki.client_key)]
+        done = preheat_cli(scheduler, "file", url, "--scope", "all_peers", *certificates)
+        assert done.returncode == 0, done.stderr
         wait_for_sizes(daemons, [len(data)])
         assert local_read(daemons[0], origin.url("tls.bin"), tmp_path / "tls.bin") == data

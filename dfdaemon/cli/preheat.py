@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from dfdaemon.cli.args import positive_duration, positive_size
@@ -59,6 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
     parser.add_argument(
         "--scheduler", default=DEFAULT_SCHEDULER, metavar="HOST:PORT", help=f"default {DEFAULT_SCHEDULER}"
     )
+    tls = parser.add_argument_group("mutual TLS with the scheduler (all three together)")
+    tls.add_argument("--ca-cert", default="", help="PEM CA the scheduler's certificate must be signed by")
+    tls.add_argument("--cert", default="", help="PEM certificate to present")
+    tls.add_argument("--key", default="", help="PEM key of --cert")
     parser.add_argument("--scope", choices=SCOPES, default=SCOPES[0], help=f"which hosts (default {SCOPES[0]})")
     parser.add_argument(
         "--ip", dest="ips", action="append", default=[], metavar="IP", help="only hosts with this IP (repeatable)"
@@ -117,6 +122,23 @@ def _request(args: argparse.Namespace) -> Any:
     )
 
 
+def _channel(args: argparse.Namespace) -> Any:
+    """Plaintext, or mutual TLS when the certificate options are given (all of them)."""
+    import grpc
+
+    given = [args.ca_cert, args.cert, args.key]
+    if not any(given):
+        return grpc.insecure_channel(args.scheduler)
+    if not all(given):
+        raise PreheatError("--ca-cert, --cert and --key go together")
+    try:
+        ca, cert, key = (Path(path).read_bytes() for path in given)
+    except OSError as exc:
+        raise PreheatError(f"cannot read {exc.filename}: {exc.strerror}") from None
+    credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+    return grpc.secure_channel(args.scheduler, credentials)
+
+
 def run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     """Send the preheat; returns dfctl's JSON document and its text line."""
     import grpc
@@ -124,7 +146,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     from dfdaemon.api import scheduler_pb2_grpc
 
     request = _request(args)
-    with grpc.insecure_channel(args.scheduler) as channel:
+    with _channel(args) as channel:
         stub = scheduler_pb2_grpc.SchedulerStub(channel)
         method = stub.PreheatFile if args.command == "preheat file" else stub.PreheatImage
         try:
