@@ -78,6 +78,10 @@ def plan(request: PreheatRequest) -> Plan:
         raise InvalidRequest(f"url must be http(s)://..., not {request.url!r}")
     if request.HasField("percentage") and request.percentage > 100:
         raise InvalidRequest(f"percentage must be at most 100, not {request.percentage}")
+    if request.HasField("count") and request.count == 0:
+        raise InvalidRequest("count must be at least 1")
+    if request.HasField("timeout") and request.timeout.ToNanoseconds() <= 0:
+        raise InvalidRequest("timeout must be positive")
     download = common_pb2.Download(
         type=common_pb2.STANDARD,
         tag=request.tag if request.HasField("tag") else None,

@@ -14,8 +14,11 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
+from google.protobuf.duration_pb2 import Duration
 
+from dfdaemon.api import common_pb2, scheduler_pb2
 from scheduler_stub import preheat
+from scheduler_stub.registry import InvalidRequest
 from tests import test_security
 from tests.registry_support import (
     OCI_MANIFEST,
@@ -268,3 +271,40 @@ def test_preheat_over_mutual_tls_reaches_peers_that_demand_certificates(tmp_path
         assert done.returncode == 0, done.stderr
         wait_for_sizes(daemons, [len(data)])
         assert local_read(daemons[0], origin.url("tls.bin"), tmp_path / "tls.bin") == data
+
+
+@pytest.mark.parametrize(
+    ("request_", "error"),
+    [
+        (scheduler_pb2.PreheatFileRequest(url="ftp://origin/f"), "url must be http"),
+        (scheduler_pb2.PreheatImageRequest(url="http://registry/v2/app/blobs/x"), "url must be a manifest URL"),
+        (scheduler_pb2.PreheatFileRequest(url="http://origin/f", percentage=101), "percentage must be at most 100"),
+        (scheduler_pb2.PreheatFileRequest(url="http://origin/f", count=0), "count must be at least 1"),
+        (scheduler_pb2.PreheatFileRequest(url="http://origin/f", timeout=Duration(seconds=-1)), "timeout must be"),
+    ],
+)
+def test_preheat_requests_that_make_no_sense_are_invalid(request_: preheat.PreheatRequest, error: str) -> None:
+    with pytest.raises(InvalidRequest, match=error):
+        preheat.plan(request_)
+
+
+def test_a_preheat_request_becomes_the_download_each_host_is_given() -> None:
+    request = scheduler_pb2.PreheatFileRequest(
+        url="http://origin/f",
+        tag="t",
+        application="app",
+        piece_length=8 * 1024 * 1024,
+        header={"Authorization": "Bearer x"},
+        filtered_query_params=["X-Amz-Signature"],
+        priority=common_pb2.LEVEL5,
+        ips=["10.0.0.1"],
+        count=2,
+    )
+    plan = preheat.plan(request)
+    assert (plan.scope, plan.ips, plan.count, plan.percentage) == ("single_seed_peer", ("10.0.0.1",), 2, None)
+    assert (plan.timeout, plan.concurrent_peers) == (preheat.DEFAULT_TIMEOUT, preheat.DEFAULT_CONCURRENT_PEERS)
+    download = plan.download
+    assert (download.tag, download.application, download.piece_length) == ("t", "app", 8 * 1024 * 1024)
+    assert dict(download.request_header) == {"Authorization": "Bearer x"}
+    assert list(download.filtered_query_params) == ["X-Amz-Signature"]
+    assert download.priority == common_pb2.LEVEL5 and not download.need_back_to_source
