@@ -15,7 +15,7 @@ import grpc
 
 from dfdaemon.config import TLSConfig
 from dfdaemon.rpc.servers import add_service, new_server
-from dfdaemon.rpc.tls import TLSError, server_credentials
+from dfdaemon.rpc.tls import TLSError, channel_credentials, server_credentials
 from dfdaemon.telemetry.logs import setup_logging
 from dfdaemon.telemetry.tracing import TracingSettings, setup_tracing, shutdown_tracing
 from scheduler_stub import manager
@@ -52,10 +52,11 @@ async def _sweep(registry: Registry) -> None:
 
 async def _serve(listen: str, tls: TLSConfig, as_manager: bool) -> int:
     registry = Registry()
+    scheduler = SchedulerServicer(registry)
     manager_servicer = manager.ManagerServicer()  # told its address once the port is bound
 
     def register(server: grpc.aio.Server) -> None:
-        add_service(server, SERVICE, SchedulerServicer(registry))
+        add_service(server, SERVICE, scheduler)
         if as_manager:
             add_service(server, manager.SERVICE, manager_servicer)
 
@@ -64,6 +65,8 @@ async def _serve(listen: str, tls: TLSConfig, as_manager: bool) -> int:
     try:
         if tls.enabled:
             port = int(server.add_secure_port(listen, server_credentials(tls)))
+            # The same identity when calling seeds and peers: their upload servers ask for a client certificate.
+            scheduler.peer_credentials = channel_credentials(tls)
         else:
             port = int(server.add_insecure_port(listen))
     except TLSError as exc:
@@ -90,6 +93,7 @@ async def _serve(listen: str, tls: TLSConfig, as_manager: bool) -> int:
     await stop.wait()
     await health.set_serving(False)
     await server.stop(5.0)
+    await scheduler.close()
     sweep.cancel()
     return 0
 

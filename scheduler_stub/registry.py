@@ -6,23 +6,39 @@ relearns the cluster within one announce interval.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from enum import StrEnum
+from enum import Enum, StrEnum
+
+from scheduler_stub import evaluator
+from scheduler_stub.evaluator import IDLE, NO_NETWORK, Candidate, Load, Network
 
 log = logging.getLogger("dfscheduler.registry")
 
-# Upstream's defaults: sample this many peers of the task, offer the best few of them.
+# Upstream's defaults (filterParentLimit, candidateParentLimit): sample this many peers of the task, offer the best
+# few of them.
 SAMPLED_PEERS = 15
 CANDIDATE_PARENTS = 3
 # Scheduling rounds without a usable parent before the peer is sent back to the source.
 SCHEDULE_ATTEMPTS = 4
-# A host is forgotten when it misses this many announcements in a row.
-MISSED_ANNOUNCEMENTS = 3
+# A host is forgotten when it misses this many announcements in a row, as the Go scheduler does.
+MISSED_ANNOUNCEMENTS = 2
 DEFAULT_ANNOUNCE_INTERVAL = 300.0
+# Pieces a child fetches at once when its registration does not say (upstream's fallback).
+DEFAULT_CONCURRENT_PIECES = 8
+# common.v2.Priority levels that keep a new task from a seed, as upstream reads them when a seed is at hand: 1 forbids
+# the download, 2 refuses it for want of parents, 3 sends the peer to the source itself; 0 and 4 to 6 ask the seed.
+FORBIDDEN, NO_PARENT_NO_SEED, SOURCE_NOT_SEED = 1, 2, 3
+NORMAL_HOST = evaluator.NORMAL_HOST
+# Preheat scopes, as the manager and the scheduler API spell them; the first is the default.
+SINGLE_SEED_PEER = "single_seed_peer"
+ALL_SEED_PEERS = "all_seed_peers"
+ALL_PEERS = "all_peers"
+PREHEAT_SCOPES = (SINGLE_SEED_PEER, ALL_SEED_PEERS, ALL_PEERS)
 
 
 class RegistryError(Exception):
@@ -45,6 +61,10 @@ class NoParentAvailable(RegistryError):
     """No parent could be found for a peer that may not go back to the source."""
 
 
+class NoHostAvailable(RegistryError):
+    """A preheat names hosts the cluster does not have (no seed peer, no peer at those addresses)."""
+
+
 class PeerState(StrEnum):
     """Upstream's peer state names, as ``common.v2.Peer.state`` carries them."""
 
@@ -61,7 +81,11 @@ SERVING_STATES = frozenset({PeerState.RUNNING, PeerState.BACK_TO_SOURCE, PeerSta
 
 @dataclass
 class Host:
-    """A daemon as it announced itself; children reach it through ``ip`` and ``port``."""
+    """A daemon as it announced itself; children reach it through ``ip`` and ``port``.
+
+    ``load`` is the scheduler's own count of what the host is uploading: every child it was offered to as a parent
+    adds to it until that child finishes, fails, is rescheduled or goes away.
+    """
 
     id: str
     ip: str
@@ -70,9 +94,25 @@ class Host:
     type: int
     interval: float
     last_seen: float
+    network: Network = NO_NETWORK
+    disable_shared: bool = False
+    load: Load = IDLE
+    upload_failures: int = 0
 
     def expires_at(self) -> float:
         return self.last_seen + MISSED_ANNOUNCEMENTS * self.interval
+
+    @property
+    def is_seed(self) -> bool:
+        return self.type != NORMAL_HOST
+
+
+class SeedState(Enum):
+    """Where a task stands with the seed peers: not asked, asked to download it, or failed at it."""
+
+    NONE = "none"
+    TRIGGERED = "triggered"
+    FAILED = "failed"
 
 
 @dataclass
@@ -86,19 +126,23 @@ class Task:
     content_length: int | None = None
     piece_length: int | None = None
     piece_count: int | None = None
+    seed: SeedState = SeedState.NONE
 
 
 @dataclass
 class Peer:
-    """One download of a task by one host."""
+    """One download of a task by one host. ``edges`` are the parents it was last offered, each with the load it
+    put on that parent's host; ``blocked`` are the parents it must never be offered again."""
 
     id: str
     host_id: str
     task_id: str
     may_back_to_source: bool = True
+    concurrent_pieces: int = DEFAULT_CONCURRENT_PIECES
     state: PeerState = PeerState.PENDING
     finished_pieces: set[int] = field(default_factory=set)
-    failing_parents: set[str] = field(default_factory=set)
+    blocked: set[str] = field(default_factory=set)
+    edges: dict[str, tuple[str, Load]] = field(default_factory=dict)
     schedule_attempts: int = 0
 
 
@@ -117,20 +161,27 @@ class Answer(StrEnum):
     EMPTY_TASK = "empty task"
     NORMAL = "normal"
     BACK_TO_SOURCE = "back to source"
+    # Not sent: the servicer waits for the seed peer to register (``seed_scheduled``) and answers then.
+    AWAIT_SEED = "await seed"
 
 
 @dataclass(frozen=True)
 class Schedule:
-    """One scheduling decision: the answer kind, the parents to try (NORMAL only) and why."""
+    """One scheduling decision: the answer kind, the parents to try (NORMAL only) and why. With AWAIT_SEED,
+    ``trigger`` is the seed host to ask for the task (None when an earlier peer already asked one)."""
 
     answer: Answer
     parents: list[PeerView] = field(default_factory=list)
     description: str = ""
+    trigger: Host | None = None
 
     def __str__(self) -> str:
         if self.answer is Answer.NORMAL:
             parents = ", ".join(f"{p.peer.id}@{p.host.ip}:{p.host.port}" for p in self.parents)
             return f"normal, parents [{parents}]"
+        if self.answer is Answer.AWAIT_SEED:
+            asked = f"asking seed {self.trigger.id}" if self.trigger else "a seed is already asked"
+            return f"{self.answer.value} ({asked})"
         if self.description:
             return f"{self.answer.value} ({self.description})"
         return self.answer.value
@@ -162,20 +213,33 @@ class Registry:
     # Hosts
 
     def announce_host(
-        self, host_id: str, ip: str, port: int, hostname: str, host_type: int, interval: float | None
+        self,
+        host_id: str,
+        ip: str,
+        port: int,
+        hostname: str,
+        host_type: int,
+        interval: float | None,
+        *,
+        network: Network = NO_NETWORK,
+        disable_shared: bool = False,
     ) -> Host:
-        """Register or refresh a host; its announce ``interval`` decides when silence means it is gone."""
+        """Register or refresh a host; its announce ``interval`` decides when silence means it is gone. A refresh
+        keeps the load the scheduler counted on the host."""
         if not host_id:
             raise InvalidRequest("host.id is required")
         if not ip:
             raise InvalidRequest(f"host {host_id} has no ip")
         now = self._expire()
-        known = host_id in self.hosts
+        known = self.hosts.get(host_id)
         every = interval if interval is not None and interval > 0 else DEFAULT_ANNOUNCE_INTERVAL
-        host = Host(host_id, ip, port, hostname, host_type, every, now)
+        host = Host(host_id, ip, port, hostname, host_type, every, now, network, disable_shared)
+        if known is not None:
+            host.load, host.upload_failures = known.load, known.upload_failures
         self.hosts[host_id] = host
-        if not known:
-            log.info("host %s joined at %s:%d (announces every %gs)", host_id, ip, port, host.interval)
+        if known is None:
+            kind = "seed peer" if host.is_seed else "normal"
+            log.info("host %s joined at %s:%d (%s, announces every %gs)", host_id, ip, port, kind, host.interval)
         return host
 
     def list_hosts(self, host_type: int | None = None) -> list[Host]:
@@ -195,7 +259,7 @@ class Registry:
         self._expire()
 
     def _expire(self) -> float:
-        """Forget every host silent for three of its intervals, with its peers; returns the time it judged by."""
+        """Forget every host silent for two of its intervals, with its peers; returns the time it judged by."""
         now = self._clock()
         for host in [host for host in self.hosts.values() if host.expires_at() <= now]:
             del self.hosts[host.id]
@@ -248,8 +312,14 @@ class Registry:
         *,
         need_back_to_source: bool = False,
         may_back_to_source: bool = True,
+        concurrent_pieces: int | None = None,
+        priority: int = 0,
     ) -> Schedule:
-        """Record a new download and decide how it starts; registering an existing peer id starts it afresh."""
+        """Record a new download and decide how it starts; registering an existing peer id starts it afresh.
+
+        A task no peer can serve yet goes to a seed peer when the cluster has one (AWAIT_SEED: the caller asks the
+        seed, then calls ``seed_scheduled``); the child goes to the source only without one.
+        """
         if not peer_id or not host_id or not task.id:
             raise InvalidRequest("host_id, task_id and peer_id are required")
         self._expire()
@@ -260,27 +330,71 @@ class Registry:
         if known is not task:
             _merge_task(known, task)
         peer = Peer(peer_id, host_id, task.id, may_back_to_source=may_back_to_source)
+        peer.concurrent_pieces = concurrent_pieces or DEFAULT_CONCURRENT_PIECES
         self.peers[peer_id] = peer
         if known.content_length == 0:
             schedule = Schedule(Answer.EMPTY_TASK)
         elif need_back_to_source and may_back_to_source:
             schedule = self._to_source(peer, "the peer asked to download from the source")
         else:
-            parents = self._candidates(peer)
-            if parents:
-                schedule = Schedule(Answer.NORMAL, parents)
-            elif may_back_to_source:
-                schedule = self._to_source(peer, "no peer of the task can serve it yet")
-            else:
-                schedule = self._retry_later(peer)
+            schedule = self._schedule_new(peer, known, priority)
         log.info("register peer %s of task %s on host %s: %s", peer_id, task.id, host_id, schedule)
         return schedule
 
-    def reschedule_peer(self, peer_id: str, given_up: Iterable[str], reason: str = "") -> Schedule:
-        """Offer fresh parents, excluding the ones the peer gave up on; back to source once attempts run out."""
+    def _schedule_new(self, peer: Peer, task: Task, priority: int) -> Schedule:
+        parents = self._candidates(peer)
+        if parents:
+            return Schedule(Answer.NORMAL, parents)
+        seed = self._seed_for(peer, task)
+        if seed is None:
+            return self._no_parent(peer, "no peer of the task can serve it yet")
+        if priority == FORBIDDEN:
+            raise NoParentAvailable(f"priority LEVEL1: peer {peer.id} is forbidden to download task {task.id}")
+        if priority == NO_PARENT_NO_SEED:
+            raise NotFound(f"priority LEVEL2: no candidate parent for peer {peer.id}")
+        if priority == SOURCE_NOT_SEED:
+            return self._no_parent(peer, "priority LEVEL3: the first peer goes to the source itself")
+        if task.seed is SeedState.TRIGGERED:
+            return Schedule(Answer.AWAIT_SEED)
+        task.seed = SeedState.TRIGGERED
+        return Schedule(Answer.AWAIT_SEED, trigger=seed)
+
+    def seed_scheduled(self, peer_id: str, give_up: bool) -> Schedule | None:
+        """After AWAIT_SEED: parents once the seed's peer registered; the source (or a retry) when the seed failed
+        or ``give_up`` says it took too long; None while it is worth waiting."""
         self._expire()
         peer = self._peer(peer_id)
-        peer.failing_parents.update(parent for parent in given_up if parent)
+        parents = self._candidates(peer)
+        if parents:
+            schedule: Schedule | None = Schedule(Answer.NORMAL, parents)
+        elif give_up or self._task(peer.task_id).seed is not SeedState.TRIGGERED:
+            schedule = self._no_parent(peer, "the seed peer did not start the task")
+        else:
+            return None
+        log.info("schedule peer %s of task %s after the seed: %s", peer_id, peer.task_id, schedule)
+        return schedule
+
+    def seed_finished(self, task_id: str, succeeded: bool) -> None:
+        """The seed's download ended: a later child of a failed task goes to the source instead of a seed."""
+        task = self.tasks.get(task_id)
+        if task is not None:
+            task.seed = SeedState.NONE if succeeded else SeedState.FAILED
+
+    def _seed_for(self, peer: Peer, task: Task) -> Host | None:
+        """The seed to ask for a task: none for a seed's own peer or a task a seed failed at."""
+        if self.hosts[peer.host_id].is_seed or task.seed is SeedState.FAILED:
+            return None
+        seeds = [host for host in self.hosts.values() if host.is_seed]
+        return pick(seeds, task.id) if seeds else None
+
+    def _no_parent(self, peer: Peer, reason: str) -> Schedule:
+        return self._to_source(peer, reason) if peer.may_back_to_source else self._retry_later(peer)
+
+    def reschedule_peer(self, peer_id: str, given_up: Iterable[str], reason: str = "") -> Schedule:
+        """Offer fresh parents, blocking the ones the peer gave up on; back to source once attempts run out."""
+        self._expire()
+        peer = self._peer(peer_id)
+        peer.blocked.update(parent for parent in given_up if parent)
         parents = self._candidates(peer)
         schedule = Schedule(Answer.NORMAL, parents) if parents else self._retry_later(peer)
         log.info("reschedule peer %s of task %s (%s): %s", peer_id, peer.task_id, reason or "no reason", schedule)
@@ -301,8 +415,37 @@ class Registry:
     def _to_source(self, peer: Peer, reason: str) -> Schedule:
         """Send a peer to the origin. It counts as a parent at once, so peers registering before its first report
         wait for its pieces instead of hitting the origin too."""
+        self._detach(peer)
         peer.state = PeerState.BACK_TO_SOURCE
         return Schedule(Answer.BACK_TO_SOURCE, description=reason)
+
+    # Preheat
+
+    def preheat_hosts(
+        self, scope: str, key: str, ips: Iterable[str] = (), count: int | None = None, percentage: int | None = None
+    ) -> list[Host]:
+        """The hosts a preheat goes to: one seed (chosen by ``key``), every seed or every normal peer, the last two
+        narrowed by ``ips``, else ``count``, else ``percentage`` (rounded down, at least one), as upstream does."""
+        self._expire()
+        if scope not in PREHEAT_SCOPES:
+            raise InvalidRequest(f"scope must be one of {', '.join(PREHEAT_SCOPES)}, not {scope!r}")
+        seeds = scope != ALL_PEERS
+        hosts = sorted((host for host in self.hosts.values() if host.is_seed == seeds), key=lambda host: host.id)
+        if not hosts:
+            raise NoHostAvailable(f"no {'seed peer' if seeds else 'peer'} has announced itself")
+        if scope == SINGLE_SEED_PEER:
+            return [pick(hosts, key)]
+        wanted = set(ips)
+        if wanted:
+            chosen = [host for host in hosts if host.ip in wanted]
+            if not chosen:
+                raise NoHostAvailable(f"no {'seed peer' if seeds else 'peer'} has the address {', '.join(ips)}")
+            return chosen
+        if count is not None:
+            return hosts[:count]
+        if percentage is not None:
+            return hosts[: max(1 if percentage > 0 else 0, min(len(hosts), len(hosts) * percentage // 100))]
+        return hosts
 
     def peer_started(self, peer_id: str, back_to_source: bool) -> None:
         self._expire()
@@ -320,7 +463,10 @@ class Registry:
         self._expire()
         peer = self._peer(peer_id)
         if parent_id:
-            peer.failing_parents.add(parent_id)
+            peer.blocked.add(parent_id)
+            parent = self.peers.get(parent_id)
+            if parent is not None and parent.host_id in self.hosts:
+                self.hosts[parent.host_id].upload_failures += 1
         log.info(
             "piece failed: task=%s peer=%s parent=%s piece=%s temporary=%s",
             peer.task_id,
@@ -334,6 +480,7 @@ class Registry:
         """The terminal report of a download: a succeeded peer serves later children, a failed one never does."""
         self._expire()
         peer = self._peer(peer_id)
+        self._detach(peer)
         peer.state = PeerState.SUCCEEDED if succeeded else PeerState.FAILED
         log.info(
             "peer %s of task %s %s%s",
@@ -347,30 +494,82 @@ class Registry:
         """The stream ended without a terminal report: the download cannot be trusted to serve anyone."""
         peer = self.peers.get(peer_id)
         if peer is not None and peer.state not in {PeerState.SUCCEEDED, PeerState.FAILED}:
+            self._detach(peer)
             peer.state = PeerState.FAILED
             log.info("peer %s of task %s failed: its stream ended without a final report", peer_id, peer.task_id)
 
     # Internals
 
     def _candidates(self, child: Peer) -> list[PeerView]:
-        """Up to 3 parents out of 15 sampled serving peers of the task: succeeded first, then the most pieces.
+        """Upstream's choice: sample 15 peers of the task, keep those that may serve this child, rank them by the
+        evaluator's score (ties: more pieces, then fewer upload failures) and offer the best 3.
 
-        Never the child's own host (it would download from itself), never a parent it reported failing; peers of
-        hosts that went away were forgotten with their host.
+        The child's previous parents are released first; the new ones carry its load until it ends or moves on.
         """
-        eligible = [
-            peer
-            for peer in self._peers_of(child.task_id)
-            if peer.state in SERVING_STATES and peer.host_id != child.host_id and peer.id not in child.failing_parents
-        ]
-        sampled = random.sample(eligible, min(SAMPLED_PEERS, len(eligible)))
-        sampled.sort(key=lambda peer: (peer.state is not PeerState.SUCCEEDED, -len(peer.finished_pieces)))
-        return [self._view(peer) for peer in sampled[:CANDIDATE_PARENTS]]
+        self._detach(child)
+        others = [peer for peer in self._peers_of(child.task_id) if peer.id != child.id]
+        sampled = random.sample(others, min(SAMPLED_PEERS, len(others)))
+        child_network = self.hosts[child.host_id].network
+        ranked = sorted(
+            (self._view(peer) for peer in sampled if self._may_serve(peer, child)),
+            key=lambda view: (
+                -evaluator.score(_candidate(view), child_network),
+                -len(view.peer.finished_pieces),
+                view.host.upload_failures,
+            ),
+        )
+        parents = ranked[:CANDIDATE_PARENTS]
+        self._attach(child, parents)
+        return parents
+
+    def _may_serve(self, parent: Peer, child: Peer) -> bool:
+        """Upstream's filter: not blocked, shared, another host, a normal host only once it has something to give,
+        and not downstream of the child (no download cycle)."""
+        host = self.hosts[parent.host_id]
+        if parent.id in child.blocked or host.disable_shared or parent.host_id == child.host_id:
+            return False
+        if parent.state not in SERVING_STATES:
+            return False
+        if not host.is_seed and parent.state is PeerState.RUNNING and not parent.edges:
+            return False
+        return child.id not in self._ancestors(parent)
+
+    def _ancestors(self, peer: Peer) -> set[str]:
+        seen: set[str] = set()
+        todo = list(peer.edges)
+        while todo:
+            current = todo.pop()
+            if current not in seen:
+                seen.add(current)
+                known = self.peers.get(current)
+                todo.extend(known.edges if known is not None else ())
+        return seen
+
+    def _attach(self, child: Peer, parents: list[PeerView]) -> None:
+        """Count the child's expected draw on each parent's host, as upstream does when it adds an edge."""
+        task = self.tasks[child.task_id]
+        piece_length = task.piece_length or 0
+        for view in parents:
+            load = Load(
+                tx_bandwidth=piece_length * child.concurrent_pieces * 8,
+                upload_content_length=max(task.content_length or 0, 0),
+                concurrent_upload_pieces=child.concurrent_pieces,
+            )
+            view.host.load = _add(view.host.load, load, 1)
+            child.edges[view.peer.id] = (view.host.id, load)
+
+    def _detach(self, child: Peer) -> None:
+        for host_id, load in child.edges.values():
+            host = self.hosts.get(host_id)
+            if host is not None:
+                host.load = _add(host.load, load, -1)
+        child.edges.clear()
 
     def _drop_peers(self, peers: Iterable[Peer]) -> None:
         """Forget peers, and every task left without a peer."""
         orphans = set()
         for peer in list(peers):
+            self._detach(peer)
             del self.peers[peer.id]
             orphans.add(peer.task_id)
         for task_id in orphans - {peer.task_id for peer in self.peers.values()}:
@@ -401,3 +600,25 @@ def _merge_task(known: Task, reported: Task) -> None:
         value = getattr(reported, name)
         if value not in (None, ""):
             setattr(known, name, value)
+
+
+def _candidate(view: PeerView) -> Candidate:
+    return Candidate(
+        host_type=view.host.type,
+        network=view.host.network,
+        load=view.host.load,
+        seed_running=view.host.is_seed and view.peer.state is PeerState.RUNNING,
+    )
+
+
+def _add(total: Load, part: Load, sign: int) -> Load:
+    return Load(
+        tx_bandwidth=max(0, total.tx_bandwidth + sign * part.tx_bandwidth),
+        upload_content_length=max(0, total.upload_content_length + sign * part.upload_content_length),
+        concurrent_upload_pieces=max(0, total.concurrent_upload_pieces + sign * part.concurrent_upload_pieces),
+    )
+
+
+def pick(hosts: list[Host], key: str) -> Host:
+    """One host for ``key``, the same one as long as the hosts stay (rendezvous hashing)."""
+    return max(hosts, key=lambda host: hashlib.sha256(f"{key}\0{host.id}".encode()).digest())

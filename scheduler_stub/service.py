@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
+import aiohttp
 import grpc
 from google.protobuf import text_format
 from google.protobuf.empty_pb2 import Empty
@@ -14,11 +16,14 @@ from google.protobuf.message import Message
 
 from dfdaemon.api import common_pb2, scheduler_pb2
 from dfdaemon.rpc.servers import Context, details
+from scheduler_stub import peers, preheat
+from scheduler_stub.evaluator import Network
 from scheduler_stub.registry import (
     Answer,
     Host,
     HostNotAnnounced,
     InvalidRequest,
+    NoHostAvailable,
     NoParentAvailable,
     NotFound,
     PeerView,
@@ -41,7 +46,14 @@ _STATUS_OF: dict[type[RegistryError], grpc.StatusCode] = {
     NotFound: grpc.StatusCode.NOT_FOUND,
     HostNotAnnounced: grpc.StatusCode.FAILED_PRECONDITION,
     NoParentAvailable: grpc.StatusCode.FAILED_PRECONDITION,
+    NoHostAvailable: grpc.StatusCode.FAILED_PRECONDITION,
 }
+# How long a child waits for the seed it triggered to register before it goes elsewhere (upstream: about 2 s,
+# four scheduling rounds 500 ms apart), and how often it looks.
+SEED_WAIT = 2.0
+SEED_POLL = 0.05
+# The longest a seed may take over a task it was asked for.
+SEED_DOWNLOAD_TIMEOUT = 6 * 3600.0
 
 
 def _debug(rpc: str, arrow: str, message: Message) -> None:
@@ -74,6 +86,27 @@ class SchedulerServicer:
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
+        # Mutual TLS towards seeds and peers, when the stub serves with it (set once the server is bound).
+        self.peer_credentials: grpc.ChannelCredentials | None = None
+        # Seed downloads and preheats run past the RPC that started them; kept here so none is collected mid-way.
+        self._background: set[asyncio.Task[Any]] = set()
+
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        """Forget finished background work; a failure is one log line, not a stray traceback."""
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background work failed: %s", task.exception())
+
+    async def close(self) -> None:
+        """Stop seed downloads and preheats still running (at shutdown)."""
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
 
     async def AnnouncePeer(
         self, request_iterator: AsyncIterator[scheduler_pb2.AnnouncePeerRequest], context: Context
@@ -88,6 +121,8 @@ class SchedulerServicer:
                 if kind == "register_peer_request":
                     schedule = self._register(request)
                     peer_id = request.peer_id
+                    if schedule.answer is Answer.AWAIT_SEED:
+                        schedule = await self._after_seed(peer_id, schedule, request)
                     yield _answer(schedule)
                 elif not peer_id or request.peer_id != peer_id:
                     await context.abort(
@@ -124,7 +159,38 @@ class SchedulerServicer:
             task,
             need_back_to_source=download.need_back_to_source,
             may_back_to_source=not download.disable_back_to_source,
+            concurrent_pieces=download.concurrent_piece_count if download.HasField("concurrent_piece_count") else None,
+            priority=download.priority,
         )
+
+    async def _after_seed(
+        self, peer_id: str, schedule: Schedule, request: scheduler_pb2.AnnouncePeerRequest
+    ) -> Schedule:
+        """Ask the seed for the task (unless a peer before did), then wait for its peer to register and offer it."""
+        if schedule.trigger is not None:
+            self._spawn(self._seed(schedule.trigger, request.task_id, request.register_peer_request.download))
+        deadline = asyncio.get_running_loop().time() + SEED_WAIT
+        while True:
+            give_up = asyncio.get_running_loop().time() >= deadline
+            answer = self.registry.seed_scheduled(peer_id, give_up)
+            if answer is not None:
+                return answer
+            await asyncio.sleep(SEED_POLL)
+
+    async def _seed(self, seed: Host, task_id: str, child: common_pb2.Download) -> None:
+        """The seed downloads the task from the source, as upstream asks it: the child's Download, back to source,
+        no output file."""
+        download = common_pb2.Download()
+        download.CopyFrom(child)
+        download.need_back_to_source = True
+        download.ClearField("output_path")
+        log.info("asking seed peer %s to download task %s", seed.id, task_id)
+        succeeded = False
+        try:
+            target = peers.Target(seed.ip, seed.port, self.peer_credentials)
+            succeeded = (await peers.download_task(target, download, SEED_DOWNLOAD_TIMEOUT)).ok
+        finally:
+            self.registry.seed_finished(task_id, succeeded)
 
     def _report(self, peer_id: str, request: scheduler_pb2.AnnouncePeerRequest) -> bool:
         """Record one progress report; true when it was the final one."""
@@ -164,7 +230,17 @@ class SchedulerServicer:
     async def AnnounceHost(self, request: scheduler_pb2.AnnounceHostRequest, context: Context) -> Empty:
         host = request.host
         interval = request.interval.ToNanoseconds() / 1e9 if request.HasField("interval") else None
-        self.registry.announce_host(host.id, host.ip, host.port, host.hostname, host.type, interval)
+        network = Network(host.network.idc, host.network.location, host.network.max_tx_bandwidth)
+        self.registry.announce_host(
+            host.id,
+            host.ip,
+            host.port,
+            host.hostname,
+            host.type,
+            interval,
+            network=network,
+            disable_shared=host.disable_shared,
+        )
         return Empty()
 
     @_unary
@@ -196,6 +272,40 @@ class SchedulerServicer:
     @_unary
     async def StatPeer(self, request: scheduler_pb2.StatPeerRequest, context: Context) -> common_pb2.Peer:
         return _peer(self.registry.stat_peer(request.peer_id))
+
+    @_unary
+    async def PreheatFile(self, request: scheduler_pb2.PreheatFileRequest, context: Context) -> Empty:
+        """Checked and answered at once (hosts chosen now, so an empty cluster is refused); the downloads follow."""
+        plan = preheat.plan(request)
+        hosts = plan.hosts(self.registry, request.url)
+        log.info("preheat file %s on %d host(s) (%s)", request.url, len(hosts), plan.scope)
+        self._spawn(preheat.preheat(self.registry, plan, [request.url], self.peer_credentials))
+        return Empty()
+
+    @_unary
+    async def PreheatImage(self, request: scheduler_pb2.PreheatImageRequest, context: Context) -> Empty:
+        """Checked and answered at once; the manifest is resolved and every layer preheated afterwards."""
+        plan = preheat.plan(request)
+        plan.hosts(self.registry, request.url)
+        log.info("preheat image %s (%s)", request.url, plan.scope)
+        self._spawn(self._preheat_image(request, plan))
+        return Empty()
+
+    async def _preheat_image(self, request: scheduler_pb2.PreheatImageRequest, plan: preheat.Plan) -> None:
+        try:
+            image = await preheat.resolve_image(
+                request.url,
+                request.platform or preheat.default_platform(),
+                dict(request.header),
+                request.username,
+                request.password,
+                verify_tls=not request.insecure_skip_verify,
+            )
+        except (preheat.ManifestError, aiohttp.ClientError, TimeoutError) as error:
+            log.warning("preheat image %s failed: %s", request.url, error)
+            return
+        log.info("preheat image %s: %d layer(s)", request.url, len(image.layers))
+        await preheat.preheat(self.registry, plan, image.layers, self.peer_credentials, image.headers)
 
     @_unary
     async def DeletePeer(self, request: scheduler_pb2.DeletePeerRequest, context: Context) -> Empty:
@@ -233,4 +343,17 @@ def _task(task: Task) -> common_pb2.Task:
 
 
 def _host(host: Host) -> common_pb2.Host:
-    return common_pb2.Host(id=host.id, type=host.type, hostname=host.hostname, ip=host.ip, port=host.port)
+    network = common_pb2.Network(
+        idc=host.network.idc or None,
+        location=host.network.location or None,
+        max_tx_bandwidth=host.network.max_tx_bandwidth,
+    )
+    return common_pb2.Host(
+        id=host.id,
+        type=host.type,
+        hostname=host.hostname,
+        ip=host.ip,
+        port=host.port,
+        network=network,
+        disable_shared=host.disable_shared,
+    )

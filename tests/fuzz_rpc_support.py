@@ -147,12 +147,12 @@ DOWNLOAD = "/dfdaemon.v2.DfdaemonDownload/"
 USE = "/dfdaemon.ext.v1.Use/"
 CACHE = "/dfdaemon.ext.v1.Cache/"
 SCHEDULER = "/scheduler.v2.Scheduler/"
-# Declared by the mirrored API 2.3 (cache, persistent and persistent-cache tasks, preheat, task entries) but served
-# by neither the daemon nor the stub.
+# Declared by the mirrored API 2.3 (cache, persistent and persistent-cache tasks, task entries) but served by
+# neither the daemon nor the stub.
 NOT_SERVED = frozenset(
     path
     for path in RPCS
-    if any(word in path.rsplit("/", 1)[1] for word in ("Cache", "Persistent", "Preheat", "Entries"))
+    if any(word in path.rsplit("/", 1)[1] for word in ("Cache", "Persistent", "Entries"))
     or path.endswith(("/StatImage", "/StatFile"))
 )
 
@@ -746,8 +746,17 @@ def base_requests(env: Env) -> dict[str, list[Any]]:
         SCHEDULER + "AnnounceHost": [scheduler_pb2.AnnounceHostRequest(host=host, interval=minute)],
         SCHEDULER + "ListHosts": [scheduler_pb2.ListHostsRequest(type=0)],
         SCHEDULER + "DeleteHost": [scheduler_pb2.DeleteHostRequest(host_id="fuzz-mutation-gone")],
+        # Valid, and refused FAILED_PRECONDITION: no host has that address (so nothing is downloaded).
+        SCHEDULER + "PreheatFile": [
+            scheduler_pb2.PreheatFileRequest(url="http://127.0.0.1:9/fuzz", scope="all_peers", ips=["192.0.2.1"])
+        ],
+        SCHEDULER + "PreheatImage": [
+            scheduler_pb2.PreheatImageRequest(
+                url="http://127.0.0.1:9/v2/fuzz/manifests/1", scope="all_seed_peers", ips=["192.0.2.1"]
+            )
+        ],
     }
-    # The rest of the mirrored API 2.3 (cache, persistent and preheat families) is declared but served by neither
+    # The rest of the mirrored API 2.3 (cache and persistent families) is declared but served by neither
     # the daemon nor the stub: any request will do, and learn_blanket_answers must then find UNIMPLEMENTED.
     for path in NOT_SERVED:
         assert path not in bases, f"{path} is served: move it out of NOT_SERVED"
@@ -790,6 +799,10 @@ def sendable(rpc: Rpc, message: Message) -> bool:
             not download.HasField("output_path")  # outputs have their own cases, in directories made for them
             and stays_on_this_machine(download.url)
         )
+    if isinstance(message, scheduler_pb2.PreheatFileRequest | scheduler_pb2.PreheatImageRequest):
+        # Only preheats that reach no host: a chosen host would download in the background, under other cases.
+        narrowed = bool(message.ips) and all(ip.startswith("192.0.2.") for ip in message.ips)
+        return stays_on_this_machine(message.url) and narrowed and message.scope in {"all_peers", "all_seed_peers"}
     if isinstance(message, scheduler_pb2.AnnounceHostRequest | scheduler_pb2.DeleteHostRequest):
         host_id = message.host.id if isinstance(message, scheduler_pb2.AnnounceHostRequest) else message.host_id
         return host_id not in {FUZZ_HOST, DAEMON_HOST_ID}

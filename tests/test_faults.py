@@ -204,8 +204,10 @@ def test_scheduler_gone_mid_download(tmp_path: Path, origin: OriginProcess) -> N
 def test_a_stalled_parent_times_out_instead_of_hanging(tmp_path: Path, origin: OriginProcess) -> None:
     with ExitStack() as stack:
         scheduler = stack.enter_context(running_scheduler(tmp_path / "scheduler"))
+        # The stopped parent stops announcing too; the scheduler forgets it after two intervals, so the interval
+        # must outlast the child's start-up for the parent to be offered at all.
         config = {
-            "scheduler": {"addrs": [scheduler.address], "announceInterval": "1s"},
+            "scheduler": {"addrs": [scheduler.address], "announceInterval": "10s"},
             "download": {"pieceTimeout": "2s"},
         }
         parent = stack.enter_context(running_daemon(tmp_path / "parent", config))

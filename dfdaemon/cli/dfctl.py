@@ -21,6 +21,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from dfdaemon.api import dfdaemon_ext_pb2, dfdaemon_ext_pb2_grpc, dfdaemon_pb2, dfdaemon_pb2_grpc
+from dfdaemon.cli import preheat
 from dfdaemon.cli.args import positive_duration, positive_size
 from dfdaemon.cli.channel import daemon_channel
 from dfdaemon.download import DownloadRequest
@@ -625,15 +626,30 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     leaf(groups, "usage", "the cache's bytes against its quota")
+
+    scheduled = group("preheat", "fill peers' caches ahead of use (asks a scheduler, not the daemon)")
+    for kind, summary in preheat.SUMMARY.items():
+        preheat.add_arguments(leaf(scheduled, f"preheat {kind}", summary), kind)
     return parser
+
+
+def _preheat(args: argparse.Namespace) -> Output:
+    try:
+        data, text = preheat.run(args)
+    except preheat.PreheatError as exc:
+        raise Failure(str(exc)) from None
+    return Output(data, text)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; exit 0 on success, 1 when the call failed, 2 on a usage error."""
     args = _parser().parse_args(argv)
     try:
-        with daemon_channel(args.endpoint, "dfctl") as channel:
-            output = COMMANDS[args.command](args, Daemon(channel, args.endpoint, args.timeout))
+        if args.group == "preheat":
+            output = _preheat(args)
+        else:
+            with daemon_channel(args.endpoint, "dfctl") as channel:
+                output = COMMANDS[args.command](args, Daemon(channel, args.endpoint, args.timeout))
     except UsageError as exc:
         sys.stderr.write(_usage_line(f"dfctl {args.command}", str(exc)))
         return 2
