@@ -156,3 +156,42 @@ def test_a_child_gets_pieces_from_a_seed_still_downloading_a_throttled_origin(
     assert parent.startswith("127.0.0.1-seed-") and parent.endswith("-seed")  # the seed's peer
     # The body once, to the seed; the child only asked the origin for the file's length (at most a byte).
     assert SIZE <= origin.bytes_served("model.bin") <= SIZE + 2
+
+
+def test_the_stub_triggers_the_seed_so_the_first_child_never_touches_the_origin(
+    origin: OriginProcess, tmp_path: Path
+) -> None:
+    """Nobody calls the seed here: the child's registration makes the embedded scheduler ask it, as upstream's does."""
+    origin.fault("model.bin", rate=5 * MB)
+    url = origin.url("model.bin")
+    output = tmp_path / "model.bin"
+    seed_state_at_first_piece: str | None = None
+    parents: set[str] = set()
+    traffic: list[int] = []
+    with running_scheduler(tmp_path / "scheduler") as scheduler:
+        seed_config = {**peer_config(scheduler), "seedPeer": {"enable": True}, **LOOPBACK_ORIGIN}
+        with (
+            running_daemon(tmp_path / "seed", seed_config) as seed,
+            running_daemon(tmp_path / "child", peer_config(scheduler)) as child,
+            grpc.insecure_channel(f"unix:{seed.socket_path}", options=CHANNEL_OPTIONS) as seed_channel,
+            grpc.insecure_channel(f"unix:{child.socket_path}", options=CHANNEL_OPTIONS) as child_channel,
+        ):
+            wait_for_hosts(scheduler, 2)
+            seed_stub = dfdaemon_pb2_grpc.DfdaemonDownloadStub(seed_channel)
+            request = dfdaemon_pb2.DownloadTaskRequest(download=common_pb2.Download(url=url, output_path=str(output)))
+            for response in dfdaemon_pb2_grpc.DfdaemonDownloadStub(child_channel).DownloadTask(request, timeout=120):
+                if not response.HasField("download_piece_finished_response"):
+                    continue
+                if seed_state_at_first_piece is None:  # asked of the seed itself, the moment the child has a piece
+                    stat = dfdaemon_pb2.StatTaskRequest(task_id=response.task_id)
+                    seed_state_at_first_piece = seed_stub.StatTask(stat, timeout=10).state
+                piece = response.download_piece_finished_response.piece
+                parents.add(piece.parent_id)
+                traffic.append(piece.traffic_type)
+    assert seed_state_at_first_piece == "Running", "the child's first piece came only after the seed had finished"
+    assert hashlib.sha256(output.read_bytes()).digest() == hashlib.sha256(DATA).digest()
+    assert set(traffic) == {common_pb2.REMOTE_PEER} and len(traffic) == 10
+    (parent,) = parents
+    assert parent.endswith("-seed")  # the seed's peer, the only parent
+    # The body once, to the seed; the child only asked the origin for the file's length (at most a byte).
+    assert SIZE <= origin.bytes_served("model.bin") <= SIZE + 2
