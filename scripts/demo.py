@@ -1,7 +1,10 @@
-"""The local demo cluster: a scheduler stub, three peer daemons and an HTTP origin, all on loopback.
+"""The local demo cluster: a scheduler stub, a seed peer, three peer daemons and an HTTP origin, all on loopback.
 
-1. A 200 MB "model" is downloaded by peer A from the origin, then by peers B and C from the peers:
-   the origin serves it about once.
+0. The daemons know only the manager's address (the stub answers ``ListSchedulers`` naming itself) and
+   discover the scheduler from it.
+1. A 200 MB "model" is downloaded by peer A, then by peers B and C: the scheduler asks the seed peer to
+   fetch it from the origin and A takes its pieces from the seed while the seed is still downloading;
+   B and C take theirs from the peers. The origin serves it once, to the seed.
 2. Peer C has a 300 MB cache. The layers of a "busybox" image are held by ``container:busybox``
    (a running container); pulling other images pushes the cache over its high watermark and GC
    evicts them least-recently-used first, while the busybox layers stay and verify.
@@ -41,7 +44,16 @@ from tests.registry_support import (  # noqa: E402
     registry_skip_reason,
     running_registry,
 )
-from tests.support import DaemonProcess, dfget, running_daemon, running_origin, running_scheduler  # noqa: E402
+from tests.support import (  # noqa: E402
+    DaemonProcess,
+    SchedulerProcess,
+    dfget,
+    running_daemon,
+    running_origin,
+    running_scheduler,
+    wait_for_hosts,
+    wait_for_line,
+)
 
 MB = 1_000_000
 MODEL_MB = 200
@@ -71,6 +83,33 @@ def fetch(daemon: DaemonProcess, url: str, output: Path) -> dict[str, Any]:
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def start_peers(stack: ExitStack, state: Path, sockets: Path, scheduler: SchedulerProcess) -> list[DaemonProcess]:
+    """The seed and peers A, B, C; each finds the scheduler through the manager's ``ListSchedulers``."""
+    manager = {"addr": f"http://{scheduler.address}"}
+    peers: list[DaemonProcess] = []
+    for name, extra in (
+        # The seed fetches from the origin for the others; it is on loopback, which the network may not reach
+        # unless allowed.
+        ("seed", {"seedPeer": {"enable": True}, "download": {"backToSource": {"allowedNetworks": ["127.0.0.0/8"]}}}),
+        ("a", {}),
+        ("b", {}),
+        ("c", {"gc": {"policy": {"diskThreshold": "300MB", "gracePeriod": "1s"}}}),
+    ):
+        config: dict[str, Any] = {
+            "host": {"hostname": f"peer-{name}"},
+            "manager": manager,
+            "scheduler": {"announceInterval": "5s"},
+            **extra,
+        }
+        config["download"] = {**config.get("download", {}), "server": {"socketPath": str(sockets / f"{name}.sock")}}
+        peer = stack.enter_context(running_daemon(state / f"peer-{name}", config))
+        found = wait_for_line(peer.log_path, r"scheduling through (\S+)", peer.proc).group(1)
+        say(f"   peer {name} asked the manager and is scheduling through {found}")
+        peers.append(peer)
+    wait_for_hosts(scheduler, len(peers))
+    return peers
 
 
 def containerd_step(stack: ExitStack, state: Path, sockets: Path, scheduler: str) -> bool | None:
@@ -135,25 +174,14 @@ def main() -> int:
     with ExitStack() as stack:
         stack.callback(lambda: shutil.rmtree(sockets, ignore_errors=True))
         origin = stack.enter_context(running_origin(files))
-        scheduler = stack.enter_context(running_scheduler(state / "scheduler")).address
-        peers: list[DaemonProcess] = []
-        for name, extra in (
-            ("a", {}),
-            ("b", {}),
-            ("c", {"gc": {"policy": {"diskThreshold": "300MB", "gracePeriod": "1s"}}}),
-        ):
-            config: dict[str, Any] = {
-                "host": {"hostname": f"peer-{name}"},
-                "scheduler": {"addrs": [scheduler], "announceInterval": "5s"},
-                "download": {"server": {"socketPath": str(sockets / f"{name}.sock")}},
-                **extra,
-            }
-            peers.append(stack.enter_context(running_daemon(state / f"peer-{name}", config)))
-        time.sleep(1.0)  # let every peer announce itself
-        say(f"cluster up: origin {origin.address}, scheduler {scheduler}, peers A/B/C on loopback (logs in .demo/)")
+        scheduler_process = stack.enter_context(running_scheduler(state / "scheduler", args=["--manager"]))
+        scheduler = scheduler_process.address
+        say(f"0. Discovery: the scheduler stub also answers as the manager on {scheduler}")
+        seed, *peers = start_peers(stack, state, sockets, scheduler_process)
+        say(f"cluster up: origin {origin.address}, scheduler {scheduler}, seed and peers A/B/C (logs in .demo/)")
         say()
 
-        say(f"1. Peer to peer: a {MODEL_MB} MB model, downloaded by A, then by B and C")
+        say(f"1. Peer to peer: a {MODEL_MB} MB model, downloaded by A (the scheduler asks the seed), then by B and C")
         for peer, label in zip(peers, "ABC", strict=True):
             report = fetch(peer, origin.url("model.bin"), out / f"model-{label}.bin")
             pieces = report["pieces"]
@@ -167,6 +195,8 @@ def main() -> int:
         identical = len(set(digests.values())) == 1 and digests["A"] == sha256(files / "model.bin")
         served = origin.bytes_served("model.bin")
         ratio = served / (MODEL_MB * MB)
+        seeded = sum(task["state"] == "finished" for task in dfctl(seed, "task", "ls")["tasks"])
+        say(f"   the seed peer fetched the model from the origin for them ({seeded} finished task cached on the seed)")
         say(f"   origin served {served} bytes for the model")
         say(f"   all three copies identical: {identical}; origin bytes / file size = {ratio:.3f}")
         say()

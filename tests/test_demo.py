@@ -24,6 +24,9 @@ def test_demo_cluster_runs_end_to_end() -> None:
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "all three copies identical: True; origin bytes / file size = 1.0" in out.stdout
+    assert out.stdout.count("asked the manager and is scheduling through") == 4  # discovery, seed included
+    assert "the seed peer fetched the model from the origin for them (1 finished task" in out.stdout
+    assert "peer A: 0 pieces from the origin, 48 from peers" in out.stdout
     assert "busybox layers still cached: True" in out.stdout
     assert "container:busybox" in out.stdout
     # Step 3 runs wherever the real containerd tests run.
