@@ -10,6 +10,7 @@ import datetime
 import hashlib
 import http.server
 import json
+import re
 import shutil
 import ssl
 import subprocess
@@ -25,8 +26,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from yarl import URL
 
 from dfdaemon import ids
+from dfdaemon.proxy.forward import Rule, download_url, matching_rule
 from tests.storage_support import seeded_bytes
 from tests.support import DaemonProcess, OriginProcess, peer_config, running_daemon, running_origin, running_scheduler
 
@@ -220,3 +223,18 @@ def test_connect_to_a_port_nothing_listens_on_is_a_502_from_the_proxy(proxies: P
     out = curl("-x", proxies.proxy(), "-o", "/dev/null", "-w", "%{http_connect}", f"https://localhost:{port}/")
     assert out.returncode != 0
     assert out.stdout == b"502"
+
+
+def test_the_first_rule_found_in_the_url_without_query_wins() -> None:
+    first, second = Rule(re.compile(r"/models/")), Rule(re.compile(r"\.bin$"), use_tls=True)
+    rules = [first, second]
+    assert matching_rule(rules, URL("http://h/models/a.bin?sig=x")) is first
+    assert matching_rule(rules, URL("http://h/data/a.bin?sig=x")) is second  # "$" holds without the query
+    assert matching_rule(rules, URL("http://h/data/a.txt?x=.bin")) is None
+
+
+def test_use_tls_and_redirect_change_where_the_task_fetches_from() -> None:
+    url = URL("http://example.com/a%20b/file.bin?x=1")
+    assert download_url(url, Rule(re.compile(""), use_tls=True)) == "https://example.com/a%20b/file.bin?x=1"
+    redirected = Rule(re.compile(""), redirect="mirror.internal:8080")
+    assert download_url(url, redirected) == "http://mirror.internal:8080/a%20b/file.bin?x=1"

@@ -26,7 +26,6 @@ from dfdaemon.config import ProxyConfig
 from dfdaemon.download import DownloadManager
 from dfdaemon.ids import DEFAULT_FILTERED_QUERY_PARAMS
 from dfdaemon.proxy import headers as dragonfly
-from dfdaemon.proxy.mirror import _is_loopback
 from dfdaemon.proxy.p2p import P2PResponder, error_response
 from dfdaemon.storage import Storage
 
@@ -100,6 +99,7 @@ class ForwardProxy:
         self._tunnels: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
+        await self.p2p.close()
         for task in list(self._tunnels):
             task.cancel()
         for task in list(self._tunnels):
@@ -193,7 +193,7 @@ class ForwardProxy:
                 data=body,
                 allow_redirects=False,
             ) as answer:
-                return await _relay(request, answer)
+                return await dragonfly.relay(request, answer)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             log.info("proxy request %s %s failed: %s", request.method, url, exc or type(exc).__name__)
             return error_response("backend", 502, f"the origin did not answer: {exc or type(exc).__name__}")
@@ -265,21 +265,9 @@ async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> Non
         sink.write_eof()
 
 
-async def _relay(request: web.Request, answer: aiohttp.ClientResponse) -> web.StreamResponse:
-    response = web.StreamResponse(status=answer.status, reason=answer.reason)
-    for name, value in dragonfly.end_to_end(answer.headers):
-        response.headers.add(name, value)
-    await response.prepare(request)
-    if request.method != "HEAD":
-        async for chunk in answer.content.iter_any():
-            await response.write(chunk)
-    await response.write_eof()
-    return response
-
-
 def _from_network(remote: str | None) -> bool:
     """A client not on this host: its requests may not reach internal addresses (the source policy)."""
-    return not _is_loopback(remote)
+    return not dragonfly.is_loopback(remote)
 
 
 class Front(asyncio.Protocol):

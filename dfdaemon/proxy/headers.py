@@ -9,9 +9,12 @@ refused here with a clear 400 (upstream answers such a request with a 500).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import aiohttp
+from aiohttp import web
 from multidict import CIMultiDictProxy
 
 from dfdaemon import ids
@@ -138,6 +141,27 @@ def end_to_end(headers: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
         token.strip().lower() for name, value in items if name.lower() == "connection" for token in value.split(",")
     }
     return [(name, header_text(value)) for name, value in items if name.lower() not in HOP_BY_HOP | named]
+
+
+def is_loopback(remote: str | None) -> bool:
+    """Whether a client is on this host (a unix socket counts): the source policy trusts it with internal origins."""
+    try:
+        return remote is not None and ipaddress.ip_address(remote.split("%")[0]).is_loopback
+    except ValueError:
+        return remote is not None and remote.startswith("/")
+
+
+async def relay(request: web.Request, answer: aiohttp.ClientResponse) -> web.StreamResponse:
+    """Send an origin's (or registry's) answer back as it arrives: status, end-to-end headers, body."""
+    response = web.StreamResponse(status=answer.status, reason=answer.reason)
+    for name, value in end_to_end(answer.headers):
+        response.headers.add(name, value)
+    await response.prepare(request)
+    if request.method != "HEAD":
+        async for chunk in answer.content.iter_any():
+            await response.write(chunk)
+    await response.write_eof()
+    return response
 
 
 def origin_request_header(headers: CIMultiDictProxy[str]) -> dict[str, str]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import ipaddress
 import json
 import logging
 import re
@@ -35,6 +34,7 @@ from dfdaemon.download.source import ByteTap
 from dfdaemon.ids import PieceSpan
 from dfdaemon.proxy import headers as dragonfly
 from dfdaemon.proxy.headers import end_to_end as _forwarded
+from dfdaemon.proxy.headers import is_loopback as _is_loopback
 from dfdaemon.storage import Storage, StorageFull, TaskState
 from dfdaemon.telemetry import metrics, tracing
 
@@ -88,13 +88,6 @@ def parse_range(header: str | None, length: int) -> tuple[int, int] | None:
     if start >= length:
         raise UnsatisfiableRange(header)
     return start, min(int(last), length - 1) if last else length - 1
-
-
-def _is_loopback(remote: str | None) -> bool:
-    try:
-        return remote is not None and ipaddress.ip_address(remote.split("%")[0]).is_loopback
-    except ValueError:
-        return remote is not None and remote.startswith("/")  # a unix socket is local
 
 
 def _registry_error(status: int, code: str, message: str) -> web.Response:
@@ -289,15 +282,7 @@ class RegistryMirror:
         """Send the registry's answer to the runtime as it arrives."""
         if refusals_only and answer.status < 400:
             return _registry_error(502, "UNAVAILABLE", f"the registry refused the blob, then answered {answer.status}")
-        response = web.StreamResponse(status=answer.status, reason=answer.reason)
-        for name, value in _forwarded(answer.headers):
-            response.headers.add(name, value)
-        await response.prepare(request)
-        if request.method != "HEAD":
-            async for chunk in answer.content.iter_any():
-                await response.write(chunk)
-        await response.write_eof()
-        return response
+        return await dragonfly.relay(request, answer)
 
     async def _blob(self, request: web.Request, download: DownloadRequest, task_id: str) -> web.StreamResponse:
         url = download.url

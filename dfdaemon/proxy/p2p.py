@@ -72,7 +72,7 @@ class P2PResponder:
             download, span = await self._ranged(request, download)
         except UnsatisfiableRange as exc:
             return error_response("proxy", 416, f"the range {exc} selects no byte of the content")
-        except (BackendError, SourceNotAllowed, InvalidDownload, UnsupportedURL) as exc:
+        except Exception as exc:
             return failure_response(exc)
         events = self.downloads.download(download)
         try:
