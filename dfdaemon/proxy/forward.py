@@ -99,7 +99,6 @@ class ForwardProxy:
         self._tunnels: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
-        await self.p2p.close()
         for task in list(self._tunnels):
             task.cancel()
         for task in list(self._tunnels):
@@ -148,11 +147,11 @@ class ForwardProxy:
             filtered_query_params=rule.filtered_query_params,
             blob_digest_ids=self.blob_digest_ids,
             disable_back_to_source=self.disable_back_to_source,
+            prefetch=self.prefetch,
             from_network=_from_network(request.remote),
             remote_ip=request.remote,
         )
-        prefetch = dragonfly.wants_prefetch(request.headers, hints, self.prefetch)
-        return await self.p2p.respond(request, download, prefetch)
+        return await self.p2p.respond(request, download)
 
     def _resolver(self, from_network: bool) -> PolicyResolver:
         """Resolves names for one kind of client, refusing any address the source policy forbids it."""

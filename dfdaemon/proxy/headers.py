@@ -8,7 +8,6 @@ refused here with a clear 400 (upstream answers such a request with a 500).
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -188,10 +187,12 @@ def download_request(
     filtered_query_params: tuple[str, ...],
     blob_digest_ids: bool,
     disable_back_to_source: bool,
+    prefetch: bool,
     from_network: bool,
     remote_ip: str | None,
 ) -> DownloadRequest:
-    """The download a proxied GET stands for: the rule's or mirror's defaults, overridden by the headers."""
+    """The download a proxied GET stands for: the rule's or mirror's defaults (``prefetch``: ``proxy.prefetch``),
+    overridden by the headers."""
     return DownloadRequest(
         url=url,
         tag=hints.tag,
@@ -211,14 +212,10 @@ def download_request(
             else hints.enable_task_id_based_blob_digest
         ),
         disable_back_to_source=disable_back_to_source,
+        prefetch=wants_prefetch(headers, hints, prefetch),
         from_network=from_network,
         remote_ip=remote_ip,
     )
-
-
-def without_range(request: DownloadRequest) -> DownloadRequest:
-    """The whole task of a ranged request, as a prefetch downloads it (no output file of its own)."""
-    return dataclasses.replace(request, range=None, output_path=None)
 
 
 def response_headers(started: Started, server_ip: str, span: tuple[int, int] | None) -> dict[str, str]:

@@ -194,8 +194,7 @@ class RegistryMirror:
             if task_id is not None and download.task_id() == task_id:
                 return await self._blob(request, download, task_id), "blob"
             if self.p2p is not None:  # the headers name another task than the blob's digest
-                prefetch = dragonfly.wants_prefetch(request.headers, hints, self.prefetch)
-                return await self.p2p.respond(request, download, prefetch), "p2p"
+                return await self.p2p.respond(request, download), "p2p"
         if task_id is not None and request.method == "HEAD":
             cached = await self._cached_blob_head(task_id)
             if cached is not None:
@@ -221,6 +220,7 @@ class RegistryMirror:
             filtered_query_params=(),
             blob_digest_ids=self.blobs_by_digest,
             disable_back_to_source=self.disable_back_to_source,
+            prefetch=self.prefetch,
             from_network=from_network,
             remote_ip=request.remote,
         )

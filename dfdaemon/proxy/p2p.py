@@ -10,7 +10,6 @@ held whole.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 from collections.abc import AsyncGenerator
@@ -52,22 +51,17 @@ def failure_response(error: Exception) -> web.Response:
 
 
 class P2PResponder:
-    """Streams P2P downloads to HTTP clients and runs the prefetches ranged requests ask for."""
+    """Streams P2P downloads to HTTP clients."""
 
     def __init__(self, storage: Storage, downloads: DownloadManager, *, server_ip: str) -> None:
         self.storage = storage
         self.downloads = downloads
         self.server_ip = server_ip
-        self._prefetches: dict[str, asyncio.Task[None]] = {}
 
-    async def close(self) -> None:
-        for task in list(self._prefetches.values()):
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+    async def respond(self, request: web.Request, download: DownloadRequest) -> web.StreamResponse:
+        """Answer ``request`` with the task ``download`` names: 200 with every byte, or 206 with its ``Range``.
 
-    async def respond(self, request: web.Request, download: DownloadRequest, prefetch: bool) -> web.StreamResponse:
-        """Answer ``request`` with the task ``download`` names: 200 with every byte, or 206 with its ``Range``."""
+        A ranged download with ``prefetch`` set goes on to fetch the whole task in the background (the manager's)."""
         try:
             download, span = await self._ranged(request, download)
         except UnsatisfiableRange as exc:
@@ -81,8 +75,6 @@ class P2PResponder:
             await events.aclose()
             return failure_response(exc)
         assert isinstance(started, Started)
-        if prefetch and download.range is not None:
-            self._prefetch(started.task_id, download)
         response = web.StreamResponse(
             status=206 if span is not None else 200,
             headers=dragonfly.response_headers(started, self.server_ip, span),
@@ -126,23 +118,6 @@ class P2PResponder:
             download.url, download.request_header, from_network=download.from_network
         )
         return info.content_length
-
-    def _prefetch(self, task_id: str, download: DownloadRequest) -> None:
-        """Fetch the whole task in the background, once per task at a time."""
-        if task_id in self._prefetches:
-            return
-        task = asyncio.create_task(self._run_prefetch(task_id, dragonfly.without_range(download)))
-        self._prefetches[task_id] = task
-        task.add_done_callback(lambda _: self._prefetches.pop(task_id, None))
-
-    async def _run_prefetch(self, task_id: str, download: DownloadRequest) -> None:
-        try:
-            async with contextlib.aclosing(self.downloads.download(download)) as events:
-                async for _ in events:
-                    pass
-            log.info("prefetch finished task=%s", task_id)
-        except Exception as exc:
-            log.warning("prefetch failed task=%s error=%s", task_id, exc)
 
     async def _send(
         self,
