@@ -13,10 +13,12 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from dfdaemon import ids
+from dfdaemon.api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc
 from dfdaemon.proxy import headers as dragonfly
 from tests.storage_support import seeded_bytes
 from tests.support import DaemonProcess, OriginProcess, dfctl_json, running_daemon, running_origin
@@ -46,7 +48,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     root = work / "origin"
     (root / "files").mkdir(parents=True)
     (root / "other").mkdir()
-    for name in ("tagged", "filtered", "sized", "content", "ranged", "prefetched", "written", "forced"):
+    for name in ("tagged", "filtered", "sized", "content", "ranged", "prefetched", "grpc", "written", "forced"):
         (root / "files" / f"{name}.bin").write_bytes(seeded_bytes(f"headers-{name}", SIZE))
     (root / "other" / "forced.bin").write_bytes(seeded_bytes("headers-other", 5 * MB))
     blob = seeded_bytes("headers-blob", 2 * MB)
@@ -180,22 +182,40 @@ def test_a_range_is_answered_206_with_the_origins_slice(node: Node) -> None:
     assert get(node.proxy, url, {"Range": f"bytes={SIZE}-"})[0] == 416
 
 
+def _task_finished(daemon: DaemonProcess, task_id: str) -> Callable[[], bool]:
+    def finished() -> bool:
+        tasks = dfctl_json(daemon, "task", "ls")["tasks"]
+        return any(task["task_id"] == task_id and task["state"] == "finished" for task in tasks)
+
+    return finished
+
+
 def test_prefetch_completes_the_task_so_a_full_request_does_not_reach_the_origin(node: Node) -> None:
     url = node.origin.url("files/prefetched.bin")
     task_id = ids.task_id(url, filtered_query_params=DEFAULT)
     status, _, body = get(node.proxy, url, {"Range": "bytes=0-99", "X-Dragonfly-Prefetch": "true"})
     assert (status, body) == (206, node.content("files/prefetched.bin")[:100])
-
-    def finished() -> bool:
-        tasks = dfctl_json(node.daemon, "task", "ls")
-        return any(task["task_id"] == task_id and task["state"] == "finished" for task in tasks["tasks"])
-
-    wait_until(finished, "the prefetch finished the whole task")
+    wait_until(_task_finished(node.daemon, task_id), "the prefetch finished the whole task")
     served = node.origin.bytes_served("files/prefetched.bin")
     status, headers, body = get(node.proxy, url)
     assert (status, headers["X-Dragonfly-Task-Download-Finished"]) == (200, "true")
     assert body == node.content("files/prefetched.bin")
     assert node.origin.bytes_served("files/prefetched.bin") == served  # zero bytes more from the origin
+
+
+def test_download_prefetch_over_grpc_completes_the_task_in_the_background(node: Node) -> None:
+    url = node.origin.url("files/grpc.bin")
+    download = common_pb2.Download(url=url, range=common_pb2.Range(start=10, length=90), prefetch=True)
+    with grpc.insecure_channel(f"unix:{node.daemon.socket_path}") as channel:
+        stub = dfdaemon_pb2_grpc.DfdaemonDownloadStub(channel)
+        ranged = list(stub.DownloadTask(dfdaemon_pb2.DownloadTaskRequest(download=download), timeout=60))
+        task_id = ranged[0].task_id
+        wait_until(_task_finished(node.daemon, task_id), "the prefetch finished the whole task")
+        served = node.origin.bytes_served("files/grpc.bin")
+        whole = common_pb2.Download(url=url)
+        again = list(stub.DownloadTask(dfdaemon_pb2.DownloadTaskRequest(download=whole), timeout=60))
+    assert again[0].download_task_started_response.is_finished
+    assert node.origin.bytes_served("files/grpc.bin") == served
 
 
 def test_output_path_writes_the_file_as_well(node: Node, tmp_path: Path) -> None:
