@@ -123,6 +123,8 @@ class ForwardProxy:
 
     async def _answer(self, request: web.Request) -> web.StreamResponse:
         """P2P when a rule or the Use-P2P header says so (GET only), else passed on."""
+        if request.method == "CONNECT":  # the front tunnels a CONNECT only as a connection's first request
+            return error_response("proxy", 400, "CONNECT must be the first request on its connection")
         url = request.url
         try:
             hints = dragonfly.parse_dragonfly_headers(request.headers)

@@ -441,7 +441,7 @@ class MirrorServer:
         self._server: asyncio.Server | None = None
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
-        if self.forward is not None and request.message.url.absolute:
+        if self.forward is not None and (request.method == "CONNECT" or request.message.url.absolute):
             return await self.forward.handle(request)
         return await self.mirror.handle(request)
 

@@ -96,7 +96,8 @@ class P2PResponder:
     async def _ranged(
         self, request: web.Request, download: DownloadRequest
     ) -> tuple[DownloadRequest, tuple[int, int] | None]:
-        """The download limited to the client's ``Range`` (first range only), and that inclusive span."""
+        """The download limited to the client's ``Range`` and that inclusive span; several ranges, another unit or a
+        malformed header get the whole content, as RFC 9110 allows (the mirror reads ranges the same way)."""
         header = request.headers.get("Range")
         if header is None:
             return download, None
