@@ -103,6 +103,12 @@ def test_a_rule_sends_a_get_through_the_p2p_network_so_two_daemons_fetch_the_ori
     assert proxies.origin.bytes_served("p2p/shared.bin") == P2P_SIZE
 
 
+def test_an_origin_refusal_on_the_p2p_path_keeps_its_status_and_says_backend(proxies: Proxies) -> None:
+    status, headers, _ = through(proxies.proxy(), proxies.origin.url("p2p/absent.bin"))
+    assert status == 404
+    assert headers["X-Dragonfly-Error-Type"] == "backend"
+
+
 def test_a_url_no_rule_matches_is_passed_through_unchanged(proxies: Proxies) -> None:
     url = proxies.origin.url("direct/plain.txt")
     status, headers, body = through(proxies.proxy(), url)
