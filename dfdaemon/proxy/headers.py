@@ -62,7 +62,7 @@ HOP_BY_HOP = frozenset(
 # Headers the daemon sets itself on every origin request of a task, so a client's copy is not passed on.
 _SET_BY_DAEMON = frozenset({"content-length", "range", "if-range", "accept-encoding"})
 # Origin response headers that describe that one exchange, replaced by the proxy's own.
-_EXCHANGE_HEADERS = frozenset({"content-length", "content-range", "content-encoding", "accept-ranges"})
+_EXCHANGE_HEADERS = HOP_BY_HOP | {"content-length", "content-range", "accept-ranges"}
 
 
 class InvalidDragonflyHeader(ValueError):
@@ -221,7 +221,6 @@ def download_request(
 def response_headers(started: Started, server_ip: str, span: tuple[int, int] | None) -> dict[str, str]:
     """A P2P answer's headers: the origin's content headers, the length sent, and which task served it."""
     headers = {name: value for name, value in started.response_header.items() if name.lower() not in _EXCHANGE_HEADERS}
-    headers = {name: value for name, value in headers.items() if name.lower() not in HOP_BY_HOP}
     first, last = span if span is not None else (0, started.content_length - 1)
     headers["Content-Length"] = str(max(0, last - first + 1))
     headers["Accept-Ranges"] = "bytes"
