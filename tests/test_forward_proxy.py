@@ -244,3 +244,13 @@ def test_use_tls_and_redirect_change_where_the_task_fetches_from() -> None:
     assert download_url(url, Rule(re.compile(""), use_tls=True)) == "https://example.com/a%20b/file.bin?x=1"
     redirected = Rule(re.compile(""), redirect="mirror.internal:8080")
     assert download_url(url, redirected) == "http://mirror.internal:8080/a%20b/file.bin?x=1"
+
+
+def test_forward_requests_are_counted_by_route(proxies: Proxies) -> None:
+    assert through(proxies.proxy(), proxies.origin.url("direct/plain.txt"))[0] == 200
+    assert through(proxies.proxy(), proxies.origin.url("p2p/shared.bin"), {"Range": "bytes=0-9"})[0] == 206
+    port = proxies.daemons[0].metrics_port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    assert re.search(r'dfdaemon_proxy_requests_total\{route="forward",status="200"\} [1-9]', text)
+    assert re.search(r'dfdaemon_proxy_requests_total\{route="p2p",status="206"\} [1-9]', text)

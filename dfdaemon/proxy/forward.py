@@ -28,6 +28,7 @@ from dfdaemon.ids import DEFAULT_FILTERED_QUERY_PARAMS
 from dfdaemon.proxy import headers as dragonfly
 from dfdaemon.proxy.p2p import P2PResponder, error_response
 from dfdaemon.storage import Storage
+from dfdaemon.telemetry import metrics, tracing
 
 log = logging.getLogger("dfdaemon.proxy")
 
@@ -113,27 +114,36 @@ class ForwardProxy:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """One absolute-form request; a client that left, or an origin that broke off mid-answer, cuts the line."""
+        route, status = "refused", "aborted"
         try:
-            return await self._answer(request)
+            with tracing.span("proxy.request", method=request.method, path=request.path) as current:
+                response, route = await self._answer(request)
+                status = str(response.status)
+                current.set_attribute("dragonfly.route", route)
+                current.set_attribute("http.response.status_code", response.status)
+            return response
         except (ConnectionError, aiohttp.ClientError, TimeoutError) as exc:
             log.info("%s %s broke off: %s", request.method, request.url, exc or type(exc).__name__)
             if request.transport is not None:
                 request.transport.abort()
             return web.Response(status=499)  # never sent: the connection is gone
+        finally:
+            metrics.PROXY_REQUESTS.labels(route, status).inc()
 
-    async def _answer(self, request: web.Request) -> web.StreamResponse:
-        """P2P when a rule or the Use-P2P header says so (GET only), else passed on."""
+    async def _answer(self, request: web.Request) -> tuple[web.StreamResponse, str]:
+        """The response, and which way it went: "p2p" (a rule or the Use-P2P header, GET only), "forward" (passed
+        to the origin) or "refused"."""
         if request.method == "CONNECT":  # the front tunnels a CONNECT only as a connection's first request
-            return error_response("proxy", 400, "CONNECT must be the first request on its connection")
+            return error_response("proxy", 400, "CONNECT must be the first request on its connection"), "refused"
         url = request.url
         try:
             hints = dragonfly.parse_dragonfly_headers(request.headers)
         except dragonfly.InvalidDragonflyHeader as exc:
-            return error_response("proxy", 400, str(exc))
+            return error_response("proxy", 400, str(exc)), "refused"
         rule = matching_rule(self.rules, url) or (_DEFAULT_RULE if hints.use_p2p else None)
         if rule is not None and request.method == "GET":
-            return await self._p2p(request, url, rule, hints)
-        return await self._pass(request, str(url))
+            return await self._p2p(request, url, rule, hints), "p2p"
+        return await self._pass(request, str(url)), "forward"
 
     async def _p2p(
         self, request: web.Request, url: URL, rule: Rule, hints: dragonfly.DragonflyHeaders
