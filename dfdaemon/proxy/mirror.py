@@ -193,7 +193,8 @@ class RegistryMirror:
             download = self._download(request, url, hints, from_network)
             if task_id is not None and download.task_id() == task_id:
                 return await self._blob(request, download, task_id), "blob"
-            if self.p2p is not None:  # the headers name another task than the blob's digest
+            # The headers name another task than the blob's digest, or ask for URL-named blobs, or force P2P.
+            if self.p2p is not None and (task_id is not None or not by_digest or hints.use_p2p):
                 return await self.p2p.respond(request, download), "p2p"
         if task_id is not None and request.method == "HEAD":
             cached = await self._cached_blob_head(task_id)
