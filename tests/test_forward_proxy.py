@@ -12,6 +12,7 @@ import http.server
 import json
 import re
 import shutil
+import socket
 import ssl
 import subprocess
 import threading
@@ -254,3 +255,15 @@ def test_forward_requests_are_counted_by_route(proxies: Proxies) -> None:
         text = response.read().decode()
     assert re.search(r'dfdaemon_proxy_requests_total\{route="forward",status="200"\} [1-9]', text)
     assert re.search(r'dfdaemon_proxy_requests_total\{route="p2p",status="206"\} [1-9]', text)
+
+
+def test_a_connect_without_a_port_is_refused_with_a_clear_400(proxies: Proxies) -> None:
+    with socket.create_connection(("127.0.0.1", proxies.daemons[0].proxy_port or 0), timeout=10) as conn:
+        conn.sendall(b"CONNECT example.com HTTP/1.1\r\nHost: example.com\r\n\r\n")
+        answer = b""
+        while chunk := conn.recv(4096):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400")
+    assert b"x-dragonfly-error-type: proxy" in head.lower()
+    assert b"host:port" in body
