@@ -58,6 +58,7 @@ def proxies(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxies]:
     (root / "direct").mkdir()
     (root / "p2p" / "shared.bin").write_bytes(seeded_bytes("forward-shared", P2P_SIZE))
     (root / "direct" / "plain.txt").write_bytes(b"not a task\n")
+    (root / "p2p" / "counted.bin").write_bytes(seeded_bytes("forward-counted", 1000))  # each test its own file
     with ExitStack() as stack:
         origin = stack.enter_context(running_origin(root))
         scheduler = stack.enter_context(running_scheduler(work / "scheduler"))
@@ -249,7 +250,7 @@ def test_use_tls_and_redirect_change_where_the_task_fetches_from() -> None:
 
 def test_forward_requests_are_counted_by_route(proxies: Proxies) -> None:
     assert through(proxies.proxy(), proxies.origin.url("direct/plain.txt"))[0] == 200
-    assert through(proxies.proxy(), proxies.origin.url("p2p/shared.bin"), {"Range": "bytes=0-9"})[0] == 206
+    assert through(proxies.proxy(), proxies.origin.url("p2p/counted.bin"), {"Range": "bytes=0-9"})[0] == 206
     port = proxies.daemons[0].metrics_port
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         text = response.read().decode()

@@ -35,6 +35,8 @@ log = logging.getLogger("dfdaemon.proxy")
 # The longest CONNECT request head the front reads before giving up on it.
 _MAX_HEAD = 16 * 1024
 _TUNNEL_CHUNK = 256 * 1024
+# Seconds a new connection has to send its first request head.
+_FIRST_REQUEST_TIMEOUT = 60.0
 _CONNECT_LINE = re.compile(rb"CONNECT ([^\s]+) HTTP/1\.[01]\r?\n")
 _AUTHORITY = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(?P<port>[0-9]{1,5})")
 
@@ -289,10 +291,13 @@ class Front(asyncio.Protocol):
         self._proxy = proxy
         self._transport: asyncio.Transport | None = None
         self._head = b""
+        self._idle: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
+        # A connection that never says what it is would otherwise be held open for good.
+        self._idle = asyncio.get_running_loop().call_later(_FIRST_REQUEST_TIMEOUT, transport.close)
 
     def data_received(self, data: bytes) -> None:
         assert self._transport is not None
@@ -307,14 +312,16 @@ class Front(asyncio.Protocol):
 
     def _hand_over(self) -> None:
         """Give the connection, and what was read of it, to the aiohttp server."""
-        assert self._transport is not None
+        assert self._transport is not None and self._idle is not None
+        self._idle.cancel()
         protocol = self._http()
         self._transport.set_protocol(protocol)
         protocol.connection_made(self._transport)
         protocol.data_received(self._head)
 
     def _tunnel(self) -> None:
-        assert self._transport is not None
+        assert self._transport is not None and self._idle is not None
+        self._idle.cancel()
         transport, head = self._transport, self._head
         reader = asyncio.StreamReader(limit=_TUNNEL_CHUNK)
         protocol = asyncio.StreamReaderProtocol(reader)
@@ -328,6 +335,8 @@ class Front(asyncio.Protocol):
         self._proxy.start_tunnel(head, reader, writer)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
         self._transport = None
 
 
