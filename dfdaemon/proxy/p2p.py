@@ -127,17 +127,24 @@ class P2PResponder:
         started: Started,
         span: tuple[int, int] | None,
     ) -> None:
-        """Write the wanted bytes in offset order, each piece as soon as it and those before it are stored."""
+        """Write the wanted bytes in offset order, each piece as soon as it and those before it are stored.
+
+        The last piece goes out only once the download has ended, so that what it settles at its end (the output
+        file of ``X-Dragonfly-Output-Path``, or a failure) is settled before the client holds the whole body.
+        """
         first, last = span if span is not None else (0, started.content_length - 1)
         pending = sorted(started.pieces, key=lambda piece: piece.offset)
         arrived: set[int] = set()
         async for event in events:
             assert isinstance(event, PieceDone)
             arrived.add(event.piece.number)
-            while pending and pending[0].number in arrived:
+            while len(pending) > 1 and pending[0].number in arrived:
                 await self._write_piece(response, started.task_id, pending.pop(0), first, last + 1)
-        if pending:
-            raise RuntimeError(f"task {started.task_id} ended without pieces {[p.number for p in pending[:10]]}")
+        missing = [piece.number for piece in pending if piece.number not in arrived]
+        if missing:
+            raise RuntimeError(f"task {started.task_id} ended without pieces {missing[:10]}")
+        for piece in pending:
+            await self._write_piece(response, started.task_id, piece, first, last + 1)
         await response.write_eof()
 
     async def _write_piece(
