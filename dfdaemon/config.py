@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -28,6 +29,7 @@ from pydantic.alias_generators import to_camel
 
 from dfdaemon.cluster.addresses import manager_target
 from dfdaemon.config_upstream import UnknownKey, ignored_warning, reconcile
+from dfdaemon.ids import DEFAULT_FILTERED_QUERY_PARAMS
 from dfdaemon.units import parse_duration, parse_size
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
@@ -289,8 +291,28 @@ class RegistryMirrorConfig(_Section):
         return self
 
 
+class ProxyRuleConfig(_Section):
+    """One ``proxy.rules`` entry: GETs whose URL (without query) matches ``regex`` go through the P2P network."""
+
+    regex: str
+    use_tls: bool = Field(default=False, alias="useTLS")
+    redirect: str | None = None
+    # Upstream's default: the query keys of presigned URLs (S3, GCS, OSS, OBS, COS) and ``ns``.
+    filtered_query_params: list[str] = list(DEFAULT_FILTERED_QUERY_PARAMS)
+
+    @field_validator("regex")
+    @classmethod
+    def _regex_compiles(cls, regex: str) -> str:
+        try:
+            re.compile(regex)
+        except re.error as exc:
+            raise ValueError(f"{regex!r} is not a regular expression: {exc}") from None
+        return regex
+
+
 class ProxyConfig(_Section):
-    """The registry mirror: blobs go through the P2P network, everything else straight to the registry."""
+    """The registry mirror and the HTTP forward proxy, on one port: blobs and rule-matching GETs go through the P2P
+    network, everything else straight to the registry or origin."""
 
     # Ours: set false to run without the mirror.
     enable: bool = True
@@ -298,6 +320,10 @@ class ProxyConfig(_Section):
     registry_mirror: RegistryMirrorConfig = RegistryMirrorConfig()
     # Blobs come only from peers; a blob no peer has fails (upstream's key).
     disable_back_to_source: bool = False
+    # Forward proxy: which URLs become P2P tasks (first match wins).
+    rules: list[ProxyRuleConfig] = []
+    # A ranged GET through the P2P network also fetches the whole task in the background (X-Dragonfly-Prefetch wins).
+    prefetch: bool = False
 
 
 class ContainerdConfig(_Section):

@@ -32,6 +32,7 @@ from dfdaemon.download import DownloadManager
 from dfdaemon.download.scheduled import ScheduledFetch
 from dfdaemon.gc import GarbageCollector, GCPolicy, publish_usage
 from dfdaemon.proxy import MirrorServer, RegistryMirror
+from dfdaemon.proxy.forward import forward_proxy
 from dfdaemon.rpc import download, ext, upload
 from dfdaemon.rpc.peer_client import GrpcParentClient
 from dfdaemon.rpc.scheduler_client import HostInfo, SchedulerClient
@@ -452,9 +453,10 @@ async def _stop_runtime_sync(runtime_sync: RuntimeSync) -> None:
 
 
 async def _start_mirror(config: ProxyConfig, storage: Storage, downloads: DownloadManager) -> MirrorServer | None:
-    """The registry mirror (``proxy``): blobs through the P2P network, the rest straight to the registry."""
+    """The registry mirror and forward proxy (``proxy``): blobs and rule-matching GETs through the P2P network."""
     if not config.enable:
         return None
+    forward = forward_proxy(config, storage, downloads)
     mirror = RegistryMirror(
         storage,
         downloads,
@@ -464,8 +466,10 @@ async def _start_mirror(config: ProxyConfig, storage: Storage, downloads: Downlo
         public_registries=frozenset(config.registry_mirror.public_registries),
         blobs_by_digest=config.registry_mirror.enable_task_id_based_blob_digest,
         disable_back_to_source=config.disable_back_to_source,
+        p2p=forward.p2p,
+        prefetch=config.prefetch,
     )
-    server = MirrorServer(mirror)
+    server = MirrorServer(mirror, forward)
     try:
         port = await server.start(config.server.ip, config.server.port)
     except OSError as exc:

@@ -4,10 +4,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 
-# The real-registry and containerd tests need these Debian packages; install them when missing and we may
+# The real-registry, containerd and forward-proxy (curl) tests need these Debian packages; install them when missing and we may
 # (root, or password-less sudo). Without them those tests skip, so this step never fails the setup.
 missing=""
-for bin in containerd runc docker-registry busybox; do
+for bin in containerd runc docker-registry busybox curl; do
     command -v "$bin" >/dev/null 2>&1 || [ -x "/usr/sbin/$bin" ] || [ -x "/usr/bin/$bin" ] || missing="$missing $bin"
 done
 if [ -n "$missing" ]; then
@@ -19,7 +19,7 @@ if [ -n "$missing" ]; then
     fi
     if [ -z "$as_root" ] || ! { $as_root apt-get update -qq &&
         $as_root DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-            containerd runc docker-registry busybox-static; } >/dev/null 2>&1; then
+            containerd runc docker-registry busybox-static curl; } >/dev/null 2>&1; then
         echo "setup: could not install${missing}; the real-registry and containerd tests will skip" >&2
     fi
 fi

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -122,6 +123,8 @@ class DownloadRequest:
     remote_ip: str | None = None
     # Set by the server, not the caller: the request came over the network (the upload server).
     from_network: bool = False
+    # Upstream's Download.prefetch: a ranged request also fetches the whole task in the background.
+    prefetch: bool = False
 
     def task_id(self) -> str:
         return ids.task_id(
@@ -257,8 +260,13 @@ class DownloadManager:
         self.fetch_missing: PieceFetcher = self.back_to_source
         self._jobs: dict[str, TaskJob] = {}
         self._taps: dict[str, set[ByteTap]] = {}
+        self._prefetches: dict[str, asyncio.Task[None]] = {}
 
     async def close(self) -> None:
+        for prefetch in list(self._prefetches.values()):
+            prefetch.cancel()
+            with contextlib.suppress(BaseException):
+                await prefetch
         for job in list(self._jobs.values()):
             if job.runner is not None:
                 job.runner.cancel()
@@ -316,6 +324,8 @@ class DownloadManager:
             # Closed explicitly, so that an abandoned request lets go of the task at once.
             async with contextlib.aclosing(self._download(request)) as events:
                 async for event in events:
+                    if isinstance(event, Started) and request.prefetch and event.range is not None:
+                        self._prefetch(event.task_id, request)
                     if isinstance(event, PieceDone):
                         metrics.DOWNLOAD_PIECES.labels(TRAFFIC_NAMES[event.traffic_type]).inc()
                         if event.traffic_type == TrafficType.LOCAL_PEER:
@@ -324,6 +334,30 @@ class DownloadManager:
             result = "success"
         finally:
             metrics.DOWNLOADS.labels(result).inc()
+
+    def _prefetch(self, task_id: str, request: DownloadRequest) -> None:
+        """Fetch the whole task of a ranged request in the background, once per task at a time (upstream's prefetch)."""
+        if task_id in self._prefetches:
+            return
+        whole = dataclasses.replace(
+            request,
+            range=None,
+            prefetch=False,
+            output_path=None,
+            request_header={k: v for k, v in request.request_header.items() if k.lower() != "range"},
+        )
+        prefetch = asyncio.create_task(self._run_prefetch(task_id, whole), name=f"prefetch-{task_id[:12]}")
+        self._prefetches[task_id] = prefetch
+        prefetch.add_done_callback(lambda _: self._prefetches.pop(task_id, None))
+
+    async def _run_prefetch(self, task_id: str, request: DownloadRequest) -> None:
+        try:
+            async with contextlib.aclosing(self.download(request)) as events:
+                async for _ in events:
+                    pass
+            log.info("prefetch finished task=%s", task_id)
+        except Exception as exc:
+            log.warning("prefetch failed task=%s error=%s", task_id, exc)
 
     async def _download(self, request: DownloadRequest) -> AsyncGenerator[Started | PieceDone, None]:
         task_id = await self._admit(request)

@@ -16,49 +16,40 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
+import dataclasses
 import json
 import logging
 import re
 import socket
 from collections.abc import AsyncGenerator
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import urlencode, urlsplit
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDictProxy
 
 from dfdaemon import ids
 from dfdaemon.admission import Busy
-from dfdaemon.backend import BackendError, OriginClient, SourceNotAllowed, SourcePolicy, UnsupportedURL, header_text
+from dfdaemon.backend import BackendError, OriginClient, SourceNotAllowed, SourcePolicy, UnsupportedURL
 from dfdaemon.download import DownloadManager, DownloadRequest, InvalidDownload, PieceDone, Started
 from dfdaemon.download.source import ByteTap
 from dfdaemon.ids import PieceSpan
+from dfdaemon.proxy import headers as dragonfly
 from dfdaemon.proxy.access import AccessMemory
 from dfdaemon.proxy.cache import FileState, IntactFiles, file_state, open_content, rotten_pieces, send_range
+from dfdaemon.proxy.headers import end_to_end as _forwarded
+from dfdaemon.proxy.headers import is_loopback as _is_loopback
 from dfdaemon.storage import PieceCorrupt, PieceRecord, Storage, StorageFull, TaskState
 from dfdaemon.telemetry import metrics, tracing
+
+if TYPE_CHECKING:
+    from dfdaemon.proxy.forward import ForwardProxy
+    from dfdaemon.proxy.p2p import P2PResponder
 
 log = logging.getLogger("dfdaemon.proxy")
 
 _BLOB_PATH = re.compile(r"/v2/(?P<name>(?:[^/]+/)*[^/]+)/blobs/(?P<digest>[^/]+)")
-# Headers that describe one connection, not the message (RFC 9110 7.6.1), plus the ones each side sets itself.
-_HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-    }
-)
 # Docker Hub is named "docker.io" in image references, but its API lives elsewhere.
 _REGISTRY_ALIASES = {"docker.io": "registry-1.docker.io", "index.docker.io": "registry-1.docker.io"}
 # Bytes of a blob that reach the client only once the blob is verified (its digest, or its cached pieces' CRCs).
@@ -106,30 +97,10 @@ def parse_range(header: str | None, length: int) -> tuple[int, int] | None:
     return start, min(int(last), length - 1) if last else length - 1
 
 
-def _is_loopback(remote: str | None) -> bool:
-    try:
-        return remote is not None and ipaddress.ip_address(remote.split("%")[0]).is_loopback
-    except ValueError:
-        return remote is not None and remote.startswith("/")  # a unix socket is local
-
-
 def _registry_error(status: int, code: str, message: str) -> web.Response:
     """An error in the registry API's own shape, so a runtime prints the message."""
     body = json.dumps({"errors": [{"code": code, "message": message}]})
     return web.Response(status=status, text=body, content_type="application/json")
-
-
-def _forwarded(headers: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
-    """The end-to-end headers: without hop-by-hop ones, including those the Connection header names.
-
-    UTF-8 values pass as they came; bytes that are not UTF-8 go on as their Latin-1 reading, since aiohttp
-    writes headers as UTF-8 and would otherwise drop them.
-    """
-    items = list(headers.items())
-    named = {
-        token.strip().lower() for name, value in items if name.lower() == "connection" for token in value.split(",")
-    }
-    return [(name, header_text(value)) for name, value in items if name.lower() not in _HOP_BY_HOP | named]
 
 
 def _has_dot_segment(path: str) -> bool:
@@ -151,7 +122,10 @@ class RegistryMirror:
         blobs_by_digest: bool = True,
         disable_back_to_source: bool = False,
         timeout: float = 60.0,
+        p2p: P2PResponder | None = None,
+        prefetch: bool = False,
     ) -> None:
+        """``p2p`` serves GETs whose headers name a task other than a blob's digest (and ``X-Dragonfly-Use-P2P``)."""
         self.storage = storage
         self.downloads = downloads
         self.policy = policy
@@ -163,6 +137,8 @@ class RegistryMirror:
         self.intact = IntactFiles()
         self.blobs_by_digest = blobs_by_digest
         self.disable_back_to_source = disable_back_to_source
+        self.p2p = p2p
+        self.prefetch = prefetch
         # The back-to-source policy holds at connect time here too; redirects are the runtime's to follow (they
         # may lead to storage the registry signs for it).
         self.client = OriginClient(policy, timeout=timeout, pass_through=True)
@@ -202,10 +178,16 @@ class RegistryMirror:
             response.headers["Allow"] = "GET, HEAD"
             return response, "refused"
         try:
-            base = upstream_base(request.query.get("ns"), self.default_registry, self.insecure_registries)
+            hints = dragonfly.parse_dragonfly_headers(request.headers)
+            base = self._registry(request, hints)
         except ValueError as exc:
             return _registry_error(400, "UNSUPPORTED", str(exc)), "refused"
-        task_id = self._blob_task_id(request)
+        by_digest = (
+            self.blobs_by_digest
+            if hints.enable_task_id_based_blob_digest is None
+            else hints.enable_task_id_based_blob_digest
+        )
+        task_id = self._blob_task_id(request, by_digest)
         # A blob's URL is spelled from the decoded path, so that the task is named (and checked) by its digest.
         path = request.path if task_id is not None else request.raw_path.split("?", 1)[0]
         query = [(key, value) for key, value in request.query.items() if key != "ns"]
@@ -219,24 +201,66 @@ class RegistryMirror:
             return _registry_error(502, "UNAVAILABLE", str(exc)), "refused"
         except UnsupportedURL as exc:
             return _registry_error(400, "UNSUPPORTED", str(exc)), "refused"
-        if task_id is not None:
-            return await self._blob_request(request, base, url, task_id, from_network)
+        if request.method == "GET" and (_BLOB_PATH.fullmatch(request.path) or hints.use_p2p):
+            download = self._download(request, url, hints, from_network)
+            if task_id is not None and download.task_id() == task_id:
+                return await self._blob_get(request, base, download, task_id), "blob"
+            # The headers name another task than the blob's digest, or ask for URL-named blobs, or force P2P.
+            if self.p2p is not None and (task_id is not None or not by_digest or hints.use_p2p):
+                return await self._p2p_get(request, base, download), "p2p"
+        if task_id is not None and request.method == "HEAD":
+            cached = await self._cached_blob_head(request, base, url, task_id)
+            if cached is not None:
+                return cached, "blob"
         return await self._pass(request, url), "registry"
 
-    async def _blob_request(
-        self, request: web.Request, base: str, url: str, task_id: str, from_network: bool
-    ) -> tuple[web.StreamResponse, str]:
-        """A blob's GET (the cache or the P2P network) or HEAD (the cache, else the registry)."""
-        if request.method == "GET":
-            confirming = self._confirming(request, base, url)  # asked while the blob is looked up
+    def _registry(self, request: web.Request, hints: dragonfly.DragonflyHeaders) -> str:
+        """The registry's base URL: ``X-Dragonfly-Registry`` (a URL, or a host like ``ns``), else ``ns``, else the
+        configured one, in upstream's order."""
+        if hints.registry and hints.registry.startswith(("http://", "https://")):
+            return hints.registry.rstrip("/")
+        return upstream_base(hints.registry or request.query.get("ns"), self.default_registry, self.insecure_registries)
+
+    def _download(
+        self, request: web.Request, url: str, hints: dragonfly.DragonflyHeaders, from_network: bool
+    ) -> DownloadRequest:
+        """A blob's download as the headers shape it; only the client's credentials go on to the registry."""
+        authorization = request.headers.get("Authorization")
+        download = dragonfly.download_request(
+            url,
+            request.headers,
+            hints,
+            filtered_query_params=(),
+            blob_digest_ids=self.blobs_by_digest,
+            disable_back_to_source=self.disable_back_to_source,
+            prefetch=self.prefetch,
+            from_network=from_network,
+            remote_ip=request.remote,
+        )
+        return dataclasses.replace(download, request_header={"Authorization": authorization} if authorization else {})
+
+    async def _blob_get(
+        self, request: web.Request, base: str, download: DownloadRequest, task_id: str
+    ) -> web.StreamResponse:
+        """A blob named by its digest: from the cache, or through the P2P network as it arrives."""
+        confirming = self._confirming(request, base, download.url)  # asked while the blob is looked up
+        try:
+            return await self._blob(request, download, task_id, confirming)
+        finally:
+            _abandon(confirming)
+
+    async def _p2p_get(self, request: web.Request, base: str, download: DownloadRequest) -> web.StreamResponse:
+        """A task the headers name otherwise; a blob's still only for clients the registry lets read it."""
+        if _BLOB_PATH.fullmatch(request.path) is not None:
+            confirming = self._confirming(request, base, download.url)
             try:
-                return await self._blob(request, url, task_id, from_network, confirming), "blob"
+                denial = await self._denial(request, download.url, confirming)
             finally:
                 _abandon(confirming)
-        cached = await self._cached_blob_head(request, base, url, task_id)
-        if cached is not None:
-            return cached, "blob"
-        return await self._pass(request, url), "registry"
+            if denial is not None:
+                return denial
+        assert self.p2p is not None
+        return await self.p2p.respond(request, download)
 
     def _confirming(self, request: web.Request, base: str, url: str) -> asyncio.Task[int | None] | None:
         """Ask the registry whether this client may read the blob; None when there is no need to ask.
@@ -284,9 +308,9 @@ class RegistryMirror:
             return None
         return await self._pass(request, url, refusals_only=True)
 
-    def _blob_task_id(self, request: web.Request) -> str | None:
+    def _blob_task_id(self, request: web.Request, by_digest: bool) -> str | None:
         match = _BLOB_PATH.fullmatch(request.path)
-        if not self.blobs_by_digest or match is None:
+        if not by_digest or match is None:
             return None
         try:
             return ids.blob_digest_task_id(match.group("digest"))
@@ -353,35 +377,19 @@ class RegistryMirror:
         """Send the registry's answer to the runtime as it arrives."""
         if refusals_only and answer.status < 400:
             return _registry_error(502, "UNAVAILABLE", f"the registry refused the blob, then answered {answer.status}")
-        response = web.StreamResponse(status=answer.status, reason=answer.reason)
-        for name, value in _forwarded(answer.headers):
-            response.headers.add(name, value)
-        await response.prepare(request)
-        if request.method != "HEAD":
-            async for chunk in answer.content.iter_any():
-                await response.write(chunk)
-        await response.write_eof()
-        return response
+        return await dragonfly.relay(request, answer)
 
     async def _blob(
         self,
         request: web.Request,
-        url: str,
+        download: DownloadRequest,
         task_id: str,
-        from_network: bool,
         confirming: asyncio.Task[int | None] | None,
     ) -> web.StreamResponse:
+        url = download.url
         cached = await self._from_cache(request, url, task_id, confirming)
         if cached is not None:
             return cached
-        authorization = request.headers.get("Authorization")
-        download = DownloadRequest(
-            url=url,
-            request_header={"Authorization": authorization} if authorization else {},
-            enable_task_id_based_blob_digest=True,
-            disable_back_to_source=self.disable_back_to_source,
-            from_network=from_network,
-        )
         with self.downloads.tap(task_id) as tap:  # taken before the download starts: no early byte is missed
             events = self.downloads.download(download)
             try:
@@ -616,15 +624,26 @@ class _Arrivals:
 
 
 class MirrorServer:
-    """The HTTP server around a :class:`RegistryMirror`."""
+    """The HTTP server around a :class:`RegistryMirror` and, when given, the forward proxy on the same port.
 
-    def __init__(self, mirror: RegistryMirror) -> None:
+    Requests in absolute form (``GET http://host/path``) and CONNECT go to the forward proxy, the rest to the mirror,
+    as upstream tells them apart.
+    """
+
+    def __init__(self, mirror: RegistryMirror, forward: ForwardProxy | None = None) -> None:
         self.mirror = mirror
+        self.forward = forward
         self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        if self.forward is not None and (request.method == "CONNECT" or request.message.url.absolute):
+            return await self.forward.handle(request)
+        return await self.mirror.handle(request)
 
     async def start(self, ip: str, port: int) -> int:
         app = web.Application()
-        app.router.add_route("*", "/{path:.*}", self.mirror.handle)
+        app.router.add_route("*", "/{path:.*}", self._dispatch)
         family = socket.AF_INET6 if ":" in ip else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -635,10 +654,27 @@ class MirrorServer:
             raise
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        await web.SockSite(self._runner, sock, shutdown_timeout=1.0).start()
+        if self.forward is None:
+            await web.SockSite(self._runner, sock, shutdown_timeout=1.0).start()
+        else:
+            self._server = await self._front(sock)
         return int(sock.getsockname()[1])
 
+    async def _front(self, sock: socket.socket) -> asyncio.Server:
+        """Listen through the forward proxy's front, which keeps CONNECT and hands the rest to aiohttp."""
+        from dfdaemon.proxy.forward import Front  # the forward proxy builds on this module
+
+        assert self._runner is not None and self._runner.server is not None and self.forward is not None
+        http, forward = self._runner.server, self.forward
+        sock.listen(128)
+        return await asyncio.get_running_loop().create_server(lambda: Front(http, forward), sock=sock)
+
     async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        if self.forward is not None:
+            await self.forward.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -279,6 +279,7 @@ def download_request(download: common_pb2.Download, *, from_network: bool = Fals
         overwrite=download.overwrite,
         enable_task_id_based_blob_digest=download.enable_task_id_based_blob_digest,
         priority=download.priority,
+        prefetch=download.prefetch,
         from_network=from_network,
         **{name: getattr(download, name) if download.HasField(name) else None for name in _OPTIONAL_DOWNLOAD_FIELDS},
     )
@@ -299,6 +300,7 @@ def download(request: DownloadRequest) -> common_pb2.Download:
         overwrite=request.overwrite,
         enable_task_id_based_blob_digest=request.enable_task_id_based_blob_digest,
         priority=common_pb2.Priority.ValueType(request.priority),
+        prefetch=request.prefetch,
     )
     for name in _OPTIONAL_DOWNLOAD_FIELDS:
         value = getattr(request, name)

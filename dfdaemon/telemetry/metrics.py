@@ -65,7 +65,7 @@ GC_EVICTED_BYTES = Counter(
 
 PROXY_REQUESTS = Counter(
     "dfdaemon_proxy_requests_total",
-    "Registry mirror requests, by route (blob, registry, refused) and HTTP status.",
+    "Registry mirror and forward proxy requests, by route (blob, registry, p2p, forward, refused) and HTTP status.",
     ["route", "status"],
     registry=REGISTRY,
 )
