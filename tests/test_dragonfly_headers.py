@@ -177,6 +177,8 @@ def test_a_range_is_answered_206_with_the_origins_slice(node: Node) -> None:
     assert headers["Content-Range"] == f"bytes 5000000-5000099/{SIZE}"
     assert body == node.content("files/ranged.bin")[5_000_000:5_000_100]
     assert headers["X-Dragonfly-Task-ID"] == ids.task_id(url, filtered_query_params=DEFAULT)
+    # Only the piece covering those bytes (the second 4 MiB piece) came from the origin.
+    assert node.origin.bytes_served("files/ranged.bin") == 4 * MIB
     suffix = get(node.proxy, url, {"Range": "bytes=-10"})
     assert (suffix[0], suffix[2]) == (206, node.content("files/ranged.bin")[-10:])
     assert get(node.proxy, url, {"Range": f"bytes={SIZE}-"})[0] == 416
