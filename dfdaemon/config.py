@@ -27,6 +27,8 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+# detect_ip lives with the addresses, where dfget imports it without the configuration models (pydantic).
+from dfdaemon.cluster.addresses import detect_ip as detect_ip
 from dfdaemon.cluster.addresses import manager_target
 from dfdaemon.config_upstream import UnknownKey, ignored_warning, reconcile
 from dfdaemon.ids import DEFAULT_FILTERED_QUERY_PARAMS
@@ -384,16 +386,6 @@ class Config(_Section):
 
     def hostname(self) -> str:
         return self.host.hostname or socket.gethostname()
-
-
-def detect_ip() -> str:
-    """Pick the IP of the default route's interface without sending anything."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: connect() on UDP sends no packet
-            return str(probe.getsockname()[0])
-        except OSError:
-            return "127.0.0.1"
 
 
 def _location(loc: tuple[int | str, ...]) -> str:

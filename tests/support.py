@@ -14,7 +14,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -272,9 +272,13 @@ class SchedulerProcess:
     proc: subprocess.Popen[bytes]
     address: str
     log_path: Path
+    channel: grpc.Channel | None = field(default=None, repr=False)
 
     def stub(self) -> scheduler_pb2_grpc.SchedulerStub:
-        return scheduler_pb2_grpc.SchedulerStub(grpc.insecure_channel(self.address))
+        """A stub on the one channel this process's tests share (closed when the scheduler stops)."""
+        if self.channel is None:
+            self.channel = grpc.insecure_channel(self.address)
+        return scheduler_pb2_grpc.SchedulerStub(self.channel)
 
 
 @contextmanager
@@ -293,7 +297,12 @@ def running_scheduler(
         )
     try:
         address = wait_for_line(log_path, r"scheduler listening on (\S+)", proc).group(1)
-        yield SchedulerProcess(proc=proc, address=address, log_path=log_path)
+        scheduler = SchedulerProcess(proc=proc, address=address, log_path=log_path)
+        try:
+            yield scheduler
+        finally:
+            if scheduler.channel is not None:
+                scheduler.channel.close()
     finally:
         proc.terminate()
         proc.wait(10)
@@ -318,10 +327,12 @@ def cluster(tmp_path: Path, peers: int) -> Iterator[tuple[SchedulerProcess, list
 
 
 def wait_for_hosts(scheduler: SchedulerProcess, count: int) -> None:
+    """Until ``count`` hosts announced themselves, asking every 50 ms."""
     deadline = time.monotonic() + 20
+    stub = scheduler.stub()
     while time.monotonic() < deadline:
-        hosts = scheduler.stub().ListHosts(scheduler_pb2.ListHostsRequest(), timeout=5).hosts
+        hosts = stub.ListHosts(scheduler_pb2.ListHostsRequest(), timeout=5).hosts
         if len(hosts) >= count:
             return
-        time.sleep(0.1)
+        time.sleep(0.05)
     raise AssertionError(f"only {len(hosts)} of {count} hosts announced themselves")

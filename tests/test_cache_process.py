@@ -45,13 +45,14 @@ def grpcurl_unix(daemon: DaemonProcess, method: str, body: dict[str, Any]) -> su
     )
 
 
-GC_CONFIG = {"gc": {"interval": "1h", "policy": {"diskThreshold": "10MB", "gracePeriod": "1s"}}}
+GRACE_SECONDS = 0.3  # short, so that waiting past it costs little
+GC_CONFIG = {"gc": {"interval": "1h", "policy": {"diskThreshold": "10MB", "gracePeriod": f"{GRACE_SECONDS}s"}}}
 
 
 @pytest.fixture
 def cache(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     ids = prefill(tmp_path / "storage", {"busybox": 3 * MB, "app-1": 3 * MB, "app-2": 3 * MB, "app-3": 3 * MB})
-    time.sleep(1.1)  # past the grace period
+    time.sleep(GRACE_SECONDS + 0.1)  # past the grace period
     return tmp_path, ids
 
 
@@ -93,7 +94,7 @@ def test_held_image_survives_gc_and_the_record_names_the_holder(cache: tuple[Pat
         holds = dfctl_json(daemon, "use", "ls", "--holder", "container:default/busybox")
         assert [h["task_id"] for h in holds["holds"]] == [ids["busybox"]]
         dfctl_json(daemon, "use", "release", "--holder", "container:default/busybox", ids["busybox"])
-        time.sleep(1.1)
+        time.sleep(GRACE_SECONDS + 0.1)
         # Released and past the grace period: nothing protects it any more, and a plain delete goes through.
         after = dfctl_json(daemon, "gc", "run")
         assert ids["busybox"] not in {s["task_id"] for s in after["skipped"]}

@@ -173,7 +173,8 @@ def two_platforms() -> tuple[str, OciImage, str, OciImage]:
     kib = 1024
     return (
         ours,
-        filler_image("ours", [1500 * kib, 700 * kib], seed=11),
+        # Layers over 4 MiB: smaller downloads skip the scheduler (and so P2P), as upstream 1.4.1+ does.
+        filler_image("ours", [5000 * kib, 4500 * kib], seed=11),
         other,
         filler_image("other", [900 * kib], seed=12),
     )

@@ -22,7 +22,8 @@ from tests.storage_support import seeded_bytes
 from tests.support import DaemonProcess, OriginProcess, dfctl_json, dfget, running_daemon, running_origin
 
 MB = 1_000_000
-QUOTA = {"gc": {"interval": "1h", "policy": {"diskThreshold": "50MB", "gracePeriod": "1s"}}}
+GRACE_SECONDS = 0.3  # short, so that waiting past it costs little; every wait below is longer
+QUOTA = {"gc": {"interval": "1h", "policy": {"diskThreshold": "50MB", "gracePeriod": f"{GRACE_SECONDS}s"}}}
 BUSYBOX = {"busybox-layer-0": 2 * MB, "busybox-layer-1": 2 * MB, "busybox-config": 1 * MB}
 OTHERS = {f"image-{i}-layer": 5 * MB for i in range(10)}
 
@@ -65,7 +66,7 @@ def test_busybox_survives_gc_and_goes_once_released(origin: OriginProcess, tmp_p
 
         others = {}
         for name in OTHERS:  # each pull older than the grace period by the time the next one lands
-            time.sleep(1.1)
+            time.sleep(GRACE_SECONDS + 0.1)
             others[name] = fetch(daemon, origin, name, out_dir)
         time.sleep(0.5)  # the quota-triggered GC runs in the background after a write crosses the watermark
 
@@ -95,7 +96,7 @@ def test_busybox_survives_gc_and_goes_once_released(origin: OriginProcess, tmp_p
 
         # The container is gone: after the grace period nothing protects the image any more.
         dfctl_json(daemon, "use", "release", "--holder", "container:busybox", *busybox.values())
-        time.sleep(1.1)
+        time.sleep(GRACE_SECONDS + 0.1)
         fetch(daemon, origin, "huge", out_dir)  # 46 MB: only room if the busybox layers go too
         runs = dfctl_json(daemon, "gc", "report", "--limit", "5")["runs"]
         freed = {e["task_id"]: e["reason"] for run in runs for e in run["evicted"]}
@@ -112,7 +113,7 @@ def test_data_in_use_over_the_quota_is_reported_not_evicted(origin: OriginProces
         for i in range(3):  # pinned as they are pulled, as a runtime does
             held.append(fetch(daemon, origin, f"held-{i}", out_dir))
             dfctl_json(daemon, "use", "acquire", "--holder", "pod:default/db", held[-1])
-        time.sleep(1.1)
+        time.sleep(GRACE_SECONDS + 0.1)
         run = dfctl_json(daemon, "gc", "run")
         assert run["evicted"] == []
         assert run["quota_exceeded_by_data_in_use"] is True

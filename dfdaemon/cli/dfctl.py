@@ -24,9 +24,9 @@ from dfdaemon.api import dfdaemon_ext_pb2, dfdaemon_ext_pb2_grpc, dfdaemon_pb2, 
 from dfdaemon.cli import preheat
 from dfdaemon.cli.args import positive_duration, positive_size
 from dfdaemon.cli.channel import daemon_channel
-from dfdaemon.download import DownloadRequest
+from dfdaemon.download.request import DownloadRequest
 from dfdaemon.ids import InvalidTaskId, blob_digest_task_id, is_valid_task_id, normalize_url
-from dfdaemon.rpc import convert
+from dfdaemon.rpc.download_message import download as download_message
 from dfdaemon.units import format_size
 
 # The daemon's default (dfdaemon.config.DEFAULT_SOCKET_PATH), repeated because importing the configuration
@@ -127,7 +127,7 @@ def _ref(text: str) -> dfdaemon_ext_pb2.TaskRef:
             normalize_url(url)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(f"invalid REF {text!r}: {exc}") from None
-        return dfdaemon_ext_pb2.TaskRef(download=convert.download(DownloadRequest(url=url)))
+        return dfdaemon_ext_pb2.TaskRef(download=download_message(DownloadRequest(url=url)))
     lowered = text.lower()
     if is_valid_task_id(lowered):
         return dfdaemon_ext_pb2.TaskRef(task_id=lowered)
@@ -157,7 +157,7 @@ def _task_refs(args: argparse.Namespace) -> list[dfdaemon_ext_pb2.TaskRef]:
             piece_length=args.piece_length,
             filtered_query_params=tuple(args.filtered_query_params),
         )
-        download.CopyFrom(convert.download(request))
+        download.CopyFrom(download_message(request))
     return refs
 
 

@@ -17,25 +17,25 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 from urllib.parse import urlsplit
 
 import grpc
-from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from dfdaemon.api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc, errordetails_pb2
 from dfdaemon.cli.args import positive_duration, positive_size
 from dfdaemon.cli.channel import daemon_channel
-from dfdaemon.config import detect_ip
-from dfdaemon.download import DownloadRequest
+from dfdaemon.cluster.addresses import detect_ip
+from dfdaemon.download.request import DownloadRequest
 from dfdaemon.ids import filtered_query_params_or_default, parse_file_digest
-from dfdaemon.rpc import convert
+from dfdaemon.rpc.download_message import download as download_message
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
 
 DEFAULT_ENDPOINT = "/var/run/dragonfly/dfdaemon.sock"
 DOWNLOAD_SERVICE = "dfdaemon.v2.DfdaemonDownload"
@@ -303,29 +303,54 @@ def download_request(options: Options) -> dfdaemon_pb2.DownloadTaskRequest:
         content_for_calculating_task_id=options.content_for_calculating_task_id,
         remote_ip=detect_ip(),
     )
-    return dfdaemon_pb2.DownloadTaskRequest(download=convert.download(request))
+    return dfdaemon_pb2.DownloadTaskRequest(download=download_message(request))
 
 
-def _progress_bar(enabled: bool) -> Progress:
-    """A byte progress bar on stderr; when disabled it draws nothing at all."""
-    return Progress(
+class _Bar:
+    """Where progress goes; this base draws nothing, so dfget without a terminal never imports rich."""
+
+    def size(self, total: int) -> None:
+        """The number of bytes the download will bring, once the daemon says."""
+
+    def advance(self, length: int) -> None:
+        """``length`` more bytes arrived."""
+
+
+class _RichBar(_Bar):
+    def __init__(self, progress: Progress, bar: TaskID) -> None:
+        self._progress, self._bar = progress, bar
+
+    def size(self, total: int) -> None:
+        self._progress.update(self._bar, total=total)
+
+    def advance(self, length: int) -> None:
+        self._progress.advance(self._bar, length)
+
+
+@contextlib.contextmanager
+def _progress_bar(enabled: bool, label: str) -> Iterator[_Bar]:
+    """A byte progress bar on stderr when enabled; rich (a tenth of a second to import) only then."""
+    if not enabled:
+        yield _Bar()
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),
         TimeRemainingColumn(),
         console=Console(stderr=True),
-        disable=not enabled,
-    )
+    ) as progress:
+        yield _RichBar(progress, progress.add_task(label, total=None))
 
 
-def _consume(
-    responses: Iterable[dfdaemon_pb2.DownloadTaskResponse], progress: Progress, label: str, sink: int | None = None
-) -> Summary:
+def _consume(responses: Iterable[dfdaemon_pb2.DownloadTaskResponse], bar: _Bar, sink: int | None = None) -> Summary:
     """Follow the stream: the started response sizes the bar, each finished piece advances it (and, with a
     ``sink``, its bytes are written there at the piece's offset)."""
     summary = Summary()
-    bar = progress.add_task(label, total=None)
     window: tuple[int, int] | None = None  # the requested bytes, [start, end), when the download is ranged
     for response in responses:
         if response.HasField("download_task_started_response"):
@@ -335,7 +360,7 @@ def _consume(
             summary.content_length = started.content_length
             if started.HasField("range"):
                 window = (started.range.start, started.range.start + started.range.length)
-            progress.update(bar, total=started.range.length if window is not None else started.content_length)
+            bar.size(started.range.length if window is not None else started.content_length)
         elif response.HasField("download_piece_finished_response"):
             piece = response.download_piece_finished_response.piece
             traffic = common_pb2.TrafficType.Name(piece.traffic_type) if piece.HasField("traffic_type") else "UNKNOWN"
@@ -343,7 +368,7 @@ def _consume(
             start, end = _wanted_part(piece, window)
             if sink is not None:
                 _write_piece(sink, piece, start, end, 0 if window is None else window[0])
-            progress.advance(bar, end - start)
+            bar.advance(end - start)
     return summary
 
 
@@ -365,6 +390,8 @@ def _write_piece(sink: int, piece: common_pb2.Piece, start: int, end: int, base:
 
 def _parse_backend(raw: bytes) -> errordetails_pb2.Backend | None:
     """Upstream sends ``errordetails.v2.Backend`` as JSON bytes; protobuf bytes are accepted too."""
+    from google.protobuf import json_format  # only failures need it: not imported at start-up
+
     try:
         return json_format.Parse(raw, errordetails_pb2.Backend(), ignore_unknown_fields=True)
     except (json_format.ParseError, UnicodeDecodeError):
@@ -405,8 +432,8 @@ def _stream(channel: grpc.Channel, options: Options) -> Summary:
     with contextlib.ExitStack() as cleanup:
         sink, temporary = _open_transfer(options.output, cleanup) if options.transfer_from_dfdaemon else (None, "")
         try:
-            with _progress_bar(show_bar) as progress:
-                summary = _consume(call, progress, os.path.basename(options.output), sink)
+            with _progress_bar(show_bar, os.path.basename(options.output)) as bar:
+                summary = _consume(call, bar, sink)
         except grpc.RpcError as exc:
             raise DfgetError(describe_rpc_error(exc)) from None
         finally:

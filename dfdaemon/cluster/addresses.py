@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 from urllib.parse import urlsplit
 
 
@@ -33,3 +34,13 @@ def manager_target(addr: str) -> tuple[str, bool]:
         raise ValueError(f"{addr!r} names no port (the manager's gRPC port is usually 65003)")
     host = f"[{url.hostname}]" if ":" in url.hostname else url.hostname
     return f"{host}:{port}", url.scheme == "https"
+
+
+def detect_ip() -> str:
+    """Pick the IP of the default route's interface without sending anything."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: connect() on UDP sends no packet
+            return str(probe.getsockname()[0])
+        except OSError:
+            return "127.0.0.1"

@@ -6,7 +6,7 @@ import dataclasses
 import functools
 import json
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal, NoReturn, TypeVar, get_args
+from typing import Any, Literal, NoReturn, TypeVar
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -27,6 +27,9 @@ from dfdaemon.download import (
 )
 from dfdaemon.download.peering import Registration
 from dfdaemon.gc import GCReport
+from dfdaemon.rpc.download_message import OPTIONAL_DOWNLOAD_FIELDS
+from dfdaemon.rpc.download_message import download as download
+from dfdaemon.rpc.download_message import duration as duration
 from dfdaemon.rpc.servers import Context, details
 from dfdaemon.storage import (
     Hold,
@@ -220,21 +223,6 @@ def gc_run(report: GCReport) -> dfdaemon_ext_pb2.GCRun:
     )
 
 
-# The optional scalar fields of ``common.v2.Download`` that ``DownloadRequest`` carries under the same name;
-# ``None`` on one side is an unset field on the other (presence changes the task id).
-_OptionalDownloadField = Literal[
-    "digest",
-    "tag",
-    "application",
-    "piece_length",
-    "output_path",
-    "content_for_calculating_task_id",
-    "concurrent_piece_count",
-    "remote_ip",
-]
-_OPTIONAL_DOWNLOAD_FIELDS: tuple[_OptionalDownloadField, ...] = get_args(_OptionalDownloadField)
-
-
 # Model hubs upstream's Rust daemon downloads from (API 2.3 ``Download`` fields 31, 32, 34) and the URL
 # schemes its backends register for them. This daemon has no such backend.
 _MODEL_HUBS: tuple[tuple[Literal["hugging_face", "model_scope", "open_csg"], str, str], ...] = (
@@ -281,36 +269,8 @@ def download_request(download: common_pb2.Download, *, from_network: bool = Fals
         priority=download.priority,
         prefetch=download.prefetch,
         from_network=from_network,
-        **{name: getattr(download, name) if download.HasField(name) else None for name in _OPTIONAL_DOWNLOAD_FIELDS},
+        **{name: getattr(download, name) if download.HasField(name) else None for name in OPTIONAL_DOWNLOAD_FIELDS},
     )
-
-
-def download(request: DownloadRequest) -> common_pb2.Download:
-    """The ``common.v2.Download`` that asks for ``request``: the inverse of :func:`download_request`, and the one
-    place such a message is built (the CLIs, the scheduler registration). ``from_network`` is the server's to say."""
-    message = common_pb2.Download(
-        url=request.url,
-        type=common_pb2.STANDARD,
-        filtered_query_params=request.filtered_query_params,
-        request_header=request.request_header,
-        disable_back_to_source=request.disable_back_to_source,
-        need_back_to_source=request.need_back_to_source,
-        need_piece_content=request.need_piece_content,
-        force_hard_link=request.force_hard_link,
-        overwrite=request.overwrite,
-        enable_task_id_based_blob_digest=request.enable_task_id_based_blob_digest,
-        priority=common_pb2.Priority.ValueType(request.priority),
-        prefetch=request.prefetch,
-    )
-    for name in _OPTIONAL_DOWNLOAD_FIELDS:
-        value = getattr(request, name)
-        if value is not None:
-            setattr(message, name, value)
-    if request.range is not None:
-        message.range.CopyFrom(common_pb2.Range(start=request.range.start, length=request.range.length))
-    if request.timeout is not None:
-        message.timeout.CopyFrom(duration(request.timeout))
-    return message
 
 
 def registered_download(registration: Registration) -> common_pb2.Download:
@@ -322,13 +282,6 @@ def registered_download(registration: Registration) -> common_pb2.Download:
     message.actual_piece_length = registration.actual_piece_length
     message.actual_piece_count = registration.piece_count
     return message
-
-
-def duration(seconds: float) -> Duration:
-    """Rounded to the nearest nanosecond, not truncated: a value read back from a Duration converts to itself."""
-    value = Duration()
-    value.FromNanoseconds(round(seconds * 1e9))
-    return value
 
 
 def piece(record: PieceRecord, traffic_type: int | None = None) -> common_pb2.Piece:

@@ -17,8 +17,6 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from dfdaemon.telemetry.tracing import server_interceptors
-
 # A 64 MiB piece plus its envelope must fit in one message.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024 + 1024 * 1024
 SERVER_OPTIONS: list[tuple[str, Any]] = [
@@ -189,6 +187,8 @@ def new_server(
     services: Iterable[str], register: Callable[[grpc.aio.Server], None]
 ) -> tuple[grpc.aio.Server, HealthReporter]:
     """A grpc.aio server with our options, the given services, health, reflection and tracing (when on)."""
+    from dfdaemon.telemetry.tracing import server_interceptors  # here: the CLIs import this module for its options
+
     names = list(services)
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=server_interceptors())
     register(server)
