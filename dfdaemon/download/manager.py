@@ -38,6 +38,7 @@ from dfdaemon.download.ranges import (
 from dfdaemon.download.source import BatchCommitter, ByteTap, InOrderDigest, Origin, RunStream, runs
 from dfdaemon.gc import GarbageCollector
 from dfdaemon.ids import PieceSpan
+from dfdaemon.ratelimit import Bandwidth
 from dfdaemon.storage import (
     DiskFull,
     PieceRecord,
@@ -242,8 +243,11 @@ class DownloadManager:
         source_policy: SourcePolicy | None = None,
         max_concurrent_tasks: int = 128,
         seed: bool = False,
+        bandwidth: Bandwidth | None = None,
     ) -> None:
         self.storage = storage
+        # The daemon's bandwidth limits (upstream's defaults, which never bind, when not given).
+        self.bandwidth = bandwidth or Bandwidth.of()
         self.gc = gc
         self.backend = backend
         self.host_ip = host_ip
@@ -603,7 +607,7 @@ class DownloadManager:
         assert writer is not None, "pieces are fetched only while the job holds its writer"
         request = job.request
         headers = origin_headers(request.request_header)
-        origin = Origin(self.backend, request.url, headers, request.from_network, self.piece_attempts)
+        origin = Origin(self.backend, request.url, headers, request.from_network, self.piece_attempts, self.bandwidth)
 
         async def announce(piece: PieceRecord) -> None:
             metrics.DOWNLOAD_BYTES.labels("origin").inc(piece.length)

@@ -174,6 +174,7 @@ class ScheduledFetch:
                 piece_timeout=self.piece_timeout,
                 on_piece=on_piece,
                 on_failure=on_failure,
+                bandwidth=self.manager.bandwidth.download,
             )
         finally:
             await asyncio.gather(*pending)

@@ -24,6 +24,7 @@ from pathlib import Path
 from dfdaemon import ids
 from dfdaemon.backend import Backend, BackendError
 from dfdaemon.ids import PieceSpan
+from dfdaemon.ratelimit import Bandwidth
 from dfdaemon.storage import PieceFile, PieceRecord, TrafficType
 from dfdaemon.telemetry import tracing
 
@@ -179,6 +180,8 @@ class Origin:
     headers: Mapping[str, str]
     from_network: bool
     attempts: int
+    # Upstream's back-to-source and download limits, taken per chunk as it arrives.
+    bandwidth: Bandwidth | None = None
 
 
 class RunStream:
@@ -256,6 +259,8 @@ class RunStream:
                     self.publish(position, chunk)
                     position += len(chunk)
                     await self._cut(memoryview(chunk))
+                    if origin.bandwidth is not None:
+                        await origin.bandwidth.from_source(len(chunk))
 
     async def _cut(self, view: memoryview) -> None:
         """Copy arriving bytes into segment buffers, CRC'd on the way; full segments and pieces move on."""
