@@ -1,0 +1,154 @@
+"""The token bucket behind the bandwidth limits, on a fake clock: every wait is computed, none is measured."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from dfdaemon.config import ConfigError, parse_config
+from dfdaemon.daemon import bandwidth
+from dfdaemon.ratelimit import Bandwidth, TokenBucket
+
+MIB = 1024 * 1024
+
+
+class FakeTime:
+    """A clock that moves only when a sleeper sleeps (``advance``) or the test says so; records every sleep."""
+
+    def __init__(self, *, advance: bool = True) -> None:
+        self.now = 1000.0
+        self.advance = advance
+        self.sleeps: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        if self.advance:
+            self.now += seconds
+
+
+def bucket(rate: int, time: FakeTime) -> TokenBucket:
+    return TokenBucket(rate, clock=time.clock, sleep=time.sleep)
+
+
+async def test_a_full_bucket_serves_one_seconds_worth_at_once_then_waits_for_the_rest() -> None:
+    time = FakeTime()
+    limiter = bucket(1000, time)
+    await limiter.acquire(600)
+    await limiter.acquire(400)
+    assert time.sleeps == []
+    await limiter.acquire(250)
+    assert time.sleeps == [pytest.approx(0.25)]
+
+
+async def test_a_request_larger_than_the_bucket_goes_into_debt_instead_of_waiting_forever() -> None:
+    time = FakeTime()
+    limiter = bucket(MIB, time)  # 1 MiB/s, a 4 MiB piece
+    await limiter.acquire(4 * MIB)
+    assert time.sleeps == [pytest.approx(3.0)]  # one second's worth was there; three more are earned
+    await limiter.acquire(MIB)
+    assert time.sleeps[-1] == pytest.approx(1.0)
+
+
+async def test_idle_time_fills_the_bucket_to_one_seconds_worth_and_no_more() -> None:
+    time = FakeTime()
+    limiter = bucket(1000, time)
+    await limiter.acquire(1000)
+    time.now += 3600
+    assert limiter.tokens == 1000
+    await limiter.acquire(1500)
+    assert time.sleeps == [pytest.approx(0.5)]
+
+
+async def test_concurrent_callers_wait_in_arrival_order_for_their_share() -> None:
+    time = FakeTime(advance=False)
+    limiter = bucket(100, time)
+    await asyncio.gather(*(limiter.acquire(100) for _ in range(5)))
+    assert time.sleeps == [pytest.approx(1.0), pytest.approx(2.0), pytest.approx(3.0), pytest.approx(4.0)]
+
+
+async def test_the_long_run_rate_is_the_limit_plus_one_burst() -> None:
+    time = FakeTime()
+    limiter = bucket(10 * MIB, time)
+    started = time.now
+    rng = random.Random(7)
+    sizes = [rng.randint(1, 8 * MIB) for _ in range(500)]
+    for size in sizes:
+        await limiter.acquire(size)
+    assert time.now - started == pytest.approx((sum(sizes) - 10 * MIB) / (10 * MIB))
+
+
+async def test_a_cancelled_wait_gives_its_tokens_back() -> None:
+    time = FakeTime()
+    released = asyncio.Event()
+
+    async def blocking_sleep(seconds: float) -> None:
+        time.sleeps.append(seconds)
+        await released.wait()
+
+    limiter = TokenBucket(1000, clock=time.clock, sleep=blocking_sleep)
+    await limiter.acquire(1000)
+    waiter = asyncio.create_task(limiter.acquire(3000))
+    await asyncio.sleep(0)
+    assert limiter.tokens == -3000
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert limiter.tokens == 0
+
+
+async def test_nothing_to_take_never_waits() -> None:
+    time = FakeTime()
+    limiter = bucket(1, time)
+    await limiter.acquire(1)
+    await limiter.acquire(0)
+    assert time.sleeps == []
+
+
+async def test_bytes_from_the_origin_count_against_back_to_source_and_download() -> None:
+    time = FakeTime()
+    limits = Bandwidth(*(bucket(1000, time) for _ in range(4)))
+    await limits.from_source(400)
+    assert (limits.back_to_source.tokens, limits.download.tokens) == (600, 600)
+    assert limits.upload.tokens == limits.prefetch.tokens == 1000
+
+
+def test_a_limit_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="must be positive"):
+        TokenBucket(0)
+
+
+def test_the_config_keys_build_the_buckets_in_upstreams_units() -> None:
+    config = parse_config(
+        {
+            "upload": {"bandwidthLimit": "10MiB"},
+            "download": {"bandwidthLimit": "20MB", "backToSourceBandwidthLimit": "5MB"},
+            "proxy": {"prefetchBandwidthLimit": "1MB"},
+        }
+    )
+    limits = bandwidth(config)
+    assert [limits.upload.rate, limits.download.rate, limits.back_to_source.rate, limits.prefetch.rate] == [
+        10 * MIB,
+        20_000_000,
+        5_000_000,
+        1_000_000,
+    ]
+    assert config.warnings() == []
+
+
+def test_upstreams_defaults() -> None:
+    limits = bandwidth(parse_config({}))
+    assert (limits.upload.rate, limits.download.rate, limits.back_to_source.rate) == (50_000_000_000,) * 3
+    assert limits.prefetch.rate == 10_000_000_000
+
+
+@pytest.mark.parametrize("value", [0, "0MB", "-1"])
+def test_a_zero_or_negative_limit_is_a_one_line_error(value: object) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"upload": {"bandwidthLimit": value}})
+    assert "bandwidthLimit" in str(caught.value)
+    assert "\n" not in str(caught.value)
