@@ -9,7 +9,12 @@ import pytest
 
 from dfdaemon.config import ConfigError, parse_config
 from dfdaemon.daemon import bandwidth
+from dfdaemon.download.parents import collect_from_parents
+from dfdaemon.download.peering import FetchedPiece, Parent
 from dfdaemon.ratelimit import Bandwidth, TokenBucket
+from dfdaemon.storage import Storage
+from tests.storage_support import read_all
+from tests.test_parents import CONTENT, SIZE, SPANS, TASK_ID, A, FakeParents, Reports, task_info
 
 MIB = 1024 * 1024
 
@@ -115,6 +120,45 @@ async def test_bytes_from_the_origin_count_against_back_to_source_and_download()
     await limits.from_source(400)
     assert (limits.back_to_source.tokens, limits.download.tokens) == (600, 600)
     assert limits.upload.tokens == limits.prefetch.tokens == 1000
+
+
+class CountingParents(FakeParents):
+    """Parents that note, at each request, how many tokens the bucket had left."""
+
+    def __init__(self, limiter: TokenBucket) -> None:
+        super().__init__({A.peer_id: {span.number for span in SPANS}})
+        self.limiter = limiter
+        self.tokens_when_asked: list[float] = []
+
+    async def download_piece(self, parent: Parent, task_id: str, number: int) -> FetchedPiece:
+        self.tokens_when_asked.append(self.limiter.tokens)
+        return await super().download_piece(parent, task_id, number)
+
+
+async def test_pieces_from_parents_are_paid_for_before_they_are_asked(storage: Storage) -> None:
+    time = FakeTime(advance=False)
+    limiter = bucket(SIZE // 2, time)
+    client = CountingParents(limiter)
+    reports = Reports()
+    async with storage.download(TASK_ID, task_info()) as writer:
+        await collect_from_parents(
+            TASK_ID,
+            SPANS,
+            [A],
+            client,
+            writer,
+            concurrency=1,
+            piece_timeout=30.0,
+            on_piece=reports.on_piece,
+            on_failure=reports.on_failure,
+            bandwidth=limiter,
+        )
+        await writer.finish()
+    assert await read_all(storage, TASK_ID) == CONTENT
+    # One worker: the tokens left when piece k is asked are the bucket less pieces 0..k, its own included.
+    taken = [sum(span.length for span in SPANS[: k + 1]) for k in range(len(SPANS))]
+    assert client.tokens_when_asked == [SIZE // 2 - n for n in taken]
+    assert len(time.sleeps) == sum(1 for n in taken if n > SIZE // 2)
 
 
 def test_a_limit_must_be_positive() -> None:
