@@ -330,7 +330,7 @@ def bandwidth(config: Config) -> Bandwidth:
     )
 
 
-async def _start_vortex(config: Config, storage: Storage, limit: TokenBucket) -> tuple[VortexServer, int]:
+async def _start_vortex(config: Config, storage: Storage, limit: TokenBucket | None) -> tuple[VortexServer, int]:
     """The vortex TCP piece server, with upload.server's mutual TLS when that has certificates."""
     server_cfg, upload_cfg = config.storage.server, config.upload.server
     ip = server_cfg.ip or upload_cfg.ip

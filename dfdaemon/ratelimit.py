@@ -18,6 +18,10 @@ from dataclasses import dataclass
 
 from dfdaemon.config import DEFAULT_BANDWIDTH_LIMIT, DEFAULT_PREFETCH_BANDWIDTH_LIMIT
 
+# A limit at or above this (bytes per second; upstream's defaults are 50 GB/s and 10 GB/s) is more than one
+# process moves: it gets no bucket at all.
+UNBOUNDED = 10_000_000_000
+
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -66,15 +70,21 @@ class TokenBucket:
             raise
 
 
+def limiter(rate: int) -> TokenBucket | None:
+    """A bucket for ``rate`` bytes per second; None for a rate no transfer here comes near (upstream's defaults),
+    so that the default costs the data path nothing."""
+    return None if rate >= UNBOUNDED else TokenBucket(rate)
+
+
 @dataclass(frozen=True)
 class Bandwidth:
     """The daemon's buckets (upstream's ``upload.bandwidthLimit``, ``download.bandwidthLimit``,
-    ``download.backToSourceBandwidthLimit``, ``proxy.prefetchBandwidthLimit``)."""
+    ``download.backToSourceBandwidthLimit``, ``proxy.prefetchBandwidthLimit``); None where nothing limits."""
 
-    upload: TokenBucket
-    download: TokenBucket
-    back_to_source: TokenBucket
-    prefetch: TokenBucket
+    upload: TokenBucket | None
+    download: TokenBucket | None
+    back_to_source: TokenBucket | None
+    prefetch: TokenBucket | None
 
     @classmethod
     def of(
@@ -85,10 +95,10 @@ class Bandwidth:
         back_to_source: int = DEFAULT_BANDWIDTH_LIMIT,
         prefetch: int = DEFAULT_PREFETCH_BANDWIDTH_LIMIT,
     ) -> Bandwidth:
-        """Buckets for these limits in bytes per second (upstream's defaults, which never bind, unless given)."""
-        return cls(TokenBucket(upload), TokenBucket(download), TokenBucket(back_to_source), TokenBucket(prefetch))
+        """Buckets for these limits in bytes per second (upstream's defaults unless given)."""
+        return cls(limiter(upload), limiter(download), limiter(back_to_source), limiter(prefetch))
 
-    async def from_source(self, count: int) -> None:
-        """Bytes from the origin count against the back-to-source limit and the download limit, as upstream."""
-        await self.back_to_source.acquire(count)
-        await self.download.acquire(count)
+    @property
+    def source(self) -> tuple[TokenBucket, ...]:
+        """What bytes from the origin take from: the back-to-source and the download limits, as upstream counts."""
+        return tuple(bucket for bucket in (self.back_to_source, self.download) if bucket is not None)

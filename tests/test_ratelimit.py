@@ -11,7 +11,7 @@ from dfdaemon.config import ConfigError, parse_config
 from dfdaemon.daemon import bandwidth
 from dfdaemon.download.parents import collect_from_parents
 from dfdaemon.download.peering import FetchedPiece, Parent
-from dfdaemon.ratelimit import Bandwidth, TokenBucket
+from dfdaemon.ratelimit import UNBOUNDED, Bandwidth, TokenBucket, limiter
 from dfdaemon.storage import Storage
 from tests.storage_support import read_all
 from tests.test_parents import CONTENT, SIZE, SPANS, TASK_ID, A, FakeParents, Reports, task_info
@@ -114,12 +114,12 @@ async def test_nothing_to_take_never_waits() -> None:
     assert time.sleeps == []
 
 
-async def test_bytes_from_the_origin_count_against_back_to_source_and_download() -> None:
+def test_bytes_from_the_origin_count_against_back_to_source_and_download() -> None:
     time = FakeTime()
-    limits = Bandwidth(*(bucket(1000, time) for _ in range(4)))
-    await limits.from_source(400)
-    assert (limits.back_to_source.tokens, limits.download.tokens) == (600, 600)
-    assert limits.upload.tokens == limits.prefetch.tokens == 1000
+    upload, download, back_to_source, prefetch = (bucket(1000, time) for _ in range(4))
+    assert Bandwidth(upload, download, back_to_source, prefetch).source == (back_to_source, download)
+    assert Bandwidth(upload, None, back_to_source, prefetch).source == (back_to_source,)
+    assert Bandwidth(upload, None, None, prefetch).source == ()
 
 
 class CountingParents(FakeParents):
@@ -175,19 +175,20 @@ def test_the_config_keys_build_the_buckets_in_upstreams_units() -> None:
         }
     )
     limits = bandwidth(config)
-    assert [limits.upload.rate, limits.download.rate, limits.back_to_source.rate, limits.prefetch.rate] == [
-        10 * MIB,
-        20_000_000,
-        5_000_000,
-        1_000_000,
-    ]
+    rates = [limit.rate if limit else None for limit in (limits.upload, limits.download, limits.back_to_source)]
+    assert rates == [10 * MIB, 20_000_000, 5_000_000]
+    assert limits.prefetch is not None and limits.prefetch.rate == 1_000_000
     assert config.warnings() == []
 
 
-def test_upstreams_defaults() -> None:
-    limits = bandwidth(parse_config({}))
-    assert (limits.upload.rate, limits.download.rate, limits.back_to_source.rate) == (50_000_000_000,) * 3
-    assert limits.prefetch.rate == 10_000_000_000
+def test_upstreams_defaults_cost_the_data_path_nothing() -> None:
+    """50 GB/s and 10 GB/s never bind here: no bucket at all, so the hooks skip even the call."""
+    config = parse_config({})
+    assert (config.upload.bandwidth_limit, config.download.bandwidth_limit) == (50_000_000_000,) * 2
+    assert config.download.back_to_source_bandwidth_limit == 50_000_000_000
+    assert config.proxy.prefetch_bandwidth_limit == 10_000_000_000
+    assert bandwidth(config) == Bandwidth(None, None, None, None)
+    assert limiter(UNBOUNDED - 1) is not None
 
 
 @pytest.mark.parametrize("value", [0, "0MB", "-1"])

@@ -607,7 +607,8 @@ class DownloadManager:
         assert writer is not None, "pieces are fetched only while the job holds its writer"
         request = job.request
         headers = origin_headers(request.request_header)
-        origin = Origin(self.backend, request.url, headers, request.from_network, self.piece_attempts, self.bandwidth)
+        limits = self.bandwidth.source
+        origin = Origin(self.backend, request.url, headers, request.from_network, self.piece_attempts, limits)
 
         async def announce(piece: PieceRecord) -> None:
             metrics.DOWNLOAD_BYTES.labels("origin").inc(piece.length)

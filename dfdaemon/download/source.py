@@ -24,7 +24,7 @@ from pathlib import Path
 from dfdaemon import ids
 from dfdaemon.backend import Backend, BackendError
 from dfdaemon.ids import PieceSpan
-from dfdaemon.ratelimit import Bandwidth
+from dfdaemon.ratelimit import TokenBucket
 from dfdaemon.storage import PieceFile, PieceRecord, TrafficType
 from dfdaemon.telemetry import tracing
 
@@ -180,8 +180,8 @@ class Origin:
     headers: Mapping[str, str]
     from_network: bool
     attempts: int
-    # Upstream's back-to-source and download limits, taken per chunk as it arrives.
-    bandwidth: Bandwidth | None = None
+    # The buckets bytes from the origin take from (back to source, download), per chunk as it arrives.
+    limits: tuple[TokenBucket, ...] = ()
 
 
 class RunStream:
@@ -259,8 +259,8 @@ class RunStream:
                     self.publish(position, chunk)
                     position += len(chunk)
                     await self._cut(memoryview(chunk))
-                    if origin.bandwidth is not None:
-                        await origin.bandwidth.from_source(len(chunk))
+                    for limit in origin.limits:
+                        await limit.acquire(len(chunk))
 
     async def _cut(self, view: memoryview) -> None:
         """Copy arriving bytes into segment buffers, CRC'd on the way; full segments and pieces move on."""
