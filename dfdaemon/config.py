@@ -40,6 +40,9 @@ Port = Annotated[int, Field(ge=0, le=65535)]
 
 DEFAULT_STORAGE_DIR = "/var/lib/dragonfly"
 DEFAULT_SOCKET_PATH = "/var/run/dragonfly/dfdaemon.sock"
+# Upstream's bandwidth limits by default (bytes per second): high enough never to bind in practice.
+DEFAULT_BANDWIDTH_LIMIT = 50_000_000_000
+DEFAULT_PREFETCH_BANDWIDTH_LIMIT = 10_000_000_000
 
 
 class ConfigError(Exception):
@@ -109,6 +112,10 @@ class DownloadConfig(_Section):
     max_concurrent_tasks: Annotated[int, Field(ge=1)] = 128
     # How pieces come from parents that offer vortex: "tcp" (upstream's default) or "grpc" (DownloadPiece always).
     protocol: Literal["tcp", "grpc"] = "tcp"
+    # Bytes per second, shared by every download: pieces from parents and from the origin alike.
+    bandwidth_limit: Size = Field(default=DEFAULT_BANDWIDTH_LIMIT, gt=0)
+    # Bytes per second from origins (the mirror's cold fetches included); they count against bandwidthLimit too.
+    back_to_source_bandwidth_limit: Size = Field(default=DEFAULT_BANDWIDTH_LIMIT, gt=0)
 
 
 class TLSConfig(_Section):
@@ -156,9 +163,9 @@ class UploadConfig(_Section):
     concurrent_piece_count: Annotated[int, Field(ge=1, le=1024)] = 8
     # How this daemon connects to other peers' upload servers (mutual TLS when set).
     client: TLSConfig = TLSConfig()
-    # Bytes per second; reported to schedulers as the cap of this host's transmit bandwidth (unset: upstream's
-    # default, 50 GB/s). Not enforced by this daemon.
-    bandwidth_limit: Size | None = None
+    # Bytes per second, shared by every piece served (gRPC and vortex); also the transmit bandwidth cap reported
+    # to schedulers.
+    bandwidth_limit: Size = Field(default=DEFAULT_BANDWIDTH_LIMIT, gt=0)
 
 
 class SchedulerConfig(_Section):
@@ -326,6 +333,8 @@ class ProxyConfig(_Section):
     rules: list[ProxyRuleConfig] = []
     # A ranged GET through the P2P network also fetches the whole task in the background (X-Dragonfly-Prefetch wins).
     prefetch: bool = False
+    # Bytes per second for background prefetches (on top of download.bandwidthLimit).
+    prefetch_bandwidth_limit: Size = Field(default=DEFAULT_PREFETCH_BANDWIDTH_LIMIT, gt=0)
 
 
 class ContainerdConfig(_Section):

@@ -129,15 +129,19 @@ UPSTREAM_KEYS: dict[str, str] = {
     "tracing.headers": FREE_MAP,
 }
 
-# Older upstream names and the current ones they stand for. Upstream reads ``dist*`` as aliases; the ``rateLimit``
-# keys became ``bandwidthLimit`` in client 1.2.8, and configurations from before still carry them.
+# The bandwidth limits' names before client 1.2.8, which renamed them without an alias: upstream ignores them now,
+# and so does this daemon (naming them in the warning) rather than act on what upstream would not.
+RETIRED_KEYS: dict[str, str] = {
+    "download.rateLimit": SIZE,
+    "upload.rateLimit": SIZE,
+    "proxy.prefetchRateLimit": SIZE,
+}
+
+# Older upstream names and the current ones they stand for: upstream reads ``dist*`` as aliases.
 RENAMED_KEYS: dict[str, str] = {
     "gc.policy.distThreshold": "gc.policy.diskThreshold",
     "gc.policy.distHighThresholdPercent": "gc.policy.diskHighThresholdPercent",
     "gc.policy.distLowThresholdPercent": "gc.policy.diskLowThresholdPercent",
-    "download.rateLimit": "download.bandwidthLimit",
-    "upload.rateLimit": "upload.bandwidthLimit",
-    "proxy.prefetchRateLimit": "proxy.prefetchBandwidthLimit",
 }
 
 _CHECKS: dict[str, Callable[[object], object]] = {SIZE: parse_size, DURATION: parse_duration}
@@ -171,7 +175,7 @@ def _tree(keys: dict[str, str]) -> KeyTree:
     return root
 
 
-UPSTREAM_TREE = _tree(UPSTREAM_KEYS)
+UPSTREAM_TREE = _tree(UPSTREAM_KEYS | RETIRED_KEYS)
 
 
 def model_tree(model: type[BaseModel]) -> KeyTree:

@@ -33,6 +33,7 @@ from dfdaemon.download.scheduled import ScheduledFetch
 from dfdaemon.gc import GarbageCollector, GCPolicy, publish_usage
 from dfdaemon.proxy import MirrorServer, RegistryMirror
 from dfdaemon.proxy.forward import forward_proxy
+from dfdaemon.ratelimit import Bandwidth, TokenBucket
 from dfdaemon.rpc import download, ext, upload
 from dfdaemon.rpc.peer_client import GrpcParentClient
 from dfdaemon.rpc.scheduler_client import HostInfo, SchedulerClient
@@ -115,6 +116,7 @@ class Daemon:
             max_concurrent_tasks=config.download.max_concurrent_tasks,
             source_policy=source_policy,
             seed=config.seed_peer.enable,
+            bandwidth=bandwidth(config),
         )
         self.membership = download.Membership()
         try:
@@ -144,7 +146,7 @@ class Daemon:
         self.gc.start()
         if self.config.metrics.enable:
             self.metrics = _Metrics(self.config.metrics.server, self.gc)
-        self.vortex, vortex_port = await _start_vortex(self.config, self.storage)
+        self.vortex, vortex_port = await _start_vortex(self.config, self.storage, self.downloads.bandwidth.upload)
         upload_server = _upload_server(
             self.config, self.storage, self.downloads, self.membership, self.host_ip, vortex_port
         )
@@ -262,6 +264,7 @@ class Daemon:
             self.config.download.piece_timeout,
             schedule_timeout=config.schedule_timeout,
             max_schedule_count=config.max_schedule_count,
+            bandwidth=self.downloads.bandwidth.download,
         )
         self.storage.add_deletion_listener(self.scheduler.delete_task)
         self.scheduler.start()
@@ -318,7 +321,17 @@ def _endpoints(ip: str, port: int, socket_path: Path) -> Endpoints:
     return Endpoints(upload_address=f"{address}:{port}", upload_port=port, socket_path=socket_path)
 
 
-async def _start_vortex(config: Config, storage: Storage) -> tuple[VortexServer, int]:
+def bandwidth(config: Config) -> Bandwidth:
+    """The limits every transfer of the daemon shares, one bucket per direction."""
+    return Bandwidth.of(
+        upload=config.upload.bandwidth_limit,
+        download=config.download.bandwidth_limit,
+        back_to_source=config.download.back_to_source_bandwidth_limit,
+        prefetch=config.proxy.prefetch_bandwidth_limit,
+    )
+
+
+async def _start_vortex(config: Config, storage: Storage, limit: TokenBucket | None) -> tuple[VortexServer, int]:
     """The vortex TCP piece server, with upload.server's mutual TLS when that has certificates."""
     server_cfg, upload_cfg = config.storage.server, config.upload.server
     ip = server_cfg.ip or upload_cfg.ip
@@ -326,7 +339,7 @@ async def _start_vortex(config: Config, storage: Storage) -> tuple[VortexServer,
         context = server_context(upload_cfg.tls) if upload_cfg.tls.enabled else None
     except TLSError as exc:
         raise StartupError(f"upload.server: {exc}") from None
-    server = VortexServer(storage, config.download.piece_timeout, context)
+    server = VortexServer(storage, config.download.piece_timeout, context, limit)
     try:
         port = await server.start(ip, server_cfg.tcp_port)
     except OSError as exc:
@@ -356,6 +369,7 @@ def _upload_server(
         enable_delete_task=server_cfg.enable_delete_task,
         sync_host_interval=config.scheduler.announce_interval,
         tcp_port=tcp_port,
+        bandwidth=downloads.bandwidth.upload,
     )
     server, health = new_server([upload.SERVICE.full_name], lambda s: add_service(s, upload.SERVICE, servicer))
     credentials = None

@@ -28,7 +28,7 @@ def test_cluster_keys_parse_as_upstream_writes_them() -> None:
 def test_cluster_defaults() -> None:
     config = parse_config({})
     assert (config.manager.addr, config.dynconfig.refresh_interval) == ("", 60)
-    assert (config.host.scheduler_cluster_id, config.upload.bandwidth_limit) == (0, None)
+    assert (config.host.scheduler_cluster_id, config.upload.bandwidth_limit) == (0, 50_000_000_000)
 
 
 @pytest.mark.parametrize(

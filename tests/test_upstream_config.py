@@ -197,8 +197,10 @@ def test_the_example_starts_the_daemon_with_one_warning_line(tmp_path: Path) -> 
     assert len(warnings) == 1, log
     assert "does not act on" in warnings[0]
     named = set(warnings[0].split("(ignored): ", 1)[1].split(", "))
-    assert {"scheduler.caCert", "download.bandwidthLimit", "storage.cacheCapacity"} <= named
+    assert {"scheduler.caCert", "storage.cacheCapacity"} <= named
     acted_on = {"gc", "gc.policy.taskTTL", "download.pieceTimeout", "storage.dir", "manager", "dynconfig", "seedPeer"}
+    acted_on |= {"download.bandwidthLimit", "download.backToSourceBandwidthLimit", "upload.bandwidthLimit"}
+    acted_on |= {"proxy.prefetchBandwidthLimit"}
     assert acted_on.isdisjoint(named)
 
 
@@ -251,11 +253,12 @@ def test_renamed_disk_thresholds_are_acted_on() -> None:
     assert config.warnings() == []
 
 
-def test_renamed_rate_limits_are_named_by_their_current_keys() -> None:
+def test_rate_limits_before_1_2_8_are_ignored_as_upstream_ignores_them() -> None:
+    """Client 1.2.8 renamed ``rateLimit`` to ``bandwidthLimit`` without an alias: the old keys limit nothing."""
     config = parse_config({"download": {"rateLimit": "10GiB"}, "upload": {"rateLimit": "1GiB"}})
     (line,) = config.warnings()
-    assert re.search(r"\(ignored\): download\.bandwidthLimit$", line)
-    assert config.upload.bandwidth_limit == 1024**3  # reported to the scheduler as the host's ceiling
+    assert re.search(r"\(ignored\): download\.rateLimit, upload\.rateLimit$", line)
+    assert config.upload.bandwidth_limit == config.download.bandwidth_limit == 50_000_000_000
     assert set(RENAMED_KEYS.values()) <= set(UPSTREAM_KEYS)
 
 

@@ -40,6 +40,7 @@ from dfdaemon.download.request import DownloadRequest as DownloadRequest
 from dfdaemon.download.source import BatchCommitter, ByteTap, InOrderDigest, Origin, RunStream, runs
 from dfdaemon.gc import GarbageCollector
 from dfdaemon.ids import PieceSpan
+from dfdaemon.ratelimit import Bandwidth
 from dfdaemon.storage import (
     DiskFull,
     PieceRecord,
@@ -203,8 +204,11 @@ class DownloadManager:
         source_policy: SourcePolicy | None = None,
         max_concurrent_tasks: int = 128,
         seed: bool = False,
+        bandwidth: Bandwidth | None = None,
     ) -> None:
         self.storage = storage
+        # The daemon's bandwidth limits (upstream's defaults, which never bind, when not given).
+        self.bandwidth = bandwidth or Bandwidth.of()
         self.gc = gc
         self.backend = backend
         self.host_ip = host_ip
@@ -301,12 +305,19 @@ class DownloadManager:
             request,
             range=None,
             prefetch=False,
+            is_prefetch=True,
             output_path=None,
             request_header={k: v for k, v in request.request_header.items() if k.lower() != "range"},
         )
         prefetch = asyncio.create_task(self._run_prefetch(task_id, whole), name=f"prefetch-{task_id[:12]}")
         self._prefetches[task_id] = prefetch
         prefetch.add_done_callback(lambda _: self._prefetches.pop(task_id, None))
+
+    async def prefetched(self, task_id: str) -> None:
+        """Wait until the background prefetch of ``task_id``, if one is running, has ended (however it ended)."""
+        running = self._prefetches.get(task_id)
+        if running is not None:
+            await asyncio.wait([running])
 
     async def _run_prefetch(self, task_id: str, request: DownloadRequest) -> None:
         try:
@@ -595,7 +606,10 @@ class DownloadManager:
         assert writer is not None, "pieces are fetched only while the job holds its writer"
         request = job.request
         headers = origin_headers(request.request_header)
-        origin = Origin(self.backend, request.url, headers, request.from_network, self.piece_attempts)
+        limits = self.bandwidth.source
+        if request.is_prefetch and self.bandwidth.prefetch is not None:
+            limits = (*limits, self.bandwidth.prefetch)
+        origin = Origin(self.backend, request.url, headers, request.from_network, self.piece_attempts, limits)
 
         async def announce(piece: PieceRecord) -> None:
             metrics.DOWNLOAD_BYTES.labels("origin").inc(piece.length)

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from dfdaemon import ids
 from dfdaemon.download.peering import FetchedPiece, Parent, ParentClient, PieceUnavailable
 from dfdaemon.ids import PieceSpan
+from dfdaemon.ratelimit import TokenBucket
 from dfdaemon.storage import PieceRecord, TaskWriter, TrafficType
 from dfdaemon.telemetry import metrics, tracing
 
@@ -51,8 +52,10 @@ class PieceCollection:
         piece_timeout: float,
         on_piece: PieceReport,
         on_failure: FailureReport,
+        bandwidth: TokenBucket | None = None,
     ) -> None:
         self.task_id = task_id
+        self.bandwidth = bandwidth  # download.bandwidthLimit
         self.wanted = {span.number: span for span in spans}
         self.client = client
         self.writer = writer
@@ -157,6 +160,8 @@ class PieceCollection:
         """One attempt at one piece's bytes; None when it failed (the piece went back to the queue if it could)."""
         self.busy.add(span.number)
         try:
+            if self.bandwidth is not None:  # taken before asking, as upstream; not counted in the piece timeout
+                await self.bandwidth.acquire(span.length)
             with tracing.span(
                 "piece",
                 task_id=self.task_id,
@@ -305,11 +310,19 @@ async def collect_from_parents(
     piece_timeout: float,
     on_piece: PieceReport,
     on_failure: FailureReport,
+    bandwidth: TokenBucket | None = None,
 ) -> list[Parent]:
     """Fetch ``spans`` from ``parents``; returns the parents that failed. Check ``done`` by the pieces reported."""
     if not spans:
         return []
     collection = PieceCollection(
-        task_id, spans, client, writer, piece_timeout=piece_timeout, on_piece=on_piece, on_failure=on_failure
+        task_id,
+        spans,
+        client,
+        writer,
+        piece_timeout=piece_timeout,
+        on_piece=on_piece,
+        on_failure=on_failure,
+        bandwidth=bandwidth,
     )
     return await collection.run(parents, concurrency)

@@ -43,6 +43,9 @@ class DownloadRequest:
     from_network: bool = False
     # Upstream's Download.prefetch: a ranged request also fetches the whole task in the background.
     prefetch: bool = False
+    # Upstream's Download.is_prefetch: this is the background download a prefetch started; its bytes from the
+    # origin also take from proxy.prefetchBandwidthLimit.
+    is_prefetch: bool = False
 
     def task_id(self) -> str:
         return ids.task_id(

@@ -29,6 +29,7 @@ from dfdaemon.download.peering import (
     SchedulerSession,
     SchedulerUnavailable,
 )
+from dfdaemon.ratelimit import TokenBucket
 from dfdaemon.storage import PieceRecord
 from dfdaemon.telemetry import tracing
 
@@ -58,6 +59,7 @@ class ScheduledFetch:
         schedule_timeout: float = SCHEDULE_TIMEOUT,
         max_schedule_count: int = MAX_SCHEDULE_COUNT,
         small_download_limit: int = SMALL_DOWNLOAD_LIMIT,
+        bandwidth: TokenBucket | None = None,
     ) -> None:
         self.manager = manager
         self.scheduler = scheduler
@@ -66,6 +68,7 @@ class ScheduledFetch:
         self.schedule_timeout = schedule_timeout
         self.max_schedule_count = max_schedule_count
         self.small_download_limit = small_download_limit
+        self.bandwidth = bandwidth  # download.bandwidthLimit, for pieces from parents
 
     async def __call__(self, job: TaskJob) -> None:
         if self._is_small(job):
@@ -174,6 +177,7 @@ class ScheduledFetch:
                 piece_timeout=self.piece_timeout,
                 on_piece=on_piece,
                 on_failure=on_failure,
+                bandwidth=self.bandwidth,
             )
         finally:
             await asyncio.gather(*pending)

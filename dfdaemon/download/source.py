@@ -24,6 +24,7 @@ from pathlib import Path
 from dfdaemon import ids
 from dfdaemon.backend import Backend, BackendError
 from dfdaemon.ids import PieceSpan
+from dfdaemon.ratelimit import TokenBucket
 from dfdaemon.storage import PieceFile, PieceRecord, TrafficType
 from dfdaemon.telemetry import tracing
 
@@ -179,6 +180,8 @@ class Origin:
     headers: Mapping[str, str]
     from_network: bool
     attempts: int
+    # The buckets bytes from the origin take from (back to source, download), per chunk as it arrives.
+    limits: tuple[TokenBucket, ...] = ()
 
 
 class RunStream:
@@ -256,6 +259,8 @@ class RunStream:
                     self.publish(position, chunk)
                     position += len(chunk)
                     await self._cut(memoryview(chunk))
+                    for limit in origin.limits:
+                        await limit.acquire(len(chunk))
 
     async def _cut(self, view: memoryview) -> None:
         """Copy arriving bytes into segment buffers, CRC'd on the way; full segments and pieces move on."""

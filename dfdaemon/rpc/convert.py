@@ -268,6 +268,7 @@ def download_request(download: common_pb2.Download, *, from_network: bool = Fals
         enable_task_id_based_blob_digest=download.enable_task_id_based_blob_digest,
         priority=download.priority,
         prefetch=download.prefetch,
+        is_prefetch=download.is_prefetch,
         from_network=from_network,
         **{name: getattr(download, name) if download.HasField(name) else None for name in OPTIONAL_DOWNLOAD_FIELDS},
     )

@@ -45,6 +45,7 @@ def download(request: DownloadRequest) -> common_pb2.Download:
         enable_task_id_based_blob_digest=request.enable_task_id_based_blob_digest,
         priority=common_pb2.Priority.ValueType(request.priority),
         prefetch=request.prefetch,
+        is_prefetch=request.is_prefetch,
     )
     for name in OPTIONAL_DOWNLOAD_FIELDS:
         value = getattr(request, name)

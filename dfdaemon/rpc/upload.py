@@ -13,6 +13,7 @@ from dfdaemon import ids
 from dfdaemon.admission import Admission
 from dfdaemon.api import common_pb2, dfdaemon_pb2
 from dfdaemon.download import DownloadManager
+from dfdaemon.ratelimit import TokenBucket
 from dfdaemon.rpc import convert
 from dfdaemon.rpc.convert import unary
 from dfdaemon.rpc.download import Membership, TaskServicer
@@ -46,6 +47,7 @@ class UploadServicer(TaskServicer):
         enable_delete_task: bool = False,
         sync_host_interval: float = 30.0,
         tcp_port: int | None = None,
+        bandwidth: TokenBucket | None = None,
     ) -> None:
         super().__init__(storage, downloads, membership)
         self.host_ip = host_ip
@@ -56,6 +58,7 @@ class UploadServicer(TaskServicer):
         # The vortex port, advertised in every SyncPiecesResponse: an upstream child >= 1.2.2 fetches only over
         # vortex and, without it, would send vortex bytes to the gRPC port.
         self.tcp_port = tcp_port
+        self.bandwidth = bandwidth  # upload.bandwidthLimit, shared with vortex
         # Piece buffers reused by DownloadPiece: one per concurrent call, a few kept between calls.
         self._buffers: list[bytearray] = []
 
@@ -151,6 +154,8 @@ class UploadServicer(TaskServicer):
         finally:
             if len(self._buffers) < MAX_POOLED_BUFFERS and len(buffer) <= MAX_POOLED_BUFFER:
                 self._buffers.append(buffer)
+        if self.bandwidth is not None:
+            await self.bandwidth.acquire(piece.length)
         metrics.UPLOAD_PIECES.inc()
         metrics.UPLOAD_BYTES.inc(piece.length)
         return response

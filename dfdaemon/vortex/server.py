@@ -22,6 +22,7 @@ from typing import BinaryIO
 from prometheus_client import Counter
 
 from dfdaemon import ids
+from dfdaemon.ratelimit import TokenBucket
 from dfdaemon.storage import PieceNotFound, PieceRecord, Storage, StorageError, TaskNotFound, TaskState, TrafficType
 from dfdaemon.telemetry import metrics
 from dfdaemon.vortex.codec import (
@@ -59,10 +60,17 @@ def tune_socket(sock: socket.socket | None) -> None:
 class VortexServer:
     """Serves pieces of the tasks in ``storage`` on one TCP port (TLS when given a context)."""
 
-    def __init__(self, storage: Storage, piece_timeout: float, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        piece_timeout: float,
+        ssl_context: ssl.SSLContext | None = None,
+        bandwidth: TokenBucket | None = None,
+    ) -> None:
         self.storage = storage
         self.piece_timeout = piece_timeout
         self.ssl_context = ssl_context
+        self.bandwidth = bandwidth  # upload.bandwidthLimit, shared with gRPC DownloadPiece
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
 
@@ -108,6 +116,8 @@ class VortexServer:
             async with self.storage.upload(task_id):
                 piece, content = await self._open_piece(task_id, number)
                 try:
+                    if self.bandwidth is not None:
+                        await self.bandwidth.acquire(piece.length)
                     await self._send(writer, piece, content)
                 finally:
                     await asyncio.to_thread(content.close)
