@@ -10,14 +10,18 @@ Options: ``--tasks N`` (default 100 000), ``--dir DIR`` (an empty or absent dire
 directory, removed afterwards), ``--held-fraction F`` (default 0.1: that share of the tasks, spread evenly, is
 held by one holder), ``--piece-size BYTES`` (default 1024: every task is one piece of that size, so the disk
 stays small), ``--evict-fraction E`` (default 0.01: the share of the tasks each evict pass must remove, at least
-one), ``--repeat R`` (default 3: rounds of the three passes) and ``--concurrency C`` (default 32: downloads
-written at once while populating).
+one), ``--repeat R`` (default 3: rounds of the three passes), ``--populate bulk|downloads`` (default bulk, see
+below) and ``--concurrency C`` (default 32: downloads written at once by ``--populate downloads``).
 
-What it does, all through the public storage and GC API (``Storage.download`` / ``write_piece`` / ``finish``,
-``Storage.acquire``, ``GarbageCollector.run``), in one process and one run so the numbers compare:
+What it does, in one process and one run so the numbers compare:
 
-1. Populate: N downloads of one piece each, C at a time, then the holds in batches. It prints the rate, because
-   every piece is written durably (fdatasync) and every step is its own SQLite transaction.
+1. Populate. ``bulk`` (the default) is a benchmark-only shortcut: before the storage opens, it writes every
+   task's one-piece content file (not synced) and inserts the finished task and piece rows into the real
+   metadata schema (``MetadataStore``, which creates and migrates it) in one transaction; opening the storage
+   then reconciles them with the files as a daemon's start-up would. It takes seconds where ``downloads`` (N
+   downloads through ``Storage.download`` / ``write_piece`` / ``finish``, C at a time, every piece fdatasync'd
+   and every step its own transaction) takes minutes for 100 000 tasks. The holds are then taken in batches
+   through ``Storage.acquire`` either way.
 2. The storage clock is moved past the grace period, so every unheld task is an ordinary candidate.
 3. R rounds, each of three passes in a row (so drift on a noisy machine hits all three alike); the table shows
    the median of each over the rounds:
@@ -47,13 +51,17 @@ import shutil
 import statistics
 import tempfile
 import time
+import zlib
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from dfdaemon.gc import GarbageCollector, GCPolicy, GCReport
 from dfdaemon.ids import task_id
-from dfdaemon.storage import Storage, TaskInfo
+from dfdaemon.storage import Storage, TaskInfo, TrafficType
+from dfdaemon.storage.content import ContentStore
+from dfdaemon.storage.manager import METADATA_FILE
+from dfdaemon.storage.metadata import MetadataStore
 
 HOLDER = "bench-gc-holder"
 ACQUIRE_BATCH = 1000
@@ -110,13 +118,52 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-async def populate(storage: Storage, tasks: int, piece_size: int, concurrency: int) -> None:
+def piece_bytes(number: int, piece_size: int) -> bytes:
+    """Task ``number``'s one piece: its number, then a fixed pattern."""
     block = bytes(range(256)) * (piece_size // 256 + 1)
+    return (number.to_bytes(8, "big") + block)[:piece_size]
+
+
+def populate_bulk(root: Path, tasks: int, piece_size: int, now: float) -> None:
+    """Benchmark-only: N finished one-piece tasks written straight into a cache that is not open yet.
+
+    The content files are written without syncing and every task and piece row goes in one transaction of the
+    real schema. Task n finished a microsecond after task n - 1, so the least-recently-used order is the
+    population order, as with downloads one after another. ``Storage.open`` reconciles the result afterwards.
+    """
+    content = ContentStore(root)
+    meta = MetadataStore(root / METADATA_FILE)
+    try:
+        task_rows, piece_rows = [], []
+        for number in range(tasks):
+            url = task_url(number)
+            tid, at, data = task_id(url), now + number * 1e-6, piece_bytes(number, piece_size)
+            content.create(tid)
+            content.write_unsynced(tid, 0, data)
+            task_rows.append((tid, url, piece_size, piece_size, at, at, at, at, piece_size))
+            piece_rows.append((tid, piece_size, zlib.crc32(data), TrafficType.BACK_TO_SOURCE, at))
+        with meta.transaction() as db:
+            db.executemany(
+                "INSERT INTO tasks (id, state, url, piece_length, content_length, created_at, updated_at,"
+                " last_used_at, finished_at, content_bytes) VALUES (?, 'succeeded', ?, ?, ?, ?, ?, ?, ?, ?)",
+                task_rows,
+            )
+            db.executemany(
+                "INSERT INTO pieces (task_id, number, offset, length, crc, traffic_type, cost, created_at)"
+                " VALUES (?, 0, 0, ?, ?, ?, 0.0, ?)",
+                piece_rows,
+            )
+    finally:
+        meta.close()
+
+
+async def populate_downloads(storage: Storage, tasks: int, piece_size: int, concurrency: int) -> None:
+    """N downloads through the storage API, ``concurrency`` at a time, as a daemon writes them."""
     numbers: Iterator[int] = iter(range(tasks))
 
     async def one(number: int) -> None:
         url = task_url(number)
-        data = (number.to_bytes(8, "big") + block)[:piece_size]
+        data = piece_bytes(number, piece_size)
         info = TaskInfo(url=url, piece_length=piece_size, content_length=piece_size)
         async with storage.download(task_id(url), info) as writer:
             await writer.write_piece(0, 0, data)
@@ -170,18 +217,22 @@ async def bench(args: argparse.Namespace, root: Path) -> None:
 
     clock = ShiftedClock()
     storage = Storage(root, clock=clock)
+    started = time.perf_counter()
+    if args.populate == "bulk":
+        await asyncio.to_thread(root.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(populate_bulk, root, tasks, piece_size, clock())
     await storage.open()
     try:
-        started = time.perf_counter()
-        await populate(storage, tasks, piece_size, args.concurrency)
+        if args.populate == "downloads":
+            await populate_downloads(storage, tasks, piece_size, args.concurrency)
         populate_s = time.perf_counter() - started
         started = time.perf_counter()
         await hold(storage, held)
         hold_s = time.perf_counter() - started
         rss_populated = peak_rss_mib()
         print(
-            f"populate: {tasks} downloads in {populate_s:.1f} s ({tasks / populate_s:,.0f} tasks/s, "
-            f"concurrency {args.concurrency}); {len(held)} holds in {hold_s:.2f} s; "
+            f"populate ({args.populate}): {tasks} tasks in {populate_s:.1f} s ({tasks / populate_s:,.0f} tasks/s); "
+            f"{len(held)} holds in {hold_s:.2f} s; "
             f"cache {await storage.used_bytes() / 2**20:.1f} MiB; peak RSS {rss_populated:.0f} MiB",
             flush=True,
         )
@@ -246,7 +297,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--piece-size", type=int, default=1024, help="bytes of each task's one piece (default 1024)")
     parser.add_argument("--evict-fraction", type=float, default=0.01, help="share of tasks to evict (default 0.01)")
     parser.add_argument("--repeat", type=int, default=3, help="rounds of the three passes (default 3)")
-    parser.add_argument("--concurrency", type=int, default=32, help="downloads in flight while populating")
+    parser.add_argument(
+        "--populate",
+        choices=("bulk", "downloads"),
+        default="bulk",
+        help="bulk: rows and files written directly (default); downloads: through Storage.download",
+    )
+    parser.add_argument("--concurrency", type=int, default=32, help="downloads in flight with --populate downloads")
     args = parser.parse_args(argv)
     if args.tasks < 1:
         parser.error("--tasks must be at least 1")

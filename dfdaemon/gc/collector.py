@@ -146,8 +146,7 @@ class GarbageCollector:
     async def usage(self) -> Usage:
         limits = await self.limits()
         used = await self.storage.used_bytes()
-        holds = await self.storage.all_live_holds()
-        held = {hold.task_id for hold in holds}
+        held = await self.storage.held_task_ids()
         return Usage(
             used_bytes=used,
             quota_bytes=limits.quota,
@@ -240,11 +239,13 @@ class GarbageCollector:
     async def _run(self, trigger: str, dry_run: bool, reserve: int) -> GCReport:
         """Plan over a snapshot; a dry run reports the plan, a real run applies it and reports what happened."""
         now = self.storage.clock()
-        tasks = await self.storage.gc_view(purge_lapsed=not dry_run)
         used = await self._measure()
         limits = await self.limits()
         policy = PlanPolicy.of(self.policy, limits, reserve)
-        decided = plan(Snapshot(tasks, used, limits.disk), policy, now)
+        # Under no pressure the quiet majority of a big cache can only be spared: the snapshot leaves it out.
+        quiet = policy.quiet(now, used, limits.disk)
+        tasks = await self.storage.gc_view(purge_lapsed=not dry_run, quiet=quiet)
+        decided = plan(Snapshot(tasks, used, limits.disk, partial=quiet is not None), policy, now)
         report = GCReport(
             id=0,
             dry_run=dry_run,
@@ -295,6 +296,9 @@ class GarbageCollector:
                     disk.used,
                     disk.total,
                 )
+        if not report.evicted:  # nothing was deleted: the usage stands as measured before, spare the scan
+            report.bytes_after, report.disk_used_after = report.bytes_before, report.disk_used_before
+            return
         report.bytes_after = await self._measure()
         report.disk_used_after = (await self.limits()).disk.used
 
