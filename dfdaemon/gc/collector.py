@@ -296,9 +296,6 @@ class GarbageCollector:
                     disk.used,
                     disk.total,
                 )
-        if not report.evicted:  # nothing was deleted: the usage stands as measured before, spare the scan
-            report.bytes_after, report.disk_used_after = report.bytes_before, report.disk_used_before
-            return
         report.bytes_after = await self._measure()
         report.disk_used_after = (await self.limits()).disk.used
 
