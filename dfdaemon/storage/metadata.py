@@ -185,20 +185,23 @@ class MetadataStore:
         With ``quiet``, the tasks it describes are left out unless a hold (live or lapsed) names them or they are
         ``busy`` (transfers in flight, which only the caller knows).
         """
-        query = (
-            "SELECT id, state, created_at, updated_at, last_used_at, finished_at, released_at FROM tasks"
-            " WHERE state != 'evicting'"
-        )
+        columns = "id, state, created_at, updated_at, last_used_at, finished_at, released_at"
+        query = f"SELECT {columns} FROM tasks WHERE state != 'evicting' ORDER BY rowid"
         params: tuple[Any, ...] = ()
         if quiet is not None:
-            query += (
-                " AND (state != 'succeeded' OR MAX(COALESCE(finished_at, created_at), COALESCE(released_at, 0)) >= ?"
-                " OR last_used_at <= ? OR id IN (SELECT task_id FROM holds) OR id IN (SELECT value FROM json_each(?)))"
+            # Two legs: a scan that compares times only, and index lookups for the held and busy tasks (testing
+            # every row of the scan against the holds would cost more than the rest of it).
+            leg = f"SELECT rowid AS creation, {columns} FROM tasks WHERE state != 'evicting'"
+            query = (
+                f"SELECT {columns} FROM ({leg} AND (state != 'succeeded' OR last_used_at <= ?"
+                " OR MAX(COALESCE(finished_at, created_at), COALESCE(released_at, 0)) >= ?)"
+                f" UNION {leg} AND id IN (SELECT task_id FROM holds UNION ALL SELECT value FROM json_each(?)))"
+                " ORDER BY creation"
             )
-            params = (quiet.settled_before, quiet.used_since, json.dumps(list(busy)))
+            params = (quiet.used_since, quiet.settled_before, json.dumps(list(busy)))
         cursor = self._db.cursor()
         cursor.row_factory = None  # plain tuples: no sqlite3.Row per task
-        return cursor.execute(query + " ORDER BY rowid", params).fetchall()
+        return cursor.execute(query, params).fetchall()
 
     def gc_rows(
         self, now: float, quiet: Quiet | None, busy: Sequence[str]
