@@ -1,0 +1,45 @@
+"""Eviction against the references it must respect, one interleaving at a time (mutants of ``Storage.evict`` and
+``Storage.references`` that survived the broader tests)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from dfdaemon.storage import Storage, TaskInUse, TaskNotFound, TaskState
+from tests.storage_support import FakeClock, fill, payload, read_all
+
+KB = 1000
+
+
+async def test_an_upload_starting_during_an_eviction_waits_and_finds_the_task_gone(
+    storage: Storage, clock: FakeClock
+) -> None:
+    """The eviction holds the task's lock from its reference check to the deletion, so an upload arriving
+    meanwhile cannot slip in between: it waits, then gets NOT_FOUND, and never holds a reader on deleted bytes."""
+    task = await fill(storage, "contested", 100 * KB)
+    eviction = asyncio.create_task(storage.evict(task.id, [TaskState.SUCCEEDED]))
+    await asyncio.sleep(0)  # the eviction has taken the lock and waits on its first read
+    with pytest.raises(TaskNotFound):
+        async with storage.upload(task.id):
+            pass
+    assert await eviction == 100 * KB
+    assert await storage.get_task(task.id) is None
+
+
+async def test_an_upload_begun_before_an_eviction_refuses_it(storage: Storage, clock: FakeClock) -> None:
+    task = await fill(storage, "serving", 100 * KB)
+    async with storage.upload(task.id):
+        assert await storage.evict(task.id, [TaskState.SUCCEEDED]) is None
+    assert await read_all(storage, task.id) == payload("serving", 100 * KB)
+
+
+async def test_a_refusal_names_the_task_and_what_holds_it(storage: Storage, clock: FakeClock) -> None:
+    task = await fill(storage, "pinned", 10 * KB)
+    await storage.acquire("container:default/web", [task.id])
+    with pytest.raises(TaskInUse) as refused:
+        await storage.delete_task(task.id)
+    assert refused.value.refs.task_id == task.id
+    assert refused.value.refs.holders == ["container:default/web"]
+    assert str(refused.value) == f"task {task.id} is in use: held by container:default/web"
