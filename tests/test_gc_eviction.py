@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from dfdaemon.storage import Storage, TaskInUse, TaskNotFound, TaskState
+from dfdaemon.storage import Storage, TaskInfo, TaskInUse, TaskNotFound, TaskState
 from tests.storage_support import FakeClock, fill, payload, read_all
 
 KB = 1000
@@ -43,3 +43,16 @@ async def test_a_refusal_names_the_task_and_what_holds_it(storage: Storage, cloc
     assert refused.value.refs.task_id == task.id
     assert refused.value.refs.holders == ["container:default/web"]
     assert str(refused.value) == f"task {task.id} is in use: held by container:default/web"
+
+
+async def test_a_victim_gone_or_changed_since_it_was_chosen_is_left_alone(storage: Storage, clock: FakeClock) -> None:
+    """Chosen as stale while running, the task failed before its eviction: the state it was chosen in is gone, so
+    the eviction is refused and the failed task's file is untouched; a task deleted meanwhile is refused too."""
+    task = await fill(storage, "chosen-running", 100 * KB, finish=False)
+    async with storage.download(task.id, TaskInfo(url="http://origin.test/chosen-running")) as writer:
+        await writer.fail()
+    assert await storage.evict(task.id, [TaskState.RUNNING]) is None
+    assert storage.content.path(task.id).stat().st_size == 100 * KB
+    assert (await storage.require_task(task.id)).state is TaskState.FAILED
+    await storage.delete_task(task.id)
+    assert await storage.evict(task.id, [TaskState.FAILED]) is None
