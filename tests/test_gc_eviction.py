@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 
 import pytest
 
-from dfdaemon.storage import Storage, TaskInfo, TaskInUse, TaskNotFound, TaskState
+from dfdaemon.storage import DiskFull, Storage, TaskInfo, TaskInUse, TaskNotFound, TaskState
 from tests.storage_support import FakeClock, fill, payload, read_all
 
 KB = 1000
@@ -48,11 +49,43 @@ async def test_a_refusal_names_the_task_and_what_holds_it(storage: Storage, cloc
 async def test_a_victim_gone_or_changed_since_it_was_chosen_is_left_alone(storage: Storage, clock: FakeClock) -> None:
     """Chosen as stale while running, the task failed before its eviction: the state it was chosen in is gone, so
     the eviction is refused and the failed task's file is untouched; a task deleted meanwhile is refused too."""
-    task = await fill(storage, "chosen-running", 100 * KB, finish=False)
-    async with storage.download(task.id, TaskInfo(url="http://origin.test/chosen-running")) as writer:
+    task = await failed_task(storage, "chosen-running", 100 * KB)
+    assert await storage.evict(task, [TaskState.RUNNING]) is None
+    assert storage.content.path(task).stat().st_size == 100 * KB
+    assert (await storage.require_task(task)).state is TaskState.FAILED
+    await storage.delete_task(task)
+    assert await storage.evict(task, [TaskState.FAILED]) is None
+
+
+async def failed_task(storage: Storage, name: str, size: int) -> str:
+    task = await fill(storage, name, size, finish=False)
+    async with storage.download(task.id, TaskInfo(url=f"http://origin.test/{name}")) as writer:
         await writer.fail()
-    assert await storage.evict(task.id, [TaskState.RUNNING]) is None
-    assert storage.content.path(task.id).stat().st_size == 100 * KB
-    assert (await storage.require_task(task.id)).state is TaskState.FAILED
-    await storage.delete_task(task.id)
-    assert await storage.evict(task.id, [TaskState.FAILED]) is None
+    return task.id
+
+
+async def test_a_held_failed_task_keeps_its_file(storage: Storage, clock: FakeClock) -> None:
+    held = await failed_task(storage, "failed-but-held", 100 * KB)
+    await storage.acquire("user:alice", [held])
+    assert await storage.evict(held, [TaskState.FAILED]) is None
+    assert storage.content.path(held).stat().st_size == 100 * KB
+
+
+async def test_a_full_disk_frees_a_failed_task_first_and_never_a_finished_one(
+    storage: Storage, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed task's bytes go before the metadata write that a full disk refuses; a finished task's stay until
+    it is marked evicting."""
+    failed = await failed_task(storage, "failed", 100 * KB)
+    finished = await fill(storage, "finished", 100 * KB)
+
+    def disk_full(*args: object) -> bool:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(storage.meta, "mark_evicting", disk_full)
+    with pytest.raises(DiskFull):
+        await storage.evict(failed, [TaskState.FAILED])
+    assert not storage.content.path(failed).exists()
+    with pytest.raises(DiskFull):
+        await storage.evict(finished.id, [TaskState.SUCCEEDED])
+    assert await read_all(storage, finished.id) == payload("finished", 100 * KB)
