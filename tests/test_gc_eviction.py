@@ -66,9 +66,12 @@ async def failed_task(storage: Storage, name: str, size: int) -> str:
 
 async def test_a_held_failed_task_keeps_its_file(storage: Storage, clock: FakeClock) -> None:
     held = await failed_task(storage, "failed-but-held", 100 * KB)
+    leased = await failed_task(storage, "failed-but-leased", 100 * KB)
     await storage.acquire("user:alice", [held])
-    assert await storage.evict(held, [TaskState.FAILED]) is None
-    assert storage.content.path(held).stat().st_size == 100 * KB
+    await storage.acquire("job:nightly", [leased], ttl=3600)
+    for task in (held, leased):
+        assert await storage.evict(task, [TaskState.FAILED]) is None
+        assert storage.content.path(task).stat().st_size == 100 * KB
 
 
 async def test_a_full_disk_frees_a_failed_task_first_and_never_a_finished_one(
@@ -78,6 +81,7 @@ async def test_a_full_disk_frees_a_failed_task_first_and_never_a_finished_one(
     it is marked evicting."""
     failed = await failed_task(storage, "failed", 100 * KB)
     finished = await fill(storage, "finished", 100 * KB)
+    await storage.acquire("user:alice", [(await fill(storage, "held-elsewhere", 10 * KB)).id])  # not failed's hold
 
     def disk_full(*args: object) -> bool:
         raise sqlite3.OperationalError("database or disk is full")
