@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 
 import pytest
 
-from dfdaemon.storage import DiskFull, Storage, TaskInfo, TaskInUse, TaskNotFound, TaskState
+from dfdaemon.storage import DiskFull, Storage, TaskInfo, TaskInUse, TaskNotFound, TaskState, Victim
 from tests.storage_support import FakeClock, fill, payload, read_all
 
 KB = 1000
@@ -90,6 +91,17 @@ async def test_a_full_disk_frees_a_failed_task_first_and_never_a_finished_one(
     with pytest.raises(DiskFull):
         await storage.evict(failed, [TaskState.FAILED])
     assert not storage.content.path(failed).exists()
+    assert storage.task_bytes(failed) == 0  # the accounting follows the file
     with pytest.raises(DiskFull):
         await storage.evict(finished.id, [TaskState.SUCCEEDED])
     assert await read_all(storage, finished.id) == payload("finished", 100 * KB)
+
+
+async def test_an_applied_eviction_is_logged_with_its_reason_and_bytes(
+    storage: Storage, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    task = await fill(storage, "idle", 10 * KB)
+    with caplog.at_level(logging.INFO, logger="dfdaemon.storage"):
+        applied = await storage.apply([Victim(task.id, TaskState.SUCCEEDED, "ttl", 10 * KB)])
+    assert [victim.task_id for victim in applied.evicted] == [task.id]
+    assert f"evicted task {task.id} reason=ttl bytes={10 * KB}" in [record.getMessage() for record in caplog.records]
