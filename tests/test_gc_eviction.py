@@ -105,3 +105,19 @@ async def test_an_applied_eviction_is_logged_with_its_reason_and_bytes(
         applied = await storage.apply([Victim(task.id, TaskState.SUCCEEDED, "ttl", 10 * KB)])
     assert [victim.task_id for victim in applied.evicted] == [task.id]
     assert f"evicted task {task.id} reason=ttl bytes={10 * KB}" in [record.getMessage() for record in caplog.records]
+
+
+async def test_each_upload_counts_until_it_ends_and_its_end_wakes_waiters(storage: Storage, clock: FakeClock) -> None:
+    """Two uploads of one task: the first ending leaves the second's reference (the task cannot be evicted), and
+    each end wakes whoever waits on the task."""
+    task = await fill(storage, "served-twice", 10 * KB)
+    async with storage.upload(task.id):
+        async with storage.upload(task.id):  # the first to end
+            waiter = asyncio.create_task(storage.wait_for_change(task.id))
+            await asyncio.sleep(0)  # the waiter is waiting
+        await asyncio.sleep(0)  # one turn of the loop: the released reference has set the task's event
+        assert waiter.done()
+        assert storage.in_flight(task.id) == (0, 1)
+        assert await storage.evict(task.id, [TaskState.SUCCEEDED]) is None
+    assert storage.in_flight(task.id) == (0, 0)
+    assert await storage.evict(task.id, [TaskState.SUCCEEDED]) == 10 * KB
