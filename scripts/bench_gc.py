@@ -10,21 +10,26 @@ Options: ``--tasks N`` (default 100 000), ``--dir DIR`` (an empty or absent dire
 directory, removed afterwards), ``--held-fraction F`` (default 0.1: that share of the tasks, spread evenly, is
 held by one holder), ``--piece-size BYTES`` (default 1024: every task is one piece of that size, so the disk
 stays small), ``--evict-fraction E`` (default 0.01: the share of the tasks each evict pass must remove, at least
-one), ``--repeat R`` (default 3: rounds of the three passes) and ``--concurrency C`` (default 32: downloads
-written at once while populating).
+one), ``--repeat R`` (default 3: rounds of the three passes), ``--populate bulk|downloads`` (default bulk, see
+below) and ``--concurrency C`` (default 32: downloads written at once by ``--populate downloads``).
 
-What it does, all through the public storage and GC API (``Storage.download`` / ``write_piece`` / ``finish``,
-``Storage.acquire``, ``GarbageCollector.run``), in one process and one run so the numbers compare:
+What it does, in one process and one run so the numbers compare:
 
-1. Populate: N downloads of one piece each, C at a time, then the holds in batches. It prints the rate, because
-   every piece is written durably (fdatasync) and every step is its own SQLite transaction.
+1. Populate. ``bulk`` (the default) is a benchmark-only shortcut: before the storage opens, it writes every
+   task's one-piece content file (not synced) and inserts the finished task and piece rows into the real
+   metadata schema (``MetadataStore``, which creates and migrates it) in one transaction; opening the storage
+   then reconciles them with the files as a daemon's start-up would. It takes seconds where ``downloads`` (N
+   downloads through ``Storage.download`` / ``write_piece`` / ``finish``, C at a time, every piece fdatasync'd
+   and every step its own transaction) takes minutes for 100 000 tasks. The holds are then taken in batches
+   through ``Storage.acquire`` either way.
 2. The storage clock is moved past the grace period, so every unheld task is an ordinary candidate.
 3. R rounds, each of three passes in a row (so drift on a noisy machine hits all three alike); the table shows
    the median of each over the rounds:
 
    - ``no-evict pass``: a GC run with a huge quota and a long TTL. It evicts nothing, so its time is the pure
-     cost of reading the task table and the holds, classifying every task and recording the run.
-     ``us/task`` is that time over N.
+     cost of a pass: measuring the usage, scanning the task table (with nothing calling for eviction, the
+     snapshot leaves out the quiet tasks, finished, unheld, past the grace and within the TTL, inside SQLite),
+     reading the holds, classifying the tasks left and recording the run. ``us/task`` is that time over N.
    - ``dry run``: a dry run with the quota set just below the current usage (both watermarks at 100%) so that
      exactly k = E * N least-recently-used unheld tasks would go (checked). It deletes nothing.
    - ``evict pass``: the same run for real; it evicts those k tasks (checked), so R rounds remove R * k.
@@ -32,7 +37,9 @@ What it does, all through the public storage and GC API (``Storage.download`` / 
      divided by k. It covers the per-task lock, the transactions that mark the task evicting and delete its
      rows, and unlinking its file. No scheduler is attached, so ``DeleteTask`` costs nothing here.
 
-``peak RSS`` is ``ru_maxrss`` of this process (storage, GC and benchmark together) after populating and at the end.
+Each pass is also timed in CPU seconds of this process (all its threads), which a busy machine inflates less
+than wall time; the per-pass lines show both. ``peak RSS`` is ``ru_maxrss`` of this process (storage, GC and
+benchmark together) after populating and at the end.
 ``record`` is the size of the JSON report that each run stores in the metadata (every skipped task is listed).
 Machines are noisy: compare numbers from the same run, and rerun before drawing conclusions.
 """
@@ -47,13 +54,17 @@ import shutil
 import statistics
 import tempfile
 import time
+import zlib
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from dfdaemon.gc import GarbageCollector, GCPolicy, GCReport
 from dfdaemon.ids import task_id
-from dfdaemon.storage import Storage, TaskInfo
+from dfdaemon.storage import Storage, TaskInfo, TrafficType
+from dfdaemon.storage.content import ContentStore
+from dfdaemon.storage.manager import METADATA_FILE
+from dfdaemon.storage.metadata import MetadataStore
 
 HOLDER = "bench-gc-holder"
 ACQUIRE_BATCH = 1000
@@ -86,6 +97,7 @@ class ShiftedClock:
 @dataclass
 class Timing:
     seconds: float
+    cpu: float
     report: GCReport
 
 
@@ -110,13 +122,56 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-async def populate(storage: Storage, tasks: int, piece_size: int, concurrency: int) -> None:
+def piece_bytes(number: int, piece_size: int) -> bytes:
+    """Task ``number``'s one piece: its number, then a fixed pattern."""
     block = bytes(range(256)) * (piece_size // 256 + 1)
+    return (number.to_bytes(8, "big") + block)[:piece_size]
+
+
+def populate_bulk(root: Path, tasks: int, piece_size: int, now: float) -> None:
+    """Benchmark-only: N finished one-piece tasks written straight into a cache that is not open yet.
+
+    The content files are written without syncing and every task and piece row goes in one transaction of the
+    real schema. Task n finished a microsecond after task n - 1, so the least-recently-used order is the
+    population order, as with downloads one after another. ``Storage.open`` reconciles the result afterwards.
+    """
+    content = ContentStore(root)
+    meta = MetadataStore(root / METADATA_FILE)
+    shards: set[Path] = set()
+    try:
+        task_rows, piece_rows = [], []
+        for number in range(tasks):
+            url = task_url(number)
+            tid, at, data = task_id(url), now + number * 1e-6, piece_bytes(number, piece_size)
+            path = content.path(tid)
+            if path.parent not in shards:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                shards.add(path.parent)
+            path.write_bytes(data)
+            task_rows.append((tid, url, piece_size, piece_size, at, at, at, at, piece_size))
+            piece_rows.append((tid, piece_size, zlib.crc32(data), TrafficType.BACK_TO_SOURCE, at))
+        with meta.transaction() as db:
+            db.executemany(
+                "INSERT INTO tasks (id, state, url, piece_length, content_length, created_at, updated_at,"
+                " last_used_at, finished_at, content_bytes) VALUES (?, 'succeeded', ?, ?, ?, ?, ?, ?, ?, ?)",
+                task_rows,
+            )
+            db.executemany(
+                "INSERT INTO pieces (task_id, number, offset, length, crc, traffic_type, cost, created_at)"
+                " VALUES (?, 0, 0, ?, ?, ?, 0.0, ?)",
+                piece_rows,
+            )
+    finally:
+        meta.close()
+
+
+async def populate_downloads(storage: Storage, tasks: int, piece_size: int, concurrency: int) -> None:
+    """N downloads through the storage API, ``concurrency`` at a time, as a daemon writes them."""
     numbers: Iterator[int] = iter(range(tasks))
 
     async def one(number: int) -> None:
         url = task_url(number)
-        data = (number.to_bytes(8, "big") + block)[:piece_size]
+        data = piece_bytes(number, piece_size)
         info = TaskInfo(url=url, piece_length=piece_size, content_length=piece_size)
         async with storage.download(task_id(url), info) as writer:
             await writer.write_piece(0, 0, data)
@@ -137,9 +192,9 @@ async def hold(storage: Storage, numbers: list[int]) -> None:
 
 
 async def timed(run: Awaitable[GCReport]) -> Timing:
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     report = await run
-    return Timing(time.perf_counter() - started, report)
+    return Timing(time.perf_counter() - started, time.process_time() - cpu, report)
 
 
 async def quota_policy(storage: Storage, evict: int, piece_size: int) -> GCPolicy:
@@ -170,18 +225,22 @@ async def bench(args: argparse.Namespace, root: Path) -> None:
 
     clock = ShiftedClock()
     storage = Storage(root, clock=clock)
+    started = time.perf_counter()
+    if args.populate == "bulk":
+        await asyncio.to_thread(root.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(populate_bulk, root, tasks, piece_size, clock())
     await storage.open()
     try:
-        started = time.perf_counter()
-        await populate(storage, tasks, piece_size, args.concurrency)
+        if args.populate == "downloads":
+            await populate_downloads(storage, tasks, piece_size, args.concurrency)
         populate_s = time.perf_counter() - started
         started = time.perf_counter()
         await hold(storage, held)
         hold_s = time.perf_counter() - started
         rss_populated = peak_rss_mib()
         print(
-            f"populate: {tasks} downloads in {populate_s:.1f} s ({tasks / populate_s:,.0f} tasks/s, "
-            f"concurrency {args.concurrency}); {len(held)} holds in {hold_s:.2f} s; "
+            f"populate ({args.populate}): {tasks} tasks in {populate_s:.1f} s ({tasks / populate_s:,.0f} tasks/s); "
+            f"{len(held)} holds in {hold_s:.2f} s; "
             f"cache {await storage.used_bytes() / 2**20:.1f} MiB; peak RSS {rss_populated:.0f} MiB",
             flush=True,
         )
@@ -231,7 +290,8 @@ async def bench(args: argparse.Namespace, root: Path) -> None:
     print("  ".join(value.rjust(width) for value, (_, width) in zip(values, COLUMNS, strict=True)))
     print()
     for name, pick in (("no-evict", "none"), ("dry run", "dry"), ("evict", "evict")):
-        print(f"{name + ' passes (s):':22}", ", ".join(f"{getattr(r, pick).seconds:.3f}" for r in rounds))
+        timings = [getattr(r, pick) for r in rounds]
+        print(f"{name + ' passes (s, wall/CPU):':32}", ", ".join(f"{t.seconds:.3f}/{t.cpu:.3f}" for t in timings))
     print(
         f"record of one run: {record_bytes / 1024:.0f} KiB ({skipped} skipped tasks listed); "
         f"peak RSS after populate {rss_populated:.0f} MiB, at the end {peak_rss_mib():.0f} MiB"
@@ -246,7 +306,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--piece-size", type=int, default=1024, help="bytes of each task's one piece (default 1024)")
     parser.add_argument("--evict-fraction", type=float, default=0.01, help="share of tasks to evict (default 0.01)")
     parser.add_argument("--repeat", type=int, default=3, help="rounds of the three passes (default 3)")
-    parser.add_argument("--concurrency", type=int, default=32, help="downloads in flight while populating")
+    parser.add_argument(
+        "--populate",
+        choices=("bulk", "downloads"),
+        default="bulk",
+        help="bulk: rows and files written directly (default); downloads: through Storage.download",
+    )
+    parser.add_argument("--concurrency", type=int, default=32, help="downloads in flight with --populate downloads")
     args = parser.parse_args(argv)
     if args.tasks < 1:
         parser.error("--tasks must be at least 1")

@@ -4,8 +4,10 @@
 # planning (dfdaemon/gc/plan.py), each against its unit tests. Configuration: [tool.mutmut] in pyproject.toml;
 # mutmut works on copies in ./mutants/ (ignored by git). Needs the "mutation" extra (pip install -e '.[mutation]').
 #
-# Usage: scripts/mutation.sh [module ...]   e.g. scripts/mutation.sh ids gc.plan
-#   (no argument: all four modules). Survivors are listed at the end; `mutmut show NAME` prints one.
+# Usage: scripts/mutation.sh [module[.function] ...]   e.g. scripts/mutation.sh ids gc.plan
+#   (no argument: all four modules). A function narrows a run to its mutants, named as mutmut names them:
+#   download.parents.x_check_place for a function, 'storage.manager.xǁStorageǁevict' for a method.
+#   Survivors are listed at the end; `mutmut show NAME` prints one.
 # Equivalent mutants, which no test can kill, are listed in tests/MUTANTS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +17,7 @@ modules=("$@")
 [ ${#modules[@]} -gt 0 ] || modules=(ids download.parents storage.manager gc.plan)
 patterns=()
 for module in "${modules[@]}"; do
-    patterns+=("dfdaemon.${module}.*")
+    patterns+=("dfdaemon.${module}*")
 done
 "$MUTMUT" run "${patterns[@]}" || true
 "$MUTMUT" results

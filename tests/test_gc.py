@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from dfdaemon.gc import GarbageCollector, GCPolicy
 from dfdaemon.storage import Storage, StorageFull, TaskInfo, TaskNotFound, TaskState, TaskUse
+from dfdaemon.storage.models import Quiet
 from tests.storage_support import FakeClock, fill, make_id, payload, read_all
 
 KB = 1000
@@ -255,8 +256,8 @@ async def test_a_reference_taken_after_planning_wins(storage: Storage, clock: Fa
     clock.advance(1000)
     view = storage.gc_view
 
-    async def view_then_acquire(*, purge_lapsed: bool) -> list[TaskUse]:
-        snapshot = await view(purge_lapsed=purge_lapsed)
+    async def view_then_acquire(*, purge_lapsed: bool, quiet: Quiet | None = None) -> list[TaskUse]:
+        snapshot = await view(purge_lapsed=purge_lapsed, quiet=quiet)
         await storage.acquire("container:late", [tasks[0].id])
         return snapshot
 
@@ -359,8 +360,8 @@ class HeldWorld:
         uploading_before = set(self.uploads) - set(held_before)
         view = self.storage.gc_view
 
-        async def view_then_race(*, purge_lapsed: bool) -> list[TaskUse]:
-            snapshot = await view(purge_lapsed=purge_lapsed)
+        async def view_then_race(*, purge_lapsed: bool, quiet: Quiet | None = None) -> list[TaskUse]:
+            snapshot = await view(purge_lapsed=purge_lapsed, quiet=quiet)
             by_age = sorted(snapshot, key=lambda task: (task.last_used_at, task.id))
             if kind != "nothing" and index < len(by_age):
                 if kind == "acquire":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from dfdaemon.gc import Disk, GCPolicy, Limits, Plan, PlanPolicy, Skip, Snapshot, plan
 from dfdaemon.storage import TaskState, TaskUse, Victim
 
@@ -269,3 +271,13 @@ def test_a_policy_built_from_the_configuration_reserves_nothing_unless_asked() -
     limits = Limits(quota=1000, high=800, low=600, fs_total=10**9, fs_free=10**9)
     assert PlanPolicy.of(gc_policy, limits) == POLICY
     assert PlanPolicy.of(gc_policy, limits, reserve=700).target == 300
+
+
+def test_a_partial_snapshot_under_pressure_is_refused() -> None:
+    """Left-out quiet tasks are quota candidates: a plan that needs candidates cannot do without them."""
+    tasks = [task("left-in", state=TaskState.FAILED)]
+    with pytest.raises(ValueError, match="partial snapshot"):
+        plan(Snapshot(tasks, 900, partial=True), POLICY, NOW)  # at the high watermark
+    with pytest.raises(ValueError, match="partial snapshot"):
+        plan(Snapshot(tasks, 100, Disk(total=1000, free=100), partial=True), POLICY, NOW)  # the disk 90% full
+    assert plan(Snapshot(tasks, 100, partial=True), POLICY, NOW) == decide(tasks, used=100)

@@ -146,14 +146,14 @@ class GarbageCollector:
     async def usage(self) -> Usage:
         limits = await self.limits()
         used = await self.storage.used_bytes()
-        holds = await self.storage.all_live_holds()
-        held = {hold.task_id for hold in holds}
+        held = await self.storage.held_task_ids()
+        size = self.storage.task_bytes
         return Usage(
             used_bytes=used,
             quota_bytes=limits.quota,
             high_watermark_bytes=limits.high,
             low_watermark_bytes=limits.low,
-            held_bytes=sum(self.storage.task_bytes(task_id) for task_id in held),
+            held_bytes=sum(map(size, held)),
             task_count=await self.storage.count_tasks(),
             held_task_count=len(held),
             quota_exceeded_by_data_in_use=self.quota_exceeded_by_data_in_use,
@@ -212,17 +212,8 @@ class GarbageCollector:
                 dry_run, trigger, report.started_at, report.finished_at, report.to_json()
             )
             report.id = run_id
-            holders = sorted({holder for skip in report.skipped for holder in skip.holders})
-            current.set_attributes(
-                {
-                    "dragonfly.gc.evicted_tasks": len(report.evicted),
-                    "dragonfly.gc.evicted_bytes": sum(e.bytes for e in report.evicted),
-                    "dragonfly.gc.skipped_tasks": len(report.skipped),
-                    "dragonfly.gc.protected_by": holders,
-                    "dragonfly.gc.bytes_before": report.bytes_before,
-                    "dragonfly.gc.bytes_after": report.bytes_after,
-                }
-            )
+            if current.is_recording():  # a pass over a big cache skips thousands of tasks: only for a real span
+                current.set_attributes(_span_attributes(report))
         metrics.GC_RUNS.labels(trigger, str(dry_run).lower()).inc()
         if not dry_run:
             for eviction in report.evicted:
@@ -240,11 +231,13 @@ class GarbageCollector:
     async def _run(self, trigger: str, dry_run: bool, reserve: int) -> GCReport:
         """Plan over a snapshot; a dry run reports the plan, a real run applies it and reports what happened."""
         now = self.storage.clock()
-        tasks = await self.storage.gc_view(purge_lapsed=not dry_run)
         used = await self._measure()
         limits = await self.limits()
         policy = PlanPolicy.of(self.policy, limits, reserve)
-        decided = plan(Snapshot(tasks, used, limits.disk), policy, now)
+        # Under no pressure the quiet majority of a big cache can only be spared: the snapshot leaves it out.
+        quiet = policy.quiet(now, used, limits.disk)
+        tasks = await self.storage.gc_view(purge_lapsed=not dry_run, quiet=quiet)
+        decided = plan(Snapshot(tasks, used, limits.disk, partial=quiet is not None), policy, now)
         report = GCReport(
             id=0,
             dry_run=dry_run,
@@ -297,6 +290,18 @@ class GarbageCollector:
                 )
         report.bytes_after = await self._measure()
         report.disk_used_after = (await self.limits()).disk.used
+
+
+def _span_attributes(report: GCReport) -> dict[str, Any]:
+    """What a run's span says of it: counts, bytes, and every holder that kept a task."""
+    return {
+        "dragonfly.gc.evicted_tasks": len(report.evicted),
+        "dragonfly.gc.evicted_bytes": sum(e.bytes for e in report.evicted),
+        "dragonfly.gc.skipped_tasks": len(report.skipped),
+        "dragonfly.gc.protected_by": sorted({holder for skip in report.skipped for holder in skip.holders}),
+        "dragonfly.gc.bytes_before": report.bytes_before,
+        "dragonfly.gc.bytes_after": report.bytes_after,
+    }
 
 
 def _record(applied: Applied, report: GCReport) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 
-from dfdaemon.storage.models import TaskState, TaskUse, Victim
+from dfdaemon.storage.models import Quiet, TaskState, TaskUse, Victim
 
 # Least recently used first; ties by task id, so a plan is the same whatever order the snapshot lists tasks in.
 _LRU_ORDER = attrgetter("last_used_at", "id")
@@ -115,6 +115,14 @@ class PlanPolicy:
         """Whether ``used`` bytes in use on the filesystem call for disk eviction."""
         return used >= disk.total * self.disk_high_percent // 100 or used > disk.total - self.reserve
 
+    def quiet(self, now: float, used: int, disk: Disk | None) -> Quiet | None:
+        """Which tasks a snapshot may leave out at ``now``, or None when ``used`` or the filesystem calls for
+        eviction (every candidate counts then). A one-second margin on each limit leaves the tasks near it to the
+        plan's own comparison."""
+        if self.over(used) or (disk is not None and self.disk_over(disk, disk.used)):
+            return None
+        return Quiet(settled_before=now - self.grace_period - 1.0, used_since=now - self.task_ttl + 1.0)
+
     def short(self, used: int, disk: Disk | None, *, quota_acts: bool, disk_acts: bool) -> str:
         """Why eviction must go on ("quota", "disk"), or "" once whatever acts is at its target."""
         if quota_acts and used > self.target:
@@ -139,11 +147,16 @@ class Disk:
 @dataclass(frozen=True)
 class Snapshot:
     """The cache at one instant: every task not being evicted (in creation order), the measured usage and,
-    when known, the filesystem it lives on (None leaves disk pressure out)."""
+    when known, the filesystem it lives on (None leaves disk pressure out).
+
+    ``partial``: the tasks ``PlanPolicy.quiet`` describes were left out, which only a plan under no pressure
+    can do without.
+    """
 
     tasks: Sequence[TaskUse]
     used_bytes: int
     disk: Disk | None = None
+    partial: bool = False
 
 
 @dataclass(frozen=True)
@@ -179,6 +192,8 @@ def plan(snapshot: Snapshot, policy: PlanPolicy, now: float) -> Plan:
         used, disk = _without(item.bytes, used, disk)
     pressure = policy.over(used)
     disk_pressure = disk is not None and policy.disk_over(disk, disk.used)
+    if snapshot.partial and (pressure or disk_pressure):
+        raise ValueError("a partial snapshot cannot be planned under quota or disk pressure")
     queue = sorted(candidates, key=_LRU_ORDER) if pressure or disk_pressure else []
     taken = 0
     while taken < len(queue) and (reason := policy.short(used, disk, quota_acts=pressure, disk_acts=disk_pressure)):

@@ -27,7 +27,8 @@ Operation                                   Transaction, and the file work aroun
 ``acquire`` / ``release`` / ``sync``        the holder's holds, all named tasks in one transaction
 ``keep_alive`` / ``expire_holds``           lease expiries; expiry stamps the task released when it lapsed
 ``get_task`` / ``list_tasks`` / ``list_holds`` / ``get_references``   read only
-``gc_view(purge_lapsed=)``                  every task with bytes and references (lapsed leases purged first)
+``gc_view(purge_lapsed=, quiet=)``          every task with bytes and references (lapsed leases purged first),
+                                            or all but the ``quiet`` ones, left out in the query
 ``apply(victims)`` / ``evict(id, states)``  per victim: re-check references, mark evicting (one transaction
                                             that also re-checks holds), delete the file, delete the rows
 ``delete_task(id, force=)``                 as eviction, refused while referenced; ``force`` drops holds

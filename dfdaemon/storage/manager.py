@@ -39,6 +39,7 @@ from dfdaemon.storage.models import (
     PieceCorrupt,
     PieceNotFound,
     PieceRecord,
+    Quiet,
     References,
     Refusal,
     SyncResult,
@@ -77,6 +78,9 @@ def _test_pause(point: str) -> None:
 METADATA_FILE = "metadata.db"
 # How long uses (pieces served) wait in memory before one transaction records them all.
 USE_FLUSH_DELAY = 5.0
+
+# A task's state as stored, to the enum member (a dict lookup per row is what a snapshot of 100k tasks affords).
+_STATES = {state.value: state for state in TaskState}
 
 # Called after a task's bytes are deleted, e.g. to tell the scheduler (DeleteTask).
 DeletionListener = Callable[[str], Awaitable[None]]
@@ -622,25 +626,29 @@ class Storage:
             evicted.append(victim._replace(bytes=freed))
         return Applied(evicted, refused)
 
-    async def gc_view(self, *, purge_lapsed: bool) -> list[TaskUse]:
+    async def gc_view(self, *, purge_lapsed: bool, quiet: Quiet | None = None) -> list[TaskUse]:
         """Every task not being evicted, with its bytes and references at one instant: what GC plans over.
 
         Lapsed leases count as released when they lapsed; ``purge_lapsed`` deletes them as well (a real run),
-        otherwise they are only read (a dry run, or a disk too full to write).
+        otherwise they are only read (a dry run, or a disk too full to write). With ``quiet``, the tasks it
+        describes are left out (a big cache's quiet majority costs no object then); a task with a hold or a
+        transfer in flight is always in.
         """
         await self.flush_uses()
         lapsed = await self._lapsed_holds(purge_lapsed)
+        busy = [task_id for counter in (self._downloads, self._uploads) for task_id, n in counter.items() if n]
+        rows, holds = await self._db(self.meta.gc_rows, self.clock(), quiet, busy)
         holding: dict[str, list[str]] = {}
-        for hold in await self._db(self.meta.live_holds, self.clock()):
-            holding.setdefault(hold.task_id, []).append(hold.holder)
+        for task_id, holder in holds:
+            holding.setdefault(task_id, []).append(holder)
         holders = {task_id: tuple(names) for task_id, names in holding.items()}
-        rows = await self._db(self.meta.task_time_rows)
         # Bound lookups: this runs once per task of a cache that may hold a hundred thousand.
         size, held, downloads, uploads = self._content_bytes.get, holders.get, self._downloads.get, self._uploads.get
+        states = _STATES
         return [
             TaskUse(
                 i,
-                s,
+                states[s],
                 c,
                 u,
                 lu,
@@ -748,6 +756,10 @@ class Storage:
 
     async def all_live_holds(self) -> list[Hold]:
         return await self._db(self.meta.live_holds, self.clock())
+
+    async def held_task_ids(self) -> list[str]:
+        """The tasks some live hold names (what usage reports as held)."""
+        return await self._db(self.meta.held_task_ids, self.clock())
 
     # GC records
 

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from dfdaemon.storage.models import Hold, PieceRecord, TaskInfo, TaskRecord, TaskState, TaskTimes
+from dfdaemon.storage.models import Hold, PieceRecord, Quiet, TaskInfo, TaskRecord, TaskState, TaskTimes
 
 SCHEMA_VERSION = 1
 
@@ -174,18 +174,54 @@ class MetadataStore:
 
     def task_times(self) -> list[TaskTimes]:
         """Every task not being evicted, with only the columns GC decides by (see ``task_time_rows``)."""
-        return list(map(TaskTimes._make, self.task_time_rows()))
+        return [TaskTimes(i, TaskState(s), c, u, lu, f, r) for i, s, c, u, lu, f, r in self.task_time_rows()]
 
-    def task_time_rows(self) -> list[tuple[str, TaskState, float, float, float, float | None, float | None]]:
-        """``TaskTimes`` fields as plain tuples in creation order: one narrow scan, no JSON, no object per row."""
-        states = {state.value: state for state in TaskState}
+    def task_time_rows(
+        self, quiet: Quiet | None = None, busy: Sequence[str] = ()
+    ) -> list[tuple[str, str, float, float, float, float | None, float | None]]:
+        """``TaskTimes`` fields as plain tuples, the state as stored, in creation order: one narrow scan of the
+        table in rowid order (rows are inserted when tasks are created, so no sort), no object per row.
+
+        With ``quiet``, the tasks it describes are left out unless a hold (live or lapsed) names them or they are
+        ``busy`` (transfers in flight, which only the caller knows).
+        """
+        columns = "id, state, created_at, updated_at, last_used_at, finished_at, released_at"
+        query = f"SELECT {columns} FROM tasks WHERE state != 'evicting' ORDER BY rowid"
+        params: tuple[Any, ...] = ()
+        if quiet is not None:
+            # Two legs: a scan that compares times only, and index lookups for the held and busy tasks (testing
+            # every row of the scan against the holds would cost more than the rest of it).
+            leg = f"SELECT rowid AS creation, {columns} FROM tasks WHERE state != 'evicting'"
+            query = (
+                f"SELECT {columns} FROM ({leg} AND (state != 'succeeded' OR last_used_at <= ?"
+                " OR MAX(COALESCE(finished_at, created_at), COALESCE(released_at, 0)) >= ?)"
+                f" UNION {leg} AND id IN (SELECT task_id FROM holds UNION ALL SELECT value FROM json_each(?)))"
+                " ORDER BY creation"
+            )
+            params = (quiet.used_since, quiet.settled_before, json.dumps(list(busy)))
         cursor = self._db.cursor()
         cursor.row_factory = None  # plain tuples: no sqlite3.Row per task
+        return cursor.execute(query, params).fetchall()
+
+    def gc_rows(
+        self, now: float, quiet: Quiet | None, busy: Sequence[str]
+    ) -> tuple[list[tuple[str, str, float, float, float, float | None, float | None]], list[tuple[str, str]]]:
+        """What a GC snapshot is built from, read in one call on the database thread (so at one instant): the
+        tasks' ``task_time_rows`` and every live hold as a plain (task id, holder) pair, by holder."""
+        cursor = self._db.cursor()
+        cursor.row_factory = None
         cursor.execute(
-            "SELECT id, state, created_at, updated_at, last_used_at, finished_at, released_at FROM tasks"
-            " WHERE state != 'evicting' ORDER BY created_at"
+            "SELECT task_id, holder FROM holds WHERE expires_at IS NULL OR expires_at > ? ORDER BY holder, task_id",
+            (now,),
         )
-        return [(i, states[s], c, u, lu, f, r) for i, s, c, u, lu, f, r in cursor]
+        return self.task_time_rows(quiet, busy), cursor.fetchall()
+
+    def held_task_ids(self, now: float) -> list[str]:
+        """The tasks at least one live hold names, as plain ids (no ``Hold`` per row)."""
+        cursor = self._db.cursor()
+        cursor.row_factory = None
+        cursor.execute("SELECT DISTINCT task_id FROM holds WHERE expires_at IS NULL OR expires_at > ?", (now,))
+        return [task_id for (task_id,) in cursor]
 
     def count_tasks(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM tasks WHERE state != 'evicting'").fetchone()[0])

@@ -92,6 +92,15 @@ class TaskUse(NamedTuple):
     uploads: int = 0
 
 
+class Quiet(NamedTuple):
+    """Which tasks a GC snapshot may leave out: finished ones with no hold and no transfer in flight, settled
+    (finished or released) before ``settled_before`` and last used after ``used_since``. Past their grace and
+    within their TTL, only quota or disk eviction could take them."""
+
+    settled_before: float
+    used_since: float
+
+
 class Victim(NamedTuple):
     """A task chosen for eviction: it goes only if it is still in ``state`` and unreferenced when evicted."""
 
