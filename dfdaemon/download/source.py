@@ -31,10 +31,10 @@ log = logging.getLogger("dfdaemon.download")
 # Pieces are committed once this many are written, or this long after the first of a batch was.
 COMMIT_PIECES = 8
 COMMIT_DELAY = 0.1
-# A stream writes the bytes of a piece in one thread hop, or of each segment of this size for a longer piece; this
-# many written segments may be pending while the next one fills (per stream, the bytes held are at most
-# SEGMENT * (PENDING_SEGMENTS + 1)).
-SEGMENT = 4 * 1024 * 1024
+# A stream writes the bytes of each segment of a piece (the whole piece when it is no longer) in one thread hop;
+# this many segments may be waiting for their write while the next one fills. The bytes a stream holds are at most
+# SEGMENT * (PENDING_SEGMENTS + 1); with a task's parallel ranges, this bounds the daemon's memory.
+SEGMENT = 2 * 1024 * 1024
 PENDING_SEGMENTS = 1
 # A run of missing pieces is split into parallel ranges only where each gets at least this many pieces.
 MIN_STREAM_PIECES = 16
