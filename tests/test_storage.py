@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import os
@@ -292,10 +293,18 @@ async def test_content_files_are_private_to_the_storage_dir(storage: Storage) ->
     assert mode & 0o002 == 0
 
 
+def open_files() -> list[str]:
+    """What this process's file descriptors point at (a deleted file's name ends in " (deleted)")."""
+    targets = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):  # the descriptor that listed the directory is gone
+            targets.append(os.readlink(f"/proc/self/fd/{fd}"))
+    return targets
+
+
 def open_descriptors(path: Path) -> int:
     """How many of this process's file descriptors are open on ``path``."""
-    fds = Path("/proc/self/fd")
-    return sum(1 for fd in fds.iterdir() if os.path.realpath(fd) == str(path))
+    return open_files().count(str(path))
 
 
 async def test_a_download_writes_through_one_open_file_from_both_paths(storage: Storage) -> None:
@@ -331,3 +340,16 @@ def test_a_vectored_write_takes_more_chunks_than_one_call_may(tmp_path: Path) ->
     finally:
         os.close(fd)
     assert path.read_bytes() == bytes(100) + data
+
+
+async def test_a_discarded_task_holds_no_descriptor_on_its_old_bytes(storage: Storage) -> None:
+    """Failing with discard closes the writer's file first, so the discarded bytes go back to the filesystem."""
+    tid = make_id("discarded")
+    data = payload("discarded", 3000)
+    async with storage.download(tid, TaskInfo(url="http://origin.test/discarded", content_length=3000)) as writer:
+        await writer.write_piece(0, 0, data[:1000])
+        await writer.fail(discard=True)
+        assert [name for name in open_files() if tid in name] == []
+        assert await storage.pieces(tid) == []
+    task = await storage.get_task(tid)
+    assert task is not None and task.state is TaskState.FAILED

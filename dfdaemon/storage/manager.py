@@ -812,6 +812,9 @@ class TaskWriter:
         return await self.storage.finish_task(self.task_id)
 
     async def fail(self, *, discard: bool = False) -> None:
+        """Mark the task failed. Its file is closed first: discarded bytes free their space only once no
+        descriptor holds them, and a full disk needs that space for the mark."""
+        await self.close()
         await self.storage.fail_task(self.task_id, discard=discard)
 
     async def close(self) -> None:
