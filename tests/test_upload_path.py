@@ -12,7 +12,8 @@ from dfdaemon import ids
 from dfdaemon.api import dfdaemon_pb2
 from dfdaemon.rpc import convert
 from dfdaemon.rpc.upload import encode_download_piece
-from dfdaemon.storage import PieceCorrupt, Storage, TaskInfo, TaskNotFound, TaskState, TrafficType
+from dfdaemon.storage import PieceCorrupt, PieceRecord, Storage, TaskInfo, TaskNotFound, TaskState, TrafficType
+from dfdaemon.storage.manager import PieceCache
 from tests.storage_support import FakeClock, fill, make_id, payload
 
 
@@ -208,3 +209,21 @@ async def test_an_evicted_task_is_not_served_from_the_cache(storage: Storage) ->
         async with storage.upload(task.id):
             pass
     assert await storage.pieces(task.id) == []
+
+
+def test_the_piece_cache_forgets_the_least_recently_used_tasks_past_its_size() -> None:
+    def records(name: str, count: int) -> dict[int, PieceRecord]:
+        return {n: PieceRecord(make_id(name), n, n * 10, 10, 0, None, 0, 0.0, 0.0) for n in range(count)}
+
+    cache = PieceCache(capacity=5)
+    cache.put(make_id("a"), records("a", 2))
+    cache.put(make_id("b"), records("b", 2))
+    assert cache.get(make_id("a")) is not None  # now the most recently used
+    cache.put(make_id("c"), records("c", 2))
+    assert cache.get(make_id("b")) is None
+    assert cache.get(make_id("a")) is not None and cache.get(make_id("c")) is not None
+    cache.put(make_id("huge"), records("huge", 9))  # larger than the whole cache: kept alone
+    assert [cache.get(make_id(name)) is not None for name in ("a", "c", "huge")] == [False, False, True]
+    cache.add(make_id("huge"), [PieceRecord(make_id("huge"), 9, 90, 10, 0, None, 0, 0.0, 0.0)])
+    known = cache.get(make_id("huge"))
+    assert known is not None and sorted(known) == list(range(10))

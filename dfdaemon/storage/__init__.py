@@ -37,7 +37,7 @@ Operation                                   Transaction, and the file work aroun
 
 A crash between a mark and the file work is finished at the next ``open``. The piece cache is derived from the
 store: pieces join it once committed; a task leaves it when a piece is dropped, or it is evicted, deleted or
-discarded; it holds the ``PIECE_CACHE_TASKS`` most recently used tasks.
+discarded; it holds the most recently used tasks, up to ``PIECE_CACHE_PIECES`` pieces in all.
 """
 
 from dfdaemon.storage.manager import PieceFile, Storage, TaskReader, TaskWriter

@@ -77,9 +77,9 @@ def _test_pause(point: str) -> None:
 METADATA_FILE = "metadata.db"
 # How long uses (pieces served) wait in memory before one transaction records them all.
 USE_FLUSH_DELAY = 5.0
-# Tasks whose piece metadata is kept in memory for serving (least recently served forgotten first). A record is
-# about 200 bytes: a thousand tasks of 500 pieces stay under 100 MiB only in theory; the usual is far less.
-PIECE_CACHE_TASKS = 256
+# Piece records kept in memory for serving, whole tasks at a time, the least recently used task forgotten first
+# (the latest is always kept). A record takes about half a KiB: this bounds the cache to about 10 MiB.
+PIECE_CACHE_PIECES = 20_000
 
 # Called after a task's bytes are deleted, e.g. to tell the scheduler (DeleteTask).
 DeletionListener = Callable[[str], Awaitable[None]]
@@ -107,7 +107,7 @@ class Storage:
         self._uses: dict[str, tuple[float, int]] = {}
         self._uses_timer: asyncio.TimerHandle | None = None
         self._uses_flush: asyncio.Task[None] | None = None
-        self._piece_cache = PieceCache(PIECE_CACHE_TASKS)
+        self._piece_cache = PieceCache(PIECE_CACHE_PIECES)
 
     # Lifetime
 
@@ -931,9 +931,10 @@ class PieceCache:
     """
 
     def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
+        self.capacity = capacity  # in pieces
         self.epoch = 0
         self._tasks: OrderedDict[str, dict[int, PieceRecord]] = OrderedDict()
+        self._pieces = 0
 
     def get(self, task_id: str) -> dict[int, PieceRecord] | None:
         known = self._tasks.get(task_id)
@@ -942,27 +943,37 @@ class PieceCache:
         return known
 
     def put(self, task_id: str, pieces: dict[int, PieceRecord]) -> None:
+        self.forget(task_id)
         self._tasks[task_id] = pieces
-        self._tasks.move_to_end(task_id)
-        while len(self._tasks) > self.capacity:
-            self._tasks.popitem(last=False)
+        self._pieces += len(pieces)
+        self._trim()
 
     def add(self, task_id: str, pieces: Sequence[PieceRecord]) -> None:
         """Committed pieces join a cached task (an uncached one is read whole when next asked for)."""
         self.epoch += 1
         known = self._tasks.get(task_id)
         if known is not None:
+            before = len(known)
             known.update((piece.number, piece) for piece in pieces)
+            self._pieces += len(known) - before
+            self._trim()
 
     def drop_piece(self, task_id: str, number: int) -> None:
         self.epoch += 1
         known = self._tasks.get(task_id)
-        if known is not None:
-            known.pop(number, None)
+        if known is not None and known.pop(number, None) is not None:
+            self._pieces -= 1
 
     def forget(self, task_id: str) -> None:
         self.epoch += 1
-        self._tasks.pop(task_id, None)
+        known = self._tasks.pop(task_id, None)
+        if known is not None:
+            self._pieces -= len(known)
+
+    def _trim(self) -> None:
+        while self._pieces > self.capacity and len(self._tasks) > 1:
+            _, known = self._tasks.popitem(last=False)
+            self._pieces -= len(known)
 
 
 def _check_span(number: int, offset: int, length: int) -> None:
