@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import itertools
 import os
@@ -16,6 +17,7 @@ import pytest
 
 from dfdaemon.ids import InvalidTaskId
 from dfdaemon.storage import (
+    DiskFull,
     InvalidPiece,
     PieceCorrupt,
     PieceNotFound,
@@ -353,3 +355,19 @@ async def test_a_discarded_task_holds_no_descriptor_on_its_old_bytes(storage: St
         assert await storage.pieces(tid) == []
     task = await storage.get_task(tid)
     assert task is not None and task.state is TaskState.FAILED
+
+
+async def test_a_full_disk_under_a_staged_piece_is_reported_as_such(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tid = make_id("full")
+    async with storage.download(tid, TaskInfo(url="http://origin.test/full", content_length=3000)) as writer:
+
+        def no_space(fd: int, data: object, offset: int) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "pwrite", no_space)
+        with pytest.raises(DiskFull, match="writing piece 2 of task"):
+            await writer.stage_piece(2, 2000, b"x" * 1000)
+        monkeypatch.undo()
+        assert await storage.pieces(tid) == []

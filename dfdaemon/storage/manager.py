@@ -393,10 +393,12 @@ class Storage:
             writer = TaskWriter(self, task)
             yield writer
         finally:
-            if writer is not None:
-                await writer.close()
-            async with self._lock(task_id):
-                self._release_count(self._downloads, task_id)
+            try:
+                if writer is not None:
+                    await writer.close()
+            finally:
+                async with self._lock(task_id):
+                    self._release_count(self._downloads, task_id)
 
     @contextlib.asynccontextmanager
     async def reading(self, task_id: str) -> AsyncIterator[None]:
@@ -877,7 +879,8 @@ class PieceFile:
     ) -> PieceRecord:
         """Write a whole piece and compute its CRC in one thread hop; neither durable nor visible yet."""
         _check_span(number, offset, len(data))
-        crc = await self.hop(partial(write_at, self._fd, offset, data, 0))
+        with self.storage._disk_full_guard(self.task_id, number):
+            crc = await self.hop(partial(write_at, self._fd, offset, data, 0))
         return self.storage._piece(self.task_id, number, offset, len(data), crc, parent_id, traffic_type, cost)
 
     @contextlib.contextmanager
