@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import hashlib
+import itertools
 import os
 import sqlite3
+import zlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,6 +17,7 @@ import pytest
 
 from dfdaemon.ids import InvalidTaskId
 from dfdaemon.storage import (
+    DiskFull,
     InvalidPiece,
     PieceCorrupt,
     PieceNotFound,
@@ -22,6 +27,7 @@ from dfdaemon.storage import (
     TaskNotFound,
     TaskState,
 )
+from dfdaemon.storage.content import write_vector_at
 from dfdaemon.storage.metadata import SCHEMA_VERSION, MetadataStore
 from tests.storage_support import FakeClock, du_bytes, fill, make_id, payload, read_all
 
@@ -52,8 +58,6 @@ async def test_out_of_order_pieces_and_crc_digests(storage: Storage) -> None:
         second = await writer.write_piece(1, 5, data[5:])
         first = await writer.write_piece(0, 0, data[:5])
         await writer.finish()
-    import zlib
-
     assert first.digest == f"crc32:{zlib.crc32(data[:5])}"
     assert second.digest == f"crc32:{zlib.crc32(data[5:])}"
     assert [p.number for p in await storage.pieces(tid)] == [0, 1]
@@ -289,3 +293,81 @@ async def test_content_files_are_private_to_the_storage_dir(storage: Storage) ->
     task = await fill(storage, "mode", 10)
     mode = os.stat(storage.content.path(task.id)).st_mode & 0o777
     assert mode & 0o002 == 0
+
+
+def open_files() -> list[str]:
+    """What this process's file descriptors point at (a deleted file's name ends in " (deleted)")."""
+    targets = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):  # the descriptor that listed the directory is gone
+            targets.append(os.readlink(f"/proc/self/fd/{fd}"))
+    return targets
+
+
+def open_descriptors(path: Path) -> int:
+    """How many of this process's file descriptors are open on ``path``."""
+    return open_files().count(str(path))
+
+
+async def test_a_download_writes_through_one_open_file_from_both_paths(storage: Storage) -> None:
+    """Pieces streamed from the origin and pieces staged from a parent go through the same descriptor, which is
+    closed when the download ends."""
+    tid = make_id("one-file")
+    data = payload("one-file", 4000)
+    path = storage.content.path(tid)
+    async with storage.download(tid, TaskInfo(url="http://origin.test/one-file", content_length=4000)) as writer:
+        async with writer.piece_file() as file:
+            chunks = [memoryview(data)[0:700], memoryview(data)[700:2000]]
+            crc = await file.hop(lambda: file.write_chunks(0, chunks, 0))
+            streamed = file.piece(0, 0, 2000, crc, 1, 0.0)
+            await file.commit([streamed])
+        staged = [await writer.stage_piece(n, n * 1000, data[n * 1000 : (n + 1) * 1000]) for n in (2, 3)]
+        await writer.commit_staged(staged)
+        assert open_descriptors(path) == 1
+        await writer.finish()
+    assert open_descriptors(path) == 0
+    assert streamed.crc == zlib.crc32(data[:2000])
+    assert await read_all(storage, tid) == data
+
+
+def test_a_vectored_write_takes_more_chunks_than_one_call_may(tmp_path: Path) -> None:
+    data = os.urandom(300_000)
+    cuts = sorted({0, len(data), *(int.from_bytes(data[i : i + 3]) % len(data) for i in range(0, 9000, 3))})
+    chunks = [memoryview(data)[a:b] for a, b in itertools.pairwise(cuts)]
+    assert len(chunks) > 2048  # more than Linux's IOV_MAX (1024) allows in one pwritev
+    path = tmp_path / "vectored"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        write_vector_at(fd, 100, chunks)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == bytes(100) + data
+
+
+async def test_a_discarded_task_holds_no_descriptor_on_its_old_bytes(storage: Storage) -> None:
+    """Failing with discard closes the writer's file first, so the discarded bytes go back to the filesystem."""
+    tid = make_id("discarded")
+    data = payload("discarded", 3000)
+    async with storage.download(tid, TaskInfo(url="http://origin.test/discarded", content_length=3000)) as writer:
+        await writer.write_piece(0, 0, data[:1000])
+        await writer.fail(discard=True)
+        assert [name for name in open_files() if tid in name] == []
+        assert await storage.pieces(tid) == []
+    task = await storage.get_task(tid)
+    assert task is not None and task.state is TaskState.FAILED
+
+
+async def test_a_full_disk_under_a_staged_piece_is_reported_as_such(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tid = make_id("full")
+    async with storage.download(tid, TaskInfo(url="http://origin.test/full", content_length=3000)) as writer:
+
+        def no_space(fd: int, data: object, offset: int) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "pwrite", no_space)
+        with pytest.raises(DiskFull, match="writing piece 2 of task"):
+            await writer.stage_piece(2, 2000, b"x" * 1000)
+        monkeypatch.undo()
+        assert await storage.pieces(tid) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,8 @@ from dfdaemon import ids
 from dfdaemon.api import dfdaemon_pb2
 from dfdaemon.rpc import convert
 from dfdaemon.rpc.upload import encode_download_piece
-from dfdaemon.storage import PieceCorrupt, Storage, TaskInfo, TrafficType
+from dfdaemon.storage import PieceCorrupt, PieceRecord, Storage, TaskInfo, TaskNotFound, TaskState, TrafficType
+from dfdaemon.storage.manager import PieceCache
 from tests.storage_support import FakeClock, fill, make_id, payload
 
 
@@ -139,3 +141,89 @@ async def test_download_piece_bytes_parse_as_the_message_protobuf_would_build(st
         expected.piece.content = content
         assert dfdaemon_pb2.DownloadPieceResponse.FromString(wire) == expected
         assert len(wire) == expected.ByteSize()
+
+
+class MetadataReads:
+    """Counts the metadata store's reads of tasks and pieces (the store itself still answers them)."""
+
+    def __init__(self, storage: Storage, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[str] = []
+        for name in ("get_task", "get_piece", "list_pieces"):
+            original = getattr(storage.meta, name)
+            monkeypatch.setattr(storage.meta, name, self._counting(name, original))
+
+    def _counting(self, name: str, original: Callable[..., object]) -> Callable[..., object]:
+        def counted(*args: object, **kwargs: object) -> object:
+            self.calls.append(name)
+            return original(*args, **kwargs)
+
+        return counted
+
+
+async def test_serving_a_task_reads_its_metadata_from_sqlite_once(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    task = await fill(storage, "cached", 200_000, piece_length=65_536)
+    data = payload("cached", 200_000)
+    reads = MetadataReads(storage, monkeypatch)
+    buffer = bytearray()
+    for _ in range(2):
+        for number in range(task.piece_count):
+            async with storage.upload(task.id) as reader:
+                piece, view = await reader.read_piece_into(number, buffer)
+                with view:
+                    assert bytes(view) == data[piece.offset : piece.offset + piece.length]
+            assert await storage.piece(task.id, number) == piece
+    assert sorted(reads.calls) == ["get_task", "list_pieces"]  # the first upload's lookup, nothing after it
+
+
+async def test_the_piece_cache_follows_commits_and_forgets_a_deleted_task(storage: Storage) -> None:
+    tid = make_id("followed")
+    data = payload("followed", 3000)
+    async with storage.download(tid, TaskInfo(url="http://origin.test/followed", content_length=3000)) as writer:
+        assert await storage.pieces(tid) == []  # the task is cached with no piece
+        first = await writer.write_piece(0, 0, data[:1000])
+        assert await storage.piece(tid, 0) == first
+        staged = [await writer.stage_piece(n, n * 1000, data[n * 1000 : (n + 1) * 1000]) for n in (1, 2)]
+        assert await storage.piece(tid, 1) is None
+        await writer.commit_staged(staged)
+        assert [p.number for p in await storage.pieces(tid)] == [0, 1, 2]
+        await writer.finish()
+    await storage.delete_task(tid)
+    assert await storage.piece(tid, 0) is None
+    with pytest.raises(TaskNotFound):
+        async with storage.upload(tid):
+            pass
+    task = await fill(storage, "followed", 3000, piece_length=1000)  # the same task again, from scratch
+    async with storage.upload(task.id) as reader:
+        _, got = await reader.read_piece(2)
+    assert got == data[2000:]
+
+
+async def test_an_evicted_task_is_not_served_from_the_cache(storage: Storage) -> None:
+    task = await fill(storage, "evicted", 3000, piece_length=1000)
+    async with storage.upload(task.id) as reader:
+        await reader.read_piece(0)
+    assert await storage.evict(task.id, [TaskState.SUCCEEDED]) is not None
+    with pytest.raises(TaskNotFound):
+        async with storage.upload(task.id):
+            pass
+    assert await storage.pieces(task.id) == []
+
+
+def test_the_piece_cache_forgets_the_least_recently_used_tasks_past_its_size() -> None:
+    def records(name: str, count: int) -> dict[int, PieceRecord]:
+        return {n: PieceRecord(make_id(name), n, n * 10, 10, 0, None, 0, 0.0, 0.0) for n in range(count)}
+
+    cache = PieceCache(capacity=5)
+    cache.put(make_id("a"), records("a", 2))
+    cache.put(make_id("b"), records("b", 2))
+    assert cache.get(make_id("a")) is not None  # now the most recently used
+    cache.put(make_id("c"), records("c", 2))
+    assert cache.get(make_id("b")) is None
+    assert cache.get(make_id("a")) is not None and cache.get(make_id("c")) is not None
+    cache.put(make_id("huge"), records("huge", 9))  # larger than the whole cache: kept alone
+    assert [cache.get(make_id(name)) is not None for name in ("a", "c", "huge")] == [False, False, True]
+    cache.add(make_id("huge"), [PieceRecord(make_id("huge"), 9, 90, 10, 0, None, 0, 0.0, 0.0)])
+    known = cache.get(make_id("huge"))
+    assert known is not None and sorted(known) == list(range(10))

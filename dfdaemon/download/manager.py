@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import functools
 import logging
 import os
@@ -779,20 +780,27 @@ def _write_output(
             temporary.unlink()
 
 
-def _read_exactly(source: BinaryIO, length: int) -> Iterator[bytes]:
-    """The next ``length`` bytes of a cache file, a MiB at a time; a file that ends early is an error."""
+def _copy_exactly(source: BinaryIO, target: BinaryIO, length: int) -> None:
+    """Copy the next ``length`` bytes of a cache file inside the kernel (none pass through Python); a file that
+    ends early is an error."""
+    source_fd, target_fd, offset = source.fileno(), target.fileno(), source.tell()
     remaining = length
     while remaining:
-        chunk = source.read(min(remaining, 1024 * 1024))
-        if not chunk:
+        copied = _copy_range(source_fd, target_fd, offset, min(remaining, 1 << 30))
+        if not copied:
             raise DownloadFailed(f"cache file ended {remaining} bytes early")
-        yield chunk
-        remaining -= len(chunk)
+        offset += copied
+        remaining -= copied
 
 
-def _copy_exactly(source: BinaryIO, target: BinaryIO, length: int) -> None:
-    for chunk in _read_exactly(source, length):
-        target.write(chunk)
+def _copy_range(source_fd: int, target_fd: int, offset: int, count: int) -> int:
+    """``copy_file_range`` (a reflink where the filesystem can), else ``sendfile`` (another filesystem)."""
+    try:
+        return os.copy_file_range(source_fd, target_fd, count, offset)
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
+    return os.sendfile(target_fd, source_fd, offset, count)
 
 
 def _file_digest(path: Path, expected: str) -> ids.FileDigester:

@@ -1,8 +1,8 @@
 """Back to source as one stream: pieces cut from the origin's body as it arrives, committed in batches.
 
 Each run of consecutive missing pieces is one GET on a pooled connection (a long run a few ranges in parallel).
-Each chunk is CRC'd as it arrives (and, for a blob, hashed in the same pass) and copied into a reused 1 MiB
-segment buffer; a full segment is written in one thread hop while more bytes arrive.
+The event loop only collects the arriving chunks; each piece's chunks go to a worker thread in one hop that
+writes them (one vectored write, no copy), computes the CRC and, for a blob, feeds the digest, while more arrive.
 Written pieces become visible in batches: the file is synced, their rows committed in one transaction, then each
 is announced. A broken connection resumes at the byte where it broke, after a backoff. Followers may tap the
 bytes as they arrive (the registry mirror does), before any piece is complete.
@@ -16,7 +16,6 @@ import functools
 import logging
 import threading
 import time
-import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,10 +32,11 @@ log = logging.getLogger("dfdaemon.download")
 # Pieces are committed once this many are written, or this long after the first of a batch was.
 COMMIT_PIECES = 8
 COMMIT_DELAY = 0.1
-# A stream copies arriving bytes into segments of this size, from a pool of this many reused buffers. Measured on
-# 2 cores: 4 MiB writes cost three times the kernel time of 1 MiB ones; 256 KiB ones cost thread hops.
-SEGMENT = 1024 * 1024
-SEGMENT_BUFFERS = 6
+# A stream writes the bytes of each segment of a piece (the whole piece when it is no longer) in one thread hop;
+# this many segments may be waiting for their write while the next one fills. The bytes a stream holds are at most
+# SEGMENT * (PENDING_SEGMENTS + 1); with a task's parallel ranges, this bounds the daemon's memory.
+SEGMENT = 2 * 1024 * 1024
+PENDING_SEGMENTS = 1
 # A run of missing pieces is split into parallel ranges only where each gets at least this many pieces.
 MIN_STREAM_PIECES = 16
 # Bytes a tap holds for a follower that reads slower than the origin sends; past this it reads from storage.
@@ -187,9 +187,11 @@ class Origin:
 class RunStream:
     """One run of consecutive pieces from one GET (resumed after breaks), cut into pieces as bytes arrive.
 
-    Each chunk is copied at once into a segment buffer from a small pool (so the chunk's memory is reused at once),
-    CRC'd and, for a blob, fed to its digest; a full segment is written in one thread hop while the next fills.
-    A piece is queued for commit once all its segments are written.
+    The loop only collects the chunks as the connection delivers them. A piece's chunks (or a segment's, for a
+    piece longer than ``SEGMENT``) go to a thread in one hop that writes them with one vectored write, continues
+    the piece's CRC over them and, for a blob, feeds the digest: no copy, no hashing on the event loop. The hops
+    of one stream run one after another (each continues the CRC of the one before), at most ``PENDING_SEGMENTS``
+    waiting while the next segment fills. A piece is queued for commit once its last segment is written.
     """
 
     def __init__(
@@ -209,16 +211,13 @@ class RunStream:
         self.digest = digest
         self._index = 0
         self._filled = 0
-        self._crc = 0
         self._piece_started = 0.0
-        self._free: asyncio.Queue[bytearray] = asyncio.Queue()
-        for _ in range(SEGMENT_BUFFERS):
-            self._free.put_nowait(bytearray(SEGMENT))
-        self._buffer: bytearray | None = None
+        self._chunks: list[memoryview] = []  # the segment filling now
         self._segment_offset = 0
         self._segment_fill = 0
-        self._segments: list[asyncio.Task[None]] = []  # the current piece's
-        self._writes: collections.deque[asyncio.Task[None]] = collections.deque()
+        self._last: asyncio.Task[int] | None = None  # the latest segment's hop; it returns the CRC so far
+        self._pending: collections.deque[asyncio.Task[int]] = collections.deque()
+        self._commits: collections.deque[asyncio.Task[None]] = collections.deque()
 
     async def run(self) -> None:
         end = self.spans[-1].offset + self.spans[-1].length
@@ -236,13 +235,13 @@ class RunStream:
                     log.info("the stream of %s broke (%s); resuming at byte %d", self.origin.url, exc, resume)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, self.origin.backend.retry.max_backoff)
-            while self._writes:
-                await self._writes.popleft()
+            while self._commits:
+                await self._commits.popleft()
         finally:
-            for write in [*self._writes, *self._segments]:  # thread hops run on; the file waits for them
-                if write.done() and not write.cancelled():
-                    write.exception()  # the failure that ended the stream first is the one raised
-                write.cancel()
+            for task in [*self._commits, *self._pending]:  # thread hops run on; the file waits for them
+                if task.done() and not task.cancelled():
+                    task.exception()  # the failure that ended the stream first is the one raised
+                task.cancel()
 
     def _position(self, end: int) -> int:
         """The first byte not yet received."""
@@ -263,68 +262,75 @@ class RunStream:
                         await limit.acquire(len(chunk))
 
     async def _cut(self, view: memoryview) -> None:
-        """Copy arriving bytes into segment buffers, CRC'd on the way; full segments and pieces move on."""
+        """Collect arriving bytes (views, not copies) into segments; full segments and pieces move on."""
         while view:
             span = self.spans[self._index]
-            if self._buffer is None:
-                self._buffer = await self._free.get()
+            if not self._chunks:
                 self._segment_offset, self._segment_fill = span.offset + self._filled, 0
                 if self._filled == 0:
                     self._piece_started = time.monotonic()
             take = min(len(view), span.length - self._filled, SEGMENT - self._segment_fill)
-            part = view[:take]
-            self._buffer[self._segment_fill : self._segment_fill + take] = part
-            self._crc = zlib.crc32(part, self._crc)
-            if self.digest is not None:  # one stream in byte order: the digest takes the bytes as they come
-                self.digest.feed(span.offset + self._filled, part)
+            self._chunks.append(view[:take])
             self._segment_fill += take
             self._filled += take
             view = view[take:]
-            if self._segment_fill == SEGMENT or self._filled == span.length:
-                self._write_segment()
             if self._filled == span.length:
+                await self._write_segment(continues=self._segment_offset != span.offset)
                 await self._piece_complete(span)
+            elif self._segment_fill == SEGMENT:
+                await self._write_segment(continues=self._segment_offset != span.offset)
 
-    def _write_segment(self) -> None:
-        buffer, self._buffer = self._buffer, None
-        assert buffer is not None
-        segment = asyncio.create_task(self._segment(buffer, self._segment_offset, self._segment_fill))
-        # Its failure reaches the stream through the piece's commit; a stream already ending may never await it.
-        segment.add_done_callback(_outcome_read)
-        self._segments.append(segment)
+    async def _write_segment(self, *, continues: bool) -> None:
+        """Hand the segment to its thread hop; waits while too many are pending (which bounds memory)."""
+        chunks, self._chunks = self._chunks, []
+        previous = self._last
+        self._last = asyncio.create_task(self._segment(previous, continues, self._segment_offset, chunks))
+        # Its failure reaches the stream through the next segment or the piece's commit, whichever comes first.
+        self._last.add_done_callback(_outcome_read)
+        self._pending.append(self._last)
+        while len(self._pending) > PENDING_SEGMENTS:
+            await asyncio.shield(self._pending.popleft())
 
-    async def _segment(self, buffer: bytearray, offset: int, length: int) -> None:
-        """Write one segment in one thread hop, then give its buffer back."""
-        try:
-            await self.file.hop(functools.partial(self.file.write_at, offset, memoryview(buffer)[:length]))
-        finally:
-            self._free.put_nowait(buffer)
+    async def _segment(
+        self, previous: asyncio.Task[int] | None, continues: bool, offset: int, chunks: list[memoryview]
+    ) -> int:
+        """Write one segment after the one before it; returns the piece's CRC up to its end.
+
+        Shielded waits: a cancelled stream does not cut a hop short, so its chunks stay alive until it is over.
+        """
+        crc = 0
+        if previous is not None:
+            before = await asyncio.shield(previous)
+            crc = before if continues else 0
+        return await self.file.hop(functools.partial(self._write, offset, chunks, crc))
+
+    def _write(self, offset: int, chunks: list[memoryview], crc: int) -> int:
+        """In a worker thread: the vectored write, the CRC and, for a blob, the digest, in one pass."""
+        crc = self.file.write_chunks(offset, chunks, crc)
+        if self.digest is not None:  # one stream in byte order: the digest takes the bytes as they come
+            for chunk in chunks:
+                self.digest.feed(offset, chunk)
+                offset += len(chunk)
+        return crc
 
     async def _piece_complete(self, span: PieceSpan) -> None:
-        segments, crc, started = self._segments, self._crc, self._piece_started
-        self._segments, self._crc, self._filled = [], 0, 0
+        last, started = self._last, self._piece_started
+        assert last is not None
+        self._filled = 0
         self._index += 1
-        self._writes.append(asyncio.create_task(self._commit_when_written(span, segments, crc, started)))
-        while self._writes and self._writes[0].done():
-            await self._writes.popleft()  # raises the failure of a write
+        self._commits.append(asyncio.create_task(self._commit_when_written(span, last, started)))
+        while self._commits and self._commits[0].done():
+            await self._commits.popleft()  # raises the failure of a write
 
-    async def _commit_when_written(
-        self, span: PieceSpan, segments: list[asyncio.Task[None]], crc: int, started: float
-    ) -> None:
-        """Queue a piece for commit once every segment of it is written.
-
-        Every segment's outcome is read (a failed write must not go unreported because an earlier one failed),
-        and shielded: a segment's buffer goes back to the pool only once its thread hop is over."""
-        outcomes = await asyncio.gather(*(asyncio.shield(segment) for segment in segments), return_exceptions=True)
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
+    async def _commit_when_written(self, span: PieceSpan, last: asyncio.Task[int], started: float) -> None:
+        """Queue a piece for commit once its last segment is written (each segment waits for the one before)."""
+        crc = await asyncio.shield(last)
         self.committer.add(
             self.file.piece(span.number, span.offset, span.length, crc, TrafficType.BACK_TO_SOURCE, started)
         )
 
 
-def _outcome_read(task: asyncio.Task[None]) -> None:
+def _outcome_read(task: asyncio.Task[int]) -> None:
     if not task.cancelled():
         task.exception()
 

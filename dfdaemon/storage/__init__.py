@@ -8,22 +8,23 @@ that changes a task's references or removes it runs under that task's lock.
 Operation                                   Transaction, and the file work around it
 ==========================================  =================================================================
 ``download(id, info)`` (begin)              in-flight download reference; create or resume the task row;
-                                            create its content file. Yields a ``TaskWriter``.
-``write_piece``                             bytes written at their offset and fdatasync'd, then one insert of
-                                            the piece row with the file's size (the piece is visible only then)
-``piece_file(id)`` write_at / commit         a writer's open file: bytes written in its thread hops (CRC taken
-                                            by the writer as they arrived), invisible until ``commit``
-                                            fdatasyncs the file and inserts the batch's rows in one transaction
-``finish_task`` / ``fail_task``             the task's state (and size); ``discard`` deletes the file first
-``stage_piece`` / ``commit_staged``         bytes written and CRC'd in one thread hop, not synced / one
+                                            create its content file. Yields a ``TaskWriter``, whose one
+                                            ``PieceFile`` (the file held open until the download ends) takes
+                                            every piece, from the origin or a parent
+``TaskWriter.stage_piece`` / ``commit_staged``  bytes written and CRC'd in one thread hop, not synced / one
                                             fdatasync, then one insert of every staged piece (batched)
-``piece(id, n)`` / ``pieces(id)``           read only
+``TaskWriter.piece_file()`` write_chunks / commit  the origin stream: a segment's chunks written (vectored)
+                                            and CRC'd in one thread hop, invisible until ``commit`` (as above)
+``TaskWriter.write_piece``                  stage then commit one piece (durable, then visible)
+``finish_task`` / ``fail_task``             the task's state (and size); ``discard`` deletes the file first
+``piece(id, n)`` / ``pieces(id)``           read only; from the piece cache (in memory) once the task was read
+``upload(id)``                              in-flight upload reference; the task's existence from the cache
 ``read_piece`` / ``read_piece_into``        read and CRC-check the bytes (into a reused buffer); a corrupt
                                             piece's row is deleted
 ``touch(id)``                               last use of the task
 ``record_upload(id)`` / ``flush_uses()``    in memory (merged into task reads); every pending use in one
                                             transaction, at most ``USE_FLUSH_DELAY`` later and before GC
-``upload(id)`` / ``reading(id)``            in-flight upload / download reference, in memory only
+``reading(id)``                             in-flight download reference, in memory only
 ``acquire`` / ``release`` / ``sync``        the holder's holds, all named tasks in one transaction
 ``keep_alive`` / ``expire_holds``           lease expiries; expiry stamps the task released when it lapsed
 ``get_task`` / ``list_tasks`` / ``list_holds`` / ``get_references``   read only
@@ -35,7 +36,9 @@ Operation                                   Transaction, and the file work aroun
 ``record_gc_run`` / ``list_gc_runs``        one GC record (bounded history) / read only
 ==========================================  =================================================================
 
-A crash between a mark and the file work is finished at the next ``open``.
+A crash between a mark and the file work is finished at the next ``open``. The piece cache is derived from the
+store: pieces join it once committed; a task leaves it when a piece is dropped, or it is evicted, deleted or
+discarded; it holds the most recently used tasks, up to ``PIECE_CACHE_PIECES`` pieces in all.
 """
 
 from dfdaemon.storage.manager import PieceFile, Storage, TaskReader, TaskWriter

@@ -10,12 +10,14 @@ import contextlib
 import os
 import stat
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from dfdaemon.ids import validate_task_id
 
 _READ_CHUNK = 1024 * 1024
+# Buffers one pwritev may take (Linux's IOV_MAX).
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 
 
 class ContentStore:
@@ -54,16 +56,6 @@ class ContentStore:
             result[task_id] = st.st_size if stat.S_ISREG(st.st_mode) else None
         return result
 
-    def write_piece(self, task_id: str, offset: int, data: bytes | memoryview) -> tuple[int, int]:
-        """Write a piece at its offset durably; returns (crc32 of the bytes, file size afterwards)."""
-        fd = self.open_for_write(task_id)
-        try:
-            crc = write_at(fd, offset, data, 0)
-            size = sync_and_size(fd)
-        finally:
-            os.close(fd)
-        return crc, size
-
     def open_for_write(self, task_id: str) -> int:
         return os.open(self.path(task_id), os.O_WRONLY | os.O_CREAT, 0o644)
 
@@ -98,22 +90,6 @@ class ContentStore:
         finally:
             os.close(fd)
         return filled
-
-    def write_unsynced(self, task_id: str, offset: int, data: bytes | memoryview) -> int:
-        """Write bytes at ``offset`` without syncing them; returns their CRC-32 (see ``sync``)."""
-        fd = self.open_for_write(task_id)
-        try:
-            return write_at(fd, offset, data, 0)
-        finally:
-            os.close(fd)
-
-    def sync(self, task_id: str) -> int:
-        """Make every write to the task's file durable; returns the file's size."""
-        fd = os.open(self.path(task_id), os.O_RDONLY)
-        try:
-            return sync_and_size(fd)
-        finally:
-            os.close(fd)
 
     def delete(self, task_id: str) -> int:
         """Delete the task's file; returns the bytes the filesystem gets back: its size, or 0 while another hard
@@ -164,11 +140,20 @@ def write_at(fd: int, offset: int, data: bytes | memoryview, crc: int) -> int:
     return zlib.crc32(view, crc)
 
 
-def write_all_at(fd: int, offset: int, data: memoryview) -> None:
-    """Write all of ``data`` at ``offset`` (its CRC was taken by the caller as the bytes arrived)."""
-    written = 0
-    while written < len(data):
-        written += os.pwrite(fd, data[written:], offset + written)
+def write_vector_at(fd: int, offset: int, chunks: Sequence[bytes | memoryview]) -> None:
+    """Write consecutive chunks at ``offset`` with as few ``pwritev`` calls as the kernel allows, none joined."""
+    views = [memoryview(chunk) for chunk in chunks]
+    index = 0
+    while index < len(views):
+        batch = views[index : index + _IOV_MAX]
+        written = os.pwritev(fd, batch, offset)
+        offset += written
+        for view in batch:  # skip what went out; a short write resumes inside the chunk it stopped in
+            if written < len(view):
+                views[index] = view[written:]
+                break
+            written -= len(view)
+            index += 1
 
 
 def sync_and_size(fd: int) -> int:

@@ -21,7 +21,7 @@ import sqlite3
 import threading
 import time
 import zlib
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from dfdaemon.ids import validate_task_id
-from dfdaemon.storage.content import ContentStore, remove_path, sync_and_size, write_all_at
+from dfdaemon.storage.content import ContentStore, remove_path, sync_and_size, write_at, write_vector_at
 from dfdaemon.storage.metadata import MetadataStore
 from dfdaemon.storage.models import (
     Applied,
@@ -78,6 +78,9 @@ def _test_pause(point: str) -> None:
 METADATA_FILE = "metadata.db"
 # How long uses (pieces served) wait in memory before one transaction records them all.
 USE_FLUSH_DELAY = 5.0
+# Piece records kept in memory for serving, whole tasks at a time, the least recently used task forgotten first
+# (the latest is always kept). A record takes about half a KiB: this bounds the cache to about 10 MiB.
+PIECE_CACHE_PIECES = 20_000
 
 # A task's state as stored, to the enum member (a dict lookup per row is what a snapshot of 100k tasks affords).
 _STATES = {state.value: state for state in TaskState}
@@ -108,6 +111,7 @@ class Storage:
         self._uses: dict[str, tuple[float, int]] = {}
         self._uses_timer: asyncio.TimerHandle | None = None
         self._uses_flush: asyncio.Task[None] | None = None
+        self._piece_cache = PieceCache(PIECE_CACHE_PIECES)
 
     # Lifetime
 
@@ -291,13 +295,36 @@ class Storage:
         return await self._db(self.meta.count_tasks)
 
     async def pieces(self, task_id: str) -> list[PieceRecord]:
-        validate_task_id(task_id)
-        return await self._db(self.meta.list_pieces, task_id)
+        """The task's committed pieces by number (from memory once the task's pieces were looked up)."""
+        known = await self._known_pieces(validate_task_id(task_id))
+        return [] if known is None else sorted(known.values(), key=lambda piece: piece.number)
 
     async def piece(self, task_id: str, number: int) -> PieceRecord | None:
-        """One piece's metadata, read without a write (a server can check a piece before sending its bytes)."""
-        validate_task_id(task_id)
-        return await self._db(self.meta.get_piece, task_id, number)
+        """One committed piece's metadata; serving a piece reads it from memory, not SQLite."""
+        known = await self._known_pieces(validate_task_id(task_id))
+        return None if known is None else known.get(number)
+
+    async def _known_pieces(self, task_id: str) -> dict[int, PieceRecord] | None:
+        """The committed pieces of a task that exists and is not being evicted (None otherwise), cached.
+
+        A miss reads the task and its pieces in one database hop; the result is cached only if no piece of any
+        task changed meanwhile, so a commit racing the read is never lost from the cache.
+        """
+        known = self._piece_cache.get(task_id)
+        if known is not None:
+            return known
+        epoch = self._piece_cache.epoch
+
+        def read() -> tuple[TaskRecord | None, list[PieceRecord]]:
+            return self.meta.get_task(task_id), self.meta.list_pieces(task_id)
+
+        task, pieces = await self._db(read)
+        if task is None or task.state is TaskState.EVICTING:
+            return None
+        known = {piece.number: piece for piece in pieces}
+        if epoch == self._piece_cache.epoch:
+            self._piece_cache.put(task_id, known)
+        return known
 
     async def touch(self, task_id: str) -> None:
         """A download hit the cache: the task counts as used now."""
@@ -362,14 +389,20 @@ class Storage:
         validate_task_id(task_id)
         async with self._lock(task_id):
             self._downloads[task_id] += 1
+        writer: TaskWriter | None = None
         try:
             task = await self._db(self.meta.create_or_resume_task, task_id, info, self.clock())
             await self._io(self.content.create, task_id)
             self._content_bytes.setdefault(task_id, 0)
-            yield TaskWriter(self, task)
+            writer = TaskWriter(self, task)
+            yield writer
         finally:
-            async with self._lock(task_id):
-                self._release_count(self._downloads, task_id)
+            try:
+                if writer is not None:
+                    await writer.close()
+            finally:
+                async with self._lock(task_id):
+                    self._release_count(self._downloads, task_id)
 
     @contextlib.asynccontextmanager
     async def reading(self, task_id: str) -> AsyncIterator[None]:
@@ -385,15 +418,18 @@ class Storage:
 
     @contextlib.asynccontextmanager
     async def upload(self, task_id: str) -> AsyncIterator[TaskReader]:
-        """Read a task's pieces for a peer: holds an in-flight upload reference meanwhile."""
+        """Read a task's pieces for a peer: holds an in-flight upload reference meanwhile.
+
+        Whether the task exists comes from the piece cache (emptied for a task as it is evicted, under this same
+        lock), so serving a cached task reads no SQLite.
+        """
         validate_task_id(task_id)
         async with self._lock(task_id):
-            task = await self._db(self.meta.get_task, task_id)
-            if task is None or task.state is TaskState.EVICTING:
+            if await self._known_pieces(task_id) is None:
                 raise TaskNotFound(task_id)
             self._uploads[task_id] += 1
         try:
-            yield TaskReader(self, task)
+            yield TaskReader(self, task_id)
         finally:
             async with self._lock(task_id):
                 self._release_count(self._uploads, task_id)
@@ -445,71 +481,11 @@ class Storage:
     async def _drop_if_corrupt(self, piece: PieceRecord, intact: bool) -> None:
         if not intact:
             log.error("piece %d of task %s failed its CRC check; dropping it", piece.number, piece.task_id)
+            self._piece_cache.drop_piece(piece.task_id, piece.number)
             await self._db(self.meta.remove_piece, piece.task_id, piece.number)
             raise PieceCorrupt(f"piece {piece.number} of task {piece.task_id} is corrupt on disk and was dropped")
 
-    # Writing (under a download reference: ``download`` gives a TaskWriter naming the task)
-
-    async def write_piece(
-        self,
-        task_id: str,
-        number: int,
-        offset: int,
-        data: bytes,
-        *,
-        parent_id: str | None = None,
-        traffic_type: int = TrafficType.BACK_TO_SOURCE,
-        cost: float = 0.0,
-    ) -> PieceRecord:
-        """Write a piece held in memory durably, then commit it: it becomes visible only once both are done."""
-        _check_span(number, offset, len(data))
-        with self._disk_full_guard(task_id, number):
-            crc, size = await self._io(self.content.write_piece, task_id, offset, data)
-            piece = self._piece(task_id, number, offset, len(data), crc, parent_id, traffic_type, cost)
-            await self._commit(task_id, [piece], size)
-        return piece
-
-    async def stage_piece(
-        self,
-        task_id: str,
-        number: int,
-        offset: int,
-        data: bytes | memoryview,
-        *,
-        parent_id: str | None = None,
-        traffic_type: int = TrafficType.REMOTE_PEER,
-        cost: float = 0.0,
-    ) -> PieceRecord:
-        """Write a piece's bytes at its offset, computing its CRC, in one thread hop; neither durable nor visible.
-
-        For a writer that checks the returned CRC and then commits many pieces at once with ``commit_staged``.
-        """
-        _check_span(number, offset, len(data))
-        with self._disk_full_guard(task_id, number):
-            crc = await self._io(self.content.write_unsynced, task_id, offset, data)
-        return self._piece(task_id, number, offset, len(data), crc, parent_id, traffic_type, cost)
-
-    async def commit_staged(self, task_id: str, pieces: Sequence[PieceRecord]) -> None:
-        """Make staged pieces durable (one fdatasync of the task's file) and visible (one transaction)."""
-        validate_task_id(task_id)
-        for piece in pieces:
-            if piece.task_id != task_id:
-                raise InvalidPiece(f"piece {piece.number} belongs to task {piece.task_id}, not {task_id}")
-        with self._disk_full_guard(task_id, pieces[0].number if pieces else -1):
-            size = await self._io(self.content.sync, task_id)
-            await self._commit(task_id, pieces, size)
-
-    @contextlib.asynccontextmanager
-    async def piece_file(self, task_id: str) -> AsyncIterator[PieceFile]:
-        """The task's content file held open for a writer that writes pieces now and commits them in batches."""
-        validate_task_id(task_id)
-        fd = await self._io(self.content.open_for_write, task_id)
-        file = PieceFile(self, task_id, fd)
-        try:
-            yield file
-        finally:
-            await file.drain()
-            await self._io(os.close, fd)
+    # Writing (under a download reference: ``download`` gives a TaskWriter naming the task, holding its file)
 
     def _piece(
         self,
@@ -529,6 +505,7 @@ class Storage:
         if pieces:
             _test_pause("commit")
             await self._db(self.meta.add_pieces, task_id, pieces, size, self.clock())
+            self._piece_cache.add(task_id, pieces)
         self._account(task_id, size)
         self._changed(task_id)
 
@@ -551,6 +528,7 @@ class Storage:
             except DiskFull:
                 discard = True
         if discard:
+            self._piece_cache.forget(task_id)
             await self._io(self.content.delete, task_id)
             await self._io(self.content.create, task_id)
             self._content_bytes[task_id] = 0
@@ -601,6 +579,7 @@ class Storage:
             if task.state is TaskState.FAILED and not await self._db(self.meta.live_holds, now, task_id=task_id):
                 # A failed task's bytes are worth nothing: free them before writing anything, so eviction works
                 # even on a full disk. A crash right here leaves a failed row without a file, which start-up handles.
+                self._piece_cache.forget(task_id)
                 freed_first = await self._io(self.content.delete, task_id)
                 self._content_bytes[task_id] = 0
             if not await self._db(self.meta.mark_evicting, task_id, states, now):
@@ -686,6 +665,7 @@ class Storage:
         Returns the bytes the filesystem got back (0 while an output file hard-linked to it remains).
         """
         self._content_bytes.pop(task_id, 0)
+        self._piece_cache.forget(task_id)
         freed = await self._io(self.content.delete, task_id)
         await self._db(self.meta.delete_task, task_id)
         self._changed(task_id)
@@ -773,30 +753,43 @@ class Storage:
 
 
 class TaskWriter:
-    """A handle on one task being downloaded: writes go through ``Storage``, under the download's reference."""
+    """A handle on one task being downloaded, under the download's reference: every piece, from the origin or a
+    parent, goes through the task's one ``PieceFile`` (opened at the first write, closed when the download ends).
+    """
 
     def __init__(self, storage: Storage, task: TaskRecord) -> None:
         self.storage = storage
         self.task = task
+        self._file: PieceFile | None = None
+        self._opening = asyncio.Lock()
 
     @property
     def task_id(self) -> str:
         return self.task.id
 
+    async def file(self) -> PieceFile:
+        """The task's content file, held open for the rest of the download."""
+        async with self._opening:
+            if self._file is None:
+                fd = await self.storage._io(self.storage.content.open_for_write, self.task_id)
+                self._file = PieceFile(self.storage, self.task_id, fd)
+            return self._file
+
     async def write_piece(
         self,
         number: int,
         offset: int,
-        data: bytes,
+        data: bytes | memoryview,
         *,
         parent_id: str | None = None,
         traffic_type: int = TrafficType.BACK_TO_SOURCE,
         cost: float = 0.0,
     ) -> PieceRecord:
-        """Write a piece held in memory (one from a peer's DownloadPiece)."""
-        return await self.storage.write_piece(
-            self.task_id, number, offset, data, parent_id=parent_id, traffic_type=traffic_type, cost=cost
-        )
+        """Write one piece held in memory and commit it at once (durable, then visible): for single pieces."""
+        file = await self.file()
+        piece = await file.stage(number, offset, data, parent_id=parent_id, traffic_type=traffic_type, cost=cost)
+        await file.commit([piece])
+        return piece
 
     async def stage_piece(
         self,
@@ -808,30 +801,49 @@ class TaskWriter:
         traffic_type: int = TrafficType.REMOTE_PEER,
         cost: float = 0.0,
     ) -> PieceRecord:
-        """Write a piece's bytes without making them visible (see ``Storage.stage_piece``)."""
-        return await self.storage.stage_piece(
-            self.task_id, number, offset, data, parent_id=parent_id, traffic_type=traffic_type, cost=cost
-        )
+        """Write a piece's bytes and compute its CRC in one thread hop; invisible until ``commit_staged``."""
+        file = await self.file()
+        return await file.stage(number, offset, data, parent_id=parent_id, traffic_type=traffic_type, cost=cost)
 
     async def commit_staged(self, pieces: Sequence[PieceRecord]) -> None:
-        await self.storage.commit_staged(self.task_id, pieces)
+        """Make staged pieces durable (one fdatasync) and visible (one transaction)."""
+        for piece in pieces:
+            if piece.task_id != self.task_id:
+                raise InvalidPiece(f"piece {piece.number} belongs to task {piece.task_id}, not {self.task_id}")
+        await (await self.file()).commit(pieces)
 
-    def piece_file(self) -> contextlib.AbstractAsyncContextManager[PieceFile]:
-        """The task's file held open for streamed pieces committed in batches (see ``PieceFile``)."""
-        return self.storage.piece_file(self.task_id)
+    @contextlib.asynccontextmanager
+    async def piece_file(self) -> AsyncIterator[PieceFile]:
+        """The task's file for a writer that streams pieces and commits them in batches; its hops are waited for
+        on the way out."""
+        file = await self.file()
+        try:
+            yield file
+        finally:
+            await file.drain()
 
     async def finish(self) -> TaskRecord:
         return await self.storage.finish_task(self.task_id)
 
     async def fail(self, *, discard: bool = False) -> None:
+        """Mark the task failed. Its file is closed first: discarded bytes free their space only once no
+        descriptor holds them, and a full disk needs that space for the mark."""
+        await self.close()
         await self.storage.fail_task(self.task_id, discard=discard)
+
+    async def close(self) -> None:
+        """Wait for writes still running, then close the file (the download is over)."""
+        if self._file is not None:
+            await self._file.close()
+            self._file = None
 
 
 class PieceFile:
-    """A task's open content file: bytes written in thread hops (``hop``), made visible later by ``commit``.
+    """A task's open content file: bytes written in thread hops, made visible later by ``commit``.
 
-    Nothing written here is visible until committed; ``commit`` syncs the file before the rows go in, so a
-    crash never leaves a committed piece whose bytes are not on disk.
+    The one writer of a task's bytes, for the origin stream and for pieces from parents alike. Nothing written
+    here is visible until committed; ``commit`` syncs the file before the rows go in, so a crash never leaves a
+    committed piece whose bytes are not on disk.
     """
 
     def __init__(self, storage: Storage, task_id: str, fd: int) -> None:
@@ -852,10 +864,41 @@ class PieceFile:
         while self._hops:
             await asyncio.wait(set(self._hops))
 
-    def write_at(self, offset: int, data: memoryview) -> None:
-        """Write bytes of a piece at their offset; blocking, so called inside ``hop``. Invisible until committed."""
+    async def close(self) -> None:
+        await self.drain()
+        await self.storage._io(os.close, self._fd)
+
+    def write_chunks(self, offset: int, chunks: Sequence[bytes | memoryview], crc: int) -> int:
+        """Write consecutive chunks at ``offset`` (vectored: no joining); returns the CRC-32 continued over them.
+
+        Blocking, so called inside ``hop``, where the CRC runs too (off the event loop).
+        """
+        with self._full_disk():
+            write_vector_at(self._fd, offset, chunks)
+        for chunk in chunks:
+            crc = zlib.crc32(chunk, crc)
+        return crc
+
+    async def stage(
+        self,
+        number: int,
+        offset: int,
+        data: bytes | memoryview,
+        *,
+        parent_id: str | None,
+        traffic_type: int,
+        cost: float,
+    ) -> PieceRecord:
+        """Write a whole piece and compute its CRC in one thread hop; neither durable nor visible yet."""
+        _check_span(number, offset, len(data))
+        with self.storage._disk_full_guard(self.task_id, number):
+            crc = await self.hop(partial(write_at, self._fd, offset, data, 0))
+        return self.storage._piece(self.task_id, number, offset, len(data), crc, parent_id, traffic_type, cost)
+
+    @contextlib.contextmanager
+    def _full_disk(self) -> Iterator[None]:
         try:
-            write_all_at(self._fd, offset, data)
+            yield
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise DiskFull(f"no space left on the cache's filesystem writing task {self.task_id}") from None
@@ -878,20 +921,74 @@ class PieceFile:
 class TaskReader:
     """A handle on one task being uploaded: each read is CRC-verified and counts as a use of the task."""
 
-    def __init__(self, storage: Storage, task: TaskRecord) -> None:
+    def __init__(self, storage: Storage, task_id: str) -> None:
         self.storage = storage
-        self.task = task
+        self.task_id = task_id
 
     async def read_piece(self, number: int) -> tuple[PieceRecord, bytes]:
-        piece, data = await self.storage.read_piece(self.task.id, number)
-        await self.storage.record_upload(self.task.id)
+        piece, data = await self.storage.read_piece(self.task_id, number)
+        await self.storage.record_upload(self.task_id)
         return piece, data
 
     async def read_piece_into(self, number: int, buffer: bytearray) -> tuple[PieceRecord, memoryview]:
         """One piece into ``buffer`` (see ``Storage.read_piece_into``), counted as a use of the task."""
-        piece, view = await self.storage.read_piece_into(self.task.id, number, buffer)
-        await self.storage.record_upload(self.task.id)
+        piece, view = await self.storage.read_piece_into(self.task_id, number, buffer)
+        await self.storage.record_upload(self.task_id)
         return piece, view
+
+
+class PieceCache:
+    """Committed piece metadata of recently used tasks, so serving a piece reads no SQLite.
+
+    Derived from the store, never ahead of it: pieces are added once their rows are committed, and a task's entry
+    goes when a piece is dropped or the task is evicted, deleted or discarded. ``epoch`` counts every change, so a
+    reader that loaded a task from SQLite can tell whether a change happened meanwhile (then it does not cache).
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity  # in pieces
+        self.epoch = 0
+        self._tasks: OrderedDict[str, dict[int, PieceRecord]] = OrderedDict()
+        self._pieces = 0
+
+    def get(self, task_id: str) -> dict[int, PieceRecord] | None:
+        known = self._tasks.get(task_id)
+        if known is not None:
+            self._tasks.move_to_end(task_id)
+        return known
+
+    def put(self, task_id: str, pieces: dict[int, PieceRecord]) -> None:
+        self.forget(task_id)
+        self._tasks[task_id] = pieces
+        self._pieces += len(pieces)
+        self._trim()
+
+    def add(self, task_id: str, pieces: Sequence[PieceRecord]) -> None:
+        """Committed pieces join a cached task (an uncached one is read whole when next asked for)."""
+        self.epoch += 1
+        known = self._tasks.get(task_id)
+        if known is not None:
+            before = len(known)
+            known.update((piece.number, piece) for piece in pieces)
+            self._pieces += len(known) - before
+            self._trim()
+
+    def drop_piece(self, task_id: str, number: int) -> None:
+        self.epoch += 1
+        known = self._tasks.get(task_id)
+        if known is not None and known.pop(number, None) is not None:
+            self._pieces -= 1
+
+    def forget(self, task_id: str) -> None:
+        self.epoch += 1
+        known = self._tasks.pop(task_id, None)
+        if known is not None:
+            self._pieces -= len(known)
+
+    def _trim(self) -> None:
+        while self._pieces > self.capacity and len(self._tasks) > 1:
+            _, known = self._tasks.popitem(last=False)
+            self._pieces -= len(known)
 
 
 def _check_span(number: int, offset: int, length: int) -> None:

@@ -32,7 +32,7 @@ CONNECT_TIMEOUT = 2.0
 MAX_PIECE_LENGTH = 1024 * 1024 * 1024
 # Bytes of receive buffers in existence at once (handed out or kept for reuse), whatever the number of fetches
 # and the piece length: a fetch waits for room before it allocates (a piece larger than this alone still goes).
-MEMORY_BUDGET = 40 * 1024 * 1024
+MEMORY_BUDGET = 24 * 1024 * 1024
 
 
 class _Receiver(asyncio.BufferedProtocol):
