@@ -132,6 +132,25 @@ def _forwarded(headers: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
     return [(name, header_text(value)) for name, value in items if name.lower() not in _HOP_BY_HOP | named]
 
 
+def _blob_digest(request: web.Request) -> str | None:
+    """The digest a blob request names; None for any other path, or a digest of an algorithm blobs are not checked
+    by (the registry answers for those itself)."""
+    match = _BLOB_PATH.fullmatch(request.path)
+    if match is None:
+        return None
+    try:
+        ids.blob_digest_task_id(match.group("digest"))
+    except ids.InvalidTaskId:
+        return None
+    return match.group("digest")
+
+
+def _named_digest(request: web.Request) -> str:
+    digest = _blob_digest(request)
+    assert digest is not None, "only a blob request asks"
+    return digest
+
+
 def _has_dot_segment(path: str) -> bool:
     return any(segment in (".", "..") for segment in path.split("/"))
 
@@ -205,9 +224,10 @@ class RegistryMirror:
             base = upstream_base(request.query.get("ns"), self.default_registry, self.insecure_registries)
         except ValueError as exc:
             return _registry_error(400, "UNSUPPORTED", str(exc)), "refused"
-        task_id = self._blob_task_id(request)
-        # A blob's URL is spelled from the decoded path, so that the task is named (and checked) by its digest.
-        path = request.path if task_id is not None else request.raw_path.split("?", 1)[0]
+        digest = _blob_digest(request)
+        # A blob's URL is spelled from the decoded path, so that its task is named (and checked) the same way however
+        # the runtime escaped the digest.
+        path = request.path if digest is not None else request.raw_path.split("?", 1)[0]
         query = [(key, value) for key, value in request.query.items() if key != "ns"]
         url = base + path + (f"?{urlencode(query)}" if query else "")
         from_network = not _is_loopback(request.remote)
@@ -219,7 +239,8 @@ class RegistryMirror:
             return _registry_error(502, "UNAVAILABLE", str(exc)), "refused"
         except UnsupportedURL as exc:
             return _registry_error(400, "UNSUPPORTED", str(exc)), "refused"
-        if task_id is not None:
+        if digest is not None:
+            task_id = self._blob_download(url, digest, {}, from_network).task_id()
             return await self._blob_request(request, base, url, task_id, from_network)
         return await self._pass(request, url), "registry"
 
@@ -284,14 +305,19 @@ class RegistryMirror:
             return None
         return await self._pass(request, url, refusals_only=True)
 
-    def _blob_task_id(self, request: web.Request) -> str | None:
-        match = _BLOB_PATH.fullmatch(request.path)
-        if not self.blobs_by_digest or match is None:
-            return None
-        try:
-            return ids.blob_digest_task_id(match.group("digest"))
-        except ids.InvalidTaskId:
-            return None  # an algorithm we do not name tasks by: the registry answers for itself
+    def _blob_download(self, url: str, digest: str, header: dict[str, str], from_network: bool) -> DownloadRequest:
+        """How the mirror asks for a blob, as upstream's proxy does: the task named by the URL (upstream's filtered
+        query keys dropped), or by the digest with ``enableTaskIDBasedBlobDigest``; the bytes checked against the
+        digest either way."""
+        return DownloadRequest(
+            url=url,
+            digest=digest,
+            request_header=header,
+            filtered_query_params=ids.DEFAULT_FILTERED_QUERY_PARAMS,
+            enable_task_id_based_blob_digest=self.blobs_by_digest,
+            disable_back_to_source=self.disable_back_to_source,
+            from_network=from_network,
+        )
 
     async def _cached_blob_head(
         self, request: web.Request, base: str, url: str, task_id: str
@@ -300,11 +326,11 @@ class RegistryMirror:
         if task is None or task.state is not TaskState.SUCCEEDED or task.content_length is None:
             return None
         denial = await self._denial(request, url, self._confirming(request, base, url))
-        return denial or web.Response(status=200, headers=self._blob_headers(task_id, task.content_length))
+        return denial or web.Response(status=200, headers=self._blob_headers(request, task.content_length))
 
     @staticmethod
-    def _blob_headers(task_id: str, length: int) -> dict[str, str]:
-        digest = ids.task_blob_digest(task_id)
+    def _blob_headers(request: web.Request, length: int) -> dict[str, str]:
+        digest = _named_digest(request)
         return {
             "Content-Type": "application/octet-stream",
             "Content-Length": str(length),
@@ -314,12 +340,12 @@ class RegistryMirror:
         }
 
     @classmethod
-    def _blob_response(cls, task_id: str, length: int, span: tuple[int, int] | None) -> web.StreamResponse:
+    def _blob_response(cls, request: web.Request, length: int, span: tuple[int, int] | None) -> web.StreamResponse:
         """The response for a blob, or for the inclusive ``span`` of it (206)."""
         if span is None:
-            return web.StreamResponse(status=200, headers=cls._blob_headers(task_id, length))
+            return web.StreamResponse(status=200, headers=cls._blob_headers(request, length))
         first, last = span
-        headers = cls._blob_headers(task_id, last - first + 1)
+        headers = cls._blob_headers(request, last - first + 1)
         headers["Content-Range"] = f"bytes {first}-{last}/{length}"
         return web.StreamResponse(status=206, headers=headers)
 
@@ -375,13 +401,8 @@ class RegistryMirror:
         if cached is not None:
             return cached
         authorization = request.headers.get("Authorization")
-        download = DownloadRequest(
-            url=url,
-            request_header={"Authorization": authorization} if authorization else {},
-            enable_task_id_based_blob_digest=True,
-            disable_back_to_source=self.disable_back_to_source,
-            from_network=from_network,
-        )
+        header = {"Authorization": authorization} if authorization else {}
+        download = self._blob_download(url, _named_digest(request), header, from_network)
         with self.downloads.tap(task_id) as tap:  # taken before the download starts: no early byte is missed
             events = self.downloads.download(download)
             try:
@@ -390,9 +411,9 @@ class RegistryMirror:
                 await events.aclose()
                 return await self._refusal(request, url, task_id, exc)
             assert isinstance(started, Started)
-            if started.task_id != task_id:  # the URL did not name the blob: never serve other bytes under its digest
+            if started.task_id != task_id:  # the URL did not name the task: never serve other bytes under its digest
                 await events.aclose()
-                return _registry_error(400, "DIGEST_INVALID", f"the request does not name blob {task_id} exactly")
+                return _registry_error(400, "DIGEST_INVALID", f"the request does not name task {task_id} exactly")
             denial = await self._denial(request, url, confirming)  # the download may be another client's
             if denial is not None:
                 await events.aclose()
@@ -443,7 +464,7 @@ class RegistryMirror:
         """The blob's bytes (or ``span`` of them) from its content file, CRC-checked unless known intact as it is."""
         length = pieces[-1].offset + pieces[-1].length if pieces else 0
         first, last = span if span is not None else (0, length - 1)
-        response = self._blob_response(task_id, length, span)
+        response = self._blob_response(request, length, span)
         try:
             await response.prepare(request)
             if self.intact.intact(task_id, state):
@@ -504,7 +525,7 @@ class RegistryMirror:
             await arrivals.events.aclose()
             return web.Response(status=416, headers={"Content-Range": f"bytes */{length}"})
         first, last = span if span is not None else (0, length - 1)
-        response = self._blob_response(started.task_id, length, span)
+        response = self._blob_response(request, length, span)
         following = asyncio.create_task(arrivals.follow())
         try:
             await response.prepare(request)

@@ -14,7 +14,8 @@ Operation                                   Transaction, and the file work aroun
 ``piece_file(id)`` write_at / commit         a writer's open file: bytes written in its thread hops (CRC taken
                                             by the writer as they arrived), invisible until ``commit``
                                             fdatasyncs the file and inserts the batch's rows in one transaction
-``finish_task`` / ``fail_task``             the task's state (and size); ``discard`` deletes the file first
+``finish_task`` / ``fail_task``             the task's state (and size, and a verified blob digest); ``discard``
+                                            deletes the file first
 ``stage_piece`` / ``commit_staged``         bytes written and CRC'd in one thread hop, not synced / one
                                             fdatasync, then one insert of every staged piece (batched)
 ``piece(id, n)`` / ``pieces(id)``           read only
@@ -27,6 +28,8 @@ Operation                                   Transaction, and the file work aroun
 ``acquire`` / ``release`` / ``sync``        the holder's holds, all named tasks in one transaction
 ``keep_alive`` / ``expire_holds``           lease expiries; expiry stamps the task released when it lapsed
 ``get_task`` / ``list_tasks`` / ``list_holds`` / ``get_references``   read only
+``task_ids_for_digests(digests)``           read only: the tasks holding each blob digest (recorded when the
+                                            task finished verified, or named by the digest's hex), one query
 ``gc_view(purge_lapsed=)``                  every task with bytes and references (lapsed leases purged first)
 ``apply(victims)`` / ``evict(id, states)``  per victim: re-check references, mark evicting (one transaction
                                             that also re-checks holds), delete the file, delete the rows
