@@ -418,3 +418,6 @@ def test_blob_task_ids_follow_enable_task_id_based_blob_digest(tmp_path: Path, b
         for task_id in stored:
             assert stored[task_id]["state"] == "finished"
             assert task_file(blob.daemon, task_id).read_bytes() == data
+        # The Use API's blob digest names every task holding the blob.
+        acquired = dfctl_json(blob.daemon, "use", "acquire", "--holder", "user:ops", digest)
+        assert sorted(hold["task_id"] for hold in acquired["holds"]) == sorted(stored)

@@ -754,6 +754,8 @@ class Storage:
         repositories is two URL-named tasks) and the one named by the digest's hex. A digest no task holds is
         absent from the answer. One read of the metadata."""
         wanted = set(digests)
+        if not wanted:
+            return {}
         hex_ids: dict[str, str] = {}
         for digest in wanted:
             with contextlib.suppress(InvalidTaskId):
