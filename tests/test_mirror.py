@@ -34,7 +34,7 @@ from tests.registry_support import (
     running_registry,
 )
 from tests.storage_support import seeded_bytes
-from tests.support import DaemonProcess, OriginProcess, dfctl_json, running_daemon, running_origin
+from tests.support import DaemonProcess, OriginProcess, dfctl_json, dfget, running_daemon, running_origin
 
 pytestmark = pytest.mark.skipif(registry_skip_reason() is not None, reason=str(registry_skip_reason()))
 
@@ -376,6 +376,28 @@ def test_a_forged_blob_never_reaches_the_client_complete(tmp_path: Path) -> None
         assert states.get(blob.task_id, "gone") in ("gone", "failed")
         content = task_file(blob.daemon, blob.task_id)
         assert not content.exists() or content.stat().st_size == 0, "the forged bytes stayed in the cache"
+        assert "Traceback" not in blob.daemon.log()
+
+
+def test_a_task_of_the_blobs_url_fetched_without_its_digest_is_checked_before_the_mirror_serves_it(
+    tmp_path: Path,
+) -> None:
+    promised = seeded_bytes("test_mirror-7", 2 * MIB)
+    forged = seeded_bytes("test_mirror-8", len(promised))
+    with mirror_of_origin_blob(tmp_path, forged, "sha256:" + hashlib.sha256(promised).hexdigest()) as blob:
+        # dfget names the blob's URL without a digest: the same task as the mirror's, its bytes never checked.
+        fetched = dfget(blob.daemon, f"http://{blob.origin.address}{blob.path}", tmp_path / "out")
+        assert fetched.returncode == 0, fetched.stderr
+        states = {task["task_id"]: task["state"] for task in dfctl_json(blob.daemon, "task", "ls")["tasks"]}
+        assert states == {blob.task_id: "finished"}
+        received = bytearray()
+        response = http_request("GET", blob.url, timeout=60, stream=True)
+        with pytest.raises(urllib3.exceptions.ProtocolError):
+            for chunk in response.stream(CHUNK, decode_content=False):
+                received += chunk
+        response.release_conn()
+        assert len(received) < len(forged)
+        assert blob.origin_bytes() == len(forged)  # the check read the cached copy; the origin was not asked again
         assert "Traceback" not in blob.daemon.log()
 
 

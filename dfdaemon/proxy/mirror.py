@@ -325,8 +325,16 @@ class RegistryMirror:
         task = await self.storage.get_task(task_id)
         if task is None or task.state is not TaskState.SUCCEEDED or task.content_length is None:
             return None
+        if not await self._matched_digest(request, task_id):
+            return None
         denial = await self._denial(request, url, self._confirming(request, base, url))
         return denial or web.Response(status=200, headers=self._blob_headers(request, task.content_length))
+
+    async def _matched_digest(self, request: web.Request, task_id: str) -> bool:
+        """Whether the task's bytes matched the blob's digest: a task named by the URL may have been completed by a
+        download that had no digest to check (a ``dfget`` of the blob's URL, say)."""
+        digest = _named_digest(request)
+        return task_id in (await self.storage.task_ids_for_digests([digest])).get(digest, [])
 
     @staticmethod
     def _blob_headers(request: web.Request, length: int) -> dict[str, str]:
@@ -429,6 +437,8 @@ class RegistryMirror:
             task = await self.storage.get_task(task_id)
             if task is None or task.state is not TaskState.SUCCEEDED or task.content_length is None:
                 return None
+            if not await self._matched_digest(request, task_id):
+                return None  # the download path checks the bytes before their last ones go out
             pieces = await self.storage.pieces(task_id)
             if sum(piece.length for piece in pieces) != task.content_length:
                 return None  # a piece was dropped as corrupt: the download path decides what happens
