@@ -286,7 +286,7 @@ class RegistryMirrorConfig(_Section):
     """Where registry requests go when they do not name their registry with ``?ns=``."""
 
     addr: str = "https://index.docker.io"
-    enable_task_id_based_blob_digest: bool = Field(default=True, alias="enableTaskIDBasedBlobDigest")
+    enable_task_id_based_blob_digest: bool = Field(default=False, alias="enableTaskIDBasedBlobDigest")
     # Ours: registries (host[:port]) reached over plain HTTP when named by ``ns``, like Docker's insecure-registries.
     insecure_registries: list[str] = []
     # Ours: registries (host[:port]) whose blobs any client may read; the cache serves them without first asking

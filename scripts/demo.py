@@ -11,7 +11,8 @@
 3. Where containerd and the distribution registry are installed (the test set-up installs them as
    root), peer D is a registry mirror for a real containerd: a real busybox image is pulled through
    it, a container runs, and the daemon learns from containerd itself that the container holds the
-   image's blobs. Elsewhere this step says why it is skipped.
+   image's blobs (each a task named by its URL at the registry, as upstream names it). Elsewhere this
+   step says why it is skipped.
 
 Everything lives under ``.demo/`` (and a short temporary directory for the unix sockets). With
 ``--once`` the demo exits after the walk-through; otherwise the cluster stays up for inspection with
@@ -36,6 +37,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from dfdaemon.ids import task_id  # noqa: E402
 from tests.containerd_support import containerd_skip_reason, running_containerd  # noqa: E402
 from tests.registry_support import (  # noqa: E402
     busybox_image,
@@ -138,7 +140,8 @@ def containerd_step(stack: ExitStack, state: Path, sockets: Path, scheduler: str
     running = containerd.run(ref, "demo-busybox")
     say(f"   container demo-busybox {'runs' if running else 'created (no task can run here)'}")
     holder = "container:default/demo-busybox"
-    wanted = {blob.digest.removeprefix("sha256:") for blob in image.blobs}
+    # Each blob is the task its URL at the registry names (enableTaskIDBasedBlobDigest is false, as upstream).
+    wanted = {task_id(f"http://{registry.host}/v2/library/busybox/blobs/{blob.digest}") for blob in image.blobs}
     deadline = time.monotonic() + 20
     held: set[str] = set()
     while time.monotonic() < deadline and held != wanted:

@@ -27,7 +27,7 @@ def test_defaults_follow_upstream() -> None:
     assert config.proxy.enable is True
     assert (config.proxy.server.ip, config.proxy.server.port) == ("127.0.0.1", 4001)
     assert config.proxy.registry_mirror.addr == "https://index.docker.io"
-    assert config.proxy.registry_mirror.enable_task_id_based_blob_digest is True
+    assert config.proxy.registry_mirror.enable_task_id_based_blob_digest is False  # blob task ids from the URL
     assert config.runtime.containerd.address == ""
     assert config.runtime.sync_interval == 60
     assert (config.storage.server.ip, config.storage.server.tcp_port) == ("", 4005)

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from dfdaemon.download.scheduled import SMALL_DOWNLOAD_LIMIT
 from tests.containerd_support import Containerd, containerd_skip_reason, running_containerd
 from tests.registry_support import (
     OciImage,
@@ -46,7 +47,6 @@ from tests.support import (
 
 GRACE = 0.3  # short, so that waiting past it costs little; every wait below is longer
 FILLER_LAYERS = [6_000_000, 6_000_000]
-SMALL_DOWNLOAD = 4 * 1024 * 1024  # content up to this goes straight to the source, without the scheduler
 
 
 def _skip_reason() -> str | None:
@@ -80,8 +80,15 @@ def mirror_counts(node: Node) -> str:
     return "\n".join(line for line in text.splitlines() if line.startswith("dfdaemon_proxy_requests_total{"))
 
 
-def task_ids(image: OciImage) -> list[str]:
-    return [blob.digest.removeprefix("sha256:") for blob in image.blobs]
+def blob_tasks(registry: Registry, repository: str, image: OciImage) -> dict[str, str]:
+    """Task id -> blob digest of an image pulled through the mirror. The mirror names a blob's task by its URL at the
+    registry, as upstream does by default (and a Rust peer would); the id is derived here by hand from the formula."""
+    urls = {f"http://{registry.host}/v2/{repository}/blobs/{blob.digest}": blob.digest for blob in image.blobs}
+    return {hashlib.sha256(url.encode() + b"STANDARD").hexdigest(): digest for url, digest in urls.items()}
+
+
+def task_ids(registry: Registry, repository: str, image: OciImage) -> list[str]:
+    return list(blob_tasks(registry, repository, image))
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
@@ -154,22 +161,23 @@ def test_a_running_busybox_survives_gc_and_goes_once_its_container_is_removed(
         node.containerd.pull(f"{registry.host}/library/busybox:1")
         run_container(node.containerd, f"{registry.host}/library/busybox:1", "busybox-1")
         # containerd's own events tell the daemon; no one calls the Use API.
-        wait_until(lambda: node.holds(holder) == set(task_ids(busybox)), f"{holder} holds busybox's blobs")
-        refused = run_dfctl(node.daemon, "task", "rm", task_ids(busybox)[1])
+        busybox_tasks = blob_tasks(registry, "library/busybox", busybox)
+        wait_until(lambda: node.holds(holder) == set(busybox_tasks), f"{holder} holds busybox's blobs")
+        refused = run_dfctl(node.daemon, "task", "rm", list(busybox_tasks)[1])
         assert refused.returncode == 1
         assert holder in refused.stderr
 
-        pulled: list[str] = []  # filler task ids, image by image in the order the images were pulled
+        pulled: dict[str, str] = {}  # filler task id -> digest, image by image in the order the images were pulled
         pull_order: dict[str, int] = {}  # task id -> which pull brought it (blobs of one pull arrive together)
         for i, image in enumerate(fillers[:4]):
             time.sleep(GRACE + 0.5)  # earlier pulls leave their grace period
             node.containerd.pull(f"{registry.host}/library/filler-{i}:1")
-            pulled += task_ids(image)
-            pull_order.update(dict.fromkeys(task_ids(image), i))
+            pulled.update(blob_tasks(registry, f"library/filler-{i}", image))
+            pull_order.update(dict.fromkeys(task_ids(registry, f"library/filler-{i}", image), i))
 
         # Every busybox blob is still cached and is still busybox.
-        for task_id in task_ids(busybox):
-            assert node.content_digest(task_id) == f"sha256:{task_id}"
+        for task_id, digest in busybox_tasks.items():
+            assert node.content_digest(task_id) == digest
         runs = dfctl_json(node.daemon, "gc", "report", "--limit", "50")["runs"]
         evicted = [e["task_id"] for run in runs for e in run["evicted"]]
         assert set(evicted) <= set(pulled), "GC evicted something other than filler blobs"
@@ -182,7 +190,7 @@ def test_a_running_busybox_survives_gc_and_goes_once_its_container_is_removed(
             skip
             for run in runs
             for skip in run["skipped"]
-            if skip["task_id"] in task_ids(busybox) and skip["reason"] == "held"
+            if skip["task_id"] in busybox_tasks and skip["reason"] == "held"
         ]
         assert protections, "no GC run recorded why busybox stayed"
         assert all(skip["holders"] == [holder] for skip in protections)
@@ -196,13 +204,13 @@ def test_a_running_busybox_survives_gc_and_goes_once_its_container_is_removed(
         mirror = f"http://127.0.0.1:{node.daemon.proxy_port}"
         for task_id in kept:  # cache hits make the fillers more recently used than busybox
             repository = f"library/filler-{pull_order[task_id]}"  # the mirror asks the registry there first
-            response = http_request("GET", f"{mirror}/v2/{repository}/blobs/sha256:{task_id}?ns={registry.host}")
+            response = http_request("GET", f"{mirror}/v2/{repository}/blobs/{pulled[task_id]}?ns={registry.host}")
             assert response.status == 200
         for i in (4, 5):  # over the high watermark again
             node.containerd.pull(f"{registry.host}/library/filler-{i}:1")
         runs = dfctl_json(node.daemon, "gc", "report", "--limit", "50")["runs"]
         busybox_evictions = {e["task_id"]: e["reason"] for run in runs for e in run["evicted"]}
-        for task_id in task_ids(busybox):
+        for task_id in busybox_tasks:
             assert busybox_evictions.get(task_id) == "quota"
             assert not node.cached(task_id)
 
@@ -227,20 +235,20 @@ def test_a_second_node_pulls_the_image_from_the_first_not_the_registry(registry:
 
         for ref in ("library/busybox:1", "library/shared:1"):
             second.containerd.pull(f"{registry.host}/{ref}")
-        # Node B asked the registry for manifests and, with HEADs, for the blobs' lengths. Blobs of at most 4 MiB
-        # (configs, the busybox layer) it fetched from the registry itself, as upstream's peers do since 1.4.1
-        # (a small download skips the scheduler); every byte of the larger layers came from A.
-        blobs = [blob for image in (busybox, filler) for blob in image.blobs]
-        small = sum(blob.size for blob in blobs if blob.size <= SMALL_DOWNLOAD)
-        assert any(blob.size > SMALL_DOWNLOAD for blob in blobs)
+        # Node B asked the registry for manifests and, with HEADs, for the blobs' lengths. Every byte of a large blob
+        # came from A; a blob of at most 4 MiB skips the scheduler and comes from the registry, as upstream's does.
+        assert any(blob.size > SMALL_DOWNLOAD_LIMIT for image in (busybox, filler) for blob in image.blobs)
+        small = sum(
+            blob.size for image in (busybox, filler) for blob in image.blobs if blob.size <= SMALL_DOWNLOAD_LIMIT
+        )
         assert registry.blob_bytes_served() - from_registry == small, "node B fetched a large blob from the registry"
-        for image in (busybox, filler):
-            for task_id in task_ids(image):
-                assert second.content_digest(task_id) == f"sha256:{task_id}"
+        for repository, image in (("library/busybox", busybox), ("library/shared", filler)):
+            for task_id, digest in blob_tasks(registry, repository, image).items():
+                assert second.content_digest(task_id) == digest
         # And it runs there, holding its image on that node.
         run_container(second.containerd, f"{registry.host}/library/busybox:1", "busybox-b")
         wait_until(
-            lambda: second.holds("container:default/busybox-b") == set(task_ids(busybox)),
+            lambda: second.holds("container:default/busybox-b") == set(task_ids(registry, "library/busybox", busybox)),
             "the second node's container holds busybox",
         )
 
@@ -256,8 +264,8 @@ def test_registry_errors_reach_containerd_through_the_mirror(tmp_path: Path) -> 
         # 401 with a token challenge: containerd gets a token from the realm and pulls through the mirror.
         node.containerd.pull(f"{registry.host}/private/app:1")
         assert registry.token_requests, "containerd never saw the registry's token challenge"
-        for task_id in task_ids(image):
-            assert node.content_digest(task_id) == f"sha256:{task_id}"
+        for task_id, digest in blob_tasks(registry, "private/app", image).items():
+            assert node.content_digest(task_id) == digest
         proxy_log = node.daemon.log()
         assert "Traceback" not in proxy_log
         # The challenge came through the mirror (containerd would also get one from the registry directly).
@@ -286,16 +294,18 @@ def test_a_pinned_image_is_held_without_any_container(registry: Registry, tmp_pa
         node = Node(daemon, containerd)
 
         containerd.pull(ref)  # the image event makes the daemon look again
-        wait_until(lambda: node.holds(f"pinned:{ref}") == set(task_ids(pause)), "the pinned image is held")
+        pause_tasks = task_ids(registry, "library/pause", pause)
+        wait_until(lambda: node.holds(f"pinned:{ref}") == set(pause_tasks), "the pinned image is held")
         report = dfctl_json(node.daemon, "gc", "run")
         held = {skip["task_id"]: skip["holders"] for skip in report["skipped"] if skip["reason"] == "held"}
-        assert held == {task_id: [f"pinned:{ref}"] for task_id in task_ids(pause)}
+        assert held == {task_id: [f"pinned:{ref}"] for task_id in pause_tasks}
 
 
 def test_holds_outlive_a_daemon_restart_while_containerd_is_down(registry: Registry, tmp_path: Path) -> None:
     busybox = busybox_image()
     push_image(registry.url, "library/busybox", "1", busybox)
     holder = "container:default/survivor"
+    busybox_tasks = blob_tasks(registry, "library/busybox", busybox)
     with ExitStack() as stack:
         containerd = stack.enter_context(running_containerd(tmp_path / "node-containerd"))
         config = node_config(registry, containerd, scheduler=None)
@@ -305,16 +315,16 @@ def test_holds_outlive_a_daemon_restart_while_containerd_is_down(registry: Regis
             containerd.pull(f"{registry.host}/library/busybox:1")
             run_container(containerd, f"{registry.host}/library/busybox:1", "survivor")
             node = Node(daemon, containerd)
-            wait_until(lambda: node.holds(holder) == set(task_ids(busybox)), f"{holder} holds busybox")
+            wait_until(lambda: node.holds(holder) == set(busybox_tasks), f"{holder} holds busybox")
         containerd.stop()  # the runtime is down while the daemon restarts: nothing may conclude "not in use"
         time.sleep(GRACE + 0.5)
         with running_daemon(tmp_path / "node", config) as daemon:
             node = Node(daemon, containerd)
             wait_for_line(daemon.log_path, r"containerd does not answer", daemon.proc)
-            assert node.holds(holder) == set(task_ids(busybox))
+            assert node.holds(holder) == set(busybox_tasks)
             run = dfctl_json(daemon, "gc", "run")
             assert not run["evicted"]
             kept = {skip["task_id"]: skip["holders"] for skip in run["skipped"]}
-            assert kept == {task_id: [holder] for task_id in task_ids(busybox)}
-            for task_id in task_ids(busybox):
-                assert node.content_digest(task_id) == f"sha256:{task_id}"
+            assert kept == {task_id: [holder] for task_id in busybox_tasks}
+            for task_id, digest in busybox_tasks.items():
+                assert node.content_digest(task_id) == digest

@@ -1,4 +1,9 @@
-"""The registry mirror against a real distribution registry, the daemon running as its own process."""
+"""The registry mirror against a real distribution registry, the daemon running as its own process.
+
+Blob tasks are named as upstream names them by default (``enableTaskIDBasedBlobDigest: false``): from the blob's
+URL at the registry. ``url_task_id`` derives that id by hand from the formula every peer uses, so a mirror naming
+blobs any other way (say by their digest, as it once did) fails here.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import urllib3
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dfdaemon import ids
 from tests.registry_support import (
     OCI_MANIFEST,
     OciImage,
@@ -28,12 +34,21 @@ from tests.registry_support import (
     running_registry,
 )
 from tests.storage_support import seeded_bytes
-from tests.support import DaemonProcess, OriginProcess, dfctl_json, running_daemon, running_origin
+from tests.support import DaemonProcess, OriginProcess, dfctl_json, dfget, running_daemon, running_origin
 
 pytestmark = pytest.mark.skipif(registry_skip_reason() is not None, reason=str(registry_skip_reason()))
 
 MIB = 1024 * 1024
 CHUNK = 64 * 1024  # bytes a streaming client reads at a time
+
+
+def url_task_id(url: str) -> str:
+    """A task id as a Rust peer computes it for a URL with no query, tag, application or piece length."""
+    return hashlib.sha256(url.encode() + b"STANDARD").hexdigest()
+
+
+def task_file(daemon: DaemonProcess, task_id: str) -> Path:
+    return daemon.storage_dir / "content" / "tasks" / task_id[:3] / task_id
 
 
 @dataclass
@@ -47,6 +62,10 @@ class Mirror:
 
     def get(self, path: str, headers: dict[str, str] | None = None, method: str = "GET") -> urllib3.BaseHTTPResponse:
         return http_request(method, self.url(path, ns=self.registry.host), headers=headers)
+
+    def task_id(self, repository: str, digest: str) -> str:
+        """The task of a blob pulled through the mirror: named by its URL at the registry."""
+        return url_task_id(f"http://{self.registry.host}/v2/{repository}/blobs/{digest}")
 
 
 def _mirror_config(registry: Registry) -> dict[str, object]:
@@ -84,8 +103,12 @@ def test_a_blob_comes_through_the_p2p_path_verified_and_is_then_served_from_the_
     again = mirror.get(path)
     assert again.data == first.data
     assert mirror.registry.blob_bytes_served() - before == served, "a cached blob went to the registry again"
-    task_file = mirror.daemon.storage_dir / "content" / "tasks" / layer.digest[7:10] / layer.digest[7:]
-    assert task_file.stat().st_size == layer.size
+    task_id = mirror.task_id("library/first-fetch", layer.digest)
+    assert task_id == ids.task_id(f"http://{mirror.registry.host}/v2/library/first-fetch/blobs/{layer.digest}")
+    assert task_file(mirror.daemon, task_id).read_bytes() == layer.data
+    assert not task_file(mirror.daemon, layer.digest[7:]).exists()
+    tasks = {task["task_id"]: task["state"] for task in dfctl_json(mirror.daemon, "task", "ls")["tasks"]}
+    assert tasks[task_id] == "finished"
 
 
 def test_ranges_of_a_blob_are_answered_with_206(mirror: Mirror) -> None:
@@ -191,35 +214,50 @@ def test_a_cached_blob_is_served_while_the_registry_is_down(tmp_path: Path) -> N
 
 
 @contextmanager
-def mirror_of_origin_blob(tmp_path: Path, content: bytes, digest: str, *, rate: int | None = None) -> Iterator[Blob]:
-    """A daemon whose mirror fronts the loopback origin, which serves ``content`` as blob ``digest`` of repo "r".
+def mirror_of_origin_blob(
+    tmp_path: Path,
+    content: bytes,
+    digest: str,
+    *,
+    rate: int | None = None,
+    repositories: tuple[str, ...] = ("r",),
+    by_digest: bool | None = None,
+) -> Iterator[Blob]:
+    """A daemon whose mirror fronts the loopback origin, which serves ``content`` as blob ``digest`` of each of
+    ``repositories`` (the Blob is the first one's); ``by_digest`` sets ``enableTaskIDBasedBlobDigest``.
 
     With ``rate`` the origin sends at most that many bytes a second and the daemon fetches one piece at a time.
     """
-    blobs = tmp_path / "files" / "v2" / "r" / "blobs"
-    blobs.mkdir(parents=True)
-    (blobs / digest).write_bytes(content)
-    path = f"v2/r/blobs/{digest}"
+    for repository in repositories:
+        blobs = tmp_path / "files" / "v2" / repository / "blobs"
+        blobs.mkdir(parents=True)
+        (blobs / digest).write_bytes(content)
+    path = f"v2/{repositories[0]}/blobs/{digest}"
     with running_origin(tmp_path / "files") as origin:
-        config: dict[str, Any] = {"proxy": {"enable": True, "registryMirror": {"insecureRegistries": [origin.address]}}}
+        registry_mirror: dict[str, Any] = {"insecureRegistries": [origin.address]}
+        if by_digest is not None:
+            registry_mirror["enableTaskIDBasedBlobDigest"] = by_digest
+        config: dict[str, Any] = {"proxy": {"enable": True, "registryMirror": registry_mirror}}
         if rate is not None:
             origin.fault(path, rate=rate)
             config["download"] = {"concurrentPieceCount": 1}
         with running_daemon(tmp_path / "daemon", config) as daemon:
             url = f"http://127.0.0.1:{daemon.proxy_port}/{path}?ns={origin.address}"
-            yield Blob(daemon, url, digest[7:], origin, "/" + path)
+            task_id = digest[7:] if by_digest else url_task_id(f"http://{origin.address}/{path}")
+            yield Blob(daemon, url, digest, task_id, origin, "/" + path)
 
 
 @dataclass
 class Blob:
     daemon: DaemonProcess
     url: str  # the blob through the mirror
-    task_id: str
+    digest: str
+    task_id: str  # as the mirror names it, computed here
     origin: OriginProcess
     path: str  # on the origin
 
-    def origin_bytes(self) -> int:
-        return int(self.origin.stats()["by_path"].get(self.path, 0))
+    def origin_bytes(self, path: str | None = None) -> int:
+        return int(self.origin.stats()["by_path"].get(path or self.path, 0))
 
 
 def test_a_blob_streams_to_the_client_as_the_registry_sends_it(tmp_path: Path) -> None:
@@ -239,10 +277,9 @@ def test_a_blob_streams_to_the_client_as_the_registry_sends_it(tmp_path: Path) -
                 received += chunk
         finally:
             response.release_conn()
-        assert hashlib.sha256(received).hexdigest() == blob.task_id
+        assert "sha256:" + hashlib.sha256(received).hexdigest() == blob.digest
         assert blob.origin_bytes() == len(data)  # one pass over the blob
-        task_file = blob.daemon.storage_dir / "content" / "tasks" / blob.task_id[:3] / blob.task_id
-        assert task_file.read_bytes() == data  # stored as a task too, for peers
+        assert task_file(blob.daemon, blob.task_id).read_bytes() == data  # stored as a task too, for peers
 
 
 def test_a_second_client_and_a_range_during_a_cold_download_get_the_right_bytes(tmp_path: Path) -> None:
@@ -301,8 +338,8 @@ def test_a_percent_encoded_digest_names_the_same_blob_and_is_counted(mirror: Mir
     assert encoded.status == 200
     assert encoded.data == layer.data
     assert encoded.headers["docker-content-digest"] == layer.digest
-    task_file = mirror.daemon.storage_dir / "content" / "tasks" / layer.digest[7:10] / layer.digest[7:]
-    assert task_file.read_bytes() == layer.data
+    # The task is named by the decoded URL: the same task as the plain digest names.
+    assert task_file(mirror.daemon, mirror.task_id("library/filler", layer.digest)).read_bytes() == layer.data
     assert mirror.get("/v2/library/filler/manifests/missing").status == 404
     scraped = http_request("GET", f"http://127.0.0.1:{mirror.daemon.metrics_port}/metrics").data.decode()
     assert 'dfdaemon_proxy_requests_total{route="blob",status="200"}' in scraped
@@ -334,10 +371,33 @@ def test_a_forged_blob_never_reaches_the_client_complete(tmp_path: Path) -> None
                 received += chunk
         response.release_conn()
         assert len(received) < len(forged)
+        assert blob.origin_bytes() == len(forged)  # the task the assertions below look at was fetched
         states = {task["task_id"]: task["state"] for task in dfctl_json(blob.daemon, "task", "ls")["tasks"]}
         assert states.get(blob.task_id, "gone") in ("gone", "failed")
-        content = blob.daemon.storage_dir / "content" / "tasks" / blob.task_id[:3] / blob.task_id
+        content = task_file(blob.daemon, blob.task_id)
         assert not content.exists() or content.stat().st_size == 0, "the forged bytes stayed in the cache"
+        assert "Traceback" not in blob.daemon.log()
+
+
+def test_a_task_of_the_blobs_url_fetched_without_its_digest_is_checked_before_the_mirror_serves_it(
+    tmp_path: Path,
+) -> None:
+    promised = seeded_bytes("test_mirror-7", 2 * MIB)
+    forged = seeded_bytes("test_mirror-8", len(promised))
+    with mirror_of_origin_blob(tmp_path, forged, "sha256:" + hashlib.sha256(promised).hexdigest()) as blob:
+        # dfget names the blob's URL without a digest: the same task as the mirror's, its bytes never checked.
+        fetched = dfget(blob.daemon, f"http://{blob.origin.address}{blob.path}", tmp_path / "out")
+        assert fetched.returncode == 0, fetched.stderr
+        states = {task["task_id"]: task["state"] for task in dfctl_json(blob.daemon, "task", "ls")["tasks"]}
+        assert states == {blob.task_id: "finished"}
+        received = bytearray()
+        response = http_request("GET", blob.url, timeout=60, stream=True)
+        with pytest.raises(urllib3.exceptions.ProtocolError):
+            for chunk in response.stream(CHUNK, decode_content=False):
+                received += chunk
+        response.release_conn()
+        assert len(received) < len(forged)
+        assert blob.origin_bytes() == len(forged)  # the check read the cached copy; the origin was not asked again
         assert "Traceback" not in blob.daemon.log()
 
 
@@ -349,6 +409,37 @@ def test_a_client_that_leaves_mid_blob_costs_one_log_line(tmp_path: Path) -> Non
         response.close()  # leaves mid-blob: the connection goes, unread
         # The download goes on for the cache; the next client gets the whole, verified blob.
         again = http_request("GET", blob.url, timeout=60)
-        assert hashlib.sha256(again.data).hexdigest() == blob.task_id
+        assert "sha256:" + hashlib.sha256(again.data).hexdigest() == blob.digest
         log = blob.daemon.log()
         assert "Traceback" not in log and "Error handling request" not in log
+
+
+@pytest.mark.parametrize("by_digest", [None, False, True])
+def test_blob_task_ids_follow_enable_task_id_based_blob_digest(tmp_path: Path, by_digest: bool | None) -> None:
+    """Unset or false (upstream's default): one task per blob URL, as a Rust peer names it, so two repositories
+    holding the blob are two tasks. True: the task is the digest's hex, shared across repositories."""
+    data = seeded_bytes("test_mirror-6", 300_000)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    with mirror_of_origin_blob(tmp_path, data, digest, repositories=("r", "team/r"), by_digest=by_digest) as blob:
+        other_path = f"/v2/team/r/blobs/{digest}"
+        other_url = blob.url.replace(blob.path, other_path)
+        for url in (blob.url, other_url):
+            answer = http_request("GET", url, timeout=60)
+            assert answer.status == 200 and answer.data == data
+            assert answer.headers["docker-content-digest"] == digest
+        stored = {task["task_id"]: task for task in dfctl_json(blob.daemon, "task", "ls")["tasks"]}
+        if by_digest:
+            assert list(stored) == [digest[7:]] == [blob.task_id]
+            assert blob.origin_bytes(other_path) == 0  # the second repository's pull was a cache hit
+        else:
+            other_id = url_task_id(f"http://{blob.origin.address}{other_path}")
+            assert sorted(stored) == sorted([blob.task_id, other_id]) and blob.task_id != other_id
+            assert blob.task_id == ids.task_id(f"http://{blob.origin.address}{blob.path}")
+            assert blob.origin_bytes(other_path) == len(data)
+        assert blob.origin_bytes() == len(data)
+        for task_id in stored:
+            assert stored[task_id]["state"] == "finished"
+            assert task_file(blob.daemon, task_id).read_bytes() == data
+        # The Use API's blob digest names every task holding the blob.
+        acquired = dfctl_json(blob.daemon, "use", "acquire", "--holder", "user:ops", digest)
+        assert sorted(hold["task_id"] for hold in acquired["holds"]) == sorted(stored)

@@ -11,6 +11,7 @@ from urllib.parse import urlencode
 import pytest
 import urllib3
 
+from dfdaemon import ids
 from tests.registry_support import (
     Blob,
     Registry,
@@ -44,7 +45,9 @@ class Cached:
         return http_request("GET", url, headers=headers, stream=stream, timeout=60)
 
     def content_file(self) -> Path:
-        task_id = self.layer.digest[7:]
+        """The blob's task file: named by the blob's URL at the registry (``enableTaskIDBasedBlobDigest`` unset)."""
+        task_id = hashlib.sha256(f"http://{self.registry.host}{self.path}STANDARD".encode()).hexdigest()
+        assert task_id == ids.task_id(f"http://{self.registry.host}{self.path}")
         return self.daemon.storage_dir / "content" / "tasks" / task_id[:3] / task_id
 
 
@@ -106,7 +109,7 @@ def test_a_cached_blob_whose_bytes_rotted_never_reaches_a_client_whole_and_is_fe
     before = cached.registry.blob_bytes_served()
     again = cached.get()
     assert again.status == 200
-    assert hashlib.sha256(again.data).hexdigest() == cached.layer.digest[7:]
+    assert "sha256:" + hashlib.sha256(again.data).hexdigest() == cached.layer.digest
     assert cached.registry.blob_bytes_served() - before == size  # the rotten copy was dropped, not served again
     assert content.read_bytes() == data
     log = cached.daemon.log()

@@ -22,7 +22,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from dfdaemon.gc import GarbageCollector, GCPolicy
-from dfdaemon.ids import blob_digest_task_id, pieces_for
+from dfdaemon.ids import blob_digest_task_id, pieces_for, task_id
 from dfdaemon.runtime.containerd import ContainerdError, ImageNotFound, RuntimeContainer, RuntimeEvent
 from dfdaemon.runtime.sync import RuntimeSync, container_holder, pinned_holder, task_ids_of
 from dfdaemon.storage import Storage, TaskInfo
@@ -124,12 +124,22 @@ def digest_of(name: str) -> str:
     return digest
 
 
-def tid(digest: str) -> str:
-    return blob_digest_task_id(digest)
+def blob_url(digest: str, repository: str = "library/x") -> str:
+    return f"http://registry.test/v2/{repository}/blobs/{digest}"
+
+
+def tid(digest: str, repository: str = "library/x") -> str:
+    """The blob's task id as the registry mirror names it by default: from its URL, computed here independently."""
+    return task_id(blob_url(digest, repository))
 
 
 def tids(digests: list[str]) -> list[str]:
     return sorted({tid(d) for d in digests})
+
+
+def hex_ids(digests: list[str]) -> list[str]:
+    """Digest-named task ids (``enableTaskIDBasedBlobDigest``), which also stand for blobs the cache lacks."""
+    return sorted({blob_digest_task_id(d) for d in digests})
 
 
 def image_blobs(name: str, layers: int = 2) -> list[str]:
@@ -139,14 +149,18 @@ def image_blobs(name: str, layers: int = 2) -> list[str]:
     ]
 
 
-async def cache_blob(storage: Storage, digest: str, piece_length: int = 4 * KB) -> None:
-    """Put the blob into the cache under its task id, as the registry mirror does (task id = digest hex)."""
+async def cache_blob(
+    storage: Storage, digest: str, repository: str = "library/x", *, by_digest: bool = False, piece_length: int = 4 * KB
+) -> str:
+    """Put the blob into the cache as the registry mirror does: named by its URL with its verified digest recorded,
+    or (``by_digest``) named by the digest's hex, recording nothing as a database from before digests were kept."""
     data = _BLOBS[digest]
-    info = TaskInfo(url=f"http://registry.test/v2/library/x/blobs/{digest}", piece_length=piece_length)
-    async with storage.download(tid(digest), info) as writer:
+    name = blob_digest_task_id(digest) if by_digest else tid(digest, repository)
+    async with storage.download(name, TaskInfo(url=blob_url(digest, repository), piece_length=piece_length)) as writer:
         for piece in pieces_for(len(data), piece_length):
             await writer.write_piece(piece.number, piece.offset, data[piece.offset : piece.end])
-        await writer.finish()
+        await writer.finish(digest=None if by_digest else digest)
+    return name
 
 
 async def cache_image(storage: Storage, name: str, layers: int = 2) -> list[str]:
@@ -186,10 +200,12 @@ def make_sync(storage: Storage, runtime: FakeRuntime, pinned_images: list[str] |
 # One pass
 
 
-def test_task_ids_of_skips_digests_that_name_no_task() -> None:
-    good = digest_of("a")
+def test_task_ids_of_takes_the_held_tasks_else_the_digest_name_and_skips_digests_that_name_no_task() -> None:
+    good, cached = digest_of("a"), digest_of("b")
     sha512 = "sha512:" + "ab" * 64
-    assert task_ids_of([good, "sha384:" + "0" * 96, "sha256:ABC", good, sha512]) == sorted([tid(good), "ab" * 64])
+    held = {cached: [tid(cached), tid(cached, "other/repo")]}
+    digests = [good, "sha384:" + "0" * 96, "sha256:ABC", good, sha512, cached]
+    assert task_ids_of(digests, held) == sorted([*hex_ids([good]), "ab" * 64, tid(cached), tid(cached, "other/repo")])
 
 
 async def test_container_holds_exactly_its_cached_blobs_and_missing_ones_once_they_appear(
@@ -207,7 +223,7 @@ async def test_container_holds_exactly_its_cached_blobs_and_missing_ones_once_th
 
     report = await sync.sync_once()
     assert report.held == {holder: tids(nginx[:3])}
-    assert report.missing == {holder: tids(nginx[3:])}
+    assert report.missing == {holder: hex_ids(nginx[3:])}
     assert report.released == [] and report.unresolved == []
     assert await holds_by_holder(storage) == {holder: tids(nginx[:3])}
     assert not set(tids(other)) & {h.task_id for h in await storage.all_live_holds()}
@@ -215,7 +231,7 @@ async def test_container_holds_exactly_its_cached_blobs_and_missing_ones_once_th
     await cache_blob(storage, nginx[4])
     report = await sync.sync_once()
     assert report.held == {holder: tids([*nginx[:3], nginx[4]])}
-    assert report.missing == {holder: [tid(nginx[3])]}
+    assert report.missing == {holder: hex_ids([nginx[3]])}
     await cache_blob(storage, nginx[3])
     report = await sync.sync_once()
     assert report.held == {holder: tids(nginx)} and report.missing == {}
@@ -225,6 +241,23 @@ async def test_container_holds_exactly_its_cached_blobs_and_missing_ones_once_th
     # Syncing again changes nothing; a hold is never doubled.
     assert (await sync.sync_once()).held == {holder: tids(nginx)}
     assert len(await storage.list_holds(holder=holder)) == len(nginx)
+
+
+async def test_a_blob_pulled_from_two_repositories_is_two_tasks_both_held_and_digest_named_tasks_too(
+    storage: Storage, runtime: FakeRuntime
+) -> None:
+    blobs = image_blobs("shared", layers=2)
+    names = [await cache_blob(storage, digest) for digest in blobs]
+    names.append(await cache_blob(storage, blobs[2], "team/fork"))  # the same layer through another repository
+    names.append(await cache_blob(storage, blobs[3], by_digest=True))  # enableTaskIDBasedBlobDigest: true
+    assert names == [*(tid(d) for d in blobs), tid(blobs[2], "team/fork"), hex_ids([blobs[3]])[0]]
+    assert len(set(names)) == len(blobs) + 2
+    runtime.pull("default", "shared:1", blobs)
+    runtime.run("default", "c", "shared:1")
+    report = await make_sync(storage, runtime).sync_once()
+    holder = container_holder("default", "c")
+    assert report.held == {holder: sorted(names)} and report.missing == {}
+    assert await holds_by_holder(storage) == {holder: sorted(names)}
 
 
 async def test_two_containers_on_one_image_and_release_with_grace(

@@ -422,7 +422,8 @@ class DownloadManager:
             await self._wait(job, lambda: job.ended)
             if not job.finished:
                 raise DownloadFailed(f"task {job.task_id} ended incomplete")
-        if request.digest is not None:
+        if request.digest is not None and not (job.digest is not None and request.digest == _blob_digest(job.request)):
+            # (the blob digest this job's download checked as the bytes landed is not read again)
             await asyncio.to_thread(_verify_digest, self.storage.content.path(job.task_id), request.digest)
         if request.output_path is not None:
             await asyncio.to_thread(
@@ -524,7 +525,7 @@ class DownloadManager:
             await self._fill(job, writer)
             complete = len(job.done) == len(job.pieces)
             if complete:
-                await writer.finish()
+                await writer.finish(digest=_blob_digest(job.request))
         await job.announce(finished=complete, ended=True)
         return True
 
@@ -707,8 +708,12 @@ def _task_info(job: TaskJob) -> TaskInfo:
 
 
 def _blob_digest(request: DownloadRequest) -> str | None:
-    """The OCI blob digest a task is named by, when the request asks for blob-digest task ids."""
-    return ids.blob_digest_from_url(request.url) if request.enable_task_id_based_blob_digest else None
+    """The OCI blob digest the task's content must match as it lands: the blob URL's, when the task is named by it
+    or the request's ``digest`` confirms it (the registry mirror's URL-named blobs). The task records it."""
+    blob = ids.blob_digest_from_url(request.url)
+    if request.enable_task_id_based_blob_digest or (blob is not None and request.digest == blob):
+        return blob
+    return None
 
 
 def _root_cause(error: BaseException) -> BaseException:

@@ -103,6 +103,25 @@ def _registry_error(status: int, code: str, message: str) -> web.Response:
     return web.Response(status=status, text=body, content_type="application/json")
 
 
+def _blob_digest(request: web.Request) -> str | None:
+    """The digest a blob request names; None for any other path, or a digest of an algorithm blobs are not checked
+    by (the registry answers for those itself)."""
+    match = _BLOB_PATH.fullmatch(request.path)
+    if match is None:
+        return None
+    try:
+        ids.blob_digest_task_id(match.group("digest"))
+    except ids.InvalidTaskId:
+        return None
+    return match.group("digest")
+
+
+def _named_digest(request: web.Request) -> str:
+    digest = _blob_digest(request)
+    assert digest is not None, "only a blob request asks"
+    return digest
+
+
 def _has_dot_segment(path: str) -> bool:
     return any(segment in (".", "..") for segment in path.split("/"))
 
@@ -125,7 +144,7 @@ class RegistryMirror:
         p2p: P2PResponder | None = None,
         prefetch: bool = False,
     ) -> None:
-        """``p2p`` serves GETs whose headers name a task other than a blob's digest (and ``X-Dragonfly-Use-P2P``)."""
+        """``p2p`` serves the GETs ``X-Dragonfly-Use-P2P`` sends through the P2P network that are not blobs."""
         self.storage = storage
         self.downloads = downloads
         self.policy = policy
@@ -182,14 +201,10 @@ class RegistryMirror:
             base = self._registry(request, hints)
         except ValueError as exc:
             return _registry_error(400, "UNSUPPORTED", str(exc)), "refused"
-        by_digest = (
-            self.blobs_by_digest
-            if hints.enable_task_id_based_blob_digest is None
-            else hints.enable_task_id_based_blob_digest
-        )
-        task_id = self._blob_task_id(request, by_digest)
-        # A blob's URL is spelled from the decoded path, so that the task is named (and checked) by its digest.
-        path = request.path if task_id is not None else request.raw_path.split("?", 1)[0]
+        digest = _blob_digest(request)
+        # A blob's URL is spelled from the decoded path, so that its task is named (and checked) the same way however
+        # the runtime escaped the digest.
+        path = request.path if digest is not None else request.raw_path.split("?", 1)[0]
         query = [(key, value) for key, value in request.query.items() if key != "ns"]
         url = base + path + (f"?{urlencode(query)}" if query else "")
         from_network = not _is_loopback(request.remote)
@@ -201,14 +216,14 @@ class RegistryMirror:
             return _registry_error(502, "UNAVAILABLE", str(exc)), "refused"
         except UnsupportedURL as exc:
             return _registry_error(400, "UNSUPPORTED", str(exc)), "refused"
-        if request.method == "GET" and (_BLOB_PATH.fullmatch(request.path) or hints.use_p2p):
-            download = self._download(request, url, hints, from_network)
-            if task_id is not None and download.task_id() == task_id:
-                return await self._blob_get(request, base, download, task_id), "blob"
-            # The headers name another task than the blob's digest, or ask for URL-named blobs, or force P2P.
-            if self.p2p is not None and (task_id is not None or not by_digest or hints.use_p2p):
-                return await self._p2p_get(request, base, download), "p2p"
-        if task_id is not None and request.method == "HEAD":
+        if request.method == "GET" and (digest is not None or hints.use_p2p):
+            download = self._download(request, url, hints, from_network, digest)
+            if digest is not None:  # however the headers name its task, a blob is checked against its digest
+                return await self._blob_get(request, base, download), "blob"
+            if self.p2p is not None:
+                return await self.p2p.respond(request, download), "p2p"
+        if digest is not None and request.method == "HEAD":
+            task_id = self._download(request, url, hints, from_network, digest).task_id()
             cached = await self._cached_blob_head(request, base, url, task_id)
             if cached is not None:
                 return cached, "blob"
@@ -222,9 +237,11 @@ class RegistryMirror:
         return upstream_base(hints.registry or request.query.get("ns"), self.default_registry, self.insecure_registries)
 
     def _download(
-        self, request: web.Request, url: str, hints: dragonfly.DragonflyHeaders, from_network: bool
+        self, request: web.Request, url: str, hints: dragonfly.DragonflyHeaders, from_network: bool, digest: str | None
     ) -> DownloadRequest:
-        """A blob's download as the headers shape it; only the client's credentials go on to the registry."""
+        """The download as the headers shape it (upstream's filtered query keys dropped from the task id unless they
+        say otherwise; the task named by the URL, or by the digest with ``enableTaskIDBasedBlobDigest``); a blob's
+        bytes are checked against its ``digest``, and only the client's credentials go on to the registry."""
         authorization = request.headers.get("Authorization")
         download = dragonfly.download_request(
             url,
@@ -237,30 +254,19 @@ class RegistryMirror:
             from_network=from_network,
             remote_ip=request.remote,
         )
-        return dataclasses.replace(download, request_header={"Authorization": authorization} if authorization else {})
+        return dataclasses.replace(
+            download,
+            digest=digest,
+            request_header={"Authorization": authorization} if authorization else {},
+        )
 
-    async def _blob_get(
-        self, request: web.Request, base: str, download: DownloadRequest, task_id: str
-    ) -> web.StreamResponse:
-        """A blob named by its digest: from the cache, or through the P2P network as it arrives."""
+    async def _blob_get(self, request: web.Request, base: str, download: DownloadRequest) -> web.StreamResponse:
+        """A blob: from the cache, or through the P2P network as it arrives, to clients the registry lets read it."""
         confirming = self._confirming(request, base, download.url)  # asked while the blob is looked up
         try:
-            return await self._blob(request, download, task_id, confirming)
+            return await self._blob(request, download, download.task_id(), confirming)
         finally:
             _abandon(confirming)
-
-    async def _p2p_get(self, request: web.Request, base: str, download: DownloadRequest) -> web.StreamResponse:
-        """A task the headers name otherwise; a blob's still only for clients the registry lets read it."""
-        if _BLOB_PATH.fullmatch(request.path) is not None:
-            confirming = self._confirming(request, base, download.url)
-            try:
-                denial = await self._denial(request, download.url, confirming)
-            finally:
-                _abandon(confirming)
-            if denial is not None:
-                return denial
-        assert self.p2p is not None
-        return await self.p2p.respond(request, download)
 
     def _confirming(self, request: web.Request, base: str, url: str) -> asyncio.Task[int | None] | None:
         """Ask the registry whether this client may read the blob; None when there is no need to ask.
@@ -308,27 +314,26 @@ class RegistryMirror:
             return None
         return await self._pass(request, url, refusals_only=True)
 
-    def _blob_task_id(self, request: web.Request, by_digest: bool) -> str | None:
-        match = _BLOB_PATH.fullmatch(request.path)
-        if not by_digest or match is None:
-            return None
-        try:
-            return ids.blob_digest_task_id(match.group("digest"))
-        except ids.InvalidTaskId:
-            return None  # an algorithm we do not name tasks by: the registry answers for itself
-
     async def _cached_blob_head(
         self, request: web.Request, base: str, url: str, task_id: str
     ) -> web.StreamResponse | None:
         task = await self.storage.get_task(task_id)
         if task is None or task.state is not TaskState.SUCCEEDED or task.content_length is None:
             return None
+        if not await self._matched_digest(request, task_id):
+            return None
         denial = await self._denial(request, url, self._confirming(request, base, url))
-        return denial or web.Response(status=200, headers=self._blob_headers(task_id, task.content_length))
+        return denial or web.Response(status=200, headers=self._blob_headers(request, task.content_length))
+
+    async def _matched_digest(self, request: web.Request, task_id: str) -> bool:
+        """Whether the task's bytes matched the blob's digest: a task named by the URL may have been completed by a
+        download that had no digest to check (a ``dfget`` of the blob's URL, say)."""
+        digest = _named_digest(request)
+        return task_id in (await self.storage.task_ids_for_digests([digest])).get(digest, [])
 
     @staticmethod
-    def _blob_headers(task_id: str, length: int) -> dict[str, str]:
-        digest = ids.task_blob_digest(task_id)
+    def _blob_headers(request: web.Request, length: int) -> dict[str, str]:
+        digest = _named_digest(request)
         return {
             "Content-Type": "application/octet-stream",
             "Content-Length": str(length),
@@ -338,12 +343,12 @@ class RegistryMirror:
         }
 
     @classmethod
-    def _blob_response(cls, task_id: str, length: int, span: tuple[int, int] | None) -> web.StreamResponse:
+    def _blob_response(cls, request: web.Request, length: int, span: tuple[int, int] | None) -> web.StreamResponse:
         """The response for a blob, or for the inclusive ``span`` of it (206)."""
         if span is None:
-            return web.StreamResponse(status=200, headers=cls._blob_headers(task_id, length))
+            return web.StreamResponse(status=200, headers=cls._blob_headers(request, length))
         first, last = span
-        headers = cls._blob_headers(task_id, last - first + 1)
+        headers = cls._blob_headers(request, last - first + 1)
         headers["Content-Range"] = f"bytes {first}-{last}/{length}"
         return web.StreamResponse(status=206, headers=headers)
 
@@ -398,9 +403,9 @@ class RegistryMirror:
                 await events.aclose()
                 return await self._refusal(request, url, task_id, exc)
             assert isinstance(started, Started)
-            if started.task_id != task_id:  # the URL did not name the blob: never serve other bytes under its digest
+            if started.task_id != task_id:  # the URL did not name the task: never serve other bytes under its digest
                 await events.aclose()
-                return _registry_error(400, "DIGEST_INVALID", f"the request does not name blob {task_id} exactly")
+                return _registry_error(400, "DIGEST_INVALID", f"the request does not name task {task_id} exactly")
             denial = await self._denial(request, url, confirming)  # the download may be another client's
             if denial is not None:
                 await events.aclose()
@@ -416,6 +421,8 @@ class RegistryMirror:
             task = await self.storage.get_task(task_id)
             if task is None or task.state is not TaskState.SUCCEEDED or task.content_length is None:
                 return None
+            if not await self._matched_digest(request, task_id):
+                return None  # the download path checks the bytes before their last ones go out
             pieces = await self.storage.pieces(task_id)
             if sum(piece.length for piece in pieces) != task.content_length:
                 return None  # a piece was dropped as corrupt: the download path decides what happens
@@ -451,7 +458,7 @@ class RegistryMirror:
         """The blob's bytes (or ``span`` of them) from its content file, CRC-checked unless known intact as it is."""
         length = pieces[-1].offset + pieces[-1].length if pieces else 0
         first, last = span if span is not None else (0, length - 1)
-        response = self._blob_response(task_id, length, span)
+        response = self._blob_response(request, length, span)
         try:
             await response.prepare(request)
             if self.intact.intact(task_id, state):
@@ -512,7 +519,7 @@ class RegistryMirror:
             await arrivals.events.aclose()
             return web.Response(status=416, headers={"Content-Range": f"bytes */{length}"})
         first, last = span if span is not None else (0, length - 1)
-        response = self._blob_response(started.task_id, length, span)
+        response = self._blob_response(request, length, span)
         following = asyncio.create_task(arrivals.follow())
         try:
             await response.prepare(request)

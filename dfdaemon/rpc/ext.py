@@ -21,8 +21,17 @@ def _holder(holder: str) -> str:
     return holder
 
 
-def _task_ids(refs: Iterable[ext_pb2.TaskRef], allow_empty: bool = False) -> list[str]:
-    ids = [convert.task_ref_id(ref) for ref in refs]
+async def _task_ids(storage: Storage, refs: Iterable[ext_pb2.TaskRef], allow_empty: bool = False) -> list[str]:
+    """The tasks the refs name; a blob digest names every task holding that blob (the mirror's are named by URL),
+    or, when none does, its digest-named id (so that a miss is reported as one)."""
+    refs = list(refs)
+    held = await storage.task_ids_for_digests(ref.blob_digest for ref in refs if ref.WhichOneof("ref") == "blob_digest")
+    ids: list[str] = []
+    for ref in refs:
+        if ref.WhichOneof("ref") == "blob_digest" and ref.blob_digest in held:
+            ids.extend(held[ref.blob_digest])
+        else:
+            ids.append(convert.task_ref_id(ref))
     if not ids and not allow_empty:
         raise InvalidRequest("at least one task is required")
     return ids
@@ -47,12 +56,16 @@ class UseServicer:
     @unary
     async def Acquire(self, request: ext_pb2.AcquireRequest, context: Context) -> ext_pb2.AcquireResponse:
         ttl = convert.duration_seconds(request.ttl, "ttl") if request.HasField("ttl") else None
-        holds = await self.storage.acquire(self._holder(request.holder), _task_ids(request.tasks), ttl)
+        holds = await self.storage.acquire(
+            self._holder(request.holder), await _task_ids(self.storage, request.tasks), ttl
+        )
         return ext_pb2.AcquireResponse(holds=[convert.hold(h) for h in holds])
 
     @unary
     async def Release(self, request: ext_pb2.ReleaseRequest, context: Context) -> ext_pb2.ReleaseResponse:
-        released = await self.storage.release(self._holder(request.holder), _task_ids(request.tasks))
+        released = await self.storage.release(
+            self._holder(request.holder), await _task_ids(self.storage, request.tasks)
+        )
         return ext_pb2.ReleaseResponse(released=released)
 
     @unary
@@ -64,7 +77,9 @@ class UseServicer:
     @unary
     async def Sync(self, request: ext_pb2.SyncRequest, context: Context) -> ext_pb2.SyncResponse:
         ttl = convert.duration_seconds(request.ttl, "ttl") if request.HasField("ttl") else None
-        result = await self.storage.sync(self._holder(request.holder), _task_ids(request.tasks, allow_empty=True), ttl)
+        result = await self.storage.sync(
+            self._holder(request.holder), await _task_ids(self.storage, request.tasks, allow_empty=True), ttl
+        )
         return ext_pb2.SyncResponse(
             acquired=result.acquired, released=result.released, kept=result.kept, missing=result.missing
         )

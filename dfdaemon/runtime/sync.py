@@ -1,9 +1,11 @@
 """Keep the cache's holds equal to what the container runtime uses.
 
 Every container record (running, or created and not yet removed: kubelet counts both) gets one holder,
-``container:<namespace>/<id>``, that holds exactly the blobs of its image: config and layers, by task id
-(the digest's hex, as the registry mirror names them; manifests and indexes are named too, but the mirror
-passes them through, so they are cached only when something else put them there). A container's set is
+``container:<namespace>/<id>``, that holds exactly the blobs of its image: config and layers, found by digest
+(every task whose content matched it: the mirror names a blob by its URL, so one pulled from two repositories
+is two tasks, both held; or by the digest's hex with ``enableTaskIDBasedBlobDigest``). A blob the cache lacks
+is reported missing under its digest-named id. Manifests and indexes are looked up too, but the mirror passes
+them through, so they are cached only when something else put them there. A container's set is
 fixed when the sync first sees it: its root filesystem never changes, so a tag later pulled to a new
 digest must not move its holds. Pinned images follow their reference and get ``pinned:<ref>``.
 Holders whose container is gone are released, and GC's grace period runs from then. Holds carry no
@@ -17,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -53,13 +55,26 @@ def pinned_holder(image: str) -> str:
     return f"{PINNED_HOLDER}{image}"
 
 
-def task_ids_of(digests: list[str]) -> list[str]:
-    """Task ids of the blobs, skipping digests of an algorithm tasks are not named by."""
+def task_ids_of(digests: Iterable[str], held: Mapping[str, list[str]]) -> list[str]:
+    """The tasks holding the blobs (``held`` as ``Storage.task_ids_for_digests`` answers); a blob no task holds
+    stands as its digest-named id, so the sync reports it missing, unless its algorithm names no task."""
     found = []
     for digest in digests:
+        if digest in held:
+            found.extend(held[digest])
+            continue
         with contextlib.suppress(ids.InvalidTaskId):
             found.append(ids.blob_digest_task_id(digest))
     return sorted(set(found))
+
+
+@dataclass(frozen=True)
+class _Blobs:
+    """What a holder is to hold: its image's blobs by digest (the tasks holding them are looked up each pass, so a
+    blob cached later is held then), plus the tasks it held already when a restarted daemon first saw it."""
+
+    digests: tuple[str, ...]
+    task_ids: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -94,7 +109,7 @@ class RuntimeSync:
         self._lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         # Each live container's blobs as first resolved (after a restart: that resolution plus what it held).
-        self._container_blobs: dict[str, list[str]] = {}
+        self._container_blobs: dict[str, _Blobs] = {}
         self._reachable = True
 
     def start(self) -> None:
@@ -124,13 +139,16 @@ class RuntimeSync:
                 if hold.holder.startswith((CONTAINER_HOLDER, PINNED_HOLDER)):
                     holds.setdefault(hold.holder, set()).add(hold.task_id)
             wanted = await self._wanted(holds)
+            held = await self.storage.task_ids_for_digests(
+                digest for blobs in wanted.values() if blobs is not None for digest in blobs.digests
+            )
             report = SyncReport()
             current = set(holds)
-            for holder, task_ids in wanted.items():
-                if task_ids is None:
+            for holder, blobs in wanted.items():
+                if blobs is None:
                     report.unresolved.append(holder)
                     continue
-                result = await self.storage.sync(holder, task_ids)
+                result = await self.storage.sync(holder, sorted(set(task_ids_of(blobs.digests, held)) | blobs.task_ids))
                 report.held[holder] = sorted(result.acquired + result.kept)
                 if result.missing:
                     report.missing[holder] = result.missing
@@ -151,37 +169,35 @@ class RuntimeSync:
             self.last_report = report
             return report
 
-    async def _wanted(self, holds: dict[str, set[str]]) -> dict[str, list[str] | None]:
-        """Holder -> task ids; None when an image cannot be resolved now (its holds are left as they are)."""
-        wanted: dict[str, list[str] | None] = {}
+    async def _wanted(self, holds: dict[str, set[str]]) -> dict[str, _Blobs | None]:
+        """Holder -> its blobs; None when an image cannot be resolved now (its holds are left as they are)."""
+        wanted: dict[str, _Blobs | None] = {}
         images: dict[tuple[str, str], list[str] | None] = {}  # each image resolved once per pass
         for container in await self.runtime.containers():
             holder = container_holder(container.namespace, container.id)
-            if holder in self._container_blobs:
-                wanted[holder] = self._container_blobs[holder]
-                continue
-            key = (container.namespace, container.image)
-            if key not in images:
-                # An image record removed while its container lives on still keeps what the container held.
-                images[key] = await self._resolve(holder, container.namespace, container.image, keep_if_absent=True)
-            resolved = images[key]
-            if resolved is not None:
-                resolved = sorted(set(resolved) | holds.get(holder, set()))
-                self._container_blobs[holder] = resolved
-            wanted[holder] = resolved
+            if holder not in self._container_blobs:
+                key = (container.namespace, container.image)
+                if key not in images:
+                    # An image record removed while its container lives on still keeps what the container held.
+                    images[key] = await self._digests(holder, container.namespace, container.image, keep_if_absent=True)
+                digests = images[key]
+                if digests is not None:
+                    self._container_blobs[holder] = _Blobs(tuple(digests), frozenset(holds.get(holder, ())))
+            wanted[holder] = self._container_blobs.get(holder)
         if self.pinned_images:
             namespaces = await self.runtime.namespaces()
             for image in self.pinned_images:
                 holder = pinned_holder(image)
-                found = [await self._resolve(holder, ns, image, keep_if_absent=False) for ns in namespaces]
-                wanted[holder] = None if None in found else sorted({task for tasks in found if tasks for task in tasks})
+                found = [await self._digests(holder, ns, image, keep_if_absent=False) for ns in namespaces]
+                wanted[holder] = None if None in found else _Blobs(tuple(sorted({d for ds in found if ds for d in ds})))
         return wanted
 
-    async def _resolve(self, holder: str, namespace: str, image: str, *, keep_if_absent: bool) -> list[str] | None:
+    async def _digests(self, holder: str, namespace: str, image: str, *, keep_if_absent: bool) -> list[str] | None:
+        """The digests of an image's blobs; None when they cannot be known now."""
         if not image:
             return []
         try:
-            return task_ids_of(await self.runtime.image_digests(namespace, image))
+            return await self.runtime.image_digests(namespace, image)
         except ImageNotFound:
             return None if keep_if_absent else []
         except ContainerdError as exc:

@@ -16,7 +16,8 @@ Operation                                   Transaction, and the file work aroun
 ``TaskWriter.piece_file()`` write_chunks / commit  the origin stream: a segment's chunks written (vectored)
                                             and CRC'd in one thread hop, invisible until ``commit`` (as above)
 ``TaskWriter.write_piece``                  stage then commit one piece (durable, then visible)
-``finish_task`` / ``fail_task``             the task's state (and size); ``discard`` deletes the file first
+``finish_task`` / ``fail_task``             the task's state (and size, and a verified blob digest); ``discard``
+                                            deletes the file first
 ``piece(id, n)`` / ``pieces(id)``           read only; from the piece cache (in memory) once the task was read
 ``upload(id)``                              in-flight upload reference; the task's existence from the cache
 ``read_piece`` / ``read_piece_into``        read and CRC-check the bytes (into a reused buffer); a corrupt
@@ -28,6 +29,8 @@ Operation                                   Transaction, and the file work aroun
 ``acquire`` / ``release`` / ``sync``        the holder's holds, all named tasks in one transaction
 ``keep_alive`` / ``expire_holds``           lease expiries; expiry stamps the task released when it lapsed
 ``get_task`` / ``list_tasks`` / ``list_holds`` / ``get_references``   read only
+``task_ids_for_digests(digests)``           read only: the tasks holding each blob digest (recorded when the
+                                            task finished verified, or named by the digest's hex), one query
 ``gc_view(purge_lapsed=, quiet=)``          every task with bytes and references (lapsed leases purged first),
                                             or all but the ``quiet`` ones, left out in the query
 ``apply(victims)`` / ``evict(id, states)``  per victim: re-check references, mark evicting (one transaction

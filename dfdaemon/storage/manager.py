@@ -28,7 +28,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dfdaemon.ids import validate_task_id
+from dfdaemon.ids import InvalidTaskId, blob_digest_task_id, validate_task_id
 from dfdaemon.storage.content import ContentStore, remove_path, sync_and_size, write_at, write_vector_at
 from dfdaemon.storage.metadata import MetadataStore
 from dfdaemon.storage.models import (
@@ -509,10 +509,10 @@ class Storage:
         self._account(task_id, size)
         self._changed(task_id)
 
-    async def finish_task(self, task_id: str) -> TaskRecord:
-        """Mark a task succeeded with its file's final size."""
+    async def finish_task(self, task_id: str, *, digest: str | None = None) -> TaskRecord:
+        """Mark a task succeeded with its file's final size (and the blob digest its content was verified against)."""
         size = await self._io(self.content.size, task_id)
-        await self._db(self.meta.finish_task, task_id, size, self.clock())
+        await self._db(self.meta.finish_task, task_id, size, self.clock(), digest)
         self._account(task_id, size)
         self._changed(task_id)
         return await self.require_task(task_id)
@@ -741,6 +741,26 @@ class Storage:
         """The tasks some live hold names (what usage reports as held)."""
         return await self._db(self.meta.held_task_ids, self.clock())
 
+    async def task_ids_for_digests(self, digests: Iterable[str]) -> dict[str, list[str]]:
+        """The tasks holding each blob digest: those whose content was verified against it (a blob pulled from two
+        repositories is two URL-named tasks) and the one named by the digest's hex. A digest no task holds is
+        absent from the answer. One read of the metadata."""
+        wanted = set(digests)
+        if not wanted:
+            return {}
+        hex_ids: dict[str, str] = {}
+        for digest in wanted:
+            with contextlib.suppress(InvalidTaskId):
+                hex_ids[blob_digest_task_id(digest)] = digest
+        found: dict[str, list[str]] = {}
+        for task_id, recorded in await self._db(self.meta.task_ids_for_digests, sorted(wanted), list(hex_ids)):
+            names = {hex_ids[task_id]} if task_id in hex_ids else set()
+            if recorded is not None and recorded in wanted:
+                names.add(recorded)
+            for name in names:
+                found.setdefault(name, []).append(task_id)
+        return found
+
     # GC records
 
     async def record_gc_run(
@@ -822,8 +842,8 @@ class TaskWriter:
         finally:
             await file.drain()
 
-    async def finish(self) -> TaskRecord:
-        return await self.storage.finish_task(self.task_id)
+    async def finish(self, *, digest: str | None = None) -> TaskRecord:
+        return await self.storage.finish_task(self.task_id, digest=digest)
 
     async def fail(self, *, discard: bool = False) -> None:
         """Mark the task failed. Its file is closed first: discarded bytes free their space only once no

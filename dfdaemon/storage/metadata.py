@@ -15,7 +15,7 @@ from typing import Any
 
 from dfdaemon.storage.models import Hold, PieceRecord, Quiet, TaskInfo, TaskRecord, TaskState, TaskTimes
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # The GC run records kept in the metadata (which counts against the quota) stay below this many bytes.
 GC_RUNS_MAX_BYTES = 16 * 1024 * 1024
@@ -70,8 +70,14 @@ CREATE TABLE gc_runs (
 );
 """
 
+# A blob task's verified OCI digest (``sha256:<hex>``), so that a blob named by its URL is found by its digest.
+_SCHEMA_V2 = """
+ALTER TABLE tasks ADD COLUMN digest TEXT;
+CREATE INDEX tasks_by_digest ON tasks (digest);
+"""
+
 # Index i upgrades a database from version i to i + 1.
-_MIGRATIONS: list[str] = [_SCHEMA_V1]
+_MIGRATIONS: list[str] = [_SCHEMA_V1, _SCHEMA_V2]
 
 _TASK_COLUMNS = (
     "id, state, url, tag, application, piece_length, content_length, response_header, created_at, updated_at, "
@@ -270,13 +276,26 @@ class MetadataStore:
         assert task is not None
         return task
 
-    def finish_task(self, task_id: str, content_bytes: int, now: float) -> None:
+    def finish_task(self, task_id: str, content_bytes: int, now: float, digest: str | None = None) -> None:
+        """Mark a task succeeded; ``digest`` is the blob digest its content was just verified against."""
         with self.transaction() as db:
             db.execute(
                 "UPDATE tasks SET state = 'succeeded', finished_at = ?, updated_at = ?, last_used_at = ?,"
-                " content_bytes = ? WHERE id = ?",
-                (now, now, now, content_bytes, task_id),
+                " content_bytes = ?, digest = COALESCE(?, digest) WHERE id = ?",
+                (now, now, now, content_bytes, digest, task_id),
             )
+
+    def task_ids_for_digests(self, digests: Sequence[str], hex_ids: Sequence[str]) -> list[tuple[str, str | None]]:
+        """(id, digest) of the tasks not being evicted that hold one of ``digests`` or are named ``hex_ids``.
+
+        One statement, so one consistent snapshot; the lists go in as JSON, whatever their length.
+        """
+        rows = self._db.execute(
+            "SELECT id, digest FROM tasks WHERE state != 'evicting' AND (digest IN (SELECT value FROM json_each(?))"
+            " OR id IN (SELECT value FROM json_each(?))) ORDER BY id",
+            (json.dumps(list(digests)), json.dumps(list(hex_ids))),
+        )
+        return [(row[0], row[1]) for row in rows]
 
     def fail_task(self, task_id: str, now: float) -> None:
         with self.transaction() as db:
