@@ -182,17 +182,20 @@ def test_the_example_covers_every_upstream_key() -> None:
 
 def test_the_example_starts_the_daemon_with_one_warning_line(tmp_path: Path) -> None:
     # What any deployment of the example changes on a test machine: paths, loopback, free ports, no manager.
+    node = tmp_path / "node"
     local = {
         "host": {"ip": "127.0.0.1"},
         "manager": {"addr": None},
+        "download": {"server": {"socketPath": str(node / "dfdaemon.sock")}},
         "upload": {"server": {"ip": "127.0.0.1", "port": 0}},
-        "storage": {"server": {"ip": "127.0.0.1", "tcpPort": 0}},
+        "storage": {"dir": str(node / "storage"), "server": {"ip": "127.0.0.1", "tcpPort": 0}},
         "metrics": {"server": {"ip": "127.0.0.1", "port": 0}},
         "proxy": {"server": {"ip": "127.0.0.1", "port": 0}},
         "tracing": {"protocol": ""},
     }
-    with running_daemon(tmp_path / "node", merge(_example(), local)) as daemon:
+    with running_daemon(node, merge(_example(), local)) as daemon:
         log = daemon.log()
+        assert daemon.socket_path.is_relative_to(tmp_path)  # never the machine's real /var/run or /var/lib
     warnings = [line for line in log.splitlines() if " WARNING " in line]
     assert len(warnings) == 1, log
     assert "does not act on" in warnings[0]
