@@ -177,8 +177,10 @@ def expected_download(env: Env, plan: fs.DownloadPlan, download: common_pb2.Down
         refusals.add(PRECONDITION)
     if plan.output in {"existing", "symlink-outside", "dangling-symlink-outside"} and not plan.overwrite:
         refusals.add(PRECONDITION)
+    unknown_enum = plan.task_type not in range(4) or plan.priority not in range(7)
     if refusals:
-        return frozenset(refusals | ({INVALID} if url_unknown else set()))
+        # An unknown URL may fail first, and an unknown enum value may be what is refused first.
+        return frozenset(refusals | ({INVALID} if url_unknown or unknown_enum else set()))
 
     allowed: set[grpc.StatusCode]
     content = env.files.get(plan.target)
@@ -202,7 +204,7 @@ def expected_download(env: Env, plan: fs.DownloadPlan, download: common_pb2.Down
         allowed.add(Code.INTERNAL)  # a task not cached yet has no source left
     if any(len(value) > 60_000 for value in plan.headers.values()):
         allowed.add(Code.INTERNAL)  # the origin refuses a 64 KiB header line (431)
-    if plan.task_type not in range(4) or plan.priority not in range(7):
+    if unknown_enum:
         allowed.add(INVALID)  # refusing unknown enum values is fine too
     return frozenset(allowed)
 
