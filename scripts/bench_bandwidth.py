@@ -85,8 +85,11 @@ class Meter:
         self.done.append((time.monotonic(), nbytes))
 
     def rate(self, warmup: float) -> float | None:
-        """Bytes per second between the first completion after the warm-up and the last (its own bytes excluded)."""
+        """Bytes per second between the first completion after the warm-up and the last (its own bytes excluded);
+        over every completion when too few came after the warm-up (a short run on a busy machine)."""
         steady = [(at, n) for at, n in self.done if at >= self.started + warmup]
+        if len(steady) < 2:
+            steady = list(self.done)
         if len(steady) < 2 or steady[-1][0] <= steady[0][0]:
             return None
         return sum(n for _, n in steady[1:]) / (steady[-1][0] - steady[0][0])
