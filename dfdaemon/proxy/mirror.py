@@ -323,7 +323,7 @@ class RegistryMirror:
         if not await self._matched_digest(request, task_id):
             return None
         denial = await self._denial(request, url, self._confirming(request, base, url))
-        return denial or web.Response(status=200, headers=self._blob_headers(request, task.content_length))
+        return denial or web.Response(status=200, headers=self._blob_headers(request, task_id, task.content_length))
 
     async def _matched_digest(self, request: web.Request, task_id: str) -> bool:
         """Whether the task's bytes matched the blob's digest: a task named by the URL may have been completed by a
@@ -332,9 +332,10 @@ class RegistryMirror:
         return task_id in (await self.storage.task_ids_for_digests([digest])).get(digest, [])
 
     @staticmethod
-    def _blob_headers(request: web.Request, length: int) -> dict[str, str]:
+    def _blob_headers(request: web.Request, task_id: str, length: int) -> dict[str, str]:
         digest = _named_digest(request)
         return {
+            dragonfly.TASK_ID: task_id,
             "Content-Type": "application/octet-stream",
             "Content-Length": str(length),
             "Docker-Content-Digest": digest,
@@ -343,12 +344,14 @@ class RegistryMirror:
         }
 
     @classmethod
-    def _blob_response(cls, request: web.Request, length: int, span: tuple[int, int] | None) -> web.StreamResponse:
+    def _blob_response(
+        cls, request: web.Request, task_id: str, length: int, span: tuple[int, int] | None
+    ) -> web.StreamResponse:
         """The response for a blob, or for the inclusive ``span`` of it (206)."""
         if span is None:
-            return web.StreamResponse(status=200, headers=cls._blob_headers(request, length))
+            return web.StreamResponse(status=200, headers=cls._blob_headers(request, task_id, length))
         first, last = span
-        headers = cls._blob_headers(request, last - first + 1)
+        headers = cls._blob_headers(request, task_id, last - first + 1)
         headers["Content-Range"] = f"bytes {first}-{last}/{length}"
         return web.StreamResponse(status=206, headers=headers)
 
@@ -458,7 +461,7 @@ class RegistryMirror:
         """The blob's bytes (or ``span`` of them) from its content file, CRC-checked unless known intact as it is."""
         length = pieces[-1].offset + pieces[-1].length if pieces else 0
         first, last = span if span is not None else (0, length - 1)
-        response = self._blob_response(request, length, span)
+        response = self._blob_response(request, task_id, length, span)
         try:
             await response.prepare(request)
             if self.intact.intact(task_id, state):
@@ -519,7 +522,7 @@ class RegistryMirror:
             await arrivals.events.aclose()
             return web.Response(status=416, headers={"Content-Range": f"bytes */{length}"})
         first, last = span if span is not None else (0, length - 1)
-        response = self._blob_response(request, length, span)
+        response = self._blob_response(request, started.task_id, length, span)
         following = asyncio.create_task(arrivals.follow())
         try:
             await response.prepare(request)
