@@ -154,7 +154,10 @@ class PolicyResolver(AbstractResolver):
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
-        results = await self._resolver.resolve(host, port, family)
+        try:
+            results = await self._resolver.resolve(host, port, family)
+        except UnicodeError as exc:  # a name the IDNA codec refuses (an empty or over-long label) resolves to nothing
+            raise OSError(f"cannot resolve host {host!r}: {exc}") from None
         for result in results:
             self.policy.check_address(result["host"], host, from_network=self.from_network)
         return results

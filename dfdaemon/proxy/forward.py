@@ -28,7 +28,6 @@ from dfdaemon.ids import DEFAULT_FILTERED_QUERY_PARAMS
 from dfdaemon.proxy import headers as dragonfly
 from dfdaemon.proxy.p2p import P2PResponder, error_response
 from dfdaemon.storage import Storage
-from dfdaemon.telemetry import metrics, tracing
 
 log = logging.getLogger("dfdaemon.proxy")
 
@@ -115,22 +114,8 @@ class ForwardProxy:
             await resolver.close()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        """One absolute-form request; a client that left, or an origin that broke off mid-answer, cuts the line."""
-        route, status = "refused", "aborted"
-        try:
-            with tracing.span("proxy.request", method=request.method, path=request.path) as current:
-                response, route = await self._answer(request)
-                status = str(response.status)
-                current.set_attribute("dragonfly.route", route)
-                current.set_attribute("http.response.status_code", response.status)
-            return response
-        except (ConnectionError, aiohttp.ClientError, TimeoutError) as exc:
-            log.info("%s %s broke off: %s", request.method, request.url, exc or type(exc).__name__)
-            if request.transport is not None:
-                request.transport.abort()
-            return web.Response(status=499)  # never sent: the connection is gone
-        finally:
-            metrics.PROXY_REQUESTS.labels(route, status).inc()
+        """One absolute-form request (a client leaving mid-answer is routine for a proxy: logged at info)."""
+        return await dragonfly.answer_counted(request, self._answer, log, logging.INFO)
 
     async def _answer(self, request: web.Request) -> tuple[web.StreamResponse, str]:
         """The response, and which way it went: "p2p" (a rule or the Use-P2P header, GET only), "forward" (passed

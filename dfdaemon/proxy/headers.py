@@ -9,7 +9,8 @@ refused here with a clear 400 (upstream answers such a request with a 500).
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+import logging
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -19,6 +20,7 @@ from multidict import CIMultiDictProxy
 from dfdaemon import ids
 from dfdaemon.backend import header_text
 from dfdaemon.download import DownloadRequest, Started
+from dfdaemon.telemetry import metrics, tracing
 from dfdaemon.units import parse_size
 
 TAG = "X-Dragonfly-Tag"
@@ -231,3 +233,29 @@ def response_headers(started: Started, server_ip: str, span: tuple[int, int] | N
     headers[TASK_ID] = started.task_id
     headers[SERVER_IP] = server_ip
     return headers
+
+
+Answer = Callable[[web.Request], Awaitable[tuple[web.StreamResponse, str]]]
+
+
+async def answer_counted(request: web.Request, answer: Answer, log: logging.Logger, level: int) -> web.StreamResponse:
+    """Answer ``request`` in a ``proxy.request`` span, counted by route and status.
+
+    A client that left, or an answer from upstream that broke off after its status went out, cuts the connection
+    so the client sees a failed transfer, never a short one.
+    """
+    route, status = "refused", "aborted"
+    try:
+        with tracing.span("proxy.request", method=request.method, path=request.path) as current:
+            response, route = await answer(request)
+            status = str(response.status)
+            current.set_attribute("dragonfly.route", route)
+            current.set_attribute("http.response.status_code", response.status)
+        return response
+    except (ConnectionError, aiohttp.ClientError, TimeoutError) as exc:
+        log.log(level, "%s %s broke off: %s", request.method, request.message.url, exc or type(exc).__name__)
+        if request.transport is not None:
+            request.transport.abort()
+        return web.Response(status=499)  # never sent: the connection is gone
+    finally:
+        metrics.PROXY_REQUESTS.labels(route, status).inc()

@@ -41,7 +41,6 @@ from dfdaemon.proxy.cache import FileState, IntactFiles, file_state, open_conten
 from dfdaemon.proxy.headers import end_to_end as _forwarded
 from dfdaemon.proxy.headers import is_loopback as _is_loopback
 from dfdaemon.storage import PieceCorrupt, PieceRecord, Storage, StorageFull, TaskState
-from dfdaemon.telemetry import metrics, tracing
 
 if TYPE_CHECKING:
     from dfdaemon.proxy.forward import ForwardProxy
@@ -166,23 +165,8 @@ class RegistryMirror:
         await self.client.close()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        route, status = "refused", "aborted"
-        try:
-            with tracing.span("proxy.request", method=request.method, path=request.path) as current:
-                response, route = await self._answer(request)
-                status = str(response.status)
-                current.set_attribute("dragonfly.route", route)
-                current.set_attribute("http.response.status_code", response.status)
-            return response
-        except (ConnectionError, aiohttp.ClientError, TimeoutError) as exc:
-            # The client left, or the registry's answer broke off after its status went out: cut the connection
-            # so the runtime sees a failed transfer, never a short one.
-            log.warning("%s %s broke off: %s", request.method, request.path, exc or type(exc).__name__)
-            if request.transport is not None:
-                request.transport.abort()
-            return web.Response(status=499)  # never sent: the connection is gone
-        finally:
-            metrics.PROXY_REQUESTS.labels(route, status).inc()
+        """One registry request; a transfer that broke off is a warning (the runtime's pull fails)."""
+        return await dragonfly.answer_counted(request, self._answer, log, logging.WARNING)
 
     async def _answer(self, request: web.Request) -> tuple[web.StreamResponse, str]:
         """The response, and which way it went: "blob" (P2P or cache), "registry" (passed on) or "refused"."""
