@@ -3,6 +3,8 @@ sends is taken from both buckets, as upstream counts it (a real DownloadManager 
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from dfdaemon.backend import Backend
@@ -18,29 +20,30 @@ MIB = 1024 * 1024
 origin = test_source_stream.origin  # the loopback origin fixture, 10 MiB and a bit
 
 
-async def test_bytes_from_the_origin_are_taken_from_back_to_source_and_download(tmp_path: Path, origin: Origin) -> None:
-    time = FakeTime(advance=False)  # waits are computed and recorded, not slept
-    download, back_to_source = bucket(MIB, time), bucket(4 * MIB, time)
+@asynccontextmanager
+async def managed(tmp_path: Path, bandwidth: Bandwidth) -> AsyncIterator[tuple[DownloadManager, Storage]]:
+    """A real download manager over real storage with these buckets, closed afterwards."""
     storage = Storage(tmp_path / "storage")
     await storage.open()
     backend = Backend(timeout=10)
-    manager = DownloadManager(
-        storage,
-        GarbageCollector(storage, GCPolicy()),
-        backend,
-        host_ip="127.0.0.1",
-        hostname="t",
-        bandwidth=Bandwidth(None, download, back_to_source, None),
-    )
+    gc = GarbageCollector(storage, GCPolicy())
+    manager = DownloadManager(storage, gc, backend, host_ip="127.0.0.1", hostname="t", bandwidth=bandwidth)
     try:
-        events = [event async for event in manager.download(DownloadRequest(url=origin.url))]
-        started = events[0]
-        assert isinstance(started, Started)
-        assert storage.content.path(started.task_id).read_bytes() == origin.body
+        yield manager, storage
     finally:
         await manager.close()
         await backend.close()
         await storage.close()
+
+
+async def test_bytes_from_the_origin_are_taken_from_back_to_source_and_download(tmp_path: Path, origin: Origin) -> None:
+    time = FakeTime(advance=False)  # waits are computed and recorded, not slept
+    download, back_to_source = bucket(MIB, time), bucket(4 * MIB, time)
+    async with managed(tmp_path, Bandwidth(None, download, back_to_source, None)) as (manager, storage):
+        events = [event async for event in manager.download(DownloadRequest(url=origin.url))]
+        started = events[0]
+        assert isinstance(started, Started)
+        assert storage.content.path(started.task_id).read_bytes() == origin.body
     size = len(origin.body)
     assert (download.tokens, back_to_source.tokens) == (MIB - size, 4 * MIB - size)
     assert time.sleeps and time.sleeps[-1] == (size - MIB) / MIB  # the last chunk waits for the whole debt
@@ -53,19 +56,8 @@ async def test_a_prefetch_also_takes_from_the_prefetch_limit_and_a_plain_downloa
     draws on the prefetch bucket for every origin byte; the ranged request itself does not."""
     time = FakeTime(advance=False)
     prefetch = bucket(MIB, time)
-    storage = Storage(tmp_path / "storage")
-    await storage.open()
-    backend = Backend(timeout=10)
-    manager = DownloadManager(
-        storage,
-        GarbageCollector(storage, GCPolicy()),
-        backend,
-        host_ip="127.0.0.1",
-        hostname="t",
-        bandwidth=Bandwidth(None, None, None, prefetch),
-    )
     size = len(origin.body)
-    try:
+    async with managed(tmp_path, Bandwidth(None, None, None, prefetch)) as (manager, storage):
         ranged = DownloadRequest(url=origin.url, range=ByteRange(0, 10), prefetch=True)
         events = [event async for event in manager.download(ranged)]
         started = events[0]
@@ -73,9 +65,5 @@ async def test_a_prefetch_also_takes_from_the_prefetch_limit_and_a_plain_downloa
         first_piece = next(piece.length for piece in await storage.pieces(started.task_id))
         await manager.prefetched(started.task_id)
         assert storage.content.path(started.task_id).read_bytes() == origin.body
-    finally:
-        await manager.close()
-        await backend.close()
-        await storage.close()
     # Every byte but the ranged request's own piece came through the prefetch, and only those took from the bucket.
     assert prefetch.tokens == MIB - (size - first_piece)
