@@ -380,6 +380,62 @@ def test_invalid_urls_raise(url: str) -> None:
         task_id(url)
 
 
+# ----------------------------------------------------------------------------- IP hosts
+# Expected values follow the WHATWG URL standard's IPv4 parser ("ends in a number", parts of up to
+# four numbers, each decimal, 0-prefixed octal or 0x-prefixed hex, the last one filling the remaining
+# bytes) and its IPv6 serializer (lowercase hex, the first longest run of two or more zero pieces as
+# "::"), which upstream's Rust `url` crate implements; several are cases of web-platform-tests' urltestdata.
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("http://192.168.0.1/", "http://192.168.0.1"),  # four decimal parts
+        ("http://0x7f.0.0.1/", "http://127.0.0.1"),  # WHATWG: a part 0x7f is hex
+        ("http://0x7f000001/", "http://127.0.0.1"),  # a single hex number fills all four bytes
+        ("http://0x7F000001/", "http://127.0.0.1"),  # the host is lowercased first, so 0X is hex too
+        ("http://0x.0x.0/", "http://0.0.0.0"),  # WHATWG: "0x" with no digits is zero
+        ("http://0300.0250.0.01/", "http://192.168.0.1"),  # 0-prefixed parts are octal
+        ("http://127.0.0.1./", "http://127.0.0.1"),  # one trailing dot is dropped before parsing
+        ("http://1./", "http://0.0.0.1"),  # also when a single number is left
+        ("http://1.2.65535/", "http://1.2.255.255"),  # the last of three parts fills two bytes
+    ],
+)
+def test_ipv4_hosts(url: str, expected: str) -> None:
+    assert normalize_url(url) == expected
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("http://1.2.3.4.0/", "too many parts"),  # WHATWG: more than four parts is a failure
+        ("http://1.2.3.4.5/", "too many parts"),
+        ("http://256.0.0.1/", "out of range"),  # a part other than the last is above 255
+        ("http://1.2.65536/", "out of range"),  # the last part does not fit the bytes left
+        ("http://0x1g.1/", "invalid IPv4 part"),  # ends in a number, yet a part is no number
+    ],
+)
+def test_invalid_ipv4_hosts_are_refused(url: str, reason: str) -> None:
+    with pytest.raises(InvalidUrl, match=f"^invalid URL '{re.escape(url)}': .*{reason}"):
+        normalize_url(url)
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("1:2:3:4:5:6:7:8", "1:2:3:4:5:6:7:8"),  # no zero piece: nothing compressed
+        ("1:0:2:3:4:5:6:7", "1:0:2:3:4:5:6:7"),  # a single zero piece is never compressed
+        ("1:0:0:2:3:4:5:6", "1::2:3:4:5:6"),  # a run of two is
+        ("1:0:0:2:0:0:3:4", "1::2:0:0:3:4"),  # of two equally long runs, the first
+        ("1:0:0:2:0:0:0:3", "1:0:0:2::3"),  # the longest run wins over an earlier shorter one
+        ("FE80:0:0:0:0:0:0:ABCD", "fe80::abcd"),  # pieces above 0x7fff, lowercase
+        ("0:0:0:0:0:0:0:0", "::"),
+    ],
+)
+def test_ipv6_hosts(host: str, expected: str) -> None:
+    assert normalize_url(f"http://[{host}]/f") == f"http://[{expected}]/f"
+
+
 # ----------------------------------------------------------------------------- blob digests
 
 
