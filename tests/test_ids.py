@@ -436,6 +436,63 @@ def test_ipv6_hosts(host: str, expected: str) -> None:
     assert normalize_url(f"http://[{host}]/f") == f"http://[{expected}]/f"
 
 
+# ----------------------------------------------------------------------------- authority and host
+# WHATWG URL standard: empty credentials vanish and an empty password loses its ":"; the userinfo
+# percent-encode set covers "@" and ":"; the last "@" ends the userinfo; an empty port is no port and a
+# special scheme's default one is dropped; file URLs take no port and "localhost" becomes the empty host;
+# a special host is percent-decoded before the domain checks (so %25 and %00 are refused), an opaque
+# (non-special) host keeps its case and percent-encodes non-ASCII.
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("http://@example.com/f", "http://example.com/f"),
+        ("http://:@example.com/f", "http://example.com/f"),
+        ("http://u:@example.com/f", "http://u@example.com/f"),
+        ("http://:p@example.com/f", "http://:p@example.com/f"),
+        ("http://a b:c@d@example.com/f", "http://a%20b:c%40d@example.com/f"),
+        ("http://example.com:/f", "http://example.com/f"),
+        ("ws://example.com:80/f", "ws://example.com/f"),
+        ("wss://example.com:443/f", "wss://example.com/f"),
+        ("ftp://example.com:21/f", "ftp://example.com/f"),
+        ("ftp://example.com:80/f", "ftp://example.com:80/f"),
+        ("http://[::1]:8080/f", "http://[::1]:8080/f"),
+        ("http://[::1]:80/f", "http://[::1]/f"),
+        ("http://ex%41mple.com/f", "http://example.com/f"),
+        ("file://localhost/etc/hosts", "file:///etc/hosts"),
+        ("file://LOCALHOST/etc/hosts", "file:///etc/hosts"),
+        ("file:///etc/hosts", "file:///etc/hosts"),
+        ("file://Server/share", "file://server/share"),
+        ("foo://EXample/f", "foo://EXample/f"),
+        ("foo://b\u00fccher:99/f", "foo://b%C3%BCcher:99/f"),
+        ("foo://a%zz/f", "foo://a%zz/f"),
+    ],
+)
+def test_authority(url: str, expected: str) -> None:
+    assert normalize_url(url) == expected
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("http://[::1]x/f", "junk after IPv6 address"),
+        ("http://[::g]/f", "invalid IPv6 address"),
+        ("http://example.com:65536/f", "invalid port '65536'"),
+        ("http://example.com:\u0663/f", "invalid port"),  # an Arabic-Indic digit is no port digit
+        ("file://server:80/f", "file URLs take no port"),
+        ("http://a%25b/f", "forbidden character in host"),
+        ("http://a%00b/f", "forbidden character in host"),
+        ("http://a%7Fb/f", "forbidden character in host"),
+        ("foo://a<b/f", "forbidden character in host"),
+        ("http://:80/f", "missing host"),
+    ],
+)
+def test_invalid_authority_is_refused(url: str, reason: str) -> None:
+    with pytest.raises(InvalidUrl, match=f"^invalid URL '{re.escape(url)}': {re.escape(reason)}"):
+        normalize_url(url)
+
+
 # ----------------------------------------------------------------------------- blob digests
 
 
