@@ -493,6 +493,42 @@ def test_invalid_authority_is_refused(url: str, reason: str) -> None:
         normalize_url(url)
 
 
+# ----------------------------------------------------------------------------- path and query
+# WHATWG URL standard: "." and ".." segments, percent-encoded ones included in any case (%2e, %2E), are
+# resolved, and one that ends the path leaves a trailing slash; a single-dot segment in the middle vanishes.
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("http://example.com/a/b/..", "http://example.com/a/"),
+        ("http://example.com/a/b/.", "http://example.com/a/b/"),
+        ("http://example.com/a/b/%2E%2e", "http://example.com/a/"),
+        ("http://example.com/a/%2E/b", "http://example.com/a/b"),
+        ("http://example.com/a/.%2E/b", "http://example.com/b"),
+        ("http://example.com/../../a", "http://example.com/a"),
+        ("foo://host/a/b/../c", "foo://host/a/c"),
+    ],
+)
+def test_dot_segments(url: str, expected: str) -> None:
+    assert normalize_url(url) == expected
+
+
+@pytest.mark.parametrize(
+    ("url", "rule", "expected"),
+    [
+        # WHATWG application/x-www-form-urlencoded parsing decodes bytes as UTF-8 without failure: an
+        # invalid sequence becomes U+FFFD, serialised again as its UTF-8 bytes.
+        ("https://example.com/f?a=%FF&s=1", QueryRule.FORM, "https://example.com/f?a=%EF%BF%BD"),
+        ("https://example.com/f?a=%C3&s=1", QueryRule.GO_SORTED, "https://example.com/f?a=%EF%BF%BD"),
+        # Go's url.Values.Encode: keys sorted, url.QueryEscape writes a space as "+" and "!" as %21.
+        ("https://example.com/f?b=x y!&a=1&s=1", QueryRule.GO_SORTED, "https://example.com/f?a=1&b=x+y%21"),
+    ],
+)
+def test_filtered_query_decoding_and_escaping(url: str, rule: QueryRule, expected: str) -> None:
+    assert normalize_url(url, ["s"], rule) == expected
+
+
 # ----------------------------------------------------------------------------- blob digests
 
 
