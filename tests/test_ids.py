@@ -515,6 +515,23 @@ def test_dot_segments(url: str, expected: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        # WHATWG: the C0 control percent-encode set is C0 controls and everything above "~" (DEL included);
+        # the path set adds space, '"', "#", "<", ">", "?", "`", "{" and "}"; "~" itself stays.
+        ("http://example.com/a\x01b\x7fc", "http://example.com/a%01b%7Fc"),
+        ("http://example.com/caf\u00e9", "http://example.com/caf%C3%A9"),
+        ("http://example.com/~user{x}", "http://example.com/~user%7Bx%7D"),
+        # An opaque path (no "/" after the scheme) takes only the C0 control set: its space stays.
+        ("mailto:a b@example.com", "mailto:a b@example.com"),
+        ("mailto:\u00e9\x7f@example.com", "mailto:%C3%A9%7F@example.com"),
+    ],
+)
+def test_percent_encoding(url: str, expected: str) -> None:
+    assert normalize_url(url) == expected
+
+
+@pytest.mark.parametrize(
     ("url", "rule", "expected"),
     [
         # WHATWG application/x-www-form-urlencoded parsing decodes bytes as UTF-8 without failure: an
