@@ -232,6 +232,12 @@ def test_idna_host_vectors(url: str, canonical: str, expected_id: str) -> None:
     assert task_id(url) == expected_id == hashlib.sha256(f"{canonical}STANDARD".encode()).hexdigest()
 
 
+def test_idna_without_std3_rules_keeps_an_underscore() -> None:
+    # WHATWG's domain to ASCII runs UTS #46 with UseSTD3ASCIIRules false, so "_" is kept (the Rust url crate
+    # likewise refuses only forbidden host code points); "a_-yka" is RFC 3492 punycode of "a_ü".
+    assert normalize_url("https://a_\u00fc.de/f") == "https://xn--a_-yka.de/f"
+
+
 def test_idna_is_not_python_idna_2003_codec() -> None:
     assert "faß.de".encode("idna") == b"fass.de"  # the codec this module must not use
     assert task_id("https://faß.de/f") != task_id("https://fass.de/f")
@@ -452,6 +458,7 @@ def test_ipv6_hosts(host: str, expected: str) -> None:
         ("http://u:@example.com/f", "http://u@example.com/f"),
         ("http://:p@example.com/f", "http://:p@example.com/f"),
         ("http://a b:c@d@example.com/f", "http://a%20b:c%40d@example.com/f"),
+        ("http://a:b:c@example.com/f", "http://a:b%3Ac@example.com/f"),  # the first ":" ends the username
         ("http://example.com:/f", "http://example.com/f"),
         ("ws://example.com:80/f", "ws://example.com/f"),
         ("wss://example.com:443/f", "wss://example.com/f"),
