@@ -484,6 +484,7 @@ def test_authority(url: str, expected: str) -> None:
     ("url", "reason"),
     [
         ("http://[::1]x/f", "junk after IPv6 address"),
+        ("http://[::1]]/f", "junk after IPv6 address"),  # the first "]" closes the address
         ("http://[::g]/f", "invalid IPv6 address"),
         ("http://example.com:65536/f", "invalid port '65536'"),
         ("http://example.com:\u0663/f", "invalid port"),  # an Arabic-Indic digit is no port digit
