@@ -460,6 +460,7 @@ def test_ipv6_hosts(host: str, expected: str) -> None:
         ("http://a b:c@d@example.com/f", "http://a%20b:c%40d@example.com/f"),
         ("http://a:b:c@example.com/f", "http://a:b%3Ac@example.com/f"),  # the first ":" ends the username
         ("http://example.com:/f", "http://example.com/f"),
+        ("http://example.com:65535/f", "http://example.com:65535/f"),  # the largest port
         ("ws://example.com:80/f", "ws://example.com/f"),
         ("wss://example.com:443/f", "wss://example.com/f"),
         ("ftp://example.com:21/f", "ftp://example.com/f"),
@@ -483,6 +484,7 @@ def test_authority(url: str, expected: str) -> None:
 @pytest.mark.parametrize(
     ("url", "reason"),
     [
+        ("http://[::1/f", "unterminated IPv6 address"),
         ("http://[::1]x/f", "junk after IPv6 address"),
         ("http://[::1]]/f", "junk after IPv6 address"),  # the first "]" closes the address
         ("http://[::g]/f", "invalid IPv6 address"),
