@@ -232,6 +232,12 @@ def test_idna_host_vectors(url: str, canonical: str, expected_id: str) -> None:
     assert task_id(url) == expected_id == hashlib.sha256(f"{canonical}STANDARD".encode()).hexdigest()
 
 
+def test_idna_without_std3_rules_keeps_an_underscore() -> None:
+    # WHATWG's domain to ASCII runs UTS #46 with UseSTD3ASCIIRules false, so "_" is kept (the Rust url crate
+    # likewise refuses only forbidden host code points); "a_-yka" is RFC 3492 punycode of "a_ü".
+    assert normalize_url("https://a_\u00fc.de/f") == "https://xn--a_-yka.de/f"
+
+
 def test_idna_is_not_python_idna_2003_codec() -> None:
     assert "faß.de".encode("idna") == b"fass.de"  # the codec this module must not use
     assert task_id("https://faß.de/f") != task_id("https://fass.de/f")
@@ -378,6 +384,176 @@ def test_invalid_urls_raise(url: str) -> None:
         normalize_url(url)
     with pytest.raises(ValueError):
         task_id(url)
+
+
+# ----------------------------------------------------------------------------- IP hosts
+# Expected values follow the WHATWG URL standard's IPv4 parser ("ends in a number", parts of up to
+# four numbers, each decimal, 0-prefixed octal or 0x-prefixed hex, the last one filling the remaining
+# bytes) and its IPv6 serializer (lowercase hex, the first longest run of two or more zero pieces as
+# "::"), which upstream's Rust `url` crate implements; several are cases of web-platform-tests' urltestdata.
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("http://192.168.0.1/", "http://192.168.0.1"),  # four decimal parts
+        ("http://0x7f.0.0.1/", "http://127.0.0.1"),  # WHATWG: a part 0x7f is hex
+        ("http://0x7f000001/", "http://127.0.0.1"),  # a single hex number fills all four bytes
+        ("http://0x7F000001/", "http://127.0.0.1"),  # the host is lowercased first, so 0X is hex too
+        ("http://0x.0x.0/", "http://0.0.0.0"),  # WHATWG: "0x" with no digits is zero
+        ("http://0300.0250.0.01/", "http://192.168.0.1"),  # 0-prefixed parts are octal
+        ("http://127.0.0.1./", "http://127.0.0.1"),  # one trailing dot is dropped before parsing
+        ("http://1./", "http://0.0.0.1"),  # also when a single number is left
+        ("http://1.2.65535/", "http://1.2.255.255"),  # the last of three parts fills two bytes
+    ],
+)
+def test_ipv4_hosts(url: str, expected: str) -> None:
+    assert normalize_url(url) == expected
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("http://1.2.3.4.0/", "too many parts"),  # WHATWG: more than four parts is a failure
+        ("http://1.2.3.4.5/", "too many parts"),
+        ("http://256.0.0.1/", "out of range"),  # a part other than the last is above 255
+        ("http://1.2.65536/", "out of range"),  # the last part does not fit the bytes left
+        ("http://0x1g.1/", "invalid IPv4 part"),  # ends in a number, yet a part is no number
+    ],
+)
+def test_invalid_ipv4_hosts_are_refused(url: str, reason: str) -> None:
+    with pytest.raises(InvalidUrl, match=f"^invalid URL '{re.escape(url)}': .*{reason}"):
+        normalize_url(url)
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("1:2:3:4:5:6:7:8", "1:2:3:4:5:6:7:8"),  # no zero piece: nothing compressed
+        ("1:0:2:3:4:5:6:7", "1:0:2:3:4:5:6:7"),  # a single zero piece is never compressed
+        ("1:0:0:2:3:4:5:6", "1::2:3:4:5:6"),  # a run of two is
+        ("1:0:0:2:0:0:3:4", "1::2:0:0:3:4"),  # of two equally long runs, the first
+        ("1:0:0:2:0:0:0:3", "1:0:0:2::3"),  # the longest run wins over an earlier shorter one
+        ("FE80:0:0:0:0:0:0:ABCD", "fe80::abcd"),  # pieces above 0x7fff, lowercase
+        ("0:0:0:0:0:0:0:0", "::"),
+    ],
+)
+def test_ipv6_hosts(host: str, expected: str) -> None:
+    assert normalize_url(f"http://[{host}]/f") == f"http://[{expected}]/f"
+
+
+# ----------------------------------------------------------------------------- authority and host
+# WHATWG URL standard: empty credentials vanish and an empty password loses its ":"; the userinfo
+# percent-encode set covers "@" and ":"; the last "@" ends the userinfo; an empty port is no port and a
+# special scheme's default one is dropped; file URLs take no port and "localhost" becomes the empty host;
+# a special host is percent-decoded before the domain checks (so %25 and %00 are refused), an opaque
+# (non-special) host keeps its case and percent-encodes non-ASCII.
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("http://@example.com/f", "http://example.com/f"),
+        ("http://:@example.com/f", "http://example.com/f"),
+        ("http://u:@example.com/f", "http://u@example.com/f"),
+        ("http://:p@example.com/f", "http://:p@example.com/f"),
+        ("http://a b:c@d@example.com/f", "http://a%20b:c%40d@example.com/f"),
+        ("http://a:b:c@example.com/f", "http://a:b%3Ac@example.com/f"),  # the first ":" ends the username
+        ("http://example.com:/f", "http://example.com/f"),
+        ("http://example.com:65535/f", "http://example.com:65535/f"),  # the largest port
+        ("ws://example.com:80/f", "ws://example.com/f"),
+        ("wss://example.com:443/f", "wss://example.com/f"),
+        ("ftp://example.com:21/f", "ftp://example.com/f"),
+        ("ftp://example.com:80/f", "ftp://example.com:80/f"),
+        ("http://[::1]:8080/f", "http://[::1]:8080/f"),
+        ("http://[::1]:80/f", "http://[::1]/f"),
+        ("http://ex%41mple.com/f", "http://example.com/f"),
+        ("file://localhost/etc/hosts", "file:///etc/hosts"),
+        ("file://LOCALHOST/etc/hosts", "file:///etc/hosts"),
+        ("file:///etc/hosts", "file:///etc/hosts"),
+        ("file://Server/share", "file://server/share"),
+        ("foo://EXample/f", "foo://EXample/f"),
+        ("foo://b\u00fccher:99/f", "foo://b%C3%BCcher:99/f"),
+        ("foo://a%zz/f", "foo://a%zz/f"),
+    ],
+)
+def test_authority(url: str, expected: str) -> None:
+    assert normalize_url(url) == expected
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("http://[::1/f", "unterminated IPv6 address"),
+        ("http://[::1]x/f", "junk after IPv6 address"),
+        ("http://[::1]]/f", "junk after IPv6 address"),  # the first "]" closes the address
+        ("http://[::g]/f", "invalid IPv6 address"),
+        ("http://example.com:65536/f", "invalid port '65536'"),
+        ("http://example.com:\u0663/f", "invalid port"),  # an Arabic-Indic digit is no port digit
+        ("file://server:80/f", "file URLs take no port"),
+        ("http://a%25b/f", "forbidden character in host"),
+        ("http://a%00b/f", "forbidden character in host"),
+        ("http://a%7Fb/f", "forbidden character in host"),
+        ("foo://a<b/f", "forbidden character in host"),
+        ("http://:80/f", "missing host"),
+    ],
+)
+def test_invalid_authority_is_refused(url: str, reason: str) -> None:
+    with pytest.raises(InvalidUrl, match=f"^invalid URL '{re.escape(url)}': {re.escape(reason)}"):
+        normalize_url(url)
+
+
+# ----------------------------------------------------------------------------- path and query
+# WHATWG URL standard: "." and ".." segments, percent-encoded ones included in any case (%2e, %2E), are
+# resolved, and one that ends the path leaves a trailing slash; a single-dot segment in the middle vanishes.
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("http://example.com/a/b/..", "http://example.com/a/"),
+        ("http://example.com/a/b/.", "http://example.com/a/b/"),
+        ("http://example.com/a/b/%2E%2e", "http://example.com/a/"),
+        ("http://example.com/a/%2E/b", "http://example.com/a/b"),
+        ("http://example.com/a/.%2E/b", "http://example.com/b"),
+        ("http://example.com/../../a", "http://example.com/a"),
+        ("foo://host/a/b/../c", "foo://host/a/c"),
+    ],
+)
+def test_dot_segments(url: str, expected: str) -> None:
+    assert normalize_url(url) == expected
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        # WHATWG: the C0 control percent-encode set is C0 controls and everything above "~" (DEL included);
+        # the path set adds space, '"', "#", "<", ">", "?", "`", "{" and "}"; "~" itself stays.
+        ("http://example.com/a\x01b\x7fc", "http://example.com/a%01b%7Fc"),
+        ("http://example.com/caf\u00e9", "http://example.com/caf%C3%A9"),
+        ("http://example.com/~user{x}", "http://example.com/~user%7Bx%7D"),
+        # An opaque path (no "/" after the scheme) takes only the C0 control set: its space stays.
+        ("mailto:a b@example.com", "mailto:a b@example.com"),
+        ("mailto:\u00e9\x7f@example.com", "mailto:%C3%A9%7F@example.com"),
+    ],
+)
+def test_percent_encoding(url: str, expected: str) -> None:
+    assert normalize_url(url) == expected
+
+
+@pytest.mark.parametrize(
+    ("url", "rule", "expected"),
+    [
+        # WHATWG application/x-www-form-urlencoded parsing decodes bytes as UTF-8 without failure: an
+        # invalid sequence becomes U+FFFD, serialised again as its UTF-8 bytes.
+        ("https://example.com/f?a=%FF&s=1", QueryRule.FORM, "https://example.com/f?a=%EF%BF%BD"),
+        ("https://example.com/f?a=%C3&s=1", QueryRule.GO_SORTED, "https://example.com/f?a=%EF%BF%BD"),
+        # Go's url.Values.Encode: keys sorted, url.QueryEscape writes a space as "+" and "!" as %21.
+        ("https://example.com/f?b=x y!&a=1&s=1", QueryRule.GO_SORTED, "https://example.com/f?a=1&b=x+y%21"),
+    ],
+)
+def test_filtered_query_decoding_and_escaping(url: str, rule: QueryRule, expected: str) -> None:
+    assert normalize_url(url, ["s"], rule) == expected
 
 
 # ----------------------------------------------------------------------------- blob digests
