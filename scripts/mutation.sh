@@ -11,7 +11,8 @@
 # Equivalent mutants, which no test can kill, are listed in tests/MUTANTS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-MUTMUT="${MUTMUT:-$(dirname "$(command -v python)")/mutmut}"
+# The project's virtual environment first (run from anywhere), then a mutmut on PATH.
+MUTMUT="${MUTMUT:-.venv/bin/mutmut}"
 [ -x "$MUTMUT" ] || MUTMUT=mutmut
 modules=("$@")
 [ ${#modules[@]} -gt 0 ] || modules=(ids download.parents storage.manager gc.plan)
