@@ -344,6 +344,32 @@ def test_a_vectored_write_takes_more_chunks_than_one_call_may(tmp_path: Path) ->
     assert path.read_bytes() == bytes(100) + data
 
 
+def test_vectored_writes_stay_within_a_mebibyte_per_call_and_resume_after_short_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No call covers a whole aligned 2 MiB range (see ``content._WRITE_LIMIT``); a short write resumes mid-chunk."""
+    data = os.urandom(5 * 1024 * 1024 + 12345)
+    cuts = [0, 1000, 3 * 1024 * 1024, 3 * 1024 * 1024 + 7, len(data)]
+    chunks = [memoryview(data)[a:b] for a, b in itertools.pairwise(cuts)]
+    asked: list[int] = []
+    real_pwritev = os.pwritev
+
+    def short_pwritev(fd: int, buffers: list[memoryview], offset: int) -> int:
+        asked.append(sum(len(b) for b in buffers))
+        first = buffers[0]
+        return real_pwritev(fd, [first[: max(1, len(first) - 3)]], offset)  # short whenever it can be
+
+    monkeypatch.setattr(os, "pwritev", short_pwritev)
+    path = tmp_path / "limited"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        write_vector_at(fd, 4096, chunks)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == bytes(4096) + data
+    assert max(asked) == 1024 * 1024
+
+
 async def test_a_discarded_task_holds_no_descriptor_on_its_old_bytes(storage: Storage) -> None:
     """Failing with discard closes the writer's file first, so the discarded bytes go back to the filesystem."""
     tid = make_id("discarded")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -18,6 +17,11 @@ from dfdaemon.ids import validate_task_id
 _READ_CHUNK = 1024 * 1024
 # Buffers one pwritev may take (Linux's IOV_MAX).
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
+# Bytes per write call. A write that spans a whole aligned 2 MiB range of a file lets the page cache allocate one
+# 2 MiB folio for it; on a VM that hands free memory back to its host (virtio-balloon free page reporting), each
+# such allocation is refaulted from the host, and writing 256 MiB that way measured about 12 times the CPU of the
+# same bytes written 1 MiB per call. Smaller calls get smaller folios, at no cost elsewhere.
+_WRITE_LIMIT = 1024 * 1024
 
 
 class ContentStore:
@@ -131,29 +135,45 @@ class ContentStore:
         return total
 
 
-def write_at(fd: int, offset: int, data: bytes | memoryview, crc: int) -> int:
-    """Write all of ``data`` at ``offset``; returns the CRC-32 continued over it."""
+def write_at(fd: int, offset: int, data: bytes | memoryview) -> None:
+    """Write all of ``data`` at ``offset``, at most ``_WRITE_LIMIT`` bytes per call."""
     view = memoryview(data)
     written = 0
     while written < len(view):
-        written += os.pwrite(fd, view[written:], offset + written)
-    return zlib.crc32(view, crc)
+        written += os.pwrite(fd, view[written : written + _WRITE_LIMIT], offset + written)
 
 
 def write_vector_at(fd: int, offset: int, chunks: Sequence[bytes | memoryview]) -> None:
-    """Write consecutive chunks at ``offset`` with as few ``pwritev`` calls as the kernel allows, none joined."""
-    views = [memoryview(chunk) for chunk in chunks]
+    """Write consecutive chunks at ``offset`` with ``pwritev``, none joined, at most ``_WRITE_LIMIT`` bytes per
+    call."""
+    batch: list[memoryview] = []
+    size = 0
+    for chunk in chunks:
+        view = memoryview(chunk)
+        while view:
+            take = min(len(view), _WRITE_LIMIT - size)
+            batch.append(view[:take])
+            size += take
+            view = view[take:]
+            if size == _WRITE_LIMIT or len(batch) == _IOV_MAX:
+                _write_all(fd, batch, offset)
+                offset += size
+                batch, size = [], 0
+    if batch:
+        _write_all(fd, batch, offset)
+
+
+def _write_all(fd: int, views: list[memoryview], offset: int) -> None:
+    """``pwritev`` until every view is written; a short write resumes inside the view it stopped in."""
     index = 0
     while index < len(views):
-        batch = views[index : index + _IOV_MAX]
-        written = os.pwritev(fd, batch, offset)
+        written = os.pwritev(fd, views[index:], offset)
         offset += written
-        for view in batch:  # skip what went out; a short write resumes inside the chunk it stopped in
-            if written < len(view):
-                views[index] = view[written:]
-                break
-            written -= len(view)
+        while index < len(views) and written >= len(views[index]):
+            written -= len(views[index])
             index += 1
+        if written:
+            views[index] = views[index][written:]
 
 
 def sync_and_size(fd: int) -> int:

@@ -871,6 +871,9 @@ class PieceFile:
         self.task_id = task_id
         self._fd = fd
         self._hops: set[asyncio.Future[Any]] = set()
+        # One write at a time into the file: the kernel serialises writers of an inode anyway, and concurrent ones
+        # (parallel origin ranges, pieces from several parents) spin on its lock, burning the CPU the copy needs.
+        self._writing = threading.Lock()
 
     async def hop(self, fn: Callable[[], T]) -> T:
         """Run work on the piece bytes in a thread; a cancelled caller does not stop it, so ``drain`` waits for it."""
@@ -893,11 +896,17 @@ class PieceFile:
 
         Blocking, so called inside ``hop``, where the CRC runs too (off the event loop).
         """
-        with self._full_disk():
+        with self._full_disk(), self._writing:
             write_vector_at(self._fd, offset, chunks)
-        for chunk in chunks:
+        for chunk in chunks:  # outside the lock: another hop writes meanwhile
             crc = zlib.crc32(chunk, crc)
         return crc
+
+    def _write_piece(self, offset: int, data: bytes | memoryview) -> int:
+        """In a thread hop: write a whole piece's bytes; returns their CRC-32."""
+        with self._writing:
+            write_at(self._fd, offset, data)
+        return zlib.crc32(data)
 
     async def stage(
         self,
@@ -912,7 +921,7 @@ class PieceFile:
         """Write a whole piece and compute its CRC in one thread hop; neither durable nor visible yet."""
         _check_span(number, offset, len(data))
         with self.storage._disk_full_guard(self.task_id, number):
-            crc = await self.hop(partial(write_at, self._fd, offset, data, 0))
+            crc = await self.hop(partial(self._write_piece, offset, data))
         return self.storage._piece(self.task_id, number, offset, len(data), crc, parent_id, traffic_type, cost)
 
     @contextlib.contextmanager
