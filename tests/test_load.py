@@ -330,9 +330,13 @@ async def test_piece_uploads_past_the_limit_are_refused_and_memory_stays_small(
     origin: OriginProcess, tmp_path: Path
 ) -> None:
     """With ``upload.server.maxConcurrentRequests: 8``, a burst of 200 is answered (served or refused) and memory
-    stays small: at most the admitted calls' pieces are in memory at once, whatever the size of the burst."""
+    stays small: at most the admitted calls' pieces are in memory at once, whatever the size of the burst.
+
+    The upload bandwidth limit keeps each admitted call at work for a tenth of a second once its bucket's first
+    second is spent, so the burst meets full slots however fast this machine serves a piece."""
     limit = 8
-    with running_daemon(tmp_path / "limited", {"upload": {"server": {"maxConcurrentRequests": limit}}}) as daemon:
+    config = {"upload": {"server": {"maxConcurrentRequests": limit}, "bandwidthLimit": str(10 * PIECE_LENGTH)}}
+    with running_daemon(tmp_path / "limited", config) as daemon:
         task_id = await cache_task(daemon, origin.url("big.bin"))
         reset_peak(daemon.proc.pid)
         peak_before = vm_bytes(daemon.proc.pid, "VmHWM")

@@ -218,7 +218,8 @@ async def _limited(response: aiohttp.ClientResponse, skip: int, length: int, url
     """Exactly ``length`` bytes of the body after its first ``skip`` bytes, as the connection delivers them."""
     remaining = length
     try:
-        async for chunk in response.content.iter_any():
+        # iter_chunks, not iter_any: the chunks as received, never joined (a copy) when several wait in the buffer.
+        async for chunk, _ in response.content.iter_chunks():
             if skip:
                 if len(chunk) <= skip:
                     skip -= len(chunk)
