@@ -14,13 +14,13 @@ import ipaddress
 import re
 import struct
 import uuid
-import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import unquote_to_bytes
 
 import idna
+from zlib_ng import zlib_ng
 
 __all__ = [
     "DEFAULT_FILTERED_QUERY_PARAMS",
@@ -656,8 +656,12 @@ _Bytes = bytes | bytearray | memoryview
 
 
 def crc32_update(crc: int, chunk: _Bytes) -> int:
-    """Fold ``chunk`` into a running CRC-32 (start from 0), for pieces written in chunks."""
-    return zlib.crc32(chunk, crc)
+    """Fold ``chunk`` into a running CRC-32/IEEE (start from 0), for pieces written in chunks.
+
+    zlib-ng's CRC (carry-less multiply) runs at several times the speed of the system zlib's, with the same
+    values, and releases the GIL as zlib does: it is computed over every byte a daemon stores or serves.
+    """
+    return zlib_ng.crc32(chunk, crc)
 
 
 def format_crc32(crc: int) -> str:
@@ -669,7 +673,7 @@ def format_crc32(crc: int) -> str:
 
 def piece_digest(content: _Bytes) -> str:
     """Digest of a piece's bytes, ``crc32:<decimal>`` (CRC-32/IEEE)."""
-    return format_crc32(zlib.crc32(content))
+    return format_crc32(crc32_update(0, content))
 
 
 def parse_crc32_digest(s: str) -> int:
@@ -690,7 +694,7 @@ def piece_metadata_digest(number: int, offset: int, length: int, digest: str) ->
     if not 0 <= offset <= _U64_MAX or not 0 <= length <= _U64_MAX:
         raise ValueError(f"piece offset/length out of u64 range: {offset}/{length}")
     header = struct.pack(">IQQ", number, offset, length)
-    return format_crc32(zlib.crc32(digest.encode("utf-8"), zlib.crc32(header)))
+    return format_crc32(crc32_update(crc32_update(0, header), digest.encode("utf-8")))
 
 
 def parse_file_digest(s: str) -> tuple[str, str]:
@@ -722,7 +726,7 @@ class _Crc32Hasher:
         self._crc = 0
 
     def update(self, data: _Bytes, /) -> None:
-        self._crc = zlib.crc32(data, self._crc)
+        self._crc = crc32_update(self._crc, data)
 
     def hexdigest(self) -> str:
         return str(self._crc)

@@ -851,6 +851,14 @@ def test_crc32_streaming_matches_one_shot() -> None:
     assert crc32_update(0, memoryview(b"hello")) == 907060870
 
 
+@given(st.binary(max_size=70_000), st.integers(min_value=0, max_value=70_000))
+def test_crc32_is_zlibs_crc32_whole_and_in_two_parts(data: bytes, cut: int) -> None:
+    """The daemon's CRC (zlib-ng) gives the values of the standard library's zlib, the CRC-32/IEEE upstream uses."""
+    view = memoryview(data)
+    assert crc32_update(0, data) == zlib.crc32(data)
+    assert crc32_update(crc32_update(0, view[:cut]), view[cut:]) == zlib.crc32(data)
+
+
 def test_format_crc32_range() -> None:
     assert format_crc32(0xFFFFFFFF) == "crc32:4294967295"
     with pytest.raises(ValueError):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import BinaryIO
 
 from aiohttp import web
 
+from dfdaemon.ids import crc32_update
 from dfdaemon.storage import PieceRecord
 
 # A CRC check reads a piece this much at a time into one reused buffer.
@@ -98,7 +98,7 @@ def rotten_pieces(path: Path, pieces: Sequence[PieceRecord]) -> list[PieceRecord
                 read = os.preadv(f.fileno(), [view], position)
                 if read == 0:
                     break
-                crc = zlib.crc32(view[:read], crc)
+                crc = crc32_update(crc, view[:read])
                 position += read
             if position != end or crc != piece.crc:
                 rotten.append(piece)

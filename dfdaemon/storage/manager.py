@@ -20,7 +20,6 @@ import shutil
 import sqlite3
 import threading
 import time
-import zlib
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +27,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dfdaemon.ids import InvalidTaskId, blob_digest_task_id, validate_task_id
+from dfdaemon.ids import InvalidTaskId, blob_digest_task_id, crc32_update, validate_task_id
 from dfdaemon.storage.content import ContentStore, remove_path, sync_and_size, write_at, write_vector_at
 from dfdaemon.storage.metadata import MetadataStore
 from dfdaemon.storage.models import (
@@ -446,9 +445,9 @@ class Storage:
 
         def read_and_check() -> tuple[bytes, bool]:
             data = self.content.read_piece(task_id, piece.offset, piece.length)
-            return data, len(data) == piece.length and zlib.crc32(data) == piece.crc
+            return data, len(data) == piece.length and crc32_update(0, data) == piece.crc
 
-        data, intact = await self._io(read_and_check)  # the CRC runs off the loop (zlib releases the GIL)
+        data, intact = await self._io(read_and_check)  # the CRC runs off the loop (the CRC releases the GIL)
         await self._drop_if_corrupt(piece, intact)
         return piece, data
 
@@ -464,7 +463,7 @@ class Storage:
 
         def read_and_check() -> bool:
             read = self.content.read_into(task_id, piece.offset, view)
-            return read == piece.length and zlib.crc32(view) == piece.crc
+            return read == piece.length and crc32_update(0, view) == piece.crc
 
         intact = await self._io(read_and_check)
         if not intact:
@@ -899,14 +898,14 @@ class PieceFile:
         with self._full_disk(), self._writing:
             write_vector_at(self._fd, offset, chunks)
         for chunk in chunks:  # outside the lock: another hop writes meanwhile
-            crc = zlib.crc32(chunk, crc)
+            crc = crc32_update(crc, chunk)
         return crc
 
     def _write_piece(self, offset: int, data: bytes | memoryview) -> int:
         """In a thread hop: write a whole piece's bytes; returns their CRC-32."""
         with self._writing:
             write_at(self._fd, offset, data)
-        return zlib.crc32(data)
+        return crc32_update(0, data)
 
     async def stage(
         self,
