@@ -29,7 +29,9 @@ Benchmarks (positional names, default all of them):
     The daemon makes every piece durable (fdatasync) before announcing it; the direct download does not sync.
     Wall time suffers from whatever else runs on the machine, so the CPU seconds the daemon spent on each download
     are shown too, against those of the direct client (``daemon CPU / direct client CPU``); dfget itself only
-    waits, and the origin serves both alike.
+    waits, and the origin serves both alike. With ``--rounds N`` this is done N times, each round with a task of
+    its own (the URL with ``?round=N``, which the origin ignores); the table shows the median of the rounds' ratios,
+    and a note lists each.
 ``peers``
     A scheduler stub and ``--peers`` daemons (8) download the same file at the same moment. The origin sends each
     request at a limited rate so that the first peer is still fetching when the others ask (the ``rate`` fault of
@@ -49,10 +51,10 @@ Benchmarks (positional names, default all of them):
     them and after all. ``ratio = RSS after all / RSS after a tenth``: 1.0 is flat; the target is at most 1.10.
 
 Options: ``--size SIZE`` (default 1GiB; e.g. ``256MiB``, ``50MB`` or bytes), ``--quick`` (a small file, one round, a
-short origin throttle: a smoke run), ``--rounds N`` (throughput rounds, default 3), ``--concurrency N`` (pieces in
-flight in ``throughput``, default 8), ``--peers N`` (default 8), ``--origin-seconds S`` (default 8; 0 disables the
-throttle), ``--repeat N`` (downloads in ``repeat``, default 500, 50 with ``--quick``) and ``--dir DIR`` (where the
-temporary directory goes; default the system's temporary directory).
+short origin throttle: a smoke run), ``--rounds N`` (throughput and dfget rounds, default 3), ``--concurrency N``
+(pieces in flight in ``throughput``, default 8), ``--peers N`` (default 8), ``--origin-seconds S`` (default 8; 0
+disables the throttle), ``--repeat N`` (downloads in ``repeat``, default 500, 50 with ``--quick``) and ``--dir DIR``
+(where the temporary directory goes; default the system's temporary directory).
 
 Everything runs on loopback with ephemeral ports in a temporary directory that is removed afterwards; every process
 the script starts is stopped at the end, on Ctrl-C and on SIGTERM too. Machines are noisy: compare the numbers of one
@@ -498,6 +500,18 @@ def throughput_benchmark(
 # --------------------------------------------------------------------------- dfget and memory
 
 
+@dataclass
+class DfgetRound:
+    """One round of ``dfget``: each download next to the direct download just before it."""
+
+    b2s: DfgetResult
+    direct_b2s: Direct
+    b2s_cpu: float  # the parent daemon's CPU seconds during its download
+    p2p: DfgetResult | None = None
+    direct_p2p: Direct | None = None
+    p2p_cpu: float = 0.0
+
+
 def pair_benchmarks(
     args: argparse.Namespace,
     selected: set[str],
@@ -509,12 +523,12 @@ def pair_benchmarks(
     report: Report,
 ) -> None:
     """Scheduler stub, a parent and a child daemon: dfget back-to-source, throughput, dfget P2P, memory."""
-    url = origin.url(FILE_NAME)
     source = origin.root / FILE_NAME
     timeout = dfget_timeout(size)
     out = workdir / "out"
     out.mkdir(parents=True)
     want_child = bool(selected & {"dfget", "memory"})
+    rounds: list[DfgetRound] = []
     with ExitStack() as stack:
         scheduler_process = stack.enter_context(running_scheduler(workdir / "scheduler"))
         scheduler = scheduler_process.address
@@ -524,66 +538,46 @@ def pair_benchmarks(
             child = stack.enter_context(running_daemon(workdir / "child", peer_extra(scheduler, sockets / "c.sock")))
         wait_for_hosts(scheduler_process, 2 if want_child else 1)
         expected = sha256(source)
+        parent_idle, child_idle = vm_bytes(parent.proc.pid, "VmHWM"), 0
+        if child is not None:
+            child_idle = vm_bytes(child.proc.pid, "VmHWM")
 
-        direct_first = None
-        if "dfget" in selected:
-            direct_first = direct_download(url, out / "direct")
+        for number in range(args.rounds if "dfget" in selected else 1):
+            # Each round its own task (a query the origin ignores), so neither daemon has it cached.
+            url = origin.url(FILE_NAME) + (f"?round={number}" if number else "")
+            direct_b2s = direct_download(url, out / "direct")
             (out / "direct").unlink()
-        parent_idle, parent_cpu = vm_bytes(parent.proc.pid, "VmHWM"), cpu_seconds(parent.proc.pid)
-        b2s = run_dfget(reaper, parent, url, out / "parent.bin", timeout)
-        parent_peak, parent_cpu = vm_bytes(parent.proc.pid, "VmHWM"), cpu_seconds(parent.proc.pid) - parent_cpu
-        say(f"dfget back-to-source: {b2s.elapsed:.2f} s (process {b2s.wall:.2f} s), pieces {compact(b2s.pieces)}")
-        if not b2s.pieces.get("BACK_TO_SOURCE"):
-            report.note(f"the parent's dfget did not go back to source: {compact(b2s.pieces)}")
-        verify(out / "parent.bin", expected, "the parent's dfget")
+            cpu = cpu_seconds(parent.proc.pid)
+            b2s = run_dfget(reaper, parent, url, out / f"parent-{number}.bin", timeout)
+            one = DfgetRound(b2s, direct_b2s, cpu_seconds(parent.proc.pid) - cpu)
+            rounds.append(one)
+            say(f"dfget back-to-source: {b2s.elapsed:.2f} s (process {b2s.wall:.2f} s), pieces {compact(b2s.pieces)}")
+            if not b2s.pieces.get("BACK_TO_SOURCE"):
+                report.note(f"the parent's dfget did not go back to source: {compact(b2s.pieces)}")
+            verify(out / f"parent-{number}.bin", expected, "the parent's dfget")
 
-        if "throughput" in selected:
-            throughput_benchmark(args, reaper, workdir, source, parent, b2s.task_id, size, report)
+            if number == 0 and "throughput" in selected:
+                throughput_benchmark(args, reaper, workdir, source, parent, b2s.task_id, size, report)
+            if number == 0 and "repeat" in selected:
+                repeat_benchmark(args, parent, origin.url(SMALL_FILE_NAME), report)
+            if child is None:
+                continue
 
-        if "repeat" in selected:
-            repeat_benchmark(args, parent, origin.url(SMALL_FILE_NAME), report)
-
-        if child is None:
-            return
-        direct_second = None
-        if "dfget" in selected:
-            direct_second = direct_download(url, out / "direct")
+            one.direct_p2p = direct_download(url, out / "direct")
             (out / "direct").unlink()
-        child_idle, child_cpu = vm_bytes(child.proc.pid, "VmHWM"), cpu_seconds(child.proc.pid)
-        p2p = run_dfget(reaper, child, url, out / "child.bin", timeout)
-        child_peak, child_cpu = vm_bytes(child.proc.pid, "VmHWM"), cpu_seconds(child.proc.pid) - child_cpu
-        say(f"dfget P2P: {p2p.elapsed:.2f} s (process {p2p.wall:.2f} s), pieces {compact(p2p.pieces)}")
-        if p2p.pieces.get("BACK_TO_SOURCE") or not p2p.pieces.get("REMOTE_PEER"):
-            report.note(f"the child's dfget did not get the file from its parent: {compact(p2p.pieces)}")
-        verify(out / "child.bin", expected, "the child's dfget")
+            cpu = cpu_seconds(child.proc.pid)
+            one.p2p = p2p = run_dfget(reaper, child, url, out / f"child-{number}.bin", timeout)
+            one.p2p_cpu = cpu_seconds(child.proc.pid) - cpu
+            say(f"dfget P2P: {p2p.elapsed:.2f} s (process {p2p.wall:.2f} s), pieces {compact(p2p.pieces)}")
+            if p2p.pieces.get("BACK_TO_SOURCE") or not p2p.pieces.get("REMOTE_PEER"):
+                report.note(f"the child's dfget did not get the file from its parent: {compact(p2p.pieces)}")
+            verify(out / f"child-{number}.bin", expected, "the child's dfget")
+            say(f"direct HTTP download: {direct_b2s.seconds:.2f} s, then {one.direct_p2p.seconds:.2f} s")
+        parent_peak = vm_bytes(parent.proc.pid, "VmHWM")
+        child_peak = vm_bytes(child.proc.pid, "VmHWM") if child is not None else 0
 
-    if direct_first is not None and direct_second is not None:
-        say(f"direct HTTP download: {direct_first.seconds:.2f} s, then {direct_second.seconds:.2f} s")
-        report.add(
-            "dfget P2P / direct HTTP",
-            f"{p2p.elapsed:.2f} s",
-            f"direct {direct_second.seconds:.2f} s",
-            p2p.elapsed / direct_second.seconds,
-            "1.0 (lower is better)",
-        )
-        report.add(
-            "dfget back-to-source / direct HTTP",
-            f"{b2s.elapsed:.2f} s",
-            f"direct {direct_first.seconds:.2f} s",
-            b2s.elapsed / direct_first.seconds,
-            "1.0 (lower is better)",
-        )
-        # CPU seconds are far less disturbed by other load on the machine than wall time.
-        for name, cpu, direct in (("P2P", child_cpu, direct_second), ("back-to-source", parent_cpu, direct_first)):
-            report.add(
-                f"daemon CPU, {name} / direct client CPU",
-                f"{cpu:.2f} s",
-                f"direct {direct.cpu:.2f} s",
-                cpu / direct.cpu if direct.cpu else None,
-                "lower is better",
-            )
-        startup = statistics.median([p2p.wall - p2p.elapsed, b2s.wall - b2s.elapsed])
-        report.note(f"dfget's own start-up and health check add about {startup:.2f} s per run (not in the ratios)")
+    if "dfget" in selected and child is not None:
+        report_dfget(rounds, report)
     if "memory" in selected:
         report.add(
             "peak RSS / file size, P2P child daemon",
@@ -602,6 +596,40 @@ def pair_benchmarks(
         report.note(
             f"peak RSS before the download (start-up): child {fmt_size(child_idle)}, parent {fmt_size(parent_idle)}"
         )
+
+
+def report_dfget(rounds: list[DfgetRound], report: Report) -> None:
+    """Medians over the rounds of each ratio, every ratio taken within its round (dfget next to its direct)."""
+    series: dict[str, list[tuple[float, Direct, float]]] = {"P2P": [], "back-to-source": []}
+    startups: list[float] = []
+    for one in rounds:
+        series["back-to-source"].append((one.b2s.elapsed, one.direct_b2s, one.b2s_cpu))
+        startups.append(one.b2s.wall - one.b2s.elapsed)
+        if one.p2p is not None and one.direct_p2p is not None:
+            series["P2P"].append((one.p2p.elapsed, one.direct_p2p, one.p2p_cpu))
+            startups.append(one.p2p.wall - one.p2p.elapsed)
+    for name, runs in series.items():
+        ratios = [took / direct.seconds for took, direct, _ in runs]
+        report.add(
+            f"dfget {name} / direct HTTP",
+            f"{statistics.median(took for took, _, _ in runs):.2f} s",
+            f"direct {statistics.median(direct.seconds for _, direct, _ in runs):.2f} s",
+            statistics.median(ratios),
+            "1.0 (lower is better)",
+        )
+        # CPU seconds are far less disturbed by other load on the machine than wall time.
+        cpu_ratios = [cpu / direct.cpu for _, direct, cpu in runs if direct.cpu]
+        report.add(
+            f"daemon CPU, {name} / direct client CPU",
+            f"{statistics.median(cpu for _, _, cpu in runs):.2f} s",
+            f"direct {statistics.median(direct.cpu for _, direct, _ in runs):.2f} s",
+            statistics.median(cpu_ratios) if cpu_ratios else None,
+            "lower is better",
+        )
+        if len(ratios) > 1:
+            report.note(f"dfget {name} / direct in each round: " + ", ".join(f"{ratio:.2f}" for ratio in ratios))
+    startup = statistics.median(startups)
+    report.note(f"dfget's own start-up and health check add about {startup:.2f} s per run (not in the ratios)")
 
 
 async def sequential_downloads(socket_path: Path, url: str, numbers: range) -> None:
@@ -744,7 +772,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--size", default=None, help="file size, e.g. 1GiB, 256MiB, 50MB (default 1GiB)")
     parser.add_argument("--quick", action="store_true", help="a small file and one round: a smoke run")
-    parser.add_argument("--rounds", type=int, default=None, help="throughput rounds (default 3, 1 with --quick)")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="throughput and dfget rounds (default 3, 1 with --quick)"
+    )
     parser.add_argument("--concurrency", type=int, default=8, help="pieces in flight in throughput (default 8)")
     parser.add_argument("--peers", type=int, default=8, help="daemons in the peers benchmark (default 8)")
     parser.add_argument(
@@ -811,7 +841,7 @@ def run(args: argparse.Namespace, selected: set[str], report: Report) -> None:
 
         pair = bool(selected & {"throughput", "dfget", "memory", "repeat"})
         # The origin file, two caches and a direct copy (every dfget output is a hard link into a cache).
-        need = (4 if pair else 1) * size + DISK_RESERVE
+        need = ((2 + 2 * args.rounds) if pair else 1) * size + DISK_RESERVE
         free = shutil.disk_usage(workdir).free
         if free < need:
             raise SystemExit(
