@@ -31,7 +31,8 @@ of the two goes first from round to round:
     next to a direct fetch. ``ratio = mirror seconds / direct seconds``: 1.0 would mean the mirror costs nothing on a
     miss; 2.0 that a pull through it takes twice as long. The registry's access log must show that it served the blob
     during the mirror's fetch (the daemon learns the length, and whether the client may read the blob, with HEADs,
-    which move no blob bytes).
+    which move no blob bytes). Wall time suffers from other load on the machine, so the daemon's CPU seconds during
+    the cold fetch are shown too, against the client's own for the direct fetch (receiving and hashing).
 ``cached``
     The same blob again through the mirror, now a cache hit, next to another direct fetch.
     ``ratio = mirror seconds / direct seconds``. The registry must have served no blob byte during the mirror's fetch
@@ -83,7 +84,7 @@ for _path in (ROOT, SCRIPTS):
 
 import bench_p2p  # noqa: E402
 import urllib3  # noqa: E402
-from bench_p2p import DISK_RESERVE, MB, KiB, MiB, Report, fmt_size, mb_per_s, say, vm_bytes  # noqa: E402
+from bench_p2p import DISK_RESERVE, MB, KiB, MiB, Report, cpu_seconds, fmt_size, mb_per_s, say, vm_bytes  # noqa: E402
 
 from dfdaemon.units import parse_size  # noqa: E402
 from tests.registry_support import OCI_MANIFEST, Registry, filler_image, push_image, running_registry  # noqa: E402
@@ -108,6 +109,7 @@ class Fetch:
     nbytes: int
     digest: str  # "sha256:<hex>" of the body
     headers: urllib3.HTTPHeaderDict
+    cpu: float  # this process's CPU seconds meanwhile (receiving and hashing)
 
 
 @dataclass
@@ -132,7 +134,7 @@ def fetch(url: str, params: dict[str, str] | None = None) -> Fetch:
     nbytes = 0
     first_byte: float | None = None
     timeout = urllib3.Timeout(connect=10.0, read=120.0)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     response = urllib3.request("GET", url, fields=params, timeout=timeout, retries=False, preload_content=False)
     try:
         if response.status != 200:
@@ -148,7 +150,7 @@ def fetch(url: str, params: dict[str, str] | None = None) -> Fetch:
         response.release_conn()
     seconds = time.perf_counter() - started
     first = seconds if first_byte is None else first_byte  # an empty body: its end is its first byte
-    return Fetch(seconds, first, nbytes, "sha256:" + hasher.hexdigest(), response.headers)
+    return Fetch(seconds, first, nbytes, "sha256:" + hasher.hexdigest(), response.headers, time.process_time() - cpu)
 
 
 @dataclass(frozen=True)
@@ -236,10 +238,12 @@ def one_round(number: int, target: Target, workdir: Path, sockets: Path, samples
                 if kind == "direct":
                     got = target.direct()
                     samples.add("cold direct", got.seconds)
+                    samples.add("cold direct cpu", got.cpu)
                     samples.add("cold direct first byte", got.first_byte)
                     continue
-                before = registry.blob_bytes_served()
+                before, cpu = registry.blob_bytes_served(), cpu_seconds(pid)
                 got = target.mirror(daemon)
+                samples.add("cold daemon cpu", cpu_seconds(pid) - cpu)
                 served = registry.blob_bytes_served() - before
                 if served < target.size:
                     raise RuntimeError(f"the cold mirror fetch took only {served} blob bytes from the registry")
@@ -285,6 +289,14 @@ def fill_report(samples: Samples, size: int, report: Report) -> None:
             mirror / direct,
             "1.0 (lower is better)",
         )
+    daemon_cpu, client_cpu = samples.median("cold daemon cpu"), samples.median("cold direct cpu")
+    report.add(
+        "cold: daemon CPU / direct client CPU",
+        f"{daemon_cpu:.2f} s",
+        f"client {client_cpu:.2f} s",
+        daemon_cpu / client_cpu if client_cpu else None,
+        "lower is better",
+    )
     first, first_direct = samples.median("cold mirror first byte"), samples.median("cold direct first byte")
     report.add(
         "first-byte: mirror cold / direct",

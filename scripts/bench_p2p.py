@@ -42,7 +42,8 @@ Benchmarks (positional names, default all of them):
     benchmark is scaled down, and the output says so.
 ``memory``
     The peak resident memory (VmHWM in ``/proc/PID/status``) of the child daemon, which received the whole file
-    from its parent during ``dfget P2P`` (and of the parent, which fetched it from the origin).
+    from its parent during ``dfget P2P`` (every round), and of the parent right after it fetched the file from the
+    origin (the first round; before it serves the ``throughput`` benchmark's pieces).
     ``ratio = peak RSS / file size``: it should be far below 1, since pieces are streamed, not held.
     The daemon's peak before the download (start-up) is shown next to it.
 ``repeat``
@@ -538,7 +539,7 @@ def pair_benchmarks(
             child = stack.enter_context(running_daemon(workdir / "child", peer_extra(scheduler, sockets / "c.sock")))
         wait_for_hosts(scheduler_process, 2 if want_child else 1)
         expected = sha256(source)
-        parent_idle, child_idle = vm_bytes(parent.proc.pid, "VmHWM"), 0
+        parent_idle, child_idle, parent_peak = vm_bytes(parent.proc.pid, "VmHWM"), 0, 0
         if child is not None:
             child_idle = vm_bytes(child.proc.pid, "VmHWM")
 
@@ -555,6 +556,8 @@ def pair_benchmarks(
             if not b2s.pieces.get("BACK_TO_SOURCE"):
                 report.note(f"the parent's dfget did not go back to source: {compact(b2s.pieces)}")
             verify(out / f"parent-{number}.bin", expected, "the parent's dfget")
+            if number == 0:  # before the parent serves the throughput benchmark's pieces
+                parent_peak = vm_bytes(parent.proc.pid, "VmHWM")
 
             if number == 0 and "throughput" in selected:
                 throughput_benchmark(args, reaper, workdir, source, parent, b2s.task_id, size, report)
@@ -573,7 +576,6 @@ def pair_benchmarks(
                 report.note(f"the child's dfget did not get the file from its parent: {compact(p2p.pieces)}")
             verify(out / f"child-{number}.bin", expected, "the child's dfget")
             say(f"direct HTTP download: {direct_b2s.seconds:.2f} s, then {one.direct_p2p.seconds:.2f} s")
-        parent_peak = vm_bytes(parent.proc.pid, "VmHWM")
         child_peak = vm_bytes(child.proc.pid, "VmHWM") if child is not None else 0
 
     if "dfget" in selected and child is not None:
