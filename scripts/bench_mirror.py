@@ -33,6 +33,9 @@ of the two goes first from round to round:
     during the mirror's fetch (the daemon learns the length, and whether the client may read the blob, with HEADs,
     which move no blob bytes). Wall time suffers from other load on the machine, so the daemon's CPU seconds during
     the cold fetch are shown too, against the client's own for the direct fetch (receiving and hashing).
+    Before each of the two, the blob's size is written to a scratch file and deleted (``bench_p2p.prime_memory``),
+    so that on a VM the daemon writes the blob into recently freed memory, as on a machine without free page
+    reporting (``--no-prime`` skips it).
 ``cached``
     The same blob again through the mirror, now a cache hit, next to another direct fetch.
     ``ratio = mirror seconds / direct seconds``. The registry must have served no blob byte during the mirror's fetch
@@ -51,10 +54,10 @@ unmeasured. The registry, the daemon and this client share the machine's CPUs, a
 
 Options: ``--size SIZE`` (default 256MiB, at most 2GiB; e.g. ``64MiB``, ``50MB`` or bytes; the blob is a little
 smaller, a whole number of tar blocks),
-``--rounds N`` (default 5), ``--quick`` (16 MiB and 1 round unless given) and ``--dir DIR``
-(where the temporary directory goes; default the system's temporary directory). The blob is built in memory before
-it is pushed (about three times ``--size`` at the peak) and needs about twice ``--size`` of disk (the registry's copy
-and the daemon's cache).
+``--rounds N`` (default 5), ``--quick`` (16 MiB and 1 round unless given), ``--dir DIR``
+(where the temporary directory goes; default the system's temporary directory) and ``--no-prime``. The blob is built
+in memory before it is pushed (about three times ``--size`` at the peak) and needs about twice ``--size`` of disk
+(the registry's copy and the daemon's cache).
 
 Everything runs on loopback with ephemeral ports in temporary directories that are removed afterwards; every process
 the script starts is stopped at the end, on Ctrl-C and on SIGTERM too. Machines are noisy: compare the numbers of one
@@ -84,7 +87,19 @@ for _path in (ROOT, SCRIPTS):
 
 import bench_p2p  # noqa: E402
 import urllib3  # noqa: E402
-from bench_p2p import DISK_RESERVE, MB, KiB, MiB, Report, cpu_seconds, fmt_size, mb_per_s, say, vm_bytes  # noqa: E402
+from bench_p2p import (  # noqa: E402
+    DISK_RESERVE,
+    MB,
+    KiB,
+    MiB,
+    Report,
+    cpu_seconds,
+    fmt_size,
+    mb_per_s,
+    prime_memory,
+    say,
+    vm_bytes,
+)
 
 from dfdaemon.units import parse_size  # noqa: E402
 from tests.registry_support import OCI_MANIFEST, Registry, filler_image, push_image, running_registry  # noqa: E402
@@ -222,7 +237,7 @@ def sha256_rate(nbytes: int) -> float:
 # --------------------------------------------------------------------------- the rounds
 
 
-def one_round(number: int, target: Target, workdir: Path, sockets: Path, samples: Samples) -> None:
+def one_round(number: int, target: Target, workdir: Path, sockets: Path, samples: Samples, *, no_prime: bool) -> None:
     """A fresh daemon: the cold pair, the cached pair, the daemon's peak memory."""
     order = ("direct", "mirror") if number % 2 == 0 else ("mirror", "direct")
     daemon_dir = workdir / f"daemon-{number}"
@@ -235,6 +250,8 @@ def one_round(number: int, target: Target, workdir: Path, sockets: Path, samples
             samples.add("rss idle", vm_bytes(pid, "VmHWM"))
             target.pull_starts(daemon)  # unmeasured, as containerd does before it asks for a layer
             for kind in order:  # cold: the daemon's cache does not have the blob
+                if not no_prime:
+                    prime_memory(workdir, target.size)
                 if kind == "direct":
                     got = target.direct()
                     samples.add("cold direct", got.seconds)
@@ -360,7 +377,7 @@ def run(args: argparse.Namespace, report: Report) -> None:
         samples = Samples()
         say(f"{args.rounds} round(s), each with a fresh daemon")
         for number in range(args.rounds):
-            one_round(number, target, workdir, sockets, samples)
+            one_round(number, target, workdir, sockets, samples, no_prime=args.no_prime)
         fill_report(samples, blob_size, report)
         rate = sha256_rate(blob_size)
         report.note(
@@ -380,6 +397,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=None, help=f"rounds (default {DEFAULT_ROUNDS}, 1 with --quick)")
     parser.add_argument("--quick", action="store_true", help="16 MiB and one round: a smoke run")
     parser.add_argument("--dir", type=Path, default=None, help="where the temporary directory goes")
+    parser.add_argument(
+        "--no-prime",
+        action="store_true",
+        help="no memory priming before each cold fetch (see bench_p2p)",
+    )
     args = parser.parse_args(argv)
     try:
         args.size_bytes = parse_size(args.size) if args.size is not None else QUICK_SIZE if args.quick else DEFAULT_SIZE

@@ -31,7 +31,8 @@ Benchmarks (positional names, default all of them):
     are shown too, against those of the direct client (``daemon CPU / direct client CPU``); dfget itself only
     waits, and the origin serves both alike. With ``--rounds N`` this is done N times, each round with a task of
     its own (the URL with ``?round=N``, which the origin ignores); the table shows the median of the rounds' ratios,
-    and a note lists each.
+    and a note lists each. Before each measured download, ``--size`` bytes are written to a scratch file and deleted
+    (``prime_memory``), so that on a VM both sides write into recently freed memory (``--no-prime`` skips it).
 ``peers``
     A scheduler stub and ``--peers`` daemons (8) download the same file at the same moment. The origin sends each
     request at a limited rate so that the first peer is still fetching when the others ask (the ``rate`` fault of
@@ -55,7 +56,7 @@ Options: ``--size SIZE`` (default 1GiB; e.g. ``256MiB``, ``50MB`` or bytes), ``-
 short origin throttle: a smoke run), ``--rounds N`` (throughput and dfget rounds, default 3), ``--concurrency N``
 (pieces in flight in ``throughput``, default 8), ``--peers N`` (default 8), ``--origin-seconds S`` (default 8; 0
 disables the throttle), ``--repeat N`` (downloads in ``repeat``, default 500, 50 with ``--quick``) and ``--dir DIR``
-(where the temporary directory goes; default the system's temporary directory).
+(where the temporary directory goes; default the system's temporary directory) and ``--no-prime``.
 
 Everything runs on loopback with ephemeral ports in a temporary directory that is removed afterwards; every process
 the script starts is stopped at the end, on Ctrl-C and on SIGTERM too. Machines are noisy: compare the numbers of one
@@ -242,6 +243,23 @@ def write_random_file(path: Path, size: int) -> None:
             n = min(block, size - written)
             f.write(os.urandom(n))
             written += n
+
+
+def prime_memory(directory: Path, size: int) -> None:
+    """Write ``size`` bytes to a scratch file in ``directory`` and delete it, so the next writer reuses its memory.
+
+    On a VM that hands free memory back to its host (virtio-balloon free page reporting), memory freed more than a
+    moment ago is gone from the guest, and whoever writes a file into it pays the host's faults: 256 MiB cost
+    0.7-1.0 s of kernel CPU that way here, against 0.07 s written into memory freed just before. Which side of a
+    comparison drew which was chance, and swung ratios between 0.4 and 4. Priming before each measured download
+    gives both sides recently freed memory, as a machine without such reporting always does.
+    """
+    scratch = directory / ".prime"
+    block = bytes(256 * KiB)
+    with scratch.open("wb") as f:
+        for _ in range(-(-size // len(block))):
+            f.write(block)
+    scratch.unlink()
 
 
 def sha256(path: Path) -> str:
@@ -513,6 +531,11 @@ class DfgetRound:
     p2p_cpu: float = 0.0
 
 
+def prime(args: argparse.Namespace, directory: Path, size: int) -> None:
+    if not args.no_prime:
+        prime_memory(directory, size)
+
+
 def pair_benchmarks(
     args: argparse.Namespace,
     selected: set[str],
@@ -546,8 +569,10 @@ def pair_benchmarks(
         for number in range(args.rounds if "dfget" in selected else 1):
             # Each round its own task (a query the origin ignores), so neither daemon has it cached.
             url = origin.url(FILE_NAME) + (f"?round={number}" if number else "")
+            prime(args, out, size)
             direct_b2s = direct_download(url, out / "direct")
             (out / "direct").unlink()
+            prime(args, out, size)
             cpu = cpu_seconds(parent.proc.pid)
             b2s = run_dfget(reaper, parent, url, out / f"parent-{number}.bin", timeout)
             one = DfgetRound(b2s, direct_b2s, cpu_seconds(parent.proc.pid) - cpu)
@@ -566,8 +591,10 @@ def pair_benchmarks(
             if child is None:
                 continue
 
+            prime(args, out, size)
             one.direct_p2p = direct_download(url, out / "direct")
             (out / "direct").unlink()
+            prime(args, out, size)
             cpu = cpu_seconds(child.proc.pid)
             one.p2p = p2p = run_dfget(reaper, child, url, out / f"child-{number}.bin", timeout)
             one.p2p_cpu = cpu_seconds(child.proc.pid) - cpu
@@ -787,6 +814,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--repeat", type=int, default=None, help="downloads in repeat (default 500, 50 with --quick)")
     parser.add_argument("--dir", type=Path, default=None, help="where the temporary directory goes")
+    parser.add_argument(
+        "--no-prime", action="store_true", help="do not prime memory before each measured download (see prime_memory)"
+    )
     args = parser.parse_args(argv)
     unknown = [name for name in args.benchmarks if name not in BENCHMARKS]
     if unknown:
