@@ -368,3 +368,24 @@ async def test_a_failing_parent_is_reported_temporary_to_the_scheduler(storage: 
     assert sorted(n for kind, n in session.reports if kind == "piece") == list(range(5))
     assert session.reports[-2:] == [("finished", False), ("closed", None)]
     assert await read_all(storage, TASK_ID) == CONTENT
+
+
+async def test_pieces_staged_close_together_are_committed_in_one_batch(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each commit is an fdatasync: pieces staged one after another wait (briefly) to be committed together, and
+    the last of the task are committed at once rather than after the wait."""
+    batches: list[list[int]] = []
+    real_commit = TaskWriter.commit_staged
+
+    async def counting_commit(writer: TaskWriter, pieces: list[PieceRecord]) -> None:
+        batches.append([piece.number for piece in pieces])
+        await real_commit(writer, pieces)
+
+    monkeypatch.setattr(TaskWriter, "commit_staged", counting_commit)
+    client = FakeParents({A.peer_id: {0, 1, 2, 3, 4}})
+    started = asyncio.get_running_loop().time()
+    failed, reports = await collect(storage, [A], client, concurrency=1)
+    assert failed == [] and len(reports.pieces) == len(SPANS)
+    assert batches == [[0, 1, 2, 3, 4]]
+    assert asyncio.get_running_loop().time() - started < 5  # a liveness bound: the last batch did not wait forever

@@ -5,6 +5,7 @@ The origin counts connections and GETs, can cut its first answer after some byte
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 from collections.abc import AsyncIterator
@@ -16,6 +17,7 @@ from aiohttp import web
 
 from dfdaemon.backend import Backend, BackendError, RetryPolicy
 from dfdaemon.download import DownloadManager, DownloadRequest, PieceDone, Started, TaskJob
+from dfdaemon.download.source import COMMIT_PIECES, BatchCommitter
 from dfdaemon.gc import GarbageCollector, GCPolicy
 from dfdaemon.storage import PieceRecord, Storage, TaskState, TrafficType
 from tests.storage_support import seeded_bytes
@@ -161,3 +163,48 @@ async def test_a_stream_that_breaks_without_progress_fails_after_its_attempts(da
     assert len(origin.gets) == daemon.manager.piece_attempts
     [task] = await daemon.storage.list_tasks()
     assert task.state is TaskState.FAILED
+
+
+async def test_a_commit_does_not_wait_for_the_announcements_of_the_batch_before() -> None:
+    """Announcements (followers, the scheduler) run beside the commits, in order; ``close`` waits for them all."""
+    committed: list[list[int]] = []
+    announced: list[int] = []
+    release = asyncio.Event()
+
+    class RecordingFile:
+        async def commit(self, pieces: list[PieceRecord]) -> None:
+            committed.append([piece.number for piece in pieces])
+
+    async def announce(piece: PieceRecord) -> None:
+        await release.wait()  # the first batch's announcements hang until released
+        announced.append(piece.number)
+
+    def record(number: int) -> PieceRecord:
+        return PieceRecord(
+            task_id="t",
+            number=number,
+            offset=number,
+            length=1,
+            crc=0,
+            parent_id=None,
+            traffic_type=0,
+            cost=0.0,
+            created_at=0.0,
+        )
+
+    committer = BatchCommitter(RecordingFile(), announce)  # type: ignore[arg-type]
+    for number in range(2 * COMMIT_PIECES):
+        committer.add(record(number))
+        await asyncio.sleep(0)
+    for _ in range(100):  # both batches committed while the first one's announcements still hang
+        if len(committed) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert [len(batch) for batch in committed] == [COMMIT_PIECES, COMMIT_PIECES]
+    assert announced == []
+    closing = asyncio.create_task(committer.close())
+    await asyncio.sleep(0.05)
+    assert not closing.done()
+    release.set()
+    await closing
+    assert announced == list(range(2 * COMMIT_PIECES))

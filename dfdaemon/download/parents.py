@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 
 from dfdaemon import ids
 from dfdaemon.download.peering import FetchedPiece, Parent, ParentClient, PieceUnavailable
+from dfdaemon.download.source import COMMIT_DELAY, COMMIT_PIECES
 from dfdaemon.ids import PieceSpan
 from dfdaemon.ratelimit import TokenBucket
 from dfdaemon.storage import PieceRecord, TaskWriter, TrafficType
@@ -207,6 +208,7 @@ class PieceCollection:
         while True:
             await self.staged_ready.wait()
             self.staged_ready.clear()
+            await self._gather_batch()
             batch, self.staged = self.staged, []
             try:
                 await self.writer.commit_staged([record for record, _ in batch])
@@ -222,6 +224,15 @@ class PieceCollection:
                 self.done.add(record.number)
             self.last_progress = time.monotonic()
             self.wake.set()
+
+    async def _gather_batch(self) -> None:
+        """Let a batch grow to ``COMMIT_PIECES`` pieces, for at most ``COMMIT_DELAY``: each commit is one fdatasync,
+        and syncs in quick succession slow the writes beside them. The last pieces are committed at once."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(COMMIT_DELAY):
+                while len(self.staged) < COMMIT_PIECES and len(self.done) + len(self.staged) < len(self.wanted):
+                    await self.staged_ready.wait()
+                    self.staged_ready.clear()
 
     async def _failed(self, parent: Parent, number: int, exc: Exception) -> None:
         """A fetch, check or write failed: a piece the parent cannot serve avoids it for that piece, anything

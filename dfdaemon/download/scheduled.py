@@ -148,19 +148,27 @@ class ScheduledFetch:
         writer = job.writer
         assert writer is not None, "pieces are fetched only while the job holds its writer"
 
-        pending: set[asyncio.Task[None]] = set()
+        pending: set[asyncio.Future[None]] = set()
+        failures: list[BaseException] = []
+
+        def settled(report: asyncio.Future[None]) -> None:
+            pending.discard(report)
+            error = None if report.cancelled() else report.exception()
+            if error is not None:
+                failures.append(error)
 
         async def record(piece: PieceRecord) -> None:
             await job.piece_done(piece, piece.traffic_type)
             await session.piece_finished(piece)
 
         async def on_piece(piece: PieceRecord) -> None:
-            # The collection cancels its workers once the last piece is in; a piece already stored must still be
-            # counted and reported, so that runs on its own and the collection's end waits for it.
+            # Reported by a task of its own: the collection's next commit does not wait for the scheduler's stream,
+            # and a piece already stored is still counted and reported when the collection cancels its workers once
+            # the last piece is in. The reports keep their order (each takes the stream's write lock in turn), and
+            # the collection's end waits for them all.
             report = asyncio.ensure_future(record(piece))
             pending.add(report)
-            report.add_done_callback(pending.discard)
-            await asyncio.shield(report)
+            report.add_done_callback(settled)
 
         async def on_failure(number: int, parent: Parent) -> None:
             # Temporary, as upstream always says: the scheduler then keeps this parent from this peer.
@@ -180,7 +188,9 @@ class ScheduledFetch:
                 bandwidth=self.bandwidth,
             )
         finally:
-            await asyncio.gather(*pending)
+            await asyncio.gather(*pending, return_exceptions=True)
+        if failures:
+            raise failures[0]
 
     async def _back_to_source(self, job: TaskJob, session: SchedulerSession, description: str) -> None:
         if job.request.disable_back_to_source:

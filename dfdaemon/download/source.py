@@ -123,18 +123,26 @@ class InOrderDigest:
 
 
 class BatchCommitter:
-    """Commits written pieces in batches off the hot path; ``announce`` runs for each once it is visible."""
+    """Commits written pieces in batches off the hot path; ``announce`` runs for each once it is visible.
+
+    Announcements (to the task's followers and the scheduler) run in a task of their own, batch after batch in
+    order, so the next commit never waits for them: a commit that waited let dirty pages pile up for one long
+    fdatasync at the end of the download.
+    """
 
     def __init__(self, file: PieceFile, announce: PieceReport) -> None:
         self.file = file
         self.announce = announce
         self._pending: list[PieceRecord] = []
         self._flushing: asyncio.Task[None] | None = None
+        self._announcing: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
 
     def add(self, piece: PieceRecord) -> None:
-        if self._flushing is not None and self._flushing.done() and self._flushing.exception() is not None:
-            raise self._flushing.exception()  # type: ignore[misc]
+        for task in (self._flushing, self._announcing):
+            error = task.exception() if task is not None and task.done() and not task.cancelled() else None
+            if error is not None:
+                raise error
         self._pending.append(piece)
         if len(self._pending) >= COMMIT_PIECES:
             self._kick()
@@ -152,23 +160,31 @@ class BatchCommitter:
         while self._pending:
             batch, self._pending = self._pending, []
             await self.file.commit(batch)
-            for piece in batch:
-                await self.announce(piece)
+            self._announcing = asyncio.create_task(self._announce(self._announcing, batch))
+
+    async def _announce(self, previous: asyncio.Task[None] | None, batch: list[PieceRecord]) -> None:
+        if previous is not None:
+            await previous
+        for piece in batch:
+            await self.announce(piece)
 
     async def close(self) -> None:
-        """Commit what is left; raises the first commit failure."""
+        """Commit what is left and wait for every announcement; raises the first failure."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         if self._flushing is not None:
             await self._flushing
         await self._flush()
+        if self._announcing is not None:
+            await self._announcing
 
     def abandon(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        if self._flushing is not None:
-            self._flushing.cancel()
+        for task in (self._flushing, self._announcing):
+            if task is not None:
+                task.cancel()
 
 
 @dataclass(frozen=True)
