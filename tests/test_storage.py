@@ -336,13 +336,7 @@ def test_a_vectored_write_takes_more_chunks_than_one_call_may(tmp_path: Path) ->
     cuts = sorted({0, len(data), *(int.from_bytes(data[i : i + 3]) % len(data) for i in range(0, 9000, 3))})
     chunks = [memoryview(data)[a:b] for a, b in itertools.pairwise(cuts)]
     assert len(chunks) > 2048  # more than Linux's IOV_MAX (1024) allows in one pwritev
-    path = tmp_path / "vectored"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        write_vector_at(fd, 100, chunks)
-    finally:
-        os.close(fd)
-    assert path.read_bytes() == bytes(100) + data
+    assert written_vector(tmp_path / "vectored", 100, chunks) == bytes(100) + data
 
 
 def test_vectored_writes_stay_within_the_write_limit_per_call_and_resume_after_short_writes(
@@ -362,14 +356,18 @@ def test_vectored_writes_stay_within_the_write_limit_per_call_and_resume_after_s
         return real_pwritev(fd, [first[: max(1, len(first) - 3)]], offset)  # short whenever it can be
 
     monkeypatch.setattr(os, "pwritev", short_pwritev)
-    path = tmp_path / "limited"
+    assert written_vector(tmp_path / "limited", 4096, chunks) == bytes(4096) + data
+    assert max(asked) == content._WRITE_LIMIT
+
+
+def written_vector(path: Path, offset: int, chunks: list[memoryview]) -> bytes:
+    """``write_vector_at`` into a new file at ``path``; the file's bytes afterwards."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
-        write_vector_at(fd, 4096, chunks)
+        write_vector_at(fd, offset, chunks)
     finally:
         os.close(fd)
-    assert path.read_bytes() == bytes(4096) + data
-    assert max(asked) == content._WRITE_LIMIT
+    return path.read_bytes()
 
 
 async def test_a_discarded_task_holds_no_descriptor_on_its_old_bytes(storage: Storage) -> None:
