@@ -56,8 +56,8 @@ Options: ``--size SIZE`` (default 256MiB, at most 2GiB; e.g. ``64MiB``, ``50MB``
 smaller, a whole number of tar blocks),
 ``--rounds N`` (default 5), ``--quick`` (16 MiB and 1 round unless given), ``--dir DIR``
 (where the temporary directory goes; default the system's temporary directory) and ``--no-prime``. The blob is built
-in memory before it is pushed (about three times ``--size`` at the peak) and needs about twice ``--size`` of disk
-(the registry's copy and the daemon's cache).
+in memory before it is pushed (about three times ``--size`` at the peak) and needs about three times ``--size`` of disk
+(the registry's copy, the daemon's cache and a priming scratch file; twice with ``--no-prime``).
 
 Everything runs on loopback with ephemeral ports in temporary directories that are removed afterwards; every process
 the script starts is stopped at the end, on Ctrl-C and on SIGTERM too. Machines are noisy: compare the numbers of one
@@ -360,7 +360,8 @@ def run(args: argparse.Namespace, report: Report) -> None:
         stack.callback(shutil.rmtree, workdir, ignore_errors=True)
         sockets = Path(tempfile.mkdtemp(prefix="bmir-"))  # short: unix socket paths are limited
         stack.callback(shutil.rmtree, sockets, ignore_errors=True)
-        need = 2 * size + DISK_RESERVE  # the registry's copy and one daemon cache at a time
+        # The registry's copy, one daemon cache at a time and, while it holds the blob, a priming scratch file.
+        need = (2 if args.no_prime else 3) * size + DISK_RESERVE
         free = shutil.disk_usage(workdir).free
         if free < need:
             raise SystemExit(

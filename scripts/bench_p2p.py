@@ -524,16 +524,11 @@ class DfgetRound:
     """One round of ``dfget``: each download next to the direct download just before it."""
 
     b2s: DfgetResult
-    direct_b2s: Direct
+    direct_b2s: Direct | None  # None when only the downloads' side effects are wanted (no ``dfget`` benchmark)
     b2s_cpu: float  # the parent daemon's CPU seconds during its download
     p2p: DfgetResult | None = None
     direct_p2p: Direct | None = None
     p2p_cpu: float = 0.0
-
-
-def prime(args: argparse.Namespace, directory: Path, size: int) -> None:
-    if not args.no_prime:
-        prime_memory(directory, size)
 
 
 def pair_benchmarks(
@@ -566,13 +561,24 @@ def pair_benchmarks(
         if child is not None:
             child_idle = vm_bytes(child.proc.pid, "VmHWM")
 
-        for number in range(args.rounds if "dfget" in selected else 1):
+        measuring = "dfget" in selected
+
+        def direct(url: str) -> Direct | None:
+            """The direct download a dfget is measured against, each with primed memory (see ``prime_memory``)."""
+            if not measuring:
+                return None
+            if not args.no_prime:
+                prime_memory(out, size)
+            result = direct_download(url, out / "direct")
+            (out / "direct").unlink()
+            if not args.no_prime:
+                prime_memory(out, size)
+            return result
+
+        for number in range(args.rounds if measuring else 1):
             # Each round its own task (a query the origin ignores), so neither daemon has it cached.
             url = origin.url(FILE_NAME) + (f"?round={number}" if number else "")
-            prime(args, out, size)
-            direct_b2s = direct_download(url, out / "direct")
-            (out / "direct").unlink()
-            prime(args, out, size)
+            direct_b2s = direct(url)
             cpu = cpu_seconds(parent.proc.pid)
             b2s = run_dfget(reaper, parent, url, out / f"parent-{number}.bin", timeout)
             one = DfgetRound(b2s, direct_b2s, cpu_seconds(parent.proc.pid) - cpu)
@@ -591,10 +597,7 @@ def pair_benchmarks(
             if child is None:
                 continue
 
-            prime(args, out, size)
-            one.direct_p2p = direct_download(url, out / "direct")
-            (out / "direct").unlink()
-            prime(args, out, size)
+            one.direct_p2p = direct(url)
             cpu = cpu_seconds(child.proc.pid)
             one.p2p = p2p = run_dfget(reaper, child, url, out / f"child-{number}.bin", timeout)
             one.p2p_cpu = cpu_seconds(child.proc.pid) - cpu
@@ -602,7 +605,8 @@ def pair_benchmarks(
             if p2p.pieces.get("BACK_TO_SOURCE") or not p2p.pieces.get("REMOTE_PEER"):
                 report.note(f"the child's dfget did not get the file from its parent: {compact(p2p.pieces)}")
             verify(out / f"child-{number}.bin", expected, "the child's dfget")
-            say(f"direct HTTP download: {direct_b2s.seconds:.2f} s, then {one.direct_p2p.seconds:.2f} s")
+            if direct_b2s is not None and one.direct_p2p is not None:
+                say(f"direct HTTP download: {direct_b2s.seconds:.2f} s, then {one.direct_p2p.seconds:.2f} s")
         child_peak = vm_bytes(child.proc.pid, "VmHWM") if child is not None else 0
 
     if "dfget" in selected and child is not None:
@@ -632,6 +636,7 @@ def report_dfget(rounds: list[DfgetRound], report: Report) -> None:
     series: dict[str, list[tuple[float, Direct, float]]] = {"P2P": [], "back-to-source": []}
     startups: list[float] = []
     for one in rounds:
+        assert one.direct_b2s is not None, "dfget rounds always measure the direct download"
         series["back-to-source"].append((one.b2s.elapsed, one.direct_b2s, one.b2s_cpu))
         startups.append(one.b2s.wall - one.b2s.elapsed)
         if one.p2p is not None and one.direct_p2p is not None:
@@ -873,7 +878,8 @@ def run(args: argparse.Namespace, selected: set[str], report: Report) -> None:
 
         pair = bool(selected & {"throughput", "dfget", "memory", "repeat"})
         # The origin file, two caches and a direct copy (every dfget output is a hard link into a cache).
-        need = ((2 + 2 * args.rounds) if pair else 1) * size + DISK_RESERVE
+        rounds = args.rounds if "dfget" in selected else 1
+        need = ((2 + 2 * rounds) if pair else 1) * size + DISK_RESERVE
         free = shutil.disk_usage(workdir).free
         if free < need:
             raise SystemExit(

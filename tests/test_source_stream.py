@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,42 +165,44 @@ async def test_a_stream_that_breaks_without_progress_fails_after_its_attempts(da
     assert task.state is TaskState.FAILED
 
 
+class RecordingFile:
+    """Stands in for a PieceFile: records the batches committed."""
+
+    def __init__(self) -> None:
+        self.committed: list[list[int]] = []
+
+    async def commit(self, pieces: list[PieceRecord]) -> None:
+        self.committed.append([piece.number for piece in pieces])
+
+
+def piece_record(number: int) -> PieceRecord:
+    return PieceRecord(
+        "t", number, offset=number, length=1, crc=0, parent_id=None, traffic_type=0, cost=0, created_at=0
+    )
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    for _ in range(500):  # a liveness bound (about 5 s), not a measurement
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the condition never came true")
+
+
 async def test_a_commit_does_not_wait_for_the_announcements_of_the_batch_before() -> None:
     """Announcements (followers, the scheduler) run beside the commits, in order; ``close`` waits for them all."""
-    committed: list[list[int]] = []
-    announced: list[int] = []
-    release = asyncio.Event()
-
-    class RecordingFile:
-        async def commit(self, pieces: list[PieceRecord]) -> None:
-            committed.append([piece.number for piece in pieces])
+    file, announced, release = RecordingFile(), [], asyncio.Event()
 
     async def announce(piece: PieceRecord) -> None:
         await release.wait()  # the first batch's announcements hang until released
         announced.append(piece.number)
 
-    def record(number: int) -> PieceRecord:
-        return PieceRecord(
-            task_id="t",
-            number=number,
-            offset=number,
-            length=1,
-            crc=0,
-            parent_id=None,
-            traffic_type=0,
-            cost=0.0,
-            created_at=0.0,
-        )
-
-    committer = BatchCommitter(RecordingFile(), announce)  # type: ignore[arg-type]
+    committer = BatchCommitter(file, announce)  # type: ignore[arg-type]
     for number in range(2 * COMMIT_PIECES):
-        committer.add(record(number))
+        committer.add(piece_record(number))
         await asyncio.sleep(0)
-    for _ in range(100):  # both batches committed while the first one's announcements still hang
-        if len(committed) == 2:
-            break
-        await asyncio.sleep(0.01)
-    assert [len(batch) for batch in committed] == [COMMIT_PIECES, COMMIT_PIECES]
+    await until(lambda: len(file.committed) == 2)  # both batches committed while the first one's announcements hang
+    assert [len(batch) for batch in file.committed] == [COMMIT_PIECES, COMMIT_PIECES]
     assert announced == []
     closing = asyncio.create_task(committer.close())
     await asyncio.sleep(0.05)
@@ -208,3 +210,36 @@ async def test_a_commit_does_not_wait_for_the_announcements_of_the_batch_before(
     release.set()
     await closing
     assert announced == list(range(2 * COMMIT_PIECES))
+
+
+async def test_a_failed_announcement_reaches_the_stream_and_close() -> None:
+    async def announce(piece: PieceRecord) -> None:
+        raise RuntimeError(f"follower gone at piece {piece.number}")
+
+    committer = BatchCommitter(RecordingFile(), announce)  # type: ignore[arg-type]
+    for number in range(COMMIT_PIECES):
+        committer.add(piece_record(number))
+    await until(lambda: committer._announcing is not None and committer._announcing.done())
+    with pytest.raises(RuntimeError, match="piece 0"):
+        committer.add(piece_record(COMMIT_PIECES))
+    with pytest.raises(RuntimeError, match="piece 0"):
+        await committer.close()
+
+
+async def test_abandon_stops_every_announcement_still_to_come() -> None:
+    """A download that failed announces nothing more, from any batch committed before it failed."""
+    file, announced, release = RecordingFile(), [], asyncio.Event()
+
+    async def announce(piece: PieceRecord) -> None:
+        await release.wait()
+        announced.append(piece.number)
+
+    committer = BatchCommitter(file, announce)  # type: ignore[arg-type]
+    for number in range(2 * COMMIT_PIECES):
+        committer.add(piece_record(number))
+        await asyncio.sleep(0)
+    await until(lambda: len(file.committed) == 2)
+    committer.abandon()
+    release.set()
+    await asyncio.sleep(0.05)
+    assert announced == []

@@ -351,13 +351,43 @@ def test_vectored_writes_stay_within_the_write_limit_per_call_and_resume_after_s
     real_pwritev = os.pwritev
 
     def short_pwritev(fd: int, buffers: list[memoryview], offset: int) -> int:
-        asked.append(sum(len(b) for b in buffers))
-        first = buffers[0]
-        return real_pwritev(fd, [first[: max(1, len(first) - 3)]], offset)  # short whenever it can be
+        """Writes all but the last 3 bytes asked for (all of a call of 3 bytes or fewer): short writes that end in
+        the first view, or after whole views in a later one."""
+        total = sum(len(b) for b in buffers)
+        asked.append(total)
+        keep, kept = max(1, total - 3) if total > 3 else total, []
+        for view in buffers:
+            kept.append(view[:keep])
+            keep -= len(kept[-1])
+            if not keep:
+                break
+        return real_pwritev(fd, kept, offset)
 
     monkeypatch.setattr(os, "pwritev", short_pwritev)
     assert written_vector(tmp_path / "limited", 4096, chunks) == bytes(4096) + data
     assert max(asked) == content._WRITE_LIMIT
+
+
+def test_a_whole_piece_is_written_within_the_write_limit_per_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = os.urandom(4 * 1024 * 1024 + 5)
+    asked: list[int] = []
+    real_pwrite = os.pwrite
+
+    def recording_pwrite(fd: int, buffer: memoryview, offset: int) -> int:
+        asked.append(len(buffer))
+        return real_pwrite(fd, buffer, offset)
+
+    monkeypatch.setattr(os, "pwrite", recording_pwrite)
+    path = tmp_path / "piece"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        content.write_at(fd, 7, data)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == bytes(7) + data
+    assert max(asked) == content._WRITE_LIMIT and sum(asked) == len(data)
 
 
 def written_vector(path: Path, offset: int, chunks: list[memoryview]) -> bytes:

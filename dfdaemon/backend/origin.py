@@ -218,8 +218,11 @@ async def _limited(response: aiohttp.ClientResponse, skip: int, length: int, url
     """Exactly ``length`` bytes of the body after its first ``skip`` bytes, as the connection delivers them."""
     remaining = length
     try:
-        # iter_chunks, not iter_any: the chunks as received, never joined (a copy) when several wait in the buffer.
+        # iter_chunks, not iter_any: iter_any joins (copies) every chunk waiting in the buffer; iter_chunks joins
+        # at most up to an HTTP chunk's end, and hands an empty one at each end of a chunked body's chunk.
         async for chunk, _ in response.content.iter_chunks():
+            if not chunk:
+                continue
             if skip:
                 if len(chunk) <= skip:
                     skip -= len(chunk)

@@ -209,6 +209,8 @@ class PieceCollection:
             await self.staged_ready.wait()
             self.staged_ready.clear()
             await self._gather_batch()
+            if not self.staged:  # taken by the batch before, when the wait timed out as the piece arrived
+                continue
             batch, self.staged = self.staged, []
             try:
                 await self.writer.commit_staged([record for record, _ in batch])

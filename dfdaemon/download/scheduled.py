@@ -174,6 +174,7 @@ class ScheduledFetch:
             # Temporary, as upstream always says: the scheduler then keeps this parent from this peer.
             await session.piece_failed(number, parent.peer_id, temporary=True)
 
+        collected = False
         try:
             await collect_from_parents(
                 job.task_id,
@@ -187,8 +188,11 @@ class ScheduledFetch:
                 on_failure=on_failure,
                 bandwidth=self.bandwidth,
             )
+            collected = True
         finally:
             await asyncio.gather(*pending, return_exceptions=True)
+            for error in failures[1 if collected else 0 :]:  # the first is raised below unless another error is
+                log.warning("reporting a piece of %s failed: %s", job.task_id, error)
         if failures:
             raise failures[0]
 

@@ -125,7 +125,7 @@ class InOrderDigest:
 class BatchCommitter:
     """Commits written pieces in batches off the hot path; ``announce`` runs for each once it is visible.
 
-    Announcements (to the task's followers and the scheduler) run in a task of their own, batch after batch in
+    Announcements (to the task's followers and the scheduler) run in one task of their own, batch after batch in
     order, so the next commit never waits for them: a commit that waited let dirty pages pile up for one long
     fdatasync at the end of the download.
     """
@@ -135,6 +135,7 @@ class BatchCommitter:
         self.announce = announce
         self._pending: list[PieceRecord] = []
         self._flushing: asyncio.Task[None] | None = None
+        self._committed: asyncio.Queue[list[PieceRecord] | None] = asyncio.Queue()  # None: no more batches
         self._announcing: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
 
@@ -160,16 +161,17 @@ class BatchCommitter:
         while self._pending:
             batch, self._pending = self._pending, []
             await self.file.commit(batch)
-            self._announcing = asyncio.create_task(self._announce(self._announcing, batch))
+            if self._announcing is None:
+                self._announcing = asyncio.create_task(self._announce())
+            self._committed.put_nowait(batch)
 
-    async def _announce(self, previous: asyncio.Task[None] | None, batch: list[PieceRecord]) -> None:
-        if previous is not None:
-            await previous
-        for piece in batch:
-            await self.announce(piece)
+    async def _announce(self) -> None:
+        while (batch := await self._committed.get()) is not None:
+            for piece in batch:
+                await self.announce(piece)
 
     async def close(self) -> None:
-        """Commit what is left and wait for every announcement; raises the first failure."""
+        """Commit what is left and wait for every announcement; raises a commit's or an announcement's failure."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -177,6 +179,7 @@ class BatchCommitter:
             await self._flushing
         await self._flush()
         if self._announcing is not None:
+            self._committed.put_nowait(None)
             await self._announcing
 
     def abandon(self) -> None:
