@@ -368,25 +368,26 @@ def test_vectored_writes_stay_within_the_write_limit_per_call_and_resume_after_s
     assert max(asked) == content._WRITE_LIMIT
 
 
-def test_a_whole_piece_is_written_within_the_write_limit_per_call(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+async def test_a_whole_piece_is_written_within_the_write_limit_per_call(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    tid = make_id("limited piece")
     data = os.urandom(4 * 1024 * 1024 + 5)
     asked: list[int] = []
-    real_pwrite = os.pwrite
+    real_pwritev = os.pwritev
 
-    def recording_pwrite(fd: int, buffer: memoryview, offset: int) -> int:
-        asked.append(len(buffer))
-        return real_pwrite(fd, buffer, offset)
+    def recording_pwritev(fd: int, buffers: list[memoryview], offset: int) -> int:
+        asked.append(sum(len(b) for b in buffers))
+        return real_pwritev(fd, buffers, offset)
 
-    monkeypatch.setattr(os, "pwrite", recording_pwrite)
-    path = tmp_path / "piece"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        content.write_at(fd, 7, data)
-    finally:
-        os.close(fd)
-    assert path.read_bytes() == bytes(7) + data
+    monkeypatch.setattr(os, "pwritev", recording_pwritev)
+    info = TaskInfo(url="http://origin.test/limited", content_length=len(data), piece_length=len(data))
+    async with storage.download(tid, info) as writer:
+        piece = await writer.stage_piece(0, 0, data)
+        await writer.commit_staged([piece])
+        await writer.finish()
+    assert piece.crc == zlib.crc32(data)
+    assert await read_all(storage, tid) == data
     assert max(asked) == content._WRITE_LIMIT and sum(asked) == len(data)
 
 
@@ -422,7 +423,7 @@ async def test_a_full_disk_under_a_staged_piece_is_reported_as_such(
         def no_space(fd: int, data: object, offset: int) -> int:
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        monkeypatch.setattr(os, "pwrite", no_space)
+        monkeypatch.setattr(os, "pwritev", no_space)
         with pytest.raises(DiskFull, match="writing piece 2 of task"):
             await writer.stage_piece(2, 2000, b"x" * 1000)
         monkeypatch.undo()

@@ -135,14 +135,6 @@ class ContentStore:
         return total
 
 
-def write_at(fd: int, offset: int, data: bytes | memoryview) -> None:
-    """Write all of ``data`` at ``offset``, at most ``_WRITE_LIMIT`` bytes per call."""
-    view = memoryview(data)
-    written = 0
-    while written < len(view):
-        written += os.pwrite(fd, view[written : written + _WRITE_LIMIT], offset + written)
-
-
 def write_vector_at(fd: int, offset: int, chunks: Sequence[bytes | memoryview]) -> None:
     """Write consecutive chunks at ``offset`` with ``pwritev``, none joined, at most ``_WRITE_LIMIT`` bytes per
     call."""

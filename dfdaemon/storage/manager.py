@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from dfdaemon.ids import InvalidTaskId, blob_digest_task_id, crc32_update, validate_task_id
-from dfdaemon.storage.content import ContentStore, remove_path, sync_and_size, write_at, write_vector_at
+from dfdaemon.storage.content import ContentStore, remove_path, sync_and_size, write_vector_at
 from dfdaemon.storage.metadata import MetadataStore
 from dfdaemon.storage.models import (
     Applied,
@@ -447,7 +447,7 @@ class Storage:
             data = self.content.read_piece(task_id, piece.offset, piece.length)
             return data, len(data) == piece.length and crc32_update(0, data) == piece.crc
 
-        data, intact = await self._io(read_and_check)  # the CRC runs off the loop (the CRC releases the GIL)
+        data, intact = await self._io(read_and_check)  # the CRC runs off the loop (it releases the GIL)
         await self._drop_if_corrupt(piece, intact)
         return piece, data
 
@@ -895,17 +895,15 @@ class PieceFile:
 
         Blocking, so called inside ``hop``, where the CRC runs too (off the event loop).
         """
-        with self._full_disk(), self._writing:
+        with self._full_disk():
+            return self._write(offset, chunks, crc)
+
+    def _write(self, offset: int, chunks: Sequence[bytes | memoryview], crc: int) -> int:
+        with self._writing:
             write_vector_at(self._fd, offset, chunks)
         for chunk in chunks:  # outside the lock: another hop writes meanwhile
             crc = crc32_update(crc, chunk)
         return crc
-
-    def _write_piece(self, offset: int, data: bytes | memoryview) -> int:
-        """In a thread hop: write a whole piece's bytes; returns their CRC-32."""
-        with self._writing:
-            write_at(self._fd, offset, data)
-        return crc32_update(0, data)
 
     async def stage(
         self,
@@ -920,7 +918,7 @@ class PieceFile:
         """Write a whole piece and compute its CRC in one thread hop; neither durable nor visible yet."""
         _check_span(number, offset, len(data))
         with self.storage._disk_full_guard(self.task_id, number):
-            crc = await self.hop(partial(self._write_piece, offset, data))
+            crc = await self.hop(partial(self._write, offset, (data,), 0))
         return self.storage._piece(self.task_id, number, offset, len(data), crc, parent_id, traffic_type, cost)
 
     @contextlib.contextmanager
