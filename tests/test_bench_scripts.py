@@ -85,3 +85,8 @@ def test_bench_mirror_quick_prints_its_table() -> None:
             "memory: daemon peak RSS after cached / blob",
         ),
     )
+
+
+def test_bench_storage_writes_quick_prints_its_table() -> None:
+    lines = run_script("scripts/bench_storage_writes.py", "--quick", timeout=120)
+    ratio_table(lines, ("write calls: 256 KiB / 2 MiB", "warm memory / settled memory", "crc: zlib-ng / zlib"))
