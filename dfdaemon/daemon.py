@@ -264,7 +264,6 @@ class Daemon:
             self.config.download.piece_timeout,
             schedule_timeout=config.schedule_timeout,
             max_schedule_count=config.max_schedule_count,
-            bandwidth=self.downloads.bandwidth.download,
         )
         self.storage.add_deletion_listener(self.scheduler.delete_task)
         self.scheduler.start()

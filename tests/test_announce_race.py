@@ -22,6 +22,7 @@ from dfdaemon.download.manager import DownloadManager, DownloadRequest, TaskJob
 from dfdaemon.download.peering import FetchedPiece, Parent
 from dfdaemon.download.scheduled import ScheduledFetch
 from dfdaemon.ids import PieceSpan
+from dfdaemon.ratelimit import Bandwidth
 from dfdaemon.rpc.scheduler_client import HostInfo, SchedulerClient
 from dfdaemon.rpc.servers import add_service, new_server
 from dfdaemon.storage import Storage, TaskInfo
@@ -59,6 +60,7 @@ class SourceRecorder:
 
     concurrent_piece_count: int = 8
     went_to_source: list[str] = field(default_factory=list)
+    bandwidth: Bandwidth = field(default_factory=Bandwidth.of)
 
     async def back_to_source(self, job: TaskJob, **_: object) -> None:
         self.went_to_source.append(job.peer_id)

@@ -30,6 +30,7 @@ from dfdaemon.download.peering import (
 )
 from dfdaemon.download.scheduled import ScheduledFetch
 from dfdaemon.ids import PieceSpan
+from dfdaemon.ratelimit import Bandwidth
 from dfdaemon.storage import PieceRecord, Storage, TaskInfo, TaskWriter, TrafficType
 from tests.storage_support import make_id, payload, read_all
 
@@ -348,6 +349,7 @@ class FakeManager:
     """What ScheduledFetch reads of the manager when the request names its own concurrency."""
 
     concurrent_piece_count: int = 2
+    bandwidth: Bandwidth = field(default_factory=Bandwidth.of)
 
 
 async def test_a_failing_parent_is_reported_temporary_to_the_scheduler(storage: Storage) -> None:

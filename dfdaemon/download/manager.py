@@ -308,7 +308,7 @@ class DownloadManager:
             prefetch=False,
             is_prefetch=True,
             output_path=None,
-            request_header={k: v for k, v in request.request_header.items() if k.lower() != "range"},
+            request_header=origin_headers(request.request_header),
         )
         prefetch = asyncio.create_task(self._run_prefetch(task_id, whole), name=f"prefetch-{task_id[:12]}")
         self._prefetches[task_id] = prefetch

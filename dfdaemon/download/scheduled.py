@@ -29,7 +29,6 @@ from dfdaemon.download.peering import (
     SchedulerSession,
     SchedulerUnavailable,
 )
-from dfdaemon.ratelimit import TokenBucket
 from dfdaemon.storage import PieceRecord
 from dfdaemon.telemetry import tracing
 
@@ -59,7 +58,6 @@ class ScheduledFetch:
         schedule_timeout: float = SCHEDULE_TIMEOUT,
         max_schedule_count: int = MAX_SCHEDULE_COUNT,
         small_download_limit: int = SMALL_DOWNLOAD_LIMIT,
-        bandwidth: TokenBucket | None = None,
     ) -> None:
         self.manager = manager
         self.scheduler = scheduler
@@ -68,7 +66,6 @@ class ScheduledFetch:
         self.schedule_timeout = schedule_timeout
         self.max_schedule_count = max_schedule_count
         self.small_download_limit = small_download_limit
-        self.bandwidth = bandwidth  # download.bandwidthLimit, for pieces from parents
 
     async def __call__(self, job: TaskJob) -> None:
         if self._is_small(job):
@@ -186,7 +183,7 @@ class ScheduledFetch:
                 piece_timeout=self.piece_timeout,
                 on_piece=on_piece,
                 on_failure=on_failure,
-                bandwidth=self.bandwidth,
+                bandwidth=self.manager.bandwidth.download,  # download.bandwidthLimit, for pieces from parents
             )
             collected = True
         finally:

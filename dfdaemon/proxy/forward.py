@@ -147,7 +147,7 @@ class ForwardProxy:
             blob_digest_ids=self.blob_digest_ids,
             disable_back_to_source=self.disable_back_to_source,
             prefetch=self.prefetch,
-            from_network=_from_network(request.remote),
+            from_network=dragonfly.from_network(request.remote),
             remote_ip=request.remote,
         )
         return await self.p2p.respond(request, download)
@@ -175,7 +175,7 @@ class ForwardProxy:
 
     async def _pass(self, request: web.Request, url: str) -> web.StreamResponse:
         """Forward the request unchanged and stream the origin's answer back, status and headers included."""
-        from_network = _from_network(request.remote)
+        from_network = dragonfly.from_network(request.remote)
         try:
             await self.policy.check(url, from_network=from_network)
         except SourceNotAllowed as exc:
@@ -204,7 +204,7 @@ class ForwardProxy:
     async def _tunnel(self, head: bytes, client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
         """CONNECT host:port: after a 200, bytes pass both ways untouched until both sides are done."""
         peer = to_client.get_extra_info("peername")
-        from_network = _from_network(peer[0] if isinstance(peer, tuple) else None)
+        from_network = dragonfly.from_network(peer[0] if isinstance(peer, tuple) else None)
         try:
             host, port = _connect_target(head)
             await self.policy.check(f"https://{host}:{port}/", from_network=from_network)
@@ -261,11 +261,6 @@ async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> Non
         await sink.drain()
     if sink.can_write_eof():
         sink.write_eof()
-
-
-def _from_network(remote: str | None) -> bool:
-    """A client not on this host: its requests may not reach internal addresses (the source policy)."""
-    return not dragonfly.is_loopback(remote)
 
 
 class Front(asyncio.Protocol):

@@ -144,12 +144,15 @@ def end_to_end(headers: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
     return [(name, header_text(value)) for name, value in items if name.lower() not in HOP_BY_HOP | named]
 
 
-def is_loopback(remote: str | None) -> bool:
-    """Whether a client is on this host (a unix socket counts): the source policy trusts it with internal origins."""
+def from_network(remote: str | None) -> bool:
+    """Whether a client is not on this host (a unix socket is on it): the source policy keeps such clients from
+    internal origins."""
+    if remote is None:
+        return True
     try:
-        return remote is not None and ipaddress.ip_address(remote.split("%")[0]).is_loopback
+        return not ipaddress.ip_address(remote.split("%")[0]).is_loopback
     except ValueError:
-        return remote is not None and remote.startswith("/")
+        return not remote.startswith("/")
 
 
 async def relay(request: web.Request, answer: aiohttp.ClientResponse) -> web.StreamResponse:

@@ -39,7 +39,6 @@ from dfdaemon.proxy import headers as dragonfly
 from dfdaemon.proxy.access import AccessMemory
 from dfdaemon.proxy.cache import FileState, IntactFiles, file_state, open_content, rotten_pieces, send_range
 from dfdaemon.proxy.headers import end_to_end as _forwarded
-from dfdaemon.proxy.headers import is_loopback as _is_loopback
 from dfdaemon.storage import PieceCorrupt, PieceRecord, Storage, StorageFull, TaskState
 
 if TYPE_CHECKING:
@@ -191,7 +190,7 @@ class RegistryMirror:
         path = request.path if digest is not None else request.raw_path.split("?", 1)[0]
         query = [(key, value) for key, value in request.query.items() if key != "ns"]
         url = base + path + (f"?{urlencode(query)}" if query else "")
-        from_network = not _is_loopback(request.remote)
+        from_network = dragonfly.from_network(request.remote)
         try:
             await self.policy.check(url, from_network=from_network)
         except SourceNotAllowed as exc:
@@ -271,7 +270,7 @@ class RegistryMirror:
     async def _ask(self, request: web.Request, url: str, key: tuple[str, str, str]) -> int | None:
         """HEAD the blob at the registry as the client: None (and remembered) when it may read it, else the status."""
         headers = _forwarded(request.headers)
-        from_network = not _is_loopback(request.remote)
+        from_network = dragonfly.from_network(request.remote)
         async with self.client.request("HEAD", url, headers, from_network=from_network, follow_redirects=False) as got:
             status = got.status
         if status >= 400:
@@ -345,7 +344,7 @@ class RegistryMirror:
         With ``refusals_only`` (a blob's refusal shown as the registry sent it) an answer that is not an error is
         not passed on: blob bytes reach the runtime only through the digest-checked P2P path.
         """
-        from_network = not _is_loopback(request.remote)
+        from_network = dragonfly.from_network(request.remote)
         async with contextlib.AsyncExitStack() as stack:
             try:
                 answer = await stack.enter_async_context(
