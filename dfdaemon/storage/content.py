@@ -19,8 +19,8 @@ _READ_CHUNK = 1024 * 1024
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 # Bytes per write call. The page cache backs a write with folios up to about its size. On a VM that hands free
 # memory back to its host (virtio-balloon free page reporting), the large free blocks are the ones handed back, and
-# filling a folio carved from one faults it in from the host: 256 MiB written 1 or 2 MiB per call took 0.7-1.0 s
-# of kernel CPU on a 2-core VM, against 0.07 s written 256 KiB per call. Smaller calls cost nothing elsewhere.
+# filling a folio carved from one faults it in from the host: 256 MiB written 1 or 2 MiB per call took 0.4-1.0 s
+# of CPU on a 2-core VM, against 0.07-0.08 s written 256 KiB per call (scripts/bench_storage_writes.py).
 _WRITE_LIMIT = 256 * 1024
 
 
