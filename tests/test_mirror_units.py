@@ -37,6 +37,13 @@ def test_an_ns_that_is_not_a_host_is_refused(ns: str) -> None:
         upstream_base(ns, DEFAULT, frozenset())
 
 
+@pytest.mark.parametrize("ns", ["4300000000", "1.2.3.4.5", "0x1.256.0.1"])
+def test_an_ns_shaped_like_a_host_that_is_no_url_host_is_refused(ns: str) -> None:
+    """Numbers a URL parser reads as an out-of-range IPv4 address: refused with the 400 of any bad ns, not a 500."""
+    with pytest.raises(ValueError, match="invalid URL"):
+        upstream_base(ns, DEFAULT, frozenset())
+
+
 @pytest.mark.parametrize(
     ("header", "length", "span"),
     [

@@ -185,7 +185,10 @@ async def test_a_blobs_tasks_are_found_by_digest_whatever_they_are_named_by(tmp_
         other_digest = "sha256:" + hashlib.sha256(other).hexdigest()
         other_id = await cache_blob(storage, blob_url("library/app", other_digest), other, other_digest)
         # Bytes fetched from a blob URL without a digest to check them against are no blob's.
-        await cache_blob(storage, blob_url("library/unchecked", "sha256:" + "1" * 64), b"x" * 100, None)
+        unchecked = await cache_blob(storage, blob_url("library/unchecked", "sha256:" + "1" * 64), b"x" * 100, None)
+        library_task, unchecked_task = await storage.get_task(library), await storage.get_task(unchecked)
+        assert library_task is not None and library_task.digest == DIGEST  # what the mirror's cached path reads
+        assert unchecked_task is not None and unchecked_task.digest is None
         absent = "sha256:" + "2" * 64
         found = await storage.task_ids_for_digests([DIGEST, other_digest, absent, "sha256:" + "1" * 64, "md5:x"])
         assert found == {DIGEST: sorted([HEX_ID, library, fork]), other_digest: [other_id]}

@@ -34,12 +34,12 @@ from dfdaemon.admission import Busy
 from dfdaemon.backend import BackendError, OriginClient, SourceNotAllowed, SourcePolicy, UnsupportedURL
 from dfdaemon.download import DownloadManager, DownloadRequest, InvalidDownload, PieceDone, Started
 from dfdaemon.download.source import ByteTap
-from dfdaemon.ids import PieceSpan
+from dfdaemon.ids import InvalidTaskId, PieceSpan, blob_digest_task_id
 from dfdaemon.proxy import headers as dragonfly
 from dfdaemon.proxy.access import AccessMemory
 from dfdaemon.proxy.cache import FileState, IntactFiles, file_state, open_content, rotten_pieces, send_range
 from dfdaemon.proxy.headers import end_to_end as _forwarded
-from dfdaemon.storage import PieceCorrupt, PieceRecord, Storage, StorageFull, TaskState
+from dfdaemon.storage import PieceCorrupt, PieceRecord, Storage, StorageFull, TaskRecord, TaskState
 
 if TYPE_CHECKING:
     from dfdaemon.proxy.forward import ForwardProxy
@@ -67,6 +67,7 @@ def upstream_base(ns: str | None, default: str, insecure: frozenset[str]) -> str
         raise ValueError(f"ns={ns[:100]!r} is not a registry host")
     host = _REGISTRY_ALIASES.get(ns.lower(), ns.lower())
     scheme = "http" if ns.lower() in insecure else "https"
+    ids.normalize_url(f"{scheme}://{host}/")  # a host that looks like one but is no URL host (4300000000) is refused
     return f"{scheme}://{host}"
 
 
@@ -118,6 +119,19 @@ def _named_digest(request: web.Request) -> str:
     digest = _blob_digest(request)
     assert digest is not None, "only a blob request asks"
     return digest
+
+
+def _matched_digest(request: web.Request, task: TaskRecord) -> bool:
+    """Whether the task's bytes matched the blob's digest: it is the task the digest names (whose download checks
+    it), or its completion recorded that digest. A task named by the URL may have been completed by a download that
+    had no digest to check (a ``dfget`` of the blob's URL, say)."""
+    digest = _named_digest(request)
+    if task.digest == digest:
+        return True
+    try:
+        return task.id == blob_digest_task_id(digest)
+    except InvalidTaskId:
+        return False
 
 
 def _has_dot_segment(path: str) -> bool:
@@ -303,16 +317,10 @@ class RegistryMirror:
         task = await self.storage.get_task(task_id)
         if task is None or task.state is not TaskState.SUCCEEDED or task.content_length is None:
             return None
-        if not await self._matched_digest(request, task_id):
+        if not _matched_digest(request, task):
             return None
         denial = await self._denial(request, url, self._confirming(request, base, url))
         return denial or web.Response(status=200, headers=self._blob_headers(request, task_id, task.content_length))
-
-    async def _matched_digest(self, request: web.Request, task_id: str) -> bool:
-        """Whether the task's bytes matched the blob's digest: a task named by the URL may have been completed by a
-        download that had no digest to check (a ``dfget`` of the blob's URL, say)."""
-        digest = _named_digest(request)
-        return task_id in (await self.storage.task_ids_for_digests([digest])).get(digest, [])
 
     @staticmethod
     def _blob_headers(request: web.Request, task_id: str, length: int) -> dict[str, str]:
@@ -407,7 +415,7 @@ class RegistryMirror:
             task = await self.storage.get_task(task_id)
             if task is None or task.state is not TaskState.SUCCEEDED or task.content_length is None:
                 return None
-            if not await self._matched_digest(request, task_id):
+            if not _matched_digest(request, task):
                 return None  # the download path checks the bytes before their last ones go out
             pieces = await self.storage.pieces(task_id)
             if sum(piece.length for piece in pieces) != task.content_length:

@@ -81,7 +81,7 @@ _MIGRATIONS: list[str] = [_SCHEMA_V1, _SCHEMA_V2]
 
 _TASK_COLUMNS = (
     "id, state, url, tag, application, piece_length, content_length, response_header, created_at, updated_at, "
-    "last_used_at, finished_at, failed_at, released_at, uploaded_count, content_bytes"
+    "last_used_at, finished_at, failed_at, released_at, uploaded_count, content_bytes, digest"
 )
 
 
@@ -108,6 +108,7 @@ def _task(row: sqlite3.Row, piece_count: int = 0) -> TaskRecord:
         uploaded_count=row["uploaded_count"],
         content_bytes=row["content_bytes"],
         piece_count=piece_count,
+        digest=row["digest"],
     )
 
 

@@ -55,6 +55,7 @@ class TaskRecord:
     uploaded_count: int
     content_bytes: int
     piece_count: int = 0
+    digest: str | None = None  # the blob digest the content was verified against when it completed, if any
 
     @property
     def is_finished(self) -> bool:
