@@ -253,7 +253,7 @@ async def test_an_abandoned_range_does_not_poison_the_pool(servers: tuple[Server
     backend = Backend()
     try:
         async with backend.open_range(url, {}, 0, len(BODY)) as body:
-            first = await anext(body)  # then walk away with most of the body unread
+            first = await anext(aiter(body))  # then walk away with most of the body unread
         after = await _read_range(backend, url, 1000, 5000)
         again = await _read_range(backend, url, 7000, 5000)
     finally:

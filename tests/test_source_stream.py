@@ -6,6 +6,7 @@ The origin counts connections and GETs, can cut its first answer after some byte
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import re
 from collections.abc import AsyncIterator, Callable
@@ -32,6 +33,7 @@ class Origin:
     ranges: bool = True
     cut_first_at: int | None = None  # the first GETs' connections are dropped after this many body bytes
     cuts: int = 1  # how many GETs are cut
+    chunked_gets: set[int] = field(default_factory=set)  # which GETs (0 the first) answer in chunked encoding
     connections: set[tuple[str, int]] = field(default_factory=set)
     gets: list[str | None] = field(default_factory=list)  # each GET's Range header
     url: str = ""
@@ -46,9 +48,13 @@ class Origin:
         headers = {"Content-Length": str(end - start), "Accept-Ranges": "bytes" if self.ranges else "none"}
         if ranged:
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(self.body)}"
+        probe = request.method == "HEAD" or request.headers.get("Range") == "bytes=0-0"  # a length probe: no stream
         response = web.StreamResponse(status=206 if ranged else 200, headers=headers)
+        if not probe and len(self.gets) in self.chunked_gets:
+            del response.headers["Content-Length"]
+            response.enable_chunked_encoding()
         await response.prepare(request)
-        if request.method == "HEAD" or request.headers.get("Range") == "bytes=0-0":  # a length probe is no stream
+        if probe:
             return response
         self.gets.append(request.headers.get("Range"))
         if self.cut_first_at is not None and len(self.gets) <= self.cuts:
@@ -111,8 +117,12 @@ async def origin() -> AsyncIterator[Origin]:
         await runner.cleanup()
 
 
-async def fetch(daemon: Daemon, url: str) -> tuple[Started, list[PieceDone]]:
-    events = [event async for event in daemon.manager.download(DownloadRequest(url=url))]
+async def fetch(daemon: Daemon, url: str, *, tapped: bool = False) -> tuple[Started, list[PieceDone]]:
+    """Download ``url``; ``tapped``: with a follower tapping the bytes (as the mirror does), so they are read
+    through aiohttp on the event loop rather than by the writing thread straight from the socket."""
+    request = DownloadRequest(url=url)
+    with daemon.manager.tap(request.task_id()) if tapped else contextlib.nullcontext():
+        events = [event async for event in daemon.manager.download(request)]
     started, pieces = events[0], events[1:]
     assert isinstance(started, Started)
     assert all(isinstance(piece, PieceDone) for piece in pieces)
@@ -139,18 +149,39 @@ async def test_a_task_is_one_get_on_one_connection_and_each_piece_is_reported_on
         assert (await daemon.storage.read_piece(started.task_id, piece.number))[1] == span
 
 
-async def test_a_stream_broken_mid_piece_resumes_at_the_byte_where_it_broke(daemon: Daemon, origin: Origin) -> None:
+@pytest.mark.parametrize("tapped", [False, True], ids=["direct", "aiohttp"])
+async def test_a_stream_broken_mid_piece_resumes_at_the_byte_where_it_broke(
+    daemon: Daemon, origin: Origin, tapped: bool
+) -> None:
     origin.cut_first_at = 5 * MIB + 777  # inside the second piece
-    started, pieces = await fetch(daemon, origin.url)
+    started, pieces = await fetch(daemon, origin.url, tapped=tapped)
     assert hashlib.sha256(stored(daemon, started.task_id)).hexdigest() == hashlib.sha256(origin.body).hexdigest()
     assert origin.gets == [f"bytes=0-{len(origin.body) - 1}", f"bytes={5 * MIB + 777}-{len(origin.body) - 1}"]
     assert sorted(p.piece.number for p in pieces) == [0, 1, 2]
 
 
-@pytest.mark.parametrize("cut", [None, 3 * MIB])
-async def test_an_origin_that_ignores_ranges_is_read_whole(daemon: Daemon, origin: Origin, cut: int | None) -> None:
-    origin.ranges, origin.cut_first_at = False, cut
+@pytest.mark.parametrize("chunked", [{0}, {1}], ids=["aiohttp-then-direct", "direct-then-aiohttp"])
+async def test_a_piece_broken_in_one_way_of_reading_is_finished_in_the_other(
+    daemon: Daemon, origin: Origin, chunked: set[int]
+) -> None:
+    """A chunked answer is read through aiohttp, a plain one by the writing thread: a piece begun one way and
+    resumed the other keeps its bytes and CRC (a wrong CRC fails the piece's commit check on read below)."""
+    origin.cut_first_at, origin.chunked_gets = 5 * MIB + 777, chunked
     started, pieces = await fetch(daemon, origin.url)
+    assert stored(daemon, started.task_id) == origin.body
+    assert origin.gets == [f"bytes=0-{len(origin.body) - 1}", f"bytes={5 * MIB + 777}-{len(origin.body) - 1}"]
+    for done in pieces:
+        span = origin.body[done.piece.offset : done.piece.offset + done.piece.length]
+        assert (await daemon.storage.read_piece(started.task_id, done.piece.number))[1] == span  # CRC-checked
+
+
+@pytest.mark.parametrize("tapped", [False, True], ids=["direct", "aiohttp"])
+@pytest.mark.parametrize("cut", [None, 3 * MIB])
+async def test_an_origin_that_ignores_ranges_is_read_whole(
+    daemon: Daemon, origin: Origin, cut: int | None, tapped: bool
+) -> None:
+    origin.ranges, origin.cut_first_at = False, cut
+    started, pieces = await fetch(daemon, origin.url, tapped=tapped)
     assert stored(daemon, started.task_id) == origin.body
     assert len(origin.gets) == (1 if cut is None else 2)  # a resume reads the body again, skipping what it has
     assert sorted(p.piece.number for p in pieces) == [0, 1, 2]

@@ -20,6 +20,7 @@ from aiohttp.abc import AbstractResolver
 from multidict import CIMultiDictProxy
 
 from dfdaemon.backend.client import OriginClient
+from dfdaemon.backend.direct import DirectBody, take_over
 from dfdaemon.backend.policy import BackendError, SourcePolicy
 
 log = logging.getLogger("dfdaemon.backend")
@@ -91,6 +92,7 @@ class Backend:
     ) -> None:
         self.retry = retry or RetryPolicy()
         self.policy = policy
+        self.timeout = timeout
         self.client = OriginClient(policy, timeout=timeout, resolver=resolver)
 
     async def close(self) -> None:
@@ -151,11 +153,11 @@ class Backend:
     @contextlib.asynccontextmanager
     async def open_range(
         self, url: str, headers: Mapping[str, str], start: int, length: int, *, from_network: bool = False
-    ) -> AsyncIterator[AsyncIterator[bytes]]:
+    ) -> AsyncIterator[RangeBody]:
         """Open ``length`` bytes at ``start`` and yield them as they arrive (connection retried before any byte).
 
         An origin that ignores ranges answers with its whole body; the bytes before ``start`` are then skipped.
-        A range read to its end leaves its connection in the pool for the next one.
+        A range read to its end through aiohttp leaves its connection in the pool for the next one.
         """
         asked = f"bytes={start}-{start + length - 1}"
 
@@ -170,9 +172,39 @@ class Backend:
             return response, stack
 
         response, stack = await self._retrying(f"range {start}+{length} of {url}", once)
-        skip = start if response.status == 200 else 0
+        body = RangeBody(response, start if response.status == 200 else 0, length, url, self.timeout)
         async with stack:
-            yield _limited(response, skip, length, url)
+            try:
+                yield body
+            finally:
+                body.finish()
+
+
+class RangeBody:
+    """The bytes of an opened range: iterated as aiohttp delivers them, or taken over by a worker thread."""
+
+    def __init__(self, response: aiohttp.ClientResponse, skip: int, length: int, url: str, timeout: float) -> None:
+        self._response = response
+        self._skip = skip
+        self._length = length
+        self._url = url
+        self._timeout = timeout
+        self._direct: DirectBody | None = None
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return _limited(self._response, self._skip, self._length, self._url)
+
+    def direct(self) -> DirectBody | None:
+        """The body for a worker thread to read from the socket (see ``dfdaemon.backend.direct``), when it can be;
+        then it must not be iterated."""
+        self._direct = take_over(self._response, self._skip, self._length, self._url, self._timeout)
+        return self._direct
+
+    def finish(self) -> None:
+        """A body taken over ends its socket; its connection is closed, never pooled."""
+        if self._direct is not None:
+            self._direct.end()
+            self._response.close()
 
 
 def _stat_answer(response: aiohttp.ClientResponse, url: str) -> OriginInfo:

@@ -626,13 +626,15 @@ class DownloadManager:
             try:
                 # A client tapping the bytes, and a blob's digest, take them in order: one stream serves them best.
                 # An origin without ranges sends its whole body each time: then the runs go one after another.
-                ordered = job.task_id in self._taps or job.digest is not None or not job.accepts_ranges
+                tapped = job.task_id in self._taps
+                ordered = tapped or job.digest is not None or not job.accepts_ranges
                 streams = 1 if ordered else _SOURCE_STREAMS
                 limit = asyncio.Semaphore(streams)
 
                 async def one(spans: list[PieceSpan]) -> None:
                     async with limit:
-                        await RunStream(origin, spans, file, committer, publish, job.digest).run()
+                        stream = RunStream(origin, spans, file, committer, publish, job.digest, direct=not tapped)
+                        await stream.run()
 
                 async with asyncio.TaskGroup() as group:
                     for spans in runs(job.missing_pieces(), streams):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from dfdaemon import ids
 from dfdaemon.backend import Backend, BackendError
+from dfdaemon.backend.direct import DirectBody
 from dfdaemon.ids import PieceSpan
 from dfdaemon.ratelimit import TokenBucket
 from dfdaemon.storage import PieceFile, PieceRecord, TrafficType
@@ -37,6 +38,9 @@ COMMIT_DELAY = 0.1
 # SEGMENT * (PENDING_SEGMENTS + 1); with a task's parallel ranges, this bounds the daemon's memory.
 SEGMENT = 2 * 1024 * 1024
 PENDING_SEGMENTS = 1
+# Bytes a direct read receives and writes at a time: small enough to stay in the CPU's cache between the two, big
+# enough that the thread seldom waits (bench_p2p dfget, 256 MiB: 0.34 s at 256 KiB, 0.29 s from 512 KiB to 2 MiB).
+BLOCK = 512 * 1024
 # A run of missing pieces is split into parallel ranges only where each gets at least this many pieces.
 MIN_STREAM_PIECES = 16
 # Bytes a tap holds for a follower that reads slower than the origin sends; past this it reads from storage.
@@ -221,6 +225,8 @@ class RunStream:
         committer: BatchCommitter,
         publish: Publish,
         digest: InOrderDigest | None,
+        *,
+        direct: bool = False,
     ) -> None:
         self.origin = origin
         self.spans = spans
@@ -228,13 +234,16 @@ class RunStream:
         self.committer = committer
         self.publish = publish
         self.digest = digest
+        self.direct = direct  # read plain bodies in the writing thread (no follower taps the bytes)
+        self._block: memoryview | None = None  # the direct reads' buffer, made on first use
         self._index = 0
         self._filled = 0
         self._piece_started = 0.0
         self._chunks: list[memoryview] = []  # the segment filling now
         self._segment_offset = 0
         self._segment_fill = 0
-        self._last: asyncio.Task[int] | None = None  # the latest segment's hop; it returns the CRC so far
+        # The latest segment's hop (or direct read); its result is the piece's CRC so far.
+        self._last: asyncio.Future[int] | None = None
         self._pending: collections.deque[asyncio.Task[int]] = collections.deque()
         self._commits: collections.deque[asyncio.Task[None]] = collections.deque()
 
@@ -273,12 +282,54 @@ class RunStream:
             async with origin.backend.open_range(
                 origin.url, origin.headers, position, end - position, from_network=origin.from_network
             ) as body:
+                direct = body.direct() if self.direct else None
+                if direct is not None:
+                    await self._receive_direct(direct)
+                    return
                 async for chunk in body:
                     self.publish(position, chunk)
                     position += len(chunk)
                     await self._cut(memoryview(chunk))
                     for limit in origin.limits:
                         await limit.acquire(len(chunk))
+
+    async def _receive_direct(self, body: DirectBody) -> None:
+        """Each remaining piece in one thread hop that reads it from the socket and writes it, ``BLOCK`` bytes at a
+        time (written, CRCed and, for a blob, hashed while still in the CPU's cache).
+
+        A read that breaks leaves the piece's progress (bytes and CRC so far) for the resume, whichever way it reads.
+        """
+        if self._chunks:  # collected through aiohttp before a break: written before anything after them
+            await self._write_segment(continues=self._segment_offset != self.spans[self._index].offset)
+        while self._index < len(self.spans):
+            span = self.spans[self._index]
+            if self._filled == 0:
+                self._piece_started = time.monotonic()
+            crc = await asyncio.shield(self._last) if self._filled and self._last is not None else 0
+            for limit in self.origin.limits:
+                await limit.acquire(span.length - self._filled)
+            progress = _Progress(span.offset + self._filled, crc)
+            try:
+                await self.file.hop(functools.partial(self._read_direct, body, progress, span.offset + span.length))
+            except asyncio.CancelledError:
+                body.end()  # the thread's read fails at once; the file's drain waits for it
+                raise
+            finally:
+                self._filled = progress.offset - span.offset
+                self._last = asyncio.get_running_loop().create_future()
+                self._last.set_result(progress.crc)
+            await self._piece_complete(span)
+
+    def _read_direct(self, body: DirectBody, progress: _Progress, end: int) -> None:
+        """In a worker thread: receive, write, CRC and hash one block after the other up to ``end``."""
+        if self._block is None:
+            self._block = memoryview(bytearray(BLOCK))
+        while progress.offset < end:
+            block = self._block[: body.read_into(self._block[: end - progress.offset])]
+            progress.crc = self.file.write_chunks(progress.offset, (block,), progress.crc)
+            if self.digest is not None:
+                self.digest.feed(progress.offset, block)
+            progress.offset += len(block)
 
     async def _cut(self, view: memoryview) -> None:
         """Collect arriving bytes (views, not copies) into segments; full segments and pieces move on."""
@@ -311,7 +362,7 @@ class RunStream:
             await asyncio.shield(self._pending.popleft())
 
     async def _segment(
-        self, previous: asyncio.Task[int] | None, continues: bool, offset: int, chunks: list[memoryview]
+        self, previous: asyncio.Future[int] | None, continues: bool, offset: int, chunks: list[memoryview]
     ) -> int:
         """Write one segment after the one before it; returns the piece's CRC up to its end.
 
@@ -341,12 +392,20 @@ class RunStream:
         while self._commits and self._commits[0].done():
             await self._commits.popleft()  # raises the failure of a write
 
-    async def _commit_when_written(self, span: PieceSpan, last: asyncio.Task[int], started: float) -> None:
+    async def _commit_when_written(self, span: PieceSpan, last: asyncio.Future[int], started: float) -> None:
         """Queue a piece for commit once its last segment is written (each segment waits for the one before)."""
         crc = await asyncio.shield(last)
         self.committer.add(
             self.file.piece(span.number, span.offset, span.length, crc, TrafficType.BACK_TO_SOURCE, started)
         )
+
+
+@dataclass
+class _Progress:
+    """How far a direct read got in its piece: the next byte's offset and the CRC of the piece up to it."""
+
+    offset: int
+    crc: int
 
 
 def _outcome_read(task: asyncio.Task[int]) -> None:
