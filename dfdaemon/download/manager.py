@@ -38,7 +38,7 @@ from dfdaemon.download.ranges import (
 )
 from dfdaemon.download.request import ByteRange as ByteRange
 from dfdaemon.download.request import DownloadRequest as DownloadRequest
-from dfdaemon.download.source import BatchCommitter, ByteTap, InOrderDigest, Origin, RunStream, runs
+from dfdaemon.download.source import BatchCommitter, InOrderDigest, Origin, RunStream, WrittenBytes, runs
 from dfdaemon.gc import GarbageCollector
 from dfdaemon.ids import PieceSpan
 from dfdaemon.ratelimit import Bandwidth
@@ -222,7 +222,7 @@ class DownloadManager:
         self.max_concurrent_tasks = max_concurrent_tasks
         self.fetch_missing: PieceFetcher = self.back_to_source
         self._jobs: dict[str, TaskJob] = {}
-        self._taps: dict[str, set[ByteTap]] = {}
+        self._taps: dict[str, set[WrittenBytes]] = {}
         self._prefetches: dict[str, asyncio.Task[None]] = {}
 
     async def close(self) -> None:
@@ -237,9 +237,10 @@ class DownloadManager:
                     await job.runner
 
     @contextlib.contextmanager
-    def tap(self, task_id: str) -> Iterator[ByteTap]:
-        """The task's bytes as the origin sends them, while this is open (see ``ByteTap``); for the mirror."""
-        tap = ByteTap()
+    def tap(self, task_id: str) -> Iterator[WrittenBytes]:
+        """Where the task's bytes from the origin are written, as they land, while this is open (see
+        ``WrittenBytes``); for the mirror."""
+        tap = WrittenBytes()
         self._taps.setdefault(task_id, set()).add(tap)
         try:
             yield tap
@@ -249,9 +250,9 @@ class DownloadManager:
             if not taps:
                 del self._taps[task_id]
 
-    def _publish(self, task_id: str, offset: int, chunk: bytes) -> None:
+    def _publish(self, task_id: str, offset: int, length: int) -> None:
         for tap in self._taps.get(task_id, ()):
-            tap.offer(offset, chunk)
+            tap.add(offset, length)
 
     # Requests
 
@@ -624,17 +625,15 @@ class DownloadManager:
         async with writer.piece_file() as file:
             committer = BatchCommitter(file, announce)
             try:
-                # A client tapping the bytes, and a blob's digest, take them in order: one stream serves them best.
+                # A client following the bytes, and a blob's digest, take them in order: one stream serves them best.
                 # An origin without ranges sends its whole body each time: then the runs go one after another.
-                tapped = job.task_id in self._taps
-                ordered = tapped or job.digest is not None or not job.accepts_ranges
+                ordered = job.task_id in self._taps or job.digest is not None or not job.accepts_ranges
                 streams = 1 if ordered else _SOURCE_STREAMS
                 limit = asyncio.Semaphore(streams)
 
                 async def one(spans: list[PieceSpan]) -> None:
                     async with limit:
-                        stream = RunStream(origin, spans, file, committer, publish, job.digest, direct=not tapped)
-                        await stream.run()
+                        await RunStream(origin, spans, file, committer, publish, job.digest).run()
 
                 async with asyncio.TaskGroup() as group:
                     for spans in runs(job.missing_pieces(), streams):

@@ -1,11 +1,15 @@
 """Back to source as one stream: pieces cut from the origin's body as it arrives, committed in batches.
 
 Each run of consecutive missing pieces is one GET on a pooled connection (a long run a few ranges in parallel).
-The event loop only collects the arriving chunks; each piece's chunks go to a worker thread in one hop that
-writes them (one vectored write, no copy), computes the CRC and, for a blob, feeds the digest, while more arrive.
+A plain HTTP body of known length is read by a worker thread straight from its socket, one thread hop per piece:
+block by block it is received, written, CRCed and, for a blob, hashed while still in the CPU's cache (see
+``dfdaemon.backend.direct``). Any other body (TLS, chunked) arrives on the event loop through aiohttp, which only
+collects the chunks; each piece's chunks go to a worker thread in one hop that writes them (one vectored write, no
+copy), computes the CRC and feeds the digest, while more arrive.
 Written pieces become visible in batches: the file is synced, their rows committed in one transaction, then each
-is announced. A broken connection resumes at the byte where it broke, after a backoff. Followers may tap the
-bytes as they arrive (the registry mirror does), before any piece is complete.
+is announced. A broken connection resumes at the byte where it broke, after a backoff, whichever way either side
+read. Followers (the registry mirror) hear of the bytes as they are written, before any piece is complete, and
+read them back from the page cache.
 """
 
 from __future__ import annotations
@@ -43,52 +47,37 @@ PENDING_SEGMENTS = 1
 BLOCK = 512 * 1024
 # A run of missing pieces is split into parallel ranges only where each gets at least this many pieces.
 MIN_STREAM_PIECES = 16
-# Bytes a tap holds for a follower that reads slower than the origin sends; past this it reads from storage.
-TAP_LIMIT = 64 * 1024 * 1024
 
-Publish = Callable[[int, bytes], None]
+Publish = Callable[[int, int], None]  # bytes at an offset were written
 PieceReport = Callable[[PieceRecord], Awaitable[None]]
 
 
-class ByteTap:
-    """A task's bytes as the origin sends them, offered to one follower by absolute offset.
+class WrittenBytes:
+    """The byte ranges of a task's content file its back-to-source streams have written so far (durable or not),
+    for a follower that sends them on as they land (the mirror) by reading them back from the page cache.
 
-    A follower that falls behind by more than ``limit`` bytes is cut off (``overflowed``) and reads the rest from
-    storage, so a slow client never holds the download back nor grows memory without bound.
+    A follower holds no bytes of its own: one slower than the origin only falls behind in the file.
     """
 
-    def __init__(self, limit: int = TAP_LIMIT) -> None:
-        self.limit = limit
-        self.overflowed = False
+    def __init__(self) -> None:
         self.wake = asyncio.Event()
-        self._chunks: dict[int, bytes] = {}
-        self._held = 0
+        self._extents: list[list[int]] = []  # [start, end) of each run written, merged where they meet
 
-    def offer(self, offset: int, chunk: bytes) -> None:
-        if self.overflowed:
-            return
-        if self._held + len(chunk) > self.limit:
-            self.overflowed = True
-            self._chunks.clear()
-            self._held = 0
+    def add(self, offset: int, length: int) -> None:
+        for extent in self._extents:
+            if extent[1] == offset:
+                extent[1] += length
+                break
         else:
-            self._chunks[offset] = chunk
-            self._held += len(chunk)
+            self._extents.append([offset, offset + length])
         self.wake.set()
 
-    def take(self, position: int) -> bytes | None:
-        """The bytes held from ``position`` on (one chunk's worth), if any; those wholly before it are dropped."""
-        chunk = self._chunks.pop(position, None)
-        if chunk is not None:
-            self._held -= len(chunk)
-            return chunk
-        found = None
-        for offset in [offset for offset in self._chunks if offset < position]:
-            stale = self._chunks.pop(offset)
-            self._held -= len(stale)
-            if offset + len(stale) > position:
-                found = stale[position - offset :]
-        return found
+    def end_from(self, position: int) -> int | None:
+        """Where the written bytes from ``position`` on end, or None when the byte at ``position`` is not written."""
+        for start, end in self._extents:
+            if start <= position < end:
+                return end
+        return None
 
 
 class InOrderDigest:
@@ -210,7 +199,8 @@ class Origin:
 class RunStream:
     """One run of consecutive pieces from one GET (resumed after breaks), cut into pieces as bytes arrive.
 
-    The loop only collects the chunks as the connection delivers them. A piece's chunks (or a segment's, for a
+    A body a worker thread can read from its socket is read one piece per thread hop (``_receive_direct``). For any
+    other, the loop only collects the chunks as the connection delivers them. A piece's chunks (or a segment's, for a
     piece longer than ``SEGMENT``) go to a thread in one hop that writes them with one vectored write, continues
     the piece's CRC over them and, for a blob, feeds the digest: no copy, no hashing on the event loop. The hops
     of one stream run one after another (each continues the CRC of the one before), at most ``PENDING_SEGMENTS``
@@ -225,8 +215,6 @@ class RunStream:
         committer: BatchCommitter,
         publish: Publish,
         digest: InOrderDigest | None,
-        *,
-        direct: bool = False,
     ) -> None:
         self.origin = origin
         self.spans = spans
@@ -234,7 +222,6 @@ class RunStream:
         self.committer = committer
         self.publish = publish
         self.digest = digest
-        self.direct = direct  # read plain bodies in the writing thread (no follower taps the bytes)
         self._block: memoryview | None = None  # the direct reads' buffer, made on first use
         self._index = 0
         self._filled = 0
@@ -282,12 +269,11 @@ class RunStream:
             async with origin.backend.open_range(
                 origin.url, origin.headers, position, end - position, from_network=origin.from_network
             ) as body:
-                direct = body.direct() if self.direct else None
+                direct = body.direct()
                 if direct is not None:
                     await self._receive_direct(direct)
                     return
                 async for chunk in body:
-                    self.publish(position, chunk)
                     position += len(chunk)
                     await self._cut(memoryview(chunk))
                     for limit in origin.limits:
@@ -301,6 +287,7 @@ class RunStream:
         """
         if self._chunks:  # collected through aiohttp before a break: written before anything after them
             await self._write_segment(continues=self._segment_offset != self.spans[self._index].offset)
+        loop = asyncio.get_running_loop()
         while self._index < len(self.spans):
             span = self.spans[self._index]
             if self._filled == 0:
@@ -309,19 +296,21 @@ class RunStream:
             for limit in self.origin.limits:
                 await limit.acquire(span.length - self._filled)
             progress = _Progress(span.offset + self._filled, crc)
+            read = functools.partial(self._read_direct, body, progress, span.offset + span.length, loop)
             try:
-                await self.file.hop(functools.partial(self._read_direct, body, progress, span.offset + span.length))
+                await self.file.hop(read)
             except asyncio.CancelledError:
                 body.end()  # the thread's read fails at once; the file's drain waits for it
                 raise
             finally:
                 self._filled = progress.offset - span.offset
-                self._last = asyncio.get_running_loop().create_future()
+                self._last = loop.create_future()
                 self._last.set_result(progress.crc)
             await self._piece_complete(span)
 
-    def _read_direct(self, body: DirectBody, progress: _Progress, end: int) -> None:
-        """In a worker thread: receive, write, CRC and hash one block after the other up to ``end``."""
+    def _read_direct(self, body: DirectBody, progress: _Progress, end: int, loop: asyncio.AbstractEventLoop) -> None:
+        """In a worker thread: receive, write, CRC and hash one block after the other up to ``end``; followers hear
+        of each block written."""
         if self._block is None:
             self._block = memoryview(bytearray(BLOCK))
         while progress.offset < end:
@@ -329,6 +318,7 @@ class RunStream:
             progress.crc = self.file.write_chunks(progress.offset, (block,), progress.crc)
             if self.digest is not None:
                 self.digest.feed(progress.offset, block)
+            loop.call_soon_threadsafe(self.publish, progress.offset, len(block))
             progress.offset += len(block)
 
     async def _cut(self, view: memoryview) -> None:
@@ -372,7 +362,9 @@ class RunStream:
         if previous is not None:
             before = await asyncio.shield(previous)
             crc = before if continues else 0
-        return await self.file.hop(functools.partial(self._write, offset, chunks, crc))
+        crc = await self.file.hop(functools.partial(self._write, offset, chunks, crc))
+        self.publish(offset, sum(map(len, chunks)))
+        return crc
 
     def _write(self, offset: int, chunks: list[memoryview], crc: int) -> int:
         """In a worker thread: the vectored write, the CRC and, for a blob, the digest, in one pass."""

@@ -2,8 +2,8 @@
 
 ``GET /v2/<name>/blobs/<digest>`` becomes a P2P download whose task id is the blob's digest, so every
 node shares one copy of a layer whatever registry or repository it came from, and the bytes are checked
-against the digest. A blob's bytes reach the runtime as they arrive from the registry (tapped from the download's
-stream), else as its pieces land in storage (pieces from peers, a client slower than the registry); the last
+against the digest. A blob's bytes reach the runtime by ``sendfile`` from its content file as the download's stream
+writes them there from the registry, else as its pieces are stored (pieces from peers); the last
 ``HELD_TAIL`` bytes are held back until the whole blob matched its digest. A blob is never held whole. A blob the
 cache holds whole goes out by ``sendfile`` from its content file (see ``cache``). Before any blob is served, the
 registry is asked whether this client may read it, unless it is configured public (see ``access``).
@@ -33,7 +33,7 @@ from dfdaemon import ids
 from dfdaemon.admission import Busy
 from dfdaemon.backend import BackendError, OriginClient, SourceNotAllowed, SourcePolicy, UnsupportedURL
 from dfdaemon.download import DownloadManager, DownloadRequest, InvalidDownload, PieceDone, Started
-from dfdaemon.download.source import ByteTap
+from dfdaemon.download.source import WrittenBytes
 from dfdaemon.ids import InvalidTaskId, PieceSpan, blob_digest_task_id
 from dfdaemon.proxy import headers as dragonfly
 from dfdaemon.proxy.access import AccessMemory
@@ -518,7 +518,7 @@ class RegistryMirror:
         try:
             await response.prepare(request)
             wanted = [p for p in started.pieces if p.offset <= last and p.offset + p.length > first]
-            await self._send_in_order(response, arrivals, started.task_id, wanted, first, last + 1)
+            await self._send_in_order(request, response, arrivals, started.task_id, wanted, first, last + 1)
         except (ConnectionError, asyncio.CancelledError):
             raise
         except Exception as exc:
@@ -535,6 +535,7 @@ class RegistryMirror:
 
     async def _send_in_order(
         self,
+        request: web.Request,
         response: web.StreamResponse,
         arrivals: _Arrivals,
         task_id: str,
@@ -542,30 +543,34 @@ class RegistryMirror:
         first: int,
         end: int,
     ) -> None:
-        """Write bytes ``first`` to ``end`` in order: as the registry sends them, else as their pieces are stored.
+        """Send bytes ``first`` to ``end`` in order: by sendfile as the registry's land in the content file, else as
+        their pieces are stored.
 
         The last ``HELD_TAIL`` bytes are held back until the whole blob has matched its digest: a forged blob never
         reaches the client complete, whatever the client checks itself.
         """
         held_from = max(first, end - HELD_TAIL)
         position, index = first, 0
-        while position < held_from:
-            arrivals.tap.wake.clear()
-            while wanted[index].offset + wanted[index].length <= position:
-                index += 1
-            chunk = arrivals.tap.take(position)
-            if chunk is not None:
-                await response.write(chunk[: held_from - position])
-                position += min(len(chunk), held_from - position)
-            elif wanted[index].number in arrivals.arrived:
-                position = await self._send_stored(response, task_id, wanted[index], position, held_from)
-            else:
-                arrivals.check()
-                await arrivals.tap.wake.wait()
-        await arrivals.finished()  # the rest of the download checks the whole blob against its digest
-        for piece in wanted:
-            if piece.offset + piece.length > position:
-                position = await self._send_stored(response, task_id, piece, position, end)
+        content = await asyncio.to_thread(self.storage.content.path(task_id).open, "rb")
+        try:
+            while position < held_from:
+                arrivals.written.wake.clear()
+                while wanted[index].offset + wanted[index].length <= position:
+                    index += 1
+                written = arrivals.written.end_from(position)
+                if written is not None:
+                    stop = min(written, held_from)
+                    await send_range(request, content, position, stop - position)
+                    position = stop
+                elif wanted[index].number in arrivals.arrived:
+                    position = await self._send_stored(response, task_id, wanted[index], position, held_from)
+                else:
+                    arrivals.check()
+                    await arrivals.written.wake.wait()
+            await arrivals.finished()  # the rest of the download checks the whole blob against its digest
+            await send_range(request, content, position, end - position)  # the file just matched the digest
+        finally:
+            content.close()
         await response.write_eof()
         with contextlib.suppress(OSError):  # the file just matched the blob's digest: intact as it is now
             self.intact.remember(task_id, await asyncio.to_thread(file_state, self.storage.content.path(task_id)))
@@ -593,9 +598,9 @@ class _Arrivals:
     Runs as its own task, which alone iterates (and closes) the download's events; each event wakes the response.
     """
 
-    def __init__(self, events: AsyncGenerator[Started | PieceDone, None], tap: ByteTap) -> None:
+    def __init__(self, events: AsyncGenerator[Started | PieceDone, None], written: WrittenBytes) -> None:
         self.events = events
-        self.tap = tap
+        self.written = written
         self.arrived: set[int] = set()
         self.done = asyncio.Event()
         self.error: Exception | None = None
@@ -606,12 +611,12 @@ class _Arrivals:
                 async for event in self.events:
                     if isinstance(event, PieceDone):
                         self.arrived.add(event.piece.number)
-                        self.tap.wake.set()
+                        self.written.wake.set()
         except Exception as exc:
             self.error = exc
         finally:
             self.done.set()
-            self.tap.wake.set()
+            self.written.wake.set()
 
     def check(self) -> None:
         """Raise how the download failed, once it has; a download that ended has nothing more to wait for."""
