@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 import sqlite3
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,8 @@ from dfdaemon.vortex.server import VortexServer
 from dfdaemon.vortex.tls import server_context
 
 log = logging.getLogger("dfdaemon")
+# Threads of the loop's default pool for file work alone; each piece a download may have in flight adds more.
+_IO_THREADS = 16
 
 
 class StartupError(Exception):
@@ -140,6 +143,11 @@ class Daemon:
     async def start(self) -> Endpoints:
         """Storage first, then what guards it (runtime holds, GC), metrics, the servers, the mirror, the scheduler."""
         socket_path = self.config.socket_path
+        # File work, and sockets read by the threads that write their bytes, share the loop's default pool. A fetch
+        # from a parent holds a thread while it waits for the piece and while it receives it: room for several
+        # downloads' pieces in flight besides the file work (threads start only when needed).
+        threads = _IO_THREADS + 4 * self.config.download.concurrent_piece_count
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(threads, thread_name_prefix="dfdaemon-io"))
         _check_paths(self.config)
         await self._open_storage()
         self.runtime_sync = await _start_runtime_sync(self.config.runtime, self.storage)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import subprocess
 from pathlib import Path
 
+from dfdaemon.download.peering import FetchedPiece
 from dfdaemon.ids import pieces_for, task_id
-from dfdaemon.storage import Storage, TaskInfo, TaskRecord
+from dfdaemon.storage import IncomingPiece, Storage, TaskInfo, TaskRecord
 
 
 class FakeClock:
@@ -71,3 +73,23 @@ def du_bytes(path: Path) -> int:
     """What ``du -sb`` says about a directory."""
     out = subprocess.run(["du", "-sb", str(path)], capture_output=True, text=True, check=True)
     return int(out.stdout.split()[0])
+
+
+async def received(fetched: FetchedPiece) -> bytes:
+    """A fetched piece's bytes, received in a worker thread as the collector's writer receives them, then done."""
+    content = fetched.content
+    try:
+        if not isinstance(content, IncomingPiece):
+            return bytes(content)
+        incoming = content
+
+        def take() -> bytes:
+            buffer = bytearray(incoming.length)
+            view, filled = memoryview(buffer), 0
+            while filled < len(buffer):
+                filled += incoming.read_into(view[filled:])
+            return bytes(buffer)
+
+        return await asyncio.to_thread(take)
+    finally:
+        fetched.done()

@@ -19,7 +19,7 @@ from dfdaemon.rpc.upload import UploadServicer
 from dfdaemon.storage import Storage
 from dfdaemon.vortex.client import VortexClient
 from dfdaemon.vortex.server import VortexServer
-from tests.storage_support import fill, payload
+from tests.storage_support import fill, payload, received
 from tests.test_ratelimit import FakeTime, bucket
 
 PIECE = 64 * 1024
@@ -51,8 +51,7 @@ async def test_vortex_pieces_take_their_length_from_the_upload_bucket(storage: S
     try:
         for number in range(PIECES):
             fetched = await client.download_piece("127.0.0.1", port, task.id, number)
-            assert bytes(fetched.content) == data[number * PIECE : (number + 1) * PIECE]
-            fetched.done()
+            assert await received(fetched) == data[number * PIECE : (number + 1) * PIECE]
     finally:
         await server.stop()
     assert limiter.tokens == 2 * PIECE - PIECES * PIECE

@@ -26,7 +26,7 @@ from dfdaemon.download.peering import ParentUnavailable
 from dfdaemon.vortex.client import VortexClient
 from dfdaemon.vortex.codec import HEADER_SIZE, DownloadPiece, Error, ErrorCode, PieceMetadata, Tag, decode_header
 from tests import test_security
-from tests.storage_support import seeded_bytes
+from tests.storage_support import received, seeded_bytes
 from tests.support import (
     DaemonProcess,
     OriginProcess,
@@ -221,7 +221,7 @@ async def test_a_parent_closing_mid_piece_is_a_parent_failure_and_the_client_goe
     whole, whole_port = await serve_once(metadata.encode() + content)
     async with broken, whole:
         with pytest.raises(ParentUnavailable, match="closed"):
-            await client.download_piece("127.0.0.1", broken_port, "b" * 64, 3)
+            await received(await client.download_piece("127.0.0.1", broken_port, "b" * 64, 3))
         fetched = await client.download_piece("127.0.0.1", whole_port, "b" * 64, 3)
-    assert (fetched.number, fetched.offset, fetched.length) == (3, 3 * len(content), len(content))
-    assert fetched.content == content
+        assert (fetched.number, fetched.offset, fetched.length) == (3, 3 * len(content), len(content))
+        assert await received(fetched) == content

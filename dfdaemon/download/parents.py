@@ -23,7 +23,7 @@ from dfdaemon.download.peering import FetchedPiece, Parent, ParentClient, PieceU
 from dfdaemon.download.source import COMMIT_DELAY, COMMIT_PIECES
 from dfdaemon.ids import PieceSpan
 from dfdaemon.ratelimit import TokenBucket
-from dfdaemon.storage import PieceRecord, TaskWriter, TrafficType
+from dfdaemon.storage import IncomingPiece, PieceRecord, TaskWriter, TrafficType
 from dfdaemon.telemetry import metrics, tracing
 
 log = logging.getLogger("dfdaemon.download")
@@ -127,9 +127,9 @@ class PieceCollection:
     async def worker(self) -> None:
         """Fetch queued pieces one at a time, each from the next parent that can serve it.
 
-        A fetched piece is written by a task of its own while the worker already fetches the next one, so a
-        request is in flight while the previous piece lands; each worker waits for its previous piece's write
-        before starting the next, so at most two pieces per worker are in memory.
+        A fetched piece is written (and, over vortex, received) by a task of its own while the worker already asks
+        for the next one, so a request is in flight while the previous piece lands; each worker waits for its
+        previous piece's write before starting the next, so at most two pieces per worker are in flight.
         """
         writing: tuple[asyncio.Task[None], FetchedPiece] | None = None
         try:
@@ -185,14 +185,16 @@ class PieceCollection:
         it for the next commit."""
         try:
             check_place(span, fetched)
-            record = await self.writer.stage_piece(
-                span.number,
-                span.offset,
-                fetched.content,
-                parent_id=parent.peer_id,
-                traffic_type=TrafficType.REMOTE_PEER,
-                cost=time.monotonic() - started,
-            )
+            # Bytes still arriving are received while they are written: the piece timeout holds for that too.
+            async with asyncio.timeout(self.piece_timeout):
+                record = await self.writer.stage_piece(
+                    span.number,
+                    span.offset,
+                    fetched.content,
+                    parent_id=parent.peer_id,
+                    traffic_type=TrafficType.REMOTE_PEER,
+                    cost=time.monotonic() - started,
+                )
             check_digests(span, fetched, record.crc)
         except Exception as exc:
             await self._failed(parent, span.number, exc)
@@ -297,8 +299,9 @@ def check_place(span: PieceSpan, fetched: FetchedPiece) -> None:
             f"piece {span.number}: parent sent #{fetched.number} at {fetched.offset}+{fetched.length}, "
             f"expected {span.offset}+{span.length}"
         )
-    if len(fetched.content) != span.length:
-        raise BadPiece(f"piece {span.number}: parent sent {len(fetched.content)} of {span.length} bytes")
+    sent = fetched.content.length if isinstance(fetched.content, IncomingPiece) else len(fetched.content)
+    if sent != span.length:
+        raise BadPiece(f"piece {span.number}: parent sent {sent} of {span.length} bytes")
 
 
 def check_digests(span: PieceSpan, fetched: FetchedPiece, crc: int) -> None:

@@ -13,7 +13,7 @@ from typing import Protocol
 
 from dfdaemon.download.manager import DownloadRequest
 from dfdaemon.ids import PieceSpan
-from dfdaemon.storage import PieceRecord
+from dfdaemon.storage import IncomingPiece, PieceRecord
 
 
 @dataclass(frozen=True)
@@ -64,10 +64,11 @@ class Registration:
 
 @dataclass(frozen=True)
 class FetchedPiece:
-    """A piece's bytes as a parent sent them, with the digests to check them against.
+    """A piece's bytes as a parent sent them (or sends them still), with the digests to check them against.
 
-    ``content`` may be a view of a client's reused receive buffer: the collector writes it, computing the CRC
-    in the same pass, then calls ``done`` so the client can reuse the buffer (no copy of the piece in between).
+    ``content`` may be the bytes, or an ``IncomingPiece`` whose bytes the collector's writing thread receives
+    block by block, computing the CRC in the same pass. Either way the collector calls ``done`` once it is through
+    with them, which lets the client reuse its buffer or end its connection.
     """
 
     number: int
@@ -75,11 +76,11 @@ class FetchedPiece:
     length: int
     digest: str
     metadata_digest: str | None
-    content: bytes | memoryview
+    content: bytes | memoryview | IncomingPiece
     release: Callable[[], None] | None = None
 
     def done(self) -> None:
-        """The bytes are no longer needed; the release hook runs once however often this is called."""
+        """The bytes are written or refused; the release hook runs once however often this is called."""
         release = self.release
         if release is not None:
             object.__setattr__(self, "release", None)  # frozen for everything else

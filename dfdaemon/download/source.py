@@ -29,7 +29,7 @@ from dfdaemon.backend import Backend, BackendError
 from dfdaemon.backend.direct import DirectBody
 from dfdaemon.ids import PieceSpan
 from dfdaemon.ratelimit import TokenBucket
-from dfdaemon.storage import PieceFile, PieceRecord, TrafficType
+from dfdaemon.storage import PieceFile, PieceRecord, Progress, TrafficType
 from dfdaemon.telemetry import tracing
 
 log = logging.getLogger("dfdaemon.download")
@@ -42,9 +42,6 @@ COMMIT_DELAY = 0.1
 # SEGMENT * (PENDING_SEGMENTS + 1); with a task's parallel ranges, this bounds the daemon's memory.
 SEGMENT = 2 * 1024 * 1024
 PENDING_SEGMENTS = 1
-# Bytes a direct read receives and writes at a time: small enough to stay in the CPU's cache between the two, big
-# enough that the thread seldom waits (bench_p2p dfget, 256 MiB: 0.34 s at 256 KiB, 0.29 s from 512 KiB to 2 MiB).
-BLOCK = 512 * 1024
 # A run of missing pieces is split into parallel ranges only where each gets at least this many pieces.
 MIN_STREAM_PIECES = 16
 
@@ -222,7 +219,6 @@ class RunStream:
         self.committer = committer
         self.publish = publish
         self.digest = digest
-        self._block: memoryview | None = None  # the direct reads' buffer, made on first use
         self._index = 0
         self._filled = 0
         self._piece_started = 0.0
@@ -280,8 +276,8 @@ class RunStream:
                         await limit.acquire(len(chunk))
 
     async def _receive_direct(self, body: DirectBody) -> None:
-        """Each remaining piece in one thread hop that reads it from the socket and writes it, ``BLOCK`` bytes at a
-        time (written, CRCed and, for a blob, hashed while still in the CPU's cache).
+        """Each remaining piece in one thread hop that reads it from the socket and writes it a block at a time
+        (written, CRCed and, for a blob, hashed while still in the CPU's cache; see ``PieceFile.receive``).
 
         A read that breaks leaves the piece's progress (bytes and CRC so far) for the resume, whichever way it reads.
         """
@@ -295,10 +291,12 @@ class RunStream:
             crc = await asyncio.shield(self._last) if self._filled and self._last is not None else 0
             for limit in self.origin.limits:
                 await limit.acquire(span.length - self._filled)
-            progress = _Progress(span.offset + self._filled, crc)
-            read = functools.partial(self._read_direct, body, progress, span.offset + span.length, loop)
+            progress = Progress(span.offset + self._filled, crc)
+            written = functools.partial(self._written, loop)
             try:
-                await self.file.hop(read)
+                await self.file.hop(
+                    functools.partial(self.file.receive, progress, span.offset + span.length, body.read_into, written)
+                )
             except asyncio.CancelledError:
                 body.end()  # the thread's read fails at once; the file's drain waits for it
                 raise
@@ -308,18 +306,11 @@ class RunStream:
                 self._last.set_result(progress.crc)
             await self._piece_complete(span)
 
-    def _read_direct(self, body: DirectBody, progress: _Progress, end: int, loop: asyncio.AbstractEventLoop) -> None:
-        """In a worker thread: receive, write, CRC and hash one block after the other up to ``end``; followers hear
-        of each block written."""
-        if self._block is None:
-            self._block = memoryview(bytearray(BLOCK))
-        while progress.offset < end:
-            block = self._block[: body.read_into(self._block[: end - progress.offset])]
-            progress.crc = self.file.write_chunks(progress.offset, (block,), progress.crc)
-            if self.digest is not None:
-                self.digest.feed(progress.offset, block)
-            loop.call_soon_threadsafe(self.publish, progress.offset, len(block))
-            progress.offset += len(block)
+    def _written(self, loop: asyncio.AbstractEventLoop, offset: int, block: memoryview) -> None:
+        """In the writing thread, after each block of a direct read: the digest takes it, followers hear of it."""
+        if self.digest is not None:
+            self.digest.feed(offset, block)
+        loop.call_soon_threadsafe(self.publish, offset, len(block))
 
     async def _cut(self, view: memoryview) -> None:
         """Collect arriving bytes (views, not copies) into segments; full segments and pieces move on."""
@@ -390,14 +381,6 @@ class RunStream:
         self.committer.add(
             self.file.piece(span.number, span.offset, span.length, crc, TrafficType.BACK_TO_SOURCE, started)
         )
-
-
-@dataclass
-class _Progress:
-    """How far a direct read got in its piece: the next byte's offset and the CRC of the piece up to it."""
-
-    offset: int
-    crc: int
 
 
 def _outcome_read(task: asyncio.Task[int]) -> None:

@@ -11,10 +11,12 @@ Operation                                   Transaction, and the file work aroun
                                             create its content file. Yields a ``TaskWriter``, whose one
                                             ``PieceFile`` (the file held open until the download ends) takes
                                             every piece, from the origin or a parent
-``TaskWriter.stage_piece`` / ``commit_staged``  bytes written and CRC'd in one thread hop, not synced / one
-                                            fdatasync, then one insert of every staged piece (batched)
-``TaskWriter.piece_file()`` write_chunks / commit  the origin stream: a segment's chunks written (vectored)
-                                            and CRC'd in one thread hop, invisible until ``commit`` (as above)
+``TaskWriter.stage_piece`` / ``commit_staged``  bytes (held, or an ``IncomingPiece`` received block by block)
+                                            written and CRC'd in one thread hop, not synced / one fdatasync,
+                                            then one insert of every staged piece (batched)
+``TaskWriter.piece_file()`` write_chunks / receive / commit  the origin stream: a segment's chunks written
+                                            (vectored) and CRC'd in one thread hop, or a piece received from
+                                            the socket block by block; invisible until ``commit`` (as above)
 ``TaskWriter.write_piece``                  stage then commit one piece (durable, then visible)
 ``finish_task`` / ``fail_task``             the task's state (and size, and a verified blob digest); ``discard``
                                             deletes the file first
@@ -44,7 +46,7 @@ store: pieces join it once committed; a task leaves it when a piece is dropped, 
 discarded; it holds the most recently used tasks, up to ``PIECE_CACHE_PIECES`` pieces in all.
 """
 
-from dfdaemon.storage.manager import PieceFile, Storage, TaskReader, TaskWriter
+from dfdaemon.storage.manager import IncomingPiece, PieceFile, Progress, Storage, TaskReader, TaskWriter
 from dfdaemon.storage.models import (
     Applied,
     DiskFull,
@@ -73,11 +75,13 @@ __all__ = [
     "Applied",
     "DiskFull",
     "Hold",
+    "IncomingPiece",
     "InvalidPiece",
     "PieceCorrupt",
     "PieceFile",
     "PieceNotFound",
     "PieceRecord",
+    "Progress",
     "References",
     "Refusal",
     "Storage",

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from dfdaemon.ids import InvalidTaskId, blob_digest_task_id, crc32_update, validate_task_id
-from dfdaemon.storage.content import ContentStore, remove_path, sync_and_size, write_vector_at
+from dfdaemon.storage.content import ContentStore, remove_path, sync_and_size, thread_block, write_vector_at
 from dfdaemon.storage.metadata import MetadataStore
 from dfdaemon.storage.models import (
     Applied,
@@ -814,13 +814,14 @@ class TaskWriter:
         self,
         number: int,
         offset: int,
-        data: bytes | memoryview,
+        data: bytes | memoryview | IncomingPiece,
         *,
         parent_id: str | None = None,
         traffic_type: int = TrafficType.REMOTE_PEER,
         cost: float = 0.0,
     ) -> PieceRecord:
-        """Write a piece's bytes and compute its CRC in one thread hop; invisible until ``commit_staged``."""
+        """Write a piece's bytes (held, or still arriving) and compute its CRC in one thread hop; invisible until
+        ``commit_staged``."""
         file = await self.file()
         return await file.stage(number, offset, data, parent_id=parent_id, traffic_type=traffic_type, cost=cost)
 
@@ -857,6 +858,23 @@ class TaskWriter:
             self._file = None
 
 
+@dataclasses.dataclass
+class Progress:
+    """How far a piece arriving block by block got: the next byte's offset, and the piece's CRC up to it."""
+
+    offset: int
+    crc: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class IncomingPiece:
+    """A piece still arriving: ``length`` bytes that ``read_into`` receives into the buffer it is given (blocking, at
+    least one byte per call, run in the writing thread); see ``PieceFile.receive``."""
+
+    length: int
+    read_into: Callable[[memoryview], int]
+
+
 class PieceFile:
     """A task's open content file: bytes written in thread hops, made visible later by ``commit``.
 
@@ -878,8 +896,13 @@ class PieceFile:
         """Run work on the piece bytes in a thread; a cancelled caller does not stop it, so ``drain`` waits for it."""
         hop = asyncio.get_running_loop().run_in_executor(None, fn)
         self._hops.add(hop)
-        hop.add_done_callback(self._hops.discard)
+        hop.add_done_callback(self._hop_done)
         return await asyncio.shield(hop)
+
+    def _hop_done(self, hop: asyncio.Future[Any]) -> None:
+        self._hops.discard(hop)
+        if not hop.cancelled():
+            hop.exception()  # read: a caller that went away (it was cancelled) has no use for the failure
 
     async def drain(self) -> None:
         """Wait for every thread hop still using the file (before it is closed)."""
@@ -909,17 +932,46 @@ class PieceFile:
         self,
         number: int,
         offset: int,
-        data: bytes | memoryview,
+        data: bytes | memoryview | IncomingPiece,
         *,
         parent_id: str | None,
         traffic_type: int,
         cost: float,
     ) -> PieceRecord:
-        """Write a whole piece and compute its CRC in one thread hop; neither durable nor visible yet."""
-        _check_span(number, offset, len(data))
+        """Write a whole piece (held, or still arriving) and compute its CRC in one thread hop; neither durable nor
+        visible yet. A piece still arriving costs ``cost`` plus the time it took to arrive."""
+        length = data.length if isinstance(data, IncomingPiece) else len(data)
+        _check_span(number, offset, length)
+        started = time.monotonic()
         with self.storage._disk_full_guard(self.task_id, number):
-            crc = await self.hop(partial(self._write, offset, (data,), 0))
-        return self.storage._piece(self.task_id, number, offset, len(data), crc, parent_id, traffic_type, cost)
+            if isinstance(data, IncomingPiece):
+                progress = Progress(offset)
+                await self.hop(partial(self.receive, progress, offset + length, data.read_into))
+                crc, cost = progress.crc, cost + time.monotonic() - started
+            else:
+                crc = await self.hop(partial(self._write, offset, (data,), 0))
+        return self.storage._piece(self.task_id, number, offset, length, crc, parent_id, traffic_type, cost)
+
+    def receive(
+        self,
+        progress: Progress,
+        end: int,
+        read_into: Callable[[memoryview], int],
+        written: Callable[[int, memoryview], None] | None = None,
+    ) -> None:
+        """In a worker thread: fill the file from ``progress.offset`` to ``end`` with what ``read_into`` receives,
+        a block at a time, each written and CRCed (then passed to ``written``) while still in the CPU's cache.
+
+        ``progress`` says how far it got, CRC included, should a read fail: a resumed piece continues from there.
+        """
+        block = thread_block()
+        with self._full_disk():
+            while progress.offset < end:
+                received = block[: read_into(block[: end - progress.offset])]
+                progress.crc = self._write(progress.offset, (received,), progress.crc)
+                if written is not None:
+                    written(progress.offset, received)
+                progress.offset += len(received)
 
     @contextlib.contextmanager
     def _full_disk(self) -> Iterator[None]:
