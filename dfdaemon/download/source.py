@@ -2,10 +2,11 @@
 
 Each run of consecutive missing pieces is one GET on a pooled connection (a long run a few ranges in parallel).
 A plain HTTP body of known length is read by a worker thread straight from its socket, one thread hop per piece:
-block by block it is received, written, CRCed and, for a blob, hashed while still in the CPU's cache (see
-``dfdaemon.backend.direct``). Any other body (TLS, chunked) arrives on the event loop through aiohttp, which only
-collects the chunks; each piece's chunks go to a worker thread in one hop that writes them (one vectored write, no
-copy), computes the CRC and feeds the digest, while more arrive.
+block by block it is received, written and CRCed while still in the CPU's cache (see ``dfdaemon.backend.direct``).
+Any other body (TLS, chunked) arrives on the event loop through aiohttp, which only collects the chunks; each
+piece's chunks go to a worker thread in one hop that writes them (one vectored write, no copy) and computes the
+CRC, while more arrive. A blob's digest is not computed here but by a task of its own, from the page cache, beside
+the stream (see ``DownloadManager._hash_in_order``).
 Written pieces become visible in batches: the file is synced, their rows committed in one transaction, then each
 is announced. A broken connection resumes at the byte where it broke, after a backoff, whichever way either side
 read. Followers (the registry mirror) hear of the bytes as they are written, before any piece is complete, and
@@ -18,13 +19,10 @@ import asyncio
 import collections
 import functools
 import logging
-import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
-from dfdaemon import ids
 from dfdaemon.backend import Backend, BackendError
 from dfdaemon.backend.direct import DirectBody
 from dfdaemon.ids import PieceSpan
@@ -75,41 +73,6 @@ class WrittenBytes:
             if start <= position < end:
                 return end
         return None
-
-
-class InOrderDigest:
-    """A blob's digest fed its bytes in offset order, by the stream as it writes them or read back from disk.
-
-    Whichever side holds the bytes at ``position`` first feeds them; no byte is fed twice. Thread-safe: both sides
-    feed from worker threads.
-    """
-
-    def __init__(self, digester: ids.FileDigester) -> None:
-        self.digester = digester
-        self.position = 0
-        self._lock = threading.Lock()
-
-    def feed(self, offset: int, data: memoryview) -> None:
-        with self._lock:
-            if offset == self.position:
-                self.digester.update(data)
-                self.position += len(data)
-
-    def feed_from_file(self, path: Path, span: PieceSpan) -> None:
-        """Feed a stored piece the stream did not feed (one from a parent, or stored before a resume)."""
-        with self._lock:
-            if span.offset != self.position:
-                return
-            with path.open("rb") as f:
-                f.seek(span.offset)
-                remaining = span.length
-                while remaining:
-                    chunk = f.read(min(remaining, 1024 * 1024))
-                    if not chunk:
-                        raise BackendError(f"cache file ended {remaining} bytes early while hashing it")
-                    self.digester.update(chunk)
-                    remaining -= len(chunk)
-            self.position += span.length
 
 
 class BatchCommitter:
@@ -199,7 +162,7 @@ class RunStream:
     A body a worker thread can read from its socket is read one piece per thread hop (``_receive_direct``). For any
     other, the loop only collects the chunks as the connection delivers them. A piece's chunks (or a segment's, for a
     piece longer than ``SEGMENT``) go to a thread in one hop that writes them with one vectored write, continues
-    the piece's CRC over them and, for a blob, feeds the digest: no copy, no hashing on the event loop. The hops
+    the piece's CRC over them: no copy, no CRC on the event loop. The hops
     of one stream run one after another (each continues the CRC of the one before), at most ``PENDING_SEGMENTS``
     waiting while the next segment fills. A piece is queued for commit once its last segment is written.
     """
@@ -211,14 +174,12 @@ class RunStream:
         file: PieceFile,
         committer: BatchCommitter,
         publish: Publish,
-        digest: InOrderDigest | None,
     ) -> None:
         self.origin = origin
         self.spans = spans
         self.file = file
         self.committer = committer
         self.publish = publish
-        self.digest = digest
         self._index = 0
         self._filled = 0
         self._piece_started = 0.0
@@ -277,7 +238,7 @@ class RunStream:
 
     async def _receive_direct(self, body: DirectBody) -> None:
         """Each remaining piece in one thread hop that reads it from the socket and writes it a block at a time
-        (written, CRCed and, for a blob, hashed while still in the CPU's cache; see ``PieceFile.receive``).
+        (written and CRCed while still in the CPU's cache; see ``PieceFile.receive``).
 
         A read that breaks leaves the piece's progress (bytes and CRC so far) for the resume, whichever way it reads.
         """
@@ -292,7 +253,7 @@ class RunStream:
             for limit in self.origin.limits:
                 await limit.acquire(span.length - self._filled)
             progress = Progress(span.offset + self._filled, crc)
-            written = functools.partial(self._written, loop)
+            written = functools.partial(_tell, loop, self.publish)
             try:
                 await self.file.hop(
                     functools.partial(self.file.receive, progress, span.offset + span.length, body.read_into, written)
@@ -305,12 +266,6 @@ class RunStream:
                 self._last = loop.create_future()
                 self._last.set_result(progress.crc)
             await self._piece_complete(span)
-
-    def _written(self, loop: asyncio.AbstractEventLoop, offset: int, block: memoryview) -> None:
-        """In the writing thread, after each block of a direct read: the digest takes it, followers hear of it."""
-        if self.digest is not None:
-            self.digest.feed(offset, block)
-        loop.call_soon_threadsafe(self.publish, offset, len(block))
 
     async def _cut(self, view: memoryview) -> None:
         """Collect arriving bytes (views, not copies) into segments; full segments and pieces move on."""
@@ -353,17 +308,8 @@ class RunStream:
         if previous is not None:
             before = await asyncio.shield(previous)
             crc = before if continues else 0
-        crc = await self.file.hop(functools.partial(self._write, offset, chunks, crc))
+        crc = await self.file.hop(functools.partial(self.file.write_chunks, offset, chunks, crc))
         self.publish(offset, sum(map(len, chunks)))
-        return crc
-
-    def _write(self, offset: int, chunks: list[memoryview], crc: int) -> int:
-        """In a worker thread: the vectored write, the CRC and, for a blob, the digest, in one pass."""
-        crc = self.file.write_chunks(offset, chunks, crc)
-        if self.digest is not None:  # one stream in byte order: the digest takes the bytes as they come
-            for chunk in chunks:
-                self.digest.feed(offset, chunk)
-                offset += len(chunk)
         return crc
 
     async def _piece_complete(self, span: PieceSpan) -> None:
@@ -381,6 +327,11 @@ class RunStream:
         self.committer.add(
             self.file.piece(span.number, span.offset, span.length, crc, TrafficType.BACK_TO_SOURCE, started)
         )
+
+
+def _tell(loop: asyncio.AbstractEventLoop, publish: Publish, offset: int, block: memoryview) -> None:
+    """In the writing thread, after each block of a direct read: followers hear of it, on the loop."""
+    loop.call_soon_threadsafe(publish, offset, len(block))
 
 
 def _outcome_read(task: asyncio.Task[int]) -> None:
