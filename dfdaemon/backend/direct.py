@@ -4,7 +4,7 @@ the head.
 Read through aiohttp, every chunk of a body is received on the event loop, copied once more by the HTTP parser and
 then handed to a thread for writing; by then it has left the CPU's cache, and the hand-over costs as much as the
 copies. A body that is plain bytes on a plain TCP connection with a known length needs no parser: a worker thread
-can receive it into a small reused buffer and write, CRC and hash each block while it is still in cache. aiohttp
+can receive it into a small reused buffer and write and CRC each block while it is still in cache. aiohttp
 keeps everything else (pooling, redirects, the source policy, the head); the connection is closed afterwards, as
 the parser no longer knows where it stands.
 """
