@@ -11,54 +11,46 @@ the parser no longer knows where it stands.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import struct
-import threading
 
 import aiohttp
 
 from dfdaemon.backend.policy import BackendError
+from dfdaemon.blocking import SharedSocket
 
 
 class DirectBody:
-    """The rest of one response body, ``length`` bytes after ``skip`` bytes to drop, for one worker thread at a time.
-
-    ``end`` may come from the event loop at any moment: it closes the socket, or, while a thread is in a read,
-    shuts it down so the read fails at once and the thread closes it on its way out.
-    """
+    """The rest of one response body, ``length`` bytes after ``skip`` bytes to drop, for one worker thread at a time;
+    ``end`` (from the event loop, at any moment) fails a read at once (see ``SharedSocket``)."""
 
     def __init__(self, sock: socket.socket, buffered: bytes, skip: int, length: int, url: str, timeout: float) -> None:
-        self._sock: socket.socket | None = sock
+        self._socket = SharedSocket(sock)
         self._timeout = timeout
         self._buffered = memoryview(buffered)
         self._skip = skip
         self.length = length
         self.received = 0
         self._url = url
-        self._lock = threading.Lock()
-        self._reading = False
-        self._ended = False
 
     def read_into(self, target: memoryview) -> int:
         """Block until the body's next bytes are in ``target``: all of it, unless the body ends first or the origin
         pauses for the read timeout after sending some."""
-        with self._lock:
-            if self._ended:
-                raise BackendError(f"the read of {self._url} was given up")
-            self._reading = True
         try:
-            while self._skip:  # an origin that ignores ranges sends what comes before the range as well
-                self._skip -= self._next(target[: min(len(target), self._skip)])
-            count = self._next(target[: min(len(target), self.length - self.received)])
-            self.received += count
-            return count
-        finally:
-            with self._lock:
-                self._reading = False
-                if self._ended:
-                    self._close()
+            return self._socket.run(self._read, target)
+        except ConnectionAbortedError:
+            raise BackendError(f"the read of {self._url} was given up") from None
+
+    def end(self) -> None:
+        self._socket.end()
+
+    def _read(self, target: memoryview) -> int:
+        while self._skip:  # an origin that ignores ranges sends what comes before the range as well
+            self._skip -= self._next(target[: min(len(target), self._skip)])
+        count = self._next(target[: min(len(target), self.length - self.received)])
+        self.received += count
+        return count
 
     def _next(self, target: memoryview) -> int:
         if self._buffered:
@@ -66,9 +58,8 @@ class DirectBody:
             target[:count] = self._buffered[:count]
             self._buffered = self._buffered[count:]
             return count
-        assert self._sock is not None
         try:
-            count = self._sock.recv_into(target, 0, socket.MSG_WAITALL)
+            count = self._socket.sock.recv_into(target, 0, socket.MSG_WAITALL)
         except BlockingIOError:  # the receive timeout: not one byte for that long
             raise self._broke(f"nothing received for {self._timeout:g}s") from None
         except OSError as exc:
@@ -79,20 +70,6 @@ class DirectBody:
 
     def _broke(self, detail: str) -> BackendError:
         return BackendError(f"origin connection broke after {self.received} of {self.length} bytes: {detail}")
-
-    def end(self) -> None:
-        with self._lock:
-            self._ended = True
-            if not self._reading:
-                self._close()
-            elif self._sock is not None:
-                with contextlib.suppress(OSError):
-                    self._sock.shutdown(socket.SHUT_RDWR)
-
-    def _close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
 
 
 def take_over(response: aiohttp.ClientResponse, skip: int, length: int, url: str, timeout: float) -> DirectBody | None:

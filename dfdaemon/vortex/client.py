@@ -16,10 +16,10 @@ import contextlib
 import socket
 import ssl
 import struct
-import threading
 from collections.abc import Callable
 from typing import TypeVar
 
+from dfdaemon.blocking import SharedSocket
 from dfdaemon.download.peering import FetchedPiece, ParentUnavailable, PieceUnavailable
 from dfdaemon.storage import IncomingPiece
 from dfdaemon.vortex.codec import (
@@ -86,54 +86,21 @@ class VortexClient:
 
 
 class _Connection:
-    """One blocking socket to a parent, used by one thread at a time.
-
-    ``end`` may come from the event loop at any moment: it closes the socket, or, while a thread is in a call on
-    it, shuts it down so the call fails at once, and the thread closes it on its way out.
-    """
+    """One blocking socket to a parent (a ``SharedSocket``: the loop's ``end`` fails a thread's call at once)."""
 
     def __init__(self, ip: str, port: int, ssl_context: ssl.SSLContext | None, timeout: float) -> None:
         self.ip, self.port, self.ssl_context, self.timeout = ip, port, ssl_context, timeout
         self.where = f"vortex {ip}:{port}"
-        self._sock: socket.socket | None = None
-        self._lock = threading.Lock()
-        self._busy = False
-        self._ended = False
+        self._socket = SharedSocket()
+        self.end = self._socket.end
 
     async def in_thread(self, call: Callable[..., T], *args: object) -> T:
         """``call`` in a worker thread; a cancelled wait ends the connection (and so the call)."""
         try:
-            return await asyncio.to_thread(self._run, call, *args)
+            return await asyncio.to_thread(self._socket.run, call, *args)
         except asyncio.CancelledError:
             self.end()
             raise
-
-    def _run(self, call: Callable[..., T], *args: object) -> T:
-        with self._lock:
-            if self._ended:
-                raise ConnectionAbortedError("the fetch was given up")
-            self._busy = True
-        try:
-            return call(*args)
-        finally:
-            with self._lock:
-                self._busy = False
-                if self._ended:
-                    self._close()
-
-    def end(self) -> None:
-        with self._lock:
-            self._ended = True
-            if not self._busy:
-                self._close()
-            elif self._sock is not None:
-                with contextlib.suppress(OSError):
-                    socket.socket.shutdown(self._sock, socket.SHUT_RDWR)  # the plain shutdown, for TLS too
-
-    def _close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
 
     def request(self, task_id: str, number: int) -> PieceMetadata:
         """Connect, send the DownloadPiece and read the answer up to the piece's bytes."""
@@ -176,10 +143,7 @@ class _Connection:
         except BaseException:
             sock.close()
             raise
-        with self._lock:
-            self._sock = sock
-            if self._ended:  # ended while connecting, before there was a socket to shut down
-                raise ConnectionAbortedError("the fetch was given up")
+        self._socket.attach(sock)
         return sock
 
     def _read(self, size: int) -> bytearray:
@@ -193,16 +157,14 @@ class _Connection:
     def receive(self, target: memoryview) -> int:
         """In the writing thread: the piece's next bytes into ``target`` (all of it, but for a failure)."""
         try:
-            return self._run(self._receive_some, target)
+            return self._socket.run(self._receive_some, target)
         except BlockingIOError:  # the kernel's receive timeout
             raise ParentUnavailable(f"{self.where}: nothing received for {self.timeout:g}s") from None
         except OSError as exc:
             raise ParentUnavailable(f"{self.where}: {exc}") from None
 
     def _receive_some(self, target: memoryview) -> int:
-        sock = self._sock
-        if sock is None:
-            raise ConnectionAbortedError("the fetch was given up")
+        sock = self._socket.sock
         flags = 0 if isinstance(sock, ssl.SSLSocket) else socket.MSG_WAITALL
         received = sock.recv_into(target, 0, flags)
         if not received:
