@@ -12,6 +12,7 @@ from dfdaemon.download import ByteRange, DownloadManager, DownloadRequest, Start
 from dfdaemon.gc import GarbageCollector, GCPolicy
 from dfdaemon.ratelimit import Bandwidth
 from dfdaemon.storage import Storage
+from dfdaemon.storage.content import BLOCK
 from tests import test_source_stream
 from tests.test_ratelimit import FakeTime, bucket
 from tests.test_source_stream import Origin
@@ -67,3 +68,27 @@ async def test_a_prefetch_also_takes_from_the_prefetch_limit_and_a_plain_downloa
         assert storage.content.path(started.task_id).read_bytes() == origin.body
     # Every byte but the ranged request's own piece came through the prefetch, and only those took from the bucket.
     assert prefetch.tokens == MIB - (size - first_piece)
+
+
+async def test_a_limited_download_reads_the_origin_in_a_tenth_of_a_seconds_worth_at_a_time(
+    tmp_path: Path, origin: Origin
+) -> None:
+    """Under a limit, a body the writing thread reads from its socket is taken in hops of a tenth of a second's
+    worth (at least one block), each paid before it is read: the origin is never left idle for a whole piece."""
+    time = FakeTime(advance=False)
+    download = bucket(MIB, time)
+    taken: list[int] = []
+    acquire = download.acquire
+
+    async def recording(count: int) -> None:
+        taken.append(count)
+        await acquire(count)
+
+    download.acquire = recording  # type: ignore[method-assign]
+    async with managed(tmp_path, Bandwidth(None, download, None, None)) as (manager, storage):
+        events = [event async for event in manager.download(DownloadRequest(url=origin.url))]
+        started = events[0]
+        assert isinstance(started, Started)
+        assert storage.content.path(started.task_id).read_bytes() == origin.body
+    assert sum(taken) == len(origin.body)
+    assert max(taken) == BLOCK  # a tenth of 1 MiB/s is less than a block: a block at a time

@@ -9,6 +9,7 @@ import hashlib
 import itertools
 import os
 import sqlite3
+import threading
 import zlib
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 from dfdaemon.ids import InvalidTaskId
 from dfdaemon.storage import (
     DiskFull,
+    IncomingPiece,
     InvalidPiece,
     PieceCorrupt,
     PieceNotFound,
@@ -428,3 +430,28 @@ async def test_a_full_disk_under_a_staged_piece_is_reported_as_such(
             await writer.stage_piece(2, 2000, b"x" * 1000)
         monkeypatch.undo()
         assert await storage.pieces(tid) == []
+
+
+async def test_a_piece_given_up_while_arriving_stops_its_writer_before_the_stage_returns(storage: Storage) -> None:
+    """A stage cancelled (a piece timeout) ends the incoming piece and waits for the writing thread: once the caller
+    may hand the piece to another parent, no byte of this one is written any more."""
+    tid = make_id("incoming-given-up")
+    ended, stopped = threading.Event(), threading.Event()
+    first = payload("incoming-given-up", 1000)
+
+    def read_into(target: memoryview) -> int:
+        if not ended.is_set() and not getattr(read_into, "sent", False):
+            target[: len(first)] = first
+            read_into.sent = True  # type: ignore[attr-defined]
+            return len(first)
+        ended.wait(10)  # a silent parent, until the fetch is ended
+        stopped.set()
+        raise OSError("the fetch was given up")
+
+    info = TaskInfo(url="http://origin.test/given-up", content_length=4096, piece_length=4096)
+    async with storage.download(tid, info) as writer:
+        staging = asyncio.ensure_future(writer.stage_piece(0, 0, IncomingPiece(4096, read_into, ended.set)))
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(staging, 0.3)
+        assert ended.is_set() and stopped.is_set()  # ended by the stage, and the thread was through before it raised
+        await writer.fail(discard=True)

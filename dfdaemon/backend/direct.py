@@ -20,6 +20,9 @@ import aiohttp
 from dfdaemon.backend.policy import BackendError
 from dfdaemon.blocking import SharedSocket
 
+# Largest buffer a body's unwanted head is received into and dropped (an origin that ignores ranges).
+_SKIP_BUFFER = 1024 * 1024
+
 
 class DirectBody:
     """The rest of one response body, ``length`` bytes after ``skip`` bytes to drop, for one worker thread at a time;
@@ -35,8 +38,8 @@ class DirectBody:
         self._url = url
 
     def read_into(self, target: memoryview) -> int:
-        """Block until the body's next bytes are in ``target``: all of it, unless the body ends first or the origin
-        pauses for the read timeout after sending some."""
+        """Block until the body's next bytes are in ``target``: all of it, unless the origin pauses for the read
+        timeout after sending some (a body that ends early, or a longer pause, raises ``BackendError``)."""
         try:
             return self._socket.run(self._read, target)
         except ConnectionAbortedError:
@@ -46,8 +49,10 @@ class DirectBody:
         self._socket.end()
 
     def _read(self, target: memoryview) -> int:
-        while self._skip:  # an origin that ignores ranges sends what comes before the range as well
-            self._skip -= self._next(target[: min(len(target), self._skip)])
+        if self._skip:  # an origin that ignores ranges sends what comes before the range as well
+            scratch = memoryview(bytearray(min(self._skip, _SKIP_BUFFER)))
+            while self._skip:
+                self._skip -= self._next(scratch[: self._skip])
         count = self._next(target[: min(len(target), self.length - self.received)])
         self.received += count
         return count
@@ -95,11 +100,19 @@ def take_over(response: aiohttp.ClientResponse, skip: int, length: int, url: str
         return None
     if response.content.exception() is not None:
         return None
+    try:
+        sock = socket.socket(fileno=os.dup(raw.fileno()))
+    except OSError:
+        return None  # out of descriptors: aiohttp reads it
+    try:
+        timeval = struct.pack("ll", int(timeout), int(timeout % 1 * 1e6))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    except (OSError, OverflowError, struct.error):
+        sock.close()
+        return None
     buffered = response.content.read_nowait()  # everything aiohttp holds (it may resume reading: paused next)
     protocol.pause_reading()  # the protocol's pause also stops its read timeout
-    sock = socket.socket(fileno=os.dup(raw.fileno()))
     # Blocking, which the event loop's descriptor shares: the loop never reads or writes this connection again.
     # MSG_WAITALL then fills each block in one call; the kernel's receive timeout stands in for aiohttp's.
     sock.setblocking(True)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", int(timeout), int(timeout % 1 * 1e6)))
     return DirectBody(sock, buffered, skip, length, url, timeout)

@@ -613,11 +613,9 @@ class DownloadManager:
         """
         path = self.storage.content.path(job.task_id)
         for span in job.pieces:
-            landed = functools.partial(_landed, job, digest, span)
             async with job.changed:
-                await job.changed.wait_for(landed)
-            if digest.position < span.offset + span.length:
-                await asyncio.to_thread(digest.feed_from_file, path, span)
+                await job.changed.wait_for(functools.partial(job.done.__contains__, span.number))
+            await asyncio.to_thread(digest.feed_from_file, path, span)
         return digest.digester
 
     async def _load_local(self, job: TaskJob, task: TaskRecord) -> None:
@@ -715,11 +713,6 @@ def _aim(job: TaskJob) -> None:
     except DownloadPrecondition:
         job.range, covering = None, set()
     job.target = None if _needs_whole_task(job.request) else covering
-
-
-def _landed(job: TaskJob, digest: InOrderDigest, span: PieceSpan) -> bool:
-    """Whether a piece is committed, or already fed to the digest."""
-    return span.number in job.done or digest.position >= span.offset + span.length
 
 
 def _task_info(job: TaskJob) -> TaskInfo:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import logging
 import time
@@ -28,6 +29,7 @@ from dfdaemon.backend.direct import DirectBody
 from dfdaemon.ids import PieceSpan
 from dfdaemon.ratelimit import TokenBucket
 from dfdaemon.storage import PieceFile, PieceRecord, Progress, TrafficType
+from dfdaemon.storage.content import BLOCK
 from dfdaemon.telemetry import tracing
 
 log = logging.getLogger("dfdaemon.download")
@@ -152,7 +154,8 @@ class Origin:
     headers: Mapping[str, str]
     from_network: bool
     attempts: int
-    # The buckets bytes from the origin take from (back to source, download), per chunk as it arrives.
+    # The buckets bytes from the origin take from (back to source, download): per chunk as it arrives through
+    # aiohttp, before each hop of a direct read (a tenth of a second's worth of the slowest).
     limits: tuple[TokenBucket, ...] = ()
 
 
@@ -180,6 +183,8 @@ class RunStream:
         self.file = file
         self.committer = committer
         self.publish = publish
+        # Bytes one direct hop may take: unlimited but for a bandwidth limit, then a tenth of a second's worth.
+        self._allowance = max(BLOCK, min(limit.rate // 10 for limit in origin.limits)) if origin.limits else 1 << 62
         self._index = 0
         self._filled = 0
         self._piece_started = 0.0
@@ -250,21 +255,22 @@ class RunStream:
             if self._filled == 0:
                 self._piece_started = time.monotonic()
             crc = await asyncio.shield(self._last) if self._filled and self._last is not None else 0
-            for limit in self.origin.limits:
-                await limit.acquire(span.length - self._filled)
             progress = Progress(span.offset + self._filled, crc)
             written = functools.partial(_tell, loop, self.publish)
-            try:
-                await self.file.hop(
-                    functools.partial(self.file.receive, progress, span.offset + span.length, body.read_into, written)
-                )
-            except asyncio.CancelledError:
-                body.end()  # the thread's read fails at once; the file's drain waits for it
-                raise
-            finally:
-                self._filled = progress.offset - span.offset
-                self._last = loop.create_future()
-                self._last.set_result(progress.crc)
+            while progress.offset < span.offset + span.length:
+                # The whole piece in one hop, unless a bandwidth limit takes it in tenths of a second's worth.
+                stop = min(span.offset + span.length, progress.offset + self._allowance)
+                for limit in self.origin.limits:
+                    await limit.acquire(stop - progress.offset)
+                try:
+                    await self.file.hop(functools.partial(self.file.receive, progress, stop, body.read_into, written))
+                except asyncio.CancelledError:
+                    body.end()  # the thread's read fails at once; the file's drain waits for it
+                    raise
+                finally:
+                    self._filled = progress.offset - span.offset
+                    self._last = loop.create_future()
+                    self._last.set_result(progress.crc)
             await self._piece_complete(span)
 
     async def _cut(self, view: memoryview) -> None:
@@ -331,7 +337,8 @@ class RunStream:
 
 def _tell(loop: asyncio.AbstractEventLoop, publish: Publish, offset: int, block: memoryview) -> None:
     """In the writing thread, after each block of a direct read: followers hear of it, on the loop."""
-    loop.call_soon_threadsafe(publish, offset, len(block))
+    with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody is left to hear
+        loop.call_soon_threadsafe(publish, offset, len(block))
 
 
 def _outcome_read(task: asyncio.Task[int]) -> None:

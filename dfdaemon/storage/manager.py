@@ -869,10 +869,12 @@ class Progress:
 @dataclasses.dataclass(frozen=True)
 class IncomingPiece:
     """A piece still arriving: ``length`` bytes that ``read_into`` receives into the buffer it is given (blocking, at
-    least one byte per call, run in the writing thread); see ``PieceFile.receive``."""
+    least one byte per call, run in the writing thread; see ``PieceFile.receive``); ``end`` (from the event loop)
+    makes a blocked ``read_into`` fail at once."""
 
     length: int
     read_into: Callable[[memoryview], int]
+    end: Callable[[], None]
 
 
 class PieceFile:
@@ -894,10 +896,13 @@ class PieceFile:
 
     async def hop(self, fn: Callable[[], T]) -> T:
         """Run work on the piece bytes in a thread; a cancelled caller does not stop it, so ``drain`` waits for it."""
+        return await asyncio.shield(self._start(fn))
+
+    def _start(self, fn: Callable[[], T]) -> asyncio.Future[T]:
         hop = asyncio.get_running_loop().run_in_executor(None, fn)
         self._hops.add(hop)
         hop.add_done_callback(self._hop_done)
-        return await asyncio.shield(hop)
+        return hop
 
     def _hop_done(self, hop: asyncio.Future[Any]) -> None:
         self._hops.discard(hop)
@@ -946,7 +951,14 @@ class PieceFile:
         with self.storage._disk_full_guard(self.task_id, number):
             if isinstance(data, IncomingPiece):
                 progress = Progress(offset)
-                await self.hop(partial(self.receive, progress, offset + length, data.read_into))
+                receiving = self._start(partial(self.receive, progress, offset + length, data.read_into))
+                try:
+                    await asyncio.shield(receiving)
+                except asyncio.CancelledError:
+                    # Given up (a timeout): the thread stops before anyone else may write this piece's bytes.
+                    data.end()
+                    await asyncio.wait([receiving])
+                    raise
                 crc, cost = progress.crc, cost + time.monotonic() - started
             else:
                 crc = await self.hop(partial(self._write, offset, (data,), 0))
@@ -967,11 +979,12 @@ class PieceFile:
         block = thread_block()
         with self._full_disk():
             while progress.offset < end:
-                received = block[: read_into(block[: end - progress.offset])]
-                progress.crc = self._write(progress.offset, (received,), progress.crc)
+                offset = progress.offset
+                received = block[: read_into(block[: end - offset])]
+                crc = self._write(offset, (received,), progress.crc)
+                progress.offset, progress.crc = offset + len(received), crc  # together: a resume trusts both
                 if written is not None:
-                    written(progress.offset, received)
-                progress.offset += len(received)
+                    written(offset, received)
 
     @contextlib.contextmanager
     def _full_disk(self) -> Iterator[None]:
