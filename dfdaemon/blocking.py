@@ -10,11 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 import threading
 from collections.abc import Callable
 from typing import TypeVar
 
 T = TypeVar("T")
+
+
+def receive_timeout(sock: socket.socket, seconds: float) -> None:
+    """Make a blocking socket's receives fail (``BlockingIOError``) after ``seconds`` without a byte: the kernel's
+    timeout, which keeps the socket blocking (``settimeout`` would not, and ``MSG_WAITALL`` needs it blocking)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", int(seconds), int(seconds % 1 * 1e6)))
 
 
 class SharedSocket:

@@ -18,7 +18,7 @@ import struct
 import aiohttp
 
 from dfdaemon.backend.policy import BackendError
-from dfdaemon.blocking import SharedSocket
+from dfdaemon.blocking import SharedSocket, receive_timeout
 
 # Largest buffer a body's unwanted head is received into and dropped (an origin that ignores ranges).
 _SKIP_BUFFER = 1024 * 1024
@@ -105,8 +105,7 @@ def take_over(response: aiohttp.ClientResponse, skip: int, length: int, url: str
     except OSError:
         return None  # out of descriptors: aiohttp reads it
     try:
-        timeval = struct.pack("ll", int(timeout), int(timeout % 1 * 1e6))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        receive_timeout(sock, timeout)
     except (OSError, OverflowError, struct.error):
         sock.close()
         return None

@@ -126,29 +126,6 @@ PieceReport = Callable[[PieceRecord], Awaitable[None]]
 _SOURCE_STREAMS = 4
 
 
-class InOrderDigest:
-    """A blob's digest, fed its bytes in offset order from the content file as its pieces land."""
-
-    def __init__(self, digester: ids.FileDigester) -> None:
-        self.digester = digester
-        self.position = 0
-
-    def feed_from_file(self, path: Path, span: PieceSpan) -> None:
-        """Feed a stored piece, the next in order (blocking: run it in a thread)."""
-        if span.offset != self.position:
-            return
-        with path.open("rb") as f:
-            f.seek(span.offset)
-            remaining = span.length
-            while remaining:
-                chunk = f.read(min(remaining, 1024 * 1024))
-                if not chunk:
-                    raise DownloadFailed(f"cache file ended {remaining} bytes early while hashing it")
-                self.digester.update(chunk)
-                remaining -= len(chunk)
-        self.position += span.length
-
-
 class TaskJob:
     """The one download of a task in this daemon, followed by every request for it.
 
@@ -178,7 +155,7 @@ class TaskJob:
         self.accepts_ranges = True
         # Set while pieces are being fetched: where they go, and a blob's digest fed in offset order.
         self.writer: TaskWriter | None = None
-        self.digest: InOrderDigest | None = None
+        self.digest: ids.FileDigester | None = None
 
     @property
     def pieces(self) -> list[PieceSpan]:
@@ -276,6 +253,9 @@ class DownloadManager:
     def _publish(self, task_id: str, offset: int, length: int) -> None:
         for tap in self._taps.get(task_id, ()):
             tap.add(offset, length)
+
+    def _followed(self, task_id: str) -> bool:
+        return task_id in self._taps
 
     # Requests
 
@@ -577,7 +557,7 @@ class DownloadManager:
         """Fetch the missing pieces through ``writer``, checking a blob's digest as they land; fail it on error."""
         job.writer = writer
         blob = _blob_digest(job.request)
-        job.digest = InOrderDigest(ids.FileDigester(blob)) if blob is not None else None
+        job.digest = ids.FileDigester(blob) if blob is not None else None
         await job.announce(ready=True)
         hashing = asyncio.create_task(self._hash_in_order(job, job.digest)) if job.digest is not None else None
         try:
@@ -604,7 +584,7 @@ class DownloadManager:
                 with contextlib.suppress(BaseException):
                     await hashing
 
-    async def _hash_in_order(self, job: TaskJob, digest: InOrderDigest) -> ids.FileDigester:
+    async def _hash_in_order(self, job: TaskJob, digest: ids.FileDigester) -> ids.FileDigester:
         """Hash a blob in offset order as its pieces land, each read back from the page cache once committed.
 
         A task of its own, in a thread of its own: hashing (the costliest pass over a blob's bytes) runs beside the
@@ -615,8 +595,8 @@ class DownloadManager:
         for span in job.pieces:
             async with job.changed:
                 await job.changed.wait_for(functools.partial(job.done.__contains__, span.number))
-            await asyncio.to_thread(digest.feed_from_file, path, span)
-        return digest.digester
+            await asyncio.to_thread(_hash_span, digest, path, span)
+        return digest
 
     async def _load_local(self, job: TaskJob, task: TaskRecord) -> None:
         job.content_length = task.content_length or 0
@@ -647,6 +627,7 @@ class DownloadManager:
                 await on_piece(piece)
 
         publish = functools.partial(self._publish, job.task_id)
+        followed = functools.partial(self._followed, job.task_id)
         async with writer.piece_file() as file:
             committer = BatchCommitter(file, announce)
             try:
@@ -658,7 +639,7 @@ class DownloadManager:
 
                 async def one(spans: list[PieceSpan]) -> None:
                     async with limit:
-                        await RunStream(origin, spans, file, committer, publish).run()
+                        await RunStream(origin, spans, file, committer, publish, followed).run()
 
                 async with asyncio.TaskGroup() as group:
                     for spans in runs(job.missing_pieces(), streams):
@@ -713,6 +694,19 @@ def _aim(job: TaskJob) -> None:
     except DownloadPrecondition:
         job.range, covering = None, set()
     job.target = None if _needs_whole_task(job.request) else covering
+
+
+def _hash_span(digest: ids.FileDigester, path: Path, span: PieceSpan) -> None:
+    """Feed a stored piece's bytes to a blob's digest (blocking: run it in a thread)."""
+    with path.open("rb") as f:
+        f.seek(span.offset)
+        remaining = span.length
+        while remaining:
+            chunk = f.read(min(remaining, 1024 * 1024))
+            if not chunk:
+                raise DownloadFailed(f"cache file ended {remaining} bytes early while hashing it")
+            digest.update(chunk)
+            remaining -= len(chunk)
 
 
 def _task_info(job: TaskJob) -> TaskInfo:

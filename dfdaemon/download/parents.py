@@ -197,7 +197,6 @@ class PieceCollection:
                 )
             check_digests(span, fetched, record.crc)
         except Exception as exc:
-            fetched.done()  # before the piece may go to another parent: nothing more of this one is received
             await self._failed(parent, span.number, exc)
             return
         finally:

@@ -177,12 +177,14 @@ class RunStream:
         file: PieceFile,
         committer: BatchCommitter,
         publish: Publish,
+        followed: Callable[[], bool],
     ) -> None:
         self.origin = origin
         self.spans = spans
         self.file = file
         self.committer = committer
         self.publish = publish
+        self.followed = followed  # whether anyone follows the bytes now (read from the writing thread too)
         # Bytes one direct hop may take: unlimited but for a bandwidth limit, then a tenth of a second's worth.
         self._allowance = max(BLOCK, min(limit.rate // 10 for limit in origin.limits)) if origin.limits else 1 << 62
         self._index = 0
@@ -250,28 +252,34 @@ class RunStream:
         if self._chunks:  # collected through aiohttp before a break: written before anything after them
             await self._write_segment(continues=self._segment_offset != self.spans[self._index].offset)
         loop = asyncio.get_running_loop()
+        written = functools.partial(self._tell, loop)
         while self._index < len(self.spans):
             span = self.spans[self._index]
             if self._filled == 0:
                 self._piece_started = time.monotonic()
             crc = await asyncio.shield(self._last) if self._filled and self._last is not None else 0
             progress = Progress(span.offset + self._filled, crc)
-            written = functools.partial(_tell, loop, self.publish)
             while progress.offset < span.offset + span.length:
                 # The whole piece in one hop, unless a bandwidth limit takes it in tenths of a second's worth.
                 stop = min(span.offset + span.length, progress.offset + self._allowance)
                 for limit in self.origin.limits:
                     await limit.acquire(stop - progress.offset)
                 try:
-                    await self.file.hop(functools.partial(self.file.receive, progress, stop, body.read_into, written))
-                except asyncio.CancelledError:
-                    body.end()  # the thread's read fails at once; the file's drain waits for it
-                    raise
+                    await self.file.hop(
+                        functools.partial(self.file.receive, progress, stop, body.read_into, written), body.end
+                    )
                 finally:
                     self._filled = progress.offset - span.offset
                     self._last = loop.create_future()
                     self._last.set_result(progress.crc)
             await self._piece_complete(span)
+
+    def _tell(self, loop: asyncio.AbstractEventLoop, offset: int, block: memoryview) -> None:
+        """In the writing thread, after each block of a direct read: followers hear of it, on the loop (which is
+        woken only when there are any)."""
+        if self.followed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody is left to hear
+                loop.call_soon_threadsafe(self.publish, offset, len(block))
 
     async def _cut(self, view: memoryview) -> None:
         """Collect arriving bytes (views, not copies) into segments; full segments and pieces move on."""
@@ -333,12 +341,6 @@ class RunStream:
         self.committer.add(
             self.file.piece(span.number, span.offset, span.length, crc, TrafficType.BACK_TO_SOURCE, started)
         )
-
-
-def _tell(loop: asyncio.AbstractEventLoop, publish: Publish, offset: int, block: memoryview) -> None:
-    """In the writing thread, after each block of a direct read: followers hear of it, on the loop."""
-    with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody is left to hear
-        loop.call_soon_threadsafe(publish, offset, len(block))
 
 
 def _outcome_read(task: asyncio.Task[int]) -> None:

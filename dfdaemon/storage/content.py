@@ -24,8 +24,8 @@ _IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 102
 # of CPU on a 2-core VM, against 0.07-0.08 s written 256 KiB per call (scripts/bench_storage_writes.py).
 _WRITE_LIMIT = 256 * 1024
 # Bytes a thread receives from a socket and then writes at a time: small enough to stay in the CPU's cache between
-# the two, big enough that the thread seldom waits (bench_p2p dfget back to source, 256 MiB: 0.34 s at 256 KiB,
-# 0.29 s from 512 KiB to 2 MiB).
+# the two, big enough that the thread seldom waits (an ad-hoc measure of dfget back to source, 256 MiB, 5 rounds:
+# 0.34 s at 256 KiB, 0.29 s from 512 KiB to 2 MiB).
 BLOCK = 512 * 1024
 _blocks = threading.local()
 

@@ -894,15 +894,20 @@ class PieceFile:
         # (parallel origin ranges, pieces from several parents) spin on its lock, burning the CPU the copy needs.
         self._writing = threading.Lock()
 
-    async def hop(self, fn: Callable[[], T]) -> T:
-        """Run work on the piece bytes in a thread; a cancelled caller does not stop it, so ``drain`` waits for it."""
-        return await asyncio.shield(self._start(fn))
-
-    def _start(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+    async def hop(self, fn: Callable[[], T], end: Callable[[], None] | None = None) -> T:
+        """Run work on the piece bytes in a thread. A cancelled caller does not stop it, so ``drain`` waits for it;
+        with ``end`` (work that waits on a socket), a cancelled caller calls it, which fails the work at once, and
+        waits for the thread to be through, so nothing is written after the caller gave up."""
         hop = asyncio.get_running_loop().run_in_executor(None, fn)
         self._hops.add(hop)
         hop.add_done_callback(self._hop_done)
-        return hop
+        try:
+            return await asyncio.shield(hop)
+        except asyncio.CancelledError:
+            if end is not None:
+                end()
+                await asyncio.wait([hop])
+            raise
 
     def _hop_done(self, hop: asyncio.Future[Any]) -> None:
         self._hops.discard(hop)
@@ -949,16 +954,9 @@ class PieceFile:
         _check_span(number, offset, length)
         started = time.monotonic()
         with self.storage._disk_full_guard(self.task_id, number):
-            if isinstance(data, IncomingPiece):
+            if isinstance(data, IncomingPiece):  # given up, it stops before another parent may write the piece
                 progress = Progress(offset)
-                receiving = self._start(partial(self.receive, progress, offset + length, data.read_into))
-                try:
-                    await asyncio.shield(receiving)
-                except asyncio.CancelledError:
-                    # Given up (a timeout): the thread stops before anyone else may write this piece's bytes.
-                    data.end()
-                    await asyncio.wait([receiving])
-                    raise
+                await self.hop(partial(self.receive, progress, offset + length, data.read_into), data.end)
                 crc, cost = progress.crc, cost + time.monotonic() - started
             else:
                 crc = await self.hop(partial(self._write, offset, (data,), 0))

@@ -16,12 +16,11 @@ import asyncio
 import contextlib
 import socket
 import ssl
-import struct
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import TypeVar
 
-from dfdaemon.blocking import SharedSocket
+from dfdaemon.blocking import SharedSocket, receive_timeout
 from dfdaemon.download.peering import FetchedPiece, ParentUnavailable, PieceUnavailable
 from dfdaemon.storage import IncomingPiece
 from dfdaemon.vortex.codec import (
@@ -147,12 +146,10 @@ class _Connection:
             raise ParentUnavailable(f"{self.where}: cannot connect: {exc.strerror or exc}") from None
         try:
             tune_socket(sock)
-            # Blocking from here, so MSG_WAITALL fills a block in one call; the kernel's timeouts are a backstop
+            # Blocking from here, so MSG_WAITALL fills a block in one call; the kernel's receive timeout is a backstop
             # for a fetch the loop never ends.
             sock.settimeout(None)
-            timeval = struct.pack("ll", int(self.timeout), int(self.timeout % 1 * 1_000_000))
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+            receive_timeout(sock, self.timeout)
         except BaseException:
             sock.close()
             raise
