@@ -17,8 +17,8 @@ from typing import BinaryIO
 
 from aiohttp import web
 
-from dfdaemon.ids import crc32_update
-from dfdaemon.storage import PieceRecord
+from dfdaemon.ids import PieceSpan, crc32_update
+from dfdaemon.storage import PieceRecord, Storage
 
 # A CRC check reads a piece this much at a time into one reused buffer.
 _CHECK_CHUNK = 1024 * 1024
@@ -84,6 +84,18 @@ async def send_range(request: web.Request, content: BinaryIO, offset: int, count
     if transport is None or transport.is_closing():
         raise ConnectionResetError("the client left")
     await asyncio.get_running_loop().sendfile(transport, content, offset, count)
+
+
+async def write_stored_piece(
+    response: web.StreamResponse, storage: Storage, task_id: str, piece: PieceSpan, start: int, end: int
+) -> int:
+    """Write the bytes of a stored piece that fall in ``[start, end)``, read back with their CRC checked (a piece
+    fetched from a peer was never in this process's hands); returns the offset that got to."""
+    _, data = await storage.read_piece(task_id, piece.number)
+    begin, stop = max(start, piece.offset), min(end, piece.offset + piece.length)
+    if begin < stop:
+        await response.write(memoryview(data)[begin - piece.offset : stop - piece.offset])
+    return stop
 
 
 def rotten_pieces(path: Path, pieces: Sequence[PieceRecord]) -> list[PieceRecord]:

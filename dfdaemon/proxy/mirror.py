@@ -37,7 +37,15 @@ from dfdaemon.download.source import WrittenBytes
 from dfdaemon.ids import InvalidTaskId, PieceSpan, blob_digest_task_id
 from dfdaemon.proxy import headers as dragonfly
 from dfdaemon.proxy.access import AccessMemory
-from dfdaemon.proxy.cache import FileState, IntactFiles, file_state, open_content, rotten_pieces, send_range
+from dfdaemon.proxy.cache import (
+    FileState,
+    IntactFiles,
+    file_state,
+    open_content,
+    rotten_pieces,
+    send_range,
+    write_stored_piece,
+)
 from dfdaemon.proxy.headers import end_to_end as _forwarded
 from dfdaemon.storage import PieceCorrupt, PieceRecord, Storage, StorageFull, TaskRecord, TaskState
 
@@ -563,7 +571,9 @@ class RegistryMirror:
                     await send_range(request, content, position, stop - position)
                     position = stop
                 elif wanted[index].number in arrivals.arrived:
-                    position = await self._send_stored(response, task_id, wanted[index], position, held_from)
+                    position = await write_stored_piece(
+                        response, self.storage, task_id, wanted[index], position, held_from
+                    )
                 else:
                     arrivals.check()
                     await arrivals.written.wake.wait()
@@ -574,15 +584,6 @@ class RegistryMirror:
         await response.write_eof()
         with contextlib.suppress(OSError):  # the file just matched the blob's digest: intact as it is now
             self.intact.remember(task_id, await asyncio.to_thread(file_state, self.storage.content.path(task_id)))
-
-    async def _send_stored(
-        self, response: web.StreamResponse, task_id: str, piece: PieceSpan, position: int, end: int
-    ) -> int:
-        """Write a stored piece's bytes from ``position`` up to ``end``; returns where that got to."""
-        _, data = await self.storage.read_piece(task_id, piece.number)
-        stop = min(end, piece.offset + piece.length)
-        await response.write(memoryview(data)[position - piece.offset : stop - piece.offset])
-        return stop
 
 
 def _abandon(task: asyncio.Task[int | None] | None) -> None:

@@ -20,8 +20,8 @@ from dfdaemon.admission import Busy
 from dfdaemon.backend import BackendError, SourceNotAllowed, UnsupportedURL
 from dfdaemon.download import DownloadManager, DownloadRequest, InvalidDownload, PieceDone, Started
 from dfdaemon.download.manager import ByteRange, DownloadPrecondition
-from dfdaemon.ids import PieceSpan
 from dfdaemon.proxy import headers as dragonfly
+from dfdaemon.proxy.cache import write_stored_piece
 from dfdaemon.proxy.mirror import UnsatisfiableRange, parse_range
 from dfdaemon.storage import Storage, StorageFull
 
@@ -139,18 +139,10 @@ class P2PResponder:
             assert isinstance(event, PieceDone)
             arrived.add(event.piece.number)
             while len(pending) > 1 and pending[0].number in arrived:
-                await self._write_piece(response, started.task_id, pending.pop(0), first, last + 1)
+                await write_stored_piece(response, self.storage, started.task_id, pending.pop(0), first, last + 1)
         missing = [piece.number for piece in pending if piece.number not in arrived]
         if missing:
             raise RuntimeError(f"task {started.task_id} ended without pieces {missing[:10]}")
         for piece in pending:
-            await self._write_piece(response, started.task_id, piece, first, last + 1)
+            await write_stored_piece(response, self.storage, started.task_id, piece, first, last + 1)
         await response.write_eof()
-
-    async def _write_piece(
-        self, response: web.StreamResponse, task_id: str, piece: PieceSpan, first: int, end: int
-    ) -> None:
-        _, data = await self.storage.read_piece(task_id, piece.number)
-        start, stop = max(first, piece.offset), min(end, piece.offset + piece.length)
-        if start < stop:
-            await response.write(memoryview(data)[start - piece.offset : stop - piece.offset])
