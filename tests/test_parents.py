@@ -17,7 +17,7 @@ from typing import cast
 import pytest
 
 from dfdaemon import ids
-from dfdaemon.download import parents as parents_module
+from dfdaemon.download import committer as committer_module
 from dfdaemon.download.manager import DownloadManager, DownloadRequest, TaskJob
 from dfdaemon.download.parents import BadPiece, PieceCollection, check_digests, check_place, collect_from_parents
 from dfdaemon.download.peering import (
@@ -31,7 +31,7 @@ from dfdaemon.download.peering import (
 from dfdaemon.download.scheduled import ScheduledFetch
 from dfdaemon.ids import PieceSpan
 from dfdaemon.ratelimit import Bandwidth
-from dfdaemon.storage import PieceRecord, Storage, TaskInfo, TaskWriter, TrafficType
+from dfdaemon.storage import DiskFull, PieceFile, PieceRecord, Storage, TaskInfo, TaskWriter, TrafficType
 from tests.storage_support import make_id, payload, read_all
 
 PIECE_LENGTH = 1024
@@ -373,22 +373,51 @@ async def test_a_failing_parent_is_reported_temporary_to_the_scheduler(storage: 
     assert await read_all(storage, TASK_ID) == CONTENT
 
 
+async def test_a_failed_commit_ends_the_collection_with_its_error_and_blames_no_parent(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Committing is local work (an fdatasync, a transaction): when it fails, no parent is at fault and fetching the
+    pieces elsewhere cannot help, so the collection stops with the disk's error."""
+
+    async def failing_commit(file: PieceFile, pieces: list[PieceRecord]) -> None:
+        raise DiskFull("no space left on the cache's filesystem")
+
+    monkeypatch.setattr(PieceFile, "commit", failing_commit)
+    client, reports = FakeParents({A.peer_id: {0, 1, 2, 3, 4}, B.peer_id: {0, 1, 2, 3, 4}}), Reports()
+    async with storage.download(TASK_ID, task_info()) as writer:
+        with pytest.raises(DiskFull, match="no space left"):
+            await collect_from_parents(
+                TASK_ID,
+                SPANS,
+                [A, B],
+                client,
+                writer,
+                concurrency=2,
+                piece_timeout=30.0,
+                on_piece=reports.on_piece,
+                on_failure=reports.on_failure,
+            )
+        await writer.fail()
+    assert reports.failures == [] and reports.pieces == []
+    assert await storage.pieces(TASK_ID) == []
+
+
 async def test_pieces_staged_close_together_are_committed_in_one_batch(
     storage: Storage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each commit is an fdatasync: pieces staged one after another wait (briefly) to be committed together, and
     the last of the task are committed at once rather than after the wait."""
     batches: list[list[int]] = []
-    real_commit = TaskWriter.commit_staged
+    real_commit = PieceFile.commit
 
-    async def counting_commit(writer: TaskWriter, pieces: list[PieceRecord]) -> None:
+    async def counting_commit(file: PieceFile, pieces: list[PieceRecord]) -> None:
         batches.append([piece.number for piece in pieces])
-        await real_commit(writer, pieces)
+        await real_commit(file, pieces)
 
-    monkeypatch.setattr(TaskWriter, "commit_staged", counting_commit)
+    monkeypatch.setattr(PieceFile, "commit", counting_commit)
     # A batch would wait this long for more pieces: far longer than the bound below, so only committing the task's
     # last pieces at once can meet it.
-    monkeypatch.setattr(parents_module, "COMMIT_DELAY", 60.0)
+    monkeypatch.setattr(committer_module, "COMMIT_DELAY", 60.0)
     client = FakeParents({A.peer_id: {0, 1, 2, 3, 4}})
     started = asyncio.get_running_loop().time()
     failed, reports = await collect(storage, [A], client, concurrency=1)

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from dfdaemon.backend import Backend, BackendError, RetryPolicy
 from dfdaemon.download import DownloadManager, DownloadRequest, PieceDone, Started, TaskJob
-from dfdaemon.download.source import COMMIT_PIECES, BatchCommitter
+from dfdaemon.download.committer import COMMIT_PIECES, BatchCommitter
 from dfdaemon.gc import GarbageCollector, GCPolicy
 from dfdaemon.storage import PieceRecord, Storage, TaskState, TrafficType
 from tests.storage_support import seeded_bytes
@@ -229,7 +229,7 @@ async def test_a_commit_does_not_wait_for_the_announcements_of_the_batch_before(
         await release.wait()  # the first batch's announcements hang until released
         announced.append(piece.number)
 
-    committer = BatchCommitter(file, announce)  # type: ignore[arg-type]
+    committer = BatchCommitter(file, announce, pieces=4 * COMMIT_PIECES)  # type: ignore[arg-type]
     for number in range(2 * COMMIT_PIECES):
         committer.add(piece_record(number))
         await asyncio.sleep(0)
@@ -248,7 +248,7 @@ async def test_a_failed_announcement_reaches_the_stream_and_close() -> None:
     async def announce(piece: PieceRecord) -> None:
         raise RuntimeError(f"follower gone at piece {piece.number}")
 
-    committer = BatchCommitter(RecordingFile(), announce)  # type: ignore[arg-type]
+    committer = BatchCommitter(RecordingFile(), announce, pieces=4 * COMMIT_PIECES)  # type: ignore[arg-type]
     for number in range(COMMIT_PIECES):
         committer.add(piece_record(number))
     await until(lambda: committer._announcing is not None and committer._announcing.done())
@@ -266,7 +266,7 @@ async def test_abandon_stops_every_announcement_still_to_come() -> None:
         await release.wait()
         announced.append(piece.number)
 
-    committer = BatchCommitter(file, announce)  # type: ignore[arg-type]
+    committer = BatchCommitter(file, announce, pieces=4 * COMMIT_PIECES)  # type: ignore[arg-type]
     for number in range(2 * COMMIT_PIECES):
         committer.add(piece_record(number))
         await asyncio.sleep(0)

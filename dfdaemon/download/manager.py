@@ -28,6 +28,7 @@ from typing import BinaryIO
 from dfdaemon import ids
 from dfdaemon.admission import Busy
 from dfdaemon.backend import Backend, SourceNotAllowed, SourcePolicy, check_url
+from dfdaemon.download.committer import BatchCommitter, PieceReport
 from dfdaemon.download.ranges import (
     RangeNotSatisfiable,
     check_range_header,
@@ -38,7 +39,7 @@ from dfdaemon.download.ranges import (
 )
 from dfdaemon.download.request import ByteRange as ByteRange
 from dfdaemon.download.request import DownloadRequest as DownloadRequest
-from dfdaemon.download.source import BatchCommitter, Origin, RunStream, WrittenBytes, runs
+from dfdaemon.download.source import Origin, RunStream, WrittenBytes, runs
 from dfdaemon.gc import GarbageCollector
 from dfdaemon.ids import PieceSpan
 from dfdaemon.ratelimit import Bandwidth
@@ -121,7 +122,6 @@ class PieceDone:
 
 # Fetches the missing pieces of a job into storage; the default goes back to source.
 PieceFetcher = Callable[["TaskJob"], Awaitable[None]]
-PieceReport = Callable[[PieceRecord], Awaitable[None]]
 # Ranges streamed from the origin at once; a fresh task of fewer than 32 pieces is one GET.
 _SOURCE_STREAMS = 4
 
@@ -629,7 +629,8 @@ class DownloadManager:
         publish = functools.partial(self._publish, job.task_id)
         followed = functools.partial(self._followed, job.task_id)
         async with writer.piece_file() as file:
-            committer = BatchCommitter(file, announce)
+            missing = job.missing_pieces()
+            committer = BatchCommitter(file, announce, pieces=len(missing))
             try:
                 # A client following the bytes, and a blob's digest, take them in order: one stream serves them best.
                 # An origin without ranges sends its whole body each time: then the runs go one after another.
@@ -642,7 +643,7 @@ class DownloadManager:
                         await RunStream(origin, spans, file, committer, publish, followed).run()
 
                 async with asyncio.TaskGroup() as group:
-                    for spans in runs(job.missing_pieces(), streams):
+                    for spans in runs(missing, streams):
                         group.create_task(one(spans))
                 await committer.close()
             finally:

@@ -3,8 +3,8 @@
 Each parent's ``SyncPieces`` stream says which pieces it holds (and, for a parent still fetching,
 which it gains); a bounded pool of workers fetches each piece once from a parent that has it. A
 fetched piece is written (its CRC computed in the same thread hop) while its worker already fetches
-the next one; its digests are checked against that CRC, and a committer makes the pieces written
-meanwhile durable and visible together, then reports them. A parent that fails or sends bad bytes is
+the next one; its digests are checked against that CRC, and the download's ``BatchCommitter`` makes the
+pieces written meanwhile durable and visible together, then reports them. A parent that fails or sends bad bytes is
 reported and avoided; the piece goes back to the queue for another parent. Collection ends when every
 piece is in, or when no usable parent can make progress.
 """
@@ -19,8 +19,8 @@ import time
 from collections.abc import Awaitable, Callable
 
 from dfdaemon import ids
+from dfdaemon.download.committer import BatchCommitter, PieceReport
 from dfdaemon.download.peering import FetchedPiece, Parent, ParentClient, PieceUnavailable
-from dfdaemon.download.source import COMMIT_DELAY, COMMIT_PIECES
 from dfdaemon.ids import PieceSpan
 from dfdaemon.ratelimit import TokenBucket
 from dfdaemon.storage import IncomingPiece, PieceRecord, TaskWriter, TrafficType
@@ -28,7 +28,6 @@ from dfdaemon.telemetry import metrics, tracing
 
 log = logging.getLogger("dfdaemon.download")
 
-PieceReport = Callable[[PieceRecord], Awaitable[None]]
 FailureReport = Callable[[int, Parent], Awaitable[None]]
 
 
@@ -75,9 +74,7 @@ class PieceCollection:
         self.wake = asyncio.Event()
         self.queue: asyncio.Queue[int] = asyncio.Queue()
         self._turn = itertools.count()  # spreads the pieces over the parents that hold them
-        # Pieces written but not yet durable and visible, each with the parent it came from (see ``committer``).
-        self.staged: list[tuple[PieceRecord, Parent]] = []
-        self.staged_ready = asyncio.Event()
+        self.committer: BatchCommitter | None = None  # while ``run`` runs
 
     @property
     def complete(self) -> bool:
@@ -201,42 +198,18 @@ class PieceCollection:
             return
         finally:
             fetched.done()
-        self.staged.append((record, parent))
-        self.staged_ready.set()
+        assert self.committer is not None, "pieces are staged only while the collection runs"
+        self.committer.add(record)  # (a failed commit raises here too; ``run`` sees it first)
 
-    async def committer(self) -> None:
-        """Commit staged pieces in batches, one fdatasync and one transaction for all written meanwhile, then
-        report each; the workers never wait for this."""
-        while True:
-            await self.staged_ready.wait()
-            self.staged_ready.clear()
-            await self._gather_batch()
-            if not self.staged:  # taken by the batch before, when the wait timed out as the piece arrived
-                continue
-            batch, self.staged = self.staged, []
-            try:
-                await self.writer.commit_staged([record for record, _ in batch])
-            except Exception as exc:
-                for record, parent in batch:
-                    await self._failed(parent, record.number, exc)
-                continue
-            for record, _ in batch:
-                metrics.DOWNLOAD_BYTES.labels("peer").inc(record.length)
-                metrics.PIECE_SECONDS.labels("peer").observe(record.cost)
-                await self.on_piece(record)
-                self.busy.discard(record.number)
-                self.done.add(record.number)
-            self.last_progress = time.monotonic()
-            self.wake.set()
-
-    async def _gather_batch(self) -> None:
-        """Let a batch grow to ``COMMIT_PIECES`` pieces, for at most ``COMMIT_DELAY``: each commit is one fdatasync,
-        and syncs in quick succession slow the writes beside them. The last pieces are committed at once."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(COMMIT_DELAY):
-                while len(self.staged) < COMMIT_PIECES and len(self.done) + len(self.staged) < len(self.wanted):
-                    await self.staged_ready.wait()
-                    self.staged_ready.clear()
+    async def _landed(self, record: PieceRecord) -> None:
+        """A piece is durable and visible: report it; the workers never wait for this."""
+        metrics.DOWNLOAD_BYTES.labels("peer").inc(record.length)
+        metrics.PIECE_SECONDS.labels("peer").observe(record.cost)
+        await self.on_piece(record)
+        self.busy.discard(record.number)
+        self.done.add(record.number)
+        self.last_progress = time.monotonic()
+        self.wake.set()
 
     async def _failed(self, parent: Parent, number: int, exc: Exception) -> None:
         """A fetch, check or write failed: a piece the parent cannot serve avoids it for that piece, anything
@@ -259,23 +232,30 @@ class PieceCollection:
         self.wake.set()
 
     async def run(self, parents: list[Parent], concurrency: int) -> list[Parent]:
-        """Sync every parent and run the workers until done or stuck; returns the parents that failed."""
+        """Sync every parent and run the workers until done or stuck; returns the parents that failed.
+
+        A failed commit or report ends the collection with its error: the local disk, not a parent, failed.
+        """
         self.open_syncs = len(parents)
-        tasks = [asyncio.create_task(self.sync(parent)) for parent in parents]
-        tasks += [asyncio.create_task(self.worker()) for _ in range(max(1, concurrency))]
-        committer = asyncio.create_task(self.committer())
-        tasks.append(committer)
-        try:
-            while not self.complete and not await self._stuck(parents):
-                if committer.done():
-                    committer.result()  # a report that raised: the collection cannot go on
-                self.wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), timeout=min(1.0, self.piece_timeout))
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        async with self.writer.piece_file() as file:
+            committer = self.committer = BatchCommitter(
+                file, self._landed, pieces=len(self.wanted), on_failure=self.wake.set
+            )
+            tasks = [asyncio.create_task(self.sync(parent)) for parent in parents]
+            tasks += [asyncio.create_task(self.worker()) for _ in range(max(1, concurrency))]
+            try:
+                while not self.complete and not await self._stuck(parents):
+                    committer.check()
+                    self.wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.wake.wait(), timeout=min(1.0, self.piece_timeout))
+                await committer.close()  # (stuck: the pieces written before still count)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                committer.abandon()
+                self.committer = None
         return list(self.failed.values())
 
     async def _stuck(self, parents: list[Parent]) -> bool:

@@ -21,22 +21,20 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from dfdaemon.backend import Backend, BackendError
 from dfdaemon.backend.direct import DirectBody
+from dfdaemon.download.committer import BatchCommitter
 from dfdaemon.ids import PieceSpan
 from dfdaemon.ratelimit import TokenBucket
-from dfdaemon.storage import PieceFile, PieceRecord, Progress, TrafficType
+from dfdaemon.storage import PieceFile, Progress, TrafficType
 from dfdaemon.storage.content import BLOCK
 from dfdaemon.telemetry import tracing
 
 log = logging.getLogger("dfdaemon.download")
 
-# Pieces are committed once this many are written, or this long after the first of a batch was.
-COMMIT_PIECES = 8
-COMMIT_DELAY = 0.1
 # A stream writes the bytes of each segment of a piece (the whole piece when it is no longer) in one thread hop;
 # this many segments may be waiting for their write while the next one fills. The bytes a stream holds are at most
 # SEGMENT * (PENDING_SEGMENTS + 1); with a task's parallel ranges, this bounds the daemon's memory.
@@ -46,7 +44,6 @@ PENDING_SEGMENTS = 1
 MIN_STREAM_PIECES = 16
 
 Publish = Callable[[int, int], None]  # bytes at an offset were written
-PieceReport = Callable[[PieceRecord], Awaitable[None]]
 
 
 class WrittenBytes:
@@ -75,74 +72,6 @@ class WrittenBytes:
             if start <= position < end:
                 return end
         return None
-
-
-class BatchCommitter:
-    """Commits written pieces in batches off the hot path; ``announce`` runs for each once it is visible.
-
-    Announcements (to the task's followers and the scheduler) run in one task of their own, batch after batch in
-    order, so the next commit never waits for them: a commit that waited let dirty pages pile up for one long
-    fdatasync at the end of the download.
-    """
-
-    def __init__(self, file: PieceFile, announce: PieceReport) -> None:
-        self.file = file
-        self.announce = announce
-        self._pending: list[PieceRecord] = []
-        self._flushing: asyncio.Task[None] | None = None
-        self._committed: asyncio.Queue[list[PieceRecord] | None] = asyncio.Queue()  # None: no more batches
-        self._announcing: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
-
-    def add(self, piece: PieceRecord) -> None:
-        for task in (self._flushing, self._announcing):
-            error = task.exception() if task is not None and task.done() and not task.cancelled() else None
-            if error is not None:
-                raise error
-        self._pending.append(piece)
-        if len(self._pending) >= COMMIT_PIECES:
-            self._kick()
-        elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(COMMIT_DELAY, self._kick)
-
-    def _kick(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._flushing is None or self._flushing.done():
-            self._flushing = asyncio.create_task(self._flush())
-
-    async def _flush(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending, []
-            await self.file.commit(batch)
-            if self._announcing is None:
-                self._announcing = asyncio.create_task(self._announce())
-            self._committed.put_nowait(batch)
-
-    async def _announce(self) -> None:
-        while (batch := await self._committed.get()) is not None:
-            for piece in batch:
-                await self.announce(piece)
-
-    async def close(self) -> None:
-        """Commit what is left and wait for every announcement; raises a commit's or an announcement's failure."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._flushing is not None:
-            await self._flushing
-        await self._flush()
-        if self._announcing is not None:
-            self._committed.put_nowait(None)
-            await self._announcing
-
-    def abandon(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        for task in (self._flushing, self._announcing):
-            if task is not None:
-                task.cancel()
 
 
 @dataclass(frozen=True)
