@@ -4,8 +4,10 @@ bytes received afterwards by the thread that writes them, and a fetch given up e
 from __future__ import annotations
 
 import asyncio
+import threading
 import zlib
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -13,7 +15,7 @@ from dfdaemon import ids
 from dfdaemon.download.peering import ParentUnavailable, PieceUnavailable
 from dfdaemon.storage import IncomingPiece, Storage
 from dfdaemon.vortex.client import VortexClient
-from dfdaemon.vortex.codec import PieceMetadata
+from dfdaemon.vortex.codec import Error, ErrorCode, PieceMetadata
 from dfdaemon.vortex.server import VortexServer
 from tests.storage_support import fill, payload, received, seeded_bytes
 
@@ -84,3 +86,38 @@ async def test_a_fetch_given_up_fails_its_blocked_receive_at_once_and_closes() -
         with pytest.raises(ParentUnavailable):
             await asyncio.wait_for(receiving, 10)  # far less than the 60 s piece timeout
         await asyncio.wait_for(closed.wait(), 10)
+
+
+async def test_requests_waiting_on_a_parent_hold_no_thread_and_each_gets_its_answer() -> None:
+    """A parent may hold its answer until it has the piece: many requests waiting so must not take the threads file
+    work needs (here a pool of two), and each still gets its own answer once the parent sends it."""
+    waiting = 12
+    requests: list[int] = []
+    all_asked, answer = asyncio.Event(), asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        number = int.from_bytes((await reader.readexactly(74))[-4:], "big")
+        requests.append(number)
+        if len(requests) == waiting:
+            all_asked.set()
+        await answer.wait()
+        writer.write(Error(ErrorCode.NOT_FOUND, f"no piece {number} yet").encode())
+        await writer.drain()
+        writer.close()
+
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(2))
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    threads_before = threading.active_count()
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        client = VortexClient(piece_timeout=60)
+        fetches = [asyncio.ensure_future(client.download_piece("127.0.0.1", port, "d" * 64, n)) for n in range(waiting)]
+        await asyncio.wait_for(all_asked.wait(), 10)
+        assert threading.active_count() <= threads_before + 2  # at most the pool's own two, whatever waits
+        assert await asyncio.wait_for(asyncio.to_thread(lambda: "free"), 5) == "free"  # and they are free
+        answer.set()
+        outcomes = await asyncio.gather(*fetches, return_exceptions=True)
+    assert sorted(requests) == list(range(waiting))
+    for number, outcome in enumerate(outcomes):
+        assert isinstance(outcome, PieceUnavailable) and f"no piece {number} yet" in str(outcome)

@@ -61,8 +61,6 @@ class GrpcParentClient:
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
-        if self.vortex is not None:
-            self.vortex.close()
 
     async def sync_pieces(self, parent: Parent, task_id: str, interested: list[int]) -> AsyncIterator[PieceSpan]:
         request = dfdaemon_pb2.SyncPiecesRequest(

@@ -22,8 +22,13 @@ def _context(purpose: ssl.Purpose, tls: TLSConfig) -> ssl.SSLContext:
 
 
 def server_context(tls: TLSConfig) -> ssl.SSLContext:
-    """Present ``cert``/``key`` and require a client certificate signed by ``caCert``, as the gRPC port does."""
-    return _context(ssl.Purpose.CLIENT_AUTH, tls)
+    """Present ``cert``/``key`` and require a client certificate signed by ``caCert``, as the gRPC port does.
+
+    No TLS 1.3 session tickets: each piece is a new connection with a full handshake anyway, and a ticket arriving
+    after the handshake would wake a child that waits for the piece's answer on its event loop."""
+    context = _context(ssl.Purpose.CLIENT_AUTH, tls)
+    context.num_tickets = 0
+    return context
 
 
 def client_context(tls: TLSConfig) -> ssl.SSLContext:
