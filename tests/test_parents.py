@@ -330,7 +330,7 @@ class FakeSession:
         self.reports.append(("finished", back_to_source))
 
     async def failed(self, description: str, *, back_to_source: bool) -> None:
-        raise AssertionError(description)
+        self.reports.append(("failed", (description, back_to_source)))
 
     async def close(self) -> None:
         self.reports.append(("closed", None))
@@ -373,32 +373,31 @@ async def test_a_failing_parent_is_reported_temporary_to_the_scheduler(storage: 
     assert await read_all(storage, TASK_ID) == CONTENT
 
 
-async def test_a_failed_commit_ends_the_collection_with_its_error_and_blames_no_parent(
+async def test_a_failed_commit_fails_the_download_blames_no_parent_and_tells_the_scheduler(
     storage: Storage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Committing is local work (an fdatasync, a transaction): when it fails, no parent is at fault and fetching the
-    pieces elsewhere cannot help, so the collection stops with the disk's error."""
+    pieces elsewhere cannot help, so the download stops with the disk's error and the scheduler hears this peer
+    failed."""
 
     async def failing_commit(file: PieceFile, pieces: list[PieceRecord]) -> None:
         raise DiskFull("no space left on the cache's filesystem")
 
     monkeypatch.setattr(PieceFile, "commit", failing_commit)
-    client, reports = FakeParents({A.peer_id: {0, 1, 2, 3, 4}, B.peer_id: {0, 1, 2, 3, 4}}), Reports()
+    session = FakeSession([A, B])
+    client = FakeParents({A.peer_id: set(range(5)), B.peer_id: set(range(5))})
+    fetch = ScheduledFetch(
+        cast(DownloadManager, FakeManager()), FakeScheduler(session), client, piece_timeout=30.0, small_download_limit=0
+    )
+    job = TaskJob(TASK_ID, "peer-self", DownloadRequest(url="http://origin.test/parents"))
+    job.content_length, job.piece_length = SIZE, PIECE_LENGTH
     async with storage.download(TASK_ID, task_info()) as writer:
+        job.writer = writer
         with pytest.raises(DiskFull, match="no space left"):
-            await collect_from_parents(
-                TASK_ID,
-                SPANS,
-                [A, B],
-                client,
-                writer,
-                concurrency=2,
-                piece_timeout=30.0,
-                on_piece=reports.on_piece,
-                on_failure=reports.on_failure,
-            )
+            await fetch(job)
         await writer.fail()
-    assert reports.failures == [] and reports.pieces == []
+    assert [kind for kind, _ in session.reports] == ["register", "started", "failed", "closed"]
+    assert session.reports[2] == ("failed", ("no space left on the cache's filesystem", False))
     assert await storage.pieces(TASK_ID) == []
 
 

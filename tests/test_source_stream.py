@@ -17,7 +17,7 @@ from aiohttp import web
 
 from dfdaemon.backend import Backend, BackendError, RetryPolicy
 from dfdaemon.download import DownloadManager, DownloadRequest, PieceDone, Started, TaskJob
-from dfdaemon.download.committer import COMMIT_PIECES, BatchCommitter
+from dfdaemon.download.committer import COMMIT_DELAY, COMMIT_PIECES, BatchCommitter
 from dfdaemon.gc import GarbageCollector, GCPolicy
 from dfdaemon.storage import PieceRecord, Storage, TaskState, TrafficType
 from tests.storage_support import seeded_bytes
@@ -275,3 +275,43 @@ async def test_abandon_stops_every_announcement_still_to_come() -> None:
     release.set()
     await asyncio.sleep(0.05)
     assert announced == []
+
+
+class FailingFile(RecordingFile):
+    """A PieceFile whose first commit fails (a full disk) once ``fail`` is set; every later one would succeed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail = asyncio.Event()
+
+    async def commit(self, pieces: list[PieceRecord]) -> None:
+        if not self.committed:
+            self.committed.append([])
+            await self.fail.wait()
+            raise OSError(28, f"no space left committing piece {pieces[0].number}")
+        await super().commit(pieces)
+
+
+async def test_the_first_failed_commit_stops_the_batches_and_is_what_every_later_call_raises() -> None:
+    """A batch that failed is not replaced by a later one, not even by the batch timer of a piece added while it
+    ran: nothing after it is made visible (the file's state is unknown), and ``add``, ``check`` and ``close`` all
+    raise the first failure."""
+    file, woken, announced = FailingFile(), [], []
+
+    async def announce(piece: PieceRecord) -> None:
+        announced.append(piece.number)
+
+    committer = BatchCommitter(file, announce, pieces=4 * COMMIT_PIECES, on_failure=lambda: woken.append(True))
+    for number in range(COMMIT_PIECES + 1):  # a full batch goes to commit; the one after it waits for the timer
+        committer.add(piece_record(number))
+        await asyncio.sleep(0)
+    file.fail.set()
+    await until(lambda: woken == [True])
+    await asyncio.sleep(2 * COMMIT_DELAY)  # the timer fires
+    assert file.committed == [[]] and announced == []
+    for call in (lambda: committer.add(piece_record(COMMIT_PIECES + 1)), committer.check):
+        with pytest.raises(OSError, match="piece 0"):
+            call()
+    with pytest.raises(OSError, match="piece 0"):
+        await committer.close()
+    assert file.committed == [[]] and announced == [] and woken == [True]

@@ -75,8 +75,8 @@ async def test_batched_commit_makes_durable_pieces_visible_at_once(storage: Stor
         pieces = [await writer.stage_piece(n, n * 1000, data[n * 1000 : n * 1000 + 1000]) for n in range(3)]
         assert await storage.piece(tid, 0) is None
         with pytest.raises(InvalidPiece, match="belongs to task"):
-            await writer.commit_staged([replace(pieces[0], task_id=make_id("other"))])
-        await writer.commit_staged(pieces)
+            await (await writer.file()).commit([replace(pieces[0], task_id=make_id("other"))])
+        await (await writer.file()).commit(pieces)
         assert await storage.piece(tid, 2) == pieces[2]
         await writer.finish()
     assert storage.task_bytes(tid) == 3000
@@ -325,7 +325,7 @@ async def test_a_download_writes_through_one_open_file_from_both_paths(storage: 
             streamed = file.piece(0, 0, 2000, crc, 1, 0.0)
             await file.commit([streamed])
         staged = [await writer.stage_piece(n, n * 1000, data[n * 1000 : (n + 1) * 1000]) for n in (2, 3)]
-        await writer.commit_staged(staged)
+        await (await writer.file()).commit(staged)
         assert open_descriptors(path) == 1
         await writer.finish()
     assert open_descriptors(path) == 0
@@ -386,7 +386,7 @@ async def test_a_whole_piece_is_written_within_the_write_limit_per_call(
     info = TaskInfo(url="http://origin.test/limited", content_length=len(data), piece_length=len(data))
     async with storage.download(tid, info) as writer:
         piece = await writer.stage_piece(0, 0, data)
-        await writer.commit_staged([piece])
+        await (await writer.file()).commit([piece])
         await writer.finish()
     assert piece.crc == zlib.crc32(data)
     assert await read_all(storage, tid) == data

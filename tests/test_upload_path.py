@@ -118,7 +118,7 @@ async def test_staged_pieces_are_invisible_until_committed(storage: Storage) -> 
         assert (first.crc, second.crc) == (zlib.crc32(data[:1500]), zlib.crc32(data[1500:]))
         assert first.traffic_type == TrafficType.REMOTE_PEER
         assert await storage.pieces(tid) == []
-        await writer.commit_staged([first, second])
+        await (await writer.file()).commit([first, second])
         assert [p.number for p in await storage.pieces(tid)] == [0, 1]
         await writer.finish()
     _, got = await storage.read_piece(tid, 1)
@@ -186,7 +186,7 @@ async def test_the_piece_cache_follows_commits_and_forgets_a_deleted_task(storag
         assert await storage.piece(tid, 0) == first
         staged = [await writer.stage_piece(n, n * 1000, data[n * 1000 : (n + 1) * 1000]) for n in (1, 2)]
         assert await storage.piece(tid, 1) is None
-        await writer.commit_staged(staged)
+        await (await writer.file()).commit(staged)
         assert [p.number for p in await storage.pieces(tid)] == [0, 1, 2]
         await writer.finish()
     await storage.delete_task(tid)

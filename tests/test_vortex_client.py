@@ -12,14 +12,18 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from dfdaemon import ids
+from dfdaemon.config import TLSConfig
 from dfdaemon.download.peering import ParentUnavailable, PieceUnavailable
 from dfdaemon.storage import IncomingPiece, Storage
 from dfdaemon.vortex.client import VortexClient
 from dfdaemon.vortex.codec import Error, ErrorCode, PieceMetadata
 from dfdaemon.vortex.server import VortexServer
+from dfdaemon.vortex.tls import client_context, server_context
+from tests import test_security
 from tests.storage_support import fill, payload, received, seeded_bytes
 
 PIECE = 64 * 1024
+pki = test_security.pki
 
 
 @pytest.fixture
@@ -88,9 +92,13 @@ async def test_a_fetch_given_up_fails_its_blocked_receive_at_once_and_closes() -
         await asyncio.wait_for(closed.wait(), 10)
 
 
-async def test_requests_waiting_on_a_parent_hold_no_thread_and_each_gets_its_answer() -> None:
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "mutual-tls"])
+async def test_requests_waiting_on_a_parent_hold_no_thread_and_each_gets_its_answer(
+    tls: bool, pki: test_security.Pki
+) -> None:
     """A parent may hold its answer until it has the piece: many requests waiting so must not take the threads file
-    work needs (here a pool of two), and each still gets its own answer once the parent sends it."""
+    work needs (here a pool of two), and each still gets its own answer once the parent sends it. Under TLS too: the
+    vortex server sends no session ticket that would wake the wait before the answer."""
     waiting = 12
     requests: list[int] = []
     all_asked, answer = asyncio.Event(), asyncio.Event()
@@ -107,11 +115,13 @@ async def test_requests_waiting_on_a_parent_hold_no_thread_and_each_gets_its_ans
 
     loop = asyncio.get_running_loop()
     loop.set_default_executor(ThreadPoolExecutor(2))
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    client_tls = TLSConfig(ca_cert=str(pki.ca), cert=str(pki.client_cert), key=str(pki.client_key))
+    server_tls = TLSConfig(ca_cert=str(pki.ca), cert=str(pki.server_cert), key=str(pki.server_key))
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_context(server_tls) if tls else None)
     threads_before = threading.active_count()
     async with server:
         port = server.sockets[0].getsockname()[1]
-        client = VortexClient(piece_timeout=60)
+        client = VortexClient(piece_timeout=60, ssl_context=client_context(client_tls) if tls else None)
         fetches = [asyncio.ensure_future(client.download_piece("127.0.0.1", port, "d" * 64, n)) for n in range(waiting)]
         await asyncio.wait_for(all_asked.wait(), 10)
         assert threading.active_count() <= threads_before + 2  # at most the pool's own two, whatever waits

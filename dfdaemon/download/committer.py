@@ -40,13 +40,15 @@ class BatchCommitter:
         self._committed: asyncio.Queue[list[PieceRecord] | None] = asyncio.Queue()  # None: no more batches
         self._announcing: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._error: BaseException | None = None  # the first commit or announcement that failed; nothing after it
 
     def check(self) -> None:
         """Raise the failure of a commit or an announcement, if one failed."""
         for task in (self._flushing, self._announcing):
-            error = task.exception() if task is not None and task.done() and not task.cancelled() else None
-            if error is not None:
-                raise error
+            if task is not None and task.done():
+                self._ended(task)  # (its callback may not have run yet)
+        if self._error is not None:
+            raise self._error
 
     def add(self, piece: PieceRecord) -> None:
         self.check()
@@ -61,7 +63,7 @@ class BatchCommitter:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._flushing is None or self._flushing.done():
+        if self._error is None and (self._flushing is None or self._flushing.done()):
             self._flushing = self._watched(self._flush())
 
     def _watched(self, job: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
@@ -70,8 +72,11 @@ class BatchCommitter:
         return task
 
     def _ended(self, task: asyncio.Task[None]) -> None:
-        if self.on_failure is not None and not task.cancelled() and task.exception() is not None:
-            self.on_failure()
+        error = None if task.cancelled() else task.exception()  # read, so it is never reported as unretrieved
+        if error is not None and self._error is None:
+            self._error = error
+            if self.on_failure is not None:
+                self.on_failure()
 
     async def _flush(self) -> None:
         while self._pending:
@@ -92,11 +97,13 @@ class BatchCommitter:
             self._timer.cancel()
             self._timer = None
         if self._flushing is not None:
-            await self._flushing
+            await asyncio.wait([self._flushing])
+        self.check()
         await self._flush()
         if self._announcing is not None:
             self._committed.put_nowait(None)
-            await self._announcing
+            await asyncio.wait([self._announcing])
+        self.check()
 
     def abandon(self) -> None:
         """Stop: nothing more is committed or announced (the download failed or was cancelled)."""

@@ -199,7 +199,8 @@ class PieceCollection:
         finally:
             fetched.done()
         assert self.committer is not None, "pieces are staged only while the collection runs"
-        self.committer.add(record)  # (a failed commit raises here too; ``run`` sees it first)
+        # A failed commit raises here too, ending this worker; ``run``, woken by the committer, stops the collection.
+        self.committer.add(record)
 
     async def _landed(self, record: PieceRecord) -> None:
         """A piece is durable and visible: report it; the workers never wait for this."""
@@ -249,7 +250,7 @@ class PieceCollection:
                     self.wake.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self.wake.wait(), timeout=min(1.0, self.piece_timeout))
-                await committer.close()  # (stuck: the pieces written before still count)
+                await committer.close()  # nothing is busy by now: this waits for the announcements to end
             finally:
                 for task in tasks:
                     task.cancel()

@@ -134,7 +134,13 @@ class ScheduledFetch:
             if not started:
                 await session.download_started()
                 started = True
-            await self._from_parents(job, session, decision.parents)
+            try:
+                await self._from_parents(job, session, decision.parents)
+            except SchedulerUnavailable:
+                raise
+            except Exception as exc:  # this peer failed (its disk, a report): the scheduler hears it, as upstream
+                await session.failed(str(exc), back_to_source=False)
+                raise
             if not job.missing_pieces():
                 await session.finished(back_to_source=False)
                 return

@@ -89,8 +89,8 @@ async def send_range(request: web.Request, content: BinaryIO, offset: int, count
 async def write_stored_piece(
     response: web.StreamResponse, storage: Storage, task_id: str, piece: PieceSpan, start: int, end: int
 ) -> int:
-    """Write the bytes of a stored piece that fall in ``[start, end)``, read back with their CRC checked (a piece
-    fetched from a peer was never in this process's hands); returns the offset that got to."""
+    """Write the bytes of a stored piece that fall in ``[start, end)``, read back with their CRC checked (the bytes
+    on disk may have changed since they were written); returns the offset that got to."""
     _, data = await storage.read_piece(task_id, piece.number)
     begin, stop = max(start, piece.offset), min(end, piece.offset + piece.length)
     if begin < stop:

@@ -11,12 +11,12 @@ Operation                                   Transaction, and the file work aroun
                                             create its content file. Yields a ``TaskWriter``, whose one
                                             ``PieceFile`` (the file held open until the download ends) takes
                                             every piece, from the origin or a parent
-``TaskWriter.stage_piece`` / ``commit_staged``  bytes (held, or an ``IncomingPiece`` received block by block)
-                                            written and CRC'd in one thread hop, not synced / one fdatasync,
-                                            then one insert of every staged piece (batched)
-``TaskWriter.piece_file()`` write_chunks / receive / commit  the origin stream: a segment's chunks written
-                                            (vectored) and CRC'd in one thread hop, or a piece received from
-                                            the socket block by block; invisible until ``commit`` (as above)
+``TaskWriter.stage_piece``                  a parent's piece: bytes (held, or an ``IncomingPiece`` received block
+                                            by block) written and CRC'd in one thread hop, not synced
+``TaskWriter.piece_file()`` write_chunks / receive  the origin stream: a segment's chunks written (vectored) and
+                                            CRC'd in one thread hop, or a piece received from the socket block
+                                            by block, not synced
+``PieceFile.commit``                        one fdatasync, then one insert of every piece written (batched)
 ``TaskWriter.write_piece``                  stage then commit one piece (durable, then visible)
 ``finish_task`` / ``fail_task``             the task's state (and size, and a verified blob digest); ``discard``
                                             deletes the file first

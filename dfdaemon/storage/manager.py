@@ -820,17 +820,10 @@ class TaskWriter:
         traffic_type: int = TrafficType.REMOTE_PEER,
         cost: float = 0.0,
     ) -> PieceRecord:
-        """Write a piece's bytes (held, or still arriving) and compute its CRC in one thread hop; invisible until
-        ``commit_staged``."""
+        """Write a piece's bytes (held, or still arriving) and compute its CRC in one thread hop; invisible until the
+        task's ``PieceFile`` commits it."""
         file = await self.file()
         return await file.stage(number, offset, data, parent_id=parent_id, traffic_type=traffic_type, cost=cost)
-
-    async def commit_staged(self, pieces: Sequence[PieceRecord]) -> None:
-        """Make staged pieces durable (one fdatasync) and visible (one transaction)."""
-        for piece in pieces:
-            if piece.task_id != self.task_id:
-                raise InvalidPiece(f"piece {piece.number} belongs to task {piece.task_id}, not {self.task_id}")
-        await (await self.file()).commit(pieces)
 
     @contextlib.asynccontextmanager
     async def piece_file(self) -> AsyncIterator[PieceFile]:
@@ -1001,6 +994,9 @@ class PieceFile:
 
     async def commit(self, pieces: Sequence[PieceRecord]) -> None:
         """Make written pieces visible: the file is synced first, then their rows go in, in one transaction."""
+        for piece in pieces:
+            if piece.task_id != self.task_id:
+                raise InvalidPiece(f"piece {piece.number} belongs to task {piece.task_id}, not {self.task_id}")
         number = pieces[0].number if pieces else -1
         with self.storage._disk_full_guard(self.task_id, number):
             size = await self.hop(partial(sync_and_size, self._fd))
