@@ -47,7 +47,6 @@ from dfdaemon.storage.models import (
     TaskNotFound,
     TaskRecord,
     TaskState,
-    TaskTimes,
     TaskUse,
     TrafficType,
     Victim,
@@ -284,11 +283,6 @@ class Storage:
     async def list_tasks(self) -> list[TaskRecord]:
         tasks = await self._db(self.meta.list_tasks)
         return [self._with_uses(task) for task in tasks if task.state is not TaskState.EVICTING]
-
-    async def task_times(self) -> list[TaskTimes]:
-        """The GC view of every task not being evicted (see ``MetadataStore.task_times``)."""
-        await self.flush_uses()
-        return await self._db(self.meta.task_times)
 
     async def count_tasks(self) -> int:
         return await self._db(self.meta.count_tasks)

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from dfdaemon.storage.models import Hold, PieceRecord, Quiet, TaskInfo, TaskRecord, TaskState, TaskTimes
+from dfdaemon.storage.models import Hold, PieceRecord, Quiet, TaskInfo, TaskRecord, TaskState
 
 SCHEMA_VERSION = 2
 
@@ -179,14 +179,11 @@ class MetadataStore:
         rows = self._db.execute(f"SELECT {_TASK_COLUMNS} FROM tasks ORDER BY created_at").fetchall()
         return [_task(row, counts.get(row["id"], 0)) for row in rows]
 
-    def task_times(self) -> list[TaskTimes]:
-        """Every task not being evicted, with only the columns GC decides by (see ``task_time_rows``)."""
-        return [TaskTimes(i, TaskState(s), c, u, lu, f, r) for i, s, c, u, lu, f, r in self.task_time_rows()]
-
     def task_time_rows(
         self, quiet: Quiet | None = None, busy: Sequence[str] = ()
     ) -> list[tuple[str, str, float, float, float, float | None, float | None]]:
-        """``TaskTimes`` fields as plain tuples, the state as stored, in creation order: one narrow scan of the
+        """Every task not being evicted, with only the columns GC decides by: id, state (as stored), created,
+        updated, last used, finished and released times, as plain tuples in creation order: one narrow scan of the
         table in rowid order (rows are inserted when tasks are created, so no sort), no object per row.
 
         With ``quiet``, the tasks it describes are left out unless a hold (live or lapsed) names them or they are

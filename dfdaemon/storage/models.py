@@ -62,18 +62,6 @@ class TaskRecord:
         return self.state is TaskState.SUCCEEDED
 
 
-class TaskTimes(NamedTuple):
-    """What GC classifies a task by: a narrow, cheap row (no piece count, no response header)."""
-
-    id: str
-    state: TaskState
-    created_at: float
-    updated_at: float
-    last_used_at: float
-    finished_at: float | None
-    released_at: float | None
-
-
 class TaskUse(NamedTuple):
     """One task as GC sees it at one instant: its times, its bytes and what references it.
 
