@@ -3,10 +3,10 @@
 Each parent's ``SyncPieces`` stream says which pieces it holds (and, for a parent still fetching,
 which it gains); a bounded pool of workers fetches each piece once from a parent that has it. A
 fetched piece is written (its CRC computed in the same thread hop) while its worker already fetches
-the next one; its digests are checked against that CRC, and the download's ``BatchCommitter`` makes the
-pieces written meanwhile durable and visible together, then reports them. A parent that fails or sends bad bytes is
-reported and avoided; the piece goes back to the queue for another parent. Collection ends when every
-piece is in, or when no usable parent can make progress.
+the next one; its digests are checked against that CRC, and a ``BatchCommitter`` makes the pieces
+written meanwhile durable and visible together, then reports them. A parent that fails or sends bad
+bytes is reported and avoided; the piece goes back to the queue for another parent. Collection ends
+when every piece is in, or when no usable parent can make progress.
 """
 
 from __future__ import annotations
