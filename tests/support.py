@@ -12,14 +12,15 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 import yaml
+from aiohttp import web
 
 from dfdaemon.api import scheduler_pb2, scheduler_pb2_grpc
 
@@ -336,3 +337,16 @@ def wait_for_hosts(scheduler: SchedulerProcess, count: int) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"only {len(hosts)} of {count} hosts announced themselves")
+
+
+@asynccontextmanager
+async def serving(app: web.Application, *, shutdown_timeout: float = 60.0) -> AsyncIterator[int]:
+    """``app`` on an ephemeral loopback port (yielded) until the block ends; handlers still running then get
+    ``shutdown_timeout`` seconds."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        yield runner.addresses[0][1]
+    finally:
+        await runner.cleanup()

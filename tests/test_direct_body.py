@@ -17,6 +17,7 @@ from aiohttp import web
 from dfdaemon.backend import Backend, BackendError, RetryPolicy
 from dfdaemon.backend.direct import DirectBody
 from tests.storage_support import seeded_bytes
+from tests.support import serving
 
 BODY = seeded_bytes("test_direct_body", 3 * 1024 * 1024 + 4321)
 _RANGE = re.compile(r"bytes=(\d+)-(\d+)")
@@ -64,16 +65,9 @@ async def origin() -> AsyncIterator[Origin]:
     served = Origin()
     app = web.Application()
     app.router.add_get("/blob", served.handle)
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    assert site._server is not None and site._server.sockets
-    served.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/blob"
-    try:
+    async with serving(app, shutdown_timeout=0.1) as port:  # a silent origin's handler is still sleeping
+        served.url = f"http://127.0.0.1:{port}/blob"
         yield served
-    finally:
-        await runner.cleanup()
 
 
 def read_all(body: DirectBody, block: int = 100_000) -> bytes:

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from dfdaemon.backend import OriginClient, SourceNotAllowed, SourcePolicy
 from tests.storage_support import seeded_bytes
-from tests.support import OriginProcess, dfget, running_daemon, running_origin
+from tests.support import OriginProcess, dfget, running_daemon, running_origin, serving
 
 SIZE = 5 * 1024 * 1024 + 3
 # Hop-by-hop headers a proxy does not pass on, and headers aiohttp sets itself.
@@ -52,14 +52,9 @@ async def proxy() -> AsyncIterator[ForwardProxy]:
     forward = ForwardProxy()
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", forward.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    forward.address = f"127.0.0.1:{port}"
-    yield forward
-    await runner.cleanup()
+    async with serving(app) as port:
+        forward.address = f"127.0.0.1:{port}"
+        yield forward
 
 
 @pytest.fixture

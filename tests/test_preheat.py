@@ -43,6 +43,7 @@ from tests.support import (
     running_daemon,
     running_origin,
     running_scheduler,
+    serving,
     wait_for_hosts,
     wait_for_line,
 )
@@ -234,16 +235,9 @@ async def test_a_manifest_that_does_not_make_sense_is_refused(document: object, 
 
     app = web.Application()
     app.router.add_get("/v2/app/manifests/1", manifest)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        port = runner.addresses[0][1]
+    async with serving(app) as port:
         with pytest.raises(preheat.ManifestError, match=error):
             await preheat.resolve_image(f"http://127.0.0.1:{port}/v2/app/manifests/1", "linux/amd64", {})
-    finally:
-        await runner.cleanup()
 
 
 def test_preheat_over_mutual_tls_reaches_peers_that_demand_certificates(tmp_path: Path, pki: Pki) -> None:

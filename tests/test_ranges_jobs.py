@@ -23,6 +23,7 @@ from dfdaemon.download.ranges import ByteRange
 from dfdaemon.gc import GarbageCollector, GCPolicy
 from dfdaemon.storage import Storage, TaskState, TrafficType
 from tests.storage_support import seeded_bytes
+from tests.support import serving
 
 MIB = 1024 * 1024
 PIECE = 4 * MIB
@@ -85,16 +86,12 @@ async def origin() -> AsyncIterator[Origin]:
     served = Origin(seeded_bytes("test_ranges_jobs-1", 6 * PIECE + 12345))
     app = web.Application()
     app.router.add_route("*", "/file", served.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    served.url = f"http://127.0.0.1:{runner.addresses[0][1]}/file"
-    try:
-        yield served
-    finally:
-        served.gate.set()
-        await runner.cleanup()
+    async with serving(app) as port:
+        served.url = f"http://127.0.0.1:{port}/file"
+        try:
+            yield served
+        finally:
+            served.gate.set()
 
 
 async def fetch(daemon: Daemon, request: DownloadRequest) -> tuple[Started, list[PieceDone]]:

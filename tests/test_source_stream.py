@@ -21,6 +21,7 @@ from dfdaemon.download.committer import COMMIT_DELAY, COMMIT_PIECES, BatchCommit
 from dfdaemon.gc import GarbageCollector, GCPolicy
 from dfdaemon.storage import PieceRecord, Storage, TaskState, TrafficType
 from tests.storage_support import seeded_bytes
+from tests.support import serving
 
 MIB = 1024 * 1024
 _RANGE = re.compile(r"bytes=(\d+)-(\d+)")
@@ -104,16 +105,9 @@ async def origin() -> AsyncIterator[Origin]:
     served = Origin(seeded_bytes("test_source_stream-1", 10 * MIB + 12345))
     app = web.Application()
     app.router.add_route("*", "/file", served.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    served.url = f"http://127.0.0.1:{port}/file"
-    try:
+    async with serving(app) as port:
+        served.url = f"http://127.0.0.1:{port}/file"
         yield served
-    finally:
-        await runner.cleanup()
 
 
 async def fetch(daemon: Daemon, url: str) -> tuple[Started, list[PieceDone]]:

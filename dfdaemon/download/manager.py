@@ -595,7 +595,7 @@ class DownloadManager:
         for span in job.pieces:
             async with job.changed:
                 await job.changed.wait_for(functools.partial(job.done.__contains__, span.number))
-            await asyncio.to_thread(_hash_span, digest, path, span)
+            await asyncio.to_thread(_hash_bytes, digest, path, span.offset, span.length)
         return digest
 
     async def _load_local(self, job: TaskJob, task: TaskRecord) -> None:
@@ -697,11 +697,11 @@ def _aim(job: TaskJob) -> None:
     job.target = None if _needs_whole_task(job.request) else covering
 
 
-def _hash_span(digest: ids.FileDigester, path: Path, span: PieceSpan) -> None:
-    """Feed a stored piece's bytes to a blob's digest (blocking: run it in a thread)."""
+def _hash_bytes(digest: ids.FileDigester, path: Path, offset: int, length: int) -> None:
+    """Feed ``length`` bytes of a content file from ``offset`` to a digest (blocking: run it in a thread)."""
     with path.open("rb") as f:
-        f.seek(span.offset)
-        remaining = span.length
+        f.seek(offset)
+        remaining = length
         while remaining:
             chunk = f.read(min(remaining, 1024 * 1024))
             if not chunk:
@@ -824,16 +824,9 @@ def _copy_range(source_fd: int, target_fd: int, offset: int, count: int) -> int:
     return os.sendfile(target_fd, source_fd, offset, count)
 
 
-def _file_digest(path: Path, expected: str) -> ids.FileDigester:
-    digester = ids.FileDigester(expected)
-    with path.open("rb") as f:
-        while chunk := f.read(1024 * 1024):
-            digester.update(chunk)
-    return digester
-
-
 def _verify_digest(path: Path, expected: str) -> None:
     """The caller's expectation of the whole file (``download.digest``)."""
-    digester = _file_digest(path, expected)
+    digester = ids.FileDigester(expected)
+    _hash_bytes(digester, path, 0, path.stat().st_size)
     if not digester.matches():
         raise DownloadPrecondition(f"digest mismatch: expected {expected}, got {digester.hexdigest()}")
