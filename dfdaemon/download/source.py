@@ -93,10 +93,10 @@ class RunStream:
 
     A body a worker thread can read from its socket is read one piece per thread hop (``_receive_direct``). For any
     other, the loop only collects the chunks as the connection delivers them. A piece's chunks (or a segment's, for a
-    piece longer than ``SEGMENT``) go to a thread in one hop that writes them with one vectored write, continues
-    the piece's CRC over them: no copy, no CRC on the event loop. The hops
-    of one stream run one after another (each continues the CRC of the one before), at most ``PENDING_SEGMENTS``
-    waiting while the next segment fills. A piece is queued for commit once its last segment is written.
+    piece longer than ``SEGMENT``) go to a thread in one hop that writes them with one vectored write and continues
+    the piece's CRC over them: no copy, no CRC on the event loop. The hops of one stream run one after another
+    (each continues the CRC of the one before), at most ``PENDING_SEGMENTS`` waiting while the next segment fills.
+    A piece is queued for commit once its last segment is written.
     """
 
     def __init__(

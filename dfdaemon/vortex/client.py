@@ -3,11 +3,11 @@
 The request runs with blocking calls in worker threads, in two short hops: connect (and the TLS handshake) and send
 the DownloadPiece; then, once the parent answers, read the header and the metadata. A parent may hold its answer
 until it has the piece; that wait is on the event loop and holds no thread. The piece's bytes are then handed on
-unread, as an ``IncomingPiece``: the collector's writing thread receives them block by
-block into one reused buffer (``recv`` with ``MSG_WAITALL`` on plain TCP) and writes and CRCs each block while it
-is still in the CPU's cache, the shape that took back to source from 0.45 s to 0.29 s per 256 MiB. Receiving,
-the largest cost of a P2P download (the kernel copying the bytes out of the socket and running TCP for both ends
-of a loopback connection), thus runs beside the event loop, on both cores. A fetch given up (timeout,
+unread, as an ``IncomingPiece``: the collector's writing thread receives them block by block into one reused
+buffer (``recv`` with ``MSG_WAITALL`` on plain TCP) and writes and CRCs each block while it is still in the CPU's
+cache, the shape that took ``bench_p2p``'s dfget back to source from 0.41 s to 0.30 s per 256 MiB (README).
+Receiving, the largest cost of a P2P download (the kernel copying the bytes out of the socket and running TCP for
+both ends of a loopback connection), thus runs beside the event loop, on both cores. A fetch given up (timeout,
 cancellation, the piece written or refused) ends its connection, which fails a blocked call at once (but for
 the connect itself, bounded by ``CONNECT_TIMEOUT``).
 """
