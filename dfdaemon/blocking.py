@@ -10,12 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import struct
 import threading
 from collections.abc import Callable
 from typing import TypeVar
 
 T = TypeVar("T")
+
+
+def receive_into(sock: socket.socket, target: memoryview) -> int:
+    """Block until ``target`` is full (``MSG_WAITALL``; a TLS socket gives what one record holds); raises
+    ``ConnectionResetError`` when the other side closed the connection, ``BlockingIOError`` on the receive timeout."""
+    count = sock.recv_into(target, 0, 0 if isinstance(sock, ssl.SSLSocket) else socket.MSG_WAITALL)
+    if not count:
+        raise ConnectionResetError("the other side closed the connection")
+    return count
 
 
 def receive_timeout(sock: socket.socket, seconds: float) -> None:

@@ -18,7 +18,7 @@ import struct
 import aiohttp
 
 from dfdaemon.backend.policy import BackendError
-from dfdaemon.blocking import SharedSocket, receive_timeout
+from dfdaemon.blocking import SharedSocket, receive_into, receive_timeout
 
 # Largest buffer a body's unwanted head is received into and dropped (an origin that ignores ranges).
 _SKIP_BUFFER = 1024 * 1024
@@ -64,14 +64,11 @@ class DirectBody:
             self._buffered = self._buffered[count:]
             return count
         try:
-            count = self._socket.sock.recv_into(target, 0, socket.MSG_WAITALL)
+            return receive_into(self._socket.sock, target)
         except BlockingIOError:  # the receive timeout: not one byte for that long
             raise self._broke(f"nothing received for {self._timeout:g}s") from None
         except OSError as exc:
             raise self._broke(str(exc) or type(exc).__name__) from None
-        if not count:
-            raise self._broke("the origin closed the connection")
-        return count
 
     def _broke(self, detail: str) -> BackendError:
         return BackendError(f"origin connection broke after {self.received} of {self.length} bytes: {detail}")

@@ -21,7 +21,7 @@ import ssl
 from collections.abc import Callable
 from typing import TypeVar
 
-from dfdaemon.blocking import SharedSocket, receive_timeout
+from dfdaemon.blocking import SharedSocket, receive_into, receive_timeout
 from dfdaemon.download.peering import FetchedPiece, ParentUnavailable, PieceUnavailable
 from dfdaemon.storage import IncomingPiece
 from dfdaemon.vortex.codec import (
@@ -190,9 +190,4 @@ class _Connection:
             raise ParentUnavailable(f"{self.where}: {exc}") from None
 
     def _receive_some(self, target: memoryview) -> int:
-        sock = self._socket.sock
-        flags = 0 if isinstance(sock, ssl.SSLSocket) else socket.MSG_WAITALL
-        received = sock.recv_into(target, 0, flags)
-        if not received:
-            raise ConnectionResetError("the parent closed the connection")
-        return received
+        return receive_into(self._socket.sock, target)
