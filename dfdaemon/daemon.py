@@ -144,9 +144,9 @@ class Daemon:
         """Storage first, then what guards it (runtime holds, GC), metrics, the servers, the mirror, the scheduler."""
         socket_path = self.config.socket_path
         # File work, and sockets read by the threads that write their bytes, share the loop's default pool. A piece
-        # from a parent holds a thread to connect (at most CONNECT_TIMEOUT) and while its bytes arrive, not while the
-        # parent makes it wait: room for several downloads' pieces in flight besides the file work (threads start
-        # only when needed).
+        # from a parent holds a thread while its bytes arrive (and for a TLS handshake), not while it connects or
+        # the parent makes it wait: room for several downloads' pieces in flight besides the file work (threads
+        # start only when needed).
         threads = _IO_THREADS + 4 * self.config.download.concurrent_piece_count
         asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(threads, thread_name_prefix="dfdaemon-io"))
         _check_paths(self.config)

@@ -4,6 +4,8 @@ bytes received afterwards by the thread that writes them, and a fetch given up e
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import threading
 import zlib
 from collections.abc import AsyncIterator
@@ -15,6 +17,7 @@ from dfdaemon import ids
 from dfdaemon.config import TLSConfig
 from dfdaemon.download.peering import ParentUnavailable, PieceUnavailable
 from dfdaemon.storage import IncomingPiece, Storage
+from dfdaemon.vortex import client as vortex_client
 from dfdaemon.vortex.client import VortexClient
 from dfdaemon.vortex.codec import Error, ErrorCode, PieceMetadata
 from dfdaemon.vortex.server import VortexServer
@@ -131,3 +134,30 @@ async def test_requests_waiting_on_a_parent_hold_no_thread_and_each_gets_its_ans
     assert sorted(requests) == list(range(waiting))
     for number, outcome in enumerate(outcomes):
         assert isinstance(outcome, PieceUnavailable) and f"no piece {number} yet" in str(outcome)
+
+
+async def test_connects_that_hang_hold_no_thread_and_give_up_after_the_connect_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A parent that never completes the handshake (its accept queue full, so the kernel drops the SYNs): the
+    connects wait on the event loop, none in a thread, and each gives up after CONNECT_TIMEOUT."""
+    monkeypatch.setattr(vortex_client, "CONNECT_TIMEOUT", 0.5)
+    with contextlib.ExitStack() as stack:
+        listener = stack.enter_context(socket.socket())
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)  # one completed connection fills the queue; it is never accepted
+        port = listener.getsockname()[1]
+        for _ in range(2):
+            filler = stack.enter_context(socket.socket())
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+        await asyncio.sleep(0.1)
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(1))
+        threads_before = threading.active_count()
+        client = VortexClient(piece_timeout=60)
+        fetches = [asyncio.ensure_future(client.download_piece("127.0.0.1", port, "e" * 64, n)) for n in range(8)]
+        await asyncio.sleep(0.2)
+        assert threading.active_count() == threads_before  # connecting took no thread from the pool
+        outcomes = await asyncio.wait_for(asyncio.gather(*fetches, return_exceptions=True), 10)
+    for outcome in outcomes:
+        assert isinstance(outcome, ParentUnavailable) and "no connection within" in str(outcome)

@@ -1,15 +1,14 @@
 """The child side of vortex: one piece per connection, its bytes received by the thread that writes them.
 
-The request runs with blocking calls in worker threads, in two short hops: connect (and the TLS handshake) and send
-the DownloadPiece; then, once the parent answers, read the header and the metadata. A parent may hold its answer
-until it has the piece; that wait is on the event loop and holds no thread. The piece's bytes are then handed on
+Connecting and sending the DownloadPiece run on the event loop (a TLS handshake and its send in a worker thread).
+A parent may hold its answer until it has the piece; that wait is on the event loop too, and holds no thread. Once
+the answer begins, one short thread hop reads the header and the metadata. The piece's bytes are then handed on
 unread, as an ``IncomingPiece``: the collector's writing thread receives them block by block into one reused
 buffer (``recv`` with ``MSG_WAITALL`` on plain TCP) and writes and CRCs each block while it is still in the CPU's
 cache, the shape that took ``bench_p2p``'s dfget back to source from 0.41 s to 0.30 s per 256 MiB (README).
 Receiving, the largest cost of a P2P download (the kernel copying the bytes out of the socket and running TCP for
 both ends of a loopback connection), thus runs beside the event loop, on both cores. A fetch given up (timeout,
-cancellation, the piece written or refused) ends its connection, which fails a blocked call at once (but for
-the connect itself, bounded by ``CONNECT_TIMEOUT``).
+cancellation, the piece written or refused) ends its connection, which fails a blocked call at once.
 """
 
 from __future__ import annotations
@@ -62,7 +61,7 @@ class VortexClient:
         connection = _Connection(ip, port, self.ssl_context, self.piece_timeout)
         try:
             async with asyncio.timeout(self.piece_timeout):
-                await connection.in_thread(connection.send, task_id, number)
+                await connection.send(task_id, number)
                 await connection.answered()
                 metadata = await connection.in_thread(connection.read_answer)
             if metadata.number != number:
@@ -106,9 +105,16 @@ class _Connection:
             self.end()
             raise
 
-    def send(self, task_id: str, number: int) -> None:
-        """Connect and send the DownloadPiece."""
-        self._connect().sendall(DownloadPiece(task_id, number).encode())
+    async def send(self, task_id: str, number: int) -> None:
+        """Connect and send the DownloadPiece, on the event loop; a TLS handshake and its send go to a thread."""
+        request = DownloadPiece(task_id, number).encode()
+        sock = await self._connect()
+        if self.ssl_context is None:
+            await asyncio.get_running_loop().sock_sendall(sock, request)
+            self._block(sock)
+        else:
+            self._block(sock)
+            await self.in_thread(self._send_secured, sock, request)
 
     async def answered(self) -> None:
         """Until the parent's answer begins to arrive: on the event loop, holding no thread.
@@ -150,27 +156,39 @@ class _Connection:
                 sock.shutdown(socket.SHUT_WR)  # as upstream: the request is all this side sends
         return metadata
 
-    def _connect(self) -> socket.socket:
+    async def _connect(self) -> socket.socket:
+        """A connected non-blocking socket, owned by the ``SharedSocket`` from here on."""
+        family = socket.AF_INET6 if ":" in self.ip else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            sock = socket.create_connection((self.ip, self.port), timeout=CONNECT_TIMEOUT)
+            sock.setblocking(False)
+            tune_socket(sock)
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                await asyncio.get_running_loop().sock_connect(sock, (self.ip, self.port))
         except TimeoutError:
+            sock.close()
             raise ParentUnavailable(f"{self.where}: no connection within {CONNECT_TIMEOUT:.0f}s") from None
         except OSError as exc:
+            sock.close()
             raise ParentUnavailable(f"{self.where}: cannot connect: {exc.strerror or exc}") from None
-        try:
-            tune_socket(sock)
-            # Blocking from here, so MSG_WAITALL fills a block in one call; the kernel's receive timeout is a backstop
-            # for a fetch the loop never ends.
-            sock.settimeout(None)
-            receive_timeout(sock, self.timeout)
         except BaseException:
             sock.close()
             raise
-        self._socket.attach(sock)  # from here on ``end`` can cut the handshake short too
-        if self.ssl_context is not None:
-            sock = self.ssl_context.wrap_socket(sock, server_hostname=self.ip)
-            self._socket.attach(sock)
+        self._socket.attach(sock)
         return sock
+
+    def _block(self, sock: socket.socket) -> None:
+        """Blocking from here, so ``MSG_WAITALL`` fills a block in one call; the kernel's receive timeout is a
+        backstop for a fetch the loop never ends."""
+        sock.setblocking(True)
+        receive_timeout(sock, self.timeout)
+
+    def _send_secured(self, sock: socket.socket, request: bytes) -> None:
+        """In a worker thread: the TLS handshake (``end`` cuts it short), then the request."""
+        assert self.ssl_context is not None, "only a TLS connection is secured"
+        secured = self.ssl_context.wrap_socket(sock, server_hostname=self.ip)
+        self._socket.attach(secured)
+        secured.sendall(request)
 
     def _read(self, size: int) -> bytearray:
         buffer = bytearray(size)
