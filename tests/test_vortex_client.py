@@ -161,3 +161,11 @@ async def test_connects_that_hang_hold_no_thread_and_give_up_after_the_connect_t
         outcomes = await asyncio.wait_for(asyncio.gather(*fetches, return_exceptions=True), 10)
     for outcome in outcomes:
         assert isinstance(outcome, ParentUnavailable) and "no connection within" in str(outcome)
+
+
+async def test_a_parent_that_refuses_the_connection_is_unavailable_with_the_reason() -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # bound, never listening: connects are refused
+        with pytest.raises(ParentUnavailable, match="cannot connect: Connection refused"):
+            await VortexClient(piece_timeout=30).download_piece("127.0.0.1", port, "f" * 64, 0)

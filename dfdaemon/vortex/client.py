@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import ssl
 from collections.abc import Callable
@@ -165,14 +166,13 @@ class _Connection:
             tune_socket(sock)
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 await asyncio.get_running_loop().sock_connect(sock, (self.ip, self.port))
-        except TimeoutError:
+        except BaseException as exc:
             sock.close()
-            raise ParentUnavailable(f"{self.where}: no connection within {CONNECT_TIMEOUT:.0f}s") from None
-        except OSError as exc:
-            sock.close()
-            raise ParentUnavailable(f"{self.where}: cannot connect: {exc.strerror or exc}") from None
-        except BaseException:
-            sock.close()
+            if isinstance(exc, TimeoutError):
+                raise ParentUnavailable(f"{self.where}: no connection within {CONNECT_TIMEOUT:.0f}s") from None
+            if isinstance(exc, OSError):
+                reason = os.strerror(exc.errno) if exc.errno else str(exc)  # (asyncio's own strerror names no cause)
+                raise ParentUnavailable(f"{self.where}: cannot connect: {reason}") from None
             raise
         self._socket.attach(sock)
         return sock
