@@ -48,7 +48,8 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     root = work / "origin"
     (root / "files").mkdir(parents=True)
     (root / "other").mkdir()
-    for name in ("tagged", "filtered", "sized", "content", "ranged", "prefetched", "grpc", "written", "forced"):
+    names = ("tagged", "filtered", "sized", "content", "ranged", "prefetched", "grpc", "written", "forced", "asked")
+    for name in (*names, "beyond", "ignored"):
         (root / "files" / f"{name}.bin").write_bytes(seeded_bytes(f"headers-{name}", SIZE))
     (root / "other" / "forced.bin").write_bytes(seeded_bytes("headers-other", 5 * MB))
     blob = seeded_bytes("headers-blob", 2 * MB)
@@ -182,6 +183,23 @@ def test_a_range_is_answered_206_with_the_origins_slice(node: Node) -> None:
     suffix = get(node.proxy, url, {"Range": "bytes=-10"})
     assert (suffix[0], suffix[2]) == (206, node.content("files/ranged.bin")[-10:])
     assert get(node.proxy, url, {"Range": f"bytes={SIZE}-"})[0] == 416
+
+
+def test_a_range_of_a_task_not_cached_asks_the_origin_for_the_length_once(node: Node) -> None:
+    """The download resolves the range once it has the length: one request for the length and one GET for the
+    covering piece, not a second request for the length by the proxy first."""
+    url = node.origin.url("files/asked.bin")
+    before = node.origin.stats()["requests"]
+    status, headers, body = get(node.proxy, url, {"Range": "bytes=5000000-"})
+    assert (status, headers["Content-Range"]) == (206, f"bytes 5000000-{SIZE - 1}/{SIZE}")
+    assert body == node.content("files/asked.bin")[5_000_000:]
+    assert node.origin.stats()["requests"] - before == 2  # the length, then one ranged GET of pieces 1 and 2
+
+
+def test_a_range_past_the_end_of_a_task_not_cached_is_416_and_a_malformed_one_gets_everything(node: Node) -> None:
+    assert get(node.proxy, node.origin.url("files/beyond.bin"), {"Range": f"bytes={SIZE}-{SIZE + 10}"})[0] == 416
+    status, _, body = get(node.proxy, node.origin.url("files/ignored.bin"), {"Range": "bytes=10-5"})
+    assert (status, body) == (200, node.content("files/ignored.bin"))
 
 
 def _task_finished(daemon: DaemonProcess, task_id: str) -> Callable[[], bool]:

@@ -91,6 +91,10 @@ class DownloadPrecondition(Exception):
     """A request that cannot succeed in the current state: bad range, existing output (FAILED_PRECONDITION)."""
 
 
+class RangeOutsideContent(DownloadPrecondition):
+    """A range that selects no byte of the task's content (FAILED_PRECONDITION; an HTTP client gets 416)."""
+
+
 class DownloadFailed(Exception):
     """The download itself failed after it started (INTERNAL)."""
 
@@ -669,7 +673,7 @@ def _resolve_range(request: DownloadRequest, content_length: int) -> ByteRange |
     try:
         return effective_range(request.range, request.request_header, content_length)
     except RangeNotSatisfiable as exc:
-        raise DownloadPrecondition(str(exc)) from None
+        raise RangeOutsideContent(str(exc)) from None
 
 
 def _covering(job: TaskJob, byte_range: ByteRange | None) -> list[PieceSpan]:
@@ -677,7 +681,7 @@ def _covering(job: TaskJob, byte_range: ByteRange | None) -> list[PieceSpan]:
     try:
         return covering_pieces(job.content_length, job.piece_length, byte_range)
     except RangeNotSatisfiable as exc:
-        raise DownloadPrecondition(str(exc)) from None
+        raise RangeOutsideContent(str(exc)) from None
 
 
 def _needs_whole_task(request: DownloadRequest) -> bool:

@@ -82,26 +82,37 @@ def upstream_base(ns: str | None, default: str, insecure: frozenset[str]) -> str
 _BYTE_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
 
 
-def parse_range(header: str | None, length: int) -> tuple[int, int] | None:
-    """The inclusive byte span one ``Range: bytes=`` asks for; None for the whole blob.
-
-    Several ranges, another unit or a malformed range are answered with the whole blob, as RFC 9110 allows.
-    """
+def range_form(header: str | None) -> tuple[int | None, int | None] | None:
+    """The ``(first, last)`` of one ``Range: bytes=`` (``first`` None: a suffix of ``last`` bytes; ``last`` None: to
+    the end); None for a header to ignore: several ranges, another unit, a malformed range or one ending before it
+    starts, all answered with the whole content as RFC 9110 allows."""
     match = _BYTE_RANGE.fullmatch(header.strip().lower()) if header else None
     if match is None or not (match.group(1) or match.group(2)):
         return None
-    first, last = match.groups()
-    if first and last and int(last) < int(first):
-        return None  # invalid, so ignored
-    if not first:  # suffix: the last N bytes
-        suffix = int(last)
-        if suffix == 0 or length == 0:
+    first, last = (int(text) if text else None for text in match.groups())
+    if first is not None and last is not None and last < first:
+        return None
+    return first, last
+
+
+def range_span(form: tuple[int | None, int | None], length: int, header: str) -> tuple[int, int]:
+    """The inclusive byte span a ``range_form`` selects in ``length`` bytes; UnsatisfiableRange when it selects
+    none."""
+    first, last = form
+    if first is None:  # suffix: the last N bytes
+        assert last is not None, "a range form has a first or a last position"
+        if last == 0 or length == 0:
             raise UnsatisfiableRange(header)
-        return max(0, length - suffix), length - 1
-    start = int(first)
-    if start >= length:
+        return max(0, length - last), length - 1
+    if first >= length:
         raise UnsatisfiableRange(header)
-    return start, min(int(last), length - 1) if last else length - 1
+    return first, length - 1 if last is None else min(last, length - 1)
+
+
+def parse_range(header: str | None, length: int) -> tuple[int, int] | None:
+    """The inclusive byte span one ``Range: bytes=`` asks for; None for the whole blob (see ``range_form``)."""
+    form = range_form(header)
+    return None if form is None or header is None else range_span(form, length, header)
 
 
 def _registry_error(status: int, code: str, message: str) -> web.Response:

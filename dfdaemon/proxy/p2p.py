@@ -19,10 +19,10 @@ from aiohttp import web
 from dfdaemon.admission import Busy
 from dfdaemon.backend import BackendError, SourceNotAllowed, UnsupportedURL
 from dfdaemon.download import DownloadManager, DownloadRequest, InvalidDownload, PieceDone, Started
-from dfdaemon.download.manager import ByteRange, DownloadPrecondition
+from dfdaemon.download.manager import ByteRange, DownloadPrecondition, RangeOutsideContent
 from dfdaemon.proxy import headers as dragonfly
 from dfdaemon.proxy.cache import write_stored_piece
-from dfdaemon.proxy.mirror import UnsatisfiableRange, parse_range
+from dfdaemon.proxy.mirror import UnsatisfiableRange, range_form, range_span
 from dfdaemon.storage import Storage, StorageFull
 
 log = logging.getLogger("dfdaemon.proxy")
@@ -42,12 +42,18 @@ def failure_response(error: Exception) -> web.Response:
         return error_response("backend", status, f"the origin failed: {error.message}")
     if isinstance(error, SourceNotAllowed):
         return error_response("proxy", 403, str(error))
+    if isinstance(error, RangeOutsideContent):
+        return error_response("proxy", 416, str(error))
     if isinstance(error, InvalidDownload | UnsupportedURL | DownloadPrecondition):
         return error_response("proxy", 400, str(error))
     if isinstance(error, Busy | StorageFull):
         return error_response("dfdaemon", 503, str(error), {"Retry-After": "5"})
     log.warning("P2P download failed: %s", error)
     return error_response("dfdaemon", 500, f"the download failed: {error}")
+
+
+# The largest byte position a range may name (content lengths are signed 64-bit, as upstream's).
+_MAX_POSITION = 2**63 - 1
 
 
 class P2PResponder:
@@ -63,7 +69,7 @@ class P2PResponder:
 
         A ranged download with ``prefetch`` set goes on to fetch the whole task in the background (the manager's)."""
         try:
-            download, span = await self._ranged(request, download)
+            download = await self._ranged(request.headers.get("Range"), download)
         except UnsatisfiableRange as exc:
             return error_response("proxy", 416, f"the range {exc} selects no byte of the content")
         except Exception as exc:
@@ -75,6 +81,7 @@ class P2PResponder:
             await events.aclose()
             return failure_response(exc)
         assert isinstance(started, Started)
+        span = None if started.range is None else (started.range.start, started.range.end - 1)
         response = web.StreamResponse(
             status=206 if span is not None else 200,
             headers=dragonfly.response_headers(started, self.server_ip, span),
@@ -93,27 +100,40 @@ class P2PResponder:
             await events.aclose()
         return response
 
-    async def _ranged(
-        self, request: web.Request, download: DownloadRequest
-    ) -> tuple[DownloadRequest, tuple[int, int] | None]:
-        """The download limited to the client's ``Range`` and that inclusive span; several ranges, another unit or a
-        malformed header get the whole content, as RFC 9110 allows (the mirror reads ranges the same way)."""
-        header = request.headers.get("Range")
-        if header is None:
-            return download, None
-        length = await self._content_length(download)
-        span = parse_range(header, length)
-        if span is None:
-            return download, None
-        first, last = span
-        return dataclasses.replace(download, range=ByteRange(first, last - first + 1)), span
+    async def _ranged(self, header: str | None, download: DownloadRequest) -> DownloadRequest:
+        """The download limited to the client's ``Range``; several ranges, another unit or a malformed header get
+        the whole content, as RFC 9110 allows (the mirror reads ranges the same way).
 
-    async def _content_length(self, download: DownloadRequest) -> int:
-        """The content's length: from the cache when the task is known here, else from the origin."""
-        task_id = self.downloads.validate(download)
-        task = await self.storage.get_task(task_id)
-        if task is not None and task.content_length is not None:
-            return task.content_length
+        The range is cut here when the content's length is known (from the cache, or asked of the origin for a
+        suffix). A ``first-[last]`` range of a task not cached here goes to the download as its ``Range`` header
+        instead, resolved once the download has the length: the origin is asked for it once, not twice. (For such
+        ranges the download's strict reading and this lenient one agree; for a suffix longer than the content they
+        do not.)
+        """
+        form = range_form(header)
+        if form is None or header is None:
+            return download
+        first, last = form
+        length = await self._stored_length(download)
+        if length is None and first is not None:
+            if first > _MAX_POSITION:  # past any content
+                raise UnsatisfiableRange(header)
+            end = "" if last is None else str(min(last, _MAX_POSITION))
+            return dataclasses.replace(
+                download, request_header={**download.request_header, "Range": f"bytes={first}-{end}"}
+            )
+        if length is None:
+            length = await self._origin_length(download)
+        start, stop = range_span(form, length, header)
+        return dataclasses.replace(download, range=ByteRange(start, stop - start + 1))
+
+    async def _stored_length(self, download: DownloadRequest) -> int | None:
+        """The content's length when the task is known here; None otherwise."""
+        task = await self.storage.get_task(self.downloads.validate(download))
+        return None if task is None else task.content_length
+
+    async def _origin_length(self, download: DownloadRequest) -> int:
+        """The content's length as the origin states it."""
         await self.downloads.source_policy.check(download.url, from_network=download.from_network)
         info = await self.downloads.backend.stat(
             download.url, download.request_header, from_network=download.from_network
