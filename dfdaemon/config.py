@@ -276,10 +276,30 @@ class TracingConfig(_Section):
     service_name: str = ""
 
 
+class BasicAuthConfig(_Section):
+    """Credentials the forward proxy asks of its clients; both empty, as in upstream's documented example: none."""
+
+    username: str = ""
+    password: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.username or self.password)
+
+    @model_validator(mode="after")
+    def _complete(self) -> BasicAuthConfig:
+        if self.enabled and not (self.username and self.password):
+            raise ValueError("username and password must be given together")
+        if ":" in self.username:
+            raise ValueError("a Basic username cannot contain ':'")
+        return self
+
+
 class ProxyServerConfig(_Section):
     # Ours: loopback by default (upstream listens on 0.0.0.0); the mirror is meant for the node's own runtime.
     ip: str = "127.0.0.1"
     port: Port = 4001
+    basic_auth: BasicAuthConfig | None = None
 
 
 class RegistryMirrorConfig(_Section):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import difflib
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -182,12 +184,17 @@ def model_tree(model: type[BaseModel]) -> KeyTree:
     """The keys a pydantic model reads (by alias), nested sections as sub-trees."""
     tree: KeyTree = {}
     for name, info in model.model_fields.items():
-        annotation = info.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            tree[info.alias or name] = model_tree(annotation)
-        else:
-            tree[info.alias or name] = ANY
+        section = _section(info.annotation)
+        tree[info.alias or name] = ANY if section is None else model_tree(section)
     return tree
+
+
+def _section(annotation: object) -> type[BaseModel] | None:
+    """The model a field holds: ``Model``, or ``Model | None`` (an optional section)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        models = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        annotation = models[0] if len(models) == 1 else None
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 
 
 def _apply_renames(data: dict[str, Any]) -> None:

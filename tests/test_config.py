@@ -142,6 +142,14 @@ def test_bad_sizes(bad: object) -> None:
         ({"storage": {"server": {"ip": "localhost"}}}, "storage.server.ip: 'localhost' is not an IP address"),
         ({"storage": {"server": {"tcpPort": 65536}}}, "storage.server.tcpPort: Input should be less than or equal"),
         ({"download": {"protocol": "quic"}}, "download.protocol: Input should be 'tcp' or 'grpc'"),
+        (
+            {"proxy": {"server": {"basicAuth": {"username": "puller"}}}},
+            "proxy.server.basicAuth: username and password must be given together",
+        ),
+        (
+            {"proxy": {"server": {"basicAuth": {"username": "a:b", "password": "c"}}}},
+            "proxy.server.basicAuth: a Basic username cannot contain ':'",
+        ),
     ],
 )
 def test_invalid_config_names_the_key(data: object, message: str) -> None:
@@ -244,3 +252,12 @@ def test_daemon_refuses_a_busy_vortex_port(tmp_path: Path) -> None:
         f"dfdaemon: storage.server: cannot listen on 127.0.0.1:{first.vortex_port}: Address already in use"
     )
     assert "Traceback" not in stderr
+
+
+def test_basic_auth_is_on_only_with_credentials() -> None:
+    """Both empty, as upstream's documented example has them, is no authentication."""
+    assert parse_config({}, "c.yaml").proxy.server.basic_auth is None
+    empty = parse_config({"proxy": {"server": {"basicAuth": {"username": "", "password": ""}}}}, "c.yaml")
+    assert empty.proxy.server.basic_auth is not None and not empty.proxy.server.basic_auth.enabled
+    given = parse_config({"proxy": {"server": {"basicAuth": {"username": "u", "password": "p"}}}}, "c.yaml")
+    assert given.proxy.server.basic_auth is not None and given.proxy.server.basic_auth.enabled

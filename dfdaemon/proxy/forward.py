@@ -26,6 +26,7 @@ from dfdaemon.config import ProxyConfig
 from dfdaemon.download import DownloadManager
 from dfdaemon.ids import DEFAULT_FILTERED_QUERY_PARAMS
 from dfdaemon.proxy import headers as dragonfly
+from dfdaemon.proxy.auth import CHALLENGE, ProxyCredentials
 from dfdaemon.proxy.p2p import P2PResponder, error_response
 from dfdaemon.storage import Storage
 
@@ -87,9 +88,11 @@ class ForwardProxy:
         prefetch: bool = False,
         disable_back_to_source: bool = False,
         blob_digest_ids: bool = False,
+        credentials: ProxyCredentials | None = None,
         timeout: float = 60.0,
     ) -> None:
         self.p2p = p2p
+        self.credentials = credentials
         self.policy = policy
         self.rules = rules
         self.prefetch = prefetch
@@ -120,6 +123,9 @@ class ForwardProxy:
     async def _answer(self, request: web.Request) -> tuple[web.StreamResponse, str]:
         """The response, and which way it went: "p2p" (a rule or the Use-P2P header, GET only), "forward" (passed
         to the origin) or "refused"."""
+        refusal = self._refusal({name.lower(): value for name, value in request.headers.items()})
+        if refusal is not None:
+            return error_response("proxy", 407, refusal, {"Proxy-Authenticate": CHALLENGE}), "refused"
         if request.method == "CONNECT":  # the front tunnels a CONNECT only as a connection's first request
             return error_response("proxy", 400, "CONNECT must be the first request on its connection"), "refused"
         url = request.url
@@ -151,6 +157,10 @@ class ForwardProxy:
             remote_ip=request.remote,
         )
         return await self.p2p.respond(request, download)
+
+    def _refusal(self, headers: dict[str, str]) -> str | None:
+        """Why a request with ``headers`` (lower-case names) may not use the proxy; None when it may."""
+        return None if self.credentials is None else self.credentials.refusal(headers)
 
     def _resolver(self, from_network: bool) -> PolicyResolver:
         """Resolves names for one kind of client, refusing any address the source policy forbids it."""
@@ -205,6 +215,10 @@ class ForwardProxy:
         """CONNECT host:port: after a 200, bytes pass both ways untouched until both sides are done."""
         peer = to_client.get_extra_info("peername")
         from_network = dragonfly.from_network(peer[0] if isinstance(peer, tuple) else None)
+        refusal = self._refusal(_head_headers(head))
+        if refusal is not None:
+            await _refuse(to_client, 407, "Proxy Authentication Required", refusal, {"Proxy-Authenticate": CHALLENGE})
+            return
         try:
             host, port = _connect_target(head)
             await self.policy.check(f"https://{host}:{port}/", from_network=from_network)
@@ -241,11 +255,26 @@ def _connect_target(head: bytes) -> tuple[str, int]:
     return target.group("host").strip("[]"), int(target.group("port"))
 
 
-async def _refuse(writer: asyncio.StreamWriter, status: int, reason: str, message: str) -> None:
+def _head_headers(head: bytes) -> dict[str, str]:
+    """The header fields of a request head, names in lower case (the last of a repeated name)."""
+    fields: dict[str, str] = {}
+    for line in head.decode("latin-1").splitlines()[1:]:
+        name, colon, value = line.partition(":")
+        if not line.strip():
+            break
+        if colon:
+            fields[name.strip().lower()] = value.strip()
+    return fields
+
+
+async def _refuse(
+    writer: asyncio.StreamWriter, status: int, reason: str, message: str, extra: dict[str, str] | None = None
+) -> None:
     """Answer a CONNECT that cannot be tunnelled, and close."""
     body = (message + "\n").encode()
+    fields = "".join(f"{name}: {value}\r\n" for name, value in (extra or {}).items())
     head = (
-        f"HTTP/1.1 {status} {reason}\r\n{dragonfly.ERROR_TYPE}: proxy\r\nContent-Type: text/plain\r\n"
+        f"HTTP/1.1 {status} {reason}\r\n{dragonfly.ERROR_TYPE}: proxy\r\n{fields}Content-Type: text/plain\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     )
     with contextlib.suppress(ConnectionError, OSError):
@@ -326,6 +355,7 @@ def forward_proxy(config: ProxyConfig, storage: Storage, downloads: DownloadMana
         Rule(re.compile(rule.regex), rule.use_tls, rule.redirect, tuple(rule.filtered_query_params))
         for rule in config.rules
     ]
+    auth = config.server.basic_auth
     return ForwardProxy(
         P2PResponder(storage, downloads, server_ip=downloads.host_ip),
         downloads.source_policy,
@@ -333,4 +363,5 @@ def forward_proxy(config: ProxyConfig, storage: Storage, downloads: DownloadMana
         prefetch=config.prefetch,
         disable_back_to_source=config.disable_back_to_source,
         blob_digest_ids=config.registry_mirror.enable_task_id_based_blob_digest,
+        credentials=ProxyCredentials(auth.username, auth.password) if auth is not None and auth.enabled else None,
     )
