@@ -50,7 +50,8 @@ class SharedSocket:
         return self._sock
 
     def attach(self, sock: socket.socket) -> None:
-        """Take the socket a ``run`` call just opened; refused (and closed) when ``end`` came meanwhile."""
+        """Take the socket just opened (or wrapped); refused when ``end`` came meanwhile (``end`` or the ``run``
+        that attached it then closes it)."""
         with self._lock:
             self._sock = sock
             if self._ended:  # ended while connecting, before there was a socket to shut down

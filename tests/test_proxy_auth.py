@@ -5,6 +5,7 @@ mirror requests do not."""
 from __future__ import annotations
 
 import base64
+import json
 import socket
 import urllib.error
 import urllib.request
@@ -16,6 +17,7 @@ import pytest
 
 from dfdaemon.proxy.auth import ProxyCredentials
 from tests.support import DaemonProcess, OriginProcess, running_daemon, running_origin
+from tests.test_forward_proxy import _Echo, serving
 
 CONFIG = {
     "proxy": {
@@ -119,6 +121,38 @@ def test_registry_mirror_requests_need_no_proxy_credentials(guarded: Guarded) ->
     assert answer.startswith(b"HTTP/1.1 404") and b"this is a registry mirror" in answer
 
 
+def test_credentials_given_in_authorization_go_no_further_but_the_origins_own_do(guarded: Guarded) -> None:
+    proxy = f"http://127.0.0.1:{guarded.port}"
+    with serving(_Echo) as port:
+        url = f"http://127.0.0.1:{port}/echo"
+        status, _, body = get(proxy, url, {"Authorization": basic("puller", "s3cret:pass")})
+        assert status == 201 and "Authorization" not in json.loads(body)["headers"]
+        origin_credentials = {"Proxy-Authorization": basic("puller", "s3cret:pass"), "Authorization": "Bearer origin"}
+        status, _, body = get(proxy, url, origin_credentials)
+        assert status == 201 and json.loads(body)["headers"]["Authorization"] == "Bearer origin"
+
+
+def test_every_request_on_a_kept_alive_connection_is_checked(guarded: Guarded) -> None:
+    """A second request needs the credentials as the first did; a CONNECT that is not a connection's first is
+    never tunnelled."""
+    target = guarded.origin.address
+    credentials = f"Proxy-Authorization: {basic('puller', 's3cret:pass')}\r\n"
+    first = f"GET http://{target}/plain.txt HTTP/1.1\r\nHost: {target}\r\n{credentials}\r\n"
+    second = f"GET http://{target}/plain.txt HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n"
+    answer = exchange(guarded.port, (first + second).encode())
+    assert answer.startswith(b"HTTP/1.1 200") and answer.count(b"HTTP/1.1 407") == 1
+    connect = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n"
+    answer = exchange(guarded.port, (first + connect).encode())
+    assert answer.startswith(b"HTTP/1.1 200") and b"Connection Established" not in answer
+
+
+def test_connect_with_wrong_credentials_is_407(guarded: Guarded) -> None:
+    target = guarded.origin.address
+    wrong = f"Proxy-Authorization: {basic('puller', 'guess')}\r\n"
+    answer = exchange(guarded.port, f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{wrong}\r\n".encode())
+    assert answer.startswith(b"HTTP/1.1 407") and b"not valid" in answer
+
+
 @pytest.mark.parametrize(
     ("headers", "allowed"),
     [
@@ -135,4 +169,4 @@ def test_registry_mirror_requests_need_no_proxy_credentials(guarded: Guarded) ->
     ],
 )
 def test_which_headers_carry_the_credentials(headers: dict[str, str], allowed: bool) -> None:
-    assert (ProxyCredentials("puller", "pw").refusal(headers) is None) is allowed
+    assert (ProxyCredentials("puller", "pw").carrier(headers) is not None) is allowed

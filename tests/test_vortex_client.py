@@ -169,3 +169,32 @@ async def test_a_parent_that_refuses_the_connection_is_unavailable_with_the_reas
         port = closed.getsockname()[1]  # bound, never listening: connects are refused
         with pytest.raises(ParentUnavailable, match="cannot connect: Connection refused"):
             await VortexClient(piece_timeout=30).download_piece("127.0.0.1", port, "f" * 64, 0)
+
+
+async def test_a_fetch_given_up_during_the_tls_handshake_frees_its_thread_at_once(pki: test_security.Pki) -> None:
+    """A parent that accepts the connection but never answers the TLS handshake: giving the fetch up ends the
+    handshake in its thread at once, not after the kernel's receive timeout (the piece timeout)."""
+    accepted: list[asyncio.StreamWriter] = []
+    connected = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # held open, never answered
+        connected.set()
+
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(1))
+    client_tls = TLSConfig(ca_cert=str(pki.ca), cert=str(pki.client_cert), key=str(pki.client_key))
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = VortexClient(piece_timeout=60, ssl_context=client_context(client_tls))
+    fetch = asyncio.ensure_future(client.download_piece("127.0.0.1", port, "0" * 64, 0))
+    try:
+        await asyncio.wait_for(connected.wait(), 10)
+        await asyncio.sleep(0.2)  # the handshake is under way in the pool's one thread
+        fetch.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await fetch
+        assert await asyncio.wait_for(asyncio.to_thread(lambda: "free"), 5) == "free"
+    finally:
+        for writer in accepted:
+            writer.close()
+        server.close()

@@ -2,9 +2,10 @@
 
 A client names them the way HTTP proxies are asked (``Proxy-Authorization: Basic``, which ``curl -U`` and a
 ``HTTP_PROXY`` of ``http://user:pass@host:port`` send); ``Authorization: Basic``, which is where upstream looks, is
-accepted too. A request without them gets ``407 Proxy Authentication Required`` with ``Proxy-Authenticate``, so a
-client knows to ask for them (upstream answers 401 and does not guard CONNECT). Registry mirror requests are not
-guarded, as upstream's are not: a runtime cannot send proxy credentials to a mirror.
+accepted too, and then goes no further (it is the proxy's, not the origin's). A request without them gets ``407
+Proxy Authentication Required`` with ``Proxy-Authenticate``, so a client knows to ask for them (upstream answers 401
+and does not guard CONNECT). Registry mirror requests are not guarded, as upstream's are not: a runtime cannot send
+proxy credentials to a mirror.
 """
 
 from __future__ import annotations
@@ -24,14 +25,10 @@ class ProxyCredentials:
     username: str
     password: str
 
-    def refusal(self, headers: Mapping[str, str]) -> str | None:
-        """Why a request with ``headers`` (lower-case names) may not use the proxy; None when it may."""
-        offered = [headers[name] for name in _HEADERS if name in headers]
-        if not offered:
-            return "this proxy needs credentials (Proxy-Authorization: Basic)"
-        if any(self._matches(value) for value in offered):
-            return None
-        return "the proxy credentials are not valid"
+    def carrier(self, headers: Mapping[str, str]) -> str | None:
+        """The header (``proxy-authorization`` or ``authorization``; ``headers`` has lower-case names) that carries
+        these credentials; None when neither does."""
+        return next((name for name in _HEADERS if name in headers and self._matches(headers[name])), None)
 
     def _matches(self, value: str) -> bool:
         scheme, _, token = value.strip().partition(" ")
@@ -42,8 +39,14 @@ class ProxyCredentials:
         except (binascii.Error, ValueError):
             return False
         username, colon, password = decoded.partition(b":")
-        expected_user, expected_password = self.username.encode(), self.password.encode()
         # Both compared whatever the first says, in time independent of where they differ.
-        same_user = hmac.compare_digest(username, expected_user)
-        same_password = hmac.compare_digest(password, expected_password)
+        same_user = hmac.compare_digest(username, self.username.encode())
+        same_password = hmac.compare_digest(password, self.password.encode())
         return bool(colon) and same_user and same_password
+
+
+def refusal(headers: Mapping[str, str]) -> str:
+    """What a client whose request carries no valid credentials is told (``headers`` with lower-case names)."""
+    if any(name in headers for name in _HEADERS):
+        return "the proxy credentials are not valid"
+    return "this proxy needs credentials (Proxy-Authorization: Basic)"

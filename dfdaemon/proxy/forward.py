@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 from yarl import URL
 
 from dfdaemon.backend import BackendError, PolicyResolver, SourceNotAllowed, SourcePolicy, UnsupportedURL
@@ -26,7 +27,7 @@ from dfdaemon.config import ProxyConfig
 from dfdaemon.download import DownloadManager
 from dfdaemon.ids import DEFAULT_FILTERED_QUERY_PARAMS
 from dfdaemon.proxy import headers as dragonfly
-from dfdaemon.proxy.auth import CHALLENGE, ProxyCredentials
+from dfdaemon.proxy.auth import CHALLENGE, ProxyCredentials, refusal
 from dfdaemon.proxy.p2p import P2PResponder, error_response
 from dfdaemon.storage import Storage
 
@@ -123,9 +124,14 @@ class ForwardProxy:
     async def _answer(self, request: web.Request) -> tuple[web.StreamResponse, str]:
         """The response, and which way it went: "p2p" (a rule or the Use-P2P header, GET only), "forward" (passed
         to the origin) or "refused"."""
-        refusal = self._refusal({name.lower(): value for name, value in request.headers.items()})
-        if refusal is not None:
-            return error_response("proxy", 407, refusal, {"Proxy-Authenticate": CHALLENGE}), "refused"
+        if self.credentials is not None:
+            fields = {name.lower(): value for name, value in request.headers.items()}
+            carrier = self.credentials.carrier(fields)
+            if carrier is None:
+                return error_response("proxy", 407, refusal(fields), {"Proxy-Authenticate": CHALLENGE}), "refused"
+            if carrier == "authorization":  # the proxy's credentials: neither the origin nor a peer gets them
+                kept = CIMultiDict((name, value) for name, value in request.headers.items() if name.lower() != carrier)
+                request = request.clone(headers=kept)
         if request.method == "CONNECT":  # the front tunnels a CONNECT only as a connection's first request
             return error_response("proxy", 400, "CONNECT must be the first request on its connection"), "refused"
         url = request.url
@@ -157,10 +163,6 @@ class ForwardProxy:
             remote_ip=request.remote,
         )
         return await self.p2p.respond(request, download)
-
-    def _refusal(self, headers: dict[str, str]) -> str | None:
-        """Why a request with ``headers`` (lower-case names) may not use the proxy; None when it may."""
-        return None if self.credentials is None else self.credentials.refusal(headers)
 
     def _resolver(self, from_network: bool) -> PolicyResolver:
         """Resolves names for one kind of client, refusing any address the source policy forbids it."""
@@ -215,9 +217,11 @@ class ForwardProxy:
         """CONNECT host:port: after a 200, bytes pass both ways untouched until both sides are done."""
         peer = to_client.get_extra_info("peername")
         from_network = dragonfly.from_network(peer[0] if isinstance(peer, tuple) else None)
-        refusal = self._refusal(_head_headers(head))
-        if refusal is not None:
-            await _refuse(to_client, 407, "Proxy Authentication Required", refusal, {"Proxy-Authenticate": CHALLENGE})
+        fields = _head_headers(head)
+        if self.credentials is not None and self.credentials.carrier(fields) is None:
+            await _refuse(
+                to_client, 407, "Proxy Authentication Required", refusal(fields), {"Proxy-Authenticate": CHALLENGE}
+            )
             return
         try:
             host, port = _connect_target(head)
@@ -258,10 +262,10 @@ def _connect_target(head: bytes) -> tuple[str, int]:
 def _head_headers(head: bytes) -> dict[str, str]:
     """The header fields of a request head, names in lower case (the last of a repeated name)."""
     fields: dict[str, str] = {}
-    for line in head.decode("latin-1").splitlines()[1:]:
-        name, colon, value = line.partition(":")
+    for line in head.decode("latin-1").split("\n")[1:]:
         if not line.strip():
             break
+        name, colon, value = line.partition(":")
         if colon:
             fields[name.strip().lower()] = value.strip()
     return fields

@@ -184,10 +184,12 @@ class _Connection:
         receive_timeout(sock, self.timeout)
 
     def _send_secured(self, sock: socket.socket, request: bytes) -> None:
-        """In a worker thread: the TLS handshake (``end`` cuts it short), then the request."""
+        """In a worker thread: the TLS handshake, then the request. The TLS socket takes over the descriptor, so
+        it is attached before the handshake starts: ``end`` then cuts the handshake short too."""
         assert self.ssl_context is not None, "only a TLS connection is secured"
-        secured = self.ssl_context.wrap_socket(sock, server_hostname=self.ip)
+        secured = self.ssl_context.wrap_socket(sock, server_hostname=self.ip, do_handshake_on_connect=False)
         self._socket.attach(secured)
+        secured.do_handshake()
         secured.sendall(request)
 
     def _read(self, size: int) -> bytearray:
