@@ -94,6 +94,10 @@ class DownloadPrecondition(Exception):
 class RangeOutsideContent(DownloadPrecondition):
     """A range that selects no byte of the task's content (FAILED_PRECONDITION; an HTTP client gets 416)."""
 
+    def __init__(self, message: str, content_length: int) -> None:
+        super().__init__(message)
+        self.content_length = content_length
+
 
 class DownloadFailed(Exception):
     """The download itself failed after it started (INTERNAL)."""
@@ -673,7 +677,7 @@ def _resolve_range(request: DownloadRequest, content_length: int) -> ByteRange |
     try:
         return effective_range(request.range, request.request_header, content_length)
     except RangeNotSatisfiable as exc:
-        raise RangeOutsideContent(str(exc)) from None
+        raise RangeOutsideContent(str(exc), content_length) from None
 
 
 def _covering(job: TaskJob, byte_range: ByteRange | None) -> list[PieceSpan]:
@@ -681,7 +685,7 @@ def _covering(job: TaskJob, byte_range: ByteRange | None) -> list[PieceSpan]:
     try:
         return covering_pieces(job.content_length, job.piece_length, byte_range)
     except RangeNotSatisfiable as exc:
-        raise RangeOutsideContent(str(exc)) from None
+        raise RangeOutsideContent(str(exc), job.content_length) from None
 
 
 def _needs_whole_task(request: DownloadRequest) -> bool:

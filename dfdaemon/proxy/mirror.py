@@ -64,7 +64,11 @@ _HOST_PORT = re.compile(r"[A-Za-z0-9.-]+(?::[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](?::[
 
 
 class UnsatisfiableRange(ValueError):
-    """A ``Range`` that selects no byte of the blob (416)."""
+    """A ``Range`` that selects no byte of the content (416); ``length`` is the content's, when known."""
+
+    def __init__(self, header: str, length: int | None = None) -> None:
+        super().__init__(header)
+        self.length = length
 
 
 def upstream_base(ns: str | None, default: str, insecure: frozenset[str]) -> str:
@@ -102,10 +106,10 @@ def range_span(form: tuple[int | None, int | None], length: int, header: str) ->
     if first is None:  # suffix: the last N bytes
         assert last is not None, "a range form has a first or a last position"
         if last == 0 or length == 0:
-            raise UnsatisfiableRange(header)
+            raise UnsatisfiableRange(header, length)
         return max(0, length - last), length - 1
     if first >= length:
-        raise UnsatisfiableRange(header)
+        raise UnsatisfiableRange(header, length)
     return first, length - 1 if last is None else min(last, length - 1)
 
 

@@ -43,7 +43,7 @@ def failure_response(error: Exception) -> web.Response:
     if isinstance(error, SourceNotAllowed):
         return error_response("proxy", 403, str(error))
     if isinstance(error, RangeOutsideContent):
-        return error_response("proxy", 416, str(error))
+        return error_response("proxy", 416, str(error), {"Content-Range": f"bytes */{error.content_length}"})
     if isinstance(error, InvalidDownload | UnsupportedURL | DownloadPrecondition):
         return error_response("proxy", 400, str(error))
     if isinstance(error, Busy | StorageFull):
@@ -71,7 +71,8 @@ class P2PResponder:
         try:
             download = await self._ranged(request.headers.get("Range"), download)
         except UnsatisfiableRange as exc:
-            return error_response("proxy", 416, f"the range {exc} selects no byte of the content")
+            extra = None if exc.length is None else {"Content-Range": f"bytes */{exc.length}"}
+            return error_response("proxy", 416, f"the range {exc} selects no byte of the content", extra)
         except Exception as exc:
             return failure_response(exc)
         events = self.downloads.download(download)
