@@ -33,6 +33,10 @@ Benchmarks (positional names, default all of them):
     its own (the URL with ``?round=N``, which the origin ignores); the table shows the median of the rounds' ratios,
     and a note lists each. Before each measured download, ``--size`` bytes are written to a scratch file and deleted
     (``prime_memory``), so that on a VM both sides write into recently freed memory (``--no-prime`` skips it).
+    Between the direct download and the child's dfget, a *bare vortex receiver* in this script fetches the same
+    pieces from the same parent: plain threads that only receive, CRC, write and sync every 8 pieces, what a
+    child must do at the least (``bare_vortex_download``). ``dfget P2P / bare vortex receiver`` is then the cost
+    of the daemon itself, and ``bare vortex receiver / direct HTTP`` the floor under the P2P ratio on this machine.
 ``peers``
     A scheduler stub and ``--peers`` daemons (8) download the same file at the same moment. The origin sends each
     request at a limited rate so that the first peer is still fetching when the others ask (the ``rate`` fault of
@@ -73,13 +77,16 @@ import json
 import os
 import shutil
 import signal
+import socket
 import statistics
 import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,9 +105,10 @@ from dfdaemon.api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc  # noqa: E4
 from dfdaemon.download.peering import Parent  # noqa: E402
 from dfdaemon.rpc.peer_client import GrpcParentClient  # noqa: E402
 from dfdaemon.storage import IncomingPiece  # noqa: E402
-from dfdaemon.storage.content import thread_block  # noqa: E402
+from dfdaemon.storage.content import thread_block, write_vector_at  # noqa: E402
 from dfdaemon.units import parse_size  # noqa: E402
 from dfdaemon.vortex.client import VortexClient  # noqa: E402
+from dfdaemon.vortex.codec import HEADER_SIZE, DownloadPiece, PieceMetadata, Tag, decode_header  # noqa: E402
 from tests.support import (  # noqa: E402
     DaemonProcess,
     OriginProcess,
@@ -295,6 +303,64 @@ def direct_download(url: str, output: Path) -> Direct:
                 f.write(chunk)
     finally:
         response.release_conn()
+    return Direct(time.perf_counter() - started, time.process_time() - cpu)
+
+
+def bare_vortex_download(port: int, task_id: str, size: int, output: Path, concurrency: int) -> Direct:
+    """The floor under ``dfget P2P`` on this machine: the parent's pieces over vortex, nothing else.
+
+    ``concurrency`` threads (the daemon's ``concurrentPieceCount``) each ask for a piece on a connection of its own
+    and receive it into one reused block, which is written (at most 256 KiB per call, as the daemon writes) and
+    CRCed while in cache; the CRC must match the parent's digest. The file is synced after every 8 pieces and at
+    the end, as the daemon commits. No event loop, scheduler, gRPC, SQLite or thread hand-over: what a child must
+    do at the least to store the pieces durably, done by plain threads.
+    """
+    spans = ids.pieces_for(size, ids.piece_length_for(size))
+    lock = threading.Lock()
+    stored = 0
+    fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    def receive(sock: socket.socket, target: memoryview) -> None:
+        if sock.recv_into(target, len(target), socket.MSG_WAITALL) != len(target):
+            raise RuntimeError("the parent closed the connection early")
+
+    def fetch(span: ids.PieceSpan) -> None:
+        nonlocal stored
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(DownloadPiece(task_id, span.number).encode())
+            head = bytearray(HEADER_SIZE)
+            receive(sock, memoryview(head))
+            header = decode_header(head)
+            value = bytearray(header.length)
+            receive(sock, memoryview(value))
+            if header.tag != Tag.PIECE_CONTENT:
+                raise RuntimeError(f"the parent refused piece {span.number} (tag {header.tag})")
+            metadata = PieceMetadata.decode(value)
+            if (metadata.offset, metadata.length) != (span.offset, span.length):
+                raise RuntimeError(f"the parent sent piece {span.number} at {metadata.offset}+{metadata.length}")
+            block, done, crc = thread_block(), 0, 0
+            while done < span.length:
+                chunk = block[: min(len(block), span.length - done)]
+                receive(sock, chunk)
+                write_vector_at(fd, span.offset + done, (chunk,))
+                crc = ids.crc32_update(crc, chunk)
+                done += len(chunk)
+        if ids.format_crc32(crc) != metadata.digest:
+            raise RuntimeError(f"piece {span.number} does not match its digest {metadata.digest}")
+        with lock:
+            stored += 1
+            due = stored % 8 == 0
+        if due:
+            os.fdatasync(fd)
+
+    started, cpu = time.perf_counter(), time.process_time()
+    try:
+        with ThreadPoolExecutor(concurrency) as pool:
+            for _ in pool.map(fetch, spans):  # (raises the first failure)
+                pass
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
     return Direct(time.perf_counter() - started, time.process_time() - cpu)
 
 
@@ -544,6 +610,7 @@ class DfgetRound:
     p2p: DfgetResult | None = None
     direct_p2p: Direct | None = None
     p2p_cpu: float = 0.0
+    bare_p2p: Direct | None = None  # the same pieces from the same parent by plain threads (the floor)
 
 
 def pair_benchmarks(
@@ -613,6 +680,14 @@ def pair_benchmarks(
                 continue
 
             one.direct_p2p = direct(url)
+            if measuring and parent.vortex_port is not None:
+                one.bare_p2p = bare_vortex_download(
+                    parent.vortex_port, b2s.task_id, size, out / "bare", args.concurrency
+                )
+                verify(out / "bare", expected, "the bare vortex receiver")
+                (out / "bare").unlink()
+                if not args.no_prime:
+                    prime_memory(out, size)
             cpu = cpu_seconds(child.proc.pid)
             one.p2p = p2p = run_dfget(reaper, child, url, out / f"child-{number}.bin", timeout)
             one.p2p_cpu = cpu_seconds(child.proc.pid) - cpu
@@ -622,6 +697,8 @@ def pair_benchmarks(
             verify(out / f"child-{number}.bin", expected, "the child's dfget")
             if direct_b2s is not None and one.direct_p2p is not None:
                 say(f"direct HTTP download: {direct_b2s.seconds:.2f} s, then {one.direct_p2p.seconds:.2f} s")
+            if one.bare_p2p is not None:
+                say(f"bare vortex receiver: {one.bare_p2p.seconds:.2f} s")
         child_peak = vm_bytes(child.proc.pid, "VmHWM") if child is not None else 0
 
     if "dfget" in selected and child is not None:
@@ -677,6 +754,22 @@ def report_dfget(rounds: list[DfgetRound], report: Report) -> None:
         )
         if len(ratios) > 1:
             report.note(f"dfget {name} / direct in each round: " + ", ".join(f"{ratio:.2f}" for ratio in ratios))
+    bare = [(one.p2p.elapsed, one.bare_p2p, one.direct_p2p) for one in rounds if one.p2p and one.bare_p2p]
+    if bare:
+        report.add(
+            "dfget P2P / bare vortex receiver",
+            f"{statistics.median(took for took, _, _ in bare):.2f} s",
+            f"bare {statistics.median(floor.seconds for _, floor, _ in bare):.2f} s",
+            statistics.median(took / floor.seconds for took, floor, _ in bare),
+            "1.0: no cost beyond storing the pieces",
+        )
+        report.add(
+            "bare vortex receiver / direct HTTP",
+            f"{statistics.median(floor.seconds for _, floor, _ in bare):.2f} s",
+            f"direct {statistics.median(direct.seconds for _, _, direct in bare if direct):.2f} s",
+            statistics.median(floor.seconds / direct.seconds for _, floor, direct in bare if direct),
+            "the floor under dfget P2P / direct",
+        )
     startup = statistics.median(startups)
     report.note(f"dfget's own start-up and health check add about {startup:.2f} s per run (not in the ratios)")
 
