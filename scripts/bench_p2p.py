@@ -36,7 +36,8 @@ Benchmarks (positional names, default all of them):
     Between the direct download and the child's dfget, a *bare vortex receiver* in this script fetches the same
     pieces from the same parent: plain threads that only receive, CRC, write and sync every 8 pieces, what a
     child must do at the least (``bare_vortex_download``). ``dfget P2P / bare vortex receiver`` is then the cost
-    of the daemon itself, and ``bare vortex receiver / direct HTTP`` the floor under the P2P ratio on this machine.
+    of the daemon itself, and ``bare vortex receiver / direct HTTP`` the floor under the P2P ratio on this machine;
+    the same receiver once more without syncing shows what durability adds to that floor.
 ``peers``
     A scheduler stub and ``--peers`` daemons (8) download the same file at the same moment. The origin sends each
     request at a limited rate so that the first peer is still fetching when the others ask (the ``rate`` fault of
@@ -306,14 +307,16 @@ def direct_download(url: str, output: Path) -> Direct:
     return Direct(time.perf_counter() - started, time.process_time() - cpu)
 
 
-def bare_vortex_download(port: int, task_id: str, size: int, output: Path, concurrency: int) -> Direct:
+def bare_vortex_download(
+    port: int, task_id: str, size: int, output: Path, concurrency: int, *, durable: bool = True
+) -> Direct:
     """The floor under ``dfget P2P`` on this machine: the parent's pieces over vortex, nothing else.
 
     ``concurrency`` threads (the daemon's ``concurrentPieceCount``) each ask for a piece on a connection of its own
     and receive it into one reused block, which is written (at most 256 KiB per call, as the daemon writes) and
-    CRCed while in cache; the CRC must match the parent's digest. The file is synced after every 8 pieces and at
-    the end, as the daemon commits. No event loop, scheduler, gRPC, SQLite or thread hand-over: what a child must
-    do at the least to store the pieces durably, done by plain threads.
+    CRCed while in cache; the CRC must match the parent's digest. When ``durable``, the file is synced after every
+    8 pieces and at the end, as the daemon commits. No event loop, scheduler, gRPC, SQLite or thread hand-over:
+    what a child must do at the least to store the pieces, done by plain threads.
     """
     spans = ids.pieces_for(size, ids.piece_length_for(size))
     lock = threading.Lock()
@@ -349,7 +352,7 @@ def bare_vortex_download(port: int, task_id: str, size: int, output: Path, concu
             raise RuntimeError(f"piece {span.number} does not match its digest {metadata.digest}")
         with lock:
             stored += 1
-            due = stored % 8 == 0
+            due = durable and stored % 8 == 0
         if due:
             os.fdatasync(fd)
 
@@ -358,7 +361,8 @@ def bare_vortex_download(port: int, task_id: str, size: int, output: Path, concu
         with ThreadPoolExecutor(concurrency) as pool:
             for _ in pool.map(fetch, spans):  # (raises the first failure)
                 pass
-        os.fdatasync(fd)
+        if durable:
+            os.fdatasync(fd)
     finally:
         os.close(fd)
     return Direct(time.perf_counter() - started, time.process_time() - cpu)
@@ -611,6 +615,7 @@ class DfgetRound:
     direct_p2p: Direct | None = None
     p2p_cpu: float = 0.0
     bare_p2p: Direct | None = None  # the same pieces from the same parent by plain threads (the floor)
+    bare_unsynced: Direct | None = None  # the same, never synced
 
 
 def pair_benchmarks(
@@ -681,13 +686,18 @@ def pair_benchmarks(
 
             one.direct_p2p = direct(url)
             if measuring and parent.vortex_port is not None:
-                one.bare_p2p = bare_vortex_download(
-                    parent.vortex_port, b2s.task_id, size, out / "bare", args.concurrency
-                )
-                verify(out / "bare", expected, "the bare vortex receiver")
-                (out / "bare").unlink()
-                if not args.no_prime:
-                    prime_memory(out, size)
+                for durable in (True, False):
+                    bare = bare_vortex_download(
+                        parent.vortex_port, b2s.task_id, size, out / "bare", args.concurrency, durable=durable
+                    )
+                    verify(out / "bare", expected, "the bare vortex receiver")
+                    (out / "bare").unlink()
+                    if not args.no_prime:
+                        prime_memory(out, size)
+                    if durable:
+                        one.bare_p2p = bare
+                    else:
+                        one.bare_unsynced = bare
             cpu = cpu_seconds(child.proc.pid)
             one.p2p = p2p = run_dfget(reaper, child, url, out / f"child-{number}.bin", timeout)
             one.p2p_cpu = cpu_seconds(child.proc.pid) - cpu
@@ -697,8 +707,8 @@ def pair_benchmarks(
             verify(out / f"child-{number}.bin", expected, "the child's dfget")
             if direct_b2s is not None and one.direct_p2p is not None:
                 say(f"direct HTTP download: {direct_b2s.seconds:.2f} s, then {one.direct_p2p.seconds:.2f} s")
-            if one.bare_p2p is not None:
-                say(f"bare vortex receiver: {one.bare_p2p.seconds:.2f} s")
+            if one.bare_p2p is not None and one.bare_unsynced is not None:
+                say(f"bare vortex receiver: {one.bare_p2p.seconds:.2f} s, {one.bare_unsynced.seconds:.2f} s unsynced")
         child_peak = vm_bytes(child.proc.pid, "VmHWM") if child is not None else 0
 
     if "dfget" in selected and child is not None:
@@ -754,22 +764,26 @@ def report_dfget(rounds: list[DfgetRound], report: Report) -> None:
         )
         if len(ratios) > 1:
             report.note(f"dfget {name} / direct in each round: " + ", ".join(f"{ratio:.2f}" for ratio in ratios))
-    bare = [(one.p2p.elapsed, one.bare_p2p, one.direct_p2p) for one in rounds if one.p2p and one.bare_p2p]
-    if bare:
-        report.add(
-            "dfget P2P / bare vortex receiver",
-            f"{statistics.median(took for took, _, _ in bare):.2f} s",
-            f"bare {statistics.median(floor.seconds for _, floor, _ in bare):.2f} s",
-            statistics.median(took / floor.seconds for took, floor, _ in bare),
-            "1.0: no cost beyond storing the pieces",
-        )
-        report.add(
-            "bare vortex receiver / direct HTTP",
-            f"{statistics.median(floor.seconds for _, floor, _ in bare):.2f} s",
-            f"direct {statistics.median(direct.seconds for _, _, direct in bare if direct):.2f} s",
-            statistics.median(floor.seconds / direct.seconds for _, floor, direct in bare if direct),
-            "the floor under dfget P2P / direct",
-        )
+    p2p, bare, unsynced, direct = [], [], [], []
+    for one in rounds:
+        if one.p2p and one.bare_p2p and one.bare_unsynced and one.direct_p2p:
+            p2p.append(one.p2p.elapsed)
+            bare.append(one.bare_p2p.seconds)
+            unsynced.append(one.bare_unsynced.seconds)
+            direct.append(one.direct_p2p.seconds)
+    if p2p:
+        for name, took, against, label, ideal in (
+            ("dfget P2P / bare vortex receiver", p2p, bare, "bare", "1.0: no cost beyond storing the pieces"),
+            ("bare vortex receiver / direct HTTP", bare, direct, "direct", "the floor under dfget P2P / direct"),
+            ("bare receiver, unsynced / direct HTTP", unsynced, direct, "direct", "the same floor without durability"),
+        ):
+            report.add(
+                name,
+                f"{statistics.median(took):.2f} s",
+                f"{label} {statistics.median(against):.2f} s",
+                statistics.median(a / b for a, b in zip(took, against, strict=True)),
+                ideal,
+            )
     startup = statistics.median(startups)
     report.note(f"dfget's own start-up and health check add about {startup:.2f} s per run (not in the ratios)")
 
