@@ -37,7 +37,10 @@ Benchmarks (positional names, default all of them):
     pieces from the same parent: plain threads that only receive, CRC, write and sync every 8 pieces, what a
     child must do at the least (``bare_vortex_download``). ``dfget P2P / bare vortex receiver`` is then the cost
     of the daemon itself, and ``bare vortex receiver / direct HTTP`` the floor under the P2P ratio on this machine;
-    the same receiver once more without syncing shows what durability adds to that floor.
+    the same receiver once more without syncing shows what durability adds to that floor. Likewise, before the
+    parent's dfget, the direct download runs once more with a CRC of every byte and the daemon's syncs (after every
+    8 pieces' worth and at the end): ``direct HTTP, CRCed and synced / direct HTTP`` is the floor under
+    back to source.
 ``peers``
     A scheduler stub and ``--peers`` daemons (8) download the same file at the same moment. The origin sends each
     request at a limited rate so that the first peer is still fetching when the others ask (the ``rate`` fault of
@@ -290,18 +293,34 @@ class Direct:
     cpu: float  # CPU seconds of this process meanwhile (the client's own work, reading and writing)
 
 
-def direct_download(url: str, output: Path) -> Direct:
-    """One streaming GET written to a file, as a plain HTTP client does it."""
+def direct_download(url: str, output: Path, *, durable: bool = False) -> Direct:
+    """One streaming GET written to a file, as a plain HTTP client does it.
+
+    ``durable`` adds what the daemon must do besides: a CRC of every byte and a sync after every 8 pieces' worth
+    and at the end (the floor under ``dfget back-to-source``).
+    """
     started, cpu = time.perf_counter(), time.process_time()
     response = urllib3.request("GET", url, timeout=120, retries=False, preload_content=False)
     try:
         if response.status != 200:
             raise RuntimeError(f"GET {url} answered {response.status}")
+        sync_every = 8 * ids.piece_length_for(int(response.headers.get("Content-Length", 0)))
+        crc, unsynced = 0, 0
         with output.open("wb") as f:
             # 256 KiB writes, as the daemon's: on a VM that hands free memory back to its host, 1 MiB writes can cost
             # ten times the kernel CPU (see ``dfdaemon.storage.content``), which would flatter every ratio.
             for chunk in response.stream(256 * KiB):
                 f.write(chunk)
+                if durable:
+                    crc = ids.crc32_update(crc, chunk)
+                    unsynced += len(chunk)
+                    if unsynced >= sync_every:
+                        f.flush()
+                        os.fdatasync(f.fileno())
+                        unsynced = 0
+            if durable:
+                f.flush()
+                os.fdatasync(f.fileno())
     finally:
         response.release_conn()
     return Direct(time.perf_counter() - started, time.process_time() - cpu)
@@ -610,6 +629,7 @@ class DfgetRound:
 
     b2s: DfgetResult
     direct_b2s: Direct | None  # None when only the downloads' side effects are wanted (no ``dfget`` benchmark)
+    durable_b2s: Direct | None  # the direct download with a CRC and the daemon's syncs (the floor)
     b2s_cpu: float  # the parent daemon's CPU seconds during its download
     p2p: DfgetResult | None = None
     direct_p2p: Direct | None = None
@@ -650,13 +670,13 @@ def pair_benchmarks(
 
         measuring = "dfget" in selected
 
-        def direct(url: str) -> Direct | None:
+        def direct(url: str, *, durable: bool = False) -> Direct | None:
             """The direct download a dfget is measured against, each with primed memory (see ``prime_memory``)."""
             if not measuring:
                 return None
             if not args.no_prime:
                 prime_memory(out, size)
-            result = direct_download(url, out / "direct")
+            result = direct_download(url, out / "direct", durable=durable)
             (out / "direct").unlink()
             if not args.no_prime:
                 prime_memory(out, size)
@@ -666,9 +686,10 @@ def pair_benchmarks(
             # Each round its own task (a query the origin ignores), so neither daemon has it cached.
             url = origin.url(FILE_NAME) + (f"?round={number}" if number else "")
             direct_b2s = direct(url)
+            durable_b2s = direct(url, durable=True)
             cpu = cpu_seconds(parent.proc.pid)
             b2s = run_dfget(reaper, parent, url, out / f"parent-{number}.bin", timeout)
-            one = DfgetRound(b2s, direct_b2s, cpu_seconds(parent.proc.pid) - cpu)
+            one = DfgetRound(b2s, direct_b2s, durable_b2s, cpu_seconds(parent.proc.pid) - cpu)
             rounds.append(one)
             say(f"dfget back-to-source: {b2s.elapsed:.2f} s (process {b2s.wall:.2f} s), pieces {compact(b2s.pieces)}")
             if not b2s.pieces.get("BACK_TO_SOURCE"):
@@ -764,6 +785,20 @@ def report_dfget(rounds: list[DfgetRound], report: Report) -> None:
         )
         if len(ratios) > 1:
             report.note(f"dfget {name} / direct in each round: " + ", ".join(f"{ratio:.2f}" for ratio in ratios))
+    report_floors(rounds, report)
+    startup = statistics.median(startups)
+    report.note(f"dfget's own start-up and health check add about {startup:.2f} s per run (not in the ratios)")
+
+
+def report_floors(rounds: list[DfgetRound], report: Report) -> None:
+    """Each dfget against the least its download must do (a durable direct download, a bare vortex receiver),
+    and those against the plain direct download: the daemon's own cost, and the floor under each ratio."""
+    b2s, durable, direct_b2s = [], [], []
+    for one in rounds:
+        if one.durable_b2s and one.direct_b2s:
+            b2s.append(one.b2s.elapsed)
+            durable.append(one.durable_b2s.seconds)
+            direct_b2s.append(one.direct_b2s.seconds)
     p2p, bare, unsynced, direct = [], [], [], []
     for one in rounds:
         if one.p2p and one.bare_p2p and one.bare_unsynced and one.direct_p2p:
@@ -771,12 +806,18 @@ def report_dfget(rounds: list[DfgetRound], report: Report) -> None:
             bare.append(one.bare_p2p.seconds)
             unsynced.append(one.bare_unsynced.seconds)
             direct.append(one.direct_p2p.seconds)
+    floors = [
+        ("dfget back-to-source / direct HTTP, CRCed and synced", b2s, durable, "floor", "1.0: no cost beyond it"),
+        ("direct HTTP, CRCed and synced / direct HTTP", durable, direct_b2s, "direct", "the floor under dfget b2s"),
+    ]
     if p2p:
-        for name, took, against, label, ideal in (
+        floors += [
             ("dfget P2P / bare vortex receiver", p2p, bare, "bare", "1.0: no cost beyond storing the pieces"),
             ("bare vortex receiver / direct HTTP", bare, direct, "direct", "the floor under dfget P2P / direct"),
             ("bare receiver, unsynced / direct HTTP", unsynced, direct, "direct", "the same floor without durability"),
-        ):
+        ]
+    if b2s:
+        for name, took, against, label, ideal in floors:
             report.add(
                 name,
                 f"{statistics.median(took):.2f} s",
@@ -784,8 +825,6 @@ def report_dfget(rounds: list[DfgetRound], report: Report) -> None:
                 statistics.median(a / b for a, b in zip(took, against, strict=True)),
                 ideal,
             )
-    startup = statistics.median(startups)
-    report.note(f"dfget's own start-up and health check add about {startup:.2f} s per run (not in the ratios)")
 
 
 async def sequential_downloads(socket_path: Path, url: str, numbers: range) -> None:
