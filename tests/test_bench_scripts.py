@@ -50,16 +50,28 @@ def test_bench_p2p_quick_prints_its_table() -> None:
             "piece throughput: DownloadPiece / raw TCP",
             "dfget P2P / direct HTTP",
             "dfget back-to-source / direct HTTP",
-            "dfget back-to-source / direct HTTP, CRCed and synced",
-            "direct HTTP, CRCed and synced / direct HTTP",
-            "dfget P2P / bare vortex receiver",
-            "bare vortex receiver / direct HTTP",
-            "bare receiver, unsynced / direct HTTP",
             "peak RSS / file size, P2P child daemon",
             "origin bytes / file size, 3 peers at once",
             "RSS after 50 / after 5 downloads",
         ),
     )
+
+
+@pytest.mark.slow
+def test_bench_p2p_floors_quick_prints_the_floors_beside_dfget() -> None:
+    lines = run_script("scripts/bench_p2p.py", "--quick", "floors", timeout=120)
+    ratio_table(
+        lines,
+        (
+            "dfget P2P / direct HTTP",
+            "dfget back-to-source / direct HTTP, CRCed and synced",
+            "direct HTTP, CRCed and synced / direct HTTP",
+            "dfget P2P / bare vortex receiver",
+            "bare vortex receiver / direct HTTP",
+            "bare receiver, unsynced / direct HTTP",
+        ),
+    )
+    assert not any(line.startswith("piece throughput") for line in lines), "floors runs dfget, not throughput"
 
 
 @pytest.mark.slow
