@@ -49,7 +49,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     (root / "files").mkdir(parents=True)
     (root / "other").mkdir()
     names = ("tagged", "filtered", "sized", "content", "ranged", "prefetched", "grpc", "written", "forced", "asked")
-    for name in (*names, "beyond", "ignored"):
+    for name in (*names, "beyond", "ignored", "tail", "longtail", "notail"):
         (root / "files" / f"{name}.bin").write_bytes(seeded_bytes(f"headers-{name}", SIZE))
     (root / "other" / "forced.bin").write_bytes(seeded_bytes("headers-other", 5 * MB))
     blob = seeded_bytes("headers-blob", 2 * MB)
@@ -195,6 +195,24 @@ def test_a_range_of_a_task_not_cached_asks_the_origin_for_the_length_once(node: 
     assert (status, headers["Content-Range"]) == (206, f"bytes 5000000-{SIZE - 1}/{SIZE}")
     assert body == node.content("files/asked.bin")[5_000_000:]
     assert node.origin.stats()["requests"] - before == 2  # the length, then one ranged GET of pieces 1 and 2
+
+
+def test_a_suffix_of_a_task_not_cached_asks_the_origin_for_the_length_once(node: Node) -> None:
+    url = node.origin.url("files/tail.bin")
+    before = node.origin.stats()["requests"]
+    status, headers, body = get(node.proxy, url, {"Range": "bytes=-10"})
+    assert (status, headers["Content-Range"]) == (206, f"bytes {SIZE - 10}-{SIZE - 1}/{SIZE}")
+    assert body == node.content("files/tail.bin")[-10:]
+    assert node.origin.stats()["requests"] - before == 2  # the length, then one ranged GET of the last piece
+
+
+def test_a_suffix_longer_than_a_task_not_cached_gets_all_of_it_and_a_zero_suffix_is_416(node: Node) -> None:
+    """RFC 9110: a suffix longer than the content selects all of it (the download's own reading refuses it)."""
+    status, headers, body = get(node.proxy, node.origin.url("files/longtail.bin"), {"Range": f"bytes=-{SIZE + 1}"})
+    assert (status, headers["Content-Range"]) == (206, f"bytes 0-{SIZE - 1}/{SIZE}")
+    assert body == node.content("files/longtail.bin")
+    status, _, _ = get(node.proxy, node.origin.url("files/notail.bin"), {"Range": "bytes=-0"})
+    assert status == 416  # (selecting no byte of any content, it is refused before the length is known)
 
 
 def test_a_range_past_the_end_of_a_task_not_cached_is_416_and_a_malformed_one_gets_everything(node: Node) -> None:
