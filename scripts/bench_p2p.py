@@ -7,7 +7,7 @@ Usage::
     .venv/bin/python scripts/bench_p2p.py throughput memory     # only the named benchmarks
     .venv/bin/python scripts/bench_p2p.py --quick               # small sizes: a smoke run of the whole script
 
-Benchmarks (positional names, default all of them):
+Benchmarks (positional names, default all but ``floors``):
 
 ``throughput``
     A daemon (the *parent*) holds the file in its cache. This script, acting as a child, fetches every piece twice:
@@ -109,6 +109,7 @@ import urllib3  # noqa: E402
 
 from dfdaemon import ids  # noqa: E402
 from dfdaemon.api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc  # noqa: E402
+from dfdaemon.blocking import receive_timeout  # noqa: E402
 from dfdaemon.download.peering import Parent  # noqa: E402
 from dfdaemon.rpc.peer_client import GrpcParentClient  # noqa: E402
 from dfdaemon.storage import IncomingPiece  # noqa: E402
@@ -143,6 +144,7 @@ SMALL_SIZE = 256 * KiB
 PEERS_FILE_NAME = "peers.bin"
 _HEADER = struct.Struct(">Q")
 DFGET_FLAGS = ("--json", "--no-progress")
+PIECE_TIMEOUT = 60.0  # seconds without a byte before the bare vortex receiver gives a piece up
 
 
 def say(text: str = "") -> None:
@@ -354,7 +356,9 @@ def bare_vortex_download(
 
     def fetch(span: ids.PieceSpan) -> None:
         nonlocal stored
-        with socket.create_connection(("127.0.0.1", port)) as sock:
+        with socket.create_connection(("127.0.0.1", port), timeout=PIECE_TIMEOUT) as sock:
+            sock.settimeout(None)  # blocking, for MSG_WAITALL; a stalled parent fails after the kernel's timeout
+            receive_timeout(sock, PIECE_TIMEOUT)
             sock.sendall(DownloadPiece(task_id, span.number).encode())
             head = bytearray(HEADER_SIZE)
             receive(sock, memoryview(head))
@@ -384,8 +388,13 @@ def bare_vortex_download(
     started, cpu = time.perf_counter(), time.process_time()
     try:
         with ThreadPoolExecutor(concurrency) as pool:
-            for _ in pool.map(fetch, spans):  # (raises the first failure)
-                pass
+            fetches = [pool.submit(fetch, span) for span in spans]
+            try:
+                for fetched in fetches:
+                    fetched.result()
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # the first failure ends it: no more pieces are asked for
+                raise
         if durable:
             os.fdatasync(fd)
     finally:

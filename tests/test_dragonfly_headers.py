@@ -207,12 +207,15 @@ def test_a_suffix_of_a_task_not_cached_asks_the_origin_for_the_length_once(node:
 
 
 def test_a_suffix_longer_than_a_task_not_cached_gets_all_of_it_and_a_zero_suffix_is_416(node: Node) -> None:
-    """RFC 9110: a suffix longer than the content selects all of it (the download's own reading refuses it)."""
+    """RFC 9110: a suffix longer than the content selects all of it (a gRPC download's reading refuses it)."""
+    before = node.origin.stats()["requests"]
     status, headers, body = get(node.proxy, node.origin.url("files/longtail.bin"), {"Range": f"bytes=-{SIZE + 1}"})
     assert (status, headers["Content-Range"]) == (206, f"bytes 0-{SIZE - 1}/{SIZE}")
     assert body == node.content("files/longtail.bin")
+    assert node.origin.stats()["requests"] - before == 2  # the length, then one GET of every piece
     status, _, _ = get(node.proxy, node.origin.url("files/notail.bin"), {"Range": "bytes=-0"})
-    assert status == 416  # (selecting no byte of any content, it is refused before the length is known)
+    assert status == 416
+    assert node.origin.stats()["requests"] - before == 2  # the last 0 bytes of anything: refused before asking
 
 
 def test_a_range_past_the_end_of_a_task_not_cached_is_416_and_a_malformed_one_gets_everything(node: Node) -> None:

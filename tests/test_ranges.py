@@ -87,6 +87,16 @@ def test_range_headers_selecting_nothing_are_refused_once_the_length_is_known(he
         resolve(header, SIZE)
 
 
+def test_a_long_suffix_is_all_of_the_content_when_asked_to_read_it_as_rfc_9110_does() -> None:
+    assert resolve("bytes=-10001", SIZE, long_suffix_is_whole=True) == ByteRange(0, SIZE)
+    assert resolve("bytes=-500", SIZE, long_suffix_is_whole=True) == ByteRange(9500, 500)
+    assert effective_range(None, {"Range": "bytes=-20000"}, SIZE, long_suffix_is_whole=True) == ByteRange(0, SIZE)
+    with pytest.raises(RangeNotSatisfiable):  # empty content has no byte to select
+        resolve("bytes=-1", 0, long_suffix_is_whole=True)
+    with pytest.raises(RangeNotSatisfiable):  # the rest of the reading stays strict
+        resolve("bytes=10000-", SIZE, long_suffix_is_whole=True)
+
+
 def test_download_range_wins_over_the_header_and_the_header_is_found_in_any_case() -> None:
     headers = {"X-Other": "1", "rAnGe": "bytes=100-199"}
     assert range_header(headers) == "bytes=100-199"

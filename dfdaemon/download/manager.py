@@ -675,7 +675,9 @@ def _check_range(request: DownloadRequest) -> None:
 def _resolve_range(request: DownloadRequest, content_length: int) -> ByteRange | None:
     """The range a request asks for in the task's content (FAILED_PRECONDITION when it selects nothing)."""
     try:
-        return effective_range(request.range, request.request_header, content_length)
+        return effective_range(
+            request.range, request.request_header, content_length, long_suffix_is_whole=request.long_suffix_is_whole
+        )
     except RangeNotSatisfiable as exc:
         raise RangeOutsideContent(str(exc), content_length) from None
 

@@ -3,10 +3,11 @@
 A request names its bytes with ``Download.range`` or, when that is unset, with an HTTP ``Range`` header among its
 request headers, converted as upstream does once the content's length is known: RFC 9110 byte ranges parsed
 strictly (no blanks around the ``=``, no leading zeros or signs), an end past the content clipped to its last
-byte, a suffix ``-N`` counted from the end, and of several ranges only the first. Any header that does not parse
-or select a byte is refused (FAILED_PRECONDITION). The header never reaches the origin: every origin request asks
-for the bytes the daemon needs. A ranged request shares the whole file's task id, so the pieces it fetches serve
-any later request of that file.
+byte, a suffix ``-N`` counted from the end (one longer than the content refused, as upstream does, or all of it for
+the forward proxy's HTTP clients, as RFC 9110 reads it), and of several ranges only the first. Any header that does
+not parse or select a byte is refused (FAILED_PRECONDITION). The header never reaches the origin: every origin
+request asks for the bytes the daemon needs. A ranged request shares the whole file's task id, so the pieces it
+fetches serve any later request of that file.
 """
 
 from __future__ import annotations
@@ -68,9 +69,10 @@ def check_range_header(value: str) -> None:
     _parse(value)
 
 
-def resolve(value: str, content_length: int) -> ByteRange:
-    """The first range a ``Range`` header selects in content of ``content_length`` bytes."""
-    ranges = [_bounds(spec, value, content_length) for spec in _parse(value)]
+def resolve(value: str, content_length: int, *, long_suffix_is_whole: bool = False) -> ByteRange:
+    """The first range a ``Range`` header selects in content of ``content_length`` bytes; a suffix longer than
+    the content is refused unless ``long_suffix_is_whole`` (then it selects all of it, as RFC 9110 reads it)."""
+    ranges = [_bounds(spec, value, content_length, long_suffix_is_whole) for spec in _parse(value)]
     for i, (first, last) in enumerate(ranges):
         if first > last:
             raise RangeNotSatisfiable(f"Range {value!r} selects no byte of the {content_length}-byte content")
@@ -81,12 +83,14 @@ def resolve(value: str, content_length: int) -> ByteRange:
     return ByteRange(first, last - first + 1)
 
 
-def effective_range(byte_range: ByteRange | None, headers: Mapping[str, str], content_length: int) -> ByteRange | None:
+def effective_range(
+    byte_range: ByteRange | None, headers: Mapping[str, str], content_length: int, *, long_suffix_is_whole: bool = False
+) -> ByteRange | None:
     """The bytes a request asks for: ``Download.range`` when set, else its ``Range`` header, else all (None)."""
     if byte_range is not None:
         return byte_range
     value = range_header(headers)
-    return None if value is None else resolve(value, content_length)
+    return None if value is None else resolve(value, content_length, long_suffix_is_whole=long_suffix_is_whole)
 
 
 def covering_pieces(content_length: int, piece_length: int, byte_range: ByteRange | None) -> list[PieceSpan]:
@@ -134,12 +138,12 @@ def _number(text: str, value: str) -> int:
     return int(text)
 
 
-def _bounds(spec: _Spec, value: str, content_length: int) -> tuple[int, int]:
+def _bounds(spec: _Spec, value: str, content_length: int, long_suffix_is_whole: bool) -> tuple[int, int]:
     """The inclusive byte positions of one range in the content: an end past it clipped, a suffix counted back."""
     last_byte = max(content_length - 1, 0)
     if spec.first is None:
         assert spec.last is not None
-        if spec.last > content_length:
+        if spec.last > content_length and not (long_suffix_is_whole and content_length):
             raise RangeNotSatisfiable(f"Range {value[:100]!r} asks for more than the {content_length}-byte content")
-        return content_length - spec.last, last_byte
+        return max(content_length - spec.last, 0), last_byte
     return spec.first, last_byte if spec.last is None else min(spec.last, last_byte)

@@ -43,6 +43,9 @@ class DownloadRequest:
     from_network: bool = False
     # Upstream's Download.prefetch: a ranged request also fetches the whole task in the background.
     prefetch: bool = False
+    # A ``Range`` suffix longer than the content selects all of it (RFC 9110: the forward proxy's HTTP clients);
+    # otherwise it is refused, as upstream's gRPC reading refuses it.
+    long_suffix_is_whole: bool = False
     # Upstream's Download.is_prefetch: this is the background download a prefetch started; its bytes from the
     # origin also take from proxy.prefetchBandwidthLimit.
     is_prefetch: bool = False

@@ -69,12 +69,19 @@ class P2PResponder:
 
         A ranged download with ``prefetch`` set goes on to fetch the whole task in the background (the manager's)."""
         try:
-            events, started = await self._start(request.headers.get("Range"), download)
+            download = await self._ranged(request.headers.get("Range"), download)
         except UnsatisfiableRange as exc:
             extra = None if exc.length is None else {"Content-Range": f"bytes */{exc.length}"}
             return error_response("proxy", 416, f"the range {exc} selects no byte of the content", extra)
         except Exception as exc:
             return failure_response(exc)
+        events = self.downloads.download(download)
+        try:
+            started = await anext(events)
+        except Exception as exc:
+            await events.aclose()
+            return failure_response(exc)
+        assert isinstance(started, Started)
         span = None if started.range is None else (started.range.start, started.range.end - 1)
         response = web.StreamResponse(
             status=206 if span is not None else 200,
@@ -94,44 +101,14 @@ class P2PResponder:
             await events.aclose()
         return response
 
-    async def _start(
-        self, header: str | None, download: DownloadRequest
-    ) -> tuple[AsyncGenerator[Started | PieceDone, None], Started]:
-        """The download limited to the client's ``Range``, and its first event (the events are closed on failure).
-
-        A suffix handed to the download that is longer than the content is refused by the download's strict
-        reading; RFC 9110 (and this reading, had the task been cached) selects all of the content, so that is
-        asked for then.
-        """
-        ranged = await self._ranged(header, download)
-        events = self.downloads.download(ranged)
-        try:
-            try:
-                started = await anext(events)
-            except RangeOutsideContent as exc:
-                form = range_form(header)
-                if header is None or form is None or form[0] is not None or ranged.range is not None:
-                    raise
-                await events.aclose()
-                start, stop = range_span(form, exc.content_length, header)
-                events = self.downloads.download(
-                    dataclasses.replace(download, range=ByteRange(start, stop - start + 1))
-                )
-                started = await anext(events)
-        except BaseException:
-            await events.aclose()
-            raise
-        assert isinstance(started, Started), "a download's first event is its start"
-        return events, started
-
     async def _ranged(self, header: str | None, download: DownloadRequest) -> DownloadRequest:
         """The download limited to the client's ``Range``; several ranges, another unit or a malformed header get
         the whole content, as RFC 9110 allows (the mirror reads ranges the same way).
 
         The range is cut here when the content's length is known (from the cache). The range of a task not cached
         here goes to the download as its ``Range`` header instead, resolved once the download has the length: the
-        origin is asked for it once, not twice. (The download's strict reading and this lenient one agree but on a
-        suffix longer than the content; see ``_start``.)
+        origin is asked for it once, not twice. The download then reads a suffix longer than the content as all of
+        it, as this reading does (RFC 9110), not as a refusal (upstream's gRPC reading).
         """
         form = range_form(header)
         if form is None or header is None:
@@ -143,7 +120,9 @@ class P2PResponder:
                 raise UnsatisfiableRange(header)  # no byte of any content: the last 0, or past any end
             end = "" if last is None else str(min(last, _MAX_POSITION))  # (a suffix's ``last`` is its length)
             wanted = f"bytes=-{end}" if first is None else f"bytes={first}-{end}"
-            return dataclasses.replace(download, request_header={**download.request_header, "Range": wanted})
+            return dataclasses.replace(
+                download, request_header={**download.request_header, "Range": wanted}, long_suffix_is_whole=True
+            )
         start, stop = range_span(form, length, header)
         return dataclasses.replace(download, range=ByteRange(start, stop - start + 1))
 

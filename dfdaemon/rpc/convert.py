@@ -270,6 +270,7 @@ def download_request(download: common_pb2.Download, *, from_network: bool = Fals
         prefetch=download.prefetch,
         is_prefetch=download.is_prefetch,
         from_network=from_network,
+        long_suffix_is_whole=False,  # upstream's reading: a suffix longer than the content is refused
         **{name: getattr(download, name) if download.HasField(name) else None for name in OPTIONAL_DOWNLOAD_FIELDS},
     )
 
