@@ -109,7 +109,7 @@ import urllib3  # noqa: E402
 
 from dfdaemon import ids  # noqa: E402
 from dfdaemon.api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc  # noqa: E402
-from dfdaemon.blocking import receive_timeout  # noqa: E402
+from dfdaemon.blocking import receive_into, receive_timeout  # noqa: E402
 from dfdaemon.download.peering import Parent  # noqa: E402
 from dfdaemon.rpc.peer_client import GrpcParentClient  # noqa: E402
 from dfdaemon.storage import IncomingPiece  # noqa: E402
@@ -312,7 +312,7 @@ def direct_download(url: str, output: Path, *, durable: bool = False) -> Direct:
     try:
         if response.status != 200:
             raise RuntimeError(f"GET {url} answered {response.status}")
-        sync_every = 8 * ids.piece_length_for(int(response.headers.get("Content-Length", 0)))
+        sync_every = 8 * ids.piece_length_for(int(response.headers.get("Content-Length", 0))) if durable else 0
         crc, unsynced = 0, 0
         with output.open("wb") as f:
             # 256 KiB writes, as the daemon's: on a VM that hands free memory back to its host, 1 MiB writes can cost
@@ -351,8 +351,8 @@ def bare_vortex_download(
     fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
 
     def receive(sock: socket.socket, target: memoryview) -> None:
-        if sock.recv_into(target, len(target), socket.MSG_WAITALL) != len(target):
-            raise RuntimeError("the parent closed the connection early")
+        while target:  # (``receive_into`` raises when the parent closes early)
+            target = target[receive_into(sock, target) :]
 
     def fetch(span: ids.PieceSpan) -> None:
         nonlocal stored
